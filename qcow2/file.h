@@ -1,0 +1,152 @@
+// The I/O seam between the qcow2 engine and storage, modelled on LevelDB's Env.
+//
+// A File is one open host file (image, data file or backing file). Every
+// operation is a plain IoRequest handed to File::Start(); an implementation
+// either completes it at once (the synchronous and in-memory files) or queues
+// it and resumes the waiting coroutine later (the io_uring file). Awaiting an
+// operation allocates nothing: the request lives in the awaiter.
+//
+//   Implementations: SyncFile (pread/pwrite, qcow2/sync_env.h), UringFile
+//   (uring/uring_env.h), MemFile and FaultInjectingFile (qcow2/testing/).
+//
+// Contracts, for every implementation:
+//   Read     completes with the number of bytes read; fewer than asked only
+//            at end of file (short transfers in the middle are retried by the
+//            implementation).
+//   Write    writes all bytes or fails.
+//   Sync     makes every completed write durable (fdatasync).
+//   Discard  deallocates [offset, offset+length); the range reads as zeros.
+//   Zero     makes the range read as zeros, keeping it allocated if it was.
+// Buffers must stay alive and untouched until the operation completes.
+// Errors name the file's path and the offset.
+//
+// Thread model: a File may be used from several threads at once; each
+// operation completes on (and resumes on) the thread that started it.
+#ifndef UBLK_QCOW2_QCOW2_FILE_H_
+#define UBLK_QCOW2_QCOW2_FILE_H_
+
+#include <coroutine>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "base/status.h"
+#include "base/task.h"
+
+namespace uq::qcow2 {
+
+class File;
+
+// One operation on one file, as data.
+struct IoRequest {
+  enum class Op : uint8_t { kRead, kWrite, kSync, kDiscard, kZero };
+  Op op = Op::kRead;
+  uint64_t offset = 0;
+  // kRead/kWrite: the buffer; kDiscard/kZero: data == nullptr, size = length.
+  std::byte* data = nullptr;
+  uint64_t length = 0;
+  // Filled by the implementation: bytes transferred (>= 0) or -errno.
+  int64_t result = 0;
+  // Set by the awaiter before Start(); resumed by asynchronous completions.
+  std::coroutine_handle<> waiter;
+  // Free for the implementation's bookkeeping (e.g. bytes done so far).
+  uint64_t progress = 0;
+};
+
+// Awaiting an IoRequest on a File; converts the raw result to Status/Result.
+template <class Out>
+class IoAwaitable {
+ public:
+  IoAwaitable(File* file, IoRequest req) : file_(file), req_(req) {}
+  bool await_ready() noexcept { return false; }
+  bool await_suspend(std::coroutine_handle<> h);
+  Out await_resume();
+
+ private:
+  File* file_;
+  IoRequest req_;
+};
+
+class File {
+ public:
+  virtual ~File() = default;
+
+  // Reads up to out.size() bytes at offset; result: bytes read.
+  IoAwaitable<Result<size_t>> Read(uint64_t offset, std::span<std::byte> out) {
+    return {this, {IoRequest::Op::kRead, offset, out.data(), out.size()}};
+  }
+  // Reads exactly out.size() bytes; a short read past end of file is an error
+  // (Corruption: the image points outside its file).
+  Task<Status> ReadExact(uint64_t offset, std::span<std::byte> out);
+  // Reads out.size() bytes, zero-filling whatever lies past end of file.
+  Task<Status> ReadZeroPadded(uint64_t offset, std::span<std::byte> out);
+  IoAwaitable<Status> Write(uint64_t offset, std::span<const std::byte> data) {
+    return {this,
+            {IoRequest::Op::kWrite, offset, const_cast<std::byte*>(data.data()), data.size()}};
+  }
+  IoAwaitable<Status> Sync() { return {this, {IoRequest::Op::kSync, 0, nullptr, 0}}; }
+  IoAwaitable<Status> Discard(uint64_t offset, uint64_t length) {
+    return {this, {IoRequest::Op::kDiscard, offset, nullptr, length}};
+  }
+  IoAwaitable<Status> Zero(uint64_t offset, uint64_t length) {
+    return {this, {IoRequest::Op::kZero, offset, nullptr, length}};
+  }
+
+  // Synchronous, rare operations.
+  virtual Result<uint64_t> Size() = 0;
+  virtual Status Truncate(uint64_t size) = 0;
+  virtual const std::string& path() const = 0;
+  // The host fd, or -1 for files that have none (in-memory ones).
+  virtual int fd() const { return -1; }
+
+  // Starts `req`. Returns true if it completed synchronously (req.result is
+  // set and req.waiter must not be resumed); false if req.waiter will be
+  // resumed once req.result is set.
+  virtual bool Start(IoRequest& req) = 0;
+};
+
+// How to open a file.
+struct OpenOptions {
+  bool writable = false;
+  bool create = false;     // create if missing (implies writable)
+  bool truncate = false;   // with create: start empty
+  bool direct = false;     // O_DIRECT; buffers and offsets 512-aligned
+};
+
+// Opens files. An Env decides how I/O happens (synchronously, io_uring, in
+// memory, with faults) and hands out Files that do it that way.
+class Env {
+ public:
+  virtual ~Env() = default;
+  virtual Result<std::unique_ptr<File>> Open(const std::string& path,
+                                             const OpenOptions& options) = 0;
+  virtual bool Exists(const std::string& path) = 0;
+};
+
+// --- implementation of the awaitable ---
+
+template <class Out>
+bool IoAwaitable<Out>::await_suspend(std::coroutine_handle<> h) {
+  req_.waiter = h;
+  // Completed synchronously: do not suspend.
+  return !file_->Start(req_);
+}
+
+// Turns a raw result into the caller's type, naming file and offset.
+Status IoResultToStatus(const File& file, const IoRequest& req);
+
+template <>
+inline Status IoAwaitable<Status>::await_resume() {
+  return IoResultToStatus(*file_, req_);
+}
+template <>
+inline Result<size_t> IoAwaitable<Result<size_t>>::await_resume() {
+  if (req_.result < 0) return IoResultToStatus(*file_, req_);
+  return static_cast<size_t>(req_.result);
+}
+
+}  // namespace uq::qcow2
+
+#endif  // UBLK_QCOW2_QCOW2_FILE_H_

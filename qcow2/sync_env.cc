@@ -1,0 +1,132 @@
+#include "qcow2/sync_env.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include <fmt/format.h>
+
+namespace uq::qcow2 {
+namespace {
+
+class SyncFile final : public File {
+ public:
+  SyncFile(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  ~SyncFile() override { ::close(fd_); }
+
+  Result<uint64_t> Size() override {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) return Status::FromErrno(errno, path_ + ": stat");
+    return static_cast<uint64_t>(st.st_size);
+  }
+  Status Truncate(uint64_t size) override {
+    if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) {
+      return Status::FromErrno(errno, fmt::format("{}: truncate to {}", path_, size));
+    }
+    return Status::Ok();
+  }
+  const std::string& path() const override { return path_; }
+  int fd() const override { return fd_; }
+  bool Start(IoRequest& req) override {
+    PerformBlocking(fd_, req);
+    return true;
+  }
+
+ private:
+  int fd_;
+  std::string path_;
+};
+
+class SyncEnvImpl final : public Env {
+ public:
+  Result<std::unique_ptr<File>> Open(const std::string& path, const OpenOptions& options) override {
+    Result<int> fd = OpenFd(path, options);
+    if (!fd.ok()) return fd.status();
+    return std::unique_ptr<File>(std::make_unique<SyncFile>(*fd, path));
+  }
+  bool Exists(const std::string& path) override { return ::access(path.c_str(), F_OK) == 0; }
+};
+
+int64_t ZeroRange(int fd, uint64_t offset, uint64_t length, bool keep_allocated) {
+  int mode = keep_allocated ? FALLOC_FL_ZERO_RANGE : (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
+  if (::fallocate(fd, mode, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0) return 0;
+  int err = errno;
+  if (err != EOPNOTSUPP && err != ENOTSUP && err != EINVAL && err != ENODEV) return -err;
+  if (!keep_allocated) return -err;  // discard is advisory for callers that can't punch
+  // Fall back to writing zeroes (block devices, file systems without ZERO_RANGE).
+  static const std::byte kZeros[65536] = {};
+  while (length > 0) {
+    size_t n = length < sizeof(kZeros) ? length : sizeof(kZeros);
+    ssize_t w = ::pwrite(fd, kZeros, n, static_cast<off_t>(offset));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    offset += w;
+    length -= w;
+  }
+  return 0;
+}
+
+}  // namespace
+
+Env* SyncEnv() {
+  static SyncEnvImpl env;
+  return &env;
+}
+
+Result<int> OpenFd(const std::string& path, const OpenOptions& options) {
+  int flags = O_CLOEXEC;
+  flags |= (options.writable || options.create) ? O_RDWR : O_RDONLY;
+  if (options.create) flags |= O_CREAT;
+  if (options.truncate) flags |= O_TRUNC;
+  if (options.direct) flags |= O_DIRECT;
+  int fd = ::open(path.c_str(), flags, 0644);
+  if (fd < 0) return Status::FromErrno(errno, path);
+  return fd;
+}
+
+void PerformBlocking(int fd, IoRequest& req) {
+  switch (req.op) {
+    case IoRequest::Op::kRead:
+    case IoRequest::Op::kWrite: {
+      uint64_t done = 0;
+      while (done < req.length) {
+        ssize_t n = req.op == IoRequest::Op::kRead
+                        ? ::pread(fd, req.data + done, req.length - done,
+                                  static_cast<off_t>(req.offset + done))
+                        : ::pwrite(fd, req.data + done, req.length - done,
+                                   static_cast<off_t>(req.offset + done));
+        if (n < 0) {
+          if (errno == EINTR) continue;
+          req.result = -errno;
+          return;
+        }
+        if (n == 0) {
+          if (req.op == IoRequest::Op::kWrite) {
+            req.result = -EIO;
+            return;
+          }
+          break;  // end of file
+        }
+        done += static_cast<uint64_t>(n);
+      }
+      req.result = static_cast<int64_t>(done);
+      return;
+    }
+    case IoRequest::Op::kSync:
+      req.result = ::fdatasync(fd) == 0 ? 0 : -errno;
+      return;
+    case IoRequest::Op::kDiscard:
+      req.result = ZeroRange(fd, req.offset, req.length, /*keep_allocated=*/false);
+      return;
+    case IoRequest::Op::kZero:
+      req.result = ZeroRange(fd, req.offset, req.length, /*keep_allocated=*/true);
+      return;
+  }
+}
+
+}  // namespace uq::qcow2

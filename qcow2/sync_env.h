@@ -1,0 +1,23 @@
+// SyncEnv: the Env whose files do plain pread/pwrite/fdatasync/fallocate and
+// complete every operation before Start() returns. Used by the CLI's image
+// verbs when no ring is wanted, and by unit tests. Thread-safe.
+#ifndef UBLK_QCOW2_QCOW2_SYNC_ENV_H_
+#define UBLK_QCOW2_QCOW2_SYNC_ENV_H_
+
+#include "qcow2/file.h"
+
+namespace uq::qcow2 {
+
+// A process-wide SyncEnv.
+Env* SyncEnv();
+
+// Performs `req` on `fd` with blocking syscalls (retrying short transfers and
+// EINTR) and sets req.result. Shared with other Envs as their fallback path.
+void PerformBlocking(int fd, IoRequest& req);
+
+// Opens `path` with open(2) flags derived from `options`; returns the fd.
+Result<int> OpenFd(const std::string& path, const OpenOptions& options);
+
+}  // namespace uq::qcow2
+
+#endif  // UBLK_QCOW2_QCOW2_SYNC_ENV_H_
