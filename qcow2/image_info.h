@@ -1,0 +1,60 @@
+// ImageInfo: what `ublk-qcow2 info` reports about one image, field for field
+// the data `qemu-img info` shows (the CLI formats it as text or JSON).
+#ifndef UBLK_QCOW2_QCOW2_IMAGE_INFO_H_
+#define UBLK_QCOW2_QCOW2_IMAGE_INFO_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+#include "base/task.h"
+#include "qcow2/file.h"
+
+namespace uq::qcow2 {
+
+struct SnapshotInfo {
+  std::string id;
+  std::string name;
+  uint64_t vm_state_size = 0;
+  uint32_t date_sec = 0;
+  uint32_t date_nsec = 0;
+  uint64_t vm_clock_nsec = 0;
+  // -1 when the image recorded no icount (v2 images, old entries).
+  int64_t icount = -1;
+  uint64_t disk_size = 0;
+};
+
+struct Qcow2SpecificInfo {
+  std::string compat;            // "0.10" (v2) or "1.1" (v3)
+  std::string compression_type;  // "zlib" or "zstd"
+  bool lazy_refcounts = false;
+  int refcount_bits = 16;
+  bool corrupt = false;
+  bool extended_l2 = false;
+  std::optional<std::string> data_file;
+  bool data_file_raw = false;
+};
+
+struct ImageInfo {
+  std::string filename;
+  std::string format;  // "qcow2" or "raw"
+  uint64_t virtual_size = 0;
+  uint64_t actual_size = 0;  // bytes the host file occupies (st_blocks * 512)
+  std::optional<uint64_t> cluster_size;
+  std::optional<std::string> backing_filename;       // as stored in the image
+  std::optional<std::string> full_backing_filename;  // resolved path
+  std::optional<std::string> backing_format;         // from the extension
+  bool dirty_flag = false;
+  std::optional<Qcow2SpecificInfo> qcow2;
+  std::vector<SnapshotInfo> snapshots;
+};
+
+// Describes the image at `path` without opening its backing chain. With
+// `backing_chain`, returns one entry per image, top first.
+Task<Result<std::vector<ImageInfo>>> GetImageInfo(Env* env, std::string path, bool backing_chain);
+
+}  // namespace uq::qcow2
+
+#endif  // UBLK_QCOW2_QCOW2_IMAGE_INFO_H_

@@ -1,0 +1,45 @@
+// Opening images: the one entry point that turns a path into a BlockDevice,
+// probing the format, validating a qcow2 header before trusting any of it,
+// and opening the backing chain (any depth, qcow2 or raw, loops refused).
+#ifndef UBLK_QCOW2_QCOW2_OPEN_IMAGE_H_
+#define UBLK_QCOW2_QCOW2_OPEN_IMAGE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "base/status.h"
+#include "base/task.h"
+#include "qcow2/block_device.h"
+#include "qcow2/file.h"
+
+namespace uq::qcow2 {
+
+struct ImageOptions {
+  // Where files come from (SyncEnv(), a UringEnv, a test Env). Required.
+  Env* env = nullptr;
+  // "qcow2", "raw", or "" to probe by the qcow2 magic.
+  std::string format;
+  bool writable = false;
+  // Open with O_DIRECT (the device path).
+  bool direct = false;
+  // Bytes of metadata cache (L2 slices, refcount blocks) per image in the
+  // chain. The only memory that grows with use.
+  uint64_t cache_size = 32ull << 20;
+  // Do not open backing files (info on a broken chain, for instance).
+  bool no_backing = false;
+  // Deepest backing chain accepted (a guard on top of loop detection).
+  int max_chain_depth = 64;
+};
+
+// Opens `path`. Errors are one line naming the file and the problem:
+// NotSupported for unknown incompatible features, encryption and the like;
+// Corruption for headers and tables that contradict the spec or the file.
+Task<Result<std::unique_ptr<BlockDevice>>> OpenImage(std::string path, ImageOptions options);
+
+// True if the first bytes of `file` carry the qcow2 magic.
+Task<Result<bool>> IsQcow2(File& file);
+
+}  // namespace uq::qcow2
+
+#endif  // UBLK_QCOW2_QCOW2_OPEN_IMAGE_H_
