@@ -1,0 +1,92 @@
+#include "qcow2/image_info.h"
+
+#include <sys/stat.h>
+
+#include <set>
+
+#include <fmt/format.h>
+
+#include "qcow2/format.h"
+#include "qcow2/header.h"
+#include "qcow2/open_image.h"
+#include "qcow2/paths.h"
+#include "qcow2/snapshot_table.h"
+
+namespace uq::qcow2 {
+namespace {
+
+uint64_t AllocatedBytes(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return 0;
+  return static_cast<uint64_t>(st.st_blocks) * 512;
+}
+
+Task<Result<ImageInfo>> DescribeOne(Env* env, const std::string& path, std::string format) {
+  CO_ASSIGN_OR_RETURN(std::unique_ptr<File> file, env->Open(path, OpenOptions{}));
+  ImageInfo info;
+  info.filename = path;
+  info.actual_size = AllocatedBytes(path);
+  if (format.empty()) {
+    CO_ASSIGN_OR_RETURN(bool qcow2, co_await IsQcow2(*file));
+    format = qcow2 ? "qcow2" : "raw";
+  }
+  info.format = format;
+  if (format == "raw") {
+    CO_ASSIGN_OR_RETURN(info.virtual_size, file->Size());
+    co_return info;
+  }
+  if (format != "qcow2") {
+    co_return Status::NotSupported(fmt::format("{}: format '{}' is not supported", path, format));
+  }
+  CO_ASSIGN_OR_RETURN(Header h, co_await ReadHeader(*file));
+  CO_ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
+  info.virtual_size = h.size;
+  info.cluster_size = h.cluster_size();
+  info.dirty_flag = h.dirty();
+  if (!h.backing_file.empty()) {
+    info.backing_filename = h.backing_file;
+    info.full_backing_filename = ResolveRelativeTo(path, h.backing_file);
+    info.backing_format = h.backing_format;
+  }
+  Qcow2SpecificInfo q;
+  q.compat = h.version == 2 ? "0.10" : "1.1";
+  q.compression_type = h.compression_type == kCompressionZstd ? "zstd" : "zlib";
+  q.lazy_refcounts = h.lazy_refcounts();
+  q.refcount_bits = static_cast<int>(h.refcount_bits());
+  q.corrupt = h.corrupt();
+  q.extended_l2 = h.extended_l2();
+  if (h.has_data_file()) {
+    q.data_file = h.data_file.value_or("");
+    q.data_file_raw = h.data_file_raw();
+  }
+  info.qcow2 = q;
+  if (h.nb_snapshots > 0) {
+    CO_ASSIGN_OR_RETURN(std::vector<Snapshot> snapshots,
+                        co_await ReadSnapshotTable(*file, h.snapshots_offset, h.nb_snapshots, file_size,
+                                                   h.version));
+    for (const Snapshot& s : snapshots) info.snapshots.push_back(ToSnapshotInfo(s));
+  }
+  co_return info;
+}
+
+}  // namespace
+
+Task<Result<std::vector<ImageInfo>>> GetImageInfo(Env* env, std::string path, bool backing_chain) {
+  std::vector<ImageInfo> out;
+  std::set<std::string> seen;
+  std::string format;
+  while (true) {
+    if (!seen.insert(FileIdentity(path)).second) {
+      co_return Status::Corruption(fmt::format("{}: backing chain loop: this image is its own backing file", path));
+    }
+    CO_ASSIGN_OR_RETURN(ImageInfo info, co_await DescribeOne(env, path, format));
+    std::optional<std::string> next = info.full_backing_filename;
+    format = info.backing_format.value_or("");
+    out.push_back(std::move(info));
+    if (!backing_chain || !next) break;
+    path = *next;
+  }
+  co_return out;
+}
+
+}  // namespace uq::qcow2

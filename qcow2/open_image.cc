@@ -1,0 +1,134 @@
+#include "qcow2/open_image.h"
+
+#include <set>
+
+#include <fmt/format.h>
+
+#include "base/aligned_buffer.h"
+#include "base/endian.h"
+#include "qcow2/format.h"
+#include "qcow2/header.h"
+#include "qcow2/paths.h"
+#include "qcow2/qcow2_image.h"
+#include "qcow2/raw_image.h"
+
+namespace uq::qcow2 {
+namespace {
+
+struct ChainState {
+  std::set<std::string> seen;  // FileIdentity of every image opened so far
+  int depth = 0;
+};
+
+Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, std::string format,
+                                                            const ImageOptions& options,
+                                                            ChainState& chain);
+
+// Opens the external data file an image names. QEMU 7.2 resolves a relative
+// name against the working directory, later versions against the image's
+// directory: try the image's directory first, then the name as given.
+Result<std::unique_ptr<File>> OpenDataFile(const std::string& image_path, const Header& header,
+                                           const ImageOptions& options) {
+  if (!header.data_file || header.data_file->empty()) {
+    return Status::InvalidArgument(
+        fmt::format("{}: image uses an external data file but does not name it", image_path));
+  }
+  const std::string& name = *header.data_file;
+  if (IsProtocolName(name)) {
+    return Status::NotSupported(fmt::format("{}: data file '{}' is not a plain file", image_path, name));
+  }
+  std::string beside = ResolveRelativeTo(image_path, name);
+  std::string chosen = options.env->Exists(beside) ? beside : name;
+  OpenOptions open;
+  open.writable = options.writable;
+  open.direct = options.direct;
+  Result<std::unique_ptr<File>> file = options.env->Open(chosen, open);
+  if (!file.ok()) return file.status().WithContext(fmt::format("{}: cannot open its data file", image_path));
+  return file;
+}
+
+Task<Result<std::unique_ptr<BlockDevice>>> OpenBacking(const std::string& path, const Header& header,
+                                                       const ImageOptions& options, ChainState& chain) {
+  const std::string& name = header.backing_file;
+  if (IsProtocolName(name)) {
+    co_return Status::NotSupported(
+        fmt::format("{}: backing file '{}' is a protocol or JSON name, which is not supported", path, name));
+  }
+  std::string format = header.backing_format.value_or("");
+  if (!format.empty() && format != "qcow2" && format != "raw") {
+    co_return Status::NotSupported(
+        fmt::format("{}: backing file '{}' has format '{}' (qcow2 and raw are supported)", path, name, format));
+  }
+  if (chain.depth + 1 > options.max_chain_depth) {
+    co_return Status::NotSupported(
+        fmt::format("{}: backing chain is deeper than {} images", path, options.max_chain_depth));
+  }
+  ImageOptions backing_options = options;
+  backing_options.writable = false;  // backing files are never written
+  chain.depth++;
+  auto backing = co_await OpenChainElement(ResolveRelativeTo(path, name), format, backing_options, chain);
+  chain.depth--;
+  if (!backing.ok()) co_return backing.status().WithContext(fmt::format("{}: backing file", path));
+  co_return backing;
+}
+
+Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, std::string format,
+                                                            const ImageOptions& options,
+                                                            ChainState& chain) {
+  if (!chain.seen.insert(FileIdentity(path)).second) {
+    co_return Status::Corruption(fmt::format("{}: backing chain loop: this image is its own backing file", path));
+  }
+  OpenOptions open;
+  open.writable = options.writable;
+  open.direct = options.direct;
+  CO_ASSIGN_OR_RETURN(std::unique_ptr<File> file, options.env->Open(path, open));
+
+  if (format.empty()) {
+    CO_ASSIGN_OR_RETURN(bool qcow2, co_await IsQcow2(*file));
+    format = qcow2 ? "qcow2" : "raw";
+  }
+  if (format == "raw") {
+    CO_ASSIGN_OR_RETURN(std::unique_ptr<RawImage> raw, RawImage::Open(std::move(file), options.writable));
+    co_return std::unique_ptr<BlockDevice>(std::move(raw));
+  }
+  if (format != "qcow2") {
+    co_return Status::NotSupported(fmt::format("{}: format '{}' is not supported", path, format));
+  }
+
+  CO_ASSIGN_OR_RETURN(Header header, co_await ReadHeader(*file));
+  Qcow2OpenParts parts;
+  parts.writable = options.writable;
+  if (header.corrupt() && parts.writable) {
+    // The spec forbids writing a corrupt image; serve it read-only.
+    parts.writable = false;
+  }
+  if (header.has_data_file()) {
+    ImageOptions data_options = options;
+    data_options.writable = parts.writable;
+    CO_ASSIGN_OR_RETURN(parts.data_file, OpenDataFile(path, header, data_options));
+  }
+  if (!header.backing_file.empty() && !options.no_backing) {
+    CO_ASSIGN_OR_RETURN(parts.backing, co_await OpenBacking(path, header, options, chain));
+  }
+  parts.file = std::move(file);
+  parts.header = std::move(header);
+  parts.cache_size = options.cache_size;
+  CO_ASSIGN_OR_RETURN(std::unique_ptr<Qcow2Image> image, co_await Qcow2Image::Open(std::move(parts)));
+  co_return std::unique_ptr<BlockDevice>(std::move(image));
+}
+
+}  // namespace
+
+Task<Result<bool>> IsQcow2(File& file) {
+  AlignedBuffer magic(4);
+  CO_ASSIGN_OR_RETURN(size_t n, co_await file.Read(0, magic.span()));
+  co_return n == 4 && LoadBE32(magic.span(), 0) == kMagic;
+}
+
+Task<Result<std::unique_ptr<BlockDevice>>> OpenImage(std::string path, ImageOptions options) {
+  if (options.env == nullptr) co_return Status::InvalidArgument("OpenImage: no Env given");
+  ChainState chain;
+  co_return co_await OpenChainElement(std::move(path), options.format, options, chain);
+}
+
+}  // namespace uq::qcow2

@@ -1,0 +1,188 @@
+#include "qcow2/qcow2_image.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "base/endian.h"
+#include "qcow2/compression.h"
+#include "qcow2/format.h"
+
+namespace uq::qcow2 {
+namespace {
+
+// L2 tables are cached in slices of this size (or a whole cluster if smaller).
+constexpr uint64_t kL2SliceBytes = 4096;
+
+void Zero(std::span<std::byte> out) { std::memset(out.data(), 0, out.size()); }
+
+}  // namespace
+
+Qcow2Image::Qcow2Image(Qcow2OpenParts parts)
+    : file_(std::move(parts.file)),
+      data_file_(std::move(parts.data_file)),
+      backing_(std::move(parts.backing)),
+      header_(std::move(parts.header)),
+      geo_(Geometry::From(header_)),
+      writable_(parts.writable),
+      l2_cache_(file_.get(), std::min(kL2SliceBytes, geo_.cluster_size), parts.cache_size) {}
+
+Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts) {
+  if (parts.header.has_data_file() != (parts.data_file != nullptr)) {
+    co_return Status::InvalidArgument(parts.file->path() + ": data file given without the data file bit");
+  }
+  auto img = std::make_unique<Qcow2Image>(std::move(parts));
+  CO_ASSIGN_OR_RETURN(img->file_size_, img->file_->Size());
+
+  // The active L1 table (size and placement validated by ParseHeader).
+  const Header& h = img->header_;
+  if (h.l1_size > 0) {
+    AlignedBuffer raw(uint64_t{h.l1_size} * 8);
+    CO_RETURN_IF_ERROR(co_await img->file_->ReadExact(h.l1_table_offset, raw.span()));
+    img->l1_.resize(h.l1_size);
+    for (uint32_t i = 0; i < h.l1_size; i++) img->l1_[i] = LoadBE64(raw.span(), i * 8ull);
+  }
+  if (h.nb_snapshots > 0) {
+    CO_ASSIGN_OR_RETURN(img->snapshots_,
+                        co_await ReadSnapshotTable(*img->file_, h.snapshots_offset, h.nb_snapshots,
+                                                   img->file_size_, h.version));
+  }
+  co_return std::move(img);
+}
+
+Status Qcow2Image::CorruptEntry(uint64_t offset, const L2Entry& entry, const char* why) const {
+  return Status::Corruption(fmt::format("{}: L2 entry 0x{:016x} (bitmap 0x{:016x}) for guest offset {} {}",
+                                        path(), entry.raw, entry.bitmap, offset, why));
+}
+
+Task<Result<L2Entry>> Qcow2Image::LookupEntry(uint64_t offset) {
+  const uint64_t l1_index = geo_.l1_index(offset);
+  if (l1_index >= l1_.size()) co_return L2Entry{};
+  const uint64_t l2_offset = l1_[l1_index] & kL1OffsetMask;
+  if (l2_offset == 0) co_return L2Entry{};
+  if (!geo_.cluster_aligned(l2_offset)) {
+    co_return Status::Corruption(fmt::format("{}: L1 entry {} points to an L2 table at 0x{:x}, not cluster-aligned",
+                                             path(), l1_index, l2_offset));
+  }
+  if (l2_offset > file_size_ || geo_.cluster_size > file_size_ - l2_offset) {
+    co_return Status::Corruption(fmt::format("{}: L1 entry {} points to an L2 table at 0x{:x}, past the end of the file",
+                                             path(), l1_index, l2_offset));
+  }
+  const uint64_t byte_in_table = geo_.l2_index(offset) * geo_.l2_entry_bytes;
+  const uint64_t slice_bytes = l2_cache_.slice_size();
+  const uint64_t slice_offset = l2_offset + (byte_in_table & ~(slice_bytes - 1));
+  const uint64_t in_slice = byte_in_table & (slice_bytes - 1);
+
+  MetadataCache::SliceRef slice = l2_cache_.TryGet(slice_offset);
+  if (!slice) {
+    CO_ASSIGN_OR_RETURN(slice, co_await l2_cache_.Get(slice_offset));
+  }
+  L2Entry e;
+  e.raw = LoadBE64(slice.bytes(), in_slice);
+  if (geo_.extended_l2) e.bitmap = LoadBE64(slice.bytes(), in_slice + 8);
+  co_return e;
+}
+
+Task<Status> Qcow2Image::Read(uint64_t offset, std::span<std::byte> out) {
+  if (offset > size() || out.size() > size() - offset) {
+    co_return Status::InvalidArgument(fmt::format("{}: read of {} bytes at {} is past the virtual size {}",
+                                                  path(), out.size(), offset, size()));
+  }
+  size_t done = 0;
+  while (done < out.size()) {
+    uint64_t pos = offset + done;
+    size_t n = std::min<uint64_t>(out.size() - done, geo_.cluster_size - geo_.cluster_offset_in(pos));
+    CO_RETURN_IF_ERROR(co_await ReadInCluster(pos, out.subspan(done, n)));
+    done += n;
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::ReadInCluster(uint64_t offset, std::span<std::byte> out) {
+  CO_ASSIGN_OR_RETURN(L2Entry entry, co_await LookupEntry(offset));
+  const uint64_t in_cluster = geo_.cluster_offset_in(offset);
+  const bool has_data_file = data_file_ != nullptr;
+
+  if (entry.compressed()) {
+    if (has_data_file) co_return CorruptEntry(offset, entry, "is compressed, which external data files forbid");
+    co_return co_await ReadCompressed(entry, in_cluster, out);
+  }
+
+  // Walk runs of subclusters of the same kind (one run without extended L2).
+  size_t done = 0;
+  while (done < out.size()) {
+    uint64_t pos_in_cluster = in_cluster + done;
+    uint32_t sc = static_cast<uint32_t>(pos_in_cluster / geo_.subcluster_size);
+    SubclusterKind kind = entry.Kind(geo_, has_data_file, sc);
+    uint64_t run_end = (sc + 1) * geo_.subcluster_size;
+    while (run_end < geo_.cluster_size &&
+           entry.Kind(geo_, has_data_file, static_cast<uint32_t>(run_end / geo_.subcluster_size)) == kind) {
+      run_end += geo_.subcluster_size;
+    }
+    size_t n = std::min<uint64_t>(out.size() - done, run_end - pos_in_cluster);
+    std::span<std::byte> piece = out.subspan(done, n);
+    switch (kind) {
+      case SubclusterKind::kUnallocated:
+        CO_RETURN_IF_ERROR(co_await ReadUnallocated(offset + done, piece));
+        break;
+      case SubclusterKind::kZero:
+        Zero(piece);
+        break;
+      case SubclusterKind::kData: {
+        File& f = has_data_file ? *data_file_ : *file_;
+        // Data past the end of the host file reads as zeros, as QEMU does
+        // (e.g. a preallocated cluster whose file was later shortened).
+        CO_RETURN_IF_ERROR(co_await f.ReadZeroPadded(entry.host_cluster() + pos_in_cluster, piece));
+        break;
+      }
+      case SubclusterKind::kCompressed:  // handled above
+      case SubclusterKind::kInvalid:
+        co_return CorruptEntry(offset + done, entry, "is invalid (unaligned offset or contradictory bitmap)");
+    }
+    done += n;
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::ReadUnallocated(uint64_t offset, std::span<std::byte> out) {
+  if (!backing_) {
+    Zero(out);
+    co_return Status::Ok();
+  }
+  // A backing file shorter than this image reads zeros past its end.
+  const uint64_t backing_size = backing_->size();
+  size_t from_backing = offset >= backing_size ? 0 : std::min<uint64_t>(out.size(), backing_size - offset);
+  if (from_backing > 0) CO_RETURN_IF_ERROR(co_await backing_->Read(offset, out.first(from_backing)));
+  Zero(out.subspan(from_backing));
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::ReadCompressed(const L2Entry& entry, uint64_t offset_in_cluster,
+                                        std::span<std::byte> out) {
+  const uint64_t host = entry.compressed_offset(geo_);
+  const uint64_t length = entry.compressed_length(geo_);
+  if (host >= file_size_) {
+    co_return Status::Corruption(fmt::format(
+        "{}: compressed cluster at host offset 0x{:x} ({} bytes) lies past the end of the file ({} bytes)",
+        path(), host, length, file_size_));
+  }
+  if (decompressed_key_ != entry.raw) {
+    // The descriptor's length rounds up to whole sectors; the tail may lie past
+    // the end of the file, where QEMU reads zeros.
+    AlignedBuffer compressed(length);
+    CO_RETURN_IF_ERROR(co_await file_->ReadZeroPadded(host, compressed.span()));
+    if (decompressed_.size() != geo_.cluster_size) decompressed_ = AlignedBuffer(geo_.cluster_size);
+    decompressed_key_ = ~uint64_t{0};
+    Status st = Decompress(static_cast<CompressionType>(header_.compression_type), compressed.span(),
+                           decompressed_.span());
+    if (!st.ok()) {
+      co_return st.WithContext(fmt::format("{}: compressed cluster at host offset 0x{:x}", path(), host));
+    }
+    decompressed_key_ = entry.raw;
+  }
+  std::memcpy(out.data(), decompressed_.data() + offset_in_cluster, out.size());
+  co_return Status::Ok();
+}
+
+}  // namespace uq::qcow2
