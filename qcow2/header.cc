@@ -416,4 +416,13 @@ Result<std::vector<std::byte>> SerializeHeader(const Header& h) {
   return out;
 }
 
+Task<Status> WriteHeader(File& file, const Header& header) {
+  CO_ASSIGN_OR_RETURN(std::vector<std::byte> bytes, SerializeHeader(header));
+  // Whole 512-byte sectors, zero padded, so nothing stale trails a shorter header.
+  bytes.resize((bytes.size() + 511) / 512 * 512);
+  AlignedBuffer buf(bytes.size());
+  std::memcpy(buf.data(), bytes.data(), bytes.size());
+  co_return co_await file.Write(0, buf.span());
+}
+
 }  // namespace uq::qcow2

@@ -109,6 +109,9 @@ Task<Result<Header>> ReadHeader(File& file);
 // fit in one cluster.
 Result<std::vector<std::byte>> SerializeHeader(const Header& header);
 
+// Serialises `header` and writes it at offset 0 (no sync: callers order it).
+Task<Status> WriteHeader(File& file, const Header& header);
+
 }  // namespace uq::qcow2
 
 #endif  // UBLK_QCOW2_QCOW2_HEADER_H_

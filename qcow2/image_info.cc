@@ -64,7 +64,7 @@ Task<Result<ImageInfo>> DescribeOne(Env* env, const std::string& path, std::stri
     CO_ASSIGN_OR_RETURN(std::vector<Snapshot> snapshots,
                         co_await ReadSnapshotTable(*file, h.snapshots_offset, h.nb_snapshots, file_size,
                                                    h.version));
-    for (const Snapshot& s : snapshots) info.snapshots.push_back(ToSnapshotInfo(s));
+    for (const Snapshot& s : snapshots) info.snapshots.push_back(ToSnapshotInfo(s, h.size));
   }
   co_return info;
 }

@@ -1,6 +1,9 @@
 #include "qcow2/metadata_cache.h"
 
 #include <algorithm>
+#include <cstring>
+
+#include "base/when_all.h"
 
 namespace uq::qcow2 {
 
@@ -91,7 +94,7 @@ void MetadataCache::EvictIfOverCapacity() {
     --it;
     auto found = map_.find(*it);
     Slice& s = *found->second;
-    if (s.pins > 0 || s.loading) continue;
+    if (s.pins > 0 || s.loading || s.dirty) continue;
     s.cache = nullptr;
     map_.erase(found);
     it = lru_.erase(it);
@@ -102,7 +105,7 @@ void MetadataCache::Clear() {
   for (auto it = lru_.begin(); it != lru_.end();) {
     auto found = map_.find(*it);
     Slice& s = *found->second;
-    if (s.pins > 0 || s.loading) {
+    if (s.pins > 0 || s.loading || s.dirty) {
       ++it;
       continue;
     }
@@ -110,6 +113,84 @@ void MetadataCache::Clear() {
     map_.erase(found);
     it = lru_.erase(it);
   }
+}
+
+void MetadataCache::MarkDirty(const SliceRef& ref) {
+  Slice& s = *ref.slice_;
+  if (!s.dirty) {
+    s.dirty = true;
+    dirty_count_++;
+  }
+}
+
+MetadataCache::SliceRef MetadataCache::InsertZeroed(uint64_t offset) {
+  auto it = map_.find(offset);
+  if (it != map_.end() && !it->second->loading) {
+    std::shared_ptr<Slice> s = it->second;
+    std::memset(s->data.data(), 0, s->data.size());
+    Touch(*s);
+    return SliceRef(s);
+  }
+  if (it != map_.end()) {
+    // A load is in flight for a cluster being reused: detach it so its
+    // waiters still get their answer but nobody finds it again.
+    lru_.erase(it->second->lru);
+    it->second->cache = nullptr;
+    map_.erase(it);
+  }
+  auto s = std::make_shared<Slice>();
+  s->offset = offset;
+  s->data = AlignedBuffer(slice_size_);
+  s->loading = false;
+  s->cache = this;
+  lru_.push_front(offset);
+  s->lru = lru_.begin();
+  map_.emplace(offset, s);
+  SliceRef ref(s);
+  EvictIfOverCapacity();
+  return ref;
+}
+
+void MetadataCache::Invalidate(uint64_t offset, uint64_t length) {
+  for (uint64_t o = offset - offset % slice_size_; o < offset + length; o += slice_size_) {
+    auto it = map_.find(o);
+    if (it == map_.end() || it->second->loading || it->second->dirty) continue;
+    lru_.erase(it->second->lru);
+    it->second->cache = nullptr;
+    map_.erase(it);
+  }
+}
+
+std::vector<MetadataCache::DirtySlice> MetadataCache::TakeDirty() {
+  std::vector<DirtySlice> out;
+  out.reserve(dirty_count_);
+  for (auto& [offset, s] : map_) {
+    if (!s->dirty) continue;
+    s->dirty = false;
+    DirtySlice d{SliceRef(s), AlignedBuffer(slice_size_)};
+    std::memcpy(d.copy.data(), s->data.data(), slice_size_);
+    out.push_back(std::move(d));
+  }
+  dirty_count_ = 0;
+  std::sort(out.begin(), out.end(),
+            [](const DirtySlice& a, const DirtySlice& b) { return a.ref.offset() < b.ref.offset(); });
+  return out;
+}
+
+void MetadataCache::Redirty(const std::vector<DirtySlice>& slices) {
+  for (const DirtySlice& d : slices) MarkDirty(d.ref);
+}
+
+Task<Status> MetadataCache::WriteDirty() {
+  std::vector<DirtySlice> dirty = TakeDirty();
+  std::vector<Task<Status>> writes;
+  writes.reserve(dirty.size());
+  for (DirtySlice& d : dirty) writes.push_back([](File* f, DirtySlice* d) -> Task<Status> {
+    co_return co_await f->Write(d->ref.offset(), d->copy.span());
+  }(file_, &d));
+  Status st = co_await WhenAll(std::move(writes));
+  if (!st.ok()) Redirty(dirty);
+  co_return st;
 }
 
 }  // namespace uq::qcow2

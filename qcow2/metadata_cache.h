@@ -21,6 +21,7 @@
 #include <memory>
 #include <span>
 #include <unordered_map>
+#include <vector>
 
 #include "base/aligned_buffer.h"
 #include "base/status.h"
@@ -51,6 +52,7 @@ class MetadataCache {
     uint64_t offset() const;
 
    private:
+    friend class MetadataCache;
     void Release();
     std::shared_ptr<Slice> slice_;
   };
@@ -71,6 +73,34 @@ class MetadataCache {
   // Drops every unpinned slice (tests, and after metadata is rewritten elsewhere).
   void Clear();
 
+  // --- Write-back -------------------------------------------------------
+  // Dirty slices are never evicted; they reach the disk only through
+  // TakeDirty(), which the image calls in the order its crash-safety rules
+  // demand (see qcow2_image.h).
+
+  // Marks a resident slice as modified in memory.
+  void MarkDirty(const SliceRef& ref);
+  // Makes the slice at `offset` resident and all zeros without reading it
+  // (a freshly allocated table whose zeros the caller writes itself).
+  // Replaces any stale copy.
+  SliceRef InsertZeroed(uint64_t offset);
+  // Forgets every slice inside [offset, offset + length) (freed clusters).
+  // REQUIRES: none of them dirty or pinned.
+  void Invalidate(uint64_t offset, uint64_t length);
+
+  struct DirtySlice {
+    SliceRef ref;
+    AlignedBuffer copy;  // the bytes as they were when taken
+  };
+  // Copies every dirty slice and marks it clean. The copies are what must be
+  // written; a slice modified afterwards is dirty again. On a failed write the
+  // caller hands the slices back with Redirty().
+  std::vector<DirtySlice> TakeDirty();
+  void Redirty(const std::vector<DirtySlice>& slices);
+  // Writes every dirty slice (concurrently) and returns once all are written.
+  Task<Status> WriteDirty();
+  size_t dirty_slices() const { return dirty_count_; }
+
   size_t resident_slices() const { return map_.size(); }
   uint64_t loads() const { return loads_; }
   uint64_t hits() const { return hits_; }
@@ -81,6 +111,7 @@ class MetadataCache {
     AlignedBuffer data;
     bool loading = true;
     bool failed = false;
+    bool dirty = false;
     Status error;
     int pins = 0;
     WaitList waiters;
@@ -95,6 +126,7 @@ class MetadataCache {
   uint64_t capacity_slices_;
   std::unordered_map<uint64_t, std::shared_ptr<Slice>> map_;
   std::list<uint64_t> lru_;  // front = most recently used
+  size_t dirty_count_ = 0;
   uint64_t loads_ = 0;
   uint64_t hits_ = 0;
 };

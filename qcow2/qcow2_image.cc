@@ -48,6 +48,7 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts)
                         co_await ReadSnapshotTable(*img->file_, h.snapshots_offset, h.nb_snapshots,
                                                    img->file_size_, h.version));
   }
+  if (img->writable_) CO_RETURN_IF_ERROR(co_await img->OpenForWriting());
   co_return std::move(img);
 }
 
@@ -101,6 +102,15 @@ Task<Status> Qcow2Image::Read(uint64_t offset, std::span<std::byte> out) {
 
 Task<Status> Qcow2Image::ReadInCluster(uint64_t offset, std::span<std::byte> out) {
   CO_ASSIGN_OR_RETURN(L2Entry entry, co_await LookupEntry(offset));
+  if (!writable_) co_return co_await ReadWithEntry(entry, offset, out);
+  // On a writable image, hold the cluster so that a discard cannot free (and
+  // a later allocation reuse) the host cluster under this read.
+  auto guard = co_await cluster_locks_.Lock(geo_.guest_cluster(offset), false);
+  CO_ASSIGN_OR_RETURN(entry, co_await LookupEntry(offset));
+  co_return co_await ReadWithEntry(entry, offset, out);
+}
+
+Task<Status> Qcow2Image::ReadWithEntry(const L2Entry& entry, uint64_t offset, std::span<std::byte> out) {
   const uint64_t in_cluster = geo_.cluster_offset_in(offset);
   const bool has_data_file = data_file_ != nullptr;
 

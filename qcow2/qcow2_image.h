@@ -10,6 +10,22 @@
 // contradict the spec fail the request with Corruption naming the guest
 // offset and the entry; nothing is read from outside the image's own files.
 //
+// Writes (qcow2_write.cc) follow QEMU's ordering rules, enforced by Flush()
+// (qcow2_flush.cc):
+//   - data of a newly allocated cluster, and refcount increases, reach the
+//     disk before the L2 entry that points at them;
+//   - a new or copied L2 table reaches the disk before the L1 entry naming it;
+//   - L2 entries are cleared on disk before the refcounts they held drop.
+// Metadata changes stay in the caches (dirty) until a flush, a FUA write or
+// Close(); data goes to the host file at once. A crash therefore loses at
+// most what was written since the last completed flush, and leaves the image
+// consistent (leaked clusters at worst).
+//
+// Concurrency: a guest cluster's lock is taken shared by writes into an
+// allocated cluster and exclusive by anything that changes its mapping, so a
+// cluster is never allocated twice; metadata mutations and flushes serialise
+// on one async mutex held only for in-memory updates and for the flush.
+//
 // Thread model: one event loop; many requests may be in flight on it.
 #ifndef UBLK_QCOW2_QCOW2_QCOW2_IMAGE_H_
 #define UBLK_QCOW2_QCOW2_QCOW2_IMAGE_H_
@@ -28,8 +44,13 @@
 #include "qcow2/geometry.h"
 #include "qcow2/header.h"
 #include "qcow2/l2_entry.h"
+#include "base/keyed_lock.h"
+#include "base/wait_list.h"
 #include "qcow2/metadata_cache.h"
+#include "qcow2/refcounts.h"
 #include "qcow2/snapshot_table.h"
+#include <set>
+#include <unordered_set>
 
 namespace uq::qcow2 {
 
@@ -52,6 +73,11 @@ class Qcow2Image final : public BlockDevice {
   bool read_only() const override { return !writable_; }
   const std::string& path() const override { return file_->path(); }
   Task<Status> Read(uint64_t offset, std::span<std::byte> out) override;
+  Task<Status> Write(uint64_t offset, std::span<const std::byte> data, bool fua) override;
+  Task<Status> Flush() override;
+  Task<Status> Discard(uint64_t offset, uint64_t length) override;
+  Task<Status> WriteZeroes(uint64_t offset, uint64_t length) override;
+  Task<Status> Close() override;
 
   const Header& header() const { return header_; }
   const Geometry& geometry() const { return geo_; }
@@ -66,6 +92,34 @@ class Qcow2Image final : public BlockDevice {
  private:
   // Reads the part of one guest cluster at [offset, offset + out.size()).
   Task<Status> ReadInCluster(uint64_t offset, std::span<std::byte> out);
+  // The same, for a cluster whose L2 entry the caller already has.
+  Task<Status> ReadWithEntry(const L2Entry& entry, uint64_t offset, std::span<std::byte> out);
+
+  // --- write path (qcow2_write.cc) ---
+  File& data_file() { return data_file_ ? *data_file_ : *file_; }
+  Status CheckWritable(uint64_t offset, uint64_t length) const;
+  bool WritableInPlace(const L2Entry& e, uint64_t in_cluster, uint64_t length) const;
+  Task<Status> WriteInCluster(uint64_t offset, std::span<const std::byte> data);
+  Task<Status> AllocatingWrite(uint64_t offset, std::span<const std::byte> data);
+  // Makes the L2 table for `offset` exist and belong to the active L1 only.
+  Task<Status> PrepareL2(uint64_t offset);
+  // Stores a new entry for the cluster at `offset`. REQUIRES: the cluster's
+  // exclusive lock, PrepareL2 done, the metadata mutex held.
+  Task<Status> StoreEntry(uint64_t offset, const L2Entry& entry);
+  // Defers dropping the references `entry` holds (when it is replaced).
+  void ReleaseEntry(const L2Entry& entry);
+  Task<Status> ZeroInCluster(uint64_t offset, uint64_t length);
+  Task<Status> DiscardCluster(uint64_t offset);
+  Task<Status> WriteZeroBuffer(uint64_t offset, uint64_t length);
+  // Fails with Corruption, marking the image corrupt, if a data write to
+  // [host, host + length) would hit metadata.
+  Task<Status> CheckNoOverlap(uint64_t host, uint64_t length);
+  Task<Status> MarkCorrupt(std::string why);
+
+  // --- flush (qcow2_flush.cc) ---
+  Task<Status> FlushLocked();
+  Task<Status> WriteL1();
+  Task<Status> OpenForWriting();
   Task<Status> ReadUnallocated(uint64_t offset, std::span<std::byte> out);
   Task<Status> ReadCompressed(const L2Entry& entry, uint64_t offset_in_cluster,
                               std::span<std::byte> out);
@@ -81,6 +135,18 @@ class Qcow2Image final : public BlockDevice {
   std::vector<uint64_t> l1_;
   std::vector<Snapshot> snapshots_;
   MetadataCache l2_cache_;
+
+  // Write state.
+  std::unique_ptr<Refcounts> refcounts_;  // writable images only
+  AsyncMutex meta_mutex_;
+  KeyedLock cluster_locks_;  // by guest cluster
+  KeyedLock l1_locks_;       // by L1 index
+  std::set<uint64_t> l1_dirty_chunks_;
+  // Clusters holding metadata the data path must never overwrite: header,
+  // L1 table, L2 tables, snapshot table and L1s (refcount metadata is asked
+  // of refcounts_).
+  std::unordered_set<uint64_t> metadata_clusters_;
+  bool closed_ = false;
   // The last decompressed cluster: sequential small reads of a compressed
   // cluster decompress it once.
   uint64_t decompressed_key_ = ~uint64_t{0};

@@ -1,0 +1,131 @@
+// Making a Qcow2Image's writes durable, in the order that keeps the image
+// consistent after a crash at any point (see qcow2_image.h and refcounts.h),
+// plus opening for writing and marking an image corrupt.
+#include <fmt/format.h>
+
+#include "base/endian.h"
+#include "qcow2/format.h"
+#include "qcow2/qcow2_image.h"
+
+namespace uq::qcow2 {
+
+Task<Status> Qcow2Image::OpenForWriting() {
+  if (header_.dirty()) {
+    // Lazy refcounts left the counts stale: they must be rebuilt first.
+    co_return Status::NotSupported(fmt::format(
+        "{}: image is dirty (refcounts may be stale); repair it with 'ublk-qcow2 check -r all' first", path()));
+  }
+  refcounts_ = std::make_unique<Refcounts>(file_.get(), &header_, std::max<uint64_t>(header_.cluster_size(), 1 << 20));
+  CO_RETURN_IF_ERROR(co_await refcounts_->Load());
+
+  // What the data path must never overwrite.
+  const uint64_t cs = geo_.cluster_size;
+  auto add_range = [&](uint64_t offset, uint64_t bytes) {
+    for (uint64_t c = offset / cs; bytes > 0 && c <= (offset + bytes - 1) / cs; c++) metadata_clusters_.insert(c);
+  };
+  add_range(0, 1);
+  add_range(header_.l1_table_offset, uint64_t{header_.l1_size} * 8);
+  for (uint64_t e : l1_) {
+    if (e & kL1OffsetMask) metadata_clusters_.insert((e & kL1OffsetMask) / cs);
+  }
+  if (header_.nb_snapshots > 0) {
+    add_range(header_.snapshots_offset, SnapshotTableSize(snapshots_));
+    for (const Snapshot& s : snapshots_) add_range(s.l1_table_offset, uint64_t{s.l1_size} * 8);
+  }
+
+  // We keep no bitmaps up to date and know no other autoclear feature: clear
+  // those bits so that readers know the data they guard may be stale.
+  const uint64_t keep = header_.autoclear_features & kAutoclearDataFileRaw;
+  if (header_.autoclear_features != keep) {
+    Header updated = header_;
+    updated.autoclear_features = keep;
+    CO_RETURN_IF_ERROR(co_await WriteHeader(*file_, updated));
+    CO_RETURN_IF_ERROR(co_await file_->Sync());
+    header_ = std::move(updated);
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::MarkCorrupt(std::string why) {
+  Status error = Status::Corruption(fmt::format("{}: {}; the image is marked corrupt and now read-only", path(), why));
+  if (!writable_) co_return error;
+  writable_ = false;
+  Header updated = header_;
+  updated.incompatible_features |= kIncompatCorrupt;
+  Status st = co_await WriteHeader(*file_, updated);
+  if (st.ok()) st = co_await file_->Sync();
+  if (st.ok()) header_ = std::move(updated);
+  co_return error;
+}
+
+Task<Status> Qcow2Image::WriteL1() {
+  std::set<uint64_t> chunks;
+  chunks.swap(l1_dirty_chunks_);
+  for (uint64_t chunk : chunks) {
+    const uint64_t first = chunk * 512;  // 4 KiB of entries
+    const uint64_t count = std::min<uint64_t>(512, l1_.size() - first);
+    AlignedBuffer buf(count * 8);
+    for (uint64_t i = 0; i < count; i++) StoreBE64(buf.span(), i * 8, l1_[first + i]);
+    Status st = co_await file_->Write(header_.l1_table_offset + first * 8, buf.span());
+    if (!st.ok()) {
+      l1_dirty_chunks_.insert(chunks.begin(), chunks.end());
+      co_return st;
+    }
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::Flush() {
+  if (!writable_) co_return Status::Ok();
+  auto lock = co_await meta_mutex_.Acquire();
+  co_return co_await FlushLocked();
+}
+
+Task<Status> Qcow2Image::FlushLocked() {
+  auto sync_all = [this]() -> Task<Status> {
+    CO_RETURN_IF_ERROR(co_await file_->Sync());
+    if (data_file_) CO_RETURN_IF_ERROR(co_await data_file_->Sync());
+    co_return Status::Ok();
+  };
+  // 1. Refcount increases and new refcount blocks, then the table naming them.
+  if (refcounts_->blocks_dirty()) {
+    CO_RETURN_IF_ERROR(co_await refcounts_->WriteBlocks());
+    if (refcounts_->table_dirty()) CO_RETURN_IF_ERROR(co_await file_->Sync());
+  }
+  if (refcounts_->table_dirty()) CO_RETURN_IF_ERROR(co_await refcounts_->WriteTable());
+  // 2. Guest data, new L2 tables and all of the above become stable.
+  CO_RETURN_IF_ERROR(co_await sync_all());
+  // 3. L2 entries, now that what they point at is stable.
+  if (l2_cache_.dirty_slices() > 0) {
+    CO_RETURN_IF_ERROR(co_await l2_cache_.WriteDirty());
+    CO_RETURN_IF_ERROR(co_await file_->Sync());
+  }
+  // 4. L1 entries naming new L2 tables.
+  if (!l1_dirty_chunks_.empty()) {
+    CO_RETURN_IF_ERROR(co_await WriteL1());
+    CO_RETURN_IF_ERROR(co_await file_->Sync());
+  }
+  // 5. References dropped by entries now gone from disk.
+  if (refcounts_->has_deferred()) {
+    CO_ASSIGN_OR_RETURN(std::vector<uint64_t> freed, co_await refcounts_->ApplyDeferredDecrements());
+    CO_RETURN_IF_ERROR(co_await refcounts_->WriteBlocks());
+    const uint64_t cs = geo_.cluster_size;
+    for (uint64_t c : freed) {
+      metadata_clusters_.erase(c);
+      l2_cache_.Invalidate(c * cs, cs);
+      // Give the space back to the host; a failure here only costs space.
+      (void)co_await file_->Discard(c * cs, cs);
+    }
+    CO_RETURN_IF_ERROR(co_await file_->Sync());
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::Close() {
+  if (closed_) co_return Status::Ok();
+  Status st = co_await Flush();
+  closed_ = true;
+  co_return st;
+}
+
+}  // namespace uq::qcow2

@@ -1,0 +1,355 @@
+// The write path of Qcow2Image: in-place writes, allocating writes with
+// copy-on-write, L2 table allocation and copy-on-write, write-zeroes and
+// discard. Metadata changes are made in memory here; Flush() (qcow2_flush.cc)
+// puts them on disk in a crash-safe order.
+#include <algorithm>
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "base/endian.h"
+#include "base/when_all.h"
+#include "qcow2/format.h"
+#include "qcow2/qcow2_image.h"
+
+namespace uq::qcow2 {
+namespace {
+
+// Bits [first, last] of a 32-bit subcluster mask.
+uint64_t SubclusterMask(uint32_t first, uint32_t last) {
+  return ((uint64_t{1} << (last + 1)) - 1) & ~((uint64_t{1} << first) - 1);
+}
+constexpr uint64_t kAllSubclusters = 0xffffffffull;
+
+}  // namespace
+
+Status Qcow2Image::CheckWritable(uint64_t offset, uint64_t length) const {
+  if (!writable_ || closed_) {
+    return Status::NotSupported(fmt::format("{}: image is read-only{}", path(),
+                                            header_.corrupt() ? " (marked corrupt)" : ""));
+  }
+  if (offset > size() || length > size() - offset) {
+    return Status::InvalidArgument(
+        fmt::format("{}: {} bytes at {} are past the virtual size {}", path(), length, offset, size()));
+  }
+  return Status::Ok();
+}
+
+bool Qcow2Image::WritableInPlace(const L2Entry& e, uint64_t in_cluster, uint64_t length) const {
+  const bool has_df = data_file_ != nullptr;
+  if (e.compressed() || !e.copied() || !e.has_host_cluster(has_df)) return false;
+  const uint32_t first = static_cast<uint32_t>(in_cluster / geo_.subcluster_size);
+  const uint32_t last = static_cast<uint32_t>((in_cluster + length - 1) / geo_.subcluster_size);
+  for (uint32_t sc = first; sc <= last; sc++) {
+    if (e.Kind(geo_, has_df, sc) != SubclusterKind::kData) return false;
+  }
+  return true;
+}
+
+Task<Status> Qcow2Image::CheckNoOverlap(uint64_t host, uint64_t length) {
+  if (data_file_) co_return Status::Ok();  // data lives in another file
+  for (uint64_t c = host / geo_.cluster_size; c <= (host + length - 1) / geo_.cluster_size; c++) {
+    if (metadata_clusters_.count(c) || refcounts_->IsRefcountMetadata(c)) {
+      co_return co_await MarkCorrupt(
+          fmt::format("a data write to host offset 0x{:x} would overwrite metadata in cluster {}", host, c));
+    }
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::Write(uint64_t offset, std::span<const std::byte> data, bool fua) {
+  CO_RETURN_IF_ERROR(CheckWritable(offset, data.size()));
+  const uint64_t first = offset - geo_.cluster_offset_in(offset);
+  if (data.empty()) co_return Status::Ok();
+  if (first + geo_.cluster_size >= offset + data.size()) {
+    CO_RETURN_IF_ERROR(co_await WriteInCluster(offset, data));
+  } else {
+    // Clusters are independent: write them concurrently.
+    std::vector<Task<Status>> pieces;
+    for (size_t done = 0; done < data.size();) {
+      uint64_t pos = offset + done;
+      size_t n = std::min<uint64_t>(data.size() - done, geo_.cluster_size - geo_.cluster_offset_in(pos));
+      pieces.push_back(WriteInCluster(pos, data.subspan(done, n)));
+      done += n;
+    }
+    CO_RETURN_IF_ERROR(co_await WhenAll(std::move(pieces)));
+  }
+  if (fua) CO_RETURN_IF_ERROR(co_await Flush());
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::WriteInCluster(uint64_t offset, std::span<const std::byte> data) {
+  const uint64_t cluster = geo_.guest_cluster(offset);
+  const uint64_t in_cluster = geo_.cluster_offset_in(offset);
+  {
+    auto shared = co_await cluster_locks_.Lock(cluster, false);
+    CO_ASSIGN_OR_RETURN(L2Entry e, co_await LookupEntry(offset));
+    if (WritableInPlace(e, in_cluster, data.size())) {
+      const uint64_t host = e.host_cluster() + in_cluster;
+      CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host, data.size()));
+      co_return co_await data_file().Write(host, data);
+    }
+  }
+  auto exclusive = co_await cluster_locks_.Lock(cluster, true);
+  co_return co_await AllocatingWrite(offset, data);
+}
+
+Task<Status> Qcow2Image::PrepareL2(uint64_t offset) {
+  const uint64_t index = geo_.l1_index(offset);
+  auto owned = [&] { return (l1_[index] & kEntryCopied) && (l1_[index] & kL1OffsetMask); };
+  if (owned()) co_return Status::Ok();
+  auto guard = co_await l1_locks_.Lock(index, true);
+  if (owned()) co_return Status::Ok();
+
+  const uint64_t old_table = l1_[index] & kL1OffsetMask;
+  uint64_t table;
+  {
+    auto lock = co_await meta_mutex_.Acquire();
+    CO_ASSIGN_OR_RETURN(table, co_await refcounts_->Allocate(1));
+  }
+  file_size_ = std::max(file_size_, table + geo_.cluster_size);
+  // A new table is all zeros (every entry unallocated); a table shared with a
+  // snapshot is copied. Either way it is written now, before any L1 entry can
+  // name it on disk (the L1 reaches the disk only in Flush, after a sync).
+  AlignedBuffer contents(geo_.cluster_size);
+  if (old_table != 0) CO_RETURN_IF_ERROR(co_await file_->ReadExact(old_table, contents.span()));
+  Status written = co_await file_->Write(table, contents.span());
+  auto lock = co_await meta_mutex_.Acquire();
+  if (!written.ok()) {
+    refcounts_->DeferDecrement(table / geo_.cluster_size);
+    co_return written;
+  }
+  l2_cache_.Invalidate(table, geo_.cluster_size);
+  l1_[index] = table | kEntryCopied;
+  l1_dirty_chunks_.insert(index * 8 / 4096);
+  metadata_clusters_.insert(table / geo_.cluster_size);
+  // The old table stays with the snapshots that share it; the active L1 lets go.
+  if (old_table != 0) refcounts_->DeferDecrement(old_table / geo_.cluster_size);
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::StoreEntry(uint64_t offset, const L2Entry& entry) {
+  const uint64_t l2_offset = l1_[geo_.l1_index(offset)] & kL1OffsetMask;
+  const uint64_t byte_in_table = geo_.l2_index(offset) * geo_.l2_entry_bytes;
+  const uint64_t slice_bytes = l2_cache_.slice_size();
+  const uint64_t slice_offset = l2_offset + (byte_in_table & ~(slice_bytes - 1));
+  MetadataCache::SliceRef slice = l2_cache_.TryGet(slice_offset);
+  if (!slice) {
+    CO_ASSIGN_OR_RETURN(slice, co_await l2_cache_.Get(slice_offset));
+  }
+  const uint64_t at = byte_in_table & (slice_bytes - 1);
+  StoreBE64(slice.bytes(), at, entry.raw);
+  if (geo_.extended_l2) StoreBE64(slice.bytes(), at + 8, entry.bitmap);
+  l2_cache_.MarkDirty(slice);
+  co_return Status::Ok();
+}
+
+void Qcow2Image::ReleaseEntry(const L2Entry& e) {
+  if (data_file_) return;  // data clusters in a data file are not refcounted
+  if (e.compressed()) {
+    // Every host cluster the compressed bytes touch holds one reference.
+    const uint64_t start = e.compressed_offset(geo_) & ~(kSectorSize - 1);
+    const uint64_t end = start + (e.compressed_length(geo_) + (e.compressed_offset(geo_) & (kSectorSize - 1)));
+    for (uint64_t c = start / geo_.cluster_size; c <= (end - 1) / geo_.cluster_size; c++) {
+      refcounts_->DeferDecrement(c);
+    }
+  } else if (e.host_cluster() != 0) {
+    refcounts_->DeferDecrement(e.host_cluster() / geo_.cluster_size);
+  }
+}
+
+Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::byte> data) {
+  CO_RETURN_IF_ERROR(co_await PrepareL2(offset));
+  CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
+  const uint64_t in_cluster = geo_.cluster_offset_in(offset);
+  const uint64_t cluster_start = offset - in_cluster;
+  if (WritableInPlace(old, in_cluster, data.size())) {
+    const uint64_t host = old.host_cluster() + in_cluster;
+    CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host, data.size()));
+    co_return co_await data_file().Write(host, data);
+  }
+  const bool has_df = data_file_ != nullptr;
+  for (uint32_t sc = 0; sc < (geo_.extended_l2 ? kSubclustersPerCluster : 1); sc++) {
+    if (old.Kind(geo_, has_df, sc) == SubclusterKind::kInvalid) {
+      co_return co_await MarkCorrupt(fmt::format("L2 entry 0x{:x} for guest offset {} is invalid", old.raw, offset));
+    }
+  }
+
+  // Where the data goes: the cluster's own host cluster when it has one that
+  // only the active image uses (preallocated zeros, unallocated subclusters),
+  // the fixed place in an external data file, or a new cluster.
+  const bool shared_or_compressed = old.compressed() || (old.has_host_cluster(has_df) && !old.copied());
+  const bool reuse = !shared_or_compressed && old.has_host_cluster(has_df);
+  uint64_t host;
+  bool fresh = false;
+  if (reuse) {
+    host = old.host_cluster();
+  } else if (has_df) {
+    host = cluster_start;
+  } else {
+    auto lock = co_await meta_mutex_.Acquire();
+    CO_ASSIGN_OR_RETURN(host, co_await refcounts_->Allocate(1));
+    fresh = true;
+    file_size_ = std::max(file_size_, host + geo_.cluster_size);
+  }
+
+  // The part of the cluster to write, and the new subcluster bitmap.
+  uint64_t write_start = 0, write_end = geo_.cluster_size;
+  L2Entry updated;
+  updated.raw = host | kEntryCopied;
+  if (geo_.extended_l2) {
+    if (shared_or_compressed) {
+      updated.bitmap = kAllSubclusters;  // copy the whole cluster
+    } else {
+      const uint32_t first = static_cast<uint32_t>(in_cluster / geo_.subcluster_size);
+      const uint32_t last = static_cast<uint32_t>((in_cluster + data.size() - 1) / geo_.subcluster_size);
+      write_start = first * geo_.subcluster_size;
+      write_end = (last + 1) * geo_.subcluster_size;
+      const uint64_t touched = SubclusterMask(first, last);
+      updated.bitmap = (old.bitmap | touched) & ~(touched << 32);
+    }
+  }
+
+  // Copy-on-write: the untouched head and tail come from what the cluster
+  // read as before (backing file, zeros, compressed or shared data).
+  AlignedBuffer buf(write_end - write_start);
+  const uint64_t head = in_cluster - write_start;
+  const uint64_t tail_at = in_cluster + data.size();
+  Status st;
+  if (head > 0) st = co_await ReadWithEntry(old, cluster_start + write_start, buf.span().first(head));
+  std::memcpy(buf.data() + head, data.data(), data.size());
+  if (st.ok() && tail_at < write_end) {
+    st = co_await ReadWithEntry(old, cluster_start + tail_at, buf.span().subspan(tail_at - write_start));
+  }
+  if (st.ok() && reuse) st = co_await CheckNoOverlap(host + write_start, buf.size());
+  if (st.ok()) st = co_await data_file().Write(host + write_start, buf.span());
+  auto lock = co_await meta_mutex_.Acquire();
+  if (!st.ok()) {
+    if (fresh) refcounts_->DeferDecrement(host / geo_.cluster_size);
+    co_return st;
+  }
+  CO_RETURN_IF_ERROR(co_await StoreEntry(offset, updated));
+  if (!reuse) ReleaseEntry(old);
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::WriteZeroBuffer(uint64_t offset, uint64_t length) {
+  constexpr uint64_t kChunk = 1 << 20;
+  AlignedBuffer zeros(std::min(length, kChunk));
+  for (uint64_t done = 0; done < length;) {
+    uint64_t n = std::min<uint64_t>(length - done, zeros.size());
+    CO_RETURN_IF_ERROR(co_await Write(offset + done, zeros.span().first(n), false));
+    done += n;
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length) {
+  CO_RETURN_IF_ERROR(CheckWritable(offset, length));
+  // Version 2 has no zero flag, and a raw data file must hold the zeros itself.
+  if (header_.version < 3 || header_.data_file_raw()) {
+    co_return co_await WriteZeroBuffer(offset, length);
+  }
+  const uint64_t unit = geo_.subcluster_size;
+  for (uint64_t done = 0; done < length;) {
+    uint64_t pos = offset + done;
+    uint64_t in_cluster = geo_.cluster_offset_in(pos);
+    uint64_t n = std::min<uint64_t>(length - done, geo_.cluster_size - in_cluster);
+    // Whole (sub)clusters get the zero flag; partial ones are written.
+    uint64_t head = std::min<uint64_t>(n, (unit - in_cluster % unit) % unit);
+    uint64_t body = (n - head) / unit * unit;
+    uint64_t tail = n - head - body;
+    if (head) CO_RETURN_IF_ERROR(co_await WriteZeroBuffer(pos, head));
+    if (body) CO_RETURN_IF_ERROR(co_await ZeroInCluster(pos + head, body));
+    if (tail) CO_RETURN_IF_ERROR(co_await WriteZeroBuffer(pos + head + body, tail));
+    done += n;
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::ZeroInCluster(uint64_t offset, uint64_t length) {
+  auto exclusive = co_await cluster_locks_.Lock(geo_.guest_cluster(offset), true);
+  const uint64_t in_cluster = geo_.cluster_offset_in(offset);
+  const bool whole = length == geo_.cluster_size;
+  const bool has_df = data_file_ != nullptr;
+  CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
+  // Already zeros with nothing to release: leave the metadata alone.
+  const uint32_t first = static_cast<uint32_t>(in_cluster / geo_.subcluster_size);
+  const uint32_t last = static_cast<uint32_t>((in_cluster + length - 1) / geo_.subcluster_size);
+  bool reads_zero = !old.compressed();
+  for (uint32_t sc = first; sc <= last && reads_zero; sc++) {
+    SubclusterKind k = old.Kind(geo_, has_df, sc);
+    reads_zero = k == SubclusterKind::kZero || (k == SubclusterKind::kUnallocated && !backing_);
+  }
+  if (reads_zero) co_return Status::Ok();
+  const bool shared_or_compressed = old.compressed() || (old.has_host_cluster(has_df) && !old.copied());
+  if (shared_or_compressed && !whole) {
+    exclusive.Release();
+    co_return co_await WriteZeroBuffer(offset, length);  // copy-on-write
+  }
+  CO_RETURN_IF_ERROR(co_await PrepareL2(offset));
+  CO_ASSIGN_OR_RETURN(old, co_await LookupEntry(offset));  // PrepareL2 may have copied the table
+  L2Entry updated = old;
+  bool release = false;
+  if (!geo_.extended_l2) {
+    if (!shared_or_compressed && old.has_host_cluster(has_df)) {
+      updated.raw = old.host_cluster() | kEntryCopied | kEntryZero;  // keep the preallocation
+    } else {
+      updated.raw = kEntryZero;
+      release = shared_or_compressed;
+    }
+  } else if (shared_or_compressed) {
+    updated.raw = 0;
+    updated.bitmap = kAllSubclusters << 32;
+    release = true;
+  } else {
+    const uint64_t mask = SubclusterMask(first, last);
+    updated.bitmap = (old.bitmap & ~mask) | (mask << 32);
+  }
+  auto lock = co_await meta_mutex_.Acquire();
+  CO_RETURN_IF_ERROR(co_await StoreEntry(offset, updated));
+  if (release) ReleaseEntry(old);
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::Discard(uint64_t offset, uint64_t length) {
+  CO_RETURN_IF_ERROR(CheckWritable(offset, length));
+  // Discard is advisory: only whole clusters are released, as QEMU does.
+  const uint64_t cs = geo_.cluster_size;
+  uint64_t start = (offset + cs - 1) / cs * cs;
+  uint64_t end = offset + length == size() ? size() : (offset + length) / cs * cs;
+  for (uint64_t pos = start; pos < end; pos += cs) {
+    CO_RETURN_IF_ERROR(co_await DiscardCluster(pos));
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::DiscardCluster(uint64_t offset) {
+  auto exclusive = co_await cluster_locks_.Lock(geo_.guest_cluster(offset), true);
+  const bool has_df = data_file_ != nullptr;
+  CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
+  const bool allocated = old.compressed() || old.has_host_cluster(has_df);
+  // Unallocated clusters without a backing file already read as zeros.
+  if (!allocated && (!backing_ || header_.version < 3)) co_return Status::Ok();
+  if (!allocated && old.raw == kEntryZero && !geo_.extended_l2) co_return Status::Ok();
+  CO_RETURN_IF_ERROR(co_await PrepareL2(offset));
+  CO_ASSIGN_OR_RETURN(old, co_await LookupEntry(offset));
+  L2Entry updated;
+  if (header_.version >= 3) {
+    // The zero flag keeps a backing file from showing through.
+    if (geo_.extended_l2) updated.bitmap = kAllSubclusters << 32;
+    else updated.raw = kEntryZero;
+  }
+  {
+    auto lock = co_await meta_mutex_.Acquire();
+    CO_RETURN_IF_ERROR(co_await StoreEntry(offset, updated));
+    ReleaseEntry(old);
+  }
+  if (has_df && old.has_host_cluster(true)) {
+    // Data-file clusters are not refcounted: give the space back now.
+    CO_RETURN_IF_ERROR(co_await data_file_->Discard(old.host_cluster(), geo_.cluster_size));
+  }
+  co_return Status::Ok();
+}
+
+}  // namespace uq::qcow2

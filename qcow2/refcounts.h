@@ -1,0 +1,98 @@
+// Refcounts: the image's reference counts — the refcount table, its blocks
+// (cached in slices), cluster allocation, and the rules that keep them
+// crash-safe.
+//
+// Crash-safety contract (the image's Flush drives it in this order):
+//   1. WriteBlocks()   dirty refcount block slices (increments, new blocks)
+//   2. sync
+//   3. WriteTable()    refcount table entries naming new blocks
+//   ... the image syncs, then writes L2 tables and the L1 table ...
+//   4. ApplyDeferredDecrements() once the L2 entries that dropped those
+//      references are on disk, then WriteBlocks() again.
+// So a refcount never drops before the entry that used it is gone from disk,
+// and a new cluster is counted on disk before any entry pointing at it. A
+// crash in between leaks clusters at worst, as QEMU's design allows.
+// Clusters whose decrement is deferred are not reused before it is applied.
+//
+// New refcount blocks describe themselves: a block for range i (clusters
+// [i*E, (i+1)*E)) is placed at the first cluster of that range, which is free
+// because a range without a block has only zero refcounts. When the table is
+// full it is moved to a fresh range, with the blocks describing it, and the
+// header switched to it after both are on disk (QEMU's 8 MiB limit holds).
+//
+// Thread model: one event loop; callers serialise mutations (the image's
+// metadata mutex).
+#ifndef UBLK_QCOW2_QCOW2_REFCOUNTS_H_
+#define UBLK_QCOW2_QCOW2_REFCOUNTS_H_
+
+#include <cstdint>
+#include <set>
+#include <vector>
+
+#include "base/status.h"
+#include "base/task.h"
+#include "qcow2/file.h"
+#include "qcow2/header.h"
+#include "qcow2/metadata_cache.h"
+
+namespace uq::qcow2 {
+
+class Refcounts {
+ public:
+  // `header` is the image's live header (updated when the table moves).
+  Refcounts(File* file, Header* header, uint64_t cache_bytes);
+
+  // Reads the refcount table.
+  Task<Status> Load();
+
+  Task<Result<uint64_t>> Get(uint64_t cluster);
+  // Allocates `count` contiguous free clusters with refcount 1 each and
+  // returns the byte offset of the first. The clusters' contents are garbage.
+  Task<Result<uint64_t>> Allocate(uint64_t count);
+  // Adds one reference to a cluster in use. NoSpace on overflow.
+  Task<Status> Increment(uint64_t cluster);
+  // Drops one reference at ApplyDeferredDecrements().
+  void DeferDecrement(uint64_t cluster) { deferred_.push_back(cluster); }
+
+  Task<Status> WriteBlocks() { return cache_.WriteDirty(); }
+  Task<Status> WriteTable();
+  // Applies the deferred decrements in memory; returns the clusters that
+  // became free (the caller may punch them out of the file).
+  Task<Result<std::vector<uint64_t>>> ApplyDeferredDecrements();
+
+  bool blocks_dirty() const { return cache_.dirty_slices() > 0; }
+  bool table_dirty() const { return !dirty_table_chunks_.empty(); }
+  bool has_deferred() const { return !deferred_.empty(); }
+
+  // Whether `cluster` holds the refcount table or a refcount block.
+  bool IsRefcountMetadata(uint64_t cluster) const;
+  uint64_t entries_per_block() const { return entries_per_block_; }
+  const std::vector<uint64_t>& table() const { return table_; }
+
+ private:
+  struct Location {
+    MetadataCache::SliceRef slice;
+    uint64_t index;  // entry index within the slice
+  };
+  // The slice holding `cluster`'s entry; REQUIRES its block exists.
+  Task<Result<Location>> Locate(uint64_t cluster);
+  Task<Status> EnsureBlock(uint64_t block_index);
+  Task<Status> GrowTable(uint64_t block_index);
+  Status Corrupt(std::string what) const;
+
+  File* file_;
+  Header* header_;
+  uint64_t cluster_size_;
+  uint32_t order_;
+  uint64_t entries_per_block_;
+  uint64_t entries_per_slice_;
+  MetadataCache cache_;
+  std::vector<uint64_t> table_;
+  std::set<uint64_t> dirty_table_chunks_;  // 4 KiB chunks of the table
+  std::vector<uint64_t> deferred_;
+  uint64_t free_hint_ = 0;  // no free cluster below this one
+};
+
+}  // namespace uq::qcow2
+
+#endif  // UBLK_QCOW2_QCOW2_REFCOUNTS_H_

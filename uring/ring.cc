@@ -1,0 +1,257 @@
+#include "uring/ring.h"
+
+#include <sched.h>
+
+#include <array>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include <fmt/format.h>
+
+namespace uq::uring {
+namespace {
+
+thread_local Ring* tls_current = nullptr;
+
+// CQEs copied out per pass; bounds the stack used by Drain().
+constexpr unsigned kDrainBatch = 64;
+
+// The opcodes every Ring must support: the ones UringFile issues.
+constexpr uint8_t kFileOpcodes[] = {IORING_OP_READ, IORING_OP_WRITE, IORING_OP_FSYNC,
+                                    IORING_OP_FALLOCATE};
+
+std::string OpcodeName(uint8_t op) {
+  switch (op) {
+    case IORING_OP_NOP:
+      return "IORING_OP_NOP";
+    case IORING_OP_FSYNC:
+      return "IORING_OP_FSYNC";
+    case IORING_OP_FALLOCATE:
+      return "IORING_OP_FALLOCATE";
+    case IORING_OP_READ:
+      return "IORING_OP_READ";
+    case IORING_OP_WRITE:
+      return "IORING_OP_WRITE";
+    case IORING_OP_ASYNC_CANCEL:
+      return "IORING_OP_ASYNC_CANCEL";
+    case IORING_OP_URING_CMD:
+      return "IORING_OP_URING_CMD";
+    default:
+      return fmt::format("io_uring opcode {}", op);
+  }
+}
+
+// NotSupported naming every opcode in `needed` the kernel lacks.
+Status CheckOpcodes(io_uring* ring, const std::vector<uint8_t>& needed) {
+  // io_uring_get_probe_ring() needs IORING_REGISTER_PROBE (Linux 5.6).
+  std::unique_ptr<io_uring_probe, void (*)(io_uring_probe*)> probe(io_uring_get_probe_ring(ring),
+                                                                   io_uring_free_probe);
+  if (probe == nullptr) {
+    return Status::NotSupported("io_uring: the kernel cannot report its opcodes (needs Linux 5.6+)");
+  }
+  std::string missing;
+  for (uint8_t op : needed) {
+    if (io_uring_opcode_supported(probe.get(), op)) continue;
+    if (!missing.empty()) missing += ", ";
+    missing += OpcodeName(op);
+  }
+  if (!missing.empty()) return Status::NotSupported("io_uring: the kernel lacks " + missing);
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Ring>> Ring::Create(const RingOptions& options) {
+  if (options.entries == 0 || options.entries > 32768) {
+    return Status::InvalidArgument(
+        fmt::format("io_uring: {} submission entries (want 1..32768)", options.entries));
+  }
+  if (options.cq_entries != 0 && options.cq_entries < options.entries) {
+    return Status::InvalidArgument(fmt::format(
+        "io_uring: {} completion entries, fewer than {} submission entries", options.cq_entries,
+        options.entries));
+  }
+  io_uring_params params{};
+  if (options.sqe128) params.flags |= IORING_SETUP_SQE128;
+  if (options.cq_entries != 0) {
+    params.flags |= IORING_SETUP_CQSIZE;
+    params.cq_entries = options.cq_entries;
+  }
+
+  auto ring = std::make_unique<Ring>(Key{});
+  int ret = io_uring_queue_init_params(options.entries, &ring->ring_, &params);
+  if (ret < 0) {
+    std::string what = fmt::format("io_uring_setup ({} entries{}{})", options.entries,
+                                   options.sqe128 ? ", SQE128" : "",
+                                   options.cq_entries ? ", CQSIZE" : "");
+    // An old kernel rejects flags it does not know with EINVAL.
+    if (ret == -EINVAL && options.sqe128) what += " (SQE128 needs Linux 5.19+)";
+    return Status::FromErrno(-ret, what);
+  }
+  ring->initialized_ = true;
+
+  // Without NODROP a CQ overflow loses completions, and with them waiters
+  // and the in-flight count.
+  if ((params.features & IORING_FEAT_NODROP) == 0) {
+    return Status::NotSupported("io_uring: the kernel lacks IORING_FEAT_NODROP (needs Linux 5.5+)");
+  }
+  std::vector<uint8_t> needed(std::begin(kFileOpcodes), std::end(kFileOpcodes));
+  needed.insert(needed.end(), options.extra_opcodes.begin(), options.extra_opcodes.end());
+  RETURN_IF_ERROR(CheckOpcodes(&ring->ring_, needed));
+  return ring;
+}
+
+Ring::~Ring() {
+  // A ring destroyed while bound is a bug in the caller; do not leave the
+  // thread pointing at freed memory.
+  if (tls_current == this) tls_current = nullptr;
+  if (initialized_) io_uring_queue_exit(&ring_);
+}
+
+Ring::Bind::Bind(Ring* ring) : previous_(tls_current) { tls_current = ring; }
+Ring::Bind::~Bind() { tls_current = previous_; }
+Ring* Ring::Current() { return tls_current; }
+
+io_uring_sqe* Ring::GetSqe() {
+  for (;;) {
+    if (io_uring_sqe* sqe = io_uring_get_sqe(&ring_)) {
+      ++in_flight_;
+      return sqe;
+    }
+    // The SQ is full: hand what is queued to the kernel. Without SQPOLL the
+    // kernel consumes SQEs inside io_uring_enter, so this frees slots unless
+    // it fails outright.
+    int ret = io_uring_submit(&ring_);
+    if (ret >= 0) continue;
+    CheckEnterResult(ret, "io_uring_submit");
+    // EBUSY: older kernels refuse submissions while completions overflow.
+    // Reaping without dispatching (we may be deep inside someone's Start())
+    // makes room; Poll() dispatches the stash later.
+    if (ret == -EBUSY) StashCompletions();
+    if (ret == -EAGAIN) sched_yield();  // kernel short of memory
+  }
+}
+
+void Ring::SubmitPending() {
+  for (;;) {
+    int ret = io_uring_submit(&ring_);
+    if (ret >= 0) return;
+    CheckEnterResult(ret, "io_uring_submit");
+    if (ret != -EINTR) return;  // EAGAIN/EBUSY: Poll() retries
+  }
+}
+
+bool Ring::Poll() {
+  if (in_flight_ == 0) return false;
+  if (!stashed_.empty()) {
+    // Completions are already waiting: do not block.
+    SubmitPending();
+    Drain();
+    return true;
+  }
+  for (;;) {
+    int ret = io_uring_submit_and_wait(&ring_, 1);
+    if (ret < 0) CheckEnterResult(ret, "io_uring_submit_and_wait");
+    // EINTR, or a wake-up with no CQE yet: wait again. EBUSY: there are CQEs
+    // to reap, which Drain() does.
+    if (Drain() > 0) return true;
+    if (in_flight_ == 0) return false;
+  }
+}
+
+size_t Ring::PollNoWait() {
+  SubmitPending();
+  return Drain();
+}
+
+size_t Ring::Drain() {
+  size_t total = 0;
+  if (!stashed_.empty()) {
+    std::vector<Cqe> stash;
+    stash.swap(stashed_);
+    for (const Cqe& cqe : stash) Dispatch(cqe);
+    total += stash.size();
+  }
+  for (;;) {
+    // Copy the CQEs out and release their slots before dispatching: a
+    // completion may start new operations, or poll this ring recursively,
+    // and must never see (or re-dispatch) a CQE this pass still holds.
+    std::array<Cqe, kDrainBatch> batch;
+    unsigned n = 0;
+    unsigned head;
+    io_uring_cqe* cqe;
+    io_uring_for_each_cqe(&ring_, head, cqe) {
+      batch[n++] = Cqe{cqe->user_data, cqe->res, cqe->flags};
+      if (n == kDrainBatch) break;
+    }
+    if (n == 0) break;
+    io_uring_cq_advance(&ring_, n);
+    for (unsigned i = 0; i < n; ++i) Dispatch(batch[i]);
+    total += n;
+    // A partial batch emptied the CQ; what arrived since waits for the
+    // next poll, which keeps one Poll() bounded.
+    if (n < kDrainBatch) break;
+  }
+  return total;
+}
+
+void Ring::Dispatch(const Cqe& cqe) {
+  // Multishot operations post several CQEs; only the last (no F_MORE) ends
+  // the operation.
+  if ((cqe.flags & IORING_CQE_F_MORE) == 0) {
+    if (in_flight_ == 0) {
+      std::fprintf(stderr, "ublk-qcow2: io_uring: completion (user_data %#llx) for no operation\n",
+                   static_cast<unsigned long long>(cqe.user_data));
+      std::abort();
+    }
+    --in_flight_;
+  }
+  switch (UserData::KindOf(cqe.user_data)) {
+    case UserData::Kind::kIgnore:
+      return;
+    case UserData::Kind::kCompletion:
+      UserData::CompletionOf(cqe.user_data)->Complete(cqe.res, cqe.flags);
+      return;
+    case UserData::Kind::kCommand:
+      if (command_handler_ == nullptr) {
+        std::fputs("ublk-qcow2: io_uring: command completion but no command handler\n", stderr);
+        std::abort();
+      }
+      command_handler_->OnCommandComplete(UserData::PayloadOf(cqe.user_data), cqe.res, cqe.flags);
+      return;
+  }
+  std::fprintf(stderr, "ublk-qcow2: io_uring: user_data %#llx has an unknown kind\n",
+               static_cast<unsigned long long>(cqe.user_data));
+  std::abort();
+}
+
+void Ring::StashCompletions() {
+  unsigned n = 0;
+  unsigned head;
+  io_uring_cqe* cqe;
+  io_uring_for_each_cqe(&ring_, head, cqe) {
+    stashed_.push_back(Cqe{cqe->user_data, cqe->res, cqe->flags});
+    ++n;
+  }
+  io_uring_cq_advance(&ring_, n);
+}
+
+void Ring::CheckEnterResult(int ret, const char* what) {
+  switch (-ret) {
+    case EINTR:   // a signal; retry
+    case EAGAIN:  // the kernel is short of memory; retry
+    case EBUSY:   // CQ overflow on older kernels; reap, then retry
+    case ETIME:
+      return;
+    default:
+      // EBADF, EFAULT, EINVAL, EOPNOTSUPP: the ring or our use of it is
+      // broken. Poll() has no error channel, and continuing would hang.
+      std::fprintf(stderr, "ublk-qcow2: %s: %s\n", what, std::strerror(-ret));
+      std::abort();
+  }
+}
+
+}  // namespace uq::uring
