@@ -1,0 +1,151 @@
+#!/bin/bash
+# End-to-end test of the ublk-qcow2 binary: exit statuses and usage, `info`
+# output compared byte for byte with qemu-img's, `convert` output compared
+# with qemu-img convert's. Needs qemu-img and qemu-io (Debian qemu-utils).
+#
+# Usage: cli_test.sh PATH/TO/ublk-qcow2
+set -u
+
+BIN=$(realpath "$1")
+WORK=$(mktemp -d "${TEST_TMPDIR:-/tmp}/cli_test.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+cd "$WORK" || exit 1
+export TZ=UTC
+
+failures=0
+fail() {
+  echo "FAIL: $*"
+  failures=$((failures + 1))
+}
+
+# run WANT_STATUS CMD...: runs CMD with stdout in ./out and stderr in ./err.
+run() {
+  local want=$1
+  shift
+  "$@" >out 2>err
+  local got=$?
+  if [[ $got != "$want" ]]; then
+    fail "'$*' exited $got, want $want"
+    sed 's/^/    stdout: /' out | head -5
+    sed 's/^/    stderr: /' err | head -5
+    return 1
+  fi
+}
+
+# The one-line error contract: "ublk-qcow2: ...", mentioning $1.
+expect_one_line_error() {
+  local lines
+  lines=$(wc -l <err)
+  [[ $lines == 1 ]] || fail "stderr has $lines lines: $(cat err)"
+  grep -q "^ublk-qcow2: .*$1" err || fail "stderr does not name '$1': $(cat err)"
+}
+
+# same_as_qemu ARGS...: `ublk-qcow2 info ARGS` prints what `qemu-img info ARGS` does.
+same_as_qemu() {
+  qemu-img info "$@" >want 2>&1 || { fail "qemu-img info $* failed: $(cat want)"; return; }
+  run 0 "$BIN" info "$@" || return
+  diff -u want out >diff || { fail "info $* differs from qemu-img:"; cat diff; }
+}
+
+command -v qemu-img >/dev/null || { echo "qemu-img not found"; exit 1; }
+
+# --- images ---
+qemu-img create -q -f raw base.raw 64M
+qemu-io -f raw -c 'write -P 0x5a 1M 192k' base.raw >/dev/null
+qemu-img create -q -f qcow2 -F raw -b base.raw mid.qcow2
+qemu-io -c 'write -P 0x6b 5M 64k' mid.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -F qcow2 -b mid.qcow2 top.qcow2 100M
+qemu-io -c 'write -P 0x11 0 1300k' -c 'write -z 1M 64k' top.qcow2 >/dev/null
+qemu-img snapshot -c snap1 top.qcow2
+qemu-io -c 'write -P 0x12 70M 64k' top.qcow2 >/dev/null
+qemu-img snapshot -c "second snap" top.qcow2
+qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 10M
+qemu-img create -q -f qcow2 -o data_file=ext.data,data_file_raw=on,compression_type=zstd \
+  -o lazy_refcounts=on,extended_l2=on,refcount_bits=64,cluster_size=16384 ext.qcow2 1G
+mkdir sub
+qemu-img create -q -f qcow2 -F qcow2 -b ../v2.qcow2 sub/child.qcow2
+head -c 3M /dev/urandom >random.raw
+qemu-img convert -c -O qcow2 random.raw compressed.qcow2
+
+# --- usage and exit statuses ---
+run 0 "$BIN" --help && { grep -q info out && grep -q convert out || fail "--help lists no verbs"; }
+run 0 "$BIN" --version && { grep -q '^ublk-qcow2 [0-9]' out || fail "--version: $(cat out)"; }
+run 0 "$BIN" info --help && { grep -q -- --backing-chain out || fail "info --help: $(cat out)"; }
+run 0 "$BIN" convert --help && { grep -q -- --output-format out || fail "convert --help"; }
+run 2 "$BIN"
+run 2 "$BIN" frobnicate top.qcow2 && { head -1 err | grep -q "^ublk-qcow2: unknown command 'frobnicate'$" || fail "unknown verb: $(cat err)"; }
+run 2 "$BIN" info && { grep -q IMAGE err || fail "info without IMAGE: usage expected"; }
+run 2 "$BIN" info --output=xml top.qcow2
+run 2 "$BIN" info --bogus top.qcow2
+run 2 "$BIN" info -f vmdk top.qcow2
+run 2 "$BIN" convert top.qcow2
+run 2 "$BIN" convert -m 0 top.qcow2 x.raw
+[[ -e x.raw ]] && fail "convert with a usage error created its output"
+
+run 1 "$BIN" info missing.qcow2 && expect_one_line_error missing.qcow2
+run 1 "$BIN" info -f qcow2 base.raw && expect_one_line_error base.raw
+
+# --- info, compared with qemu-img ---
+for image in top.qcow2 mid.qcow2 base.raw v2.qcow2 ext.qcow2 sub/child.qcow2 compressed.qcow2; do
+  same_as_qemu "$image"
+  same_as_qemu --output=json "$image"
+  same_as_qemu --backing-chain "$image"
+  same_as_qemu --output=json --backing-chain "$image"
+done
+same_as_qemu --output=json -f raw top.qcow2
+same_as_qemu "$WORK/sub/child.qcow2"
+
+# A dirty, corrupt image (incompatible feature bits 0 and 1).
+qemu-img create -q -f qcow2 dirty.qcow2 1M
+printf '\x03' | dd of=dirty.qcow2 bs=1 seek=79 conv=notrunc status=none
+same_as_qemu dirty.qcow2
+same_as_qemu --output=json dirty.qcow2
+
+# --- convert ---
+for image in top.qcow2 mid.qcow2 base.raw compressed.qcow2 v2.qcow2; do
+  qemu-img convert -O raw "$image" want.raw
+  for io in auto sync; do
+    rm -f got.raw
+    run 0 "$BIN" convert --io=$io "$image" got.raw || continue
+    cmp -s want.raw got.raw || fail "convert --io=$io $image: content differs from qemu-img convert"
+  done
+done
+# io_uring itself, where this host (or sandbox) lets us set up a ring.
+rm -f got.raw
+"$BIN" convert --io=uring top.qcow2 got.raw >out 2>err
+status=$?
+case $status in
+  0) qemu-img convert -O raw top.qcow2 want.raw
+     cmp -s want.raw got.raw || fail "convert --io=uring top.qcow2: content differs" ;;
+  1) grep -q '^ublk-qcow2: io_uring' err || fail "convert --io=uring: $(cat err)"
+     echo "note: no io_uring here ($(cat err)); --io=uring not exercised" ;;
+  *) fail "convert --io=uring exited $status" ;;
+esac
+# Sparse where the image reads as zeros: top.qcow2 is 100 MiB with ~2 MiB of data.
+run 0 "$BIN" convert -p -m 32 top.qcow2 sparse.raw
+grep -q '(100.00/100%)' out || fail "convert -p: no final progress line: $(cat out)"
+[[ $(stat -c %s sparse.raw) == 104857600 ]] || fail "convert: output size $(stat -c %s sparse.raw)"
+allocated=$(($(stat -c %b sparse.raw) * $(stat -c %B sparse.raw)))
+((allocated < 8 * 1024 * 1024)) || fail "convert: output not sparse ($allocated bytes allocated)"
+# A character device: neither truncated nor synced.
+run 0 "$BIN" convert top.qcow2 /dev/null
+# Converting over an existing, larger file truncates it first.
+head -c 200M /dev/zero | tr '\0' 'x' >old.raw
+run 0 "$BIN" convert -f qcow2 -O raw mid.qcow2 old.raw
+qemu-img convert -O raw mid.qcow2 want.raw
+cmp -s want.raw old.raw || fail "convert over an old file: content differs"
+
+run 1 "$BIN" convert -O qcow2 top.qcow2 new.qcow2 &&
+  { grep -qx 'ublk-qcow2: convert -O qcow2: not implemented yet' err || fail "-O qcow2: $(cat err)"; }
+cp top.qcow2 keep.qcow2
+run 1 "$BIN" convert top.qcow2 top.qcow2 && expect_one_line_error top.qcow2
+cmp -s keep.qcow2 top.qcow2 || fail "convert onto its own input damaged it"
+run 1 "$BIN" convert missing.qcow2 never.raw && expect_one_line_error missing.qcow2
+[[ -e never.raw ]] && fail "convert created its output although the input failed to open"
+run 1 "$BIN" convert top.qcow2 no/such/dir/out.raw && expect_one_line_error no/such/dir/out.raw
+
+if ((failures > 0)); then
+  echo "$failures failure(s)"
+  exit 1
+fi
+echo "PASS"

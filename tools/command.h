@@ -1,0 +1,39 @@
+// Command: one verb of the ublk-qcow2 command line (info, convert, ...), and
+// the binary's exit statuses.
+//
+// main() (tools/main.cc) makes every verb in its table, gives each its own
+// CLI11 subcommand to declare flags on, parses the command line, then runs
+// the verb that was chosen and turns its Status into the exit status.
+#ifndef UBLK_QCOW2_TOOLS_COMMAND_H_
+#define UBLK_QCOW2_TOOLS_COMMAND_H_
+
+#include <CLI/CLI.hpp>
+#include <memory>
+
+#include "base/status.h"
+
+namespace uq::tools {
+
+// Exit statuses.
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitError = 1;  // the verb failed: "ublk-qcow2: <message>" on stderr
+inline constexpr int kExitUsage = 2;  // bad command line: the message and usage on stderr
+
+class Command {
+ public:
+  virtual ~Command() = default;
+
+  // Declares the verb's flags and positionals on `app` (its subcommand),
+  // bound to members of this object. Called once, before parsing; may set
+  // the subcommand's footer or other help text.
+  virtual void AddFlags(CLI::App& app) = 0;
+
+  // Runs the verb with the parsed flags, printing results on stdout. Errors
+  // are returned, not printed: their message is the one line the user sees
+  // after "ublk-qcow2: ", naming the file and the problem.
+  virtual Status Run() = 0;
+};
+
+}  // namespace uq::tools
+
+#endif  // UBLK_QCOW2_TOOLS_COMMAND_H_

@@ -1,0 +1,156 @@
+#include "tools/convert_command.h"
+
+#include <fmt/format.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <optional>
+#include <utility>
+
+#include "qcow2/open_image.h"
+#include "tools/image_copy.h"
+#include "tools/io_context.h"
+#include "tools/progress.h"
+
+namespace uq::tools {
+namespace {
+
+constexpr uint64_t kChunkSize = uint64_t{1} << 20;
+constexpr uint64_t kSparseBlock = 4096;
+
+std::optional<struct stat> StatPath(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+  return st;
+}
+
+// The output file, opened and sized for `size` bytes of data.
+struct Target {
+  std::unique_ptr<qcow2::File> file;
+  bool zeroed = false;   // reads as zeros everywhere (created or truncated)
+  bool syncable = true;  // not a character device or FIFO
+};
+
+Result<Target> OpenTarget(qcow2::Env* env, const std::string& path, uint64_t size) {
+  std::optional<struct stat> st = StatPath(path);
+  Target target;
+  if (!st.has_value() || S_ISREG(st->st_mode)) {
+    qcow2::OpenOptions options;
+    options.writable = true;
+    options.create = true;
+    options.truncate = true;
+    ASSIGN_OR_RETURN(target.file, env->Open(path, options));
+    RETURN_IF_ERROR(target.file->Truncate(size));
+    target.zeroed = true;
+    return target;
+  }
+  // A device (or FIFO...): keep it, write every byte range, zeros included.
+  qcow2::OpenOptions options;
+  options.writable = true;
+  ASSIGN_OR_RETURN(target.file, env->Open(path, options));
+  target.syncable = S_ISBLK(st->st_mode);
+  if (S_ISBLK(st->st_mode)) {
+    uint64_t device_size = 0;
+    if (::ioctl(target.file->fd(), BLKGETSIZE64, &device_size) != 0) {
+      return Status::FromErrno(errno, fmt::format("{}: BLKGETSIZE64", path));
+    }
+    if (device_size < size) {
+      return Status::NoSpace(
+          fmt::format("{}: device holds {} bytes, the image needs {}", path, device_size, size));
+    }
+  }
+  return target;
+}
+
+// Keeps the progress line (if any) and the error message on separate lines.
+void EndProgressLineOnError(bool progress) {
+  if (progress) {
+    std::fputc('\n', stdout);
+    std::fflush(stdout);
+  }
+}
+
+class ConvertCommand final : public Command {
+ public:
+  void AddFlags(CLI::App& app) override {
+    app.add_option("IMAGE", options_.source, "The image to read")->required();
+    app.add_option("OUTPUT", options_.target, "The file to write (created or truncated)")
+        ->required();
+    app.add_option("-f,--format", options_.source_format, "IMAGE's format (default: probe)")
+        ->check(CLI::IsMember({"qcow2", "raw"}));
+    app.add_option("-O,--output-format", options_.target_format, "OUTPUT's format")
+        ->check(CLI::IsMember({"raw", "qcow2"}))
+        ->capture_default_str();
+    app.add_flag("-p,--progress", options_.progress, "Show progress on stdout");
+    app.add_option("-m,--parallel", options_.parallel, "Chunks of 1 MiB in flight")
+        ->check(CLI::Range(1, 256))
+        ->capture_default_str();
+    app.add_option("--io", options_.io,
+                   "I/O engine: io_uring if available (auto), io_uring or fail (uring), "
+                   "blocking syscalls (sync)")
+        ->check(CLI::IsMember({"auto", "uring", "sync"}))
+        ->capture_default_str();
+  }
+
+  Status Run() override { return RunConvert(options_); }
+
+ private:
+  ConvertOptions options_;
+};
+
+}  // namespace
+
+Status RunConvert(const ConvertOptions& options) {
+  if (options.target_format != "raw") {
+    return Status::NotSupported(
+        fmt::format("convert -O {}: not implemented yet", options.target_format));
+  }
+  std::optional<IoMode> mode = ParseIoMode(options.io);
+  if (!mode.has_value())
+    return Status::InvalidArgument(fmt::format("unknown --io '{}'", options.io));
+
+  std::optional<struct stat> source_st = StatPath(options.source);
+  std::optional<struct stat> target_st = StatPath(options.target);
+  if (source_st && target_st && source_st->st_dev == target_st->st_dev &&
+      source_st->st_ino == target_st->st_ino) {
+    return Status::InvalidArgument(
+        fmt::format("{}: the output is the input image itself", options.target));
+  }
+
+  ASSIGN_OR_RETURN(std::unique_ptr<IoContext> io, IoContext::Create(*mode));
+
+  qcow2::ImageOptions image_options;
+  image_options.env = io->env();
+  image_options.format = options.source_format;
+  ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> source,
+                   io->Run(qcow2::OpenImage(options.source, image_options)));
+
+  // The image opened: only now touch (create, truncate) the output.
+  ASSIGN_OR_RETURN(Target target, OpenTarget(io->env(), options.target, source->size()));
+
+  ProgressMeter meter(options.progress ? stdout : nullptr);
+  meter.Start();
+  CopyOptions copy;
+  copy.parallel = options.parallel;
+  copy.chunk_size = kChunkSize;
+  copy.sparse_block = kSparseBlock;
+  copy.target_zeroed = target.zeroed;
+  copy.sync = target.syncable;
+  copy.on_progress = [&meter](uint64_t done, uint64_t total) { meter.Update(done, total); };
+  Result<CopyStats> copied = io->Run(CopyToFile(*source, *target.file, std::move(copy)));
+  if (!copied.ok()) {
+    EndProgressLineOnError(options.progress);
+    // Close the image anyway; the copy's error is the one to report.
+    (void)io->Run(source->Close());
+    return copied.status();
+  }
+  meter.Finish();
+  return io->Run(source->Close());
+}
+
+std::unique_ptr<Command> MakeConvertCommand() { return std::make_unique<ConvertCommand>(); }
+
+}  // namespace uq::tools
