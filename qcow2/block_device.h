@@ -43,6 +43,11 @@ class BlockDevice {
   virtual Task<Status> Discard(uint64_t offset, uint64_t length);
   // The range reads as zeros afterwards.
   virtual Task<Status> WriteZeroes(uint64_t offset, uint64_t length);
+  // How many bytes from `offset` (at most `length`) are known to read as
+  // zeros without reading them: holes, zero clusters, unallocated ranges
+  // over nothing. 0 when the range starts with data or the device cannot
+  // tell. Lets copies skip the empty parts of huge sparse images.
+  virtual Task<Result<uint64_t>> ZeroPrefix(uint64_t offset, uint64_t length);
   // Flushes and leaves the image clean (e.g. clears the dirty bit). The
   // device accepts nothing after Close().
   virtual Task<Status> Close();

@@ -32,7 +32,8 @@ Task<Result<ImageInfo>> DescribeOne(Env* env, const std::string& path, std::stri
   }
   info.format = format;
   if (format == "raw") {
-    CO_ASSIGN_OR_RETURN(info.virtual_size, file->Size());
+    CO_ASSIGN_OR_RETURN(uint64_t bytes, file->Size());
+    info.virtual_size = (bytes + 511) / 512 * 512;  // QEMU counts whole sectors
     co_return info;
   }
   if (format != "qcow2") {
@@ -40,7 +41,7 @@ Task<Result<ImageInfo>> DescribeOne(Env* env, const std::string& path, std::stri
   }
   CO_ASSIGN_OR_RETURN(Header h, co_await ReadHeader(*file));
   CO_ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
-  info.virtual_size = h.size;
+  info.virtual_size = h.size & ~uint64_t{511};  // QEMU serves whole sectors
   info.cluster_size = h.cluster_size();
   info.dirty_flag = h.dirty();
   if (!h.backing_file.empty()) {

@@ -155,6 +155,58 @@ Task<Status> Qcow2Image::ReadWithEntry(const L2Entry& entry, uint64_t offset, st
   co_return Status::Ok();
 }
 
+Task<Result<uint64_t>> Qcow2Image::ZeroPrefix(uint64_t offset, uint64_t length) {
+  if (offset >= size()) co_return uint64_t{0};
+  length = std::min(length, size() - offset);
+  const bool has_df = data_file_ != nullptr;
+  uint64_t done = 0;
+  while (done < length) {
+    const uint64_t pos = offset + done;
+    const uint64_t l1_index = geo_.l1_index(pos);
+    // Ranges handled as one: a whole missing L2 table, else one subcluster.
+    uint64_t span, zero = 0;
+    if (l1_index >= l1_.size() || (l1_[l1_index] & kL1OffsetMask) == 0) {
+      const uint64_t table_span = geo_.cluster_size << geo_.l2_bits;
+      span = std::min(length - done, table_span - pos % table_span);
+      if (!backing_) {
+        zero = span;
+      } else {
+        CO_ASSIGN_OR_RETURN(zero, co_await BackingZeroPrefix(pos, span));
+      }
+    } else {
+      CO_ASSIGN_OR_RETURN(L2Entry e, co_await LookupEntry(pos));
+      const uint64_t in_cluster = geo_.cluster_offset_in(pos);
+      const uint32_t sc = static_cast<uint32_t>(in_cluster / geo_.subcluster_size);
+      span = std::min(length - done, geo_.subcluster_size - in_cluster % geo_.subcluster_size);
+      switch (e.Kind(geo_, has_df, sc)) {
+        case SubclusterKind::kZero:
+          zero = span;
+          break;
+        case SubclusterKind::kUnallocated:
+          if (!backing_) {
+            zero = span;
+          } else {
+            CO_ASSIGN_OR_RETURN(zero, co_await BackingZeroPrefix(pos, span));
+          }
+          break;
+        default:
+          zero = 0;
+      }
+    }
+    done += zero;
+    if (zero < span) break;
+  }
+  co_return done;
+}
+
+Task<Result<uint64_t>> Qcow2Image::BackingZeroPrefix(uint64_t offset, uint64_t length) {
+  const uint64_t backing_size = backing_->size();
+  if (offset >= backing_size) co_return length;  // past a short backing file
+  const uint64_t inside = std::min(length, backing_size - offset);
+  CO_ASSIGN_OR_RETURN(uint64_t zero, co_await backing_->ZeroPrefix(offset, inside));
+  co_return zero < inside ? zero : length;
+}
+
 Task<Status> Qcow2Image::ReadUnallocated(uint64_t offset, std::span<std::byte> out) {
   if (!backing_) {
     Zero(out);

@@ -69,7 +69,9 @@ class Qcow2Image final : public BlockDevice {
   // Use Open(); the constructor only assembles the parts.
   explicit Qcow2Image(Qcow2OpenParts parts);
 
-  uint64_t size() const override { return header_.size; }
+  // QEMU serves whole 512-byte sectors: a size field that is not a multiple
+  // of 512 is rounded down.
+  uint64_t size() const override { return header_.size & ~uint64_t{511}; }
   bool read_only() const override { return !writable_; }
   const std::string& path() const override { return file_->path(); }
   Task<Status> Read(uint64_t offset, std::span<std::byte> out) override;
@@ -78,6 +80,7 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> Discard(uint64_t offset, uint64_t length) override;
   Task<Status> WriteZeroes(uint64_t offset, uint64_t length) override;
   Task<Status> Close() override;
+  Task<Result<uint64_t>> ZeroPrefix(uint64_t offset, uint64_t length) override;
 
   const Header& header() const { return header_; }
   const Geometry& geometry() const { return geo_; }
@@ -121,6 +124,7 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> WriteL1();
   Task<Status> OpenForWriting();
   Task<Status> ReadUnallocated(uint64_t offset, std::span<std::byte> out);
+  Task<Result<uint64_t>> BackingZeroPrefix(uint64_t offset, uint64_t length);
   Task<Status> ReadCompressed(const L2Entry& entry, uint64_t offset_in_cluster,
                               std::span<std::byte> out);
   Status CorruptEntry(uint64_t offset, const L2Entry& entry, const char* why) const;

@@ -1,11 +1,17 @@
 #include "qcow2/raw_image.h"
 
+#include <unistd.h>
+
+#include <cerrno>
+
 #include <fmt/format.h>
 
 namespace uq::qcow2 {
 
 Result<std::unique_ptr<RawImage>> RawImage::Open(std::unique_ptr<File> file, bool writable) {
   ASSIGN_OR_RETURN(uint64_t size, file->Size());
+  // QEMU counts a raw file in whole sectors.
+  if (!writable) size = (size + 511) / 512 * 512;
   return std::make_unique<RawImage>(std::move(file), size, writable);
 }
 
@@ -46,6 +52,16 @@ Task<Status> RawImage::WriteZeroes(uint64_t offset, uint64_t length) {
   if (!writable_) co_return co_await BlockDevice::WriteZeroes(offset, length);
   CO_RETURN_IF_ERROR(CheckRange(offset, length));
   co_return co_await file_->Zero(offset, length);
+}
+
+Task<Result<uint64_t>> RawImage::ZeroPrefix(uint64_t offset, uint64_t length) {
+  const int fd = file_->fd();
+  if (fd < 0 || offset >= size_) co_return uint64_t{0};
+  length = std::min(length, size_ - offset);
+  // The file system knows its holes; past the end of the file is zeros too.
+  off_t data = ::lseek(fd, static_cast<off_t>(offset), SEEK_DATA);
+  if (data < 0) co_return errno == ENXIO ? length : uint64_t{0};
+  co_return std::min<uint64_t>(length, static_cast<uint64_t>(data) - offset);
 }
 
 }  // namespace uq::qcow2

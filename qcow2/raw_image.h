@@ -1,5 +1,7 @@
 // RawImage: a plain file as a BlockDevice (raw backing files; the target of
-// `convert -O raw`). The virtual size is the file size at open time.
+// `convert -O raw`). The virtual size is the file size at open time, rounded
+// up to whole 512-byte sectors as QEMU does; the tail past the end of the file
+// reads as zeros.
 #ifndef UBLK_QCOW2_QCOW2_RAW_IMAGE_H_
 #define UBLK_QCOW2_QCOW2_RAW_IMAGE_H_
 
@@ -24,6 +26,7 @@ class RawImage final : public BlockDevice {
   Task<Status> Flush() override;
   Task<Status> Discard(uint64_t offset, uint64_t length) override;
   Task<Status> WriteZeroes(uint64_t offset, uint64_t length) override;
+  Task<Result<uint64_t>> ZeroPrefix(uint64_t offset, uint64_t length) override;
 
  private:
   Status CheckRange(uint64_t offset, uint64_t length) const;

@@ -42,8 +42,11 @@ CLUSTER = 64 * K
 
 class Expect:
     def __init__(self, image, info="fail", names=None, words=(), convert="fail",
-                 chain_info=None):
+                 chain_info=None, forced_qcow2=False):
         self.image = image            # path relative to the case directory
+        # Files without the qcow2 magic probe as raw, as with qemu-img; the
+        # failure is then required when the caller insists on qcow2 (-f qcow2).
+        self.forced_qcow2 = forced_qcow2
         self.info = info              # "fail" or "any"
         self.convert = convert        # "fail" or "any"
         self.chain_info = chain_info  # None (not run), "fail" or "any": info --backing-chain
@@ -87,13 +90,14 @@ def _(b):
     return Expect("bad.qcow2")
 
 
-@case("empty_file", "a 0-byte file")
+@case("empty_file", "a 0-byte file: probes as raw (like qemu-img); -f qcow2 must fail")
 def _(b):
     b.raw("bad.qcow2", 0)
-    return Expect("bad.qcow2")
+    return Expect("bad.qcow2", forced_qcow2=True)
 
 
-header_case("bad_magic", "magic QFI\\xfb changed to XFI\\xfb", "magic", 0x584649FB)
+header_case("bad_magic", "magic changed: probes as raw (like qemu-img); -f qcow2 must fail",
+            "magic", 0x584649FB, forced_qcow2=True)
 header_case("version_1", "version 1", "version", 1)
 header_case("version_4", "version 4", "version", 4)
 header_case("cluster_bits_8", "256-byte clusters", "cluster_bits", 8)
@@ -373,7 +377,12 @@ def run_case(c, workdir, log, binary):
     log("qemu-img says: " + qemu)
     problems = []
 
-    variants = [("info", [], exp.info)]
+    fmt = ["-f", "qcow2"] if exp.forced_qcow2 else []
+    if exp.forced_qcow2:
+        res = L.run([binary, "info", "--output=json", exp.image], workdir, log, timeout=TIMEOUT)
+        if res.rc != 0 or json.loads(res.out or "{}").get("format") != "raw":
+            problems.append("probe: want exit 0 and format raw, got %s %r" % (res.rc, res.out[:200]))
+    variants = [("info", fmt, exp.info)]
     if exp.chain_info:
         variants.append(("info --backing-chain", ["--backing-chain"], exp.chain_info))
     for label, extra, want in variants:
@@ -390,7 +399,7 @@ def run_case(c, workdir, log, binary):
 
     os.makedirs(b.path("out"), exist_ok=True)
     out = "out/ours.raw"
-    res = L.run([binary, "convert", "-O", "raw", exp.image, out], workdir, log,
+    res = L.run([binary, "convert"] + fmt + ["-O", "raw", exp.image, out], workdir, log,
                 timeout=TIMEOUT, watch=out, max_alloc=256 * M)
     if exp.convert == "any" and res.rc == 0 and not res.timed_out:
         log("our convert succeeded (allowed here)")
