@@ -82,6 +82,14 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> Close() override;
   Task<Result<uint64_t>> ZeroPrefix(uint64_t offset, uint64_t length) override;
 
+  // Writes one whole guest cluster compressed with the image's compression
+  // type (the last cluster of an image may be short: the rest reads as
+  // zeros). Data that does not compress is written normally, as QEMU does.
+  // Compressed clusters are packed together; each host cluster they touch is
+  // referenced once per compressed cluster. REQUIRES: cluster-aligned offset;
+  // no external data file (the format forbids compression there).
+  Task<Status> WriteCompressed(uint64_t offset, std::span<const std::byte> data);
+
   const Header& header() const { return header_; }
   const Geometry& geometry() const { return geo_; }
   const std::vector<Snapshot>& snapshots() const { return snapshots_; }
@@ -151,6 +159,8 @@ class Qcow2Image final : public BlockDevice {
   // of refcounts_).
   std::unordered_set<uint64_t> metadata_clusters_;
   bool closed_ = false;
+  // Where the next compressed cluster goes (0: start a new host cluster).
+  uint64_t compressed_next_ = 0;
   // The last decompressed cluster: sequential small reads of a compressed
   // cluster decompress it once.
   uint64_t decompressed_key_ = ~uint64_t{0};

@@ -9,6 +9,7 @@
 
 #include "base/endian.h"
 #include "base/when_all.h"
+#include "qcow2/compression.h"
 #include "qcow2/format.h"
 #include "qcow2/qcow2_image.h"
 
@@ -349,6 +350,65 @@ Task<Status> Qcow2Image::DiscardCluster(uint64_t offset) {
     // Data-file clusters are not refcounted: give the space back now.
     CO_RETURN_IF_ERROR(co_await data_file_->Discard(old.host_cluster(), geo_.cluster_size));
   }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::WriteCompressed(uint64_t offset, std::span<const std::byte> data) {
+  CO_RETURN_IF_ERROR(CheckWritable(offset, data.size()));
+  const uint64_t cs = geo_.cluster_size;
+  if (data_file_) {
+    co_return Status::InvalidArgument(path() + ": images with an external data file cannot hold compressed clusters");
+  }
+  if (geo_.cluster_offset_in(offset) != 0 || data.size() > cs ||
+      (data.size() < cs && offset + data.size() != size())) {
+    co_return Status::InvalidArgument(
+        fmt::format("{}: compressed writes take one whole cluster ({} bytes at {})", path(), data.size(), offset));
+  }
+  AlignedBuffer cluster(cs);
+  std::memcpy(cluster.data(), data.data(), data.size());
+  // Only worth it if it saves at least a byte, as QEMU decides.
+  AlignedBuffer packed(cs - 1);
+  Result<size_t> n = Compress(static_cast<CompressionType>(header_.compression_type), cluster.span(), packed.span());
+  if (!n.ok()) {
+    if (!n.status().IsNoSpace()) co_return n.status();
+    co_return co_await Write(offset, cluster.span(), false);
+  }
+  auto exclusive = co_await cluster_locks_.Lock(geo_.guest_cluster(offset), true);
+  CO_RETURN_IF_ERROR(co_await PrepareL2(offset));
+  CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
+
+  // Place the bytes: after the previous compressed cluster if they fit in its
+  // host cluster (one more reference to it), else at the start of a new one.
+  uint64_t host;
+  {
+    auto lock = co_await meta_mutex_.Acquire();
+    const uint64_t used = compressed_next_ % cs;
+    if (compressed_next_ != 0 && used != 0 && used + *n <= cs) {
+      host = compressed_next_;
+      CO_RETURN_IF_ERROR(co_await refcounts_->Increment(host / cs));
+    } else {
+      CO_ASSIGN_OR_RETURN(host, co_await refcounts_->Allocate(1));
+      file_size_ = std::max(file_size_, host + cs);
+    }
+    // The next one starts on a fresh sector: two clusters sharing a sector
+    // would need a read-modify-write that races when both are in flight.
+    compressed_next_ = (host + *n + kSectorSize - 1) & ~(kSectorSize - 1);
+  }
+  // Whole sectors are written; the tail of the last one is zeros.
+  AlignedBuffer sectors((*n + kSectorSize - 1) & ~(kSectorSize - 1));
+  std::memcpy(sectors.data(), packed.data(), *n);
+  Status st = co_await file_->Write(host, sectors.span());
+  auto lock = co_await meta_mutex_.Acquire();
+  if (!st.ok()) {
+    refcounts_->DeferDecrement(host / cs);
+    co_return st;
+  }
+  const uint32_t x = geo_.compressed_offset_bits();
+  const uint64_t extra_sectors = (host + *n - 1) / kSectorSize - host / kSectorSize;
+  L2Entry updated;
+  updated.raw = kEntryCompressed | (extra_sectors << x) | host;
+  CO_RETURN_IF_ERROR(co_await StoreEntry(offset, updated));
+  ReleaseEntry(old);
   co_return Status::Ok();
 }
 
