@@ -8,6 +8,7 @@
 #include "base/endian.h"
 #include "qcow2/format.h"
 #include "qcow2/header.h"
+#include "qcow2/image_lock.h"
 #include "qcow2/paths.h"
 #include "qcow2/qcow2_image.h"
 #include "qcow2/raw_image.h"
@@ -82,6 +83,7 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
   open.writable = options.writable;
   open.direct = options.direct;
   CO_ASSIGN_OR_RETURN(std::unique_ptr<File> file, options.env->Open(path, open));
+  if (file->fd() >= 0 && options.lock) CO_RETURN_IF_ERROR(LockImage(file->fd(), path, options.writable));
 
   if (format.empty()) {
     CO_ASSIGN_OR_RETURN(bool qcow2, co_await IsQcow2(*file));

@@ -28,6 +28,10 @@ struct ImageOptions {
   uint64_t cache_size = 32ull << 20;
   // Do not open backing files (info on a broken chain, for instance).
   bool no_backing = false;
+  // Take QEMU-compatible image locks (see image_lock.h) on every file of the
+  // chain: a writer is refused while QEMU has the image open, and keeps QEMU
+  // from writing it.
+  bool lock = true;
   // Deepest backing chain accepted (a guard on top of loop detection).
   int max_chain_depth = 64;
 };

@@ -142,3 +142,33 @@ TEST_F(Qcow2ImageTest, L2CacheLoadsEachSliceOnce) {
 
 }  // namespace
 }  // namespace uq::qcow2
+
+namespace uq::qcow2 {
+namespace {
+
+TEST_F(Qcow2ImageTest, LocksExcludeQemuAndUs) {
+  Run("qemu-img create -f qcow2 a.qcow2 1M");
+  {
+    // We hold it for writing: QEMU may neither write nor read it.
+    auto dev = Open("a.qcow2", ImageOptions{.writable = true});
+    ASSERT_TRUE(dev);
+    EXPECT_NE(std::system(fmt::format("qemu-io -c 'write 0 512' '{}' 2>/dev/null >/dev/null", P("a.qcow2")).c_str()), 0);
+    EXPECT_NE(std::system(fmt::format("qemu-io -r -c 'read 0 512' '{}' 2>/dev/null >/dev/null", P("a.qcow2")).c_str()), 0);
+    // A second writer of ours is refused too, with a clear Busy error.
+    auto second = BlockOn(OpenImage(P("a.qcow2"), ImageOptions{.env = SyncEnv(), .writable = true}));
+    ASSERT_FALSE(second.ok());
+    EXPECT_TRUE(second.status().IsBusy()) << second.status().ToString();
+    EXPECT_NE(second.status().message().find("in use"), std::string::npos);
+  }
+  // Closed: QEMU may write again.
+  EXPECT_EQ(std::system(fmt::format("qemu-io -c 'write 0 512' '{}' >/dev/null", P("a.qcow2")).c_str()), 0);
+  // QEMU holds it: we refuse to write it.
+  ASSERT_EQ(std::system(fmt::format("(qemu-io -c 'sleep 3000' '{}' >/dev/null &) ; sleep 1", P("a.qcow2")).c_str()), 0);
+  auto busy = BlockOn(OpenImage(P("a.qcow2"), ImageOptions{.env = SyncEnv(), .writable = true}));
+  ASSERT_FALSE(busy.ok());
+  EXPECT_TRUE(busy.status().IsBusy()) << busy.status().ToString();
+  std::system("sleep 2.5");
+}
+
+}  // namespace
+}  // namespace uq::qcow2
