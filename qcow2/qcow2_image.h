@@ -95,6 +95,8 @@ class Qcow2Image final : public BlockDevice {
   const std::vector<Snapshot>& snapshots() const { return snapshots_; }
   BlockDevice* backing() const { return backing_.get(); }
   const MetadataCache& l2_cache() const { return l2_cache_; }
+  // The refcount manager of a writable image (null when read-only).
+  Refcounts* refcounts() { return refcounts_.get(); }
 
   // The L2 entry for the guest cluster containing `offset` (unallocated if
   // its L2 table is absent). Exposed for tests and `map`-like tools.

@@ -383,9 +383,15 @@ Task<Status> Qcow2Image::WriteCompressed(uint64_t offset, std::span<const std::b
   {
     auto lock = co_await meta_mutex_.Acquire();
     const uint64_t used = compressed_next_ % cs;
-    if (compressed_next_ != 0 && used != 0 && used + *n <= cs) {
+    bool shared = compressed_next_ != 0 && used != 0 && used + *n <= cs;
+    if (shared) {
+      // Narrow refcounts (1 bit) cannot count a second user: start afresh.
+      Status st = co_await refcounts_->Increment(compressed_next_ / cs);
+      if (st.IsNoSpace()) shared = false;
+      else CO_RETURN_IF_ERROR(st);
+    }
+    if (shared) {
       host = compressed_next_;
-      CO_RETURN_IF_ERROR(co_await refcounts_->Increment(host / cs));
     } else {
       CO_ASSIGN_OR_RETURN(host, co_await refcounts_->Allocate(1));
       file_size_ = std::max(file_size_, host + cs);

@@ -241,3 +241,61 @@ TEST(WriteCompressedTest, QemuReadsWhatWeCompress) {
 
 }  // namespace
 }  // namespace uq::qcow2
+
+namespace uq::qcow2 {
+namespace {
+
+std::string TempDir(const std::string& name) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  std::string dir = fmt::format("{}/{}", tmp ? tmp : "/tmp", name);
+  EXPECT_EQ(std::system(fmt::format("rm -rf {0} && mkdir -p {0}", dir).c_str()), 0);
+  return dir;
+}
+
+TEST(RefcountTest, OverflowIsRefusedClearly) {
+  std::string dir = TempDir("overflow");
+  ASSERT_EQ(std::system(fmt::format("qemu-img create -q -f qcow2 -o refcount_bits=1 {}/a.qcow2 1M", dir).c_str()), 0);
+  auto opened = BlockOn(OpenImage(dir + "/a.qcow2", ImageOptions{.env = SyncEnv(), .writable = true}));
+  ASSERT_TRUE(opened.ok());
+  auto* img = static_cast<Qcow2Image*>(opened->get());
+  Status st = BlockOn(img->refcounts()->Increment(0));  // the header cluster already has refcount 1
+  ASSERT_TRUE(st.IsNoSpace()) << st.ToString();
+  EXPECT_NE(st.message().find("overflow"), std::string::npos) << st.ToString();
+  EXPECT_NE(st.message().find("a.qcow2"), std::string::npos) << st.ToString();
+  // Compressed writes still work: they stop sharing host clusters.
+  std::vector<std::byte> text(65536, std::byte{'a'});
+  ASSERT_TRUE(BlockOn(img->WriteCompressed(0, text)).ok());
+  ASSERT_TRUE(BlockOn(img->WriteCompressed(65536, text)).ok());
+  ASSERT_TRUE(BlockOn(img->Close()).ok());
+  opened->reset();
+  EXPECT_EQ(std::system(fmt::format("qemu-img check -q {}/a.qcow2", dir).c_str()), 0);
+}
+
+TEST(CorruptionTest, DataWriteOntoMetadataMarksTheImageCorrupt) {
+  std::string dir = TempDir("corrupt");
+  ASSERT_EQ(std::system(fmt::format("qemu-img create -q -f qcow2 {0}/a.qcow2 1M && qemu-io -c 'write 0 64k' {0}/a.qcow2 >/dev/null",
+                                    dir).c_str()), 0);
+  // Point guest cluster 0's L2 entry at the L1 table's cluster (COPIED set).
+  ASSERT_EQ(std::system(fmt::format(R"(python3 - <<'PY'
+import struct
+p = "{}/a.qcow2"
+f = open(p, "r+b")
+h = f.read(104)
+l1 = struct.unpack(">Q", h[40:48])[0]
+f.seek(l1); l2 = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+f.seek(l2); f.write(struct.pack(">Q", (1 << 63) | l1))
+PY)", dir).c_str()), 0);
+  auto opened = BlockOn(OpenImage(dir + "/a.qcow2", ImageOptions{.env = SyncEnv(), .writable = true}));
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  std::vector<std::byte> data(512, std::byte{0xee});
+  Status st = BlockOn((*opened)->Write(0, data, false));
+  ASSERT_TRUE(st.IsCorruption()) << st.ToString();
+  EXPECT_NE(st.message().find("marked corrupt"), std::string::npos) << st.ToString();
+  EXPECT_TRUE((*opened)->read_only());
+  opened->reset();
+  // The L1 table was not overwritten, and QEMU sees the corrupt bit.
+  EXPECT_EQ(std::system(fmt::format("qemu-img info {}/a.qcow2 | grep -q 'corrupt: true'", dir).c_str()), 0);
+}
+
+}  // namespace
+}  // namespace uq::qcow2
