@@ -27,6 +27,7 @@ struct Case {
   std::string prepare;         // qemu-io commands run on the image before us
   bool snapshot = false;       // take an internal snapshot after `prepare`
   bool compress = false;       // make the image by `convert -c` of a patterned raw file
+  bool direct = false;         // O_DIRECT (unaligned requests go through bounce buffers)
 };
 
 std::ostream& operator<<(std::ostream& o, const Case& c) { return o << c.name; }
@@ -91,7 +92,7 @@ TEST_P(WriteOracleTest, RandomWorkloadMatchesModelAndChecksClean) {
   std::vector<std::byte> model = Slurp("model.raw");
   ASSERT_EQ(model.size(), c.size);
 
-  ImageOptions options{.env = SyncEnv(), .writable = true};
+  ImageOptions options{.env = SyncEnv(), .writable = true, .direct = c.direct};
   auto opened = BlockOn(OpenImage(dir_ + "/" + img, options));
   ASSERT_TRUE(opened.ok()) << opened.status().ToString();
   std::unique_ptr<BlockDevice> dev = std::move(*opened);
@@ -187,7 +188,10 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"data_file", "-o data_file=img.data", 4 << 20},
         Case{"data_file_raw", "-o data_file=img.data,data_file_raw=on", 4 << 20},
         Case{"prealloc_metadata", "-o preallocation=metadata,cluster_size=4k", 4 << 20},
-        Case{"refcount_growth_512", "-o cluster_size=512,refcount_bits=64", 24 << 20}),
+        Case{"refcount_growth_512", "-o cluster_size=512,refcount_bits=64", 24 << 20},
+        Case{"direct_compressed", "-o cluster_size=4k", 4 << 20, "", "", false, true, true},
+        Case{"direct_extl2_backing", "-o extended_l2=on,cluster_size=64k", 8 << 20, "-o cluster_size=4k", "", false, false, true},
+        Case{"direct_c512_snapshot", "-o cluster_size=512", 2 << 20, "", "-c 'write -P 0x21 0 1M'", true, false, true}),
     [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
 
 }  // namespace

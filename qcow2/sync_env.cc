@@ -5,7 +5,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstring>
+
+#include "base/aligned_buffer.h"
 
 #include <fmt/format.h>
 
@@ -71,7 +75,49 @@ int64_t ZeroRange(int fd, uint64_t offset, uint64_t length, bool keep_allocated)
   return 0;
 }
 
+// O_DIRECT needs the device's logical block size (512 on the disks we run
+// on); bounces cover whole pages.
+constexpr uint64_t kDirectAlign = 512;
+constexpr uint64_t kBounceAlign = 4096;
+
+bool IsDirect(int fd) {
+  int flags = ::fcntl(fd, F_GETFL);
+  return flags >= 0 && (flags & O_DIRECT);
+}
+
+// Reads or writes `req` through an aligned buffer covering whole blocks.
+// Writes read-modify-write the blocks they touch (rare: the engine's own
+// metadata writes are aligned).
+void PerformBounced(int fd, IoRequest& req) {
+  const uint64_t start = req.offset & ~(kBounceAlign - 1);
+  const uint64_t end = (req.offset + req.length + kBounceAlign - 1) & ~(kBounceAlign - 1);
+  AlignedBuffer bounce(end - start);
+  IoRequest whole{IoRequest::Op::kRead, start, bounce.data(), end - start};
+  PerformBlocking(fd, whole);
+  if (whole.result < 0) {
+    req.result = whole.result;
+    return;
+  }
+  const uint64_t skip = req.offset - start;
+  if (req.op == IoRequest::Op::kRead) {
+    const uint64_t have = static_cast<uint64_t>(whole.result) > skip ? whole.result - skip : 0;
+    const uint64_t n = std::min(have, req.length);
+    std::memcpy(req.data, bounce.data() + skip, n);
+    req.result = static_cast<int64_t>(n);
+    return;
+  }
+  std::memcpy(bounce.data() + skip, req.data, req.length);
+  IoRequest write{IoRequest::Op::kWrite, start, bounce.data(), end - start};
+  PerformBlocking(fd, write);
+  req.result = write.result < 0 ? write.result : static_cast<int64_t>(req.length);
+}
+
 }  // namespace
+
+bool MisalignedForDirect(const IoRequest& req) {
+  if (req.op != IoRequest::Op::kRead && req.op != IoRequest::Op::kWrite) return false;
+  return ((req.offset | req.length | reinterpret_cast<uintptr_t>(req.data)) & (kDirectAlign - 1)) != 0;
+}
 
 Env* SyncEnv() {
   static SyncEnvImpl env;
@@ -90,6 +136,10 @@ Result<int> OpenFd(const std::string& path, const OpenOptions& options) {
 }
 
 void PerformBlocking(int fd, IoRequest& req) {
+  if (MisalignedForDirect(req) && req.length > 0 && IsDirect(fd)) {
+    PerformBounced(fd, req);
+    return;
+  }
   switch (req.op) {
     case IoRequest::Op::kRead:
     case IoRequest::Op::kWrite: {

@@ -15,6 +15,12 @@ Env* SyncEnv();
 // EINTR) and sets req.result. Shared with other Envs as their fallback path.
 void PerformBlocking(int fd, IoRequest& req);
 
+// True if `req` is a read or write that O_DIRECT would reject (offset,
+// length or buffer not aligned to 512 bytes). PerformBlocking serves such
+// requests on O_DIRECT files through an aligned bounce buffer, so the engine
+// may read a 104-byte header or a compressed cluster at any byte offset.
+bool MisalignedForDirect(const IoRequest& req);
+
 // Opens `path` with open(2) flags derived from `options`; returns the fd.
 Result<int> OpenFd(const std::string& path, const OpenOptions& options);
 
