@@ -10,7 +10,10 @@
 #include <optional>
 #include <utility>
 
+#include "qcow2/create/create.h"
 #include "qcow2/open_image.h"
+#include "qcow2/qcow2_image.h"
+#include "tools/qcow2_copy.h"
 #include "tools/image_copy.h"
 #include "tools/io_context.h"
 #include "tools/progress.h"
@@ -84,6 +87,9 @@ class ConvertCommand final : public Command {
     app.add_option("-O,--output-format", options_.target_format, "OUTPUT's format")
         ->check(CLI::IsMember({"raw", "qcow2"}))
         ->capture_default_str();
+    app.add_flag("-c,--compress", options_.compress, "Write compressed clusters (-O qcow2)");
+    app.add_option("-o,--options", options_.create_options,
+                   "qemu-img create options for a qcow2 OUTPUT (cluster_size=64k,compression_type=zstd,...)");
     app.add_flag("-p,--progress", options_.progress, "Show progress on stdout");
     app.add_option("-m,--parallel", options_.parallel, "Chunks of 1 MiB in flight")
         ->check(CLI::Range(1, 256))
@@ -103,10 +109,45 @@ class ConvertCommand final : public Command {
 
 }  // namespace
 
+// convert -O qcow2: create the output like `qemu-img create`, then copy
+// through its write path (compressed with -c).
+Status ConvertToQcow2(const ConvertOptions& options, IoContext& io, qcow2::BlockDevice& source) {
+  qcow2::CreateOptions create;
+  create.path = options.target;
+  create.size = source.size();
+  ASSIGN_OR_RETURN(create, qcow2::ParseCreateOptions(options.create_options, create));
+  if (options.compress && create.data_file) {
+    return Status::InvalidArgument(fmt::format("{}: compression is not possible with an external data file",
+                                               options.target));
+  }
+  RETURN_IF_ERROR(io.Run(qcow2::CreateImage(io.env(), create)));
+  qcow2::ImageOptions image_options;
+  image_options.env = io.env();
+  image_options.format = "qcow2";
+  image_options.writable = true;
+  image_options.no_backing = true;  // a new image: nothing shows through
+  ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> target,
+                   io.Run(qcow2::OpenImage(options.target, image_options)));
+  auto* image = static_cast<qcow2::Qcow2Image*>(target.get());
+  ProgressMeter meter(options.progress ? stdout : nullptr);
+  meter.Start();
+  Qcow2CopyOptions copy;
+  copy.compress = options.compress;
+  copy.parallel = options.parallel;
+  copy.on_progress = [&meter](uint64_t done, uint64_t total) { meter.Update(done, total); };
+  Status copied = io.Run(CopyToQcow2(source, *image, std::move(copy)));
+  Status closed = io.Run(target->Close());
+  if (!copied.ok()) {
+    EndProgressLineOnError(options.progress);
+    return copied;
+  }
+  meter.Finish();
+  return closed;
+}
+
 Status RunConvert(const ConvertOptions& options) {
-  if (options.target_format != "raw") {
-    return Status::NotSupported(
-        fmt::format("convert -O {}: not implemented yet", options.target_format));
+  if (options.compress && options.target_format != "qcow2") {
+    return Status::InvalidArgument("convert -c needs -O qcow2");
   }
   std::optional<IoMode> mode = ParseIoMode(options.io);
   if (!mode.has_value())
@@ -128,6 +169,11 @@ Status RunConvert(const ConvertOptions& options) {
   ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> source,
                    io->Run(qcow2::OpenImage(options.source, image_options)));
 
+  if (options.target_format == "qcow2") {
+    Status converted = ConvertToQcow2(options, *io, *source);
+    Status closed = io->Run(source->Close());
+    return converted.ok() ? closed : converted;
+  }
   // The image opened: only now touch (create, truncate) the output.
   ASSIGN_OR_RETURN(Target target, OpenTarget(io->env(), options.target, source->size()));
 

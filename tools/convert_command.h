@@ -26,7 +26,9 @@ struct ConvertOptions {
   std::string source;
   std::string target;
   std::string source_format;          // "", "qcow2" or "raw"
-  std::string target_format = "raw";  // "raw" ("qcow2": not implemented)
+  std::string target_format = "raw";  // "raw" or "qcow2"
+  bool compress = false;              // -c: compressed clusters (qcow2 output)
+  std::string create_options;         // -o: qemu-img create options (qcow2 output)
   bool progress = false;              // qemu-img's -p line on stdout
   int parallel = 16;                  // chunks in flight
   std::string io = "auto";            // "auto", "uring" or "sync"

@@ -15,6 +15,7 @@
 
 #include "tools/command.h"
 #include "tools/convert_command.h"
+#include "tools/create_command.h"
 #include "tools/info_command.h"
 
 namespace uq::tools {
@@ -32,9 +33,10 @@ struct Verb {
 // Every verb, in the order --help lists them. Still to come: create, check,
 // bench (images), add, del, list (ublk devices).
 constexpr Verb kVerbs[] = {
+    {"create", "Create a qcow2 image (like qemu-img create -f qcow2)", &MakeCreateCommand},
     {"info", "Show an image's format, sizes, backing file and snapshots (like qemu-img info)",
      &MakeInfoCommand},
-    {"convert", "Copy an image's contents, backing chain included, into a raw file",
+    {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},
 };
 
