@@ -32,6 +32,10 @@ class Command {
   // are returned, not printed: their message is the one line the user sees
   // after "ublk-qcow2: ", naming the file and the problem.
   virtual Status Run() = 0;
+
+  // The exit status when Run() succeeded: 0, except for verbs whose outcome
+  // has more shades (check: 2 corruptions, 3 leaks, like qemu-img check).
+  virtual int exit_code() const { return kExitOk; }
 };
 
 }  // namespace uq::tools

@@ -15,6 +15,7 @@
 
 #include "tools/command.h"
 #include "tools/convert_command.h"
+#include "tools/check_command.h"
 #include "tools/create_command.h"
 #include "tools/info_command.h"
 
@@ -34,6 +35,7 @@ struct Verb {
 // bench (images), add, del, list (ublk devices).
 constexpr Verb kVerbs[] = {
     {"create", "Create a qcow2 image (like qemu-img create -f qcow2)", &MakeCreateCommand},
+    {"check", "Check (and repair) an image's reference counts (like qemu-img check)", &MakeCheckCommand},
     {"info", "Show an image's format, sizes, backing file and snapshots (like qemu-img info)",
      &MakeInfoCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
@@ -90,7 +92,7 @@ int Main(int argc, char** argv) {
   for (size_t i = 0; i < commands.size(); ++i) {
     if (!subcommands[i]->parsed()) continue;
     Status status = commands[i]->Run();
-    if (status.ok()) return kExitOk;
+    if (status.ok()) return commands[i]->exit_code();
     PrintError(status.ToString());
     return kExitError;
   }
