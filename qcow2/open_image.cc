@@ -6,6 +6,7 @@
 
 #include "base/aligned_buffer.h"
 #include "base/endian.h"
+#include "qcow2/check/check.h"
 #include "qcow2/format.h"
 #include "qcow2/header.h"
 #include "qcow2/image_lock.h"
@@ -98,6 +99,17 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
   }
 
   CO_ASSIGN_OR_RETURN(Header header, co_await ReadHeader(*file));
+  if (header.dirty() && options.writable && !header.corrupt()) {
+    // Lazy refcounts left counts stale (the writer died): rebuild them from
+    // the tables before anything allocates, as QEMU does on open.
+    CO_ASSIGN_OR_RETURN(CheckResult repaired, co_await CheckImage(*file, CheckOptions{.repair = RepairMode::kAll}));
+    CO_ASSIGN_OR_RETURN(header, co_await ReadHeader(*file));
+    if (!repaired.error.empty() || repaired.corruptions > 0 || header.dirty()) {
+      co_return Status::Corruption(fmt::format(
+          "{}: the image is dirty and its refcounts could not be rebuilt ({} corruptions remain{}{})", path,
+          repaired.corruptions, repaired.error.empty() ? "" : ": ", repaired.error));
+    }
+  }
   Qcow2OpenParts parts;
   parts.writable = options.writable;
   if (header.corrupt() && parts.writable) {

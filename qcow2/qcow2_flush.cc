@@ -11,9 +11,8 @@ namespace uq::qcow2 {
 
 Task<Status> Qcow2Image::OpenForWriting() {
   if (header_.dirty()) {
-    // Lazy refcounts left the counts stale: they must be rebuilt first.
-    co_return Status::NotSupported(fmt::format(
-        "{}: image is dirty (refcounts may be stale); repair it with 'ublk-qcow2 check -r all' first", path()));
+    // OpenImage rebuilds the refcounts of a dirty image before we get here.
+    co_return Status::Corruption(fmt::format("{}: image is dirty (refcounts may be stale)", path()));
   }
   refcounts_ = std::make_unique<Refcounts>(file_.get(), &header_, std::max<uint64_t>(header_.cluster_size(), 1 << 20));
   CO_RETURN_IF_ERROR(co_await refcounts_->Load());

@@ -303,3 +303,31 @@ PY)", dir).c_str()), 0);
 
 }  // namespace
 }  // namespace uq::qcow2
+
+namespace uq::qcow2 {
+namespace {
+
+// A writer using lazy refcounts died: the image is dirty and its refcounts
+// are stale. Opening it for writing rebuilds them first.
+TEST(DirtyImageTest, WritableOpenRebuildsRefcounts) {
+  std::string dir = TempDir("dirty");
+  ASSERT_EQ(std::system(fmt::format("qemu-img create -q -f qcow2 -o lazy_refcounts=on {0}/a.qcow2 4M && "
+                                    "(qemu-io -c 'write -P 0x61 0 1M' -c 'sigraise 9' {0}/a.qcow2 >/dev/null 2>&1; true)",
+                                    dir).c_str()), 0);
+  ASSERT_EQ(std::system(fmt::format("qemu-img info {}/a.qcow2 | grep -q 'dirty'", dir).c_str()), 0) << "precondition";
+  ASSERT_NE(std::system(fmt::format("qemu-img check -q {}/a.qcow2 2>/dev/null", dir).c_str()), 0) << "precondition: stale";
+  auto opened = BlockOn(OpenImage(dir + "/a.qcow2", ImageOptions{.env = SyncEnv(), .writable = true}));
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  std::vector<std::byte> data(65536, std::byte{0x62});
+  ASSERT_TRUE(BlockOn((*opened)->Write(2 << 20, data, false)).ok());
+  std::vector<std::byte> back(65536);
+  ASSERT_TRUE(BlockOn((*opened)->Read(0, back)).ok());
+  EXPECT_EQ(back[0], std::byte{0x61});  // the dead writer's data is kept
+  ASSERT_TRUE(BlockOn((*opened)->Close()).ok());
+  opened->reset();
+  EXPECT_EQ(std::system(fmt::format("qemu-img check -q {}/a.qcow2", dir).c_str()), 0);
+  EXPECT_NE(std::system(fmt::format("qemu-img info --output=json {}/a.qcow2 | grep -q '\"dirty-flag\": true'", dir).c_str()), 0);
+}
+
+}  // namespace
+}  // namespace uq::qcow2
