@@ -18,6 +18,9 @@
 #include "tools/check_command.h"
 #include "tools/create_command.h"
 #include "tools/info_command.h"
+#include "tools/add_command.h"
+#include "tools/del_command.h"
+#include "tools/list_command.h"
 
 namespace uq::tools {
 namespace {
@@ -40,6 +43,9 @@ constexpr Verb kVerbs[] = {
      &MakeInfoCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},
+    {"add", "Serve an image as a ublk block device /dev/ublkbN", &MakeAddCommand},
+    {"del", "Stop and remove ublk devices (the image is closed cleanly)", &MakeDelCommand},
+    {"list", "List ublk devices, their state, daemon and image", &MakeListCommand},
 };
 
 bool IsVerb(std::string_view name) {

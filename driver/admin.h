@@ -1,0 +1,66 @@
+// Managing devices from outside their daemons: what `ublk-qcow2 del` and
+// `ublk-qcow2 list` do.
+//
+// Deleting device N:
+//   1. find its daemon: the pid in its record, else the pid the kernel has
+//      (GET_DEV_INFO), trusted only if the kernel names it or the process is
+//      a ublk-qcow2;
+//   2. STOP_DEV: the kernel removes /dev/ublkbN once in-flight I/O is done,
+//      and the daemon drains, closes the image cleanly and deletes the device
+//      itself (DEL_DEV) before exiting;
+//   3. wait for the daemon to exit, at most `timeout_ms`; a daemon still
+//      running then is killed (SIGKILL) and the deletion reported as failed,
+//      since its image may not have been closed cleanly; a daemon whose log
+//      ends with an error (e.g. the image's Close failed) fails it too;
+//   4. DEL_DEV if the device still exists (no daemon, or it died), and
+//      remove the record.
+// A device that does not exist is an error (InvalidArgument "ublk device N
+// does not exist"), unless a stale record of it remains: that is removed and
+// the deletion succeeds.
+//
+// Thread model: single-threaded.
+#ifndef UBLK_QCOW2_DRIVER_ADMIN_H_
+#define UBLK_QCOW2_DRIVER_ADMIN_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+#include "driver/control.h"
+#include "driver/state_file.h"
+
+namespace uq::driver {
+
+struct DeleteOptions {
+  int timeout_ms = 30'000;
+};
+
+Status DeleteDevice(ControlDevice& control, int dev_id, const DeleteOptions& options);
+
+// Every device id the kernel or a record knows, ascending.
+std::vector<int> KnownDeviceIds();
+
+// One line of `list`.
+struct DeviceStatus {
+  int id = -1;
+  std::string block_path;
+  std::string state;  // "live", "dead", "quiesced", or "gone" (stale record)
+  uint16_t queues = 0;
+  uint16_t depth = 0;
+  int pid = 0;              // the daemon's, 0 if unknown
+  bool daemon_running = false;
+  uint64_t size = 0;        // bytes, 0 if unknown
+  bool read_only = false;
+  std::string image;        // "" if the device has no record (not ours)
+};
+
+Result<DeviceStatus> DescribeDevice(ControlDevice& control, int dev_id);
+
+// True if `pid` is a running process whose command is ublk-qcow2.
+bool IsUblkQcow2Process(int pid);
+
+}  // namespace uq::driver
+
+#endif  // UBLK_QCOW2_DRIVER_ADMIN_H_

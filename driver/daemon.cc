@@ -1,0 +1,164 @@
+#include "driver/daemon.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "driver/state_file.h"
+
+namespace uq::driver {
+namespace {
+
+void WriteAll(int fd, const std::string& text) {
+  size_t done = 0;
+  while (done < text.size()) {
+    ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;  // the reader is gone; nothing to tell
+    done += static_cast<size_t>(n);
+  }
+}
+
+DeviceRecord RecordFor(const DeviceOptions& options, const DeviceInfo& info) {
+  DeviceRecord record;
+  record.id = info.dev_id;
+  record.image = options.image;
+  record.pid = static_cast<int>(::getpid());
+  record.queues = info.queues;
+  record.depth = info.depth;
+  record.size = info.size;
+  record.read_only = info.read_only;
+  return record;
+}
+
+void Log(const std::string& line) {
+  std::string text = "ublk-qcow2: " + line + "\n";
+  std::fputs(text.c_str(), stderr);
+  std::fflush(stderr);
+}
+
+// The daemon: creates the device, reports on `report_fd`, serves.
+[[noreturn]] void DaemonMain(const DeviceOptions& options, int report_fd) {
+  ::signal(SIGPIPE, SIG_IGN);
+  int null_fd = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+  if (null_fd >= 0) {
+    ::dup2(null_fd, STDIN_FILENO);
+    ::dup2(null_fd, STDOUT_FILENO);
+    ::dup2(null_fd, STDERR_FILENO);
+    ::close(null_fd);
+  }
+  if (::chdir("/") != 0) {
+    // Not fatal: the image path is absolute.
+  }
+
+  Result<std::unique_ptr<Device>> device = Device::Create(options);
+  if (!device.ok()) {
+    WriteAll(report_fd, "error " + device.status().ToString() + "\n");
+    ::_exit(1);
+  }
+  const DeviceInfo info = (*device)->info();
+  Status recorded = WriteRecord(RecordFor(options, info));
+  if (!recorded.ok()) {
+    device->reset();  // tears the device down
+    WriteAll(report_fd, "error " + recorded.ToString() + "\n");
+    ::_exit(1);
+  }
+  int log_fd = ::open(LogPath(info.dev_id).c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
+  if (log_fd >= 0) {
+    ::dup2(log_fd, STDOUT_FILENO);
+    ::dup2(log_fd, STDERR_FILENO);
+    ::close(log_fd);
+  }
+  Log(fmt::format("pid {}: serving {} as {} ({} bytes, {} queue(s) of depth {}{}; kernel features: {})",
+                  ::getpid(), options.image, info.block_path, info.size, info.queues, info.depth,
+                  info.read_only ? ", read-only" : "", FeatureNames(info.features)));
+  WriteAll(report_fd, fmt::format("ready {}\n", info.dev_id));
+  ::close(report_fd);
+
+  Status served = (*device)->Serve();
+  device->reset();
+  (void)RemoveRecord(info.dev_id);
+  if (served.ok()) {
+    Log(fmt::format("{} stopped; image closed cleanly", info.block_path));
+  } else {
+    Log(fmt::format("{} stopped: {}", info.block_path, served.ToString()));
+  }
+  ::_exit(served.ok() ? 0 : 1);
+}
+
+}  // namespace
+
+Result<DeviceInfo> StartDaemon(const DeviceOptions& options) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) return Status::FromErrno(errno, "pipe");
+  pid_t child = ::fork();
+  if (child < 0) {
+    int err = errno;
+    ::close(fds[0]);
+    ::close(fds[1]);
+    return Status::FromErrno(err, "fork");
+  }
+  if (child == 0) {
+    ::close(fds[0]);
+    ::setsid();
+    pid_t daemon = ::fork();
+    if (daemon < 0) {
+      WriteAll(fds[1], fmt::format("error fork: {}\n", std::strerror(errno)));
+      ::_exit(1);
+    }
+    if (daemon > 0) ::_exit(0);
+    DaemonMain(options, fds[1]);
+  }
+  ::close(fds[1]);
+  int wstatus;
+  while (::waitpid(child, &wstatus, 0) < 0 && errno == EINTR) {
+  }
+
+  // The daemon's one line, then EOF when it closes the pipe.
+  std::string report;
+  char buf[512];
+  for (;;) {
+    ssize_t n = ::read(fds[0], buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    report.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fds[0]);
+  while (!report.empty() && report.back() == '\n') report.pop_back();
+
+  if (report.rfind("ready ", 0) == 0) {
+    DeviceInfo info;
+    info.dev_id = std::atoi(report.c_str() + 6);
+    info.block_path = BlockDevicePath(info.dev_id);
+    return info;
+  }
+  if (report.rfind("error ", 0) == 0) return Status::IoError(report.substr(6));
+  return Status::IoError("the daemon ended during setup without reporting why");
+}
+
+Status ServeInForeground(const DeviceOptions& options,
+                         const std::function<void(const DeviceInfo&)>& on_ready) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Device> device, Device::Create(options));
+  const DeviceInfo info = device->info();
+  RETURN_IF_ERROR(WriteRecord(RecordFor(options, info)));
+  // This process logs to its own stderr: a log left by an earlier daemon
+  // with this id must not speak for it (`del` reads the last line).
+  ::unlink(LogPath(info.dev_id).c_str());
+  on_ready(info);
+  Status served = device->Serve();
+  device.reset();
+  (void)RemoveRecord(info.dev_id);
+  return served;
+}
+
+}  // namespace uq::driver

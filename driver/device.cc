@@ -1,0 +1,337 @@
+#include "driver/device.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "driver/params.h"
+#include "qcow2/open_image.h"
+#include "qcow2/qcow2_image.h"
+#include "uring/uring_env.h"
+
+namespace uq::driver {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// How long setup waits for device nodes the kernel creates asynchronously
+// (devtmpfs is immediate; udev may lag), and teardown for queues to drain.
+constexpr auto kNodeTimeout = std::chrono::seconds(10);
+constexpr int kDrainTimeoutMs = 60'000;
+
+uint32_t RoundUpPow2(uint32_t x) {
+  uint32_t p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+uring::RingOptions QueueRingOptions(uint16_t depth, bool hosts_image) {
+  uring::RingOptions options;
+  // One SQE per tag for its command, plus room for the engine's host I/O on
+  // the image's ring (a full ring is flushed to the kernel, never refused).
+  uint32_t want = uint32_t{depth} * (hosts_image ? 4 : 1) + 16;
+  options.entries = std::clamp<uint32_t>(RoundUpPow2(want), 32, 4096);
+  options.sqe128 = true;
+  options.extra_opcodes = {IORING_OP_URING_CMD};
+  return options;
+}
+
+// Test hook: UBLK_QCOW2_TEST_FAIL_AFTER=<step> makes setup fail right after
+// that step, so that the VM tests can show teardown leaves nothing behind
+// from any point (tests/vm/e2e/08-bad-input.sh). Steps: open_image, add_dev,
+// set_params, open_char, start_queues, start_dev.
+Status FailAfter(const char* step) {
+  const char* want = std::getenv("UBLK_QCOW2_TEST_FAIL_AFTER");
+  if (want == nullptr || std::strcmp(want, step) != 0) return Status::Ok();
+  return Status::IoError(fmt::format("injected failure after {} (UBLK_QCOW2_TEST_FAIL_AFTER)", step));
+}
+
+void Log(const std::string& line) {
+  std::string text = "ublk-qcow2: " + line + "\n";
+  std::fputs(text.c_str(), stderr);
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Device>> Device::Create(const DeviceOptions& options) {
+  auto device = std::make_unique<Device>(Key());
+  Status status = device->Setup(options);
+  if (!status.ok()) {
+    // Undo what was done; the setup error is the one to report.
+    Status teardown = device->Teardown();
+    if (!teardown.ok()) Log("cleaning up after a failed setup: " + teardown.ToString());
+    return status;
+  }
+  return device;
+}
+
+Device::~Device() {
+  Status status = Teardown();
+  if (!status.ok()) Log(status.ToString());
+}
+
+Status Device::Setup(const DeviceOptions& options) {
+  if (options.queues == 0 || options.depth == 0 || options.depth > UBLK_MAX_QUEUE_DEPTH) {
+    return Status::InvalidArgument(fmt::format("{} queues of depth {}: want at least 1 queue of depth 1..{}",
+                                               options.queues, options.depth, UBLK_MAX_QUEUE_DEPTH));
+  }
+  wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake_fd_ < 0) return Status::FromErrno(errno, "eventfd");
+  if (options.handle_signals) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    signal_fd_ = ::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (signal_fd_ < 0) return Status::FromErrno(errno, "signalfd");
+  }
+
+  ASSIGN_OR_RETURN(control_, ControlDevice::Open());
+  info_.features = control_->features();
+
+  // Queue 0's thread first: the image lives there.
+  ASSIGN_OR_RETURN(std::unique_ptr<LoopThread> loop0,
+                   LoopThread::Start("ublk-q0", QueueRingOptions(options.depth, true)));
+  loops_.push_back(std::move(loop0));
+  qcow2::ImageOptions image_options;
+  image_options.env = uring::UringEnv::Default();
+  image_options.writable = !options.read_only;
+  image_options.direct = false;
+  image_options.cache_size = options.cache_size;
+  const std::string path = options.image;
+  using OpenResult = Result<std::unique_ptr<qcow2::BlockDevice>>;
+  ASSIGN_OR_RETURN(image_, loops_[0]->RunTask<OpenResult>(
+                               [&] { return qcow2::OpenImage(path, image_options); }));
+  RETURN_IF_ERROR(FailAfter("open_image"));
+
+  ImageFacts facts;
+  facts.size = image_->size();
+  facts.read_only = options.read_only || image_->read_only();
+  facts.cluster_size = 4096;
+  if (auto* qcow2 = dynamic_cast<qcow2::Qcow2Image*>(image_.get())) {
+    facts.cluster_size = qcow2->geometry().cluster_size;
+  }
+  Result<ublk_params> computed = ComputeParams(facts, options.max_io_buf_bytes);
+  if (!computed.ok()) return computed.status().WithContext(path);
+  ublk_params params = *computed;
+
+  AddRequest request;
+  request.dev_id = options.dev_id;
+  request.queues = options.queues;
+  request.depth = options.depth;
+  request.max_io_buf_bytes = options.max_io_buf_bytes;
+  ASSIGN_OR_RETURN(ublksrv_ctrl_dev_info dev, control_->AddDevice(request));
+  added_ = true;
+  info_.dev_id = static_cast<int>(dev.dev_id);
+  info_.queues = dev.nr_hw_queues;
+  info_.depth = dev.queue_depth;
+  info_.max_io_buf_bytes = dev.max_io_buf_bytes;
+  info_.flags = dev.flags;
+  info_.size = facts.size;
+  info_.cluster_size = facts.cluster_size;
+  info_.read_only = facts.read_only;
+  info_.block_path = BlockDevicePath(info_.dev_id);
+  RETURN_IF_ERROR(FailAfter("add_dev"));
+  if (info_.max_io_buf_bytes != options.max_io_buf_bytes) {
+    // The kernel rounds the buffer size down to a page: recompute.
+    ASSIGN_OR_RETURN(params, ComputeParams(facts, info_.max_io_buf_bytes));
+  }
+  RETURN_IF_ERROR(control_->SetParams(info_.dev_id, params));
+  RETURN_IF_ERROR(FailAfter("set_params"));
+  RETURN_IF_ERROR(OpenCharDevice());
+  RETURN_IF_ERROR(FailAfter("open_char"));
+
+  host_ = std::make_unique<ImageHost>(loops_[0].get(), image_.get());
+  for (uint16_t q = 1; q < info_.queues; ++q) {
+    ASSIGN_OR_RETURN(std::unique_ptr<LoopThread> loop,
+                     LoopThread::Start(fmt::format("ublk-q{}", q), QueueRingOptions(info_.depth, false)));
+    loops_.push_back(std::move(loop));
+  }
+  const Opcodes ops = Opcodes::For(info_.flags | (control_->features() & UBLK_F_CMD_IOCTL_ENCODE));
+  for (uint16_t q = 0; q < info_.queues; ++q) {
+    QueueConfig config;
+    config.queue = q;
+    config.depth = info_.depth;
+    config.buffer_bytes = info_.max_io_buf_bytes;
+    config.char_fd = char_fd_;
+    config.ops = ops;
+    workers_.push_back(std::make_unique<QueueWorker>(
+        config, loops_[q].get(), host_.get(), [this] { OnQueueFinished(); },
+        [this](Status s) { OnQueueError(std::move(s)); }));
+    QueueWorker* worker = workers_.back().get();
+    RETURN_IF_ERROR(loops_[q]->Call([worker] { return worker->Start(); }));
+  }
+  RETURN_IF_ERROR(FailAfter("start_queues"));
+
+  RETURN_IF_ERROR(control_->StartDevice(info_.dev_id, static_cast<int>(::getpid())));
+  RETURN_IF_ERROR(FailAfter("start_dev"));
+  return WaitForBlockNode();
+}
+
+Status Device::OpenCharDevice() {
+  const std::string path = CharDevicePath(info_.dev_id);
+  const auto deadline = Clock::now() + kNodeTimeout;
+  for (;;) {
+    char_fd_ = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (char_fd_ >= 0) return Status::Ok();
+    const int err = errno;
+    if (err != ENOENT || Clock::now() >= deadline) return Status::FromErrno(err, path);
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+Status Device::WaitForBlockNode() {
+  const auto deadline = Clock::now() + kNodeTimeout;
+  for (;;) {
+    struct stat st;
+    if (::stat(info_.block_path.c_str(), &st) == 0 && S_ISBLK(st.st_mode)) return Status::Ok();
+    if (Clock::now() >= deadline) {
+      return Status::IoError(fmt::format("{} did not appear within {} s after START_DEV",
+                                         info_.block_path, kNodeTimeout.count()));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+Status Device::Serve() {
+  WaitForQueues(-1);
+  return Teardown();
+}
+
+bool Device::WaitForQueues(int timeout_ms) {
+  const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    if (finished_queues_.load() == workers_.size()) return true;
+    bool failed;
+    {
+      std::lock_guard<std::mutex> lock(error_mu_);
+      failed = !first_error_.ok();
+    }
+    // A queue lost a tag: the device cannot serve it any more.
+    if (failed && !stop_sent_) {
+      Log(fmt::format("stopping {} after a queue error", info_.block_path));
+      StopOnce();
+    }
+
+    int wait_ms = -1;
+    if (timeout_ms >= 0) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      if (left.count() <= 0) return false;
+      wait_ms = static_cast<int>(left.count());
+    }
+    pollfd fds[2] = {{wake_fd_, POLLIN, 0}, {signal_fd_, POLLIN, 0}};
+    int n = ::poll(fds, signal_fd_ >= 0 ? 2 : 1, wait_ms);
+    if (n < 0 && errno != EINTR) {
+      Log(fmt::format("poll: {}", std::strerror(errno)));
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      continue;
+    }
+    if (fds[0].revents & POLLIN) {
+      uint64_t count;
+      (void)!::read(wake_fd_, &count, sizeof(count));
+    }
+    if (signal_fd_ >= 0 && (fds[1].revents & POLLIN)) {
+      signalfd_siginfo si;
+      bool got = false;
+      while (::read(signal_fd_, &si, sizeof(si)) == static_cast<ssize_t>(sizeof(si))) got = true;
+      if (got) StopOnce();
+    }
+  }
+}
+
+void Device::StopOnce() {
+  if (stop_sent_ || !added_) return;
+  stop_sent_ = true;
+  Status status = control_->StopDevice(info_.dev_id);
+  if (!status.ok()) Log(status.ToString());
+}
+
+Status Device::Teardown() {
+  if (torn_down_) return Status::Ok();
+  torn_down_ = true;
+
+  bool drained = true;
+  if (!workers_.empty() && finished_queues_.load() != workers_.size()) {
+    StopOnce();
+    drained = WaitForQueues(kDrainTimeoutMs);
+    if (!drained) Log("queues did not drain within 60 s; not closing the image");
+  }
+  Status result;
+  {
+    std::lock_guard<std::mutex> lock(error_mu_);
+    result = first_error_;
+  }
+  if (image_ != nullptr && drained) {
+    Status closed = loops_[0]->RunTask<Status>([this] { return image_->Close(); });
+    if (!closed.ok()) {
+      Log("closing the image: " + closed.ToString());
+      if (result.ok()) result = closed;
+    }
+  }
+  if (drained && !workers_.empty()) {
+    std::string counts;
+    for (size_t q = 0; q < workers_.size(); ++q) {
+      QueueWorker* worker = workers_[q].get();
+      uint64_t n = loops_[q]->Call([worker] { return worker->requests(); });
+      counts += fmt::format("{}queue {}: {} requests", q == 0 ? "" : ", ", q, n);
+    }
+    Log(fmt::format("{} served {}", info_.block_path, counts));
+  }
+  // The other queues' threads first: queue 0's hosts the image.
+  while (!loops_.empty()) loops_.pop_back();
+  host_.reset();
+  image_.reset();
+  workers_.clear();
+  if (char_fd_ >= 0) {
+    ::close(char_fd_);
+    char_fd_ = -1;
+  }
+  if (added_) {
+    added_ = false;
+    Status deleted = control_->DeleteDevice(info_.dev_id);
+    if (!deleted.ok() && result.ok()) result = deleted;
+  }
+  control_.reset();
+  if (signal_fd_ >= 0) ::close(signal_fd_);
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+  signal_fd_ = wake_fd_ = -1;
+  return result;
+}
+
+void Device::Wake() {
+  const uint64_t one = 1;
+  (void)!::write(wake_fd_, &one, sizeof(one));
+}
+
+void Device::OnQueueFinished() {
+  finished_queues_.fetch_add(1);
+  Wake();
+}
+
+void Device::OnQueueError(Status status) {
+  Log(status.ToString());
+  {
+    std::lock_guard<std::mutex> lock(error_mu_);
+    if (first_error_.ok()) first_error_ = std::move(status);
+  }
+  Wake();
+}
+
+}  // namespace uq::driver

@@ -1,0 +1,134 @@
+// Device: one image served as /dev/ublkbN, from creation to deletion.
+//
+// Create() runs the whole setup, in this order, and undoes what it did if a
+// step fails (nothing is left behind: no device, no thread):
+//   1. open /dev/ublk-control (ControlDevice) and read the kernel's features;
+//   2. start queue 0's thread and open the image there (OpenImage through a
+//      UringEnv, so the engine's host I/O goes on queue 0's ring);
+//   3. ADD_DEV (creates /dev/ublkcN), SET_PARAMS (driver/params.h);
+//   4. open /dev/ublkcN (retrying briefly while devtmpfs/udev create it);
+//   5. start the other queues' threads; each QueueWorker maps its
+//      descriptors and buffers and fetches every tag;
+//   6. START_DEV with this process's pid (the kernel then adds the disk and
+//      reads its partition table through the queues);
+//   7. wait until /dev/ublkbN exists as a block device.
+//
+// Serve() then blocks until the device is stopped, by STOP_DEV from another
+// process (`ublk-qcow2 del`), by SIGTERM/SIGINT/SIGHUP (with
+// handle_signals; Serve issues STOP_DEV itself), or by a queue failing.
+// Teardown: STOP_DEV (the kernel completes in-flight requests, then aborts
+// the pending fetches), wait for every queue to drain, Flush + Close the
+// image on its thread (left clean), end the threads, unmap, close
+// /dev/ublkcN, DEL_DEV.
+//
+// If the process dies instead (SIGKILL), the kernel cancels the queues'
+// commands when their rings go away, fails I/O with EIO and removes
+// /dev/ublkbN by itself (no UBLK_F_USER_RECOVERY: that is what Linux 6.12
+// does without it); /dev/ublkcN stays until someone sends DEL_DEV.
+//
+// Thread model: create, serve and destroy on one thread (the control
+// thread), which must not be a LoopThread. With handle_signals, Create()
+// blocks SIGTERM, SIGINT and SIGHUP in the calling thread before starting
+// any other, so every thread inherits the mask and only Serve() sees them.
+#ifndef UBLK_QCOW2_DRIVER_DEVICE_H_
+#define UBLK_QCOW2_DRIVER_DEVICE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+#include "driver/control.h"
+#include "driver/image_host.h"
+#include "driver/loop_thread.h"
+#include "driver/queue.h"
+#include "qcow2/block_device.h"
+
+namespace uq::driver {
+
+struct DeviceOptions {
+  std::string image;  // best absolute: the daemon runs from /
+  int dev_id = -1;    // -1: the kernel picks
+  uint16_t queues = 1;
+  uint16_t depth = 128;
+  uint32_t max_io_buf_bytes = 512 * 1024;
+  bool read_only = false;
+  uint64_t cache_size = 32ull << 20;  // engine metadata cache, bytes per image
+  bool handle_signals = true;
+};
+
+// What was created, as the kernel settled it.
+struct DeviceInfo {
+  int dev_id = -1;
+  uint16_t queues = 0;
+  uint16_t depth = 0;
+  uint32_t max_io_buf_bytes = 0;
+  uint64_t size = 0;
+  uint64_t cluster_size = 0;
+  bool read_only = false;
+  uint64_t features = 0;  // UBLK_F_* the kernel offers
+  uint64_t flags = 0;     // UBLK_F_* in effect for this device
+  std::string block_path;
+};
+
+class Device {
+ private:
+  struct Key {
+    explicit Key() = default;
+  };
+
+ public:
+  explicit Device(Key) {}
+  // See the file comment. Errors name the step: the image's own error
+  // (Corruption, NotSupported, IoError naming the file), "ublk device N:
+  // START_DEV: ...", or NotSupported with kNoUblkMessage.
+  static Result<std::unique_ptr<Device>> Create(const DeviceOptions& options);
+  // Tears down whatever exists (as Serve's teardown).
+  ~Device();
+  Device(const Device&) = delete;
+  Device& operator=(const Device&) = delete;
+
+  const DeviceInfo& info() const { return info_; }
+
+  // Serves until stopped, then tears down. Returns OK if the image was
+  // closed cleanly and the device deleted; otherwise the first error (a
+  // queue's, the image's Close, DEL_DEV's).
+  Status Serve();
+
+ private:
+  Status Setup(const DeviceOptions& options);
+  Status OpenCharDevice();
+  Status WaitForBlockNode();
+  // Waits until every started queue is finished, or `timeout_ms` passes
+  // (then false). With `signals`, a signal issues STOP_DEV.
+  bool WaitForQueues(int timeout_ms);
+  void StopOnce();
+  Status Teardown();
+  void Wake();
+  void OnQueueFinished();
+  void OnQueueError(Status status);
+
+  DeviceInfo info_;
+  std::unique_ptr<ControlDevice> control_;
+  std::vector<std::unique_ptr<LoopThread>> loops_;  // [0] hosts the image
+  std::unique_ptr<qcow2::BlockDevice> image_;
+  std::unique_ptr<ImageHost> host_;
+  std::vector<std::unique_ptr<QueueWorker>> workers_;
+  int char_fd_ = -1;
+  int wake_fd_ = -1;
+  int signal_fd_ = -1;
+  bool added_ = false;      // ADD_DEV succeeded: DEL_DEV at the end
+  bool stop_sent_ = false;  // STOP_DEV issued
+  bool torn_down_ = false;
+
+  std::atomic<size_t> finished_queues_{0};
+  std::mutex error_mu_;
+  Status first_error_;  // guarded by error_mu_
+};
+
+}  // namespace uq::driver
+
+#endif  // UBLK_QCOW2_DRIVER_DEVICE_H_

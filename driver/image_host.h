@@ -1,0 +1,58 @@
+// ImageHost: the image (a BlockDevice) and the one thread it lives on.
+//
+// The engine is single-threaded: one event loop owns an image, its caches
+// and its file I/O. The driver gives it queue 0's LoopThread: every request
+// of every queue runs there, and the engine's host I/O goes on queue 0's
+// ring (UringFile uses the ring bound on the calling thread). A request from
+// queue 0 runs at once; one from another queue crosses in queue 0's mailbox,
+// and its result crosses back in the submitting queue's mailbox, whose
+// thread then commits it to the kernel (ublk wants each queue's commands
+// from its own thread).
+//
+// This costs a thread hop per request on queues other than 0 and puts all
+// metadata and data work on one core; more queues still help by letting the
+// kernel hand over requests on several CPUs. See driver/README.md.
+//
+// Thread model: Submit() from any LoopThread; everything else on home().
+#ifndef UBLK_QCOW2_DRIVER_IMAGE_HOST_H_
+#define UBLK_QCOW2_DRIVER_IMAGE_HOST_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <span>
+
+#include "driver/loop_thread.h"
+#include "driver/ublk_abi.h"
+#include "qcow2/block_device.h"
+
+namespace uq::driver {
+
+class ImageHost {
+ public:
+  // `device` lives on `home`'s thread and outlives this object's use.
+  ImageHost(LoopThread* home, qcow2::BlockDevice* device) : home_(home), device_(device) {}
+
+  // Runs `request` on the image's thread, then calls `done(result)` on
+  // `reply_to`'s thread (result as ServeRequest). `buffer` stays valid
+  // until `done` runs. REQUIRES: called on `reply_to`'s thread.
+  void Submit(IoDescriptor request, std::span<std::byte> buffer, LoopThread* reply_to,
+              std::function<void(int32_t)> done);
+
+  LoopThread* home() const { return home_; }
+  qcow2::BlockDevice* device() const { return device_; }
+  // Requests running on the image now (home thread only).
+  uint64_t in_flight() const { return in_flight_; }
+
+ private:
+  Task<void> Run(IoDescriptor request, std::span<std::byte> buffer, LoopThread* reply_to,
+                 std::function<void(int32_t)> done);
+
+  LoopThread* home_;
+  qcow2::BlockDevice* device_;
+  uint64_t in_flight_ = 0;
+};
+
+}  // namespace uq::driver
+
+#endif  // UBLK_QCOW2_DRIVER_IMAGE_HOST_H_

@@ -1,0 +1,131 @@
+#include "driver/queue.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "driver/uring_cmd.h"
+
+namespace uq::driver {
+
+QueueWorker::QueueWorker(QueueConfig config, LoopThread* loop, ImageHost* host,
+                         std::function<void()> on_finished, std::function<void(Status)> on_error)
+    : config_(config),
+      loop_(loop),
+      host_(host),
+      on_finished_(std::move(on_finished)),
+      on_error_(std::move(on_error)),
+      state_(config.depth, TagState::kIdle) {}
+
+QueueWorker::~QueueWorker() {
+  if (descriptors_ != nullptr) {
+    ::munmap(const_cast<ublksrv_io_desc*>(descriptors_), descriptors_bytes_);
+  }
+  if (buffers_ != nullptr) ::munmap(buffers_, buffers_bytes_);
+}
+
+Status QueueWorker::Start() {
+  started_ = true;
+  const std::string where = fmt::format("ublk queue {}", config_.queue);
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+
+  descriptors_bytes_ = DescriptorAreaSize(config_.depth, page);
+  void* area = ::mmap(nullptr, descriptors_bytes_, PROT_READ, MAP_SHARED | MAP_POPULATE,
+                      config_.char_fd, static_cast<off_t>(DescriptorAreaOffset(config_.queue, page)));
+  if (area == MAP_FAILED) {
+    descriptors_bytes_ = 0;
+    MaybeFinished();
+    return Status::FromErrno(errno, where + ": mmap of the I/O descriptors");
+  }
+  descriptors_ = static_cast<const ublksrv_io_desc*>(area);
+
+  // Pages are touched only as requests use them.
+  buffers_bytes_ = size_t{config_.depth} * config_.buffer_bytes;
+  void* buffers = ::mmap(nullptr, buffers_bytes_, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (buffers == MAP_FAILED) {
+    buffers_bytes_ = 0;
+    MaybeFinished();
+    return Status::FromErrno(errno, where + ": request buffers");
+  }
+  buffers_ = static_cast<std::byte*>(buffers);
+
+  loop_->ring().set_command_handler(this);
+  for (uint16_t tag = 0; tag < config_.depth; ++tag) Issue(tag, IoCommand::kFetch, 0);
+  loop_->ring().SubmitPending();
+  return Status::Ok();
+}
+
+void QueueWorker::Issue(uint16_t tag, IoCommand command, int32_t result) {
+  ublksrv_io_cmd cmd{};
+  cmd.q_id = config_.queue;
+  cmd.tag = tag;
+  cmd.result = result;
+  cmd.addr = reinterpret_cast<uintptr_t>(Buffer(tag).data());
+  const uint32_t op = command == IoCommand::kFetch ? config_.ops.fetch_req
+                                                   : config_.ops.commit_and_fetch_req;
+  const uint64_t user_data = uring::UserData::ForCommand(
+      uring::CommandId{config_.queue, tag, static_cast<uint8_t>(command)});
+  PrepUringCmd(loop_->ring().GetSqe(), config_.char_fd, op, cmd, user_data);
+  if (state_[tag] != TagState::kFetching) {
+    if (state_[tag] != TagState::kServing) ++pending_;
+    state_[tag] = TagState::kFetching;
+  }
+}
+
+void QueueWorker::OnCommandComplete(uint64_t payload, int32_t res, uint32_t) {
+  const uring::CommandId id = uring::CommandId::Unpack(payload);
+  const uint16_t tag = id.tag;
+  if (id.queue != config_.queue || tag >= config_.depth || state_[tag] != TagState::kFetching) {
+    on_error_(Status::Corruption(fmt::format("ublk queue {}: completion for queue {} tag {} in state {}",
+                                             config_.queue, id.queue, tag,
+                                             tag < config_.depth ? static_cast<int>(state_[tag]) : -1)));
+    return;
+  }
+  if (res == UBLK_IO_RES_OK) {
+    OnRequest(tag);
+    return;
+  }
+  if (res == UBLK_IO_RES_ABORT) {
+    state_[tag] = TagState::kAborted;
+    --pending_;
+    MaybeFinished();
+    return;
+  }
+  const char* what = id.op == static_cast<uint8_t>(IoCommand::kFetch) ? "FETCH_REQ" : "COMMIT_AND_FETCH_REQ";
+  GiveUp(tag, res < 0 ? Status::FromErrno(-res, fmt::format("ublk queue {} tag {}: {}",
+                                                             config_.queue, tag, what))
+                      : Status::IoError(fmt::format("ublk queue {} tag {}: {}: unexpected result {}",
+                                                    config_.queue, tag, what, res)));
+}
+
+void QueueWorker::OnRequest(uint16_t tag) {
+  state_[tag] = TagState::kServing;
+  ++requests_;
+  const IoDescriptor request = DecodeDescriptor(descriptors_[tag]);
+  host_->Submit(request, Buffer(tag), loop_, [this, tag](int32_t result) { OnResult(tag, result); });
+}
+
+void QueueWorker::OnResult(uint16_t tag, int32_t result) {
+  Issue(tag, IoCommand::kCommitAndFetch, result);
+}
+
+void QueueWorker::GiveUp(uint16_t tag, Status why) {
+  state_[tag] = TagState::kIdle;
+  --pending_;
+  on_error_(std::move(why));
+  MaybeFinished();
+}
+
+void QueueWorker::MaybeFinished() {
+  if (!started_ || finished_ || pending_ != 0) return;
+  finished_ = true;
+  on_finished_();
+}
+
+}  // namespace uq::driver

@@ -1,0 +1,111 @@
+// QueueWorker: one ublk hardware queue — its tags, their buffers, and the
+// FETCH_REQ / COMMIT_AND_FETCH_REQ cycle with the kernel.
+//
+// Start() maps the queue's I/O descriptor array from /dev/ublkcN (read-only,
+// shared with the kernel), maps one buffer of max_io_buf_bytes per tag, and
+// issues FETCH_REQ for every tag. From then on each command completion is a
+// request on its tag (the kernel filled the tag's descriptor and, for
+// writes, its buffer): the worker decodes the descriptor, hands the request
+// to the ImageHost, and when the result comes back queues
+// COMMIT_AND_FETCH_REQ, which both completes the request and re-arms the
+// tag. All SQEs prepared in one loop iteration go to the kernel together in
+// the ring's next Poll().
+//
+// Stopping: when the device is stopped (STOP_DEV), the kernel completes
+// every pending fetch with UBLK_IO_RES_ABORT (-ENODEV); requests in flight
+// finish first. A tag that gets ABORT is not fetched again. When no tag is
+// waiting in the kernel or being served, the worker is finished and calls
+// on_finished once. Any other failure of a command (it would leave a tag
+// stuck) is reported through on_error, and the tag is given up.
+//
+// Per-tag state lives in plain arrays indexed by tag: the command's
+// user_data is a CommandId (queue, tag, command), see uring/user_data.h.
+//
+// Thread model: everything runs on the queue's LoopThread, the one task that
+// issues this queue's commands (the kernel requires a single task per
+// queue). Construct and destroy it from any thread while the loop is idle.
+#ifndef UBLK_QCOW2_DRIVER_QUEUE_H_
+#define UBLK_QCOW2_DRIVER_QUEUE_H_
+
+#include <linux/ublk_cmd.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <vector>
+
+#include "base/status.h"
+#include "driver/image_host.h"
+#include "driver/loop_thread.h"
+#include "driver/ublk_abi.h"
+#include "uring/user_data.h"
+
+namespace uq::driver {
+
+struct QueueConfig {
+  uint16_t queue = 0;
+  uint16_t depth = 0;
+  uint32_t buffer_bytes = 0;  // max_io_buf_bytes, a page multiple
+  int char_fd = -1;           // /dev/ublkcN, kept open by the caller
+  Opcodes ops = Opcodes::For(0);
+};
+
+class QueueWorker final : public uring::CommandHandler {
+ public:
+  enum class TagState : uint8_t {
+    kIdle,      // never fetched, or given up
+    kFetching,  // a FETCH/COMMIT_AND_FETCH is pending in the kernel
+    kServing,   // the request is with the image
+    kAborted,   // the kernel said ABORT: the device is stopping
+  };
+
+  // `on_finished` and `on_error` run on the queue's thread.
+  QueueWorker(QueueConfig config, LoopThread* loop, ImageHost* host,
+              std::function<void()> on_finished, std::function<void(Status)> on_error);
+  ~QueueWorker();
+  QueueWorker(const QueueWorker&) = delete;
+  QueueWorker& operator=(const QueueWorker&) = delete;
+
+  // On the loop thread: maps the descriptors and buffers, installs itself as
+  // the ring's command handler and fetches every tag. On failure the tags
+  // fetched so far stay fetched (STOP_DEV aborts them); on_finished still
+  // comes once none is pending.
+  Status Start();
+
+  void OnCommandComplete(uint64_t payload, int32_t res, uint32_t flags) override;
+
+  // Counters, loop thread only.
+  uint64_t requests() const { return requests_; }
+
+ private:
+  void Issue(uint16_t tag, IoCommand command, int32_t result);
+  void OnRequest(uint16_t tag);
+  void OnResult(uint16_t tag, int32_t result);
+  void GiveUp(uint16_t tag, Status why);
+  void MaybeFinished();
+  std::span<std::byte> Buffer(uint16_t tag) {
+    return {buffers_ + size_t{tag} * config_.buffer_bytes, config_.buffer_bytes};
+  }
+
+  const QueueConfig config_;
+  LoopThread* const loop_;
+  ImageHost* const host_;
+  std::function<void()> on_finished_;
+  std::function<void(Status)> on_error_;
+
+  const ublksrv_io_desc* descriptors_ = nullptr;
+  size_t descriptors_bytes_ = 0;
+  std::byte* buffers_ = nullptr;
+  size_t buffers_bytes_ = 0;
+
+  std::vector<TagState> state_;
+  size_t pending_ = 0;  // tags in kFetching or kServing
+  bool started_ = false;
+  bool finished_ = false;
+  uint64_t requests_ = 0;
+};
+
+}  // namespace uq::driver
+
+#endif  // UBLK_QCOW2_DRIVER_QUEUE_H_

@@ -1,0 +1,71 @@
+#include "driver/request.h"
+
+#include <cerrno>
+#include <cstdio>
+#include <string>
+
+#include <fmt/format.h>
+
+namespace uq::driver {
+namespace {
+
+// Error lines go to the daemon's log; a failing disk could produce one per
+// request, so only the first ones are kept.
+constexpr int kMaxLoggedErrors = 100;
+int logged_errors = 0;  // per process; requests of one image run on one thread
+
+int32_t Fail(const IoDescriptor& r, const Status& status) {
+  int32_t err = status.ToNegativeErrno();
+  if (logged_errors < kMaxLoggedErrors) {
+    ++logged_errors;
+    std::string line = fmt::format("ublk-qcow2: {} at {} ({} bytes) failed: {}{}\n", OpName(r.op),
+                                   r.offset, r.length, status.ToString(),
+                                   logged_errors == kMaxLoggedErrors ? " (further errors not logged)" : "");
+    std::fputs(line.c_str(), stderr);
+  }
+  return err;
+}
+
+}  // namespace
+
+Task<int32_t> ServeRequest(qcow2::BlockDevice& device, IoDescriptor r,
+                           std::span<std::byte> buffer) {
+  const bool changes = r.op == UBLK_IO_OP_WRITE || r.op == UBLK_IO_OP_DISCARD ||
+                       r.op == UBLK_IO_OP_WRITE_ZEROES;
+  const bool ranged = changes || r.op == UBLK_IO_OP_READ;
+  if (ranged && (r.offset > device.size() || r.length > device.size() - r.offset)) {
+    co_return Fail(r, Status::IoError(fmt::format("beyond the device's {} bytes", device.size()), EIO));
+  }
+  if (changes && device.read_only()) co_return -EROFS;
+  if ((r.op == UBLK_IO_OP_READ || r.op == UBLK_IO_OP_WRITE) && r.length > buffer.size()) {
+    co_return Fail(r, Status::InvalidArgument(
+                          fmt::format("longer than the {}-byte request buffer", buffer.size())));
+  }
+
+  Status status;
+  switch (r.op) {
+    case UBLK_IO_OP_READ:
+      if (r.length > 0) status = co_await device.Read(r.offset, buffer.first(r.length));
+      break;
+    case UBLK_IO_OP_WRITE:
+      if (r.length > 0) status = co_await device.Write(r.offset, buffer.first(r.length), r.fua());
+      else if (r.fua()) status = co_await device.Flush();
+      break;
+    case UBLK_IO_OP_FLUSH:
+      status = co_await device.Flush();
+      break;
+    case UBLK_IO_OP_DISCARD:
+      if (r.length > 0) status = co_await device.Discard(r.offset, r.length);
+      break;
+    case UBLK_IO_OP_WRITE_ZEROES:
+      if (r.length > 0) status = co_await device.WriteZeroes(r.offset, r.length);
+      break;
+    default:
+      co_return -EOPNOTSUPP;
+  }
+  if (!status.ok()) co_return Fail(r, status);
+  if (r.op == UBLK_IO_OP_READ || r.op == UBLK_IO_OP_WRITE) co_return static_cast<int32_t>(r.length);
+  co_return 0;
+}
+
+}  // namespace uq::driver

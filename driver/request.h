@@ -1,0 +1,37 @@
+// ServeRequest: one ublk request run on the image, and the result the kernel
+// is told in COMMIT_AND_FETCH_REQ.
+//
+//   op            engine call                       result
+//   READ          Read(offset, buffer[0, length))   length
+//   WRITE         Write(offset, ..., fua)           length
+//   FLUSH         Flush()                           0
+//   DISCARD       Discard(offset, length)           0
+//   WRITE_ZEROES  WriteZeroes(offset, length)       0
+//   anything else                                   -EOPNOTSUPP
+// Failures are -errno: the engine's (Status::ToNegativeErrno, -EIO unless
+// it carries one), -EROFS for changes to a read-only device, -EINVAL for a
+// request that does not fit the buffer, -EIO past the end of the device.
+// Never a hang: every path returns.
+//
+// Thread model: runs on the device's (image's) thread.
+#ifndef UBLK_QCOW2_DRIVER_REQUEST_H_
+#define UBLK_QCOW2_DRIVER_REQUEST_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "base/task.h"
+#include "driver/ublk_abi.h"
+#include "qcow2/block_device.h"
+
+namespace uq::driver {
+
+// `buffer` is the tag's buffer: the data of a write, the destination of a
+// read; it must stay valid until the task completes.
+Task<int32_t> ServeRequest(qcow2::BlockDevice& device, IoDescriptor request,
+                           std::span<std::byte> buffer);
+
+}  // namespace uq::driver
+
+#endif  // UBLK_QCOW2_DRIVER_REQUEST_H_

@@ -1,0 +1,59 @@
+// Device records: what `add` leaves behind about each served device, for
+// `list` and `del` to find its image and daemon.
+//
+//   /run/ublk-qcow2/<id>.json   {"id":0,"image":"/abs/a.qcow2","pid":123,
+//                                "queues":1,"depth":128,"size":1073741824,
+//                                "read_only":false}
+//   /run/ublk-qcow2/<id>.log    the daemon's stderr
+//
+// The directory can be moved with UBLK_QCOW2_STATE_DIR (tests). A record is
+// written once the device is live (temporary file + rename, so readers see
+// all or nothing) and removed when the daemon ends cleanly, or by `del`.
+// The kernel remains the authority on which devices exist; a record whose
+// device is gone is stale.
+//
+// Thread model: plain functions over files.
+#ifndef UBLK_QCOW2_DRIVER_STATE_FILE_H_
+#define UBLK_QCOW2_DRIVER_STATE_FILE_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+
+namespace uq::driver {
+
+struct DeviceRecord {
+  int id = -1;
+  std::string image;
+  int pid = 0;
+  uint16_t queues = 0;
+  uint16_t depth = 0;
+  uint64_t size = 0;
+  bool read_only = false;
+  friend bool operator==(const DeviceRecord&, const DeviceRecord&) = default;
+};
+
+std::string StateDir();
+std::string RecordPath(int id);
+std::string LogPath(int id);
+
+std::string RecordToJson(const DeviceRecord& record);
+// Corruption naming `origin` if the text is not a record.
+Result<DeviceRecord> RecordFromJson(const std::string& text, const std::string& origin);
+
+// Creates the state directory (mode 0755) if needed.
+Status EnsureStateDir();
+Status WriteRecord(const DeviceRecord& record);
+// nullopt when there is no record for `id`.
+Result<std::optional<DeviceRecord>> ReadRecord(int id);
+// OK when already gone.
+Status RemoveRecord(int id);
+// Ids with a record file, ascending.
+std::vector<int> RecordIds();
+
+}  // namespace uq::driver
+
+#endif  // UBLK_QCOW2_DRIVER_STATE_FILE_H_

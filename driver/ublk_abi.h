@@ -1,0 +1,89 @@
+// The ublk kernel interface as this driver uses it: which opcodes to send,
+// where a queue's I/O descriptors are mapped, and how a descriptor decodes.
+//
+// Everything that depends on the layout of <linux/ublk_cmd.h> is here, as
+// pure functions over plain values, so that it can be unit-tested on a host
+// without ublk. The structures themselves (ublksrv_ctrl_cmd, ublksrv_io_cmd,
+// ublksrv_io_desc, ublk_params) are used as the system header declares them.
+//
+// Opcodes: kernels since 6.5 report UBLK_F_CMD_IOCTL_ENCODE from
+// GET_FEATURES and accept ioctl-encoded opcodes (UBLK_U_*); older ones know
+// only the legacy numbers (UBLK_CMD_*, UBLK_IO_*), and a kernel built without
+// CONFIG_BLKDEV_UBLK_LEGACY_OPCODES only the encoded ones. Opcodes::For()
+// picks one set from the reported features.
+//
+// Thread model: no state.
+#ifndef UBLK_QCOW2_DRIVER_UBLK_ABI_H_
+#define UBLK_QCOW2_DRIVER_UBLK_ABI_H_
+
+#include <linux/ublk_cmd.h>
+#include <sys/ioctl.h>  // _IOR/_IOWR, used by the UBLK_U_* macros
+
+#include <cstdint>
+#include <string>
+
+namespace uq::driver {
+
+// GET_FEATURES exists only in ioctl-encoded form (Linux 6.5+).
+#ifndef UBLK_U_CMD_GET_FEATURES
+#define UBLK_U_CMD_GET_FEATURES _IOR('u', 0x13, struct ublksrv_ctrl_cmd)
+#endif
+
+// The character device, block device and control node names.
+inline constexpr const char* kControlPath = "/dev/ublk-control";
+std::string CharDevicePath(int dev_id);   // "/dev/ublkcN"
+std::string BlockDevicePath(int dev_id);  // "/dev/ublkbN"
+
+// The opcodes of one encoding.
+struct Opcodes {
+  uint32_t get_dev_info;
+  uint32_t add_dev;
+  uint32_t del_dev;
+  uint32_t start_dev;
+  uint32_t stop_dev;
+  uint32_t set_params;
+  uint32_t get_params;
+  uint32_t fetch_req;
+  uint32_t commit_and_fetch_req;
+
+  // The ioctl-encoded set if `features` has UBLK_F_CMD_IOCTL_ENCODE, else
+  // the legacy one.
+  static Opcodes For(uint64_t features);
+};
+
+// Names of the UBLK_F_* bits set in `flags`, comma-separated ("" for none).
+std::string FeatureNames(uint64_t flags);
+
+// "live", "dead", "quiesced", or "state N".
+std::string DeviceStateName(uint16_t state);
+
+// --- The I/O descriptor area of /dev/ublkcN ---
+
+// Bytes the kernel maps for one queue of `depth` tags: the descriptor array
+// rounded up to a page. mmap must ask for exactly this length.
+uint64_t DescriptorAreaSize(uint32_t depth, uint64_t page_size);
+// The mmap offset of queue `queue`'s descriptor array: each queue's area
+// starts at a stride sized for the largest queue (UBLK_MAX_QUEUE_DEPTH).
+uint64_t DescriptorAreaOffset(uint32_t queue, uint64_t page_size);
+
+// One request, decoded from its ublksrv_io_desc.
+struct IoDescriptor {
+  uint8_t op = 0;        // UBLK_IO_OP_*
+  uint32_t flags = 0;    // UBLK_IO_F_* bits, in place (op_flags & ~0xff)
+  uint64_t offset = 0;   // bytes
+  uint64_t length = 0;   // bytes
+  bool fua() const { return (flags & UBLK_IO_F_FUA) != 0; }
+};
+// Copies the descriptor out of the shared area (the kernel rewrites it for
+// the next request on the tag) and converts sectors to bytes.
+IoDescriptor DecodeDescriptor(const volatile ublksrv_io_desc& desc);
+
+// "read", "write", "flush", "discard", "write-zeroes", or "op N".
+std::string OpName(uint8_t op);
+
+// What goes into user_data's CommandId.op for the two I/O commands.
+enum class IoCommand : uint8_t { kFetch = 1, kCommitAndFetch = 2 };
+
+}  // namespace uq::driver
+
+#endif  // UBLK_QCOW2_DRIVER_UBLK_ABI_H_

@@ -1,0 +1,150 @@
+#include "driver/ublk_abi.h"
+
+#include <gtest/gtest.h>
+
+#include "driver/params.h"
+#include "uring/user_data.h"
+
+namespace uq::driver {
+namespace {
+
+TEST(OpcodesTest, LegacyWithoutIoctlEncode) {
+  Opcodes ops = Opcodes::For(0);
+  EXPECT_EQ(ops.add_dev, 0x04u);
+  EXPECT_EQ(ops.start_dev, 0x06u);
+  EXPECT_EQ(ops.fetch_req, 0x20u);
+  EXPECT_EQ(ops.commit_and_fetch_req, 0x21u);
+}
+
+TEST(OpcodesTest, EncodedWithIoctlEncode) {
+  Opcodes ops = Opcodes::For(UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_USER_COPY);
+  EXPECT_EQ(ops.add_dev, static_cast<uint32_t>(UBLK_U_CMD_ADD_DEV));
+  EXPECT_EQ(ops.del_dev, static_cast<uint32_t>(UBLK_U_CMD_DEL_DEV));
+  EXPECT_EQ(ops.fetch_req, static_cast<uint32_t>(UBLK_U_IO_FETCH_REQ));
+  // The kernel dispatches on _IOC_NR: the command number is the legacy one.
+  EXPECT_EQ(_IOC_NR(ops.commit_and_fetch_req), static_cast<uint32_t>(UBLK_IO_COMMIT_AND_FETCH_REQ));
+  EXPECT_EQ(_IOC_TYPE(ops.get_dev_info), static_cast<uint32_t>('u'));
+}
+
+TEST(FeatureNamesTest, NamesKnownAndUnknownBits) {
+  EXPECT_EQ(FeatureNames(0), "");
+  EXPECT_EQ(FeatureNames(UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_USER_COPY), "ioctl-encode,user-copy");
+  EXPECT_EQ(FeatureNames(uint64_t{1} << 40), "bit40");
+}
+
+TEST(DeviceStateNameTest, KnownStates) {
+  EXPECT_EQ(DeviceStateName(UBLK_S_DEV_LIVE), "live");
+  EXPECT_EQ(DeviceStateName(UBLK_S_DEV_DEAD), "dead");
+  EXPECT_EQ(DeviceStateName(UBLK_S_DEV_QUIESCED), "quiesced");
+  EXPECT_EQ(DeviceStateName(9), "state 9");
+}
+
+TEST(DescriptorAreaTest, SizeIsRoundedToPages) {
+  static_assert(sizeof(ublksrv_io_desc) == 24);
+  EXPECT_EQ(DescriptorAreaSize(1, 4096), 4096u);
+  EXPECT_EQ(DescriptorAreaSize(128, 4096), 4096u);   // 3072 bytes
+  EXPECT_EQ(DescriptorAreaSize(171, 4096), 8192u);   // 4104 bytes
+  EXPECT_EQ(DescriptorAreaSize(4096, 4096), 98304u);
+  EXPECT_EQ(DescriptorAreaSize(128, 65536), 65536u);
+}
+
+TEST(DescriptorAreaTest, QueuesAreStridedByTheLargestQueue) {
+  EXPECT_EQ(DescriptorAreaOffset(0, 4096), 0u);
+  EXPECT_EQ(DescriptorAreaOffset(1, 4096), 98304u);
+  EXPECT_EQ(DescriptorAreaOffset(3, 4096), 3 * 98304u);
+  EXPECT_EQ(DescriptorAreaOffset(1, 65536), 131072u);
+}
+
+TEST(DecodeDescriptorTest, SplitsOpAndFlagsAndConvertsSectors) {
+  ublksrv_io_desc desc{};
+  desc.op_flags = UBLK_IO_OP_WRITE | UBLK_IO_F_FUA | UBLK_IO_F_META;
+  desc.nr_sectors = 8;
+  desc.start_sector = (uint64_t{1} << 33) + 3;
+  IoDescriptor d = DecodeDescriptor(desc);
+  EXPECT_EQ(d.op, UBLK_IO_OP_WRITE);
+  EXPECT_EQ(d.flags, UBLK_IO_F_FUA | UBLK_IO_F_META);
+  EXPECT_TRUE(d.fua());
+  EXPECT_EQ(d.offset, ((uint64_t{1} << 33) + 3) * 512);
+  EXPECT_EQ(d.length, 4096u);
+
+  desc.op_flags = UBLK_IO_OP_READ;
+  d = DecodeDescriptor(desc);
+  EXPECT_EQ(d.op, UBLK_IO_OP_READ);
+  EXPECT_FALSE(d.fua());
+  EXPECT_EQ(OpName(UBLK_IO_OP_WRITE_ZEROES), "write-zeroes");
+  EXPECT_EQ(OpName(UBLK_IO_OP_ZONE_OPEN), "op 10");
+}
+
+TEST(CommandIdTest, QueueTagAndCommandSurviveUserData) {
+  for (uint16_t queue : {0, 1, 63}) {
+    for (uint16_t tag : {0, 1, 127, 4095}) {
+      for (IoCommand command : {IoCommand::kFetch, IoCommand::kCommitAndFetch}) {
+        uring::CommandId id{queue, tag, static_cast<uint8_t>(command)};
+        uint64_t user_data = uring::UserData::ForCommand(id);
+        ASSERT_EQ(uring::UserData::KindOf(user_data), uring::UserData::Kind::kCommand);
+        EXPECT_EQ(uring::CommandId::Unpack(uring::UserData::PayloadOf(user_data)), id);
+      }
+    }
+  }
+}
+
+TEST(ParamsTest, QcowWith64KClusters) {
+  ImageFacts facts{.size = uint64_t{10} << 30, .cluster_size = 65536, .read_only = false};
+  Result<ublk_params> p = ComputeParams(facts, 512 * 1024);
+  ASSERT_TRUE(p.ok()) << p.status().ToString();
+  EXPECT_EQ(p->len, sizeof(ublk_params));
+  EXPECT_EQ(p->types, UBLK_PARAM_TYPE_BASIC | UBLK_PARAM_TYPE_DISCARD);
+  EXPECT_EQ(p->basic.attrs, UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA);
+  EXPECT_EQ(p->basic.logical_bs_shift, 9);
+  EXPECT_EQ(p->basic.physical_bs_shift, 12);
+  EXPECT_EQ(p->basic.io_min_shift, 9);
+  EXPECT_EQ(p->basic.io_opt_shift, 16);
+  EXPECT_EQ(p->basic.max_sectors, 1024u);
+  EXPECT_EQ(p->basic.dev_sectors, (uint64_t{10} << 30) / 512);
+  EXPECT_EQ(p->discard.discard_granularity, 65536u);
+  EXPECT_EQ(p->discard.max_discard_segments, 1);
+  EXPECT_EQ(p->discard.max_discard_sectors, 2u << 20);
+  EXPECT_EQ(p->discard.max_write_zeroes_sectors, 2u << 20);
+  EXPECT_EQ(p->discard.max_discard_sectors % (65536 / 512), 0u);
+}
+
+TEST(ParamsTest, SmallAndHugeClusters) {
+  Result<ublk_params> small = ComputeParams({.size = 1 << 20, .cluster_size = 512}, 512 * 1024);
+  ASSERT_TRUE(small.ok());
+  EXPECT_EQ(small->basic.physical_bs_shift, 9);
+  EXPECT_EQ(small->basic.io_opt_shift, 9);
+  EXPECT_EQ(small->discard.discard_granularity, 512u);
+
+  // io_opt is capped at one request.
+  Result<ublk_params> huge = ComputeParams({.size = 1 << 30, .cluster_size = 2 << 20}, 512 * 1024);
+  ASSERT_TRUE(huge.ok());
+  EXPECT_EQ(huge->basic.physical_bs_shift, 12);
+  EXPECT_EQ(huge->basic.io_opt_shift, 19);
+  EXPECT_EQ(huge->discard.max_discard_sectors % ((2 << 20) / 512), 0u);
+}
+
+TEST(ParamsTest, ReadOnlyHasNoDiscard) {
+  Result<ublk_params> p = ComputeParams({.size = 1 << 20, .cluster_size = 65536, .read_only = true}, 4096);
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ(p->types, UBLK_PARAM_TYPE_BASIC);
+  EXPECT_TRUE(p->basic.attrs & UBLK_ATTR_READ_ONLY);
+  EXPECT_EQ(p->basic.max_sectors, 8u);
+  EXPECT_EQ(p->basic.io_opt_shift, 12);
+}
+
+TEST(ParamsTest, RejectsImpossibleInput) {
+  EXPECT_TRUE(ComputeParams({.size = 0}, 4096).status().IsInvalidArgument());
+  EXPECT_TRUE(ComputeParams({.size = 1000}, 4096).status().IsInvalidArgument());
+  EXPECT_TRUE(ComputeParams({.size = 4096, .cluster_size = 3000}, 4096).status().IsInvalidArgument());
+  EXPECT_TRUE(ComputeParams({.size = 4096, .cluster_size = 4 << 20}, 4096).status().IsInvalidArgument());
+  EXPECT_TRUE(ComputeParams({.size = 4096, .cluster_size = 4096}, 5000).status().IsInvalidArgument());
+}
+
+TEST(Log2Test, Values) {
+  EXPECT_EQ(Log2(1), 0);
+  EXPECT_EQ(Log2(512), 9);
+  EXPECT_EQ(Log2(4097), 12);
+}
+
+}  // namespace
+}  // namespace uq::driver

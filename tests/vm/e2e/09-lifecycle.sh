@@ -1,0 +1,114 @@
+#!/bin/bash
+# The daemon's life: list (text and JSON), read-only devices, --foreground, SIGTERM
+# (clean stop: device, record and daemon gone, image clean), and SIGKILL (the kernel
+# fails I/O and removes the disk by itself; `list` shows it dead; `del` cleans up).
+source "$(dirname "$0")/lib.bash"
+
+a=$WORK/a.qcow2
+b=$WORK/b.qcow2
+qemu-img create -q -f qcow2 "$a" 64M
+qemu-img create -q -f qcow2 -o cluster_size=4096 "$b" 32M
+qemu-io -f qcow2 -c 'write -P 0x77 0 1M' "$b" >/dev/null
+
+wait_gone() {  # wait_gone PATH SECONDS
+  local i
+  for ((i = 0; i < $2 * 10; i++)); do
+    [[ -e $1 ]] || return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+listing() {
+  local da db
+  da=$(add_device -f "$a" -q 2 -d 32)
+  db=$(add_device -f "$b" --read-only)
+  "$UQ" list
+  "$UQ" list | grep -E "^$(dev_id "$da") +$da +live +2 +32 +[0-9]+ +64 MiB +$a\$"
+  "$UQ" list | grep -E "^$(dev_id "$db") +$db +live +1 +128 +[0-9]+ +32 MiB +$b \(read-only\)\$"
+  "$UQ" list --output=json | python3 -c '
+import json, sys
+devs = {d["device"]: d for d in json.load(sys.stdin)}
+a, b = devs[sys.argv[1]], devs[sys.argv[2]]
+assert a["state"] == "live" and a["queues"] == 2 and a["depth"] == 32, a
+assert a["image"] == sys.argv[3] and a["size"] == 64 << 20 and not a["read_only"], a
+assert a["daemon_running"] and a["pid"] > 0, a
+assert b["read_only"] and b["image"] == sys.argv[4], b
+print("json ok")' "$da" "$db" "$a" "$b"
+  # Read-only: the kernel refuses writes; reads work.
+  [[ $(blockdev --getro "$db") == 1 ]]
+  if dd if=/dev/zero of="$db" bs=4k count=1 oflag=direct status=none 2>/dev/null; then
+    echo "write to a read-only device succeeded"
+    return 1
+  fi
+  qemu-io -f raw -r -t none -c 'read -P 0x77 0 1M' "$db" | grep -q '^read '
+  "$UQ" del --all
+  [[ -z "$("$UQ" list)" ]]
+  echo "list is empty after del --all"
+}
+check "list shows devices (text and JSON); read-only refuses writes; del --all" listing
+
+sigterm() {
+  local dev id pid
+  dev=$(add_device -f "$a")
+  id=$(dev_id "$dev")
+  pid=$(daemon_pid "$id")
+  echo "daemon pid $pid"
+  dd if=/dev/urandom of="$dev" bs=1M count=4 oflag=direct status=none
+  kill -TERM "$pid"
+  wait_gone "/proc/$pid" 30
+  wait_gone "$dev" 5
+  wait_gone "/dev/ublkc$id" 5
+  [[ ! -e /run/ublk-qcow2/$id.json ]]
+  grep -q 'image closed cleanly' "/run/ublk-qcow2/$id.log"
+  qemu_img_check "$a"
+}
+check "SIGTERM: the daemon stops the device, closes the image cleanly, exits" sigterm
+
+foreground() {
+  local out=$WORK/fg.out pid dev i
+  "$UQ" add --foreground -f "$a" >"$out" 2>"$WORK/fg.err" &
+  pid=$!
+  for ((i = 0; i < 300; i++)); do
+    [[ -s $out ]] && break
+    sleep 0.1
+  done
+  dev=$(head -n1 "$out")
+  echo "foreground pid $pid serves $dev"
+  [[ -b $dev ]]
+  dd if="$dev" of=/dev/null bs=1M count=4 iflag=direct status=none
+  "$UQ" del -n "$(dev_id "$dev")"
+  wait "$pid"   # its exit status: 0 after a clean stop
+  echo "foreground process exited 0"
+  qemu_img_check "$a"
+}
+check "--foreground: serves until del, then exits 0" foreground
+
+sigkill() {
+  local dev id pid reader rc i
+  dev=$(add_device -f "$a")
+  id=$(dev_id "$dev")
+  pid=$(daemon_pid "$id")
+  # A reader busy on the device while the daemon dies: it must fail, not hang.
+  timeout 60 dd if="$dev" of=/dev/null bs=4k iflag=direct status=none &
+  reader=$!
+  sleep 1
+  kill -KILL "$pid"
+  set +e
+  wait "$reader"
+  rc=$?
+  set -e
+  echo "reader exited with status $rc (124 = hung)"
+  ((rc != 0 && rc != 124))
+  wait_gone "$dev" 10
+  echo "$dev removed by the kernel"
+  "$UQ" list
+  "$UQ" list | grep -E "^$id +/dev/ublkb$id +dead .* - "
+  "$UQ" del -n "$id"
+  [[ ! -e /dev/ublkc$id && ! -e /run/ublk-qcow2/$id.json ]]
+  # Killed mid-flight: leaks are possible, corruption is not.
+  qemu-img check "$a" || (($? == 3))
+}
+check "SIGKILL: I/O fails (no hang), the kernel removes the disk, del cleans up" sigkill
+check "no device, daemon or record left" no_leftovers
+finish

@@ -1,0 +1,140 @@
+# Shared helpers for the VM end-to-end tests (tests/vm/e2e/NN-name.sh).
+# Sourced, not run: `source "$(dirname "$0")/lib.bash"`.
+#
+# Each test runs as root inside the VM rig (tests/vm/run), from the repository root,
+# prints one `ok`/`FAIL` line per check and exits non-zero if any check failed. Images
+# go under /scratch/<test name>/. A missing tool or kernel feature is a failure, not a
+# skip.
+#
+# The binary: $UBLK_QCOW2_BIN (tests/vm/run-suite sets it to a copy of the one it
+# built), else bazel-bin/tools/ublk-qcow2. A host path that only exists under the
+# guest's read-only view of the host (/.vm-host) is found there.
+
+set -uo pipefail
+export LC_ALL=C
+
+UQ=${UBLK_QCOW2_BIN:-$PWD/bazel-bin/tools/ublk-qcow2}
+if [[ ! -x "$UQ" && -x "/.vm-host$UQ" ]]; then UQ=/.vm-host$UQ; fi
+[[ -x "$UQ" ]] || { echo "FAIL  ublk-qcow2 binary not found: $UQ (build //tools:ublk-qcow2)"; exit 1; }
+
+TEST_NAME=$(basename "$0" .sh)
+WORK=/scratch/$TEST_NAME
+rm -rf "$WORK"
+mkdir -p "$WORK"
+MNT=/mnt/$TEST_NAME
+mkdir -p "$MNT"
+
+failures=0
+checks=0
+
+# check NAME CMD...: runs CMD (output indented below the result line), ok/FAIL.
+check() {
+  local name=$1
+  shift
+  local out rc
+  set +e
+  out=$(set -e; "$@" 2>&1)
+  rc=$?
+  checks=$((checks + 1))
+  if ((rc == 0)); then
+    echo "ok    $name"
+  else
+    echo "FAIL  $name (status $rc)"
+    failures=$((failures + 1))
+  fi
+  [[ -z "$out" ]] || printf '%s\n' "$out" | sed 's/^/      | /'
+  return $rc
+}
+
+# expect_error NAME EXPECTED_STATUS CMD...: CMD must exit with EXPECTED_STATUS and
+# print exactly one line on stderr starting with "ublk-qcow2: " (the CLI's error form).
+expect_error() {
+  local name=$1 want=$2
+  shift 2
+  local err rc lines
+  set +e
+  err=$("$@" 2>&1 >/dev/null)
+  rc=$?
+  checks=$((checks + 1))
+  lines=$(printf '%s' "$err" | grep -c '')
+  if ((rc == want)) && [[ $want != 1 || ($lines == 1 && "$err" == ublk-qcow2:\ *) ]]; then
+    echo "ok    $name"
+  else
+    echo "FAIL  $name (status $rc, wanted $want; $lines stderr line(s))"
+    failures=$((failures + 1))
+  fi
+  # A usage error prints the usage too: its first line is what matters.
+  ((rc == 2)) && err=$(head -n1 <<<"$err")
+  [[ -z "$err" ]] || printf '%s\n' "$err" | sed 's/^/      | /'
+}
+
+# count_block_devices: how many /dev/ublkb* exist.
+count_block_devices() {
+  local n=0 f
+  for f in /dev/ublkb*; do [[ -e $f ]] && n=$((n + 1)); done
+  echo "$n"
+}
+
+# add_device ARGS...: runs `ublk-qcow2 add ARGS`, prints the device path.
+add_device() {
+  "$UQ" add "$@"
+}
+
+# dev_id /dev/ublkbN -> N
+dev_id() { echo "${1#/dev/ublkb}"; }
+
+daemon_pid() {  # daemon_pid ID
+  sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "/run/ublk-qcow2/$1.json" 2>/dev/null
+}
+
+# The state the tests leave: no device, no daemon, no record.
+no_leftovers() {
+  local bad=0
+  if compgen -G '/dev/ublkb*' >/dev/null; then echo "block devices left: $(echo /dev/ublkb*)"; bad=1; fi
+  if compgen -G '/dev/ublkc*' >/dev/null; then echo "char devices left: $(echo /dev/ublkc*)"; bad=1; fi
+  if pgrep -x ublk-qcow2 >/dev/null; then echo "daemons left: $(pgrep -a -x ublk-qcow2)"; bad=1; fi
+  if compgen -G '/run/ublk-qcow2/*.json' >/dev/null; then echo "records left: $(echo /run/ublk-qcow2/*.json)"; bad=1; fi
+  return $bad
+}
+
+# Writes a tree of files with random content under $1 (a few MB).
+make_tree() {
+  local root=$1 i d
+  for d in a a/b a/b/c d e/f; do mkdir -p "$root/$d"; done
+  i=0
+  for d in . a a/b a/b/c d e/f; do
+    head -c $((4096 * (i + 1) + 123)) /dev/urandom >"$root/$d/small$i"
+    head -c $((200 * 1024 + i * 7777)) /dev/urandom >"$root/$d/medium$i"
+    i=$((i + 1))
+  done
+  head -c $((3 * 1024 * 1024 + 17)) /dev/urandom >"$root/a/b/big"
+  : >"$root/d/empty"
+}
+
+sums_of() {  # sums_of DIR: sha256 of every file, sorted by path
+  (cd "$1" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
+}
+
+qemu_img_check() {  # qemu_img_check IMAGE: no errors, no leaks
+  local out
+  out=$(qemu-img check "$1" 2>&1)
+  local rc=$?
+  echo "$out"
+  ((rc == 0)) && grep -q 'No errors were found' <<<"$out" && ! grep -q 'leaked' <<<"$out"
+}
+
+# Undo whatever the test left, then report.
+cleanup() {
+  mountpoint -q "$MNT" && umount "$MNT"
+  "$UQ" del --all >/dev/null 2>&1 || true
+}
+
+finish() {
+  cleanup
+  if ((failures)); then
+    echo "== $TEST_NAME: $failures of $checks check(s) FAILED"
+    exit 1
+  fi
+  echo "== $TEST_NAME: all $checks check(s) passed"
+  exit 0
+}

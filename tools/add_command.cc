@@ -1,0 +1,104 @@
+#include "tools/add_command.h"
+
+#include <limits.h>
+#include <stdlib.h>
+
+#include <cerrno>
+#include <cstdio>
+
+#include <fmt/format.h>
+
+#include "driver/control.h"
+#include "driver/daemon.h"
+#include "qcow2/open_image.h"
+#include "tools/io_context.h"
+
+namespace uq::tools {
+namespace {
+
+// Opens and closes the image the way the daemon will, so that its errors
+// come out here, before anything is created.
+Status ValidateImage(const AddOptions& options, const std::string& path) {
+  ASSIGN_OR_RETURN(std::unique_ptr<IoContext> io, IoContext::Create(IoMode::kAuto));
+  qcow2::ImageOptions image_options;
+  image_options.env = io->env();
+  image_options.writable = !options.read_only;
+  image_options.cache_size = options.cache_size;
+  ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> image,
+                   io->Run(qcow2::OpenImage(path, image_options)));
+  return io->Run(image->Close());
+}
+
+bool PrintLine(const std::string& line) {
+  return std::fprintf(stdout, "%s\n", line.c_str()) >= 0 && std::fflush(stdout) == 0;
+}
+
+class AddCommand final : public Command {
+ public:
+  void AddFlags(CLI::App& app) override {
+    app.add_option("-f,--file", options_.image, "The image to serve (qcow2 or raw)")->required();
+    app.add_option("-n,--id", options_.id, "Device number N for /dev/ublkbN (default: the lowest free)")
+        ->check(CLI::Range(0, (1 << 20) - 1));
+    app.add_option("-q,--queues", options_.queues, "Hardware queues (at most the CPU count)")
+        ->check(CLI::Range(1, 64))
+        ->capture_default_str();
+    app.add_option("-d,--depth", options_.depth, "Requests in flight per queue")
+        ->check(CLI::Range(1, UBLK_MAX_QUEUE_DEPTH))
+        ->capture_default_str();
+    app.add_flag("--read-only", options_.read_only, "Serve the image read-only");
+    app.add_flag("--foreground", options_.foreground,
+                 "Serve from this process until the device is deleted or a signal arrives");
+    app.add_option("--cache-size", options_.cache_size,
+                   "Metadata cache per image of the chain, bytes (K, M, G suffixes)")
+        ->transform(CLI::AsSizeValue(false))
+        ->capture_default_str();
+    app.footer(
+        "Prints /dev/ublkbN once the device is live. The daemon logs to\n"
+        "/run/ublk-qcow2/N.log; remove the device with 'ublk-qcow2 del -n N'.");
+  }
+
+  Status Run() override { return RunAdd(options_); }
+
+ private:
+  AddOptions options_;
+};
+
+}  // namespace
+
+Status RunAdd(const AddOptions& options) {
+  char resolved[PATH_MAX];
+  if (::realpath(options.image.c_str(), resolved) == nullptr) {
+    return Status::FromErrno(errno, options.image);
+  }
+  const std::string path = resolved;
+  RETURN_IF_ERROR(ValidateImage(options, path));
+  {
+    // Say plainly when the kernel has no ublk, before forking anything.
+    ASSIGN_OR_RETURN(std::unique_ptr<driver::ControlDevice> control, driver::ControlDevice::Open());
+  }
+
+  driver::DeviceOptions device;
+  device.image = path;
+  device.dev_id = options.id;
+  device.queues = static_cast<uint16_t>(options.queues);
+  device.depth = static_cast<uint16_t>(options.depth);
+  device.read_only = options.read_only;
+  device.cache_size = options.cache_size;
+  device.handle_signals = true;
+
+  if (options.foreground) {
+    bool printed = true;
+    Status served = driver::ServeInForeground(device, [&](const driver::DeviceInfo& info) {
+      printed = PrintLine(info.block_path);
+    });
+    if (!printed) return Status::IoError("standard output: write failed");
+    return served;
+  }
+  ASSIGN_OR_RETURN(driver::DeviceInfo info, driver::StartDaemon(device));
+  if (!PrintLine(info.block_path)) return Status::IoError("standard output: write failed");
+  return Status::Ok();
+}
+
+std::unique_ptr<Command> MakeAddCommand() { return std::make_unique<AddCommand>(); }
+
+}  // namespace uq::tools

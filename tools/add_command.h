@@ -1,0 +1,42 @@
+// `ublk-qcow2 add`: serve an image as a ublk block device.
+//
+//   ublk-qcow2 add -f IMAGE [-n ID] [-q QUEUES] [-d DEPTH] [--read-only]
+//                  [--foreground] [--cache-size=BYTES]
+//
+// Opens IMAGE first, in this process, to validate it (format, header, backing
+// chain, writability): a bad image fails here with one line and nothing is
+// created. Then, unless --foreground, forks a daemon that creates the device
+// (driver/daemon.h) and prints /dev/ublkbN once the device is live; on
+// failure prints the daemon's error, exit 1, and no device or daemon
+// remains. With --foreground the device is served by this process, which
+// prints /dev/ublkbN when live and returns when the device is stopped
+// (`ublk-qcow2 del`, SIGTERM, SIGINT).
+#ifndef UBLK_QCOW2_TOOLS_ADD_COMMAND_H_
+#define UBLK_QCOW2_TOOLS_ADD_COMMAND_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "base/status.h"
+#include "tools/command.h"
+
+namespace uq::tools {
+
+struct AddOptions {
+  std::string image;
+  int id = -1;  // -1: the kernel picks
+  int queues = 1;
+  int depth = 128;
+  bool read_only = false;
+  bool foreground = false;
+  uint64_t cache_size = 32ull << 20;
+};
+
+Status RunAdd(const AddOptions& options);
+
+std::unique_ptr<Command> MakeAddCommand();
+
+}  // namespace uq::tools
+
+#endif  // UBLK_QCOW2_TOOLS_ADD_COMMAND_H_
