@@ -14,6 +14,7 @@
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "qcow2/testing/mem_env.h"
+#include "qcow2/testing/scratch_dir.h"
 
 namespace uq::qcow2 {
 namespace {
@@ -32,19 +33,12 @@ std::ostream& operator<<(std::ostream& o, const ConcurrencyCase& c) { return o <
 class ConcurrencyTest : public ::testing::TestWithParam<ConcurrencyCase> {
  protected:
   void SetUp() override {
-    const char* tmp = std::getenv("TEST_TMPDIR");
-    dir_ = fmt::format("{}/conc-{}", tmp ? tmp : "/tmp", GetParam().name);
-    ASSERT_EQ(std::system(fmt::format("rm -rf '{0}' && mkdir -p '{0}'", dir_).c_str()), 0);
+    scratch_ = std::make_unique<testing::ScratchDir>("conc-" + GetParam().name);
+    ASSERT_TRUE(scratch_->ok());
+    dir_ = scratch_->dir();
   }
-  int Sh(const std::string& cmd, std::string* out = nullptr) {
-    std::string file = dir_ + "/.out";
-    int st = std::system(fmt::format("cd '{}' && {} >'{}' 2>&1", dir_, cmd, file).c_str());
-    if (out) {
-      std::ifstream in(file);
-      *out = std::string(std::istreambuf_iterator<char>(in), {});
-    }
-    return WEXITSTATUS(st);
-  }
+  int Sh(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
+  std::unique_ptr<testing::ScratchDir> scratch_;
   std::string dir_;
 };
 

@@ -22,6 +22,7 @@
 #include "qcow2/open_image.h"
 #include "qcow2/testing/fault_injection_env.h"
 #include "qcow2/testing/mem_env.h"
+#include "qcow2/testing/scratch_dir.h"
 
 namespace uq::qcow2 {
 namespace {
@@ -67,26 +68,13 @@ std::vector<Op> MakeWorkload(const CrashCase& c, uint64_t cluster) {
 class CrashTest : public ::testing::TestWithParam<CrashCase> {
  protected:
   void SetUp() override {
-    const char* tmp = std::getenv("TEST_TMPDIR");
-    dir_ = fmt::format("{}/crash-{}", tmp ? tmp : "/tmp", GetParam().name);
-    ASSERT_EQ(std::system(fmt::format("rm -rf '{0}' && mkdir -p '{0}'", dir_).c_str()), 0);
+    scratch_ = std::make_unique<testing::ScratchDir>("crash-" + GetParam().name);
+    ASSERT_TRUE(scratch_->ok());
+    dir_ = scratch_->dir();
   }
-  int Sh(const std::string& cmd, std::string* out = nullptr) {
-    std::string file = dir_ + "/.out";
-    int st = std::system(fmt::format("cd '{}' && {} >'{}' 2>&1", dir_, cmd, file).c_str());
-    if (out) {
-      std::ifstream in(file);
-      *out = std::string(std::istreambuf_iterator<char>(in), {});
-    }
-    return WEXITSTATUS(st);
-  }
-  std::vector<std::byte> Slurp(const std::string& name) {
-    std::ifstream in(dir_ + "/" + name, std::ios::binary);
-    std::string c((std::istreambuf_iterator<char>(in)), {});
-    std::vector<std::byte> out(c.size());
-    std::memcpy(out.data(), c.data(), c.size());
-    return out;
-  }
+  int Sh(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
+  std::vector<std::byte> Slurp(const std::string& name) { return scratch_->Slurp(name); }
+  std::unique_ptr<testing::ScratchDir> scratch_;
   std::string dir_;
 };
 

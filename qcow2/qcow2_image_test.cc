@@ -14,6 +14,7 @@
 
 #include "qcow2/open_image.h"
 #include "qcow2/sync_env.h"
+#include "qcow2/testing/scratch_dir.h"
 
 namespace uq::qcow2 {
 namespace {
@@ -21,22 +22,16 @@ namespace {
 class Qcow2ImageTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const char* tmp = std::getenv("TEST_TMPDIR");
-    dir_ = fmt::format("{}/img-{}", tmp ? tmp : "/tmp", ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    Run(fmt::format("rm -rf '{0}' && mkdir -p '{0}'", dir_));
+    scratch_ = std::make_unique<testing::ScratchDir>(
+        std::string("img-") + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    ASSERT_TRUE(scratch_->ok());
   }
   void Run(const std::string& cmd) {
-    std::string full = fmt::format("cd '{}' 2>/dev/null; {} >/dev/null", dir_, cmd);
-    ASSERT_EQ(std::system(full.c_str()), 0) << cmd;
+    std::string out;
+    ASSERT_EQ(scratch_->Sh(cmd, &out), 0) << cmd << "\n" << out;
   }
-  std::string P(const std::string& name) { return dir_ + "/" + name; }
-  static std::vector<std::byte> Slurp(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    std::vector<char> c((std::istreambuf_iterator<char>(in)), {});
-    std::vector<std::byte> out(c.size());
-    std::memcpy(out.data(), c.data(), c.size());
-    return out;
-  }
+  std::string P(const std::string& name) { return scratch_->path(name); }
+  std::vector<std::byte> Slurp(const std::string& path) { return scratch_->Slurp(path.substr(scratch_->dir().size() + 1)); }
   std::unique_ptr<BlockDevice> Open(const std::string& name, ImageOptions o = {}) {
     o.env = SyncEnv();
     auto r = BlockOn(OpenImage(P(name), o));
@@ -60,7 +55,7 @@ class Qcow2ImageTest : public ::testing::Test {
       ASSERT_EQ(got[i], ref[i]) << name << ": first difference at byte " << i;
     }
   }
-  std::string dir_;
+  std::unique_ptr<testing::ScratchDir> scratch_;
 };
 
 TEST_F(Qcow2ImageTest, EmptyImageReadsZeros) {

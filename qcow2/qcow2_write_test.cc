@@ -15,6 +15,7 @@
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "qcow2/sync_env.h"
+#include "qcow2/testing/scratch_dir.h"
 
 namespace uq::qcow2 {
 namespace {
@@ -35,34 +36,18 @@ std::ostream& operator<<(std::ostream& o, const Case& c) { return o << c.name; }
 class WriteOracleTest : public ::testing::TestWithParam<Case> {
  protected:
   void SetUp() override {
-    const char* tmp = std::getenv("TEST_TMPDIR");
-    dir_ = fmt::format("{}/w-{}", tmp ? tmp : "/tmp", GetParam().name);
-    ASSERT_EQ(std::system(fmt::format("rm -rf '{0}' && mkdir -p '{0}'", dir_).c_str()), 0);
+    scratch_ = std::make_unique<testing::ScratchDir>("w-" + GetParam().name);
+    ASSERT_TRUE(scratch_->ok());
+    dir_ = scratch_->dir();
   }
   void Sh(const std::string& cmd) {
-    std::string full = fmt::format("cd '{}' && {} >/dev/null", dir_, cmd);
-    ASSERT_EQ(std::system(full.c_str()), 0) << cmd;
+    std::string out;
+    ASSERT_EQ(scratch_->Sh(cmd, &out), 0) << cmd << "\n" << out;
   }
-  int ShStatus(const std::string& cmd, std::string* out = nullptr) {
-    std::string file = dir_ + "/.out";
-    int st = std::system(fmt::format("cd '{}' && {} >'{}' 2>&1", dir_, cmd, file).c_str());
-    if (out) {
-      std::ifstream in(file);
-      *out = std::string(std::istreambuf_iterator<char>(in), {});
-    }
-    return WEXITSTATUS(st);
-  }
-  std::vector<std::byte> Slurp(const std::string& name) {
-    std::ifstream in(dir_ + "/" + name, std::ios::binary);
-    std::string c((std::istreambuf_iterator<char>(in)), {});
-    std::vector<std::byte> out(c.size());
-    std::memcpy(out.data(), c.data(), c.size());
-    return out;
-  }
-  void Spit(const std::string& name, const std::vector<std::byte>& data) {
-    std::ofstream out(dir_ + "/" + name, std::ios::binary);
-    out.write(reinterpret_cast<const char*>(data.data()), data.size());
-  }
+  int ShStatus(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
+  std::vector<std::byte> Slurp(const std::string& name) { return scratch_->Slurp(name); }
+  void Spit(const std::string& name, const std::vector<std::byte>& data) { scratch_->Spit(name, data); }
+  std::unique_ptr<testing::ScratchDir> scratch_;
   std::string dir_;
 };
 
@@ -250,10 +235,9 @@ namespace uq::qcow2 {
 namespace {
 
 std::string TempDir(const std::string& name) {
-  const char* tmp = std::getenv("TEST_TMPDIR");
-  std::string dir = fmt::format("{}/{}", tmp ? tmp : "/tmp", name);
-  EXPECT_EQ(std::system(fmt::format("rm -rf {0} && mkdir -p {0}", dir).c_str()), 0);
-  return dir;
+  testing::ScratchDir scratch(name);
+  EXPECT_TRUE(scratch.ok());
+  return scratch.dir();
 }
 
 TEST(RefcountTest, OverflowIsRefusedClearly) {

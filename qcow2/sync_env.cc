@@ -16,32 +16,13 @@
 namespace uq::qcow2 {
 namespace {
 
-class SyncFile final : public File {
+class SyncFile final : public FdFile {
  public:
-  SyncFile(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
-  ~SyncFile() override { ::close(fd_); }
-
-  Result<uint64_t> Size() override {
-    struct stat st;
-    if (::fstat(fd_, &st) != 0) return Status::FromErrno(errno, path_ + ": stat");
-    return static_cast<uint64_t>(st.st_size);
-  }
-  Status Truncate(uint64_t size) override {
-    if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) {
-      return Status::FromErrno(errno, fmt::format("{}: truncate to {}", path_, size));
-    }
-    return Status::Ok();
-  }
-  const std::string& path() const override { return path_; }
-  int fd() const override { return fd_; }
+  using FdFile::FdFile;
   bool Start(IoRequest& req) override {
-    PerformBlocking(fd_, req);
+    PerformBlocking(fd(), req);
     return true;
   }
-
- private:
-  int fd_;
-  std::string path_;
 };
 
 class SyncEnvImpl final : public Env {
@@ -117,6 +98,21 @@ void PerformBounced(int fd, IoRequest& req) {
 bool MisalignedForDirect(const IoRequest& req) {
   if (req.op != IoRequest::Op::kRead && req.op != IoRequest::Op::kWrite) return false;
   return ((req.offset | req.length | reinterpret_cast<uintptr_t>(req.data)) & (kDirectAlign - 1)) != 0;
+}
+
+FdFile::~FdFile() { ::close(fd_); }
+
+Result<uint64_t> FdFile::Size() {
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) return Status::FromErrno(errno, path_ + ": stat");
+  return static_cast<uint64_t>(st.st_size);
+}
+
+Status FdFile::Truncate(uint64_t size) {
+  if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) {
+    return Status::FromErrno(errno, fmt::format("{}: truncate to {}", path_, size));
+  }
+  return Status::Ok();
 }
 
 Env* SyncEnv() {

@@ -4,9 +4,31 @@
 #ifndef UBLK_QCOW2_QCOW2_SYNC_ENV_H_
 #define UBLK_QCOW2_QCOW2_SYNC_ENV_H_
 
+#include <string>
+
 #include "qcow2/file.h"
 
 namespace uq::qcow2 {
+
+// A File over an open host fd: owns and closes it, answers Size/Truncate/
+// path/fd. Subclasses decide how operations run (Start()).
+class FdFile : public File {
+ public:
+  // Takes ownership of `fd`.
+  FdFile(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  ~FdFile() override;
+  FdFile(const FdFile&) = delete;
+  FdFile& operator=(const FdFile&) = delete;
+
+  Result<uint64_t> Size() override;
+  Status Truncate(uint64_t size) override;
+  const std::string& path() const override { return path_; }
+  int fd() const override { return fd_; }
+
+ private:
+  const int fd_;
+  const std::string path_;
+};
 
 // A process-wide SyncEnv.
 Env* SyncEnv();
