@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "tools/command.h"
+#include "tools/bench_command.h"
 #include "tools/convert_command.h"
 #include "tools/check_command.h"
 #include "tools/create_command.h"
@@ -34,8 +35,7 @@ struct Verb {
   std::unique_ptr<Command> (*make)();
 };
 
-// Every verb, in the order --help lists them. Still to come: create, check,
-// bench (images), add, del, list (ublk devices).
+// Every verb, in the order --help lists them: image verbs, then device verbs.
 constexpr Verb kVerbs[] = {
     {"create", "Create a qcow2 image (like qemu-img create -f qcow2)", &MakeCreateCommand},
     {"check", "Check (and repair) an image's reference counts (like qemu-img check)", &MakeCheckCommand},
@@ -43,6 +43,7 @@ constexpr Verb kVerbs[] = {
      &MakeInfoCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},
+    {"bench", "Measure read/write IOPS on an image (like qemu-img bench)", &MakeBenchCommand},
     {"add", "Serve an image as a ublk block device /dev/ublkbN", &MakeAddCommand},
     {"del", "Stop and remove ublk devices (the image is closed cleanly)", &MakeDelCommand},
     {"list", "List ublk devices, their state, daemon and image", &MakeListCommand},
