@@ -33,7 +33,10 @@ Task<Status> Refcounts::Load() {
   AlignedBuffer raw(bytes);
   CO_RETURN_IF_ERROR(co_await file_->ReadExact(header_->refcount_table_offset, raw.span()));
   table_.resize(bytes / 8);
-  for (uint64_t i = 0; i < table_.size(); i++) table_[i] = LoadBE64(raw.span(), i * 8);
+  for (uint64_t i = 0; i < table_.size(); i++) {
+    table_[i] = LoadBE64(raw.span(), i * 8);
+    if (table_[i] & kRefcountTableOffsetMask) block_clusters_.insert((table_[i] & kRefcountTableOffsetMask) / cluster_size_);
+  }
   co_return Status::Ok();
 }
 
@@ -43,11 +46,7 @@ bool Refcounts::IsRefcountMetadata(uint64_t cluster) const {
   if (offset >= header_->refcount_table_offset && offset < header_->refcount_table_offset + table_bytes) {
     return true;
   }
-  // A range's block, if any, is what its table entry names.
-  for (uint64_t e : table_) {
-    if ((e & kRefcountTableOffsetMask) == offset) return true;
-  }
-  return false;
+  return block_clusters_.count(cluster) != 0;
 }
 
 Task<Result<Refcounts::Location>> Refcounts::Locate(uint64_t cluster) {
@@ -86,6 +85,7 @@ Task<Status> Refcounts::EnsureBlock(uint64_t bi) {
     cache_.MarkDirty(slice);
   }
   table_[bi] = offset;
+  block_clusters_.insert(offset / cluster_size_);
   dirty_table_chunks_.insert(bi * 8 / kTableChunkBytes);
   co_return Status::Ok();
 }
@@ -123,6 +123,7 @@ Task<Status> Refcounts::GrowTable(uint64_t needed_bi) {
   std::vector<uint64_t> table = table_;
   table.resize(new_entries, 0);
   for (uint64_t j = 0; j < blocks; j++) table[first_range + j] = (start + j) * cluster_size_;
+  for (uint64_t j = 0; j < blocks; j++) block_clusters_.insert(start + j);
   AlignedBuffer table_buf(table_clusters * cluster_size_);
   for (uint64_t i = 0; i < table.size(); i++) StoreBE64(table_buf.span(), i * 8, table[i]);
   const uint64_t table_offset = (start + blocks) * cluster_size_;

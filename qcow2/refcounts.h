@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <set>
+#include <unordered_set>
 #include <vector>
 
 #include "base/status.h"
@@ -88,6 +89,9 @@ class Refcounts {
   uint64_t entries_per_slice_;
   MetadataCache cache_;
   std::vector<uint64_t> table_;
+  // Clusters holding refcount blocks (what table_ names), for O(1) overlap
+  // checks on the data path.
+  std::unordered_set<uint64_t> block_clusters_;
   std::set<uint64_t> dirty_table_chunks_;  // 4 KiB chunks of the table
   std::vector<uint64_t> deferred_;
   uint64_t free_hint_ = 0;  // no free cluster below this one
