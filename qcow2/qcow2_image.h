@@ -114,10 +114,15 @@ class Qcow2Image final : public BlockDevice {
   bool WritableInPlace(const L2Entry& e, uint64_t in_cluster, uint64_t length) const;
   Task<Status> WriteInCluster(uint64_t offset, std::span<const std::byte> data);
   Task<Status> AllocatingWrite(uint64_t offset, std::span<const std::byte> data);
+  // Extended L2: the cluster has its own host cluster and only unallocated or
+  // zero subclusters are written: per-subcluster locking suffices.
+  bool SubclusterWritable(uint64_t offset, const L2Entry& e) const;
+  Task<Status> SubclusterAllocatingWrite(uint64_t offset, std::span<const std::byte> data);
   // Makes the L2 table for `offset` exist and belong to the active L1 only.
   Task<Status> PrepareL2(uint64_t offset);
-  // Stores a new entry for the cluster at `offset`. REQUIRES: the cluster's
-  // exclusive lock, PrepareL2 done, the metadata mutex held.
+  // Stores a new entry for the cluster at `offset`. REQUIRES: PrepareL2
+  // done, the metadata mutex held, and either the cluster's exclusive lock or
+  // (subcluster bits only) its shared lock plus the touched subclusters' locks.
   Task<Status> StoreEntry(uint64_t offset, const L2Entry& entry);
   // Defers dropping the references `entry` holds (when it is replaced).
   void ReleaseEntry(const L2Entry& entry);
@@ -155,6 +160,9 @@ class Qcow2Image final : public BlockDevice {
   AsyncMutex meta_mutex_;
   KeyedLock cluster_locks_;  // by guest cluster
   KeyedLock l1_locks_;       // by L1 index
+  // By guest cluster * 32 + subcluster; taken exclusively (ascending) under
+  // the cluster's shared lock to change subcluster bits.
+  KeyedLock subcluster_locks_;
   std::set<uint64_t> l1_dirty_chunks_;
   // Clusters holding metadata the data path must never overwrite: header,
   // L1 table, L2 tables, snapshot table and L1s (refcount metadata is asked

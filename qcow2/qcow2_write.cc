@@ -90,9 +90,67 @@ Task<Status> Qcow2Image::WriteInCluster(uint64_t offset, std::span<const std::by
       CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host, data.size()));
       co_return co_await data_file().Write(host, data);
     }
+    if (geo_.extended_l2 && SubclusterWritable(offset, e)) {
+      // The cluster keeps its host cluster; only subcluster bits change, so
+      // writes to other subclusters of it need not wait for this one.
+      co_return co_await SubclusterAllocatingWrite(offset, data);
+    }
   }
   auto exclusive = co_await cluster_locks_.Lock(cluster, true);
   co_return co_await AllocatingWrite(offset, data);
+}
+
+bool Qcow2Image::SubclusterWritable(uint64_t offset, const L2Entry& e) const {
+  const bool has_df = data_file_ != nullptr;
+  if (e.compressed() || !e.copied() || !e.has_host_cluster(has_df)) return false;
+  // ...in an L2 table the active L1 owns (else PrepareL2 must copy it first).
+  if (!(l1_[geo_.l1_index(offset)] & kEntryCopied)) return false;
+  for (uint32_t sc = 0; sc < kSubclustersPerCluster; sc++) {
+    if (e.Kind(geo_, has_df, sc) == SubclusterKind::kInvalid) return false;
+  }
+  return true;
+}
+
+Task<Status> Qcow2Image::SubclusterAllocatingWrite(uint64_t offset, std::span<const std::byte> data) {
+  // REQUIRES: the cluster's lock held shared; its entry passed SubclusterWritable().
+  const uint64_t cluster = geo_.guest_cluster(offset);
+  const uint64_t in_cluster = geo_.cluster_offset_in(offset);
+  const uint64_t cluster_start = offset - in_cluster;
+  const uint32_t first = static_cast<uint32_t>(in_cluster / geo_.subcluster_size);
+  const uint32_t last = static_cast<uint32_t>((in_cluster + data.size() - 1) / geo_.subcluster_size);
+  // Subcluster locks in ascending order: no two writers can deadlock.
+  std::vector<KeyedLock::Guard> guards;
+  for (uint32_t sc = first; sc <= last; sc++) {
+    guards.push_back(co_await subcluster_locks_.Lock(cluster * kSubclustersPerCluster + sc, true));
+  }
+  // Only cluster-exclusive operations change the host cluster, and they wait
+  // for our shared lock: the host cluster is stable; the bitmap may have
+  // changed in other subclusters only.
+  CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
+  const uint64_t host = old.host_cluster();
+  if (WritableInPlace(old, in_cluster, data.size())) {
+    CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host + in_cluster, data.size()));
+    co_return co_await data_file().Write(host + in_cluster, data);
+  }
+  const uint64_t write_start = first * geo_.subcluster_size;
+  const uint64_t write_end = (last + 1) * geo_.subcluster_size;
+  AlignedBuffer buf(write_end - write_start);
+  const uint64_t head = in_cluster - write_start;
+  const uint64_t tail_at = in_cluster + data.size();
+  if (head > 0) CO_RETURN_IF_ERROR(co_await ReadWithEntry(old, cluster_start + write_start, buf.span().first(head)));
+  std::memcpy(buf.data() + head, data.data(), data.size());
+  if (tail_at < write_end) {
+    CO_RETURN_IF_ERROR(co_await ReadWithEntry(old, cluster_start + tail_at, buf.span().subspan(tail_at - write_start)));
+  }
+  CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host + write_start, buf.size()));
+  CO_RETURN_IF_ERROR(co_await data_file().Write(host + write_start, buf.span()));
+  // Merge our bits into the entry as it is now (other subclusters may have
+  // been allocated meanwhile).
+  auto lock = co_await meta_mutex_.Acquire();
+  CO_ASSIGN_OR_RETURN(L2Entry now, co_await LookupEntry(offset));
+  const uint64_t touched = SubclusterMask(first, last);
+  now.bitmap = (now.bitmap | touched) & ~(touched << 32);
+  co_return co_await StoreEntry(offset, now);
 }
 
 Task<Status> Qcow2Image::PrepareL2(uint64_t offset) {
