@@ -1,7 +1,9 @@
 #!/bin/bash
 # Discard and write-zeroes through the device: blkdiscard frees clusters in the image
 # (qemu-img map shows less data), blkdiscard -z reads back as zeros, the queue limits
-# advertise the cluster size, and the image stays consistent (qemu-img check).
+# advertise the cluster size, fstrim on a mounted ext4 gives the clusters of deleted files
+# back (qemu-img check counts fewer allocated clusters), and the image stays consistent
+# (qemu-img check).
 source "$(dirname "$0")/lib.bash"
 
 img=$WORK/discard.qcow2
@@ -65,5 +67,53 @@ whole() {
   (($(data_bytes) == 0))
 }
 check "blkdiscard of the whole device leaves no data, image clean" whole
+
+allocated_clusters() {  # allocated_clusters IMAGE: qemu-img check's count
+  local n
+  n=$(qemu-img check --output=json "$1" | sed -n 's/.*"allocated-clusters": *\([0-9]*\).*/\1/p')
+  echo "${n:-0}"
+}
+
+# ext4 (mounted without -o discard, so only fstrim discards): files written, deleted,
+# fstrim; the deleted files' clusters are freed and the kept files are intact.
+fstrim_ext4() {
+  local img=$WORK/fstrim.qcow2 dev before after freed i
+  qemu-img create -q -f qcow2 "$img" 256M
+  dev=$(add_device -f "$img")
+  mkfs.ext4 -F -q -E nodiscard "$dev"
+  mount -t ext4 -o nodiscard "$dev" "$MNT"
+  make_tree "$MNT/keep"
+  mkdir "$MNT/gone"
+  for i in 1 2 3 4; do head -c $((10 * 1024 * 1024)) /dev/urandom >"$MNT/gone/big$i"; done
+  make_tree "$MNT/gone/tree"
+  sums_of "$MNT/keep" >"$WORK/keep.sums"
+  umount "$MNT"
+  "$UQ" del -n "$(dev_id "$dev")"
+  qemu_img_check "$img" >/dev/null
+  before=$(allocated_clusters "$img")
+
+  dev=$(add_device -f "$img")
+  mount -t ext4 -o nodiscard "$dev" "$MNT"
+  rm -rf "$MNT/gone"
+  sync
+  fstrim -v "$MNT"
+  (cd "$MNT/keep" && sha256sum --quiet -c "$WORK/keep.sums")
+  echo "kept files intact after fstrim"
+  umount "$MNT"
+  "$UQ" del -n "$(dev_id "$dev")"
+  qemu_img_check "$img"
+  after=$(allocated_clusters "$img")
+  freed=$(((before - after) * 65536))
+  echo "allocated clusters: before $before, after fstrim $after ($((freed / 1024 / 1024)) MiB freed;" \
+    "about 45 MiB of files deleted)"
+  ((freed >= 36 * 1024 * 1024))
+  # Mounted again after del, the kept files still check out.
+  dev=$(add_device -f "$img")
+  mount -t ext4 -o ro "$dev" "$MNT"
+  (cd "$MNT/keep" && sha256sum --quiet -c "$WORK/keep.sums")
+  umount "$MNT"
+  "$UQ" del -n "$(dev_id "$dev")"
+}
+check "ext4: delete files, fstrim frees their clusters (qemu-img check), image clean" fstrim_ext4
 check "no device, daemon or record left" no_leftovers
 finish
