@@ -1,0 +1,418 @@
+#!/bin/bash
+# bench/device.sh: the ublk device (/dev/ublkbN served by ublk-qcow2) against the kernel
+# loop device on a raw file and qemu-nbd + the kernel nbd client, with fio, in ONE boot
+# of the VM rig (tests/vm/run: QEMU under TCG, since this host has no ublk).
+#
+#   bench/device.sh                    build (-c opt), boot, measure, report (~10 min)
+#   bench/device.sh --report RECORDS   only rebuild device.md/.dat/.png from saved records
+#
+# On the host: builds //tools:ublk-qcow2 with -c opt (--symlink_prefix=/, so the shared
+# bazel-bin link is left alone), copies the binary aside (another build may replace it
+# while the VM runs), boots one VM running bench/device-in-vm.sh (see there: images,
+# devices, fio jobs, counters), cuts the records out of the console between its marker
+# lines, and writes
+#   bench/results/device.records  the raw records (input of --report)
+#   bench/results/device.md       tables: throughput and ratios, CPU per I/O, memory,
+#                                 write-back owed by buffered targets, targets met or not
+#   bench/results/device.dat      gnuplot data;  bench/results/device.png  the chart
+# Under TCG the guest's CPU is emulated: absolute numbers are ~10-50x below real
+# hardware and move with the host's load; only ratios within one boot mean anything.
+#
+# Environment:
+#   BENCH_RUNTIME   seconds per fio job (default 8), after BENCH_RAMP (default 2)
+#   BENCH_BUFFERED  1 (default): also loop without direct I/O and qemu-nbd
+#                   --cache=writeback, the like-for-like baselines for our daemon, which
+#                   does buffered host I/O; 0: only the four targets of the issue
+#   BENCH_ROWS      row ids to run (default all: rr4k1 rr4k32 rw4k1 rw4k32 sr1m4 sw1m4)
+#   BENCH_DATA_MB   size of the data set and devices (default 1024)
+#   BENCH_ENGINE    1 (default): afterwards, `ublk-qcow2 bench` on the same image for the
+#                   4k random rows (buffered and O_DIRECT), the engine's cost without ublk
+#   BENCH_ENGINE_COUNT  its requests at QD32 (default 100000; a tenth at QD1)
+#   BENCH_BIN       a ublk-qcow2 binary to use instead of building one
+#   BENCH_OUT       where the results go (default bench/results)
+#   VM_TIMEOUT (default 1800), VM_SCRATCH_SIZE (default 10G), VM_*: see tests/vm/run
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${BENCH_OUT:-$ROOT/bench/results}
+START=$(date +%s)
+log() { echo "[$(($(date +%s) - START))s] $*" >&2; }
+
+# --- report: records -> device.md, device.dat, device.png --------------------------------
+report() {  # report RECORDS HOST_NOTE
+  local records=$1 host_note=$2
+  mkdir -p "$OUT"
+  python3 - "$records" "$OUT/device.md" "$OUT/device.dat" "$host_note" <<'PY'
+import sys, collections
+
+records_path, md_path, dat_path, host_note = sys.argv[1:5]
+meta, fio, snap, engine = {}, {}, {}, {}
+for line in open(records_path):
+    f = line.rstrip("\n").split("|")
+    if len(f) < 3 or f[0] != "rec":
+        continue
+    if f[1] == "meta":
+        meta[f[2]] = "|".join(f[3:])
+    elif f[1] == "fio":
+        row, target = f[2], f[3]
+        fio[(row, target)] = dict(iops=float(f[4]), bw=float(f[5]), ios=int(f[6]),
+                                  clat_us=float(f[7]) / 1000, error=int(f[8]))
+    elif f[1] == "engine":
+        engine[(f[2], f[3])] = dict(iops=float(f[4]), cpu=float(f[5]) + float(f[6]), count=int(f[8]))
+    elif f[1] == "snap":
+        phase, row, target = f[2], f[3], f[4]
+        snap[(phase, row, target)] = dict(
+            t=float(f[5]), rsect=int(f[6]), wsect=int(f[7]), busy=int(f[8]), total=int(f[9]),
+            ticks=None if f[10] == "-" else int(f[10]),
+            hwm=None if f[11] == "-" else int(f[11]),
+            rss=None if f[12] == "-" else int(f[12]),
+            sync=f[13], threads=f[14] if len(f) > 14 else "-")
+
+host_note = meta.get("host_note", host_note)
+targets = meta.get("targets", "ours1 ours2 loop nbd").split()
+rows = []  # (id, rw, bs, qd, label) in the order they ran
+for key, value in meta.items():
+    if key.startswith("row_"):
+        rw, bs, qd, label = value.split("|")
+        rows.append((key[4:], rw, int(bs), int(qd), label))
+NAMES = {"ours1": "ours 1q", "ours2": "ours 2q", "loop": "loop (dio)", "nbd": "qemu-nbd (none)",
+         "loop-buf": "loop (buffered)", "nbd-wb": "qemu-nbd (writeback)"}
+TICK_US = 10000  # USER_HZ = 100
+
+def derived(row, target, bs):
+    """Counters around one fio job: I/Os seen by the device (ramp included), CPU."""
+    pre, post = snap.get(("pre", row, target)), snap.get(("post", row, target))
+    if not pre or not post:
+        return None
+    ios = (post["rsect"] - pre["rsect"] + post["wsect"] - pre["wsect"]) * 512 / bs
+    if ios <= 0:
+        return None
+    d = dict(ios=ios, secs=post["t"] - pre["t"])
+    d["vm_us"] = (post["busy"] - pre["busy"]) * TICK_US / ios
+    d["vm_cores"] = (post["busy"] - pre["busy"]) / max(1, post["total"] - pre["total"]) * int(meta.get("cpus", 2))
+    d["srv_us"] = (post["ticks"] - pre["ticks"]) * TICK_US / ios if post["ticks"] is not None else None
+    d["srv_cores"] = ((post["ticks"] - pre["ticks"]) / 100 / d["secs"]) if post["ticks"] is not None else None
+    d["hwm"] = post["hwm"]
+    # Per thread name: ticks spent during the job (io-wq workers: those alive at the end).
+    def threads(x):
+        if x in ("-", ""):
+            return {}
+        return {k: int(v) for k, v in (kv.split("=") for kv in x.split(","))}
+    tp, tq = threads(pre["threads"]), threads(post["threads"])
+    d["threads"] = {k: tq[k] - tp.get(k, 0) for k in tq if k != "workers"}
+    d["workers"] = tq.get("workers", 0)
+    sync_ms, _, sync_busy = post["sync"].partition(":")
+    d["sync_s"] = int(sync_ms) / 1000 if sync_ms not in ("-", "") else 0.0
+    d["iops_wb"] = ios / (d["secs"] + d["sync_s"])
+    return d
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+def fmt_ratio(r):
+    return "-" if r is None else f"{r:.2f}"
+
+def cell(row, target):
+    x = fio.get((row, target))
+    if not x:
+        return "-"
+    if x["error"]:
+        return f"error {x['error']}"
+    return f"{x['iops']:.0f} ({x['bw'] / 1048576:.1f})"
+
+def iops(row, target):
+    x = fio.get((row, target))
+    return x["iops"] if x and not x["error"] else None
+
+buffered = "loop-buf" in targets
+out = []
+def w(line):
+    out.append(line)
+    if line.startswith("### "):
+        out.append("")
+        out.append("*QEMU TCG guest: absolute figures are emulation-bound; compare within this boot only.*")
+w("# Device benchmark: ublk-qcow2 vs loop vs qemu-nbd, fio inside the VM rig")
+w("")
+w(f"Generated by bench/device.sh on {meta.get('date', '?')}: one boot of tests/vm/run "
+  f"(QEMU **TCG**, {meta.get('cpus', '?')} vCPUs, {meta.get('mem_mib', '?')} MiB, guest kernel "
+  f"{meta.get('kernel', '?')}; {meta.get('fio', '?')}, {meta.get('qemu_nbd', '?')}); {host_note}. "
+  f"VM time in the benchmark script: {meta.get('elapsed_s', '?')} s.")
+w("")
+w("**The VM runs under TCG (emulated CPU): absolute numbers are far below real hardware and "
+  "move with the host's load; only the ratios between targets measured in this one boot mean "
+  "anything.**")
+w("")
+w(f"Data: {int(meta.get('data_mb', 1024))} MiB from /dev/urandom, written once; the qcow2 images "
+  f"(64 KiB clusters, {int(meta.get('image_allocated', 0) or 0) / 1048576:.0f} MiB of data clusters "
+  "allocated) are `qemu-img convert` of it, the raw files copies of it, so every read reads written "
+  f"data. fio: `ioengine=io_uring direct=1 time_based runtime={meta.get('runtime')} "
+  f"ramp_time={meta.get('ramp')} norandommap thread`, one job, each target a stonewalled job in one "
+  "fio run per row (order rotated per row); `sync` + `drop_caches` before every job.")
+w("")
+w("Targets: " + "; ".join(f"**{NAMES[t]}** {meta.get('dev_' + t, '')}" for t in targets) + ".")
+w("ours = `ublk-qcow2 add -f IMG -q 1|2` (default depth 128, 32 MiB metadata cache; the daemon's "
+  "host I/O is *buffered*, `driver/device.cc` sets `direct = false`); loop (dio) = `losetup "
+  "--direct-io=on`; qemu-nbd (none) = `qemu-nbd --cache=none --aio=io_uring -f qcow2 -c /dev/nbd0`"
+  + ("; loop (buffered) = `losetup --direct-io=off`; qemu-nbd (writeback) = `--cache=writeback "
+     "--aio=io_uring`: page-cache baselines, like for like with our daemon." if buffered else "."))
+w("")
+w("### Throughput: IOPS (MiB/s); ratios use ours 1q")
+w("")
+hdr = ["workload", "QD"] + [NAMES[t] for t in ("ours1", "ours2", "loop", "nbd")] + ["ours/loop", "ours/nbd"]
+if buffered:
+    hdr += [NAMES["loop-buf"], NAMES["nbd-wb"], "ours/loop-buf", "ours/nbd-wb"]
+w("| " + " | ".join(hdr) + " |")
+w("|---|---:|" + "---:|" * (len(hdr) - 2))
+dat = []
+for rid, rw, bs, qd, label in rows:
+    cells = [label, str(qd)] + [cell(rid, t) for t in ("ours1", "ours2", "loop", "nbd")]
+    cells += [fmt_ratio(ratio(iops(rid, "ours1"), iops(rid, "loop"))),
+              fmt_ratio(ratio(iops(rid, "ours1"), iops(rid, "nbd")))]
+    if buffered:
+        cells += [cell(rid, "loop-buf"), cell(rid, "nbd-wb"),
+                  fmt_ratio(ratio(iops(rid, "ours1"), iops(rid, "loop-buf"))),
+                  fmt_ratio(ratio(iops(rid, "ours1"), iops(rid, "nbd-wb")))]
+    w("| " + " | ".join(cells) + " |")
+    vals = []
+    for t in ("ours1", "ours2", "loop", "nbd", "loop-buf", "nbd-wb"):
+        v = iops(rid, t)
+        vals.append(f"{v:.0f}" if v else "NaN")
+    for t in ("ours1", "ours2", "loop", "nbd", "loop-buf", "nbd-wb"):
+        d = derived(rid, t, bs)
+        vals.append(f"{d['vm_us']:.1f}" if d else "NaN")
+    dat.append(f'"{label} QD{qd}" ' + " ".join(vals))
+w("")
+w("### CPU per I/O (µs of emulated CPU time; I/Os counted by the device, ramp included)")
+w("")
+w("Serving process = `utime+stime` of the ublk-qcow2 daemon (all its threads) or of qemu-nbd, "
+  "from /proc/PID/stat; loop has none (kernel threads). Whole VM = busy time of both vCPUs "
+  "(/proc/stat): fio, kernel, server. In parentheses: cores busy.")
+w("")
+srv_t = [t for t in ("ours1", "ours2", "nbd", "nbd-wb") if t in targets]
+hdr = ["workload", "QD"] + [f"server: {NAMES[t]}" for t in srv_t] + [f"VM: {NAMES[t]}" for t in targets]
+w("| " + " | ".join(hdr) + " |")
+w("|---|---:|" + "---:|" * (len(hdr) - 2))
+for rid, rw, bs, qd, label in rows:
+    cells = [label, str(qd)]
+    for t in srv_t:
+        d = derived(rid, t, bs)
+        cells.append(f"{d['srv_us']:.0f} ({d['srv_cores']:.2f})" if d and d["srv_us"] is not None else "-")
+    for t in targets:
+        d = derived(rid, t, bs)
+        cells.append(f"{d['vm_us']:.0f} ({d['vm_cores']:.2f})" if d else "-")
+    w("| " + " | ".join(cells) + " |")
+w("")
+w("### Where the serving process's CPU goes (share of its utime+stime, by thread name)")
+w("")
+w("`iou-wrk` = io_uring's io-wq worker threads (requests the kernel could not complete inline, "
+  "e.g. buffered I/O that would block), counted while alive at the end of the job (they exit "
+  "after ~5 s idle), with their number in brackets.")
+w("")
+w("| workload | QD | " + " | ".join(NAMES[t] for t in srv_t) + " |")
+w("|---|---:|" + "---:|" * len(srv_t))
+for rid, rw, bs, qd, label in rows:
+    cells = [label, str(qd)]
+    for t in srv_t:
+        d = derived(rid, t, bs)
+        total = sum(max(0, v) for v in d["threads"].values()) if d else 0
+        if not total:
+            cells.append("-")
+            continue
+        parts = sorted(((v, k) for k, v in d["threads"].items() if v > 0), reverse=True)
+        cells.append(", ".join(f"{k} {100 * v / total:.0f}%" + (f" [{d['workers']}]" if k == "iou-wrk" else "")
+                               for v, k in parts if 100 * v / total >= 1))
+    w("| " + " | ".join(cells) + " |")
+w("")
+w("### Memory: peak RSS (VmHWM, MiB) of the serving process after each row")
+w("")
+mem_t = [t for t in ("ours1", "ours2", "nbd", "nbd-wb") if t in targets]
+w("| after row | " + " | ".join(NAMES[t] for t in mem_t) + " |")
+w("|---|" + "---:|" * len(mem_t))
+for rid, rw, bs, qd, label in rows:
+    cells = [f"{label} QD{qd}"]
+    for t in mem_t:
+        d = derived(rid, t, bs)
+        cells.append(f"{d['hwm'] / 1024:.1f}" if d and d["hwm"] else "-")
+    w("| " + " | ".join(cells) + " |")
+w("")
+writes = [r for r in rows if "write" in r[1]]
+if writes:
+    w("### Writes, counting the write-back they leave behind")
+    w("")
+    w("`sync` right after each job (outside fio's window) writes back what buffered targets left "
+      "in the page cache. \"IOPS incl. write-back\" = I/Os seen by the device / (job time "
+      "including ramp + that sync).")
+    w("")
+    w("| workload | QD | " + " | ".join(f"{NAMES[t]}: sync s / IOPS incl. write-back" for t in targets) + " |")
+    w("|---|---:|" + "---:|" * len(targets))
+    for rid, rw, bs, qd, label in writes:
+        cells = [label, str(qd)]
+        for t in targets:
+            d = derived(rid, t, bs)
+            cells.append(f"{d['sync_s']:.1f} / {d['iops_wb']:.0f}" if d else "-")
+        w("| " + " | ".join(cells) + " |")
+    w("")
+
+if engine:
+    w("### The engine alone: `ublk-qcow2 bench` on the same image, no ublk")
+    w("")
+    w("After the rows above, in the same boot: `ublk-qcow2 bench -q -i io_uring --random -s 4096 "
+      "-d QD [-w] ours1.qcow2` with `-t writeback` (buffered, as the daemon opens images) and "
+      "`-t none` (O_DIRECT); CPU = user+sys of the process, minus that of a one-request run "
+      "(start-up, open, close), / requests. The daemon's CPU per I/O "
+      "(ours 1q, from the table above) minus the buffered engine's is what the ublk round trip "
+      "costs.")
+    w("")
+    w("| workload | QD | engine buffered: IOPS / µs CPU per req | engine O_DIRECT: IOPS / µs CPU per req "
+      "| device ours 1q: IOPS / daemon µs per I/O | daemon − engine buffered (µs) |")
+    w("|---|---:|---:|---:|---:|---:|")
+    for rid, rw, bs, qd, label in rows:
+        b, n = engine.get((rid, "writeback")), engine.get((rid, "none"))
+        if not b and not n:
+            continue
+        def per_req(x, mode):
+            start = engine.get(("start", mode))
+            return (x["cpu"] - (start["cpu"] if start else 0)) * 1e6 / x["count"]
+        def e(x, mode):
+            return f"{x['iops']:.0f} / {per_req(x, mode):.0f}" if x else "-"
+        d = derived(rid, "ours1", bs)
+        dev = f"{iops(rid, 'ours1'):.0f} / {d['srv_us']:.0f}" if d and d["srv_us"] is not None else "-"
+        diff = f"{d['srv_us'] - per_req(b, 'writeback'):.0f}" if d and b and d["srv_us"] is not None else "-"
+        w(f"| {label} | {qd} | {e(b, 'writeback')} | {e(n, 'none')} | {dev} | {diff} |")
+    w("")
+
+# Targets from the issue.
+w("### Targets (from the issue; checked here, not by tests)")
+w("")
+rand = [r for r in rows if r[1] in ("randread", "randwrite") and r[2] == 4096]
+def verdict(rs, other, want):
+    got = [(r, ratio(iops(r[0], "ours1"), iops(r[0], other))) for r in rs]
+    got = [(r, x) for r, x in got if x is not None]
+    if not got:
+        return "not measured"
+    met = sum(1 for _, x in got if x >= want)
+    detail = ", ".join(f"{r[4]} QD{r[3]} {x:.2f}x" for r, x in got)
+    return f"**{'met' if met == len(got) else 'NOT met'}**: {met} of {len(got)} rows reach it ({detail})"
+w(f"- ours ≥ 3x qemu-nbd (cache=none) IOPS on 4k random I/O: {verdict(rand, 'nbd', 3.0)}.")
+if buffered:
+    w(f"  Against qemu-nbd with the page cache (like for like): {verdict(rand, 'nbd-wb', 3.0)}.")
+rr = [r for r in rand if r[1] == "randread"]
+w(f"- ours ≥ 0.9x loop (direct I/O) on 4k random reads: {verdict(rr, 'loop', 0.9)}.")
+if buffered:
+    w(f"  Against buffered loop: {verdict(rr, 'loop-buf', 0.9)}.")
+for t, q in (("ours1", 1), ("ours2", 2)):
+    if t not in targets:
+        continue
+    peaks = [derived(r[0], t, r[2]) for r in rows]
+    peaks = [d["hwm"] for d in peaks if d and d["hwm"]]
+    if peaks:
+        bound = 32 + q * 128 * 0.5
+        w(f"- memory, {NAMES[t]}: peak RSS {max(peaks) / 1024:.1f} MiB; bound = 32 MiB cache + "
+          f"{q} x 128 tags x 512 KiB buffers = {bound:.0f} MiB (+ the binary): "
+          f"{'within' if max(peaks) / 1024 <= bound + 16 else 'ABOVE'}.")
+w("")
+extra = [(k, v) for k, v in meta.items() if k.startswith(("log_", "final_mem_", "prep_"))]
+if extra:
+    w("Also recorded: " + "; ".join(f"{k} = `{v}`" for k, v in extra) + ".")
+    w("")
+open(md_path, "w").write("\n".join(out))
+open(dat_path, "w").write(
+    "# label, IOPS: ours1 ours2 loop nbd loop-buf nbd-wb, then VM CPU us/IO in the same order\n"
+    + "\n".join(dat) + "\n")
+PY
+  local buffered_plot=""
+  grep -q '^rec|meta|targets|.*loop-buf' "$records" &&
+    buffered_plot=', "" using 6 title "loop (buffered)", "" using 7 title "qemu-nbd (writeback)"'
+  local buffered_cpu=""
+  grep -q '^rec|meta|targets|.*loop-buf' "$records" &&
+    buffered_cpu=', "" using 12 title "loop (buffered)", "" using 13 title "qemu-nbd (writeback)"'
+  gnuplot <<EOF
+set terminal pngcairo size 1400,900 font ",9" noenhanced
+set output "$OUT/device.png"
+set multiplot layout 2,1 title "fio io_uring direct=1 on the block device, inside a QEMU TCG VM (one boot: compare within a group only)"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set logscale y
+set grid ytics
+set key outside right top vertical
+set xtics scale 0
+set ylabel "IOPS (log)"
+set title "Throughput"
+plot "$OUT/device.dat" using 2:xtic(1) title "ours 1q", "" using 3 title "ours 2q", \
+     "" using 4 title "loop (dio)", "" using 5 title "qemu-nbd (none)"$buffered_plot
+set ylabel "µs CPU per I/O (log)"
+set title "Whole-VM CPU time per I/O (fio + kernel + server)"
+plot "$OUT/device.dat" using 8:xtic(1) title "ours 1q", "" using 9 title "ours 2q", \
+     "" using 10 title "loop (dio)", "" using 11 title "qemu-nbd (none)"$buffered_cpu
+unset multiplot
+EOF
+  log "wrote $OUT/device.md, device.dat, device.png"
+}
+
+if [[ ${1:-} == --report ]]; then
+  [[ -r ${2:-} ]] || { echo "usage: bench/device.sh --report RECORDS" >&2; exit 2; }
+  report "$2" "${3:-host load average not recorded}"
+  cat "$OUT/device.md"
+  exit 0
+fi
+
+# --- tools ---
+need=()
+command -v fio >/dev/null || need+=(fio)
+command -v jq >/dev/null || need+=(jq)
+command -v gnuplot >/dev/null || need+=(gnuplot-nox)
+{ command -v qemu-img && command -v qemu-nbd; } >/dev/null || need+=(qemu-utils)
+command -v python3 >/dev/null || need+=(python3)
+if ((${#need[@]})); then
+  log "installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/ublk-device-bench.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+if [[ -n ${BENCH_BIN:-} ]]; then
+  src=$BENCH_BIN
+else
+  log "building ublk-qcow2 (-c opt)"
+  (cd "$ROOT" && bazel build -c opt --symlink_prefix=/ //tools:ublk-qcow2 >&2)
+  src=$(cd "$ROOT" && bazel info -c opt bazel-bin 2>/dev/null)/tools/ublk-qcow2
+fi
+[[ -x $src ]] || { echo "no binary at $src" >&2; exit 1; }
+# The name matters: `del` and `list` recognise daemons by their command name.
+mkdir -p "$work/bin"
+cp "$src" "$work/bin/ublk-qcow2"
+
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+log "host load average $load_start; booting the VM"
+export VM_TIMEOUT=${VM_TIMEOUT:-1800}
+export VM_SCRATCH_SIZE=${VM_SCRATCH_SIZE:-10G}
+export VM_ENV_BENCH_BIN=$work/bin/ublk-qcow2
+for v in BENCH_RUNTIME BENCH_RAMP BENCH_DATA_MB BENCH_BUFFERED BENCH_ROWS BENCH_ENGINE BENCH_ENGINE_COUNT; do
+  [[ -n ${!v:-} ]] && export "VM_ENV_$v=${!v}"
+done
+vm_start=$(date +%s)
+set +e
+"$ROOT/tests/vm/run" bench/device-in-vm.sh 2>&1 | tee "$work/console.log"
+status=${PIPESTATUS[0]}
+set -e
+vm_s=$(($(date +%s) - vm_start))
+load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+
+records=$work/records
+sed -n '/^=== device-bench records begin ===$/,/^=== device-bench records end ===$/p' \
+  "$work/console.log" | grep '^rec|' >"$records" || true
+echo "rec|meta|date|$(date -u +%Y-%m-%d)" >>"$records"
+if ! grep -q '^rec|fio|' "$records"; then
+  echo "device.sh: the VM produced no results (status $status)" >&2
+  exit 1
+fi
+mkdir -p "$OUT"
+cp "$records" "$OUT/device.records"
+host_note="host: $(nproc) cores, load average $load_start at boot and $load_end at the end; the VM ran ${vm_s} s"
+echo "rec|meta|host_note|$host_note" >>"$OUT/device.records"
+report "$OUT/device.records" "$host_note"
+cat "$OUT/device.md"
+((status == 0)) || { echo "device.sh: the in-VM part failed (status $status); results above are partial" >&2; exit 1; }
