@@ -57,6 +57,9 @@ struct DeviceOptions {
   uint32_t max_io_buf_bytes = 512 * 1024;
   bool read_only = false;
   uint64_t cache_size = 32ull << 20;  // engine metadata cache, bytes per image
+  // Host I/O with O_DIRECT (add --cache=none): no second copy of the data in
+  // the host's page cache, writes issued inline instead of through io-wq.
+  bool direct = true;
   bool handle_signals = true;
 };
 

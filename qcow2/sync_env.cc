@@ -131,6 +131,13 @@ Result<int> OpenFd(const std::string& path, const OpenOptions& options) {
   return fd;
 }
 
+bool SupportsDirectIo(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+  if (fd < 0) return false;
+  ::close(fd);
+  return true;
+}
+
 void PerformBlocking(int fd, IoRequest& req) {
   if (MisalignedForDirect(req) && req.length > 0 && IsDirect(fd)) {
     PerformBounced(fd, req);

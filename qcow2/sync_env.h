@@ -43,6 +43,11 @@ void PerformBlocking(int fd, IoRequest& req);
 // may read a 104-byte header or a compressed cluster at any byte offset.
 bool MisalignedForDirect(const IoRequest& req);
 
+// True if `path` can be opened with O_DIRECT (false on tmpfs and other file
+// systems without direct I/O, and if it cannot be opened at all: the real
+// open reports that error).
+bool SupportsDirectIo(const std::string& path);
+
 // Opens `path` with open(2) flags derived from `options`; returns the fd.
 Result<int> OpenFd(const std::string& path, const OpenOptions& options);
 

@@ -11,6 +11,7 @@
 #include "driver/control.h"
 #include "driver/daemon.h"
 #include "qcow2/open_image.h"
+#include "qcow2/sync_env.h"
 #include "tools/io_context.h"
 
 namespace uq::tools {
@@ -18,12 +19,13 @@ namespace {
 
 // Opens and closes the image the way the daemon will, so that its errors
 // come out here, before anything is created.
-Status ValidateImage(const AddOptions& options, const std::string& path) {
+Status ValidateImage(const AddOptions& options, const std::string& path, bool direct) {
   ASSIGN_OR_RETURN(std::unique_ptr<IoContext> io, IoContext::Create(IoMode::kAuto));
   qcow2::ImageOptions image_options;
   image_options.env = io->env();
   image_options.writable = !options.read_only;
   image_options.cache_size = options.cache_size;
+  image_options.direct = direct;
   ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> image,
                    io->Run(qcow2::OpenImage(path, image_options)));
   return io->Run(image->Close());
@@ -48,6 +50,10 @@ class AddCommand final : public Command {
     app.add_flag("--read-only", options_.read_only, "Serve the image read-only");
     app.add_flag("--foreground", options_.foreground,
                  "Serve from this process until the device is deleted or a signal arrives");
+    app.add_option("--cache", options_.cache,
+                   "Host page cache for the image files: none (O_DIRECT) or writeback")
+        ->check(CLI::IsMember({"none", "writeback"}))
+        ->capture_default_str();
     app.add_option("--cache-size", options_.cache_size,
                    "Metadata cache per image of the chain, bytes (K, M, G suffixes)")
         ->transform(CLI::AsSizeValue(false))
@@ -71,7 +77,16 @@ Status RunAdd(const AddOptions& options) {
     return Status::FromErrno(errno, options.image);
   }
   const std::string path = resolved;
-  RETURN_IF_ERROR(ValidateImage(options, path));
+  bool direct = options.cache == "none";
+  if (direct && !qcow2::SupportsDirectIo(path)) {
+    // tmpfs and a few others: serving buffered beats refusing.
+    std::fprintf(stderr,
+                 "ublk-qcow2: %s: the file system does not support O_DIRECT; "
+                 "serving through the page cache (--cache=writeback)\n",
+                 path.c_str());
+    direct = false;
+  }
+  RETURN_IF_ERROR(ValidateImage(options, path, direct));
   {
     // Say plainly when the kernel has no ublk, before forking anything.
     ASSIGN_OR_RETURN(std::unique_ptr<driver::ControlDevice> control, driver::ControlDevice::Open());
@@ -84,6 +99,7 @@ Status RunAdd(const AddOptions& options) {
   device.depth = static_cast<uint16_t>(options.depth);
   device.read_only = options.read_only;
   device.cache_size = options.cache_size;
+  device.direct = direct;
   device.handle_signals = true;
 
   if (options.foreground) {

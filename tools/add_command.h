@@ -1,7 +1,12 @@
 // `ublk-qcow2 add`: serve an image as a ublk block device.
 //
 //   ublk-qcow2 add -f IMAGE [-n ID] [-q QUEUES] [-d DEPTH] [--read-only]
-//                  [--foreground] [--cache-size=BYTES]
+//                  [--foreground] [--cache=none|writeback] [--cache-size=BYTES]
+//
+// --cache=none (the default, like qemu-nbd --cache=none) opens the image
+// files with O_DIRECT; writeback goes through the host's page cache. Either
+// way a FLUSH from the kernel reaches the disk (fdatasync). On a file system
+// without O_DIRECT (tmpfs) none falls back to writeback, with a warning.
 //
 // Opens IMAGE first, in this process, to validate it (format, header, backing
 // chain, writability): a bad image fails here with one line and nothing is
@@ -30,6 +35,7 @@ struct AddOptions {
   int depth = 128;
   bool read_only = false;
   bool foreground = false;
+  std::string cache = "none";  // none | writeback
   uint64_t cache_size = 32ull << 20;
 };
 

@@ -5,9 +5,13 @@
 #include <algorithm>
 #include <cassert>
 #include <cerrno>
+#include <coroutine>
+#include <cstring>
 #include <memory>
 #include <vector>
 
+#include "base/aligned_buffer.h"
+#include "base/task.h"
 #include "qcow2/sync_env.h"
 
 namespace uq::uring {
@@ -133,7 +137,56 @@ void FileIo::Finish(int64_t result) {
   req->waiter.resume();
 }
 
+// Alignment of the bounce span: a page covers every logical block size we
+// meet (512 and 4096).
+constexpr uint64_t kBounceAlign = 4096;
+
+// Awaits one StartFileIo.
+struct FileIoAwaitable {
+  Ring* ring;
+  int fd;
+  IoRequest* req;
+  bool await_ready() const noexcept { return false; }
+  bool await_suspend(std::coroutine_handle<> h) {
+    req->waiter = h;
+    return !StartFileIo(*ring, fd, *req);
+  }
+  void await_resume() const noexcept {}
+};
+
+// The body of StartBouncedRead, as a detached coroutine: its frame holds the
+// bounce buffer until the copy is done.
+Task<void> BouncedRead(Ring* ring, int fd, IoRequest* req) {
+  const uint64_t start = req->offset & ~(kBounceAlign - 1);
+  const uint64_t end = (req->offset + req->length + kBounceAlign - 1) & ~(kBounceAlign - 1);
+  AlignedBuffer bounce(end - start);
+  IoRequest whole{IoRequest::Op::kRead, start, bounce.data(), end - start};
+  co_await FileIoAwaitable{ring, fd, &whole};
+  if (whole.result < 0) {
+    req->result = whole.result;
+  } else {
+    const uint64_t skip = req->offset - start;
+    const uint64_t got = static_cast<uint64_t>(whole.result);
+    const uint64_t n = std::min(got > skip ? got - skip : 0, req->length);
+    std::memcpy(req->data, bounce.data() + skip, n);
+    req->result = static_cast<int64_t>(n);
+  }
+  // Last: the waiter may free `req` (and start more I/O) once it runs.
+  req->waiter.resume();
+}
+
 }  // namespace
+
+bool StartBouncedRead(Ring& ring, int fd, IoRequest& req) {
+  assert(req.op == IoRequest::Op::kRead);
+  if (req.length == 0) {
+    req.result = 0;
+    return true;
+  }
+  req.progress = 0;
+  Spawn(BouncedRead(&ring, fd, &req));
+  return false;
+}
 
 bool StartFileIo(Ring& ring, int fd, IoRequest& req) {
   const bool transfer_or_range = req.op != IoRequest::Op::kSync;

@@ -38,6 +38,14 @@ namespace uq::uring {
 // req.waiter is set.
 bool StartFileIo(Ring& ring, int fd, qcow2::IoRequest& req);
 
+// StartFileIo for a read that O_DIRECT would reject (offset, length or buffer
+// not 512-aligned: compressed clusters, header probes): reads the enclosing
+// 4 KiB-aligned span into an aligned bounce buffer on `ring`, copies the
+// asked-for bytes out, then completes `req` (result: bytes copied, fewer at
+// end of file). Never blocks the thread, so many such reads can be in flight.
+// Same contract as StartFileIo. REQUIRES: req.op is kRead.
+bool StartBouncedRead(Ring& ring, int fd, qcow2::IoRequest& req);
+
 }  // namespace uq::uring
 
 #endif  // UBLK_QCOW2_URING_FILE_IO_H_

@@ -19,6 +19,14 @@ thread_local Ring* tls_current = nullptr;
 // CQEs copied out per pass; bounds the stack used by Drain().
 constexpr unsigned kDrainBatch = 64;
 
+// While dispatching a batch, hand the SQEs that completions queued to the
+// kernel after every this many CQEs instead of at the end of the batch: at
+// depth 32 completions tend to arrive in bursts of ~30, and holding the new
+// requests back until the whole burst is dispatched leaves the disk idle
+// meanwhile (bench 4k random reads at depth 32: 0.85x qemu-img before).
+// One extra io_uring_enter per this many completions is the price.
+constexpr unsigned kSubmitEvery = 8;
+
 // The opcodes every Ring must support: the ones UringFile issues.
 constexpr uint8_t kFileOpcodes[] = {IORING_OP_READ, IORING_OP_WRITE, IORING_OP_FSYNC,
                                     IORING_OP_FALLOCATE};
@@ -189,7 +197,12 @@ size_t Ring::Drain() {
     }
     if (n == 0) break;
     io_uring_cq_advance(&ring_, n);
-    for (unsigned i = 0; i < n; ++i) Dispatch(batch[i]);
+    for (unsigned i = 0; i < n; ++i) {
+      Dispatch(batch[i]);
+      if ((i + 1) % kSubmitEvery == 0 && i + 1 < n && io_uring_sq_ready(&ring_) > 0) {
+        SubmitPending();
+      }
+    }
     total += n;
     // A partial batch emptied the CQ; what arrived since waits for the
     // next poll, which keeps one Poll() bounded.

@@ -20,13 +20,19 @@ class UringFile final : public qcow2::FdFile {
   UringFile(int fd, std::string path, bool direct) : FdFile(fd, std::move(path)), direct_(direct) {}
 
   bool Start(qcow2::IoRequest& req) override {
-    // O_DIRECT rejects unaligned I/O; the blocking path bounces it (rare:
-    // header probes and compressed clusters).
+    Ring* ring = Ring::Current();
+    // O_DIRECT rejects unaligned I/O. Unaligned reads (compressed clusters,
+    // header probes) bounce through an aligned buffer on the ring; unaligned
+    // writes, which would need a read-modify-write of the blocks around them
+    // (the engine writes none on the I/O path), take the blocking path.
     if (direct_ && qcow2::MisalignedForDirect(req)) {
+      if (ring != nullptr && req.op == qcow2::IoRequest::Op::kRead) {
+        return StartBouncedRead(*ring, fd(), req);
+      }
       qcow2::PerformBlocking(fd(), req);
       return true;
     }
-    if (Ring* ring = Ring::Current()) return StartFileIo(*ring, fd(), req);
+    if (ring != nullptr) return StartFileIo(*ring, fd(), req);
     qcow2::PerformBlocking(fd(), req);
     return true;
   }

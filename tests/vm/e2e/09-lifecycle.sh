@@ -1,7 +1,8 @@
 #!/bin/bash
 # The daemon's life: list (text and JSON), read-only devices, --foreground, SIGTERM
 # (clean stop: device, record and daemon gone, image clean), and SIGKILL (the kernel
-# fails I/O and removes the disk by itself; `list` shows it dead; `del` cleans up).
+# fails I/O and removes the disk by itself; `list` shows it dead; `del` cleans up), and
+# --cache (O_DIRECT by default, writeback on request, fallback on tmpfs).
 source "$(dirname "$0")/lib.bash"
 
 a=$WORK/a.qcow2
@@ -110,5 +111,56 @@ sigkill() {
   qemu-img check "$a" || (($? == 3))
 }
 check "SIGKILL: I/O fails (no hang), the kernel removes the disk, del cleans up" sigkill
+
+# image_fd_flags PID IMAGE: the open(2) flags (octal) of PID's fd on IMAGE.
+image_fd_flags() {
+  local fd
+  for fd in /proc/"$1"/fd/*; do
+    if [[ $(readlink "$fd") == "$2" ]]; then
+      awk '/^flags:/ {print $2}' "/proc/$1/fdinfo/${fd##*/}"
+      return 0
+    fi
+  done
+  return 1
+}
+has_o_direct() { (((8#$1 & 8#40000) != 0)); }  # O_DIRECT on x86-64
+
+# --cache: none (default) opens the image with O_DIRECT, writeback without; on a file
+# system without O_DIRECT (ramfs; tmpfs has it since Linux 6.6) none falls back to
+# writeback with a warning and still works.
+cache_modes() {
+  local dev pid flags r=/mnt/ramfs-$$ t err=$WORK/add.err
+  dev=$(add_device -f "$a")
+  pid=$(daemon_pid "$(dev_id "$dev")")
+  flags=$(image_fd_flags "$pid" "$a")
+  echo "--cache default: image fd flags $flags"
+  has_o_direct "$flags"
+  "$UQ" del -n "$(dev_id "$dev")"
+  dev=$(add_device -f "$a" --cache=writeback)
+  pid=$(daemon_pid "$(dev_id "$dev")")
+  flags=$(image_fd_flags "$pid" "$a")
+  echo "--cache=writeback: image fd flags $flags"
+  ! has_o_direct "$flags"
+  "$UQ" del -n "$(dev_id "$dev")"
+  mkdir -p "$r"
+  mount -t ramfs ramfs "$r"
+  t=$r/cache-test.qcow2
+  qemu-img create -q -f qcow2 "$t" 16M
+  dev=$("$UQ" add -f "$t" 2>"$err")
+  cat "$err"
+  grep -q "does not support O_DIRECT; serving through the page cache" "$err"
+  dd if=/dev/urandom of="$WORK/blob" bs=1M count=2 status=none
+  dd if="$WORK/blob" of="$dev" bs=1M oflag=direct status=none
+  dd if="$dev" of="$WORK/blob.back" bs=1M count=2 iflag=direct status=none
+  cmp "$WORK/blob.back" "$WORK/blob"
+  "$UQ" del -n "$(dev_id "$dev")"
+  qemu_img_check "$t"
+  umount "$r"
+  local rc=0
+  "$UQ" add -f "$a" --cache=directsync 2>/dev/null || rc=$?
+  echo "--cache=directsync: exit status $rc (usage error)"
+  ((rc == 2))
+}
+check "--cache=none opens the image O_DIRECT, writeback does not, ramfs falls back" cache_modes
 check "no device, daemon or record left" no_leftovers
 finish
