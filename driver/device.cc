@@ -114,6 +114,7 @@ Status Device::Setup(const DeviceOptions& options) {
   image_options.env = uring::UringEnv::Default();
   image_options.writable = !options.read_only;
   image_options.direct = options.direct;
+  image_options.preallocate = options.preallocate;
   image_options.cache_size = options.cache_size;
   const std::string path = options.image;
   using OpenResult = Result<std::unique_ptr<qcow2::BlockDevice>>;

@@ -60,6 +60,8 @@ struct DeviceOptions {
   // Host I/O with O_DIRECT (add --cache=none): no second copy of the data in
   // the host's page cache, writes issued inline instead of through io-wq.
   bool direct = true;
+  // ImageOptions::preallocate: grow the image file ahead of allocation.
+  uint64_t preallocate = 64ull << 20;
   bool handle_signals = true;
 };
 

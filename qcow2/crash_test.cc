@@ -16,6 +16,7 @@
 #include <fstream>
 #include <iterator>
 #include <random>
+#include <sstream>
 
 #include <fmt/format.h>
 
@@ -45,6 +46,7 @@ struct CrashCase {
   bool snapshot = false;
   int ops = 40;
   bool compressed = false;  // start from `qemu-img convert -c` of a patterned raw file
+  uint64_t preallocate = 0;  // ImageOptions::preallocate (grow the file ahead)
 };
 std::ostream& operator<<(std::ostream& o, const CrashCase& c) { return o << c.name; }
 
@@ -123,7 +125,8 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
     if (crash_at >= 0) env.CrashAtOperation(static_cast<uint64_t>(crash_at));
     model->current = model->durable = start;
     model->unsure.assign(start.size(), false);
-    auto opened = BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &env, .writable = true}));
+    auto opened = BlockOn(OpenImage(
+        "/w/img.qcow2", ImageOptions{.env = &env, .writable = true, .preallocate = c.preallocate}));
     if (opened.ok()) {
       std::unique_ptr<BlockDevice> dev = std::move(*opened);
       for (const Op& op : ops) {
@@ -184,6 +187,23 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
   const uint64_t boundaries = run(-1, &model);
   ASSERT_GT(boundaries, 10u);
   ASSERT_EQ(Sh("qemu-img check after.qcow2"), 0);
+  if (c.preallocate > 0) {
+    // A clean close cuts what was grown ahead back to the image's end.
+    std::string out;
+    // (One command per Sh(): it redirects only the last command of a list.)
+    ASSERT_EQ(Sh("qemu-img check --output=json after.qcow2 | sed -n 's/.*\"image-end-offset\": *\\([0-9]*\\).*/\\1/p'", &out), 0);
+    std::string sizes;
+    ASSERT_EQ(Sh("stat -c %s after.qcow2 img.qcow2", &sizes), 0);
+    out += sizes;
+    std::istringstream in(out);
+    uint64_t end = 0, size = 0, size_at_open = 0;
+    in >> end >> size >> size_at_open;
+    EXPECT_GT(end, 0u) << out;
+    // Discards may free the last clusters without shrinking the file, so the
+    // bound is the larger of the image's end and the size it started with.
+    EXPECT_LE(size, std::max(end, size_at_open)) << "file not cut back after Close(): " << out;
+    EXPECT_GE(size, end) << out;
+  }
 
   int checked = 0;
   for (uint64_t n = 0; n < boundaries; n++) {
@@ -219,7 +239,9 @@ INSTANTIATE_TEST_SUITE_P(
                       CrashCase{"v2_backing", "-o compat=0.10,cluster_size=4k", 1 << 20, true, false, 80},
                       CrashCase{"compressed_zstd", "-o cluster_size=4k,compression_type=zstd", 1 << 20, false, false, 80, true},
                       CrashCase{"data_file", "-o cluster_size=4k,data_file=img.data", 1 << 20, false, false, 60},
-                      CrashCase{"c2m", "-o cluster_size=2M", 8 << 20, false, false, 40}),
+                      CrashCase{"c2m", "-o cluster_size=2M", 8 << 20, false, false, 40},
+                      CrashCase{"c4k_preallocate", "-o cluster_size=4k", 2 << 20, false, false, 80, false, 64 << 10},
+                      CrashCase{"compressed_preallocate", "-o cluster_size=4k", 1 << 20, false, false, 60, true, 32 << 10}),
     [](const ::testing::TestParamInfo<CrashCase>& info) { return info.param.name; });
 
 }  // namespace

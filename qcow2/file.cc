@@ -19,6 +19,8 @@ const char* OpName(IoRequest::Op op) {
       return "discard";
     case IoRequest::Op::kZero:
       return "write zeroes";
+    case IoRequest::Op::kAllocate:
+      return "allocate";
   }
   return "?";
 }

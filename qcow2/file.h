@@ -17,6 +17,11 @@
 //   Sync     makes every completed write durable (fdatasync).
 //   Discard  deallocates [offset, offset+length); the range reads as zeros.
 //   Zero     makes the range read as zeros, keeping it allocated if it was.
+//   Allocate reserves space for [offset, offset+length) and grows the file to
+//            cover it, leaving every byte already there as it is (fallocate
+//            mode 0): later writes there need no block allocation and no
+//            file size change. Only an optimisation: where the file system
+//            cannot, it succeeds having done nothing.
 // Buffers must stay alive and untouched until the operation completes.
 // Errors name the file's path and the offset.
 //
@@ -41,10 +46,10 @@ class File;
 
 // One operation on one file, as data.
 struct IoRequest {
-  enum class Op : uint8_t { kRead, kWrite, kSync, kDiscard, kZero };
+  enum class Op : uint8_t { kRead, kWrite, kSync, kDiscard, kZero, kAllocate };
   Op op = Op::kRead;
   uint64_t offset = 0;
-  // kRead/kWrite: the buffer; kDiscard/kZero: data == nullptr, size = length.
+  // kRead/kWrite: the buffer; kDiscard/kZero/kAllocate: data == nullptr.
   std::byte* data = nullptr;
   uint64_t length = 0;
   // Filled by the implementation: bytes transferred (>= 0) or -errno.
@@ -92,6 +97,9 @@ class File {
   }
   IoAwaitable<Status> Zero(uint64_t offset, uint64_t length) {
     return {this, {IoRequest::Op::kZero, offset, nullptr, length}};
+  }
+  IoAwaitable<Status> Allocate(uint64_t offset, uint64_t length) {
+    return {this, {IoRequest::Op::kAllocate, offset, nullptr, length}};
   }
 
   // Synchronous, rare operations.

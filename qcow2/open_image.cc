@@ -127,6 +127,7 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
   parts.file = std::move(file);
   parts.header = std::move(header);
   parts.cache_size = options.cache_size;
+  parts.preallocate = options.preallocate;
   CO_ASSIGN_OR_RETURN(std::unique_ptr<Qcow2Image> image, co_await Qcow2Image::Open(std::move(parts)));
   co_return std::unique_ptr<BlockDevice>(std::move(image));
 }

@@ -124,6 +124,12 @@ Task<Status> Qcow2Image::Close() {
   if (closed_) co_return Status::Ok();
   Status st = co_await Flush();
   closed_ = true;
+  if (st.ok() && writable_ && grown_end_ > file_size_) {
+    // Give back what was grown ahead and not used: everything referenced
+    // lies below the size at open or below what refcounts handed out.
+    const uint64_t used = std::max(file_size_, refcounts_->used_end());
+    if (used < grown_end_) st = file_->Truncate(used);
+  }
   co_return st;
 }
 

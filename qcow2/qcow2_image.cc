@@ -26,6 +26,7 @@ Qcow2Image::Qcow2Image(Qcow2OpenParts parts)
       header_(std::move(parts.header)),
       geo_(Geometry::From(header_)),
       writable_(parts.writable),
+      preallocate_(parts.preallocate),
       l2_cache_(file_.get(), std::min(kL2SliceBytes, geo_.cluster_size), parts.cache_size) {}
 
 Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts) {
@@ -34,6 +35,7 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts)
   }
   auto img = std::make_unique<Qcow2Image>(std::move(parts));
   CO_ASSIGN_OR_RETURN(img->file_size_, img->file_->Size());
+  img->grown_end_ = img->file_size_;
 
   // The active L1 table (size and placement validated by ParseHeader).
   const Header& h = img->header_;

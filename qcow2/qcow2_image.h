@@ -61,6 +61,7 @@ struct Qcow2OpenParts {
   std::unique_ptr<BlockDevice> backing;   // null: no backing (reads zeros)
   bool writable = false;
   uint64_t cache_size = 32ull << 20;
+  uint64_t preallocate = 0;  // ImageOptions::preallocate
 };
 
 class Qcow2Image final : public BlockDevice {
@@ -129,6 +130,9 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> ZeroInCluster(uint64_t offset, uint64_t length);
   Task<Status> DiscardCluster(uint64_t offset);
   Task<Status> WriteZeroBuffer(uint64_t offset, uint64_t length);
+  // Notes that the file now holds clusters up to `end` and, with
+  // preallocation on, grows it ahead when `end` passes what was grown.
+  Task<void> ExtendTo(uint64_t end);
   // Fails with Corruption, marking the image corrupt, if a data write to
   // [host, host + length) would hit metadata.
   Task<Status> CheckNoOverlap(uint64_t host, uint64_t length);
@@ -150,7 +154,10 @@ class Qcow2Image final : public BlockDevice {
   Header header_;
   Geometry geo_;
   bool writable_;
+  const uint64_t preallocate_;
   uint64_t file_size_ = 0;
+  // How far the file has been grown ahead (>= file_size_ once grown).
+  uint64_t grown_end_ = 0;
   std::vector<uint64_t> l1_;
   std::vector<Snapshot> snapshots_;
   MetadataCache l2_cache_;

@@ -166,7 +166,7 @@ Task<Status> Qcow2Image::PrepareL2(uint64_t offset) {
     auto lock = co_await meta_mutex_.Acquire();
     CO_ASSIGN_OR_RETURN(table, co_await refcounts_->Allocate(1));
   }
-  file_size_ = std::max(file_size_, table + geo_.cluster_size);
+  co_await ExtendTo(table + geo_.cluster_size);
   // A new table is all zeros (every entry unallocated); a table shared with a
   // snapshot is copied. Either way it is written now, before any L1 entry can
   // name it on disk (the L1 reaches the disk only in Flush, after a sync).
@@ -251,6 +251,7 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
     fresh = true;
     file_size_ = std::max(file_size_, host + geo_.cluster_size);
   }
+  if (fresh) co_await ExtendTo(host + geo_.cluster_size);
 
   // The part of the cluster to write, and the new subcluster bitmap.
   uint64_t write_start = 0, write_end = geo_.cluster_size;
@@ -290,6 +291,22 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   CO_RETURN_IF_ERROR(co_await StoreEntry(offset, updated));
   if (!reuse) ReleaseEntry(old);
   co_return Status::Ok();
+}
+
+Task<void> Qcow2Image::ExtendTo(uint64_t end) {
+  file_size_ = std::max(file_size_, end);
+  if (preallocate_ == 0 || end <= grown_end_) co_return;
+  // Grow in whole MiB past `end`, then `preallocate_` more. grown_end_ moves
+  // first, so that allocations made while this runs do not grow again; they
+  // write past the old end of file meanwhile, which fallocate (mode 0: it
+  // never changes bytes already there) tolerates.
+  constexpr uint64_t kAlign = 1 << 20;
+  const uint64_t start = grown_end_;
+  const uint64_t target = ((end + kAlign - 1) & ~(kAlign - 1)) + preallocate_;
+  grown_end_ = target;
+  // Only an optimisation: on failure the writes extend the file themselves
+  // (and report ENOSPC, if that is the cause).
+  (void)co_await file_->Allocate(start, target - start);
 }
 
 Task<Status> Qcow2Image::WriteZeroBuffer(uint64_t offset, uint64_t length) {
@@ -458,6 +475,7 @@ Task<Status> Qcow2Image::WriteCompressed(uint64_t offset, std::span<const std::b
     // would need a read-modify-write that races when both are in flight.
     compressed_next_ = (host + *n + kSectorSize - 1) & ~(kSectorSize - 1);
   }
+  co_await ExtendTo((host & ~(cs - 1)) + cs);
   // Whole sectors are written; the tail of the last one is zeros.
   AlignedBuffer sectors((*n + kSectorSize - 1) & ~(kSectorSize - 1));
   std::memcpy(sectors.data(), packed.data(), *n);

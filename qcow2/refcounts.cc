@@ -85,6 +85,7 @@ Task<Status> Refcounts::EnsureBlock(uint64_t bi) {
     cache_.MarkDirty(slice);
   }
   table_[bi] = offset;
+  used_end_ = std::max(used_end_, offset + cluster_size_);
   block_clusters_.insert(offset / cluster_size_);
   dirty_table_chunks_.insert(bi * 8 / kTableChunkBytes);
   co_return Status::Ok();
@@ -127,6 +128,7 @@ Task<Status> Refcounts::GrowTable(uint64_t needed_bi) {
   AlignedBuffer table_buf(table_clusters * cluster_size_);
   for (uint64_t i = 0; i < table.size(); i++) StoreBE64(table_buf.span(), i * 8, table[i]);
   const uint64_t table_offset = (start + blocks) * cluster_size_;
+  used_end_ = std::max(used_end_, (start + total) * cluster_size_);
   CO_RETURN_IF_ERROR(co_await file_->Write(start * cluster_size_, block_buf.span()));
   CO_RETURN_IF_ERROR(co_await file_->Write(table_offset, table_buf.span()));
   CO_RETURN_IF_ERROR(co_await file_->Sync());
@@ -185,6 +187,7 @@ Task<Result<uint64_t>> Refcounts::Allocate(uint64_t count) {
     }
   }
   if (free_hint_ == run_start) free_hint_ = run_start + count;
+  used_end_ = std::max(used_end_, (run_start + count) * cluster_size_);
   for (uint64_t c = run_start; c < run_start + count; c++) {
     CO_ASSIGN_OR_RETURN(Location loc, co_await Locate(c));
     SetRefcount(loc.slice.bytes(), loc.index, order_, 1);

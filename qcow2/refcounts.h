@@ -47,6 +47,12 @@ class Refcounts {
   Task<Status> Load();
 
   Task<Result<uint64_t>> Get(uint64_t cluster);
+
+  // The end (bytes) of the highest cluster this object has put to use since
+  // Load(): allocations, refcount blocks, moved tables. With the file size
+  // at open, an upper bound of everything the image references, so the file
+  // may be cut back to it (past it lies only space grown ahead of need).
+  uint64_t used_end() const { return used_end_; }
   // Allocates `count` contiguous free clusters with refcount 1 each and
   // returns the byte offset of the first. The clusters' contents are garbage.
   Task<Result<uint64_t>> Allocate(uint64_t count);
@@ -95,6 +101,7 @@ class Refcounts {
   std::set<uint64_t> dirty_table_chunks_;  // 4 KiB chunks of the table
   std::vector<uint64_t> deferred_;
   uint64_t free_hint_ = 0;  // no free cluster below this one
+  uint64_t used_end_ = 0;
 };
 
 }  // namespace uq::qcow2

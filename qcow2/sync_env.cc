@@ -179,6 +179,13 @@ void PerformBlocking(int fd, IoRequest& req) {
     case IoRequest::Op::kZero:
       req.result = ZeroRange(fd, req.offset, req.length, /*keep_allocated=*/true);
       return;
+    case IoRequest::Op::kAllocate:
+      req.result = 0;
+      if (::fallocate(fd, 0, static_cast<off_t>(req.offset), static_cast<off_t>(req.length)) != 0 &&
+          !AllocateUnsupported(errno)) {
+        req.result = -errno;
+      }
+      return;
   }
 }
 

@@ -4,6 +4,7 @@
 #ifndef UBLK_QCOW2_QCOW2_SYNC_ENV_H_
 #define UBLK_QCOW2_QCOW2_SYNC_ENV_H_
 
+#include <cerrno>
 #include <string>
 
 #include "qcow2/file.h"
@@ -36,6 +37,10 @@ Env* SyncEnv();
 // Performs `req` on `fd` with blocking syscalls (retrying short transfers and
 // EINTR) and sets req.result. Shared with other Envs as their fallback path.
 void PerformBlocking(int fd, IoRequest& req);
+
+// True if fallocate's `err` means the file system cannot allocate ahead
+// (kAllocate then succeeds having done nothing).
+inline bool AllocateUnsupported(int err) { return err == EOPNOTSUPP || err == ENOSYS || err == EINVAL; }
 
 // True if `req` is a read or write that O_DIRECT would reject (offset,
 // length or buffer not aligned to 512 bytes). PerformBlocking serves such

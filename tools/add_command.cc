@@ -54,6 +54,10 @@ class AddCommand final : public Command {
                    "Host page cache for the image files: none (O_DIRECT) or writeback")
         ->check(CLI::IsMember({"none", "writeback"}))
         ->capture_default_str();
+    app.add_option("--preallocate", options_.preallocate,
+                   "Grow the image file this far ahead of allocating writes (K, M, G; 0: off)")
+        ->transform(CLI::AsSizeValue(false))
+        ->capture_default_str();
     app.add_option("--cache-size", options_.cache_size,
                    "Metadata cache per image of the chain, bytes (K, M, G suffixes)")
         ->transform(CLI::AsSizeValue(false))
@@ -100,6 +104,7 @@ Status RunAdd(const AddOptions& options) {
   device.read_only = options.read_only;
   device.cache_size = options.cache_size;
   device.direct = direct;
+  device.preallocate = options.preallocate;
   device.handle_signals = true;
 
   if (options.foreground) {

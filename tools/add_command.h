@@ -2,11 +2,14 @@
 //
 //   ublk-qcow2 add -f IMAGE [-n ID] [-q QUEUES] [-d DEPTH] [--read-only]
 //                  [--foreground] [--cache=none|writeback] [--cache-size=BYTES]
+//                  [--preallocate=BYTES]
 //
 // --cache=none (the default, like qemu-nbd --cache=none) opens the image
 // files with O_DIRECT; writeback goes through the host's page cache. Either
 // way a FLUSH from the kernel reaches the disk (fdatasync). On a file system
-// without O_DIRECT (tmpfs) none falls back to writeback, with a warning.
+// without O_DIRECT (ramfs) none falls back to writeback, with a warning.
+// --preallocate grows the image file that far ahead of the clusters
+// allocating writes take (fallocate; cut back when the device is deleted).
 //
 // Opens IMAGE first, in this process, to validate it (format, header, backing
 // chain, writability): a bad image fails here with one line and nothing is
@@ -37,6 +40,7 @@ struct AddOptions {
   bool foreground = false;
   std::string cache = "none";  // none | writeback
   uint64_t cache_size = 32ull << 20;
+  uint64_t preallocate = 64ull << 20;
 };
 
 Status RunAdd(const AddOptions& options);

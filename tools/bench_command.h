@@ -5,7 +5,7 @@
 //                    [-o OFFSET] [-w] [--pattern=N] [--flush-interval=N]
 //                    [--no-drain] [-t none|writeback|writethrough|directsync|unsafe]
 //                    [-i io_uring|threads] [-q] [-U] [--random] [--seed=N]
-//                    [--cache-size=SIZE] IMAGE
+//                    [--cache-size=SIZE] [--preallocate=SIZE] IMAGE
 //
 // Sends COUNT requests of SIZE bytes, DEPTH in flight, at offsets OFFSET,
 // OFFSET+STEP, ... (STEP defaults to SIZE), wrapping at the end of the image
@@ -19,6 +19,8 @@
 //   --random     offsets drawn uniformly from OFFSET + k*STEP inside the image
 //                (fixed seed, --seed to change it) instead of walking them.
 //   --cache-size metadata cache bytes per image (ImageOptions::cache_size).
+//   --preallocate grow the image file ahead of allocating writes, as the
+//                device does (ImageOptions::preallocate; default 64M, 0: off).
 //   -i threads   blocking syscalls on the calling thread (we have no thread
 //                pool): requests complete one at a time whatever DEPTH says.
 //   -q           leaves out the "Sending ..." lines; results always print.
@@ -63,6 +65,7 @@ struct BenchOptions {
   bool random = false;              // --random
   uint64_t seed = 1;                // --seed
   uint64_t cache_size = 32ull << 20;  // --cache-size
+  uint64_t preallocate = 64ull << 20; // --preallocate (ImageOptions::preallocate)
 };
 
 // qemu's cvtnum(): a decimal byte count with an optional binary suffix,

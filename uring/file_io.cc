@@ -92,6 +92,10 @@ void FileIo::Issue() {
       io_uring_prep_fallocate(sqe, fd_, FALLOC_FL_ZERO_RANGE, static_cast<off_t>(req_->offset),
                               static_cast<off_t>(req_->length));
       break;
+    case IoRequest::Op::kAllocate:
+      io_uring_prep_fallocate(sqe, fd_, 0, static_cast<off_t>(req_->offset),
+                              static_cast<off_t>(req_->length));
+      break;
   }
   io_uring_sqe_set_data64(sqe, UserData::ForCompletion(this));
 }
@@ -119,6 +123,9 @@ void FileIo::Complete(int32_t res, uint32_t /*flags*/) {
         qcow2::PerformBlocking(fd_, *req_);
         return Finish(req_->result);
       }
+      return Finish(res < 0 ? res : 0);
+    case IoRequest::Op::kAllocate:
+      if (res < 0 && qcow2::AllocateUnsupported(-res)) return Finish(0);
       return Finish(res < 0 ? res : 0);
     case IoRequest::Op::kSync:
     case IoRequest::Op::kDiscard:

@@ -5,6 +5,7 @@
 //   kWrite   IORING_OP_WRITE
 //   kSync    IORING_OP_FSYNC with IORING_FSYNC_DATASYNC
 //   kDiscard IORING_OP_FALLOCATE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+//   kAllocate IORING_OP_FALLOCATE, mode 0 (EOPNOTSUPP, EINVAL: success)
 //   kZero    IORING_OP_FALLOCATE, FALLOC_FL_ZERO_RANGE; if the file system
 //            cannot (EOPNOTSUPP, EINVAL, ENODEV), zeros are written with
 //            blocking pwrite on the ring's thread (rare: block devices, some

@@ -14,15 +14,16 @@ namespace {
 
 // The operations that crash points count.
 constexpr uint32_t kBoundaries =
-    Fault::kWrite | Fault::kSync | Fault::kDiscard | Fault::kZero | Fault::kTruncate;
+    Fault::kWrite | Fault::kSync | Fault::kDiscard | Fault::kZero | Fault::kTruncate |
+    Fault::kAllocate;
 
 constexpr uint64_t kSectorSize = 512;
 
 // A completed change not yet covered by a sync.
 struct Change {
-  enum class Kind { kWrite, kZero, kTruncate };
+  enum class Kind { kWrite, kZero, kTruncate, kExtend };
   Kind kind;
-  uint64_t offset;  // kTruncate: the new size
+  uint64_t offset;  // kTruncate: the new size; kExtend: the least size
   uint64_t length;
   std::vector<std::byte> data;  // kWrite only
   uint64_t seq;
@@ -40,6 +41,8 @@ uint32_t KindOf(IoRequest::Op op) {
       return Fault::kDiscard;
     case IoRequest::Op::kZero:
       return Fault::kZero;
+    case IoRequest::Op::kAllocate:
+      return Fault::kAllocate;
   }
   return Fault::kRead;
 }
@@ -86,6 +89,9 @@ void ApplyChange(std::vector<std::byte>& bytes, const Change& change) {
       return;
     case Change::Kind::kTruncate:
       bytes.resize(change.offset);
+      return;
+    case Change::Kind::kExtend:
+      if (bytes.size() < change.offset) bytes.resize(change.offset);
       return;
   }
 }
@@ -291,6 +297,10 @@ int64_t FaultInjectionEnv::Finish(FileModel& model, const IoRequest& request, in
         model.unsynced.push_back(Change{Change::Kind::kZero, request.offset, request.length, {},
                                         model.next_seq++});
         break;
+      case IoRequest::Op::kAllocate:
+        model.unsynced.push_back(Change{Change::Kind::kExtend, request.offset + request.length, 0,
+                                        {}, model.next_seq++});
+        break;
       case IoRequest::Op::kSync:
         // A sync that completes after the crash point never completed.
         if (crashed_) break;
@@ -355,7 +365,7 @@ Status FaultInjectionEnv::SimulateCrash(CrashMode mode, uint64_t seed) {
     std::vector<std::byte> bytes = std::move(model.durable);
     if (mode != CrashMode::kDropAllUnsynced) {
       for (const Change& change : model.unsynced) {
-        if (change.kind == Change::Kind::kTruncate) {
+        if (change.kind == Change::Kind::kTruncate || change.kind == Change::Kind::kExtend) {
           ApplyChange(bytes, change);
         } else if (mode == CrashMode::kKeepRandomSubset) {
           if (coin()) ApplyChange(bytes, change);

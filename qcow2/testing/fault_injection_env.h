@@ -87,7 +87,8 @@ struct Fault {
   static constexpr uint32_t kDiscard = 1u << 3;
   static constexpr uint32_t kZero = 1u << 4;
   static constexpr uint32_t kTruncate = 1u << 5;
-  static constexpr uint32_t kAllOps = (1u << 6) - 1;
+  static constexpr uint32_t kAllocate = 1u << 6;
+  static constexpr uint32_t kAllOps = (1u << 7) - 1;
   static constexpr uint64_t kForever = std::numeric_limits<uint64_t>::max();
 
   enum class Effect { kError, kShortRead };

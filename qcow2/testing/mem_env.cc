@@ -166,6 +166,18 @@ void MemEnv::Perform(Node& node, bool writable, bool direct, IoRequest& req) con
       req.result = 0;
       return;
     }
+    case IoRequest::Op::kAllocate:
+      if (!writable) {
+        req.result = -EBADF;
+        return;
+      }
+      if (end > options_.max_file_size) {
+        req.result = -EFBIG;
+        return;
+      }
+      if (end > size) bytes.resize(end);  // the new space reads as zeros
+      req.result = 0;
+      return;
   }
   req.result = -EINVAL;
 }

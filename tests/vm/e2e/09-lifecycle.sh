@@ -2,7 +2,7 @@
 # The daemon's life: list (text and JSON), read-only devices, --foreground, SIGTERM
 # (clean stop: device, record and daemon gone, image clean), and SIGKILL (the kernel
 # fails I/O and removes the disk by itself; `list` shows it dead; `del` cleans up), and
-# --cache (O_DIRECT by default, writeback on request, fallback on tmpfs).
+# --cache (O_DIRECT by default, writeback on request, fallback on ramfs) and --preallocate.
 source "$(dirname "$0")/lib.bash"
 
 a=$WORK/a.qcow2
@@ -162,5 +162,33 @@ cache_modes() {
   ((rc == 2))
 }
 check "--cache=none opens the image O_DIRECT, writeback does not, ramfs falls back" cache_modes
+
+# --preallocate (default 64M): while served, the image file is grown ahead of the
+# clusters allocating writes take; del cuts it back to the image's end; 0 turns it off.
+preallocation() {
+  local img=$WORK/grow.qcow2 dev size end
+  qemu-img create -q -f qcow2 "$img" 256M
+  dev=$(add_device -f "$img")
+  dd if=/dev/urandom of="$dev" bs=1M count=2 oflag=direct status=none
+  sync
+  size=$(stat -c %s "$img")
+  echo "served, after 2 MiB of writes: file $size bytes"
+  ((size >= 64 * 1024 * 1024))
+  "$UQ" del -n "$(dev_id "$dev")"
+  size=$(stat -c %s "$img")
+  end=$(qemu-img check --output=json "$img" | sed -n 's/.*"image-end-offset": *\([0-9]*\).*/\1/p')
+  echo "after del: file $size bytes, image end offset $end"
+  ((size == end))
+  qemu_img_check "$img" >/dev/null
+  dev=$(add_device -f "$img" --preallocate=0)
+  dd if=/dev/urandom of="$dev" bs=1M count=2 seek=8 oflag=direct status=none
+  sync
+  size=$(stat -c %s "$img")
+  echo "--preallocate=0, after 2 more MiB: file $size bytes"
+  ((size < 8 * 1024 * 1024))
+  "$UQ" del -n "$(dev_id "$dev")"
+  qemu_img_check "$img" >/dev/null
+}
+check "--preallocate grows the file ahead while served, del cuts it back, 0 turns it off" preallocation
 check "no device, daemon or record left" no_leftovers
 finish
