@@ -47,6 +47,7 @@ struct CrashCase {
   int ops = 40;
   bool compressed = false;  // start from `qemu-img convert -c` of a patterned raw file
   uint64_t preallocate = 0;  // ImageOptions::preallocate (grow the file ahead)
+  uint64_t cache_size = 32ull << 20;  // ImageOptions::cache_size; tiny: write-back mid-workload
 };
 std::ostream& operator<<(std::ostream& o, const CrashCase& c) { return o << c.name; }
 
@@ -126,7 +127,10 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
     model->current = model->durable = start;
     model->unsure.assign(start.size(), false);
     auto opened = BlockOn(OpenImage(
-        "/w/img.qcow2", ImageOptions{.env = &env, .writable = true, .preallocate = c.preallocate}));
+        "/w/img.qcow2", ImageOptions{.env = &env,
+                                     .writable = true,
+                                     .cache_size = c.cache_size,
+                                     .preallocate = c.preallocate}));
     if (opened.ok()) {
       std::unique_ptr<BlockDevice> dev = std::move(*opened);
       for (const Op& op : ops) {
@@ -241,7 +245,9 @@ INSTANTIATE_TEST_SUITE_P(
                       CrashCase{"data_file", "-o cluster_size=4k,data_file=img.data", 1 << 20, false, false, 60},
                       CrashCase{"c2m", "-o cluster_size=2M", 8 << 20, false, false, 40},
                       CrashCase{"c4k_preallocate", "-o cluster_size=4k", 2 << 20, false, false, 80, false, 64 << 10},
-                      CrashCase{"compressed_preallocate", "-o cluster_size=4k", 1 << 20, false, false, 60, true, 32 << 10}),
+                      CrashCase{"compressed_preallocate", "-o cluster_size=4k", 1 << 20, false, false, 60, true, 32 << 10},
+                      CrashCase{"c512_tiny_cache", "-o cluster_size=512", 1 << 20, false, false, 60, false, 0, 2048},
+                      CrashCase{"snapshot_tiny_cache", "-o cluster_size=4k", 1 << 20, false, true, 60, false, 0, 16 << 10}),
     [](const ::testing::TestParamInfo<CrashCase>& info) { return info.param.name; });
 
 }  // namespace

@@ -29,13 +29,14 @@ void MetadataCache::SliceRef::Release() {
   if (s->pins == 0 && s->cache != nullptr) s->cache->EvictIfOverCapacity();
 }
 
-std::span<std::byte> MetadataCache::SliceRef::bytes() const { return slice_->data.span(); }
+std::span<std::byte> MetadataCache::SliceRef::bytes() const { return slice_->span(); }
 uint64_t MetadataCache::SliceRef::offset() const { return slice_->offset; }
 
 MetadataCache::MetadataCache(File* file, uint64_t slice_size, uint64_t capacity_bytes)
     : file_(file),
       slice_size_(slice_size),
-      capacity_slices_(std::max<uint64_t>(capacity_bytes / slice_size, 4)) {}
+      capacity_slices_(std::max<uint64_t>(capacity_bytes / slice_size, 4)),
+      pool_(std::make_shared<SlicePool>(slice_size)) {}
 
 MetadataCache::~MetadataCache() {
   // Outstanding refs keep their slices alive; they must not call back.
@@ -63,16 +64,15 @@ Task<Result<MetadataCache::SliceRef>> MetadataCache::Get(uint64_t offset) {
     if (map_.count(offset)) Touch(*s);
     co_return std::move(ref);
   }
-  auto s = std::make_shared<Slice>();
+  auto s = std::make_shared<Slice>(pool_, slice_size_);
   s->offset = offset;
-  s->data = AlignedBuffer(slice_size_);
   s->cache = this;
   lru_.push_front(offset);
   s->lru = lru_.begin();
   map_.emplace(offset, s);
   SliceRef ref(s);
   loads_++;
-  Status st = co_await file_->ReadExact(offset, s->data.span());
+  Status st = co_await file_->ReadExact(offset, s->span());
   s->loading = false;
   if (!st.ok()) {
     s->failed = true;
@@ -127,7 +127,7 @@ MetadataCache::SliceRef MetadataCache::InsertZeroed(uint64_t offset) {
   auto it = map_.find(offset);
   if (it != map_.end() && !it->second->loading) {
     std::shared_ptr<Slice> s = it->second;
-    std::memset(s->data.data(), 0, s->data.size());
+    std::memset(s->data, 0, s->size);
     Touch(*s);
     return SliceRef(s);
   }
@@ -138,9 +138,9 @@ MetadataCache::SliceRef MetadataCache::InsertZeroed(uint64_t offset) {
     it->second->cache = nullptr;
     map_.erase(it);
   }
-  auto s = std::make_shared<Slice>();
+  auto s = std::make_shared<Slice>(pool_, slice_size_);
+  std::memset(s->data, 0, s->size);  // pool buffers come back dirty
   s->offset = offset;
-  s->data = AlignedBuffer(slice_size_);
   s->loading = false;
   s->cache = this;
   lru_.push_front(offset);
@@ -168,7 +168,7 @@ std::vector<MetadataCache::DirtySlice> MetadataCache::TakeDirty() {
     if (!s->dirty) continue;
     s->dirty = false;
     DirtySlice d{SliceRef(s), AlignedBuffer(slice_size_)};
-    std::memcpy(d.copy.data(), s->data.data(), slice_size_);
+    std::memcpy(d.copy.data(), s->data, slice_size_);
     out.push_back(std::move(d));
   }
   dirty_count_ = 0;

@@ -28,6 +28,7 @@
 #include "base/task.h"
 #include "base/wait_list.h"
 #include "qcow2/file.h"
+#include "qcow2/slice_pool.h"
 
 namespace uq::qcow2 {
 
@@ -100,6 +101,11 @@ class MetadataCache {
   // Writes every dirty slice (concurrently) and returns once all are written.
   Task<Status> WriteDirty();
   size_t dirty_slices() const { return dirty_count_; }
+  // True once dirty slices fill half the capacity. Dirty slices cannot be
+  // evicted, so past this point the owner should write them back (in its
+  // crash-safe order) or the cache outgrows its bound and every insertion
+  // walks the dirty ones looking for something to evict.
+  bool mostly_dirty() const { return dirty_count_ * 2 >= capacity_slices_; }
 
   size_t resident_slices() const { return map_.size(); }
   uint64_t loads() const { return loads_; }
@@ -107,8 +113,19 @@ class MetadataCache {
 
  private:
   struct Slice {
+    // Takes a buffer from `pool` (shared: a pinned slice may outlive the
+    // cache that evicted it) and gives it back when the slice dies.
+    Slice(std::shared_ptr<SlicePool> pool, size_t size)
+        : pool(std::move(pool)), data(this->pool->Get()), size(size) {}
+    ~Slice() { pool->Put(data); }
+    Slice(const Slice&) = delete;
+    Slice& operator=(const Slice&) = delete;
+    std::span<std::byte> span() const { return {data, size}; }
+
+    std::shared_ptr<SlicePool> pool;
+    std::byte* data;
+    size_t size;
     uint64_t offset = 0;
-    AlignedBuffer data;
     bool loading = true;
     bool failed = false;
     bool dirty = false;
@@ -124,6 +141,7 @@ class MetadataCache {
   File* file_;
   uint64_t slice_size_;
   uint64_t capacity_slices_;
+  std::shared_ptr<SlicePool> pool_;
   std::unordered_map<uint64_t, std::shared_ptr<Slice>> map_;
   std::list<uint64_t> lru_;  // front = most recently used
   size_t dirty_count_ = 0;

@@ -188,6 +188,15 @@ Task<Status> Qcow2Image::PrepareL2(uint64_t offset) {
 }
 
 Task<Status> Qcow2Image::StoreEntry(uint64_t offset, const L2Entry& entry) {
+  // A long run of writes with no flush (a guest that never flushes, a bench,
+  // filling a huge image) dirties a slice per new table. Write them back in
+  // the flush order once they fill half the cache, as QEMU does when it must
+  // evict a dirty L2 table. Every earlier update is complete here (StoreEntry
+  // and ReleaseEntry run together under meta_mutex_), so the image on disk is
+  // consistent after it.
+  if (l2_cache_.mostly_dirty() || refcounts_->blocks_mostly_dirty()) {
+    CO_RETURN_IF_ERROR(co_await FlushLocked());
+  }
   const uint64_t l2_offset = l1_[geo_.l1_index(offset)] & kL1OffsetMask;
   const uint64_t byte_in_table = geo_.l2_index(offset) * geo_.l2_entry_bytes;
   const uint64_t slice_bytes = l2_cache_.slice_size();

@@ -68,6 +68,7 @@ class Refcounts {
   Task<Result<std::vector<uint64_t>>> ApplyDeferredDecrements();
 
   bool blocks_dirty() const { return cache_.dirty_slices() > 0; }
+  bool blocks_mostly_dirty() const { return cache_.mostly_dirty(); }
   bool table_dirty() const { return !dirty_table_chunks_.empty(); }
   bool has_deferred() const { return !deferred_.empty(); }
 
