@@ -231,21 +231,41 @@ Task<Status> Qcow2Image::ReadCompressed(const L2Entry& entry, uint64_t offset_in
         "{}: compressed cluster at host offset 0x{:x} ({} bytes) lies past the end of the file ({} bytes)",
         path(), host, length, file_size_));
   }
-  if (decompressed_key_ != entry.raw) {
+  std::shared_ptr<const AlignedBuffer> data;
+  if (decompressed_key_ == entry.raw) {
+    data = decompressed_;
+  } else if (auto it = decompressing_.find(entry.raw); it != decompressing_.end()) {
+    std::shared_ptr<Decompression> d = it->second;
+    co_await d->done.Wait();
+    if (!d->status.ok()) co_return d->status;
+    data = d->data;
+  } else {
+    auto d = std::make_shared<Decompression>();
+    decompressing_.emplace(entry.raw, d);
     // The descriptor's length rounds up to whole sectors; the tail may lie past
     // the end of the file, where QEMU reads zeros.
     AlignedBuffer compressed(length);
-    CO_RETURN_IF_ERROR(co_await file_->ReadZeroPadded(host, compressed.span()));
-    if (decompressed_.size() != geo_.cluster_size) decompressed_ = AlignedBuffer(geo_.cluster_size);
-    decompressed_key_ = ~uint64_t{0};
-    Status st = Decompress(static_cast<CompressionType>(header_.compression_type), compressed.span(),
-                           decompressed_.span());
-    if (!st.ok()) {
-      co_return st.WithContext(fmt::format("{}: compressed cluster at host offset 0x{:x}", path(), host));
+    Status st = co_await file_->ReadZeroPadded(host, compressed.span());
+    auto out_buf = std::make_shared<AlignedBuffer>(geo_.cluster_size);
+    if (st.ok()) {
+      st = Decompress(static_cast<CompressionType>(header_.compression_type), compressed.span(),
+                      out_buf->span());
+      if (!st.ok()) {
+        st = st.WithContext(fmt::format("{}: compressed cluster at host offset 0x{:x}", path(), host));
+      }
     }
-    decompressed_key_ = entry.raw;
+    decompressing_.erase(entry.raw);
+    d->status = st;
+    if (st.ok()) {
+      d->data = out_buf;
+      decompressed_ = out_buf;
+      decompressed_key_ = entry.raw;
+    }
+    d->done.NotifyAll();
+    CO_RETURN_IF_ERROR(st);
+    data = std::move(out_buf);
   }
-  std::memcpy(out.data(), decompressed_.data() + offset_in_cluster, out.size());
+  std::memcpy(out.data(), data->data() + offset_in_cluster, out.size());
   co_return Status::Ok();
 }
 

@@ -181,7 +181,16 @@ class Qcow2Image final : public BlockDevice {
   // The last decompressed cluster: sequential small reads of a compressed
   // cluster decompress it once.
   uint64_t decompressed_key_ = ~uint64_t{0};
-  AlignedBuffer decompressed_;
+  std::shared_ptr<const AlignedBuffer> decompressed_;
+  // Clusters being read and decompressed, by L2 entry: concurrent reads of
+  // one compressed cluster (a 2 MiB cluster read in 64 KiB requests, 32 in
+  // flight) wait for the one decompression instead of each doing it.
+  struct Decompression {
+    WaitList done;
+    Status status;
+    std::shared_ptr<const AlignedBuffer> data;
+  };
+  std::unordered_map<uint64_t, std::shared_ptr<Decompression>> decompressing_;
 };
 
 }  // namespace uq::qcow2

@@ -500,6 +500,10 @@ Task<Status> Qcow2Image::WriteCompressed(uint64_t offset, std::span<const std::b
   updated.raw = kEntryCompressed | (extra_sectors << x) | host;
   CO_RETURN_IF_ERROR(co_await StoreEntry(offset, updated));
   ReleaseEntry(old);
+  // Freed space may be reused by a cluster with the very same descriptor:
+  // the decompressed copy is keyed by descriptor, so forget it.
+  decompressed_key_ = ~uint64_t{0};
+  decompressed_.reset();
   co_return Status::Ok();
 }
 
