@@ -14,7 +14,7 @@
 #   nbd       qemu-nbd --cache=none --aio=io_uring -f qcow2 -c /dev/nbd0 nbd-none.qcow2
 #   loop-buf  losetup --direct-io=off loop-buf.raw        (page cache: like our daemon)
 #   nbd-wb    qemu-nbd --cache=writeback --aio=io_uring -f qcow2 -c /dev/nbd1 nbd-wb.qcow2
-# (the last two only with BENCH_BUFFERED=1, the default). Then one fio run per row
+# (the last two only with BENCH_BUFFERED=1). Then one fio run per row
 # (fio io_uring, direct=1, time_based; each target is a stonewalled job, the order
 # rotates from row to row). Around each job, fio's exec_prerun/exec_postrun call this
 # script with --snap, which syncs and drops the page cache (before), and records the
@@ -29,7 +29,7 @@
 #
 # Environment (bench/device.sh passes these): BENCH_BIN (the ublk-qcow2 binary, a host
 # path), BENCH_RUNTIME (s, default 8), BENCH_RAMP (s, default 2), BENCH_DATA_MB (1024),
-# BENCH_BUFFERED (1), BENCH_ROWS (row ids to run, default all: see ROWS below),
+# BENCH_BUFFERED (0), BENCH_ROWS (row ids to run, default all: see ROWS below),
 # BENCH_ENGINE (1: afterwards, `ublk-qcow2 bench` on ours1.qcow2 for the 4k random rows,
 # buffered and O_DIRECT: the engine's own cost, no ublk), BENCH_ENGINE_COUNT (requests
 # at QD32, default 100000; a tenth at QD1).
@@ -96,7 +96,7 @@ SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}
 RUNTIME=${BENCH_RUNTIME:-8}
 RAMP=${BENCH_RAMP:-2}
 DATA_MB=${BENCH_DATA_MB:-1024}
-BUFFERED=${BENCH_BUFFERED:-1}
+BUFFERED=${BENCH_BUFFERED:-0}
 ENGINE=${BENCH_ENGINE:-1}
 ENGINE_QD1=$((${BENCH_ENGINE_COUNT:-100000} / 10))
 ENGINE_QD32=${BENCH_ENGINE_COUNT:-100000}
@@ -279,8 +279,8 @@ for t in ours1 ours2; do
 done
 
 # --- the engine alone: ublk-qcow2 bench on ours1.qcow2 (no ublk in the path) -------------
-# Same image, same 4k random rows, buffered (-t writeback, as the daemon opens images)
-# and O_DIRECT (-t none): what the engine and its file I/O cost per request, so that
+# Same image, same 4k random rows, buffered (-t writeback) and O_DIRECT (-t none, as
+# the daemon opens images by default): what the engine and its file I/O cost per request, so that
 # the daemon's CPU per I/O above splits into engine + ublk round trip. After `del`, as
 # the daemon holds the image's lock.
 if ((ENGINE)); then

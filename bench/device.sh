@@ -20,9 +20,9 @@
 #
 # Environment:
 #   BENCH_RUNTIME   seconds per fio job (default 8), after BENCH_RAMP (default 2)
-#   BENCH_BUFFERED  1 (default): also loop without direct I/O and qemu-nbd
-#                   --cache=writeback, the like-for-like baselines for our daemon, which
-#                   does buffered host I/O; 0: only the four targets of the issue
+#   BENCH_BUFFERED  1: also loop without direct I/O and qemu-nbd --cache=writeback
+#                   (page-cache baselines, like for like with `add --cache=writeback`);
+#                   0 (default): only the four targets of the issue
 #   BENCH_ROWS      row ids to run (default all: rr4k1 rr4k32 rw4k1 rw4k32 sr1m4 sw1m4)
 #   BENCH_DATA_MB   size of the data set and devices (default 1024)
 #   BENCH_ENGINE    1 (default): afterwards, `ublk-qcow2 bench` on the same image for the
@@ -150,11 +150,11 @@ w(f"Data: {int(meta.get('data_mb', 1024))} MiB from /dev/urandom, written once; 
   "fio run per row (order rotated per row); `sync` + `drop_caches` before every job.")
 w("")
 w("Targets: " + "; ".join(f"**{NAMES[t]}** {meta.get('dev_' + t, '')}" for t in targets) + ".")
-w("ours = `ublk-qcow2 add -f IMG -q 1|2` (default depth 128, 32 MiB metadata cache; the daemon's "
-  "host I/O is *buffered*, `driver/device.cc` sets `direct = false`); loop (dio) = `losetup "
+w("ours = `ublk-qcow2 add -f IMG -q 1|2` (defaults: depth 128, 32 MiB metadata cache, `--cache=none`: "
+  "the daemon's host I/O is O_DIRECT); loop (dio) = `losetup "
   "--direct-io=on`; qemu-nbd (none) = `qemu-nbd --cache=none --aio=io_uring -f qcow2 -c /dev/nbd0`"
   + ("; loop (buffered) = `losetup --direct-io=off`; qemu-nbd (writeback) = `--cache=writeback "
-     "--aio=io_uring`: page-cache baselines, like for like with our daemon." if buffered else "."))
+     "--aio=io_uring`: page-cache baselines." if buffered else "."))
 w("")
 w("### Throughput: IOPS (MiB/s); ratios use ours 1q")
 w("")
@@ -257,14 +257,14 @@ if engine:
     w("### The engine alone: `ublk-qcow2 bench` on the same image, no ublk")
     w("")
     w("After the rows above, in the same boot: `ublk-qcow2 bench -q -i io_uring --random -s 4096 "
-      "-d QD [-w] ours1.qcow2` with `-t writeback` (buffered, as the daemon opens images) and "
-      "`-t none` (O_DIRECT); CPU = user+sys of the process, minus that of a one-request run "
+      "-d QD [-w] ours1.qcow2` with `-t writeback` (buffered) and "
+      "`-t none` (O_DIRECT, as the daemon opens images by default); CPU = user+sys of the process, minus that of a one-request run "
       "(start-up, open, close), / requests. The daemon's CPU per I/O "
-      "(ours 1q, from the table above) minus the buffered engine's is what the ublk round trip "
+      "(ours 1q, from the table above) minus the O_DIRECT engine's is what the ublk round trip "
       "costs.")
     w("")
     w("| workload | QD | engine buffered: IOPS / µs CPU per req | engine O_DIRECT: IOPS / µs CPU per req "
-      "| device ours 1q: IOPS / daemon µs per I/O | daemon − engine buffered (µs) |")
+      "| device ours 1q: IOPS / daemon µs per I/O | daemon − engine O_DIRECT (µs) |")
     w("|---|---:|---:|---:|---:|---:|")
     for rid, rw, bs, qd, label in rows:
         b, n = engine.get((rid, "writeback")), engine.get((rid, "none"))
@@ -277,7 +277,7 @@ if engine:
             return f"{x['iops']:.0f} / {per_req(x, mode):.0f}" if x else "-"
         d = derived(rid, "ours1", bs)
         dev = f"{iops(rid, 'ours1'):.0f} / {d['srv_us']:.0f}" if d and d["srv_us"] is not None else "-"
-        diff = f"{d['srv_us'] - per_req(b, 'writeback'):.0f}" if d and b and d["srv_us"] is not None else "-"
+        diff = f"{d['srv_us'] - per_req(n, 'none'):.0f}" if d and n and d["srv_us"] is not None else "-"
         w(f"| {label} | {qd} | {e(b, 'writeback')} | {e(n, 'none')} | {dev} | {diff} |")
     w("")
 
