@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <random>
@@ -14,6 +15,7 @@
 
 #include "qcow2/open_image.h"
 #include "qcow2/sync_env.h"
+#include "qcow2/testing/mem_env.h"
 #include "qcow2/testing/scratch_dir.h"
 
 namespace uq::qcow2 {
@@ -93,6 +95,74 @@ TEST_F(Qcow2ImageTest, CompressedDeflateAndZstd) {
     Run(fmt::format("qemu-img convert -c -O qcow2 -o compression_type={0},cluster_size=4k src.raw c-{0}.qcow2", type));
     ExpectSameAsQemu("c-" + type + ".qcow2", 1000);
   }
+}
+
+// Counts reads that pass through it (the compressed-cluster reads are the
+// only ones longer than a table slice here).
+class CountingFile final : public File {
+ public:
+  CountingFile(std::unique_ptr<File> base, int* long_reads) : base_(std::move(base)), long_reads_(long_reads) {}
+  bool Start(IoRequest& req) override {
+    if (req.op == IoRequest::Op::kRead && req.length > 4096) ++*long_reads_;
+    return base_->Start(req);
+  }
+  Result<uint64_t> Size() override { return base_->Size(); }
+  Status Truncate(uint64_t size) override { return base_->Truncate(size); }
+  const std::string& path() const override { return base_->path(); }
+
+ private:
+  std::unique_ptr<File> base_;
+  int* long_reads_;
+};
+class CountingEnv final : public Env {
+ public:
+  explicit CountingEnv(Env* base) : base_(base) {}
+  Result<std::unique_ptr<File>> Open(const std::string& path, const OpenOptions& options) override {
+    ASSIGN_OR_RETURN(std::unique_ptr<File> f, base_->Open(path, options));
+    return std::unique_ptr<File>(std::make_unique<CountingFile>(std::move(f), &long_reads));
+  }
+  bool Exists(const std::string& path) override { return base_->Exists(path); }
+  int long_reads = 0;
+
+ private:
+  Env* base_;
+};
+
+// 32 reads of 64 KiB in flight at once, all inside one 2 MiB compressed
+// cluster (completions in random order): each gets QEMU's bytes, and the
+// cluster is read (and inflated) once, not once per request.
+TEST_F(Qcow2ImageTest, ConcurrentReadsOfOneCompressedClusterInflateItOnce) {
+  // Text compresses to ~3/4: the cluster is stored compressed, ~1.5 MiB of it.
+  Run("head -c 1600000 /dev/urandom | base64 -w 0 | head -c 2097152 >src.raw && truncate -s 4M src.raw");
+  Run("qemu-img convert -c -O qcow2 -o cluster_size=2M src.raw c.qcow2");
+  auto ref = Slurp(P("src.raw"));
+  testing::MemEnv mem({.completion = testing::MemEnvOptions::Completion::kDeferred, .seed = 7});
+  ASSERT_TRUE(mem.ImportFromHostFile(P("c.qcow2"), "/c.qcow2").ok());
+  CountingEnv env(&mem);
+  auto opened = BlockOn(OpenImage("/c.qcow2", ImageOptions{.env = &env, .lock = false}), &mem);
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  std::unique_ptr<BlockDevice> dev = std::move(*opened);
+  const int before = env.long_reads;
+  constexpr int kReads = 32;
+  constexpr size_t kChunk = 65536;
+  std::vector<std::vector<std::byte>> bufs(kReads, std::vector<std::byte>(kChunk));
+  std::vector<Status> results(kReads, Status::IoError("not run"));
+  int done = 0;
+  for (int i = 0; i < kReads; i++) {
+    Spawn([](BlockDevice* d, uint64_t off, std::vector<std::byte>* b, Status* out, int* done) -> Task<void> {
+      *out = co_await d->Read(off, *b);
+      ++*done;
+    }(dev.get(), uint64_t(i) * kChunk, &bufs[i], &results[i], &done));
+  }
+  while (done < kReads && mem.Poll()) {
+  }
+  ASSERT_EQ(done, kReads);
+  for (int i = 0; i < kReads; i++) {
+    ASSERT_TRUE(results[i].ok()) << results[i].ToString();
+    ASSERT_EQ(0, std::memcmp(bufs[i].data(), ref.data() + i * kChunk, kChunk)) << "read " << i;
+  }
+  EXPECT_EQ(env.long_reads - before, 1);
+  EXPECT_TRUE(BlockOn(dev->Close(), &mem).ok());
 }
 
 TEST_F(Qcow2ImageTest, ShortBackingReadsZerosPastItsEnd) {
