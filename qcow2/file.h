@@ -33,6 +33,7 @@
 #include <coroutine>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -131,6 +132,14 @@ class Env {
   virtual Result<std::unique_ptr<File>> Open(const std::string& path,
                                              const OpenOptions& options) = 0;
   virtual bool Exists(const std::string& path) = 0;
+  // Runs CPU-heavy `work` (inflating a compressed cluster) where it does not
+  // hold up this thread's other requests, resuming the caller on its own
+  // thread afterwards. This default runs it inline; the io_uring Env hands
+  // it to worker threads (uring/offload.h).
+  virtual Task<void> RunOffThread(std::function<void()> work) {
+    work();
+    co_return;
+  }
 };
 
 // --- implementation of the awaitable ---

@@ -128,6 +128,7 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
   parts.header = std::move(header);
   parts.cache_size = options.cache_size;
   parts.preallocate = options.preallocate;
+  parts.env = options.env;
   CO_ASSIGN_OR_RETURN(std::unique_ptr<Qcow2Image> image, co_await Qcow2Image::Open(std::move(parts)));
   co_return std::unique_ptr<BlockDevice>(std::move(image));
 }

@@ -14,6 +14,8 @@ namespace {
 
 // L2 tables are cached in slices of this size (or a whole cluster if smaller).
 constexpr uint64_t kL2SliceBytes = 4096;
+// Compressed clusters at least this large inflate off the engine thread.
+constexpr uint64_t kOffloadMinClusterSize = 32 * 1024;
 
 void Zero(std::span<std::byte> out) { std::memset(out.data(), 0, out.size()); }
 
@@ -27,6 +29,7 @@ Qcow2Image::Qcow2Image(Qcow2OpenParts parts)
       geo_(Geometry::From(header_)),
       writable_(parts.writable),
       preallocate_(parts.preallocate),
+      env_(parts.env),
       l2_cache_(file_.get(), std::min(kL2SliceBytes, geo_.cluster_size), parts.cache_size) {}
 
 Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts) {
@@ -248,8 +251,17 @@ Task<Status> Qcow2Image::ReadCompressed(const L2Entry& entry, uint64_t offset_in
     Status st = co_await file_->ReadZeroPadded(host, compressed.span());
     auto out_buf = std::make_shared<AlignedBuffer>(geo_.cluster_size);
     if (st.ok()) {
-      st = Decompress(static_cast<CompressionType>(header_.compression_type), compressed.span(),
-                      out_buf->span());
+      auto inflate = [&] {
+        st = Decompress(static_cast<CompressionType>(header_.compression_type), compressed.span(),
+                        out_buf->span());
+      };
+      // Large clusters inflate on a worker (Env::RunOffThread), so other
+      // requests go on meanwhile; small ones cost less than the hand-off.
+      if (env_ != nullptr && geo_.cluster_size >= kOffloadMinClusterSize) {
+        co_await env_->RunOffThread(inflate);
+      } else {
+        inflate();
+      }
       if (!st.ok()) {
         st = st.WithContext(fmt::format("{}: compressed cluster at host offset 0x{:x}", path(), host));
       }

@@ -62,6 +62,7 @@ struct Qcow2OpenParts {
   bool writable = false;
   uint64_t cache_size = 32ull << 20;
   uint64_t preallocate = 0;  // ImageOptions::preallocate
+  Env* env = nullptr;        // for RunOffThread; null: inline
 };
 
 class Qcow2Image final : public BlockDevice {
@@ -155,6 +156,7 @@ class Qcow2Image final : public BlockDevice {
   Geometry geo_;
   bool writable_;
   const uint64_t preallocate_;
+  Env* const env_;
   uint64_t file_size_ = 0;
   // How far the file has been grown ahead (>= file_size_ once grown).
   uint64_t grown_end_ = 0;

@@ -9,6 +9,7 @@
 
 #include "qcow2/sync_env.h"
 #include "uring/file_io.h"
+#include "uring/offload.h"
 #include "uring/ring.h"
 
 namespace uq::uring {
@@ -55,5 +56,9 @@ Result<std::unique_ptr<qcow2::File>> UringEnv::Open(const std::string& path,
 }
 
 bool UringEnv::Exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
+
+Task<void> UringEnv::RunOffThread(std::function<void()> work) {
+  return uring::RunOffThread(std::move(work));
+}
 
 }  // namespace uq::uring

@@ -33,6 +33,8 @@ class UringEnv final : public qcow2::Env {
   Result<std::unique_ptr<qcow2::File>> Open(const std::string& path,
                                             const qcow2::OpenOptions& options) override;
   bool Exists(const std::string& path) override;
+  // uring::RunOffThread (uring/offload.h): worker threads, inline without a ring.
+  Task<void> RunOffThread(std::function<void()> work) override;
 };
 
 }  // namespace uq::uring

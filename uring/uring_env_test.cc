@@ -7,7 +7,10 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <thread>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -335,6 +338,63 @@ TEST_F(UringEnvTest, ShortReadsContinueUntilEndOfFile) {
   ASSERT_TRUE(got.ok()) << got.status().ToString();
   EXPECT_EQ(*got, 8192u);
   EXPECT_EQ(std::memcmp(buf.data(), data.data(), 8192), 0);
+}
+
+}  // namespace
+}  // namespace uq::uring
+
+namespace uq::uring {
+namespace {
+
+// Work handed to RunOffThread runs on worker threads, several at once, and
+// every caller resumes on the ring's thread; once all are back nothing stays
+// in flight on the ring (no eventfd read left armed).
+TEST(OffloadTest, WorkRunsOnWorkersAndResumesOnTheRingThread) {
+  Result<std::unique_ptr<Ring>> created = Ring::Create({.entries = 8});
+  ASSERT_TRUE(created.ok()) << created.status().ToString();
+  std::unique_ptr<Ring> ring = std::move(created).value();
+  UringEnv env;
+  constexpr int kJobs = 24;
+  const std::thread::id me = std::this_thread::get_id();
+  std::atomic<int> running{0}, peak{0};
+  std::vector<std::thread::id> ran_on(kJobs), resumed_on(kJobs);
+  int done = 0;
+  {
+    Ring::Bind bind(ring.get());
+    for (int i = 0; i < kJobs; i++) {
+      Spawn([](UringEnv* env, int i, auto* ran_on, auto* resumed_on, auto* running, auto* peak,
+               int* done) -> Task<void> {
+        co_await env->RunOffThread([&] {
+          int now = ++*running;
+          int p = peak->load();
+          while (now > p && !peak->compare_exchange_weak(p, now)) {
+          }
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+          (*ran_on)[i] = std::this_thread::get_id();
+          --*running;
+        });
+        (*resumed_on)[i] = std::this_thread::get_id();
+        ++*done;
+      }(&env, i, &ran_on, &resumed_on, &running, &peak, &done));
+    }
+    EXPECT_EQ(done, 0);
+    EXPECT_EQ(ring->in_flight(), 1u);  // one eventfd read for all of them
+    while (ring->Poll()) {
+    }
+  }
+  EXPECT_EQ(done, kJobs);
+  EXPECT_EQ(ring->in_flight(), 0u);
+  EXPECT_GE(peak.load(), 2) << "workers ran one at a time";
+  for (int i = 0; i < kJobs; i++) {
+    EXPECT_NE(ran_on[i], me) << "job " << i << " ran on the ring's thread";
+    EXPECT_EQ(resumed_on[i], me) << "job " << i << " resumed elsewhere";
+  }
+  // Without a ring the work runs inline.
+  std::thread::id inline_on;
+  BlockOn([](UringEnv* env, std::thread::id* on) -> Task<void> {
+    co_await env->RunOffThread([on] { *on = std::this_thread::get_id(); });
+  }(&env, &inline_on));
+  EXPECT_EQ(inline_on, me);
 }
 
 }  // namespace
