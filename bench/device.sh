@@ -358,29 +358,13 @@ if [[ ${1:-} == --report ]]; then
 fi
 
 # --- tools ---
-need=()
-command -v fio >/dev/null || need+=(fio)
-command -v jq >/dev/null || need+=(jq)
-command -v gnuplot >/dev/null || need+=(gnuplot-nox)
-{ command -v qemu-img && command -v qemu-nbd; } >/dev/null || need+=(qemu-utils)
-command -v python3 >/dev/null || need+=(python3)
-if ((${#need[@]})); then
-  log "installing ${need[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+source "$ROOT/bench/lib.bash"
+bench_install fio:fio jq:jq gnuplot:gnuplot-nox qemu-img:qemu-utils qemu-nbd:qemu-utils python3:python3
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/ublk-device-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-if [[ -n ${BENCH_BIN:-} ]]; then
-  src=$BENCH_BIN
-else
-  log "building ublk-qcow2 (-c opt)"
-  (cd "$ROOT" && bazel build -c opt --symlink_prefix=/ //tools:ublk-qcow2 >&2)
-  src=$(cd "$ROOT" && bazel info -c opt bazel-bin 2>/dev/null)/tools/ublk-qcow2
-fi
-[[ -x $src ]] || { echo "no binary at $src" >&2; exit 1; }
+src=$(bench_binary)
 # The name matters: `del` and `list` recognise daemons by their command name.
 mkdir -p "$work/bin"
 cp "$src" "$work/bin/ublk-qcow2"

@@ -41,27 +41,9 @@ START=$(date +%s)
 
 log() { echo "[$(($(date +%s) - START))s] $*" >&2; }
 
-# --- tools ---
-need=()
-command -v fio >/dev/null || need+=(fio)
-command -v gnuplot >/dev/null || need+=(gnuplot-nox)
-{ command -v qemu-img && command -v qemu-io; } >/dev/null || need+=(qemu-utils)
-command -v python3 >/dev/null || need+=(python3)
-if ((${#need[@]})); then
-  log "installing ${need[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-
-if [[ -n ${BENCH_BIN:-} ]]; then
-  BIN=$BENCH_BIN
-else
-  log "building ublk-qcow2 (-c opt)"
-  # --symlink_prefix=/: leave the shared bazel-bin symlink alone.
-  (cd "$ROOT" && bazel build -c opt --symlink_prefix=/ //tools:ublk-qcow2 >&2)
-  BIN=$(cd "$ROOT" && bazel info -c opt bazel-bin 2>/dev/null)/tools/ublk-qcow2
-fi
-[[ -x $BIN ]] || { echo "no binary at $BIN" >&2; exit 1; }
+source "$ROOT/bench/lib.bash"
+bench_install fio:fio gnuplot:gnuplot-nox qemu-img:qemu-utils qemu-io:qemu-utils python3:python3
+BIN=$(bench_binary)
 BENCH_START=$(date +%s)
 
 # --- images ---

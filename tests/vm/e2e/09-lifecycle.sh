@@ -11,15 +11,6 @@ qemu-img create -q -f qcow2 "$a" 64M
 qemu-img create -q -f qcow2 -o cluster_size=4096 "$b" 32M
 qemu-io -f qcow2 -c 'write -P 0x77 0 1M' "$b" >/dev/null
 
-wait_gone() {  # wait_gone PATH SECONDS
-  local i
-  for ((i = 0; i < $2 * 10; i++)); do
-    [[ -e $1 ]] || return 0
-    sleep 0.1
-  done
-  return 1
-}
-
 listing() {
   local da db
   da=$(add_device -f "$a" -q 2 -d 32)

@@ -75,15 +75,6 @@ ends_within() {
   return 0
 }
 
-wait_gone() {  # wait_gone PATH SECONDS
-  local i
-  for ((i = 0; i < $2 * 10; i++)); do
-    [[ -e $1 ]] || return 0
-    sleep 0.1
-  done
-  return 1
-}
-
 del_under_load() {
   local dev id pid t0 rc
   dev=$(add_device -f "$img" -d 64)

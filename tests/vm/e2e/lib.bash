@@ -80,6 +80,16 @@ add_device() {
   "$UQ" add "$@"
 }
 
+# wait_gone PATH SECONDS: waits until PATH no longer exists; fails after SECONDS.
+wait_gone() {
+  local i
+  for ((i = 0; i < $2 * 10; i++)); do
+    [[ -e $1 ]] || return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 # dev_id /dev/ublkbN -> N
 dev_id() { echo "${1#/dev/ublkb}"; }
 
