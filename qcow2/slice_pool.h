@@ -1,5 +1,8 @@
-// SlicePool: equal-sized, 4096-aligned buffers for the metadata cache's
-// slices, carved out of large chunks and recycled through a free list.
+// SlicePool: equal-sized buffers for the metadata cache's slices, each
+// aligned to its own size (a power of two from 512 to 4096: enough for
+// O_DIRECT), carved out of large chunks and recycled through a free list.
+// Not rounded up to a page: with 512-byte clusters the cache holds 512-byte
+// slices, and a page each would be 8 times the configured cache size.
 //
 // Why not one aligned_alloc per slice: glibc satisfies aligned_alloc(4096,
 // 4096) by carving an aligned block out of a larger chunk, and the slack
@@ -29,10 +32,9 @@ class SlicePool {
   static constexpr size_t kAlignment = 4096;
   static constexpr size_t kChunkBytes = 256 * 1024;
 
-  // `buffer_size`: a multiple of 512 (cache slices are powers of two).
+  // `buffer_size`: a power of two, at least 512 (cache slices are).
   explicit SlicePool(size_t buffer_size)
-      : buffer_size_((buffer_size + kAlignment - 1) / kAlignment * kAlignment),
-        per_chunk_(std::max<size_t>(1, kChunkBytes / buffer_size_)) {}
+      : buffer_size_(buffer_size), per_chunk_(std::max<size_t>(1, kChunkBytes / buffer_size_)) {}
   SlicePool(const SlicePool&) = delete;
   SlicePool& operator=(const SlicePool&) = delete;
 
