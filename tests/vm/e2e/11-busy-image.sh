@@ -13,14 +13,14 @@ qemu-io -f qcow2 -c 'write -P 0x5a 0 1M' "$img" >/dev/null
 # returns once QEMU's locks are taken (qemu-img info then fails). Its pid goes to a file:
 # check runs its command in a subshell, whose variables die with it.
 hold() {
-  qemu-io -f qcow2 -c 'sleep 60000' "$1" >/dev/null 2>&1 &
+  qemu-io -f qcow2 -c 'sleep 300000' "$1" >/dev/null 2>&1 &
   echo $! >"$WORK/holder.pid"
   local i
-  for ((i = 0; i < 200; i++)); do
+  for ((i = 0; i < 600; i++)); do
     qemu-img info "$1" >/dev/null 2>&1 || return 0
     sleep 0.1
   done
-  echo "qemu-io did not lock $1 within 20 s"
+  echo "qemu-io did not lock $1 within 60 s (TCG start-up)"
   return 1
 }
 
