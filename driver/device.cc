@@ -290,8 +290,10 @@ Status Device::Teardown() {
     std::string counts;
     for (size_t q = 0; q < workers_.size(); ++q) {
       QueueWorker* worker = workers_[q].get();
-      uint64_t n = loops_[q]->Call([worker] { return worker->requests(); });
-      counts += fmt::format("{}queue {}: {} requests", q == 0 ? "" : ", ", q, n);
+      auto [n, here] = loops_[q]->Call(
+          [worker] { return std::pair(worker->requests(), worker->served_here()); });
+      counts += fmt::format("{}queue {}: {} requests ({} on its own thread)", q == 0 ? "" : ", ", q,
+                            n, here);
     }
     Log(fmt::format("{} served {}", info_.block_path, counts));
   }

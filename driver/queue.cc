@@ -5,10 +5,12 @@
 
 #include <cerrno>
 #include <cstring>
+#include <optional>
 #include <utility>
 
 #include <fmt/format.h>
 
+#include "driver/request.h"
 #include "driver/uring_cmd.h"
 
 namespace uq::driver {
@@ -108,6 +110,15 @@ void QueueWorker::OnRequest(uint16_t tag) {
   state_[tag] = TagState::kServing;
   ++requests_;
   const IoDescriptor request = DecodeDescriptor(descriptors_[tag]);
+  // Reads and overwrites of clusters whose mapping the engine has published
+  // run right here, on this queue's ring; the rest go to the image's thread.
+  if (std::optional<Task<int32_t>> here = TryServeHere(*host_->device(), request, Buffer(tag))) {
+    ++served_here_;
+    Spawn([](QueueWorker* self, uint16_t tag, Task<int32_t> io) -> Task<void> {
+      self->OnResult(tag, co_await std::move(io));
+    }(this, tag, std::move(*here)));
+    return;
+  }
   host_->Submit(request, Buffer(tag), loop_, [this, tag](int32_t result) { OnResult(tag, result); });
 }
 

@@ -6,7 +6,8 @@
 // issues FETCH_REQ for every tag. From then on each command completion is a
 // request on its tag (the kernel filled the tag's descriptor and, for
 // writes, its buffer): the worker decodes the descriptor, hands the request
-// to the ImageHost, and when the result comes back queues
+// to the ImageHost (or serves it on this thread, when the image has
+// published the mapping: TryServeHere), and when the result comes back queues
 // COMMIT_AND_FETCH_REQ, which both completes the request and re-arms the
 // tag. All SQEs prepared in one loop iteration go to the kernel together in
 // the ring's next Poll().
@@ -75,8 +76,10 @@ class QueueWorker final : public uring::CommandHandler {
 
   void OnCommandComplete(uint64_t payload, int32_t res, uint32_t flags) override;
 
-  // Counters, loop thread only.
+  // Counters, loop thread only: requests, and those of them served on this
+  // thread without the image's (TryServeHere).
   uint64_t requests() const { return requests_; }
+  uint64_t served_here() const { return served_here_; }
 
  private:
   void Issue(uint16_t tag, IoCommand command, int32_t result);
@@ -104,6 +107,7 @@ class QueueWorker final : public uring::CommandHandler {
   bool started_ = false;
   bool finished_ = false;
   uint64_t requests_ = 0;
+  uint64_t served_here_ = 0;
 };
 
 }  // namespace uq::driver

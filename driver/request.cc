@@ -1,5 +1,6 @@
 #include "driver/request.h"
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <string>
@@ -12,21 +13,39 @@ namespace {
 // Error lines go to the daemon's log; a failing disk could produce one per
 // request, so only the first ones are kept.
 constexpr int kMaxLoggedErrors = 100;
-int logged_errors = 0;  // per process; requests of one image run on one thread
+std::atomic<int> logged_errors = 0;  // per process; queue threads fail requests too
 
 int32_t Fail(const IoDescriptor& r, const Status& status) {
   int32_t err = status.ToNegativeErrno();
-  if (logged_errors < kMaxLoggedErrors) {
-    ++logged_errors;
+  const int logged = ++logged_errors;
+  if (logged <= kMaxLoggedErrors) {
     std::string line = fmt::format("ublk-qcow2: {} at {} ({} bytes) failed: {}{}\n", OpName(r.op),
                                    r.offset, r.length, status.ToString(),
-                                   logged_errors == kMaxLoggedErrors ? " (further errors not logged)" : "");
+                                   logged == kMaxLoggedErrors ? " (further errors not logged)" : "");
     std::fputs(line.c_str(), stderr);
   }
   return err;
 }
 
+Task<int32_t> Finish(IoDescriptor r, Task<Status> io) {
+  Status status = co_await std::move(io);
+  if (!status.ok()) co_return Fail(r, status);
+  co_return static_cast<int32_t>(r.length);
+}
+
 }  // namespace
+
+std::optional<Task<int32_t>> TryServeHere(qcow2::BlockDevice& device, IoDescriptor r,
+                                          std::span<std::byte> buffer) {
+  const bool write = r.op == UBLK_IO_OP_WRITE;
+  if ((!write && r.op != UBLK_IO_OP_READ) || (write && r.fua()) || r.length == 0 ||
+      r.length > buffer.size()) {
+    return std::nullopt;  // ServeRequest handles (or rejects) it
+  }
+  std::optional<Task<Status>> io = device.TryAnyThread(write, r.offset, buffer.first(r.length));
+  if (!io) return std::nullopt;
+  return Finish(r, std::move(*io));
+}
 
 Task<int32_t> ServeRequest(qcow2::BlockDevice& device, IoDescriptor r,
                            std::span<std::byte> buffer) {

@@ -13,12 +13,19 @@
 // request that does not fit the buffer, -EIO past the end of the device.
 // Never a hang: every path returns.
 //
-// Thread model: runs on the device's (image's) thread.
+// TryServeHere: the same for a request that the calling thread may serve
+// itself (a read, or a write without FUA, on clusters whose mapping is
+// published: BlockDevice::TryAnyThread); nullopt when it must go to
+// ServeRequest on the device's thread.
+//
+// Thread model: ServeRequest runs on the device's (image's) thread;
+// TryServeHere on any thread, its task on that thread.
 #ifndef UBLK_QCOW2_DRIVER_REQUEST_H_
 #define UBLK_QCOW2_DRIVER_REQUEST_H_
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 
 #include "base/task.h"
@@ -31,6 +38,9 @@ namespace uq::driver {
 // read; it must stay valid until the task completes.
 Task<int32_t> ServeRequest(qcow2::BlockDevice& device, IoDescriptor request,
                            std::span<std::byte> buffer);
+
+std::optional<Task<int32_t>> TryServeHere(qcow2::BlockDevice& device, IoDescriptor request,
+                                          std::span<std::byte> buffer);
 
 }  // namespace uq::driver
 

@@ -9,12 +9,14 @@
 // once on one device; results never depend on their interleaving except where
 // writes overlap. Buffers stay alive until the operation completes.
 //
-// Thread model: a device belongs to the thread (event loop) that opened it.
+// Thread model: a device belongs to the thread (event loop) that opened it;
+// only TryAnyThread may be called from other threads.
 #ifndef UBLK_QCOW2_QCOW2_BLOCK_DEVICE_H_
 #define UBLK_QCOW2_QCOW2_BLOCK_DEVICE_H_
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -48,6 +50,20 @@ class BlockDevice {
   // over nothing. 0 when the range starts with data or the device cannot
   // tell. Lets copies skip the empty parts of huge sparse images.
   virtual Task<Result<uint64_t>> ZeroPrefix(uint64_t offset, uint64_t length);
+  // A read, or a write without FUA, that the calling thread may do itself,
+  // on its own ring, without the device's thread: every cluster of the range
+  // is mapped to a known host location that cannot change while the task
+  // runs (for a write: a location owned by this image alone, written in
+  // place). Returns that task, or nullopt when the request must go through
+  // the device's thread as usual. The task does the same as Read/Write would.
+  // Thread-safe: any thread may call it while the device's thread runs, and
+  // run the task it gets to completion on its own event loop. By default no
+  // request qualifies.
+  virtual std::optional<Task<Status>> TryAnyThread(bool write, uint64_t offset,
+                                                   std::span<std::byte> buffer) {
+    (void)write, (void)offset, (void)buffer;
+    return std::nullopt;
+  }
   // Flushes and leaves the image clean (e.g. clears the dirty bit). The
   // device accepts nothing after Close().
   virtual Task<Status> Close();

@@ -49,6 +49,7 @@ Task<Status> Qcow2Image::MarkCorrupt(std::string why) {
   Status error = Status::Corruption(fmt::format("{}: {}; the image is marked corrupt and now read-only", path(), why));
   if (!writable_) co_return error;
   writable_ = false;
+  co_await RevokeShared();  // no more writes from other threads either
   Header updated = header_;
   updated.incompatible_features |= kIncompatCorrupt;
   Status st = co_await WriteHeader(*file_, updated);
@@ -122,6 +123,8 @@ Task<Status> Qcow2Image::FlushLocked() {
 
 Task<Status> Qcow2Image::Close() {
   if (closed_) co_return Status::Ok();
+  // Nothing may be written from another thread after the last flush.
+  co_await RevokeShared();
   Status st = co_await Flush();
   closed_ = true;
   if (st.ok() && writable_ && grown_end_ > file_size_) {

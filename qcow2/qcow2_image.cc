@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "base/endian.h"
+#include "base/when_all.h"
 #include "qcow2/compression.h"
 #include "qcow2/format.h"
 
@@ -16,6 +17,11 @@ namespace {
 constexpr uint64_t kL2SliceBytes = 4096;
 // Compressed clusters at least this large inflate off the engine thread.
 constexpr uint64_t kOffloadMinClusterSize = 32 * 1024;
+// SharedMap slots: one per 512 bytes of L2 cache (65536, 1.5 MiB, with the
+// default 32 MiB cache), at most 2^16, so the map stays small next to it.
+size_t SharedMapSlots(uint64_t cache_size) {
+  return static_cast<size_t>(std::clamp<uint64_t>(cache_size / 512, 1024, 1 << 16));
+}
 
 void Zero(std::span<std::byte> out) { std::memset(out.data(), 0, out.size()); }
 
@@ -27,10 +33,12 @@ Qcow2Image::Qcow2Image(Qcow2OpenParts parts)
       backing_(std::move(parts.backing)),
       header_(std::move(parts.header)),
       geo_(Geometry::From(header_)),
+      size_(header_.size & ~uint64_t{511}),
       writable_(parts.writable),
       preallocate_(parts.preallocate),
       env_(parts.env),
-      l2_cache_(file_.get(), std::min(kL2SliceBytes, geo_.cluster_size), parts.cache_size) {}
+      l2_cache_(file_.get(), std::min(kL2SliceBytes, geo_.cluster_size), parts.cache_size),
+      shared_map_(SharedMapSlots(parts.cache_size)) {}
 
 Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts) {
   if (parts.header.has_data_file() != (parts.data_file != nullptr)) {
@@ -107,11 +115,15 @@ Task<Status> Qcow2Image::Read(uint64_t offset, std::span<std::byte> out) {
 
 Task<Status> Qcow2Image::ReadInCluster(uint64_t offset, std::span<std::byte> out) {
   CO_ASSIGN_OR_RETURN(L2Entry entry, co_await LookupEntry(offset));
-  if (!writable_) co_return co_await ReadWithEntry(entry, offset, out);
+  if (!writable_) {
+    Publish(offset, entry);
+    co_return co_await ReadWithEntry(entry, offset, out);
+  }
   // On a writable image, hold the cluster so that a discard cannot free (and
   // a later allocation reuse) the host cluster under this read.
   auto guard = co_await cluster_locks_.Lock(geo_.guest_cluster(offset), false);
   CO_ASSIGN_OR_RETURN(entry, co_await LookupEntry(offset));
+  Publish(offset, entry);
   co_return co_await ReadWithEntry(entry, offset, out);
 }
 
@@ -279,6 +291,87 @@ Task<Status> Qcow2Image::ReadCompressed(const L2Entry& entry, uint64_t offset_in
   }
   std::memcpy(out.data(), data->data() + offset_in_cluster, out.size());
   co_return Status::Ok();
+}
+
+// --- requests from other threads ---
+
+void Qcow2Image::Publish(uint64_t offset, const L2Entry& e) {
+  const bool has_df = data_file_ != nullptr;
+  if (e.compressed() || !e.has_host_cluster(has_df)) return;
+  for (uint32_t sc = 0; sc < (geo_.extended_l2 ? kSubclustersPerCluster : 1); sc++) {
+    if (e.Kind(geo_, has_df, sc) != SubclusterKind::kData) return;
+  }
+  const uint64_t host = e.host_cluster();
+  // Writable as the engine's own in-place write would find it: owned by this
+  // image alone, and (in the image file) not one of its metadata clusters.
+  bool writable = writable_ && !closed_ && e.copied();
+  if (writable && !has_df) {
+    const uint64_t c = host / geo_.cluster_size;
+    writable = !metadata_clusters_.count(c) && !refcounts_->IsRefcountMetadata(c);
+  }
+  shared_map_.Publish(geo_.guest_cluster(offset), host, writable);
+}
+
+Task<KeyedLock::Guard> Qcow2Image::LockToRemap(uint64_t cluster) {
+  KeyedLock::Guard guard = co_await cluster_locks_.Lock(cluster, true);
+  if (shared_map_.Revoke(cluster)) co_await WaitUnpinned();
+  co_return guard;
+}
+
+Task<void> Qcow2Image::RevokeShared() {
+  if (shared_map_.RevokeAll()) co_await WaitUnpinned();
+}
+
+Task<void> Qcow2Image::WaitUnpinned() {
+  // The pins belong to I/O on other threads' rings, which completes without
+  // this thread; blocking a worker rather than this thread keeps this
+  // thread's own requests going meanwhile.
+  if (env_ == nullptr) {
+    shared_map_.WaitUnpinned();
+    co_return;
+  }
+  co_await env_->RunOffThread([this] { shared_map_.WaitUnpinned(); });
+}
+
+std::optional<Task<Status>> Qcow2Image::TryAnyThread(bool write, uint64_t offset,
+                                                     std::span<std::byte> buffer) {
+  if (buffer.empty() || offset > size_ || buffer.size() > size_ - offset) return std::nullopt;
+  const uint64_t first = geo_.guest_cluster(offset);
+  const uint64_t count = geo_.guest_cluster(offset + buffer.size() - 1) - first + 1;
+  if (count > SharedMap::kMaxPinned) return std::nullopt;
+  std::array<uint64_t, SharedMap::kMaxPinned> hosts;
+  SharedMap::Pin pin;
+  if (!shared_map_.Acquire(first, count, write, hosts.data(), &pin)) return std::nullopt;
+  return ServeMapped(write, offset, buffer, std::move(pin), hosts);
+}
+
+Task<Status> Qcow2Image::ServeMapped(bool write, uint64_t offset, std::span<std::byte> buffer,
+                                     SharedMap::Pin pin,
+                                     std::array<uint64_t, SharedMap::kMaxPinned> hosts) {
+  // Clusters that lie back to back in the host file go as one I/O.
+  const uint64_t cs = geo_.cluster_size;
+  File& f = data_file();
+  auto run_io = [&f, write](uint64_t host, std::span<std::byte> piece) -> Task<Status> {
+    // Data past the end of the host file reads as zeros (see ReadWithEntry).
+    if (!write) co_return co_await f.ReadZeroPadded(host, piece);
+    co_return co_await f.Write(host, piece);
+  };
+  std::vector<Task<Status>> runs;
+  size_t done = 0;
+  for (size_t i = 0; done < buffer.size();) {
+    const uint64_t in_cluster = i == 0 ? geo_.cluster_offset_in(offset) : 0;
+    uint64_t n = std::min<uint64_t>(buffer.size() - done, cs - in_cluster);
+    size_t next = i + 1;
+    while (done + n < buffer.size() && hosts[next] == hosts[next - 1] + cs) {
+      n += std::min<uint64_t>(buffer.size() - done - n, cs);
+      ++next;
+    }
+    if (n == buffer.size()) co_return co_await run_io(hosts[i] + in_cluster, buffer);
+    runs.push_back(run_io(hosts[i] + in_cluster, buffer.subspan(done, n)));
+    done += n;
+    i = next;
+  }
+  co_return co_await WhenAll(std::move(runs));
 }
 
 }  // namespace uq::qcow2

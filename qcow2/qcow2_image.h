@@ -26,12 +26,22 @@
 // cluster is never allocated twice; metadata mutations and flushes serialise
 // on one async mutex held only for in-memory updates and for the flush.
 //
+// Requests from other threads: mappings of allocated clusters are published
+// in a SharedMap as reads and writes meet them, and TryAnyThread serves a
+// read or in-place write whose clusters are all published on the calling
+// thread (see shared_map.h for why that is safe). Every exclusive cluster
+// lock (LockToRemap) first revokes the cluster there and waits for the
+// requests using it; Close and MarkCorrupt revoke everything.
+//
 // Thread model: one event loop; many requests may be in flight on it.
+// TryAnyThread from any thread.
 #ifndef UBLK_QCOW2_QCOW2_QCOW2_IMAGE_H_
 #define UBLK_QCOW2_QCOW2_QCOW2_IMAGE_H_
 
+#include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -48,6 +58,7 @@
 #include "base/wait_list.h"
 #include "qcow2/metadata_cache.h"
 #include "qcow2/refcounts.h"
+#include "qcow2/shared_map.h"
 #include "qcow2/snapshot_table.h"
 #include <set>
 #include <unordered_set>
@@ -73,7 +84,8 @@ class Qcow2Image final : public BlockDevice {
 
   // QEMU serves whole 512-byte sectors: a size field that is not a multiple
   // of 512 is rounded down.
-  uint64_t size() const override { return header_.size & ~uint64_t{511}; }
+  // (Fixed at open: TryAnyThread reads it from other threads.)
+  uint64_t size() const override { return size_; }
   bool read_only() const override { return !writable_; }
   const std::string& path() const override { return file_->path(); }
   Task<Status> Read(uint64_t offset, std::span<std::byte> out) override;
@@ -83,6 +95,8 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> WriteZeroes(uint64_t offset, uint64_t length) override;
   Task<Status> Close() override;
   Task<Result<uint64_t>> ZeroPrefix(uint64_t offset, uint64_t length) override;
+  std::optional<Task<Status>> TryAnyThread(bool write, uint64_t offset,
+                                           std::span<std::byte> buffer) override;
 
   // Writes one whole guest cluster compressed with the image's compression
   // type (the last cluster of an image may be short: the rest reads as
@@ -97,6 +111,7 @@ class Qcow2Image final : public BlockDevice {
   const std::vector<Snapshot>& snapshots() const { return snapshots_; }
   BlockDevice* backing() const { return backing_.get(); }
   const MetadataCache& l2_cache() const { return l2_cache_; }
+  const SharedMap& shared_map() const { return shared_map_; }
   // The refcount manager of a writable image (null when read-only).
   Refcounts* refcounts() { return refcounts_.get(); }
 
@@ -149,11 +164,27 @@ class Qcow2Image final : public BlockDevice {
                               std::span<std::byte> out);
   Status CorruptEntry(uint64_t offset, const L2Entry& entry, const char* why) const;
 
+  // --- requests from other threads (shared_map.h) ---
+  // Publishes the cluster at `offset` if `entry` maps all of it to data.
+  // REQUIRES: `entry` is current (no suspension since it was looked up) and
+  // the cluster's lock is held, or the image is read-only.
+  void Publish(uint64_t offset, const L2Entry& entry);
+  // The cluster's exclusive lock, once no other thread uses its mapping.
+  Task<KeyedLock::Guard> LockToRemap(uint64_t cluster);
+  // Stops all use of the SharedMap and waits for the requests using it.
+  Task<void> RevokeShared();
+  // Waits (off this thread) until no revoked mapping is in use.
+  Task<void> WaitUnpinned();
+  // The I/O of a TryAnyThread request: `hosts` are its clusters' host offsets.
+  Task<Status> ServeMapped(bool write, uint64_t offset, std::span<std::byte> buffer,
+                           SharedMap::Pin pin, std::array<uint64_t, SharedMap::kMaxPinned> hosts);
+
   std::unique_ptr<File> file_;
   std::unique_ptr<File> data_file_;
   std::unique_ptr<BlockDevice> backing_;
   Header header_;
   Geometry geo_;
+  const uint64_t size_;
   bool writable_;
   const uint64_t preallocate_;
   Env* const env_;
@@ -163,6 +194,7 @@ class Qcow2Image final : public BlockDevice {
   std::vector<uint64_t> l1_;
   std::vector<Snapshot> snapshots_;
   MetadataCache l2_cache_;
+  SharedMap shared_map_;
 
   // Write state.
   std::unique_ptr<Refcounts> refcounts_;  // writable images only

@@ -86,6 +86,7 @@ Task<Status> Qcow2Image::WriteInCluster(uint64_t offset, std::span<const std::by
     auto shared = co_await cluster_locks_.Lock(cluster, false);
     CO_ASSIGN_OR_RETURN(L2Entry e, co_await LookupEntry(offset));
     if (WritableInPlace(e, in_cluster, data.size())) {
+      Publish(offset, e);
       const uint64_t host = e.host_cluster() + in_cluster;
       CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host, data.size()));
       co_return co_await data_file().Write(host, data);
@@ -96,7 +97,7 @@ Task<Status> Qcow2Image::WriteInCluster(uint64_t offset, std::span<const std::by
       co_return co_await SubclusterAllocatingWrite(offset, data);
     }
   }
-  auto exclusive = co_await cluster_locks_.Lock(cluster, true);
+  auto exclusive = co_await LockToRemap(cluster);
   co_return co_await AllocatingWrite(offset, data);
 }
 
@@ -299,6 +300,7 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   }
   CO_RETURN_IF_ERROR(co_await StoreEntry(offset, updated));
   if (!reuse) ReleaseEntry(old);
+  Publish(offset, updated);  // current: this cluster's exclusive lock is held
   co_return Status::Ok();
 }
 
@@ -353,7 +355,7 @@ Task<Status> Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length) {
 }
 
 Task<Status> Qcow2Image::ZeroInCluster(uint64_t offset, uint64_t length) {
-  auto exclusive = co_await cluster_locks_.Lock(geo_.guest_cluster(offset), true);
+  auto exclusive = co_await LockToRemap(geo_.guest_cluster(offset));
   const uint64_t in_cluster = geo_.cluster_offset_in(offset);
   const bool whole = length == geo_.cluster_size;
   const bool has_df = data_file_ != nullptr;
@@ -410,7 +412,7 @@ Task<Status> Qcow2Image::Discard(uint64_t offset, uint64_t length) {
 }
 
 Task<Status> Qcow2Image::DiscardCluster(uint64_t offset) {
-  auto exclusive = co_await cluster_locks_.Lock(geo_.guest_cluster(offset), true);
+  auto exclusive = co_await LockToRemap(geo_.guest_cluster(offset));
   const bool has_df = data_file_ != nullptr;
   CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
   const bool allocated = old.compressed() || old.has_host_cluster(has_df);
@@ -457,7 +459,7 @@ Task<Status> Qcow2Image::WriteCompressed(uint64_t offset, std::span<const std::b
     if (!n.status().IsNoSpace()) co_return n.status();
     co_return co_await Write(offset, cluster.span(), false);
   }
-  auto exclusive = co_await cluster_locks_.Lock(geo_.guest_cluster(offset), true);
+  auto exclusive = co_await LockToRemap(geo_.guest_cluster(offset));
   CO_RETURN_IF_ERROR(co_await PrepareL2(offset));
   CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
 

@@ -1,0 +1,200 @@
+// Requests served off the image's thread (Qcow2Image::TryAnyThread): which
+// clusters qualify, that they read and write the same bytes the engine
+// would, and that a mapping change waits for such requests on other threads.
+// QEMU is the oracle for the image afterwards.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <future>
+#include <optional>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "qcow2/open_image.h"
+#include "qcow2/qcow2_image.h"
+#include "qcow2/sync_env.h"
+#include "qcow2/testing/scratch_dir.h"
+
+namespace uq::qcow2 {
+namespace {
+
+constexpr uint64_t kCluster = 65536;
+
+class AnyThreadTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    scratch_ = std::make_unique<testing::ScratchDir>(
+        std::string("anythread-") + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    ASSERT_TRUE(scratch_->ok());
+  }
+  void Sh(const std::string& cmd) {
+    std::string out;
+    ASSERT_EQ(scratch_->Sh(cmd, &out), 0) << cmd << "\n" << out;
+  }
+  void Open(bool writable = true) {
+    auto opened = BlockOn(OpenImage(scratch_->path("img.qcow2"),
+                                    ImageOptions{.env = SyncEnv(), .writable = writable}));
+    ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+    dev_ = std::move(*opened);
+    img_ = static_cast<Qcow2Image*>(dev_.get());
+  }
+  // The engine's bytes at [offset, offset + length): this also publishes
+  // the mappings it meets.
+  std::vector<std::byte> EngineRead(uint64_t offset, size_t length) {
+    std::vector<std::byte> out(length);
+    Status st = BlockOn(img_->Read(offset, out));
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    return out;
+  }
+  // The bytes TryAnyThread serves, or nullopt if it declines.
+  std::optional<std::vector<std::byte>> HereRead(uint64_t offset, size_t length) {
+    std::vector<std::byte> out(length);
+    std::optional<Task<Status>> io = img_->TryAnyThread(false, offset, out);
+    if (!io) return std::nullopt;
+    Status st = BlockOn(std::move(*io));
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    return out;
+  }
+  bool HereWrite(uint64_t offset, std::vector<std::byte> data) {
+    std::optional<Task<Status>> io = img_->TryAnyThread(true, offset, data);
+    if (!io) return false;
+    Status st = BlockOn(std::move(*io));
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    return true;
+  }
+  void CloseAndCheck() {
+    Status st = BlockOn(img_->Close());
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    dev_.reset();
+    img_ = nullptr;
+    Sh("qemu-img check img.qcow2");
+  }
+
+  std::unique_ptr<testing::ScratchDir> scratch_;
+  std::unique_ptr<BlockDevice> dev_;
+  Qcow2Image* img_ = nullptr;
+};
+
+TEST_F(AnyThreadTest, ServesOnlyPublishedDataClustersWithTheEnginesBytes) {
+  Sh("qemu-img create -f qcow2 img.qcow2 4M");
+  // Clusters 0-3 data (back to back in the file), 5 data, 8 compressed,
+  // 10 zero, 12 unallocated.
+  Sh("qemu-io -c 'write -P 0x11 0 256k' -c 'write -P 0x22 320k 64k' "
+     "-c 'write -c -P 0x33 512k 64k' -c 'write -z 640k 64k' img.qcow2");
+  Open();
+  EXPECT_FALSE(HereRead(0, 4096)) << "nothing published before the engine saw it";
+  const std::vector<std::byte> all = EngineRead(0, 1 << 20);
+  for (auto [offset, length] : std::vector<std::pair<uint64_t, size_t>>{
+           {0, 4096}, {4096, 512}, {60 * 1024, 8192}, {0, 256 * 1024}, {100 * 1024, 100 * 1024},
+           {320 * 1024, 64 * 1024}}) {
+    std::optional<std::vector<std::byte>> here = HereRead(offset, length);
+    ASSERT_TRUE(here) << "offset " << offset;
+    EXPECT_TRUE(std::equal(here->begin(), here->end(), all.begin() + offset)) << "offset " << offset;
+  }
+  EXPECT_FALSE(HereRead(250 * 1024, 16 * 1024)) << "runs into unallocated cluster 4";
+  EXPECT_FALSE(HereRead(512 * 1024, 4096)) << "compressed";
+  EXPECT_FALSE(HereRead(640 * 1024, 4096)) << "zero cluster";
+  EXPECT_FALSE(HereRead(768 * 1024, 4096)) << "unallocated";
+  EXPECT_GE(img_->shared_map().acquired(), 6u);
+  CloseAndCheck();
+}
+
+TEST_F(AnyThreadTest, WritesInPlaceAndQemuReadsThem) {
+  Sh("qemu-img create -f qcow2 img.qcow2 4M");
+  Sh("qemu-io -c 'write -P 0x11 0 1M' img.qcow2");
+  Open();
+  EngineRead(0, 1 << 20);
+  // Spanning clusters 1-3; a single sector in cluster 7.
+  ASSERT_TRUE(HereWrite(kCluster + 512, std::vector<std::byte>(2 * kCluster, std::byte{0x44})));
+  ASSERT_TRUE(HereWrite(7 * kCluster, std::vector<std::byte>(512, std::byte{0x55})));
+  EXPECT_FALSE(HereWrite(2 << 20, std::vector<std::byte>(4096, std::byte{0x66}))) << "unallocated";
+  // The engine reads what was written here.
+  std::vector<std::byte> back = EngineRead(kCluster, 4096);
+  EXPECT_EQ(back[511], std::byte{0x11});
+  EXPECT_EQ(back[512], std::byte{0x44});
+  CloseAndCheck();
+  // qemu-io exits 0 either way; it prints "Pattern verification failed".
+  std::string out;
+  scratch_->Sh(fmt::format("qemu-io -c 'read -P 0x11 0 {}' -c 'read -P 0x44 {} {}' "
+                           "-c 'read -P 0x11 {} {}' -c 'read -P 0x55 {} 512' img.qcow2",
+                           kCluster + 512, kCluster + 512, 2 * kCluster, 3 * kCluster + 512,
+                           kCluster - 512, 7 * kCluster),
+               &out);
+  EXPECT_EQ(out.find("fail"), std::string::npos) << out;
+}
+
+TEST_F(AnyThreadTest, SnapshotSharedClustersAreReadOnlyHereUntilCopied) {
+  Sh("qemu-img create -f qcow2 img.qcow2 1M");
+  Sh("qemu-io -c 'write -P 0x11 0 1M' img.qcow2");
+  Sh("qemu-img snapshot -c s1 img.qcow2");
+  Open();
+  EngineRead(0, 1 << 20);
+  ASSERT_TRUE(HereRead(0, 4096));
+  EXPECT_FALSE(HereWrite(0, std::vector<std::byte>(4096, std::byte{0x77}))) << "shared with s1";
+  // The engine copies the cluster on write; the old mapping must not serve
+  // reads any more, and the new one serves reads and writes.
+  std::vector<std::byte> data(4096, std::byte{0x77});
+  ASSERT_TRUE(BlockOn(img_->Write(0, data, false)).ok());
+  std::optional<std::vector<std::byte>> here = HereRead(0, 4096);
+  ASSERT_TRUE(here) << "the new mapping was published by the write";
+  EXPECT_EQ((*here)[0], std::byte{0x77});
+  EXPECT_TRUE(HereWrite(4096, std::vector<std::byte>(4096, std::byte{0x78})));
+  CloseAndCheck();
+  std::string out;
+  scratch_->Sh("qemu-img snapshot -a s1 img.qcow2 && qemu-io -c 'read -P 0x11 0 1M' img.qcow2", &out);
+  EXPECT_EQ(out.find("fail"), std::string::npos) << "the snapshot kept its data: " << out;
+}
+
+TEST_F(AnyThreadTest, ExtendedL2PublishesOnlyWhollyAllocatedClusters) {
+  Sh("qemu-img create -f qcow2 -o cluster_size=64k,extended_l2=on img.qcow2 1M");
+  Sh("qemu-io -c 'write -P 0x11 0 64k' -c 'write -P 0x22 64k 8k' img.qcow2");
+  Open();
+  EngineRead(0, 256 * 1024);
+  EXPECT_TRUE(HereRead(0, 4096));
+  EXPECT_FALSE(HereRead(kCluster, 4096)) << "only 4 of its 32 subclusters are allocated";
+  CloseAndCheck();
+}
+
+// A request holding a mapping on another thread delays a discard of that
+// cluster until it completes; after it, the cluster is no longer served here.
+TEST_F(AnyThreadTest, RemappingWaitsForRequestsOnOtherThreads) {
+  Sh("qemu-img create -f qcow2 img.qcow2 1M");
+  Sh("qemu-io -c 'write -P 0x11 0 1M' img.qcow2");
+  Open();
+  EngineRead(0, 1 << 20);
+  std::vector<std::byte> data(4096, std::byte{0x99});
+  std::optional<Task<Status>> pending = img_->TryAnyThread(true, 2 * kCluster, data);
+  ASSERT_TRUE(pending);  // pinned, not started
+  // The image's own thread discards cluster 2 (and writes cluster 3, which
+  // must not wait).
+  auto engine = std::async(std::launch::async, [&] {
+    std::vector<std::byte> other(4096, std::byte{0x33});
+    EXPECT_TRUE(BlockOn(img_->Write(3 * kCluster, other, false)).ok());
+    return BlockOn(img_->Discard(2 * kCluster, kCluster));
+  });
+  EXPECT_EQ(engine.wait_for(std::chrono::milliseconds(200)), std::future_status::timeout)
+      << "the discard did not wait for the request using the cluster";
+  ASSERT_TRUE(BlockOn(std::move(*pending)).ok());
+  pending.reset();
+  ASSERT_EQ(engine.wait_for(std::chrono::seconds(20)), std::future_status::ready);
+  ASSERT_TRUE(engine.get().ok());
+  EXPECT_FALSE(HereRead(2 * kCluster, 4096)) << "discarded";
+  std::vector<std::byte> zeros = EngineRead(2 * kCluster, 4096);
+  EXPECT_EQ(zeros[0], std::byte{0});
+  CloseAndCheck();
+}
+
+TEST_F(AnyThreadTest, ClosedOrReadOnlyImagesServeNoWritesHere) {
+  Sh("qemu-img create -f qcow2 img.qcow2 1M");
+  Sh("qemu-io -c 'write -P 0x11 0 1M' img.qcow2");
+  Open(/*writable=*/false);
+  EngineRead(0, 1 << 20);
+  EXPECT_TRUE(HereRead(0, 4096));
+  EXPECT_FALSE(HereWrite(0, std::vector<std::byte>(4096, std::byte{0x22}))) << "read-only image";
+  ASSERT_TRUE(BlockOn(img_->Close()).ok());
+  EXPECT_FALSE(HereRead(0, 4096)) << "closed";
+}
+
+}  // namespace
+}  // namespace uq::qcow2
