@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <span>
 #include <utility>
 
@@ -316,7 +317,13 @@ Task<void> Worker(BenchRun* run, std::span<std::byte> buffer) {
     run->schedule.Issued();
     const uint64_t offset = run->offsets.Next();
     Status status;
-    if (run->write) {
+    // As a ublk queue does (driver TryServeHere): a request on clusters whose
+    // mapping the engine has published is served without the engine.
+    std::optional<Task<Status>> here;
+    if (!run->write || !run->cache.fua) here = run->device->TryAnyThread(run->write, offset, buffer);
+    if (here) {
+      status = co_await std::move(*here);
+    } else if (run->write) {
       status = co_await run->device->Write(offset, buffer, run->cache.fua);
     } else {
       status = co_await run->device->Read(offset, buffer);

@@ -49,7 +49,7 @@ run() {
   [[ ! -e $dev ]]
   if ((q == 2)); then
     grep 'served queue' "/run/ublk-qcow2/$id.log"
-    grep -qE 'queue 0: [1-9][0-9]* requests, queue 1: [1-9][0-9]* requests' "/run/ublk-qcow2/$id.log"
+    grep -qE 'queue 0: [1-9][0-9]* requests \([0-9]+ on its own thread\), queue 1: [1-9][0-9]* requests' "/run/ublk-qcow2/$id.log"
   fi
   qemu_img_check "$img" >"$WORK/check.out" || { cat "$WORK/check.out"; return 1; }
   grep -E 'allocated|errors' "$WORK/check.out"
