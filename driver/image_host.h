@@ -1,17 +1,17 @@
 // ImageHost: the image (a BlockDevice) and the one thread it lives on.
 //
 // The engine is single-threaded: one event loop owns an image, its caches
-// and its file I/O. The driver gives it queue 0's LoopThread: every request
-// of every queue runs there, and the engine's host I/O goes on queue 0's
-// ring (UringFile uses the ring bound on the calling thread). A request from
+// and its metadata. The driver gives it queue 0's LoopThread: requests that
+// need the engine run there, and its host I/O goes on queue 0's ring
+// (UringFile uses the ring bound on the calling thread). A request from
 // queue 0 runs at once; one from another queue crosses in queue 0's mailbox,
 // and its result crosses back in the submitting queue's mailbox, whose
 // thread then commits it to the kernel (ublk wants each queue's commands
 // from its own thread).
 //
-// This costs a thread hop per request on queues other than 0 and puts all
-// metadata and data work on one core; more queues still help by letting the
-// kernel hand over requests on several CPUs. See driver/README.md.
+// Reads and overwrites of clusters the engine has already mapped do not come
+// here: the queue serves them on its own thread (TryServeHere). See
+// driver/README.md.
 //
 // Thread model: Submit() from any LoopThread; everything else on home().
 #ifndef UBLK_QCOW2_DRIVER_IMAGE_HOST_H_

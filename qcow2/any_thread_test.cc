@@ -100,6 +100,20 @@ TEST_F(AnyThreadTest, ServesOnlyPublishedDataClustersWithTheEnginesBytes) {
   CloseAndCheck();
 }
 
+TEST_F(AnyThreadTest, OneL2SliceLoadPublishesTheWholeSlice) {
+  Sh("qemu-img create -f qcow2 img.qcow2 64M");
+  // 4 KiB L2 slices hold 512 entries: clusters 0-511 share one.
+  Sh("qemu-io -c 'write -P 0x11 0 1M' -c 'write -P 0x22 30M 64k' -c 'write -P 0x33 40M 64k' img.qcow2");
+  Open();
+  EngineRead(0, 4096);  // loads the slice of clusters 0-511
+  std::optional<std::vector<std::byte>> here = HereRead(30 << 20, 4096);
+  ASSERT_TRUE(here) << "cluster 480 shares cluster 0's slice";
+  EXPECT_EQ((*here)[0], std::byte{0x22});
+  EXPECT_TRUE(HereWrite(kCluster, std::vector<std::byte>(4096, std::byte{0x44})));
+  EXPECT_FALSE(HereRead(40 << 20, 4096)) << "cluster 640 is in the next slice, not loaded yet";
+  CloseAndCheck();
+}
+
 TEST_F(AnyThreadTest, WritesInPlaceAndQemuReadsThem) {
   Sh("qemu-img create -f qcow2 img.qcow2 4M");
   Sh("qemu-io -c 'write -P 0x11 0 1M' img.qcow2");

@@ -30,14 +30,17 @@
 #ifndef UBLK_QCOW2_QCOW2_FILE_H_
 #define UBLK_QCOW2_QCOW2_FILE_H_
 
+#include <algorithm>
 #include <coroutine>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <span>
 #include <string>
 
+#include "base/aligned_buffer.h"
 #include "base/status.h"
 #include "base/task.h"
 
@@ -140,6 +143,41 @@ class Env {
     work();
     co_return;
   }
+};
+
+// A read or write that O_DIRECT cannot take as it is (unaligned offset,
+// length or buffer), seen through an aligned buffer covering the whole 4 KiB
+// pages it touches (a page covers every logical block size we meet: 512 and
+// 4096). Used by the files that do O_DIRECT (sync_env.cc, uring/file_io.cc):
+// read the window (whole()), then CompleteRead(), or for a write CopyIn()
+// and write the window back (a read-modify-write).
+class BounceWindow {
+ public:
+  static constexpr uint64_t kAlign = 4096;
+  explicit BounceWindow(const IoRequest& req)
+      : start_(req.offset & ~(kAlign - 1)),
+        buffer_(((req.offset + req.length + kAlign - 1) & ~(kAlign - 1)) - start_) {}
+
+  // The aligned window as a request of kind `op` (kRead or kWrite).
+  IoRequest whole(IoRequest::Op op) { return {op, start_, buffer_.data(), buffer_.size()}; }
+  // Completes read `req` from the window, given the window read's result.
+  void CompleteRead(IoRequest& req, int64_t whole_result) const {
+    if (whole_result < 0) {
+      req.result = whole_result;
+      return;
+    }
+    const uint64_t skip = req.offset - start_;
+    const uint64_t got = static_cast<uint64_t>(whole_result);
+    const uint64_t n = std::min(got > skip ? got - skip : 0, req.length);
+    std::memcpy(req.data, buffer_.data() + skip, n);
+    req.result = static_cast<int64_t>(n);
+  }
+  // Puts write `req`'s data into the window (after the window was read).
+  void CopyIn(const IoRequest& req) { std::memcpy(buffer_.data() + (req.offset - start_), req.data, req.length); }
+
+ private:
+  uint64_t start_;
+  AlignedBuffer buffer_;
 };
 
 // --- implementation of the awaitable ---

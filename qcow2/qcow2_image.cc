@@ -17,6 +17,8 @@ namespace {
 constexpr uint64_t kL2SliceBytes = 4096;
 // Compressed clusters at least this large inflate off the engine thread.
 constexpr uint64_t kOffloadMinClusterSize = 32 * 1024;
+// Extended L2: the bitmap of a cluster whose 32 subclusters are all data.
+constexpr uint64_t kAllSubclustersAllocated = 0xffffffffull;
 // SharedMap slots: one per 512 bytes of L2 cache (65536, 1.5 MiB, with the
 // default 32 MiB cache), at most 2^16, so the map stays small next to it.
 size_t SharedMapSlots(uint64_t cache_size) {
@@ -91,6 +93,9 @@ Task<Result<L2Entry>> Qcow2Image::LookupEntry(uint64_t offset) {
   MetadataCache::SliceRef slice = l2_cache_.TryGet(slice_offset);
   if (!slice) {
     CO_ASSIGN_OR_RETURN(slice, co_await l2_cache_.Get(slice_offset));
+    // One load publishes the whole slice (512 clusters of 4 KiB), so other
+    // threads need not wait for a request on each cluster first.
+    PublishSlice(slice, (l1_index << geo_.l2_bits) + (byte_in_table - in_slice) / geo_.l2_entry_bytes);
   }
   L2Entry e;
   e.raw = LoadBE64(slice.bytes(), in_slice);
@@ -295,21 +300,50 @@ Task<Status> Qcow2Image::ReadCompressed(const L2Entry& entry, uint64_t offset_in
 
 // --- requests from other threads ---
 
-void Qcow2Image::Publish(uint64_t offset, const L2Entry& e) {
-  const bool has_df = data_file_ != nullptr;
-  if (e.compressed() || !e.has_host_cluster(has_df)) return;
-  for (uint32_t sc = 0; sc < (geo_.extended_l2 ? kSubclustersPerCluster : 1); sc++) {
-    if (e.Kind(geo_, has_df, sc) != SubclusterKind::kData) return;
+void Qcow2Image::PublishSlice(const MetadataCache::SliceRef& slice, uint64_t first_cluster) {
+  // Only clusters nobody holds or waits for: their cached entry is current,
+  // and whoever remaps them later takes the exclusive lock, which revokes.
+  // (A cluster being remapped right now is locked, and skipped.)
+  const bool check_locks = writable_ && cluster_locks_.busy_keys() > 0;
+  const std::span<const std::byte> bytes = slice.bytes();
+  const uint64_t entries = bytes.size() / geo_.l2_entry_bytes;
+  SharedMap::Batch batch(&shared_map_);
+  for (uint64_t i = 0; i < entries; i++) {
+    const uint64_t cluster = first_cluster + i;
+    if (check_locks && cluster_locks_.busy(cluster)) continue;
+    L2Entry e;
+    e.raw = LoadBE64(bytes, i * geo_.l2_entry_bytes);
+    if (geo_.extended_l2) e.bitmap = LoadBE64(bytes, i * geo_.l2_entry_bytes + 8);
+    uint64_t host;
+    bool writable;
+    if (Publishable(e, &host, &writable)) batch.Publish(cluster, host, writable);
   }
-  const uint64_t host = e.host_cluster();
+}
+
+void Qcow2Image::Publish(uint64_t offset, const L2Entry& e) {
+  uint64_t host;
+  bool writable;
+  if (Publishable(e, &host, &writable)) shared_map_.Publish(geo_.guest_cluster(offset), host, writable);
+}
+
+bool Qcow2Image::Publishable(const L2Entry& e, uint64_t* host, bool* writable) const {
+  const bool has_df = data_file_ != nullptr;
+  if (e.compressed() || !e.has_host_cluster(has_df)) return false;
+  if (geo_.extended_l2) {
+    // Every subcluster allocated, none zero (kData for all 32, as Kind says).
+    if (e.bitmap != kAllSubclustersAllocated || !geo_.cluster_aligned(e.host_cluster())) return false;
+  } else if (e.Kind(geo_, has_df, 0) != SubclusterKind::kData) {
+    return false;
+  }
+  *host = e.host_cluster();
   // Writable as the engine's own in-place write would find it: owned by this
   // image alone, and (in the image file) not one of its metadata clusters.
-  bool writable = writable_ && !closed_ && e.copied();
-  if (writable && !has_df) {
-    const uint64_t c = host / geo_.cluster_size;
-    writable = !metadata_clusters_.count(c) && !refcounts_->IsRefcountMetadata(c);
+  *writable = writable_ && !closed_ && e.copied();
+  if (*writable && !has_df) {
+    const uint64_t c = *host / geo_.cluster_size;
+    *writable = !metadata_clusters_.count(c) && !refcounts_->IsRefcountMetadata(c);
   }
-  shared_map_.Publish(geo_.guest_cluster(offset), host, writable);
+  return true;
 }
 
 Task<KeyedLock::Guard> Qcow2Image::LockToRemap(uint64_t cluster) {

@@ -169,11 +169,20 @@ class Qcow2Image final : public BlockDevice {
   // REQUIRES: `entry` is current (no suspension since it was looked up) and
   // the cluster's lock is held, or the image is read-only.
   void Publish(uint64_t offset, const L2Entry& entry);
+  // Whether `entry` maps its whole cluster to data, and where (writable: as
+  // the engine's own in-place write would find it).
+  bool Publishable(const L2Entry& entry, uint64_t* host, bool* writable) const;
+  // Publishes every cluster of a freshly loaded L2 slice that no request
+  // holds or waits for; `first_cluster` is the guest cluster of its first entry.
+  void PublishSlice(const MetadataCache::SliceRef& slice, uint64_t first_cluster);
   // The cluster's exclusive lock, once no other thread uses its mapping.
   Task<KeyedLock::Guard> LockToRemap(uint64_t cluster);
   // Stops all use of the SharedMap and waits for the requests using it.
   Task<void> RevokeShared();
-  // Waits (off this thread) until no revoked mapping is in use.
+  // Waits (off this thread, through Env::RunOffThread) until no revoked
+  // mapping is in use. An Env whose RunOffThread runs inline must complete
+  // TryAnyThread I/O without this thread (SyncEnv does, blocking); UringEnv
+  // has worker threads.
   Task<void> WaitUnpinned();
   // The I/O of a TryAnyThread request: `hosts` are its clusters' host offsets.
   Task<Status> ServeMapped(bool write, uint64_t offset, std::span<std::byte> buffer,

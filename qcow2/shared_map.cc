@@ -8,10 +8,9 @@ namespace uq::qcow2 {
 SharedMap::SharedMap(size_t slots)
     : mask_(std::bit_ceil(std::max<size_t>(slots, 1)) - 1), slots_(mask_ + 1) {}
 
-void SharedMap::Publish(uint64_t cluster, uint64_t host, bool writable) {
-  std::lock_guard lock(mu_);
-  if (disabled_) return;
-  Slot& s = slots_[SlotOf(cluster)];
+void SharedMap::Batch::Publish(uint64_t cluster, uint64_t host, bool writable) {
+  if (map_->disabled_) return;
+  Slot& s = map_->slots_[map_->SlotOf(cluster)];
   // A pinned slot is either in use by a request or draining after a revoke:
   // replacing it would let its unpinning count against the wrong mapping.
   if (s.pins != 0) return;

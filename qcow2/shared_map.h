@@ -78,7 +78,19 @@ class SharedMap {
   // Records guest `cluster` at host offset `host` (writable or read-only).
   // Leaves the table as it is if the slot is pinned by another cluster or
   // the map is disabled.
-  void Publish(uint64_t cluster, uint64_t host, bool writable);
+  void Publish(uint64_t cluster, uint64_t host, bool writable) {
+    Batch(this).Publish(cluster, host, writable);
+  }
+  // Many Publish calls under one lock (a whole L2 slice at a time).
+  class [[nodiscard]] Batch {
+   public:
+    explicit Batch(SharedMap* map) : map_(map), lock_(map->mu_) {}
+    void Publish(uint64_t cluster, uint64_t host, bool writable);
+
+   private:
+    SharedMap* map_;
+    std::lock_guard<std::mutex> lock_;
+  };
 
   // If every one of `count` clusters from `first` on is published (and
   // writable, for a write), pins them, stores their host offsets in `hosts`

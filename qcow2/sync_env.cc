@@ -57,38 +57,27 @@ int64_t ZeroRange(int fd, uint64_t offset, uint64_t length, bool keep_allocated)
 }
 
 // O_DIRECT needs the device's logical block size (512 on the disks we run
-// on); bounces cover whole pages.
+// on); bounces cover whole pages (BounceWindow).
 constexpr uint64_t kDirectAlign = 512;
-constexpr uint64_t kBounceAlign = 4096;
 
 bool IsDirect(int fd) {
   int flags = ::fcntl(fd, F_GETFL);
   return flags >= 0 && (flags & O_DIRECT);
 }
 
-// Reads or writes `req` through an aligned buffer covering whole blocks.
-// Writes read-modify-write the blocks they touch (rare: the engine's own
-// metadata writes are aligned).
+// Reads or writes `req` through an aligned window of whole pages. Writes
+// read-modify-write the pages they touch (rare: the engine's own metadata
+// writes are aligned).
 void PerformBounced(int fd, IoRequest& req) {
-  const uint64_t start = req.offset & ~(kBounceAlign - 1);
-  const uint64_t end = (req.offset + req.length + kBounceAlign - 1) & ~(kBounceAlign - 1);
-  AlignedBuffer bounce(end - start);
-  IoRequest whole{IoRequest::Op::kRead, start, bounce.data(), end - start};
+  BounceWindow window(req);
+  IoRequest whole = window.whole(IoRequest::Op::kRead);
   PerformBlocking(fd, whole);
-  if (whole.result < 0) {
-    req.result = whole.result;
+  if (req.op == IoRequest::Op::kRead || whole.result < 0) {
+    window.CompleteRead(req, whole.result);  // (passes a read failure on)
     return;
   }
-  const uint64_t skip = req.offset - start;
-  if (req.op == IoRequest::Op::kRead) {
-    const uint64_t have = static_cast<uint64_t>(whole.result) > skip ? whole.result - skip : 0;
-    const uint64_t n = std::min(have, req.length);
-    std::memcpy(req.data, bounce.data() + skip, n);
-    req.result = static_cast<int64_t>(n);
-    return;
-  }
-  std::memcpy(bounce.data() + skip, req.data, req.length);
-  IoRequest write{IoRequest::Op::kWrite, start, bounce.data(), end - start};
+  window.CopyIn(req);
+  IoRequest write = window.whole(IoRequest::Op::kWrite);
   PerformBlocking(fd, write);
   req.result = write.result < 0 ? write.result : static_cast<int64_t>(req.length);
 }

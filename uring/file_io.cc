@@ -17,6 +17,7 @@
 namespace uq::uring {
 namespace {
 
+using qcow2::BounceWindow;
 using qcow2::IoRequest;
 
 // Largest single read/write submitted (see the header).
@@ -144,10 +145,6 @@ void FileIo::Finish(int64_t result) {
   req->waiter.resume();
 }
 
-// Alignment of the bounce span: a page covers every logical block size we
-// meet (512 and 4096).
-constexpr uint64_t kBounceAlign = 4096;
-
 // Awaits one StartFileIo.
 struct FileIoAwaitable {
   Ring* ring;
@@ -164,20 +161,10 @@ struct FileIoAwaitable {
 // The body of StartBouncedRead, as a detached coroutine: its frame holds the
 // bounce buffer until the copy is done.
 Task<void> BouncedRead(Ring* ring, int fd, IoRequest* req) {
-  const uint64_t start = req->offset & ~(kBounceAlign - 1);
-  const uint64_t end = (req->offset + req->length + kBounceAlign - 1) & ~(kBounceAlign - 1);
-  AlignedBuffer bounce(end - start);
-  IoRequest whole{IoRequest::Op::kRead, start, bounce.data(), end - start};
+  BounceWindow window(*req);
+  IoRequest whole = window.whole(IoRequest::Op::kRead);
   co_await FileIoAwaitable{ring, fd, &whole};
-  if (whole.result < 0) {
-    req->result = whole.result;
-  } else {
-    const uint64_t skip = req->offset - start;
-    const uint64_t got = static_cast<uint64_t>(whole.result);
-    const uint64_t n = std::min(got > skip ? got - skip : 0, req->length);
-    std::memcpy(req->data, bounce.data() + skip, n);
-    req->result = static_cast<int64_t>(n);
-  }
+  window.CompleteRead(*req, whole.result);
   // Last: the waiter may free `req` (and start more I/O) once it runs.
   req->waiter.resume();
 }
