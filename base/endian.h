@@ -29,9 +29,15 @@ inline T LoadBE(std::span<const std::byte> bytes, size_t offset) {
   if constexpr (std::endian::native == std::endian::little && sizeof(T) > 1) v = ByteSwap(v);
   return v;
 }
-inline uint64_t LoadBE64(std::span<const std::byte> b, size_t off) { return LoadBE<uint64_t>(b, off); }
-inline uint32_t LoadBE32(std::span<const std::byte> b, size_t off) { return LoadBE<uint32_t>(b, off); }
-inline uint16_t LoadBE16(std::span<const std::byte> b, size_t off) { return LoadBE<uint16_t>(b, off); }
+inline uint64_t LoadBE64(std::span<const std::byte> b, size_t off) {
+  return LoadBE<uint64_t>(b, off);
+}
+inline uint32_t LoadBE32(std::span<const std::byte> b, size_t off) {
+  return LoadBE<uint32_t>(b, off);
+}
+inline uint16_t LoadBE16(std::span<const std::byte> b, size_t off) {
+  return LoadBE<uint16_t>(b, off);
+}
 inline uint8_t Load8(std::span<const std::byte> b, size_t off) { return LoadBE<uint8_t>(b, off); }
 
 template <class T>
@@ -40,9 +46,15 @@ inline void StoreBE(std::span<std::byte> bytes, size_t offset, T v) {
   if constexpr (std::endian::native == std::endian::little && sizeof(T) > 1) v = ByteSwap(v);
   std::memcpy(bytes.data() + offset, &v, sizeof(T));
 }
-inline void StoreBE64(std::span<std::byte> b, size_t off, uint64_t v) { StoreBE<uint64_t>(b, off, v); }
-inline void StoreBE32(std::span<std::byte> b, size_t off, uint32_t v) { StoreBE<uint32_t>(b, off, v); }
-inline void StoreBE16(std::span<std::byte> b, size_t off, uint16_t v) { StoreBE<uint16_t>(b, off, v); }
+inline void StoreBE64(std::span<std::byte> b, size_t off, uint64_t v) {
+  StoreBE<uint64_t>(b, off, v);
+}
+inline void StoreBE32(std::span<std::byte> b, size_t off, uint32_t v) {
+  StoreBE<uint32_t>(b, off, v);
+}
+inline void StoreBE16(std::span<std::byte> b, size_t off, uint16_t v) {
+  StoreBE<uint16_t>(b, off, v);
+}
 inline void Store8(std::span<std::byte> b, size_t off, uint8_t v) { StoreBE<uint8_t>(b, off, v); }
 
 }  // namespace uq

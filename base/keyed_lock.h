@@ -25,7 +25,8 @@ class KeyedLock {
    public:
     Guard() = default;
     Guard(KeyedLock* l, uint64_t key, bool exclusive) : l_(l), key_(key), exclusive_(exclusive) {}
-    Guard(Guard&& o) noexcept : l_(std::exchange(o.l_, nullptr)), key_(o.key_), exclusive_(o.exclusive_) {}
+    Guard(Guard&& o) noexcept
+        : l_(std::exchange(o.l_, nullptr)), key_(o.key_), exclusive_(o.exclusive_) {}
     Guard& operator=(Guard&& o) noexcept {
       Release();
       l_ = std::exchange(o.l_, nullptr);
@@ -51,7 +52,9 @@ class KeyedLock {
       uint64_t key;
       bool exclusive;
       bool await_ready() { return l->TryAcquire(key, exclusive); }
-      void await_suspend(std::coroutine_handle<> h) { l->states_[key].waiters.push_back({h, exclusive}); }
+      void await_suspend(std::coroutine_handle<> h) {
+        l->states_[key].waiters.push_back({h, exclusive});
+      }
       Guard await_resume() { return Guard(l, key, exclusive); }
     };
     return Awaiter{this, key, exclusive};
@@ -75,16 +78,20 @@ class KeyedLock {
     auto [it, inserted] = states_.try_emplace(key);
     State& s = it->second;
     if (!s.waiters.empty() || s.writer || (exclusive && s.readers > 0)) return false;
-    if (exclusive) s.writer = true;
-    else s.readers++;
+    if (exclusive)
+      s.writer = true;
+    else
+      s.readers++;
     return true;
   }
 
   void Unlock(uint64_t key, bool exclusive) {
     auto it = states_.find(key);
     State& s = it->second;
-    if (exclusive) s.writer = false;
-    else s.readers--;
+    if (exclusive)
+      s.writer = false;
+    else
+      s.readers--;
     // Hand the lock to the waiters at the front that can run now. Ownership is
     // granted before resuming, so a waiter never has to re-check.
     std::deque<std::coroutine_handle<>> ready;
@@ -92,8 +99,10 @@ class KeyedLock {
       Waiter w = s.waiters.front();
       if (s.writer || (w.exclusive && s.readers > 0)) break;
       s.waiters.pop_front();
-      if (w.exclusive) s.writer = true;
-      else s.readers++;
+      if (w.exclusive)
+        s.writer = true;
+      else
+        s.readers++;
       ready.push_back(w.h);
       if (w.exclusive) break;
     }

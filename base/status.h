@@ -130,22 +130,22 @@ Status AsStatus(Result<T>&& r) {
 #define UQ_CONCAT(a, b) UQ_CONCAT_INNER(a, b)
 
 // Returns (or co_returns) the error of `expr`, a Status or Result, if it failed.
-#define RETURN_IF_ERROR(expr)                                             \
-  do {                                                                    \
-    ::uq::Status uq_status_ = ::uq::internal::AsStatus((expr));           \
-    if (!uq_status_.ok()) return uq_status_;                              \
+#define RETURN_IF_ERROR(expr)                                   \
+  do {                                                          \
+    ::uq::Status uq_status_ = ::uq::internal::AsStatus((expr)); \
+    if (!uq_status_.ok()) return uq_status_;                    \
   } while (0)
-#define CO_RETURN_IF_ERROR(expr)                                          \
-  do {                                                                    \
-    ::uq::Status uq_status_ = ::uq::internal::AsStatus((expr));           \
-    if (!uq_status_.ok()) co_return uq_status_;                           \
+#define CO_RETURN_IF_ERROR(expr)                                \
+  do {                                                          \
+    ::uq::Status uq_status_ = ::uq::internal::AsStatus((expr)); \
+    if (!uq_status_.ok()) co_return uq_status_;                 \
   } while (0)
 
 // `lhs` = the value of `rexpr` (a Result), or return its error.
 #define ASSIGN_OR_RETURN(lhs, rexpr) \
-  UQ_ASSIGN_OR_RETURN_IMPL(UQ_CONCAT(uq_result_, __LINE__), lhs, rexpr, return)
+  UQ_ASSIGN_OR_RETURN_IMPL(UQ_CONCAT(uq_result_, __LINE__), lhs, rexpr, return )
 #define CO_ASSIGN_OR_RETURN(lhs, rexpr) \
-  UQ_ASSIGN_OR_RETURN_IMPL(UQ_CONCAT(uq_result_, __LINE__), lhs, rexpr, co_return)
+  UQ_ASSIGN_OR_RETURN_IMPL(UQ_CONCAT(uq_result_, __LINE__), lhs, rexpr, co_return )
 #define UQ_ASSIGN_OR_RETURN_IMPL(tmp, lhs, rexpr, ret) \
   auto tmp = (rexpr);                                  \
   if (!tmp.ok()) ret std::move(tmp).TakeStatus();      \

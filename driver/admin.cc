@@ -1,5 +1,6 @@
 #include "driver/admin.h"
 
+#include <fmt/format.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/syscall.h>
@@ -12,17 +13,13 @@
 #include <set>
 #include <sstream>
 
-#include <fmt/format.h>
-
 namespace uq::driver {
 namespace {
 
 constexpr int kKillWaitMs = 10'000;
 
 // A pidfd for `pid`, or -1 if it is gone.
-int OpenPidfd(int pid) {
-  return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-}
+int OpenPidfd(int pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
 
 // Waits until the process behind `pidfd` exits; false on timeout.
 bool WaitExit(int pidfd, int timeout_ms) {
@@ -122,9 +119,10 @@ Status DeleteDevice(ControlDevice& control, int dev_id, const DeleteOptions& opt
     if (!WaitExit(pidfd, options.timeout_ms)) {
       if (!ours) {
         ::close(pidfd);
-        return Status::Busy(fmt::format(
-            "ublk device {}: its server (pid {}) did not exit within {} s of STOP_DEV; not deleting",
-            dev_id, pid, options.timeout_ms / 1000));
+        return Status::Busy(
+            fmt::format("ublk device {}: its server (pid {}) did not exit within {} s of STOP_DEV; "
+                        "not deleting",
+                        dev_id, pid, options.timeout_ms / 1000));
       }
       ::syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, nullptr, 0);
       WaitExit(pidfd, kKillWaitMs);

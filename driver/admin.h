@@ -49,11 +49,11 @@ struct DeviceStatus {
   std::string state;  // "live", "dead", "quiesced", or "gone" (stale record)
   uint16_t queues = 0;
   uint16_t depth = 0;
-  int pid = 0;              // the daemon's, 0 if unknown
+  int pid = 0;  // the daemon's, 0 if unknown
   bool daemon_running = false;
-  uint64_t size = 0;        // bytes, 0 if unknown
+  uint64_t size = 0;  // bytes, 0 if unknown
   bool read_only = false;
-  std::string image;        // "" if the device has no record (not ours)
+  std::string image;  // "" if the device has no record (not ours)
 };
 
 Result<DeviceStatus> DescribeDevice(ControlDevice& control, int dev_id);

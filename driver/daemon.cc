@@ -1,6 +1,7 @@
 #include "driver/daemon.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -9,8 +10,6 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
-
-#include <fmt/format.h>
 
 #include "driver/state_file.h"
 
@@ -71,15 +70,17 @@ void Log(const std::string& line) {
     WriteAll(report_fd, "error " + recorded.ToString() + "\n");
     ::_exit(1);
   }
-  int log_fd = ::open(LogPath(info.dev_id).c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
+  int log_fd = ::open(LogPath(info.dev_id).c_str(),
+                      O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
   if (log_fd >= 0) {
     ::dup2(log_fd, STDOUT_FILENO);
     ::dup2(log_fd, STDERR_FILENO);
     ::close(log_fd);
   }
-  Log(fmt::format("pid {}: serving {} as {} ({} bytes, {} queue(s) of depth {}{}; kernel features: {})",
-                  ::getpid(), options.image, info.block_path, info.size, info.queues, info.depth,
-                  info.read_only ? ", read-only" : "", FeatureNames(info.features)));
+  Log(fmt::format(
+      "pid {}: serving {} as {} ({} bytes, {} queue(s) of depth {}{}; kernel features: {})",
+      ::getpid(), options.image, info.block_path, info.size, info.queues, info.depth,
+      info.read_only ? ", read-only" : "", FeatureNames(info.features)));
   WriteAll(report_fd, fmt::format("ready {}\n", info.dev_id));
   ::close(report_fd);
 

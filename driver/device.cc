@@ -1,6 +1,7 @@
 #include "driver/device.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/eventfd.h>
@@ -16,8 +17,6 @@
 #include <cstring>
 #include <thread>
 #include <utility>
-
-#include <fmt/format.h>
 
 #include "driver/params.h"
 #include "qcow2/open_image.h"
@@ -58,7 +57,8 @@ uring::RingOptions QueueRingOptions(uint16_t depth, bool hosts_image) {
 Status FailAfter(const char* step) {
   const char* want = std::getenv("UBLK_QCOW2_TEST_FAIL_AFTER");
   if (want == nullptr || std::strcmp(want, step) != 0) return Status::Ok();
-  return Status::IoError(fmt::format("injected failure after {} (UBLK_QCOW2_TEST_FAIL_AFTER)", step));
+  return Status::IoError(
+      fmt::format("injected failure after {} (UBLK_QCOW2_TEST_FAIL_AFTER)", step));
 }
 
 void Log(const std::string& line) {
@@ -87,8 +87,9 @@ Device::~Device() {
 
 Status Device::Setup(const DeviceOptions& options) {
   if (options.queues == 0 || options.depth == 0 || options.depth > UBLK_MAX_QUEUE_DEPTH) {
-    return Status::InvalidArgument(fmt::format("{} queues of depth {}: want at least 1 queue of depth 1..{}",
-                                               options.queues, options.depth, UBLK_MAX_QUEUE_DEPTH));
+    return Status::InvalidArgument(
+        fmt::format("{} queues of depth {}: want at least 1 queue of depth 1..{}", options.queues,
+                    options.depth, UBLK_MAX_QUEUE_DEPTH));
   }
   wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wake_fd_ < 0) return Status::FromErrno(errno, "eventfd");
@@ -161,8 +162,9 @@ Status Device::Setup(const DeviceOptions& options) {
 
   host_ = std::make_unique<ImageHost>(loops_[0].get(), image_.get());
   for (uint16_t q = 1; q < info_.queues; ++q) {
-    ASSIGN_OR_RETURN(std::unique_ptr<LoopThread> loop,
-                     LoopThread::Start(fmt::format("ublk-q{}", q), QueueRingOptions(info_.depth, false)));
+    ASSIGN_OR_RETURN(
+        std::unique_ptr<LoopThread> loop,
+        LoopThread::Start(fmt::format("ublk-q{}", q), QueueRingOptions(info_.depth, false)));
     loops_.push_back(std::move(loop));
   }
   const Opcodes ops = Opcodes::For(info_.flags | (control_->features() & UBLK_F_CMD_IOCTL_ENCODE));

@@ -10,8 +10,8 @@ Result<std::unique_ptr<LoopThread>> LoopThread::Start(std::string name,
   ASSIGN_OR_RETURN(loop->mailbox_, (Mailbox<std::function<void()>>::Create()));
   std::promise<Status> started;
   std::future<Status> started_future = started.get_future();
-  loop->thread_ = std::thread(&LoopThread::Main, loop.get(), std::move(name), options,
-                              std::move(started));
+  loop->thread_ =
+      std::thread(&LoopThread::Main, loop.get(), std::move(name), options, std::move(started));
   Status status = started_future.get();
   if (!status.ok()) {
     loop->thread_.join();

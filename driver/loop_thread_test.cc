@@ -27,7 +27,8 @@ std::unique_ptr<LoopThread> StartLoop(const char* name) {
 TEST(MailboxTest, DeliversEveryItemInOrderPerProducer) {
   Result<std::unique_ptr<uring::Ring>> ring = uring::Ring::Create(SmallRing());
   ASSERT_TRUE(ring.ok()) << ring.status().ToString();
-  Result<std::unique_ptr<Mailbox<std::pair<int, int>>>> box = Mailbox<std::pair<int, int>>::Create();
+  Result<std::unique_ptr<Mailbox<std::pair<int, int>>>> box =
+      Mailbox<std::pair<int, int>>::Create();
   ASSERT_TRUE(box.ok());
   std::map<int, int> next;  // producer -> next expected sequence number
   int received = 0;

@@ -15,7 +15,8 @@ Result<ublk_params> ComputeParams(const ImageFacts& facts, uint32_t max_io_buf_b
   }
   const uint64_t cs = facts.cluster_size;
   if (cs < 512 || cs > (uint64_t{2} << 20) || (cs & (cs - 1)) != 0) {
-    return Status::InvalidArgument(fmt::format("cluster size {} is not a power of two in [512, 2 MiB]", cs));
+    return Status::InvalidArgument(
+        fmt::format("cluster size {} is not a power of two in [512, 2 MiB]", cs));
   }
   if (max_io_buf_bytes < 4096 || max_io_buf_bytes % 4096 != 0) {
     return Status::InvalidArgument(

@@ -1,5 +1,6 @@
 #include "driver/queue.h"
 
+#include <fmt/format.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -7,8 +8,6 @@
 #include <cstring>
 #include <optional>
 #include <utility>
-
-#include <fmt/format.h>
 
 #include "driver/request.h"
 #include "driver/uring_cmd.h"
@@ -37,8 +36,9 @@ Status QueueWorker::Start() {
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
 
   descriptors_bytes_ = DescriptorAreaSize(config_.depth, page);
-  void* area = ::mmap(nullptr, descriptors_bytes_, PROT_READ, MAP_SHARED | MAP_POPULATE,
-                      config_.char_fd, static_cast<off_t>(DescriptorAreaOffset(config_.queue, page)));
+  void* area =
+      ::mmap(nullptr, descriptors_bytes_, PROT_READ, MAP_SHARED | MAP_POPULATE, config_.char_fd,
+             static_cast<off_t>(DescriptorAreaOffset(config_.queue, page)));
   if (area == MAP_FAILED) {
     descriptors_bytes_ = 0;
     MaybeFinished();
@@ -69,8 +69,8 @@ void QueueWorker::Issue(uint16_t tag, IoCommand command, int32_t result) {
   cmd.tag = tag;
   cmd.result = result;
   cmd.addr = reinterpret_cast<uintptr_t>(Buffer(tag).data());
-  const uint32_t op = command == IoCommand::kFetch ? config_.ops.fetch_req
-                                                   : config_.ops.commit_and_fetch_req;
+  const uint32_t op =
+      command == IoCommand::kFetch ? config_.ops.fetch_req : config_.ops.commit_and_fetch_req;
   const uint64_t user_data = uring::UserData::ForCommand(
       uring::CommandId{config_.queue, tag, static_cast<uint8_t>(command)});
   PrepUringCmd(loop_->ring().GetSqe(), config_.char_fd, op, cmd, user_data);
@@ -84,9 +84,9 @@ void QueueWorker::OnCommandComplete(uint64_t payload, int32_t res, uint32_t) {
   const uring::CommandId id = uring::CommandId::Unpack(payload);
   const uint16_t tag = id.tag;
   if (id.queue != config_.queue || tag >= config_.depth || state_[tag] != TagState::kFetching) {
-    on_error_(Status::Corruption(fmt::format("ublk queue {}: completion for queue {} tag {} in state {}",
-                                             config_.queue, id.queue, tag,
-                                             tag < config_.depth ? static_cast<int>(state_[tag]) : -1)));
+    on_error_(Status::Corruption(
+        fmt::format("ublk queue {}: completion for queue {} tag {} in state {}", config_.queue,
+                    id.queue, tag, tag < config_.depth ? static_cast<int>(state_[tag]) : -1)));
     return;
   }
   if (res == UBLK_IO_RES_OK) {
@@ -99,11 +99,13 @@ void QueueWorker::OnCommandComplete(uint64_t payload, int32_t res, uint32_t) {
     MaybeFinished();
     return;
   }
-  const char* what = id.op == static_cast<uint8_t>(IoCommand::kFetch) ? "FETCH_REQ" : "COMMIT_AND_FETCH_REQ";
-  GiveUp(tag, res < 0 ? Status::FromErrno(-res, fmt::format("ublk queue {} tag {}: {}",
-                                                             config_.queue, tag, what))
-                      : Status::IoError(fmt::format("ublk queue {} tag {}: {}: unexpected result {}",
-                                                    config_.queue, tag, what, res)));
+  const char* what =
+      id.op == static_cast<uint8_t>(IoCommand::kFetch) ? "FETCH_REQ" : "COMMIT_AND_FETCH_REQ";
+  GiveUp(tag, res < 0
+                  ? Status::FromErrno(
+                        -res, fmt::format("ublk queue {} tag {}: {}", config_.queue, tag, what))
+                  : Status::IoError(fmt::format("ublk queue {} tag {}: {}: unexpected result {}",
+                                                config_.queue, tag, what, res)));
 }
 
 void QueueWorker::OnRequest(uint16_t tag) {
@@ -119,7 +121,8 @@ void QueueWorker::OnRequest(uint16_t tag) {
     }(this, tag, std::move(*here)));
     return;
   }
-  host_->Submit(request, Buffer(tag), loop_, [this, tag](int32_t result) { OnResult(tag, result); });
+  host_->Submit(request, Buffer(tag), loop_,
+                [this, tag](int32_t result) { OnResult(tag, result); });
 }
 
 void QueueWorker::OnResult(uint16_t tag, int32_t result) {

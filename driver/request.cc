@@ -1,11 +1,11 @@
 #include "driver/request.h"
 
+#include <fmt/format.h>
+
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <string>
-
-#include <fmt/format.h>
 
 namespace uq::driver {
 namespace {
@@ -19,9 +19,9 @@ int32_t Fail(const IoDescriptor& r, const Status& status) {
   int32_t err = status.ToNegativeErrno();
   const int logged = ++logged_errors;
   if (logged <= kMaxLoggedErrors) {
-    std::string line = fmt::format("ublk-qcow2: {} at {} ({} bytes) failed: {}{}\n", OpName(r.op),
-                                   r.offset, r.length, status.ToString(),
-                                   logged == kMaxLoggedErrors ? " (further errors not logged)" : "");
+    std::string line = fmt::format(
+        "ublk-qcow2: {} at {} ({} bytes) failed: {}{}\n", OpName(r.op), r.offset, r.length,
+        status.ToString(), logged == kMaxLoggedErrors ? " (further errors not logged)" : "");
     std::fputs(line.c_str(), stderr);
   }
   return err;
@@ -49,11 +49,12 @@ std::optional<Task<int32_t>> TryServeHere(qcow2::BlockDevice& device, IoDescript
 
 Task<int32_t> ServeRequest(qcow2::BlockDevice& device, IoDescriptor r,
                            std::span<std::byte> buffer) {
-  const bool changes = r.op == UBLK_IO_OP_WRITE || r.op == UBLK_IO_OP_DISCARD ||
-                       r.op == UBLK_IO_OP_WRITE_ZEROES;
+  const bool changes =
+      r.op == UBLK_IO_OP_WRITE || r.op == UBLK_IO_OP_DISCARD || r.op == UBLK_IO_OP_WRITE_ZEROES;
   const bool ranged = changes || r.op == UBLK_IO_OP_READ;
   if (ranged && (r.offset > device.size() || r.length > device.size() - r.offset)) {
-    co_return Fail(r, Status::IoError(fmt::format("beyond the device's {} bytes", device.size()), EIO));
+    co_return Fail(
+        r, Status::IoError(fmt::format("beyond the device's {} bytes", device.size()), EIO));
   }
   if (changes && device.read_only()) co_return -EROFS;
   if ((r.op == UBLK_IO_OP_READ || r.op == UBLK_IO_OP_WRITE) && r.length > buffer.size()) {
@@ -67,8 +68,10 @@ Task<int32_t> ServeRequest(qcow2::BlockDevice& device, IoDescriptor r,
       if (r.length > 0) status = co_await device.Read(r.offset, buffer.first(r.length));
       break;
     case UBLK_IO_OP_WRITE:
-      if (r.length > 0) status = co_await device.Write(r.offset, buffer.first(r.length), r.fua());
-      else if (r.fua()) status = co_await device.Flush();
+      if (r.length > 0)
+        status = co_await device.Write(r.offset, buffer.first(r.length), r.fua());
+      else if (r.fua())
+        status = co_await device.Flush();
       break;
     case UBLK_IO_OP_FLUSH:
       status = co_await device.Flush();

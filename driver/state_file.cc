@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -9,10 +10,8 @@
 #include <cerrno>
 #include <cstdlib>
 #include <fstream>
-#include <sstream>
-
-#include <fmt/format.h>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 namespace uq::driver {
 
@@ -123,7 +122,8 @@ std::vector<int> RecordIds() {
     std::string name = e->d_name;
     if (name.size() < 6 || name.substr(name.size() - 5) != ".json") continue;
     std::string stem = name.substr(0, name.size() - 5);
-    if (stem.empty() || !std::all_of(stem.begin(), stem.end(), ::isdigit) || stem.size() > 9) continue;
+    if (stem.empty() || !std::all_of(stem.begin(), stem.end(), ::isdigit) || stem.size() > 9)
+      continue;
     ids.push_back(std::stoi(stem));
   }
   ::closedir(dir);

@@ -51,8 +51,10 @@ TEST_F(StateFileTest, MalformedJsonIsCorruption) {
   EXPECT_TRUE(RecordFromJson("[]", "f").status().IsCorruption());
   EXPECT_TRUE(RecordFromJson("{\"id\":1}", "f").status().IsCorruption());
   Status wrong = RecordFromJson(
-      "{\"id\":\"1\",\"image\":\"a\",\"pid\":1,\"queues\":1,\"depth\":1,\"size\":1,\"read_only\":false}",
-      "f.json").status();
+                     "{\"id\":\"1\",\"image\":\"a\",\"pid\":1,\"queues\":1,\"depth\":1,\"size\":1,"
+                     "\"read_only\":false}",
+                     "f.json")
+                     .status();
   EXPECT_TRUE(wrong.IsCorruption());
   EXPECT_NE(wrong.ToString().find("f.json"), std::string::npos);
 }

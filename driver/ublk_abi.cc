@@ -87,7 +87,8 @@ uint64_t DescriptorAreaSize(uint32_t depth, uint64_t page_size) {
 }
 
 uint64_t DescriptorAreaOffset(uint32_t queue, uint64_t page_size) {
-  return UBLKSRV_CMD_BUF_OFFSET + uint64_t{queue} * DescriptorAreaSize(UBLK_MAX_QUEUE_DEPTH, page_size);
+  return UBLKSRV_CMD_BUF_OFFSET +
+         uint64_t{queue} * DescriptorAreaSize(UBLK_MAX_QUEUE_DEPTH, page_size);
 }
 
 IoDescriptor DecodeDescriptor(const volatile ublksrv_io_desc& desc) {

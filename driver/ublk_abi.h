@@ -57,7 +57,8 @@
 #endif
 #ifndef UBLK_U_IO_FETCH_REQ
 #define UBLK_U_IO_FETCH_REQ _IOWR('u', UBLK_IO_FETCH_REQ, struct ublksrv_io_cmd)
-#define UBLK_U_IO_COMMIT_AND_FETCH_REQ _IOWR('u', UBLK_IO_COMMIT_AND_FETCH_REQ, struct ublksrv_io_cmd)
+#define UBLK_U_IO_COMMIT_AND_FETCH_REQ \
+  _IOWR('u', UBLK_IO_COMMIT_AND_FETCH_REQ, struct ublksrv_io_cmd)
 #endif
 // Zoned operations (6.6): never advertised by us, answered with an error.
 #ifndef UBLK_IO_OP_ZONE_OPEN
@@ -111,10 +112,10 @@ uint64_t DescriptorAreaOffset(uint32_t queue, uint64_t page_size);
 
 // One request, decoded from its ublksrv_io_desc.
 struct IoDescriptor {
-  uint8_t op = 0;        // UBLK_IO_OP_*
-  uint32_t flags = 0;    // UBLK_IO_F_* bits, in place (op_flags & ~0xff)
-  uint64_t offset = 0;   // bytes
-  uint64_t length = 0;   // bytes
+  uint8_t op = 0;       // UBLK_IO_OP_*
+  uint32_t flags = 0;   // UBLK_IO_F_* bits, in place (op_flags & ~0xff)
+  uint64_t offset = 0;  // bytes
+  uint64_t length = 0;  // bytes
   bool fua() const { return (flags & UBLK_IO_F_FUA) != 0; }
 };
 // Copies the descriptor out of the shared area (the kernel rewrites it for

@@ -42,8 +42,8 @@ TEST(DeviceStateNameTest, KnownStates) {
 TEST(DescriptorAreaTest, SizeIsRoundedToPages) {
   static_assert(sizeof(ublksrv_io_desc) == 24);
   EXPECT_EQ(DescriptorAreaSize(1, 4096), 4096u);
-  EXPECT_EQ(DescriptorAreaSize(128, 4096), 4096u);   // 3072 bytes
-  EXPECT_EQ(DescriptorAreaSize(171, 4096), 8192u);   // 4104 bytes
+  EXPECT_EQ(DescriptorAreaSize(128, 4096), 4096u);  // 3072 bytes
+  EXPECT_EQ(DescriptorAreaSize(171, 4096), 8192u);  // 4104 bytes
   EXPECT_EQ(DescriptorAreaSize(4096, 4096), 98304u);
   EXPECT_EQ(DescriptorAreaSize(128, 65536), 65536u);
 }
@@ -124,7 +124,8 @@ TEST(ParamsTest, SmallAndHugeClusters) {
 }
 
 TEST(ParamsTest, ReadOnlyHasNoDiscard) {
-  Result<ublk_params> p = ComputeParams({.size = 1 << 20, .cluster_size = 65536, .read_only = true}, 4096);
+  Result<ublk_params> p =
+      ComputeParams({.size = 1 << 20, .cluster_size = 65536, .read_only = true}, 4096);
   ASSERT_TRUE(p.ok());
   EXPECT_EQ(p->types, UBLK_PARAM_TYPE_BASIC);
   EXPECT_TRUE(p->basic.attrs & UBLK_ATTR_READ_ONLY);
@@ -135,9 +136,12 @@ TEST(ParamsTest, ReadOnlyHasNoDiscard) {
 TEST(ParamsTest, RejectsImpossibleInput) {
   EXPECT_TRUE(ComputeParams({.size = 0}, 4096).status().IsInvalidArgument());
   EXPECT_TRUE(ComputeParams({.size = 1000}, 4096).status().IsInvalidArgument());
-  EXPECT_TRUE(ComputeParams({.size = 4096, .cluster_size = 3000}, 4096).status().IsInvalidArgument());
-  EXPECT_TRUE(ComputeParams({.size = 4096, .cluster_size = 4 << 20}, 4096).status().IsInvalidArgument());
-  EXPECT_TRUE(ComputeParams({.size = 4096, .cluster_size = 4096}, 5000).status().IsInvalidArgument());
+  EXPECT_TRUE(
+      ComputeParams({.size = 4096, .cluster_size = 3000}, 4096).status().IsInvalidArgument());
+  EXPECT_TRUE(
+      ComputeParams({.size = 4096, .cluster_size = 4 << 20}, 4096).status().IsInvalidArgument());
+  EXPECT_TRUE(
+      ComputeParams({.size = 4096, .cluster_size = 4096}, 5000).status().IsInvalidArgument());
 }
 
 TEST(Log2Test, Values) {

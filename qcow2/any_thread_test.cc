@@ -2,14 +2,13 @@
 // clusters qualify, that they read and write the same bytes the engine
 // would, and that a mapping change waits for such requests on other threads.
 // QEMU is the oracle for the image afterwards.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <future>
 #include <optional>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
@@ -25,7 +24,8 @@ class AnyThreadTest : public ::testing::Test {
  protected:
   void SetUp() override {
     scratch_ = std::make_unique<testing::ScratchDir>(
-        std::string("anythread-") + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+        std::string("anythread-") +
+        ::testing::UnitTest::GetInstance()->current_test_info()->name());
     ASSERT_TRUE(scratch_->ok());
   }
   void Sh(const std::string& cmd) {
@@ -85,12 +85,16 @@ TEST_F(AnyThreadTest, ServesOnlyPublishedDataClustersWithTheEnginesBytes) {
   Open();
   EXPECT_FALSE(HereRead(0, 4096)) << "nothing published before the engine saw it";
   const std::vector<std::byte> all = EngineRead(0, 1 << 20);
-  for (auto [offset, length] : std::vector<std::pair<uint64_t, size_t>>{
-           {0, 4096}, {4096, 512}, {60 * 1024, 8192}, {0, 256 * 1024}, {100 * 1024, 100 * 1024},
-           {320 * 1024, 64 * 1024}}) {
+  for (auto [offset, length] : std::vector<std::pair<uint64_t, size_t>>{{0, 4096},
+                                                                        {4096, 512},
+                                                                        {60 * 1024, 8192},
+                                                                        {0, 256 * 1024},
+                                                                        {100 * 1024, 100 * 1024},
+                                                                        {320 * 1024, 64 * 1024}}) {
     std::optional<std::vector<std::byte>> here = HereRead(offset, length);
     ASSERT_TRUE(here) << "offset " << offset;
-    EXPECT_TRUE(std::equal(here->begin(), here->end(), all.begin() + offset)) << "offset " << offset;
+    EXPECT_TRUE(std::equal(here->begin(), here->end(), all.begin() + offset))
+        << "offset " << offset;
   }
   EXPECT_FALSE(HereRead(250 * 1024, 16 * 1024)) << "runs into unallocated cluster 4";
   EXPECT_FALSE(HereRead(512 * 1024, 4096)) << "compressed";
@@ -103,7 +107,8 @@ TEST_F(AnyThreadTest, ServesOnlyPublishedDataClustersWithTheEnginesBytes) {
 TEST_F(AnyThreadTest, OneL2SliceLoadPublishesTheWholeSlice) {
   Sh("qemu-img create -f qcow2 img.qcow2 64M");
   // 4 KiB L2 slices hold 512 entries: clusters 0-511 share one.
-  Sh("qemu-io -c 'write -P 0x11 0 1M' -c 'write -P 0x22 30M 64k' -c 'write -P 0x33 40M 64k' img.qcow2");
+  Sh("qemu-io -c 'write -P 0x11 0 1M' -c 'write -P 0x22 30M 64k' -c 'write -P 0x33 40M 64k' "
+     "img.qcow2");
   Open();
   EngineRead(0, 4096);  // loads the slice of clusters 0-511
   std::optional<std::vector<std::byte>> here = HereRead(30 << 20, 4096);
@@ -156,7 +161,8 @@ TEST_F(AnyThreadTest, SnapshotSharedClustersAreReadOnlyHereUntilCopied) {
   EXPECT_TRUE(HereWrite(4096, std::vector<std::byte>(4096, std::byte{0x78})));
   CloseAndCheck();
   std::string out;
-  scratch_->Sh("qemu-img snapshot -a s1 img.qcow2 && qemu-io -c 'read -P 0x11 0 1M' img.qcow2", &out);
+  scratch_->Sh("qemu-img snapshot -a s1 img.qcow2 && qemu-io -c 'read -P 0x11 0 1M' img.qcow2",
+               &out);
   EXPECT_EQ(out.find("fail"), std::string::npos) << "the snapshot kept its data: " << out;
 }
 

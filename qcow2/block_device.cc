@@ -3,10 +3,14 @@
 namespace uq::qcow2 {
 
 namespace {
-Status ReadOnly(const BlockDevice& dev) { return Status::NotSupported(dev.path() + ": image is read-only"); }
+Status ReadOnly(const BlockDevice& dev) {
+  return Status::NotSupported(dev.path() + ": image is read-only");
+}
 }  // namespace
 
-Task<Status> BlockDevice::Write(uint64_t, std::span<const std::byte>, bool) { co_return ReadOnly(*this); }
+Task<Status> BlockDevice::Write(uint64_t, std::span<const std::byte>, bool) {
+  co_return ReadOnly(*this);
+}
 Task<Status> BlockDevice::Flush() { co_return Status::Ok(); }
 Task<Status> BlockDevice::Discard(uint64_t, uint64_t) { co_return ReadOnly(*this); }
 Task<Status> BlockDevice::WriteZeroes(uint64_t, uint64_t) { co_return ReadOnly(*this); }

@@ -2,6 +2,7 @@
 
 // next_in is const with ZLIB_CONST.
 #define ZLIB_CONST
+#include <fmt/format.h>
 #include <zlib.h>
 #include <zstd.h>
 #include <zstd_errors.h>
@@ -10,8 +11,6 @@
 #include <climits>
 #include <memory>
 #include <string>
-
-#include <fmt/format.h>
 
 namespace uq::qcow2 {
 
@@ -109,9 +108,9 @@ Status InflateCluster(std::span<const std::byte> in, std::span<std::byte> out) {
   // Z_BUF_ERROR with a full output is the normal case: the stream goes on
   // (into padding) past the cluster, or the input ended exactly at the end.
   if (ret != Z_STREAM_END && ret != Z_BUF_ERROR) {
-    return NotAFullCluster(CompressionType::kDeflate, in.size(), out.size(),
-                           fmt::format("invalid deflate data ({})",
-                                       strm->msg != nullptr ? strm->msg : zError(ret)));
+    return NotAFullCluster(
+        CompressionType::kDeflate, in.size(), out.size(),
+        fmt::format("invalid deflate data ({})", strm->msg != nullptr ? strm->msg : zError(ret)));
   }
   if (strm->avail_out != 0) {
     return NotAFullCluster(
@@ -135,9 +134,9 @@ Status ZstdDecompressCluster(std::span<const std::byte> in, std::span<std::byte>
     size_t out_before = output.pos;
     size_t ret = ZSTD_decompressStream(dctx, &output, &input);
     if (ZSTD_isError(ret)) {
-      return NotAFullCluster(CompressionType::kZstd, in.size(), out.size(),
-                             fmt::format("invalid zstd data after {} bytes ({})", output.pos,
-                                         ZSTD_getErrorName(ret)));
+      return NotAFullCluster(
+          CompressionType::kZstd, in.size(), out.size(),
+          fmt::format("invalid zstd data after {} bytes ({})", output.pos, ZSTD_getErrorName(ret)));
     }
     // A finished frame (ret == 0) may be followed by another, which QEMU
     // reads too; a call that makes no progress means the input is used up.
@@ -161,8 +160,7 @@ std::string_view CompressionTypeName(CompressionType type) {
   return "unknown";
 }
 
-Status Decompress(CompressionType type, std::span<const std::byte> in,
-                  std::span<std::byte> out) {
+Status Decompress(CompressionType type, std::span<const std::byte> in, std::span<std::byte> out) {
   if (out.size() > UINT_MAX) {
     return Status::InvalidArgument(fmt::format("cluster of {} bytes is too large", out.size()));
   }
@@ -188,7 +186,8 @@ Result<size_t> Compress(CompressionType type, std::span<const std::byte> in,
     case CompressionType::kDeflate: {
       thread_local Deflater deflater;
       z_stream* strm = deflater.Fresh();
-      if (strm == nullptr) return Status::IoError("deflate: cannot initialise zlib (out of memory)");
+      if (strm == nullptr)
+        return Status::IoError("deflate: cannot initialise zlib (out of memory)");
       strm->next_in = reinterpret_cast<const Bytef*>(in.data());
       strm->avail_in = static_cast<uInt>(in.size());
       strm->next_out = reinterpret_cast<Bytef*>(out.data());

@@ -42,8 +42,7 @@ std::string_view CompressionTypeName(CompressionType type);
 // to a full cluster of M bytes: <why>" when the data is invalid or ends before
 // `out` is full; InvalidArgument for an unknown `type`. On error the contents
 // of `out` are unspecified.
-Status Decompress(CompressionType type, std::span<const std::byte> in,
-                  std::span<std::byte> out);
+Status Decompress(CompressionType type, std::span<const std::byte> in, std::span<std::byte> out);
 
 // Compresses `in` (one cluster) into the start of `out` and returns the
 // compressed size (> 0, <= out.size()). Callers that want compression to pay

@@ -1,5 +1,7 @@
 #include "qcow2/compression.h"
 
+#include <fmt/format.h>
+#include <gtest/gtest.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -12,9 +14,6 @@
 #include <random>
 #include <string>
 #include <vector>
-
-#include <fmt/format.h>
-#include <gtest/gtest.h>
 
 #include "base/endian.h"
 
@@ -163,8 +162,8 @@ TEST(CompressionTest, TruncatedInputIsCorruption) {
     Bytes packed = MustCompress(type, data);
     // (Cutting only the last byte or two of a deflate stream may still leave
     // every data byte decodable: the cluster is then complete, as in QEMU.)
-    for (size_t keep : {size_t{0}, size_t{1}, size_t{5}, packed.size() / 2,
-                        packed.size() * 3 / 4}) {
+    for (size_t keep :
+         {size_t{0}, size_t{1}, size_t{5}, packed.size() / 2, packed.size() * 3 / 4}) {
       Bytes cut(packed.begin(), packed.begin() + keep);
       Bytes back(65536);
       Status s = Decompress(type, cut, back);

@@ -2,14 +2,13 @@
 // (MemEnv's deferred mode): concurrent writes to the same unallocated
 // clusters must allocate each cluster once, reads must see a consistent
 // model, and the result must match a reference model and pass qemu-img check.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
 #include <random>
-
-#include <fmt/format.h>
 
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
@@ -47,18 +46,22 @@ TEST_P(ConcurrencyTest, OverlappingClustersInFlightMatchTheModel) {
   if (c.backing) {
     ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 base.qcow2 {}", c.size)), 0);
     ASSERT_EQ(Sh(fmt::format("qemu-io -c 'write -P 0x5b 0 {}' base.qcow2", c.size)), 0);
-    ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} -b base.qcow2 -F qcow2 img.qcow2", c.create)), 0);
+    ASSERT_EQ(
+        Sh(fmt::format("qemu-img create -f qcow2 {} -b base.qcow2 -F qcow2 img.qcow2", c.create)),
+        0);
   } else {
     ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} img.qcow2 {}", c.create, c.size)), 0);
   }
   std::vector<std::byte> model(c.size, std::byte{c.backing ? uint8_t{0x5b} : uint8_t{0}});
 
   for (uint64_t seed = 1; seed <= 5; seed++) {
-    MemEnv mem(MemEnvOptions{.completion = MemEnvOptions::Completion::kDeferred, .seed = seed,
+    MemEnv mem(MemEnvOptions{.completion = MemEnvOptions::Completion::kDeferred,
+                             .seed = seed,
                              .max_completions_per_poll = 3});
     ASSERT_TRUE(mem.ImportFromHostFile(dir_ + "/img.qcow2", "/w/img.qcow2").ok());
     if (c.backing) ASSERT_TRUE(mem.ImportFromHostFile(dir_ + "/base.qcow2", "/w/base.qcow2").ok());
-    auto opened = BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &mem, .writable = true}), &mem);
+    auto opened =
+        BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &mem, .writable = true}), &mem);
     ASSERT_TRUE(opened.ok()) << opened.status().ToString();
     std::unique_ptr<BlockDevice> dev = std::move(*opened);
     const uint64_t cs = static_cast<Qcow2Image*>(dev.get())->geometry().cluster_size;
@@ -79,7 +82,8 @@ TEST_P(ConcurrencyTest, OverlappingClustersInFlightMatchTheModel) {
       buffers[r].assign(512, std::byte(seed * 31 + r));
       std::copy(buffers[r].begin(), buffers[r].end(), model.begin() + off);
       outstanding++;
-      Spawn([](BlockDevice* d, uint64_t off, std::span<const std::byte> data, int* out, int* fail) -> Task<void> {
+      Spawn([](BlockDevice* d, uint64_t off, std::span<const std::byte> data, int* out,
+               int* fail) -> Task<void> {
         Status st = co_await d->Write(off, data, false);
         if (!st.ok()) {
           std::fprintf(stderr, "write failed: %s\n", st.ToString().c_str());
@@ -100,7 +104,8 @@ TEST_P(ConcurrencyTest, OverlappingClustersInFlightMatchTheModel) {
     ASSERT_EQ(failures, 0);
     ASSERT_TRUE(probe_ok);
     uint64_t probe_at = base + 4 * cs < c.size ? base + 4 * cs : 0;
-    if (probe_at != 0) EXPECT_TRUE(std::equal(probe.begin(), probe.end(), model.begin() + probe_at));
+    if (probe_at != 0)
+      EXPECT_TRUE(std::equal(probe.begin(), probe.end(), model.begin() + probe_at));
 
     std::vector<std::byte> all(c.size);
     ASSERT_TRUE(BlockOn(dev->Read(0, all), &mem).ok());
@@ -113,12 +118,13 @@ TEST_P(ConcurrencyTest, OverlappingClustersInFlightMatchTheModel) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Images, ConcurrencyTest,
-                         ::testing::Values(ConcurrencyCase{"c4k", "-o cluster_size=4k", 1 << 20, false},
-                                           ConcurrencyCase{"c64k_backing", "", 4 << 20, true},
-                                           ConcurrencyCase{"extl2", "-o cluster_size=16k,extended_l2=on", 2 << 20, true},
-                                           ConcurrencyCase{"c512", "-o cluster_size=512", 1 << 20, false}),
-                         [](const ::testing::TestParamInfo<ConcurrencyCase>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(
+    Images, ConcurrencyTest,
+    ::testing::Values(ConcurrencyCase{"c4k", "-o cluster_size=4k", 1 << 20, false},
+                      ConcurrencyCase{"c64k_backing", "", 4 << 20, true},
+                      ConcurrencyCase{"extl2", "-o cluster_size=16k,extended_l2=on", 2 << 20, true},
+                      ConcurrencyCase{"c512", "-o cluster_size=512", 1 << 20, false}),
+    [](const ::testing::TestParamInfo<ConcurrencyCase>& info) { return info.param.name; });
 
 }  // namespace
 }  // namespace uq::qcow2

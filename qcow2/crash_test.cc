@@ -8,8 +8,8 @@
 //     design leaks clusters allocated by writes that never got flushed), and
 //   - read back exactly what was acknowledged before the last completed flush
 //     (bytes touched after it may hold old or new data).
+#include <fmt/format.h>
 #include <gtest/gtest.h>
-
 #include <sys/wait.h>
 
 #include <cstdlib>
@@ -18,8 +18,6 @@
 #include <optional>
 #include <random>
 #include <sstream>
-
-#include <fmt/format.h>
 
 #include "qcow2/open_image.h"
 #include "qcow2/testing/fault_injection_env.h"
@@ -46,8 +44,8 @@ struct CrashCase {
   bool backing = false;
   bool snapshot = false;
   int ops = 40;
-  bool compressed = false;  // start from `qemu-img convert -c` of a patterned raw file
-  uint64_t preallocate = 0;  // ImageOptions::preallocate (grow the file ahead)
+  bool compressed = false;            // start from `qemu-img convert -c` of a patterned raw file
+  uint64_t preallocate = 0;           // ImageOptions::preallocate (grow the file ahead)
   uint64_t cache_size = 32ull << 20;  // ImageOptions::cache_size; tiny: write-back mid-workload
 };
 std::ostream& operator<<(std::ostream& o, const CrashCase& c) { return o << c.name; }
@@ -94,7 +92,9 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
   if (c.backing) {
     ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 base.qcow2 {}", c.size)), 0);
     ASSERT_EQ(Sh(fmt::format("qemu-io -c 'write -P 0xb1 0 {}' base.qcow2", c.size / 2)), 0);
-    ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} -b base.qcow2 -F qcow2 img.qcow2 {}", c.create, c.size)), 0);
+    ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} -b base.qcow2 -F qcow2 img.qcow2 {}",
+                             c.create, c.size)),
+              0);
   } else if (c.compressed) {
     ASSERT_EQ(Sh(fmt::format("qemu-img create -f raw src.raw {}", c.size)), 0);
     ASSERT_EQ(Sh(fmt::format("qemu-io -f raw -c 'write -P 0x3c 0 {}' src.raw", c.size * 3 / 4)), 0);
@@ -129,11 +129,10 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
     if (crash_at >= 0) env.CrashAtOperation(static_cast<uint64_t>(crash_at));
     model->current = model->durable = start;
     model->unsure.assign(start.size(), false);
-    auto opened = BlockOn(OpenImage(
-        "/w/img.qcow2", ImageOptions{.env = &env,
-                                     .writable = true,
-                                     .cache_size = c.cache_size,
-                                     .preallocate = c.preallocate}));
+    auto opened = BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &env,
+                                                                 .writable = true,
+                                                                 .cache_size = c.cache_size,
+                                                                 .preallocate = c.preallocate}));
     if (opened.ok()) {
       std::unique_ptr<BlockDevice> dev = std::move(*opened);
       for (const Op& op : ops) {
@@ -163,13 +162,16 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
           case Op::kDiscard: {
             st = BlockOn(dev->Discard(op.offset, op.length));
             uint64_t s = (op.offset + cluster - 1) / cluster * cluster;
-            uint64_t e = op.offset + op.length == c.size ? c.size : (op.offset + op.length) / cluster * cluster;
+            uint64_t e = op.offset + op.length == c.size
+                             ? c.size
+                             : (op.offset + op.length) / cluster * cluster;
             if (st.ok() && v3) {
               for (uint64_t i = s; i < e; i++) model->current[i] = std::byte{0};
             }
             if (st.ok() && !v3) {
               // v2 lets the backing file (or zeros) show through.
-              for (uint64_t i = s; i < e; i++) model->current[i] = c.backing && i < c.size / 2 ? std::byte{0xb1} : std::byte{0};
+              for (uint64_t i = s; i < e; i++)
+                model->current[i] = c.backing && i < c.size / 2 ? std::byte{0xb1} : std::byte{0};
             }
             break;
           }
@@ -206,7 +208,10 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
     // A clean close cuts what was grown ahead back to the image's end.
     std::string out;
     // (One command per Sh(): it redirects only the last command of a list.)
-    ASSERT_EQ(Sh("qemu-img check --output=json after.qcow2 | sed -n 's/.*\"image-end-offset\": *\\([0-9]*\\).*/\\1/p'", &out), 0);
+    ASSERT_EQ(Sh("qemu-img check --output=json after.qcow2 | sed -n 's/.*\"image-end-offset\": "
+                 "*\\([0-9]*\\).*/\\1/p'",
+                 &out),
+              0);
     std::string sizes;
     ASSERT_EQ(Sh("stat -c %s after.qcow2 img.qcow2", &sizes), 0);
     out += sizes;
@@ -226,14 +231,15 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
     std::string out;
     int status = Sh("qemu-img check after.qcow2", &out);
     ASSERT_TRUE(status == 0 || status == 3) << "crash at boundary " << n << " (mode " << n % 3
-                                            << "): qemu-img check exit " << status << "\n" << out;
+                                            << "): qemu-img check exit " << status << "\n"
+                                            << out;
     ASSERT_EQ(Sh("qemu-img convert -O raw after.qcow2 after.raw", &out), 0) << out;
     std::vector<std::byte> got = Slurp("after.raw");
     ASSERT_EQ(got.size(), start.size());
     for (uint64_t i = 0; i < got.size(); i++) {
       if (model.unsure[i]) continue;
-      ASSERT_EQ(got[i], model.durable[i]) << "crash at boundary " << n << " (mode " << n % 3
-                                          << "): flushed byte " << i << " lost";
+      ASSERT_EQ(got[i], model.durable[i])
+          << "crash at boundary " << n << " (mode " << n % 3 << "): flushed byte " << i << " lost";
     }
     checked++;
   }
@@ -244,22 +250,29 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
 
 INSTANTIATE_TEST_SUITE_P(
     Workloads, CrashTest,
-    ::testing::Values(CrashCase{"c64k", "", 4 << 20, false, false, 100},
-                      CrashCase{"c4k", "-o cluster_size=4k", 1 << 20, false, false, 100},
-                      CrashCase{"c512_refcount64_growth", "-o cluster_size=512,refcount_bits=64", 1 << 20, false, false, 120},
-                      CrashCase{"c4k_refcount2", "-o cluster_size=4k,refcount_bits=2", 1 << 20, false, false, 80},
-                      CrashCase{"c4k_refcount1", "-o cluster_size=4k,refcount_bits=1", 1 << 20, false, false, 60},
-                      CrashCase{"extl2_backing", "-o cluster_size=16k,extended_l2=on", 2 << 20, true, false, 100},
-                      CrashCase{"snapshot", "-o cluster_size=4k", 1 << 20, false, true, 100},
-                      CrashCase{"snapshot_extl2", "-o cluster_size=32k,extended_l2=on", 2 << 20, false, true, 60},
-                      CrashCase{"v2_backing", "-o compat=0.10,cluster_size=4k", 1 << 20, true, false, 80},
-                      CrashCase{"compressed_zstd", "-o cluster_size=4k,compression_type=zstd", 1 << 20, false, false, 80, true},
-                      CrashCase{"data_file", "-o cluster_size=4k,data_file=img.data", 1 << 20, false, false, 60},
-                      CrashCase{"c2m", "-o cluster_size=2M", 8 << 20, false, false, 40},
-                      CrashCase{"c4k_preallocate", "-o cluster_size=4k", 2 << 20, false, false, 80, false, 64 << 10},
-                      CrashCase{"compressed_preallocate", "-o cluster_size=4k", 1 << 20, false, false, 60, true, 32 << 10},
-                      CrashCase{"c512_tiny_cache", "-o cluster_size=512", 1 << 20, false, false, 60, false, 0, 2048},
-                      CrashCase{"snapshot_tiny_cache", "-o cluster_size=4k", 1 << 20, false, true, 60, false, 0, 16 << 10}),
+    ::testing::Values(
+        CrashCase{"c64k", "", 4 << 20, false, false, 100},
+        CrashCase{"c4k", "-o cluster_size=4k", 1 << 20, false, false, 100},
+        CrashCase{"c512_refcount64_growth", "-o cluster_size=512,refcount_bits=64", 1 << 20, false,
+                  false, 120},
+        CrashCase{"c4k_refcount2", "-o cluster_size=4k,refcount_bits=2", 1 << 20, false, false, 80},
+        CrashCase{"c4k_refcount1", "-o cluster_size=4k,refcount_bits=1", 1 << 20, false, false, 60},
+        CrashCase{"extl2_backing", "-o cluster_size=16k,extended_l2=on", 2 << 20, true, false, 100},
+        CrashCase{"snapshot", "-o cluster_size=4k", 1 << 20, false, true, 100},
+        CrashCase{"snapshot_extl2", "-o cluster_size=32k,extended_l2=on", 2 << 20, false, true, 60},
+        CrashCase{"v2_backing", "-o compat=0.10,cluster_size=4k", 1 << 20, true, false, 80},
+        CrashCase{"compressed_zstd", "-o cluster_size=4k,compression_type=zstd", 1 << 20, false,
+                  false, 80, true},
+        CrashCase{"data_file", "-o cluster_size=4k,data_file=img.data", 1 << 20, false, false, 60},
+        CrashCase{"c2m", "-o cluster_size=2M", 8 << 20, false, false, 40},
+        CrashCase{"c4k_preallocate", "-o cluster_size=4k", 2 << 20, false, false, 80, false,
+                  64 << 10},
+        CrashCase{"compressed_preallocate", "-o cluster_size=4k", 1 << 20, false, false, 60, true,
+                  32 << 10},
+        CrashCase{"c512_tiny_cache", "-o cluster_size=512", 1 << 20, false, false, 60, false, 0,
+                  2048},
+        CrashCase{"snapshot_tiny_cache", "-o cluster_size=4k", 1 << 20, false, true, 60, false, 0,
+                  16 << 10}),
     [](const ::testing::TestParamInfo<CrashCase>& info) { return info.param.name; });
 
 }  // namespace

@@ -1,8 +1,8 @@
 #include "qcow2/file.h"
 
-#include <cstring>
-
 #include <fmt/format.h>
+
+#include <cstring>
 
 namespace uq::qcow2 {
 
@@ -29,7 +29,8 @@ const char* OpName(IoRequest::Op op) {
 Status IoResultToStatus(const File& file, const IoRequest& req) {
   if (req.result >= 0) return Status::Ok();
   int err = static_cast<int>(-req.result);
-  if (req.op == IoRequest::Op::kSync) return Status::FromErrno(err, fmt::format("{}: sync", file.path()));
+  if (req.op == IoRequest::Op::kSync)
+    return Status::FromErrno(err, fmt::format("{}: sync", file.path()));
   return Status::FromErrno(err, fmt::format("{}: {} of {} bytes at offset {}", file.path(),
                                             OpName(req.op), req.length, req.offset));
 }
@@ -38,8 +39,8 @@ Task<Status> File::ReadExact(uint64_t offset, std::span<std::byte> out) {
   Result<size_t> n = co_await Read(offset, out);
   if (!n.ok()) co_return n.status();
   if (*n != out.size()) {
-    co_return Status::Corruption(fmt::format("{}: {} bytes at offset {} lie past end of file",
-                                             path(), out.size(), offset));
+    co_return Status::Corruption(
+        fmt::format("{}: {} bytes at offset {} lie past end of file", path(), out.size(), offset));
   }
   co_return Status::Ok();
 }

@@ -122,9 +122,9 @@ class File {
 // How to open a file.
 struct OpenOptions {
   bool writable = false;
-  bool create = false;     // create if missing (implies writable)
-  bool truncate = false;   // with create: start empty
-  bool direct = false;     // O_DIRECT; buffers and offsets 512-aligned
+  bool create = false;    // create if missing (implies writable)
+  bool truncate = false;  // with create: start empty
+  bool direct = false;    // O_DIRECT; buffers and offsets 512-aligned
 };
 
 // Opens files. An Env decides how I/O happens (synchronously, io_uring, in
@@ -173,7 +173,9 @@ class BounceWindow {
     req.result = static_cast<int64_t>(n);
   }
   // Puts write `req`'s data into the window (after the window was read).
-  void CopyIn(const IoRequest& req) { std::memcpy(buffer_.data() + (req.offset - start_), req.data, req.length); }
+  void CopyIn(const IoRequest& req) {
+    std::memcpy(buffer_.data() + (req.offset - start_), req.data, req.length);
+  }
 
  private:
   uint64_t start_;

@@ -1,9 +1,9 @@
 #include "qcow2/header.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cstring>
-
-#include <fmt/format.h>
 
 #include "base/aligned_buffer.h"
 #include "base/endian.h"
@@ -61,7 +61,8 @@ class HeaderParser {
  private:
   template <class... Args>
   Status Corrupt(fmt::format_string<Args...> f, Args&&... args) {
-    return Status::Corruption(fmt::format("{}: {}", path_, fmt::format(f, std::forward<Args>(args)...)));
+    return Status::Corruption(
+        fmt::format("{}: {}", path_, fmt::format(f, std::forward<Args>(args)...)));
   }
   template <class... Args>
   Status Unsupported(fmt::format_string<Args...> f, Args&&... args) {
@@ -118,7 +119,8 @@ class HeaderParser {
     if (h_.header_length > h_.cluster_size() || h_.header_length > b_.size()) {
       return Corrupt("header_length {} exceeds the first cluster", h_.header_length);
     }
-    if (h_.header_length > kOffCompressionType) h_.compression_type = Load8(b_, kOffCompressionType);
+    if (h_.header_length > kOffCompressionType)
+      h_.compression_type = Load8(b_, kOffCompressionType);
     if (h_.header_length > kV3HeaderLengthWithCompression) {
       auto extra = b_.subspan(kV3HeaderLengthWithCompression,
                               h_.header_length - kV3HeaderLengthWithCompression);
@@ -145,7 +147,8 @@ class HeaderParser {
       pos += 8;
       if (type == kExtEnd) return Status::Ok();
       if (len > end - pos) {
-        return Corrupt("header extension 0x{:08x} ({} bytes) overflows the first cluster", type, len);
+        return Corrupt("header extension 0x{:08x} ({} bytes) overflows the first cluster", type,
+                       len);
       }
       auto data = b_.subspan(pos, len);
       RETURN_IF_ERROR(ParseExtension(type, data));
@@ -174,7 +177,8 @@ class HeaderParser {
         }
         return Status::Ok();
       case kExtBitmaps: {
-        if (data.size() < 24) return Corrupt("bitmaps extension is too short ({} bytes)", data.size());
+        if (data.size() < 24)
+          return Corrupt("bitmaps extension is too short ({} bytes)", data.size());
         BitmapsExtension e;
         e.nb_bitmaps = LoadBE32(data, 0);
         e.directory_size = LoadBE64(data, 8);
@@ -183,7 +187,8 @@ class HeaderParser {
         return Status::Ok();
       }
       case kExtCrypto: {
-        if (data.size() != 16) return Corrupt("encryption header extension has {} bytes, not 16", data.size());
+        if (data.size() != 16)
+          return Corrupt("encryption header extension has {} bytes, not 16", data.size());
         h_.crypto = CryptoExtension{LoadBE64(data, 0), LoadBE64(data, 8)};
         return Status::Ok();
       }
@@ -217,15 +222,17 @@ class HeaderParser {
         if (!(unknown & (uint64_t{1} << bit))) continue;
         std::string name = h_.FeatureNameFor(kFeatureIncompatible, bit);
         if (!names.empty()) names += ", ";
-        names += name.empty() ? fmt::format("bit {}", bit) : fmt::format("'{}' (bit {})", name, bit);
+        names +=
+            name.empty() ? fmt::format("bit {}", bit) : fmt::format("'{}' (bit {})", name, bit);
       }
       return Unsupported("image uses unsupported incompatible feature(s): {}", names);
     }
     if (h_.crypt_method != kCryptNone) {
       return Unsupported("encrypted images ({}) are not supported",
-                         h_.crypt_method == kCryptAes   ? "AES"
-                         : h_.crypt_method == kCryptLuks ? "LUKS"
-                                                          : fmt::format("method {}", h_.crypt_method));
+                         h_.crypt_method == kCryptAes ? "AES"
+                         : h_.crypt_method == kCryptLuks
+                             ? "LUKS"
+                             : fmt::format("method {}", h_.crypt_method));
     }
     bool compression_bit = h_.incompatible_features & kIncompatCompression;
     if (compression_bit) {
@@ -278,7 +285,8 @@ class HeaderParser {
       return Corrupt("L1 table has {} entries, too few for a virtual size of {} (needs {})",
                      h_.l1_size, h_.size, needed_l1);
     }
-    if (h_.l1_size > 0) RETURN_IF_ERROR(CheckTable("L1 table", h_.l1_table_offset, h_.l1_size * 8ull));
+    if (h_.l1_size > 0)
+      RETURN_IF_ERROR(CheckTable("L1 table", h_.l1_table_offset, h_.l1_size * 8ull));
 
     if (h_.refcount_table_clusters == 0) return Corrupt("image has no refcount table");
     uint64_t rt_bytes = uint64_t{h_.refcount_table_clusters} * cs;
@@ -294,10 +302,11 @@ class HeaderParser {
       // Entries are at least 40 bytes; ReadSnapshotTable checks each one.
       RETURN_IF_ERROR(CheckTable("snapshot table", h_.snapshots_offset, 40));
     }
-    if (h_.crypto) RETURN_IF_ERROR(CheckTable("encryption header", h_.crypto->offset, h_.crypto->length));
+    if (h_.crypto)
+      RETURN_IF_ERROR(CheckTable("encryption header", h_.crypto->offset, h_.crypto->length));
     if (h_.bitmaps && h_.bitmaps->directory_size > 0) {
-      RETURN_IF_ERROR(CheckTable("bitmap directory", h_.bitmaps->directory_offset,
-                                 h_.bitmaps->directory_size));
+      RETURN_IF_ERROR(
+          CheckTable("bitmap directory", h_.bitmaps->directory_offset, h_.bitmaps->directory_size));
     }
     return Status::Ok();
   }
@@ -409,9 +418,9 @@ Result<std::vector<std::byte>> SerializeHeader(const Header& h) {
     out.insert(out.end(), bytes_of(h.backing_file).begin(), bytes_of(h.backing_file).end());
   }
   if (out.size() > cs) {
-    return Status::InvalidArgument(
-        fmt::format("header, extensions and backing file name ({} bytes) do not fit in a cluster of {}",
-                    out.size(), cs));
+    return Status::InvalidArgument(fmt::format(
+        "header, extensions and backing file name ({} bytes) do not fit in a cluster of {}",
+        out.size(), cs));
   }
   return out;
 }

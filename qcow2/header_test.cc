@@ -22,7 +22,8 @@ Header ValidHeader() {
   h.refcount_table_clusters = 1;
   h.refcount_order = 4;
   h.header_length = 112;
-  h.feature_names = {{kFeatureIncompatible, 0, "dirty bit"}, {kFeatureIncompatible, 1, "corrupt bit"}};
+  h.feature_names = {{kFeatureIncompatible, 0, "dirty bit"},
+                     {kFeatureIncompatible, 1, "corrupt bit"}};
   return h;
 }
 

@@ -1,10 +1,9 @@
 #include "qcow2/image_info.h"
 
+#include <fmt/format.h>
 #include <sys/stat.h>
 
 #include <set>
-
-#include <fmt/format.h>
 
 #include "qcow2/format.h"
 #include "qcow2/header.h"
@@ -63,8 +62,8 @@ Task<Result<ImageInfo>> DescribeOne(Env* env, const std::string& path, std::stri
   info.qcow2 = q;
   if (h.nb_snapshots > 0) {
     CO_ASSIGN_OR_RETURN(std::vector<Snapshot> snapshots,
-                        co_await ReadSnapshotTable(*file, h.snapshots_offset, h.nb_snapshots, file_size,
-                                                   h.version));
+                        co_await ReadSnapshotTable(*file, h.snapshots_offset, h.nb_snapshots,
+                                                   file_size, h.version));
     for (const Snapshot& s : snapshots) info.snapshots.push_back(ToSnapshotInfo(s, h.size));
   }
   co_return info;
@@ -78,7 +77,8 @@ Task<Result<std::vector<ImageInfo>>> GetImageInfo(Env* env, std::string path, bo
   std::string format;
   while (true) {
     if (!seen.insert(FileIdentity(path)).second) {
-      co_return Status::Corruption(fmt::format("{}: backing chain loop: this image is its own backing file", path));
+      co_return Status::Corruption(
+          fmt::format("{}: backing chain loop: this image is its own backing file", path));
     }
     CO_ASSIGN_OR_RETURN(ImageInfo info, co_await DescribeOne(env, path, format));
     std::optional<std::string> next = info.full_backing_filename;

@@ -1,11 +1,10 @@
 #include "qcow2/image_lock.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 
 #include <cerrno>
 #include <initializer_list>
-
-#include <fmt/format.h>
 
 namespace uq::qcow2 {
 namespace {
@@ -55,9 +54,10 @@ Status LockImage(int fd, const std::string& path, bool writable) {
   const auto& perms = writable ? writer_perms : reader_perms;
   const std::initializer_list<int> denied = {kWrite, kResize};
   auto busy = [&](int perm) {
-    return Status::Busy(fmt::format("{}: failed to get the \"{}\" lock: the image is in use by another process "
-                                    "(QEMU or ublk-qcow2)",
-                                    path, PermName(perm)));
+    return Status::Busy(
+        fmt::format("{}: failed to get the \"{}\" lock: the image is in use by another process "
+                    "(QEMU or ublk-qcow2)",
+                    path, PermName(perm)));
   };
   for (int perm : perms) {  // someone forbids what we need
     Result<bool> held = HeldByOther(fd, kSharedBase + perm);

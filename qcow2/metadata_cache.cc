@@ -172,8 +172,9 @@ std::vector<MetadataCache::DirtySlice> MetadataCache::TakeDirty() {
     out.push_back(std::move(d));
   }
   dirty_count_ = 0;
-  std::sort(out.begin(), out.end(),
-            [](const DirtySlice& a, const DirtySlice& b) { return a.ref.offset() < b.ref.offset(); });
+  std::sort(out.begin(), out.end(), [](const DirtySlice& a, const DirtySlice& b) {
+    return a.ref.offset() < b.ref.offset();
+  });
   return out;
 }
 
@@ -185,9 +186,10 @@ Task<Status> MetadataCache::WriteDirty() {
   std::vector<DirtySlice> dirty = TakeDirty();
   std::vector<Task<Status>> writes;
   writes.reserve(dirty.size());
-  for (DirtySlice& d : dirty) writes.push_back([](File* f, DirtySlice* d) -> Task<Status> {
-    co_return co_await f->Write(d->ref.offset(), d->copy.span());
-  }(file_, &d));
+  for (DirtySlice& d : dirty)
+    writes.push_back([](File* f, DirtySlice* d) -> Task<Status> {
+      co_return co_await f->Write(d->ref.offset(), d->copy.span());
+    }(file_, &d));
   Status st = co_await WhenAll(std::move(writes));
   if (!st.ok()) Redirty(dirty);
   co_return st;

@@ -27,7 +27,8 @@ class DeferredFile final : public File, public EventLoop {
       fail_next = false;
       r->result = -EIO;
     } else {
-      for (uint64_t i = 0; i < r->length; i++) r->data[i] = std::byte((r->offset + i) / 4096 & 0xff);
+      for (uint64_t i = 0; i < r->length; i++)
+        r->data[i] = std::byte((r->offset + i) / 4096 & 0xff);
       r->result = static_cast<int64_t>(r->length);
     }
     r->waiter.resume();
@@ -93,7 +94,8 @@ TEST(MetadataCacheTest, StaysWithinCapacityAndKeepsPinnedSlices) {
   while (file.Poll()) {
   }
   for (uint64_t i = 1; i < 100; i++) {
-    Spawn([](MetadataCache* c, uint64_t off) -> Task<void> { (void)co_await c->Get(off); }(&cache, i * 4096));
+    Spawn([](MetadataCache* c, uint64_t off) -> Task<void> { (void)co_await c->Get(off); }(
+                                                 &cache, i * 4096));
     while (file.Poll()) {
     }
     EXPECT_LE(cache.resident_slices(), 8u);

@@ -1,8 +1,8 @@
 #include "qcow2/open_image.h"
 
-#include <set>
-
 #include <fmt/format.h>
+
+#include <set>
 
 #include "base/aligned_buffer.h"
 #include "base/endian.h"
@@ -37,7 +37,8 @@ Result<std::unique_ptr<File>> OpenDataFile(const std::string& image_path, const 
   }
   const std::string& name = *header.data_file;
   if (IsProtocolName(name)) {
-    return Status::NotSupported(fmt::format("{}: data file '{}' is not a plain file", image_path, name));
+    return Status::NotSupported(
+        fmt::format("{}: data file '{}' is not a plain file", image_path, name));
   }
   std::string beside = ResolveRelativeTo(image_path, name);
   std::string chosen = options.env->Exists(beside) ? beside : name;
@@ -45,21 +46,24 @@ Result<std::unique_ptr<File>> OpenDataFile(const std::string& image_path, const 
   open.writable = options.writable;
   open.direct = options.direct;
   Result<std::unique_ptr<File>> file = options.env->Open(chosen, open);
-  if (!file.ok()) return file.status().WithContext(fmt::format("{}: cannot open its data file", image_path));
+  if (!file.ok())
+    return file.status().WithContext(fmt::format("{}: cannot open its data file", image_path));
   return file;
 }
 
-Task<Result<std::unique_ptr<BlockDevice>>> OpenBacking(const std::string& path, const Header& header,
-                                                       const ImageOptions& options, ChainState& chain) {
+Task<Result<std::unique_ptr<BlockDevice>>> OpenBacking(const std::string& path,
+                                                       const Header& header,
+                                                       const ImageOptions& options,
+                                                       ChainState& chain) {
   const std::string& name = header.backing_file;
   if (IsProtocolName(name)) {
-    co_return Status::NotSupported(
-        fmt::format("{}: backing file '{}' is a protocol or JSON name, which is not supported", path, name));
+    co_return Status::NotSupported(fmt::format(
+        "{}: backing file '{}' is a protocol or JSON name, which is not supported", path, name));
   }
   std::string format = header.backing_format.value_or("");
   if (!format.empty() && format != "qcow2" && format != "raw") {
-    co_return Status::NotSupported(
-        fmt::format("{}: backing file '{}' has format '{}' (qcow2 and raw are supported)", path, name, format));
+    co_return Status::NotSupported(fmt::format(
+        "{}: backing file '{}' has format '{}' (qcow2 and raw are supported)", path, name, format));
   }
   if (chain.depth + 1 > options.max_chain_depth) {
     co_return Status::NotSupported(
@@ -68,7 +72,8 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenBacking(const std::string& path, 
   ImageOptions backing_options = options;
   backing_options.writable = false;  // backing files are never written
   chain.depth++;
-  auto backing = co_await OpenChainElement(ResolveRelativeTo(path, name), format, backing_options, chain);
+  auto backing =
+      co_await OpenChainElement(ResolveRelativeTo(path, name), format, backing_options, chain);
   chain.depth--;
   if (!backing.ok()) co_return backing.status().WithContext(fmt::format("{}: backing file", path));
   co_return backing;
@@ -78,20 +83,23 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
                                                             const ImageOptions& options,
                                                             ChainState& chain) {
   if (!chain.seen.insert(FileIdentity(path)).second) {
-    co_return Status::Corruption(fmt::format("{}: backing chain loop: this image is its own backing file", path));
+    co_return Status::Corruption(
+        fmt::format("{}: backing chain loop: this image is its own backing file", path));
   }
   OpenOptions open;
   open.writable = options.writable;
   open.direct = options.direct;
   CO_ASSIGN_OR_RETURN(std::unique_ptr<File> file, options.env->Open(path, open));
-  if (file->fd() >= 0 && options.lock) CO_RETURN_IF_ERROR(LockImage(file->fd(), path, options.writable));
+  if (file->fd() >= 0 && options.lock)
+    CO_RETURN_IF_ERROR(LockImage(file->fd(), path, options.writable));
 
   if (format.empty()) {
     CO_ASSIGN_OR_RETURN(bool qcow2, co_await IsQcow2(*file));
     format = qcow2 ? "qcow2" : "raw";
   }
   if (format == "raw") {
-    CO_ASSIGN_OR_RETURN(std::unique_ptr<RawImage> raw, RawImage::Open(std::move(file), options.writable));
+    CO_ASSIGN_OR_RETURN(std::unique_ptr<RawImage> raw,
+                        RawImage::Open(std::move(file), options.writable));
     co_return std::unique_ptr<BlockDevice>(std::move(raw));
   }
   if (format != "qcow2") {
@@ -102,12 +110,14 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
   if (header.dirty() && options.writable && !header.corrupt()) {
     // Lazy refcounts left counts stale (the writer died): rebuild them from
     // the tables before anything allocates, as QEMU does on open.
-    CO_ASSIGN_OR_RETURN(CheckResult repaired, co_await CheckImage(*file, CheckOptions{.repair = RepairMode::kAll}));
+    CO_ASSIGN_OR_RETURN(CheckResult repaired,
+                        co_await CheckImage(*file, CheckOptions{.repair = RepairMode::kAll}));
     CO_ASSIGN_OR_RETURN(header, co_await ReadHeader(*file));
     if (!repaired.error.empty() || repaired.corruptions > 0 || header.dirty()) {
       co_return Status::Corruption(fmt::format(
-          "{}: the image is dirty and its refcounts could not be rebuilt ({} corruptions remain{}{})", path,
-          repaired.corruptions, repaired.error.empty() ? "" : ": ", repaired.error));
+          "{}: the image is dirty and its refcounts could not be rebuilt ({} corruptions "
+          "remain{}{})",
+          path, repaired.corruptions, repaired.error.empty() ? "" : ": ", repaired.error));
     }
   }
   Qcow2OpenParts parts;
@@ -129,7 +139,8 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
   parts.cache_size = options.cache_size;
   parts.preallocate = options.preallocate;
   parts.env = options.env;
-  CO_ASSIGN_OR_RETURN(std::unique_ptr<Qcow2Image> image, co_await Qcow2Image::Open(std::move(parts)));
+  CO_ASSIGN_OR_RETURN(std::unique_ptr<Qcow2Image> image,
+                      co_await Qcow2Image::Open(std::move(parts)));
   co_return std::unique_ptr<BlockDevice>(std::move(image));
 }
 

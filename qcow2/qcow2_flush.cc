@@ -12,15 +12,18 @@ namespace uq::qcow2 {
 Task<Status> Qcow2Image::OpenForWriting() {
   if (header_.dirty()) {
     // OpenImage rebuilds the refcounts of a dirty image before we get here.
-    co_return Status::Corruption(fmt::format("{}: image is dirty (refcounts may be stale)", path()));
+    co_return Status::Corruption(
+        fmt::format("{}: image is dirty (refcounts may be stale)", path()));
   }
-  refcounts_ = std::make_unique<Refcounts>(file_.get(), &header_, std::max<uint64_t>(header_.cluster_size(), 1 << 20));
+  refcounts_ = std::make_unique<Refcounts>(file_.get(), &header_,
+                                           std::max<uint64_t>(header_.cluster_size(), 1 << 20));
   CO_RETURN_IF_ERROR(co_await refcounts_->Load());
 
   // What the data path must never overwrite.
   const uint64_t cs = geo_.cluster_size;
   auto add_range = [&](uint64_t offset, uint64_t bytes) {
-    for (uint64_t c = offset / cs; bytes > 0 && c <= (offset + bytes - 1) / cs; c++) metadata_clusters_.insert(c);
+    for (uint64_t c = offset / cs; bytes > 0 && c <= (offset + bytes - 1) / cs; c++)
+      metadata_clusters_.insert(c);
   };
   add_range(0, 1);
   add_range(header_.l1_table_offset, uint64_t{header_.l1_size} * 8);
@@ -46,7 +49,8 @@ Task<Status> Qcow2Image::OpenForWriting() {
 }
 
 Task<Status> Qcow2Image::MarkCorrupt(std::string why) {
-  Status error = Status::Corruption(fmt::format("{}: {}; the image is marked corrupt and now read-only", path(), why));
+  Status error = Status::Corruption(
+      fmt::format("{}: {}; the image is marked corrupt and now read-only", path(), why));
   if (!writable_) co_return error;
   writable_ = false;
   co_await RevokeShared();  // no more writes from other threads either
@@ -107,7 +111,8 @@ Task<Status> Qcow2Image::FlushLocked() {
   }
   // 5. References dropped by entries now gone from disk.
   if (refcounts_->has_deferred()) {
-    CO_ASSIGN_OR_RETURN(std::vector<uint64_t> freed, co_await refcounts_->ApplyDeferredDecrements());
+    CO_ASSIGN_OR_RETURN(std::vector<uint64_t> freed,
+                        co_await refcounts_->ApplyDeferredDecrements());
     CO_RETURN_IF_ERROR(co_await refcounts_->WriteBlocks());
     const uint64_t cs = geo_.cluster_size;
     for (uint64_t c : freed) {

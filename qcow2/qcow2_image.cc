@@ -1,9 +1,9 @@
 #include "qcow2/qcow2_image.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cstring>
-
-#include <fmt/format.h>
 
 #include "base/endian.h"
 #include "base/when_all.h"
@@ -44,7 +44,8 @@ Qcow2Image::Qcow2Image(Qcow2OpenParts parts)
 
 Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts) {
   if (parts.header.has_data_file() != (parts.data_file != nullptr)) {
-    co_return Status::InvalidArgument(parts.file->path() + ": data file given without the data file bit");
+    co_return Status::InvalidArgument(parts.file->path() +
+                                      ": data file given without the data file bit");
   }
   auto img = std::make_unique<Qcow2Image>(std::move(parts));
   CO_ASSIGN_OR_RETURN(img->file_size_, img->file_->Size());
@@ -68,8 +69,9 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts)
 }
 
 Status Qcow2Image::CorruptEntry(uint64_t offset, const L2Entry& entry, const char* why) const {
-  return Status::Corruption(fmt::format("{}: L2 entry 0x{:016x} (bitmap 0x{:016x}) for guest offset {} {}",
-                                        path(), entry.raw, entry.bitmap, offset, why));
+  return Status::Corruption(
+      fmt::format("{}: L2 entry 0x{:016x} (bitmap 0x{:016x}) for guest offset {} {}", path(),
+                  entry.raw, entry.bitmap, offset, why));
 }
 
 Task<Result<L2Entry>> Qcow2Image::LookupEntry(uint64_t offset) {
@@ -78,12 +80,14 @@ Task<Result<L2Entry>> Qcow2Image::LookupEntry(uint64_t offset) {
   const uint64_t l2_offset = l1_[l1_index] & kL1OffsetMask;
   if (l2_offset == 0) co_return L2Entry{};
   if (!geo_.cluster_aligned(l2_offset)) {
-    co_return Status::Corruption(fmt::format("{}: L1 entry {} points to an L2 table at 0x{:x}, not cluster-aligned",
-                                             path(), l1_index, l2_offset));
+    co_return Status::Corruption(
+        fmt::format("{}: L1 entry {} points to an L2 table at 0x{:x}, not cluster-aligned", path(),
+                    l1_index, l2_offset));
   }
   if (l2_offset > file_size_ || geo_.cluster_size > file_size_ - l2_offset) {
-    co_return Status::Corruption(fmt::format("{}: L1 entry {} points to an L2 table at 0x{:x}, past the end of the file",
-                                             path(), l1_index, l2_offset));
+    co_return Status::Corruption(
+        fmt::format("{}: L1 entry {} points to an L2 table at 0x{:x}, past the end of the file",
+                    path(), l1_index, l2_offset));
   }
   const uint64_t byte_in_table = geo_.l2_index(offset) * geo_.l2_entry_bytes;
   const uint64_t slice_bytes = l2_cache_.slice_size();
@@ -95,7 +99,8 @@ Task<Result<L2Entry>> Qcow2Image::LookupEntry(uint64_t offset) {
     CO_ASSIGN_OR_RETURN(slice, co_await l2_cache_.Get(slice_offset));
     // One load publishes the whole slice (512 clusters of 4 KiB), so other
     // threads need not wait for a request on each cluster first.
-    PublishSlice(slice, (l1_index << geo_.l2_bits) + (byte_in_table - in_slice) / geo_.l2_entry_bytes);
+    PublishSlice(slice,
+                 (l1_index << geo_.l2_bits) + (byte_in_table - in_slice) / geo_.l2_entry_bytes);
   }
   L2Entry e;
   e.raw = LoadBE64(slice.bytes(), in_slice);
@@ -105,13 +110,15 @@ Task<Result<L2Entry>> Qcow2Image::LookupEntry(uint64_t offset) {
 
 Task<Status> Qcow2Image::Read(uint64_t offset, std::span<std::byte> out) {
   if (offset > size() || out.size() > size() - offset) {
-    co_return Status::InvalidArgument(fmt::format("{}: read of {} bytes at {} is past the virtual size {}",
-                                                  path(), out.size(), offset, size()));
+    co_return Status::InvalidArgument(
+        fmt::format("{}: read of {} bytes at {} is past the virtual size {}", path(), out.size(),
+                    offset, size()));
   }
   size_t done = 0;
   while (done < out.size()) {
     uint64_t pos = offset + done;
-    size_t n = std::min<uint64_t>(out.size() - done, geo_.cluster_size - geo_.cluster_offset_in(pos));
+    size_t n =
+        std::min<uint64_t>(out.size() - done, geo_.cluster_size - geo_.cluster_offset_in(pos));
     CO_RETURN_IF_ERROR(co_await ReadInCluster(pos, out.subspan(done, n)));
     done += n;
   }
@@ -132,12 +139,14 @@ Task<Status> Qcow2Image::ReadInCluster(uint64_t offset, std::span<std::byte> out
   co_return co_await ReadWithEntry(entry, offset, out);
 }
 
-Task<Status> Qcow2Image::ReadWithEntry(const L2Entry& entry, uint64_t offset, std::span<std::byte> out) {
+Task<Status> Qcow2Image::ReadWithEntry(const L2Entry& entry, uint64_t offset,
+                                       std::span<std::byte> out) {
   const uint64_t in_cluster = geo_.cluster_offset_in(offset);
   const bool has_data_file = data_file_ != nullptr;
 
   if (entry.compressed()) {
-    if (has_data_file) co_return CorruptEntry(offset, entry, "is compressed, which external data files forbid");
+    if (has_data_file)
+      co_return CorruptEntry(offset, entry, "is compressed, which external data files forbid");
     co_return co_await ReadCompressed(entry, in_cluster, out);
   }
 
@@ -149,7 +158,8 @@ Task<Status> Qcow2Image::ReadWithEntry(const L2Entry& entry, uint64_t offset, st
     SubclusterKind kind = entry.Kind(geo_, has_data_file, sc);
     uint64_t run_end = (sc + 1) * geo_.subcluster_size;
     while (run_end < geo_.cluster_size &&
-           entry.Kind(geo_, has_data_file, static_cast<uint32_t>(run_end / geo_.subcluster_size)) == kind) {
+           entry.Kind(geo_, has_data_file, static_cast<uint32_t>(run_end / geo_.subcluster_size)) ==
+               kind) {
       run_end += geo_.subcluster_size;
     }
     size_t n = std::min<uint64_t>(out.size() - done, run_end - pos_in_cluster);
@@ -170,7 +180,8 @@ Task<Status> Qcow2Image::ReadWithEntry(const L2Entry& entry, uint64_t offset, st
       }
       case SubclusterKind::kCompressed:  // handled above
       case SubclusterKind::kInvalid:
-        co_return CorruptEntry(offset + done, entry, "is invalid (unaligned offset or contradictory bitmap)");
+        co_return CorruptEntry(offset + done, entry,
+                               "is invalid (unaligned offset or contradictory bitmap)");
     }
     done += n;
   }
@@ -236,8 +247,10 @@ Task<Status> Qcow2Image::ReadUnallocated(uint64_t offset, std::span<std::byte> o
   }
   // A backing file shorter than this image reads zeros past its end.
   const uint64_t backing_size = backing_->size();
-  size_t from_backing = offset >= backing_size ? 0 : std::min<uint64_t>(out.size(), backing_size - offset);
-  if (from_backing > 0) CO_RETURN_IF_ERROR(co_await backing_->Read(offset, out.first(from_backing)));
+  size_t from_backing =
+      offset >= backing_size ? 0 : std::min<uint64_t>(out.size(), backing_size - offset);
+  if (from_backing > 0)
+    CO_RETURN_IF_ERROR(co_await backing_->Read(offset, out.first(from_backing)));
   Zero(out.subspan(from_backing));
   co_return Status::Ok();
 }
@@ -247,9 +260,10 @@ Task<Status> Qcow2Image::ReadCompressed(const L2Entry& entry, uint64_t offset_in
   const uint64_t host = entry.compressed_offset(geo_);
   const uint64_t length = entry.compressed_length(geo_);
   if (host >= file_size_) {
-    co_return Status::Corruption(fmt::format(
-        "{}: compressed cluster at host offset 0x{:x} ({} bytes) lies past the end of the file ({} bytes)",
-        path(), host, length, file_size_));
+    co_return Status::Corruption(
+        fmt::format("{}: compressed cluster at host offset 0x{:x} ({} bytes) lies past the end of "
+                    "the file ({} bytes)",
+                    path(), host, length, file_size_));
   }
   std::shared_ptr<const AlignedBuffer> data;
   if (decompressed_key_ == entry.raw) {
@@ -280,7 +294,8 @@ Task<Status> Qcow2Image::ReadCompressed(const L2Entry& entry, uint64_t offset_in
         inflate();
       }
       if (!st.ok()) {
-        st = st.WithContext(fmt::format("{}: compressed cluster at host offset 0x{:x}", path(), host));
+        st = st.WithContext(
+            fmt::format("{}: compressed cluster at host offset 0x{:x}", path(), host));
       }
     }
     decompressing_.erase(entry.raw);
@@ -323,7 +338,8 @@ void Qcow2Image::PublishSlice(const MetadataCache::SliceRef& slice, uint64_t fir
 void Qcow2Image::Publish(uint64_t offset, const L2Entry& e) {
   uint64_t host;
   bool writable;
-  if (Publishable(e, &host, &writable)) shared_map_.Publish(geo_.guest_cluster(offset), host, writable);
+  if (Publishable(e, &host, &writable))
+    shared_map_.Publish(geo_.guest_cluster(offset), host, writable);
 }
 
 bool Qcow2Image::Publishable(const L2Entry& e, uint64_t* host, bool* writable) const {
@@ -331,7 +347,8 @@ bool Qcow2Image::Publishable(const L2Entry& e, uint64_t* host, bool* writable) c
   if (e.compressed() || !e.has_host_cluster(has_df)) return false;
   if (geo_.extended_l2) {
     // Every subcluster allocated, none zero (kData for all 32, as Kind says).
-    if (e.bitmap != kAllSubclustersAllocated || !geo_.cluster_aligned(e.host_cluster())) return false;
+    if (e.bitmap != kAllSubclustersAllocated || !geo_.cluster_aligned(e.host_cluster()))
+      return false;
   } else if (e.Kind(geo_, has_df, 0) != SubclusterKind::kData) {
     return false;
   }

@@ -42,34 +42,34 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "base/aligned_buffer.h"
+#include "base/keyed_lock.h"
 #include "base/status.h"
 #include "base/task.h"
+#include "base/wait_list.h"
 #include "qcow2/block_device.h"
 #include "qcow2/file.h"
 #include "qcow2/geometry.h"
 #include "qcow2/header.h"
 #include "qcow2/l2_entry.h"
-#include "base/keyed_lock.h"
-#include "base/wait_list.h"
 #include "qcow2/metadata_cache.h"
 #include "qcow2/refcounts.h"
 #include "qcow2/shared_map.h"
 #include "qcow2/snapshot_table.h"
-#include <set>
-#include <unordered_set>
 
 namespace uq::qcow2 {
 
 struct Qcow2OpenParts {
   std::unique_ptr<File> file;
   Header header;
-  std::unique_ptr<File> data_file;        // REQUIRES: set iff header.has_data_file()
-  std::unique_ptr<BlockDevice> backing;   // null: no backing (reads zeros)
+  std::unique_ptr<File> data_file;       // REQUIRES: set iff header.has_data_file()
+  std::unique_ptr<BlockDevice> backing;  // null: no backing (reads zeros)
   bool writable = false;
   uint64_t cache_size = 32ull << 20;
   uint64_t preallocate = 0;  // ImageOptions::preallocate

@@ -3,6 +3,7 @@
 // tests/oracle; these cases pin the mapping code paths one at a time.
 #include "qcow2/qcow2_image.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -10,8 +11,6 @@
 #include <fstream>
 #include <iterator>
 #include <random>
-
-#include <fmt/format.h>
 
 #include "qcow2/open_image.h"
 #include "qcow2/sync_env.h"
@@ -33,7 +32,9 @@ class Qcow2ImageTest : public ::testing::Test {
     ASSERT_EQ(scratch_->Sh(cmd, &out), 0) << cmd << "\n" << out;
   }
   std::string P(const std::string& name) { return scratch_->path(name); }
-  std::vector<std::byte> Slurp(const std::string& path) { return scratch_->Slurp(path.substr(scratch_->dir().size() + 1)); }
+  std::vector<std::byte> Slurp(const std::string& path) {
+    return scratch_->Slurp(path.substr(scratch_->dir().size() + 1));
+  }
   std::unique_ptr<BlockDevice> Open(const std::string& name, ImageOptions o = {}) {
     o.env = SyncEnv();
     auto r = BlockOn(OpenImage(P(name), o));
@@ -67,7 +68,8 @@ TEST_F(Qcow2ImageTest, EmptyImageReadsZeros) {
 
 TEST_F(Qcow2ImageTest, SmallClustersAcrossL2Tables) {
   Run("qemu-img create -f qcow2 -o cluster_size=512 a.qcow2 300k");
-  Run("qemu-io -c 'write -P 0x11 1000 40000' -c 'write -P 0x22 70000 3' -c 'write -z 2048 1024' a.qcow2");
+  Run("qemu-io -c 'write -P 0x11 1000 40000' -c 'write -P 0x22 70000 3' -c 'write -z 2048 1024' "
+      "a.qcow2");
   ExpectSameAsQemu("a.qcow2", 4096);
   ExpectSameAsQemu("a.qcow2", 777);
 }
@@ -76,15 +78,18 @@ TEST_F(Qcow2ImageTest, ZeroClustersOverBacking) {
   Run("qemu-img create -f qcow2 base.qcow2 4M");
   Run("qemu-io -c 'write -P 0xaa 0 4M' base.qcow2");
   Run("qemu-img create -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 4M");
-  Run("qemu-io -c 'write -z 65536 131072' -c 'write -P 0x55 300000 5000' -c 'discard 1M 64k' top.qcow2");
+  Run("qemu-io -c 'write -z 65536 131072' -c 'write -P 0x55 300000 5000' -c 'discard 1M 64k' "
+      "top.qcow2");
   ExpectSameAsQemu("top.qcow2");
 }
 
 TEST_F(Qcow2ImageTest, ExtendedL2Subclusters) {
   Run("qemu-img create -f raw base.raw 2M");
   Run("qemu-io -f raw -c 'write -P 0x33 0 2M' base.raw");
-  Run("qemu-img create -f qcow2 -o extended_l2=on,cluster_size=64k -b base.raw -F raw top.qcow2 2M");
-  Run("qemu-io -c 'write -P 0x44 2048 100' -c 'write -z 8192 2048' -c 'write -P 0x66 70000 9000' top.qcow2");
+  Run("qemu-img create -f qcow2 -o extended_l2=on,cluster_size=64k -b base.raw -F raw top.qcow2 "
+      "2M");
+  Run("qemu-io -c 'write -P 0x44 2048 100' -c 'write -z 8192 2048' -c 'write -P 0x66 70000 9000' "
+      "top.qcow2");
   ExpectSameAsQemu("top.qcow2", 512);
 }
 
@@ -92,7 +97,9 @@ TEST_F(Qcow2ImageTest, CompressedDeflateAndZstd) {
   Run("qemu-img create -f raw src.raw 1M");
   Run("qemu-io -f raw -c 'write -P 0x12 0 300k' -c 'write -P 0x34 400k 100k' src.raw");
   for (std::string type : {"zlib", "zstd"}) {
-    Run(fmt::format("qemu-img convert -c -O qcow2 -o compression_type={0},cluster_size=4k src.raw c-{0}.qcow2", type));
+    Run(fmt::format(
+        "qemu-img convert -c -O qcow2 -o compression_type={0},cluster_size=4k src.raw c-{0}.qcow2",
+        type));
     ExpectSameAsQemu("c-" + type + ".qcow2", 1000);
   }
 }
@@ -101,7 +108,8 @@ TEST_F(Qcow2ImageTest, CompressedDeflateAndZstd) {
 // only ones longer than a table slice here).
 class CountingFile final : public File {
  public:
-  CountingFile(std::unique_ptr<File> base, int* long_reads) : base_(std::move(base)), long_reads_(long_reads) {}
+  CountingFile(std::unique_ptr<File> base, int* long_reads)
+      : base_(std::move(base)), long_reads_(long_reads) {}
   bool Start(IoRequest& req) override {
     if (req.op == IoRequest::Op::kRead && req.length > 4096) ++*long_reads_;
     return base_->Start(req);
@@ -133,7 +141,8 @@ class CountingEnv final : public Env {
 // cluster is read (and inflated) once, not once per request.
 TEST_F(Qcow2ImageTest, ConcurrentReadsOfOneCompressedClusterInflateItOnce) {
   // Text compresses to ~3/4: the cluster is stored compressed, ~1.5 MiB of it.
-  Run("head -c 1600000 /dev/urandom | base64 -w 0 | head -c 2097152 >src.raw && truncate -s 4M src.raw");
+  Run("head -c 1600000 /dev/urandom | base64 -w 0 | head -c 2097152 >src.raw && truncate -s 4M "
+      "src.raw");
   Run("qemu-img convert -c -O qcow2 -o cluster_size=2M src.raw c.qcow2");
   auto ref = Slurp(P("src.raw"));
   testing::MemEnv mem({.completion = testing::MemEnvOptions::Completion::kDeferred, .seed = 7});
@@ -149,7 +158,8 @@ TEST_F(Qcow2ImageTest, ConcurrentReadsOfOneCompressedClusterInflateItOnce) {
   std::vector<Status> results(kReads, Status::IoError("not run"));
   int done = 0;
   for (int i = 0; i < kReads; i++) {
-    Spawn([](BlockDevice* d, uint64_t off, std::vector<std::byte>* b, Status* out, int* done) -> Task<void> {
+    Spawn([](BlockDevice* d, uint64_t off, std::vector<std::byte>* b, Status* out,
+             int* done) -> Task<void> {
       *out = co_await d->Read(off, *b);
       ++*done;
     }(dev.get(), uint64_t(i) * kChunk, &bufs[i], &results[i], &done));
@@ -178,13 +188,15 @@ TEST_F(Qcow2ImageTest, MissingBackingFileIsAClearError) {
   Run("rm base.qcow2");
   auto r = BlockOn(OpenImage(P("top.qcow2"), ImageOptions{.env = SyncEnv()}));
   ASSERT_FALSE(r.ok());
-  EXPECT_NE(r.status().message().find("top.qcow2: backing file"), std::string::npos) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("top.qcow2: backing file"), std::string::npos)
+      << r.status().ToString();
   EXPECT_NE(r.status().message().find("No such file"), std::string::npos) << r.status().ToString();
 }
 
 TEST_F(Qcow2ImageTest, BackingLoopIsRefused) {
   Run("qemu-img create -f qcow2 a.qcow2 1M && qemu-img create -f qcow2 b.qcow2 1M");
-  Run("qemu-img rebase -u -b b.qcow2 -F qcow2 a.qcow2 && qemu-img rebase -u -b a.qcow2 -F qcow2 b.qcow2");
+  Run("qemu-img rebase -u -b b.qcow2 -F qcow2 a.qcow2 && qemu-img rebase -u -b a.qcow2 -F qcow2 "
+      "b.qcow2");
   auto r = BlockOn(OpenImage(P("a.qcow2"), ImageOptions{.env = SyncEnv()}));
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("loop"), std::string::npos) << r.status().ToString();
@@ -217,18 +229,30 @@ TEST_F(Qcow2ImageTest, LocksExcludeQemuAndUs) {
     // We hold it for writing: QEMU may neither write nor read it.
     auto dev = Open("a.qcow2", ImageOptions{.writable = true});
     ASSERT_TRUE(dev);
-    EXPECT_NE(std::system(fmt::format("qemu-io -c 'write 0 512' '{}' 2>/dev/null >/dev/null", P("a.qcow2")).c_str()), 0);
-    EXPECT_NE(std::system(fmt::format("qemu-io -r -c 'read 0 512' '{}' 2>/dev/null >/dev/null", P("a.qcow2")).c_str()), 0);
+    EXPECT_NE(std::system(
+                  fmt::format("qemu-io -c 'write 0 512' '{}' 2>/dev/null >/dev/null", P("a.qcow2"))
+                      .c_str()),
+              0);
+    EXPECT_NE(std::system(fmt::format("qemu-io -r -c 'read 0 512' '{}' 2>/dev/null >/dev/null",
+                                      P("a.qcow2"))
+                              .c_str()),
+              0);
     // A second writer of ours is refused too, with a clear Busy error.
-    auto second = BlockOn(OpenImage(P("a.qcow2"), ImageOptions{.env = SyncEnv(), .writable = true}));
+    auto second =
+        BlockOn(OpenImage(P("a.qcow2"), ImageOptions{.env = SyncEnv(), .writable = true}));
     ASSERT_FALSE(second.ok());
     EXPECT_TRUE(second.status().IsBusy()) << second.status().ToString();
     EXPECT_NE(second.status().message().find("in use"), std::string::npos);
   }
   // Closed: QEMU may write again.
-  EXPECT_EQ(std::system(fmt::format("qemu-io -c 'write 0 512' '{}' >/dev/null", P("a.qcow2")).c_str()), 0);
+  EXPECT_EQ(
+      std::system(fmt::format("qemu-io -c 'write 0 512' '{}' >/dev/null", P("a.qcow2")).c_str()),
+      0);
   // QEMU holds it: we refuse to write it.
-  ASSERT_EQ(std::system(fmt::format("(qemu-io -c 'sleep 3000' '{}' >/dev/null &) ; sleep 1", P("a.qcow2")).c_str()), 0);
+  ASSERT_EQ(
+      std::system(fmt::format("(qemu-io -c 'sleep 3000' '{}' >/dev/null &) ; sleep 1", P("a.qcow2"))
+                      .c_str()),
+      0);
   auto busy = BlockOn(OpenImage(P("a.qcow2"), ImageOptions{.env = SyncEnv(), .writable = true}));
   ASSERT_FALSE(busy.ok());
   EXPECT_TRUE(busy.status().IsBusy()) << busy.status().ToString();

@@ -2,10 +2,10 @@
 // copy-on-write, L2 table allocation and copy-on-write, write-zeroes and
 // discard. Metadata changes are made in memory here; Flush() (qcow2_flush.cc)
 // puts them on disk in a crash-safe order.
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cstring>
-
-#include <fmt/format.h>
 
 #include "base/endian.h"
 #include "base/when_all.h"
@@ -30,8 +30,8 @@ Status Qcow2Image::CheckWritable(uint64_t offset, uint64_t length) const {
                                             header_.corrupt() ? " (marked corrupt)" : ""));
   }
   if (offset > size() || length > size() - offset) {
-    return Status::InvalidArgument(
-        fmt::format("{}: {} bytes at {} are past the virtual size {}", path(), length, offset, size()));
+    return Status::InvalidArgument(fmt::format("{}: {} bytes at {} are past the virtual size {}",
+                                               path(), length, offset, size()));
   }
   return Status::Ok();
 }
@@ -51,8 +51,8 @@ Task<Status> Qcow2Image::CheckNoOverlap(uint64_t host, uint64_t length) {
   if (data_file_) co_return Status::Ok();  // data lives in another file
   for (uint64_t c = host / geo_.cluster_size; c <= (host + length - 1) / geo_.cluster_size; c++) {
     if (metadata_clusters_.count(c) || refcounts_->IsRefcountMetadata(c)) {
-      co_return co_await MarkCorrupt(
-          fmt::format("a data write to host offset 0x{:x} would overwrite metadata in cluster {}", host, c));
+      co_return co_await MarkCorrupt(fmt::format(
+          "a data write to host offset 0x{:x} would overwrite metadata in cluster {}", host, c));
     }
   }
   co_return Status::Ok();
@@ -69,7 +69,8 @@ Task<Status> Qcow2Image::Write(uint64_t offset, std::span<const std::byte> data,
     std::vector<Task<Status>> pieces;
     for (size_t done = 0; done < data.size();) {
       uint64_t pos = offset + done;
-      size_t n = std::min<uint64_t>(data.size() - done, geo_.cluster_size - geo_.cluster_offset_in(pos));
+      size_t n =
+          std::min<uint64_t>(data.size() - done, geo_.cluster_size - geo_.cluster_offset_in(pos));
       pieces.push_back(WriteInCluster(pos, data.subspan(done, n)));
       done += n;
     }
@@ -112,13 +113,15 @@ bool Qcow2Image::SubclusterWritable(uint64_t offset, const L2Entry& e) const {
   return true;
 }
 
-Task<Status> Qcow2Image::SubclusterAllocatingWrite(uint64_t offset, std::span<const std::byte> data) {
+Task<Status> Qcow2Image::SubclusterAllocatingWrite(uint64_t offset,
+                                                   std::span<const std::byte> data) {
   // REQUIRES: the cluster's lock held shared; its entry passed SubclusterWritable().
   const uint64_t cluster = geo_.guest_cluster(offset);
   const uint64_t in_cluster = geo_.cluster_offset_in(offset);
   const uint64_t cluster_start = offset - in_cluster;
   const uint32_t first = static_cast<uint32_t>(in_cluster / geo_.subcluster_size);
-  const uint32_t last = static_cast<uint32_t>((in_cluster + data.size() - 1) / geo_.subcluster_size);
+  const uint32_t last =
+      static_cast<uint32_t>((in_cluster + data.size() - 1) / geo_.subcluster_size);
   // Subcluster locks in ascending order: no two writers can deadlock.
   std::vector<KeyedLock::Guard> guards;
   for (uint32_t sc = first; sc <= last; sc++) {
@@ -138,10 +141,13 @@ Task<Status> Qcow2Image::SubclusterAllocatingWrite(uint64_t offset, std::span<co
   AlignedBuffer buf(write_end - write_start);
   const uint64_t head = in_cluster - write_start;
   const uint64_t tail_at = in_cluster + data.size();
-  if (head > 0) CO_RETURN_IF_ERROR(co_await ReadWithEntry(old, cluster_start + write_start, buf.span().first(head)));
+  if (head > 0)
+    CO_RETURN_IF_ERROR(
+        co_await ReadWithEntry(old, cluster_start + write_start, buf.span().first(head)));
   std::memcpy(buf.data() + head, data.data(), data.size());
   if (tail_at < write_end) {
-    CO_RETURN_IF_ERROR(co_await ReadWithEntry(old, cluster_start + tail_at, buf.span().subspan(tail_at - write_start)));
+    CO_RETURN_IF_ERROR(co_await ReadWithEntry(old, cluster_start + tail_at,
+                                              buf.span().subspan(tail_at - write_start)));
   }
   CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host + write_start, buf.size()));
   CO_RETURN_IF_ERROR(co_await data_file().Write(host + write_start, buf.span()));
@@ -218,7 +224,8 @@ void Qcow2Image::ReleaseEntry(const L2Entry& e) {
   if (e.compressed()) {
     // Every host cluster the compressed bytes touch holds one reference.
     const uint64_t start = e.compressed_offset(geo_) & ~(kSectorSize - 1);
-    const uint64_t end = start + (e.compressed_length(geo_) + (e.compressed_offset(geo_) & (kSectorSize - 1)));
+    const uint64_t end =
+        start + (e.compressed_length(geo_) + (e.compressed_offset(geo_) & (kSectorSize - 1)));
     for (uint64_t c = start / geo_.cluster_size; c <= (end - 1) / geo_.cluster_size; c++) {
       refcounts_->DeferDecrement(c);
     }
@@ -240,14 +247,16 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   const bool has_df = data_file_ != nullptr;
   for (uint32_t sc = 0; sc < (geo_.extended_l2 ? kSubclustersPerCluster : 1); sc++) {
     if (old.Kind(geo_, has_df, sc) == SubclusterKind::kInvalid) {
-      co_return co_await MarkCorrupt(fmt::format("L2 entry 0x{:x} for guest offset {} is invalid", old.raw, offset));
+      co_return co_await MarkCorrupt(
+          fmt::format("L2 entry 0x{:x} for guest offset {} is invalid", old.raw, offset));
     }
   }
 
   // Where the data goes: the cluster's own host cluster when it has one that
   // only the active image uses (preallocated zeros, unallocated subclusters),
   // the fixed place in an external data file, or a new cluster.
-  const bool shared_or_compressed = old.compressed() || (old.has_host_cluster(has_df) && !old.copied());
+  const bool shared_or_compressed =
+      old.compressed() || (old.has_host_cluster(has_df) && !old.copied());
   const bool reuse = !shared_or_compressed && old.has_host_cluster(has_df);
   uint64_t host;
   bool fresh = false;
@@ -272,7 +281,8 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
       updated.bitmap = kAllSubclusters;  // copy the whole cluster
     } else {
       const uint32_t first = static_cast<uint32_t>(in_cluster / geo_.subcluster_size);
-      const uint32_t last = static_cast<uint32_t>((in_cluster + data.size() - 1) / geo_.subcluster_size);
+      const uint32_t last =
+          static_cast<uint32_t>((in_cluster + data.size() - 1) / geo_.subcluster_size);
       write_start = first * geo_.subcluster_size;
       write_end = (last + 1) * geo_.subcluster_size;
       const uint64_t touched = SubclusterMask(first, last);
@@ -286,10 +296,12 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   const uint64_t head = in_cluster - write_start;
   const uint64_t tail_at = in_cluster + data.size();
   Status st;
-  if (head > 0) st = co_await ReadWithEntry(old, cluster_start + write_start, buf.span().first(head));
+  if (head > 0)
+    st = co_await ReadWithEntry(old, cluster_start + write_start, buf.span().first(head));
   std::memcpy(buf.data() + head, data.data(), data.size());
   if (st.ok() && tail_at < write_end) {
-    st = co_await ReadWithEntry(old, cluster_start + tail_at, buf.span().subspan(tail_at - write_start));
+    st = co_await ReadWithEntry(old, cluster_start + tail_at,
+                                buf.span().subspan(tail_at - write_start));
   }
   if (st.ok() && reuse) st = co_await CheckNoOverlap(host + write_start, buf.size());
   if (st.ok()) st = co_await data_file().Write(host + write_start, buf.span());
@@ -369,7 +381,8 @@ Task<Status> Qcow2Image::ZeroInCluster(uint64_t offset, uint64_t length) {
     reads_zero = k == SubclusterKind::kZero || (k == SubclusterKind::kUnallocated && !backing_);
   }
   if (reads_zero) co_return Status::Ok();
-  const bool shared_or_compressed = old.compressed() || (old.has_host_cluster(has_df) && !old.copied());
+  const bool shared_or_compressed =
+      old.compressed() || (old.has_host_cluster(has_df) && !old.copied());
   if (shared_or_compressed && !whole) {
     exclusive.Release();
     co_return co_await WriteZeroBuffer(offset, length);  // copy-on-write
@@ -424,8 +437,10 @@ Task<Status> Qcow2Image::DiscardCluster(uint64_t offset) {
   L2Entry updated;
   if (header_.version >= 3) {
     // The zero flag keeps a backing file from showing through.
-    if (geo_.extended_l2) updated.bitmap = kAllSubclusters << 32;
-    else updated.raw = kEntryZero;
+    if (geo_.extended_l2)
+      updated.bitmap = kAllSubclusters << 32;
+    else
+      updated.raw = kEntryZero;
   }
   {
     auto lock = co_await meta_mutex_.Acquire();
@@ -443,18 +458,21 @@ Task<Status> Qcow2Image::WriteCompressed(uint64_t offset, std::span<const std::b
   CO_RETURN_IF_ERROR(CheckWritable(offset, data.size()));
   const uint64_t cs = geo_.cluster_size;
   if (data_file_) {
-    co_return Status::InvalidArgument(path() + ": images with an external data file cannot hold compressed clusters");
+    co_return Status::InvalidArgument(
+        path() + ": images with an external data file cannot hold compressed clusters");
   }
   if (geo_.cluster_offset_in(offset) != 0 || data.size() > cs ||
       (data.size() < cs && offset + data.size() != size())) {
     co_return Status::InvalidArgument(
-        fmt::format("{}: compressed writes take one whole cluster ({} bytes at {})", path(), data.size(), offset));
+        fmt::format("{}: compressed writes take one whole cluster ({} bytes at {})", path(),
+                    data.size(), offset));
   }
   AlignedBuffer cluster(cs);
   std::memcpy(cluster.data(), data.data(), data.size());
   // Only worth it if it saves at least a byte, as QEMU decides.
   AlignedBuffer packed(cs - 1);
-  Result<size_t> n = Compress(static_cast<CompressionType>(header_.compression_type), cluster.span(), packed.span());
+  Result<size_t> n = Compress(static_cast<CompressionType>(header_.compression_type),
+                              cluster.span(), packed.span());
   if (!n.ok()) {
     if (!n.status().IsNoSpace()) co_return n.status();
     co_return co_await Write(offset, cluster.span(), false);
@@ -473,8 +491,10 @@ Task<Status> Qcow2Image::WriteCompressed(uint64_t offset, std::span<const std::b
     if (shared) {
       // Narrow refcounts (1 bit) cannot count a second user: start afresh.
       Status st = co_await refcounts_->Increment(compressed_next_ / cs);
-      if (st.IsNoSpace()) shared = false;
-      else CO_RETURN_IF_ERROR(st);
+      if (st.IsNoSpace())
+        shared = false;
+      else
+        CO_RETURN_IF_ERROR(st);
     }
     if (shared) {
       host = compressed_next_;

@@ -3,14 +3,13 @@
 // mirrored on a plain byte model; afterwards every byte must match the model,
 // `qemu-img check` must find no corruption and no leak, and `qemu-img
 // compare` must find our image identical to the model.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
 #include <random>
-
-#include <fmt/format.h>
 
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
@@ -44,9 +43,13 @@ class WriteOracleTest : public ::testing::TestWithParam<Case> {
     std::string out;
     ASSERT_EQ(scratch_->Sh(cmd, &out), 0) << cmd << "\n" << out;
   }
-  int ShStatus(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
+  int ShStatus(const std::string& cmd, std::string* out = nullptr) {
+    return scratch_->Sh(cmd, out);
+  }
   std::vector<std::byte> Slurp(const std::string& name) { return scratch_->Slurp(name); }
-  void Spit(const std::string& name, const std::vector<std::byte>& data) { scratch_->Spit(name, data); }
+  void Spit(const std::string& name, const std::vector<std::byte>& data) {
+    scratch_->Spit(name, data);
+  }
   std::unique_ptr<testing::ScratchDir> scratch_;
   std::string dir_;
 };
@@ -58,7 +61,8 @@ TEST_P(WriteOracleTest, RandomWorkloadMatchesModelAndChecksClean) {
   if (!c.backing_create.empty()) {
     Sh(fmt::format("qemu-img create -f qcow2 {} base.qcow2 {}", c.backing_create, c.size * 3 / 4));
     Sh("qemu-io -c 'write -P 0xb1 0 " + std::to_string(c.size / 2) + "' base.qcow2");
-    Sh(fmt::format("qemu-img create -f qcow2 {} -b base.qcow2 -F qcow2 {} {}", c.create, img, c.size));
+    Sh(fmt::format("qemu-img create -f qcow2 {} -b base.qcow2 -F qcow2 {} {}", c.create, img,
+                   c.size));
   } else if (c.compress) {
     Sh(fmt::format("qemu-img create -f raw src.raw {}", c.size));
     Sh(fmt::format("qemu-io -f raw -c 'write -P 0x3c 0 {}' src.raw", c.size / 2));
@@ -156,27 +160,29 @@ TEST_P(WriteOracleTest, RandomWorkloadMatchesModelAndChecksClean) {
 INSTANTIATE_TEST_SUITE_P(
     Matrix, WriteOracleTest,
     ::testing::Values(
-        Case{"default_64k", "", 8 << 20},
-        Case{"c512", "-o cluster_size=512", 2 << 20},
+        Case{"default_64k", "", 8 << 20}, Case{"c512", "-o cluster_size=512", 2 << 20},
         Case{"c4k_refcount1", "-o cluster_size=4k,refcount_bits=1", 4 << 20},
         Case{"c4k_refcount64", "-o cluster_size=4k,refcount_bits=64", 4 << 20},
-        Case{"c2m", "-o cluster_size=2M", 16 << 20},
-        Case{"v2", "-o compat=0.10", 4 << 20},
+        Case{"c2m", "-o cluster_size=2M", 16 << 20}, Case{"v2", "-o compat=0.10", 4 << 20},
         Case{"v2_backing", "-o compat=0.10", 4 << 20, "-o compat=0.10"},
         Case{"extl2_16k", "-o extended_l2=on,cluster_size=16k", 4 << 20},
         Case{"extl2_backing", "-o extended_l2=on,cluster_size=64k", 8 << 20, "-o cluster_size=4k"},
         Case{"backing_short", "", 8 << 20, "-o cluster_size=64k"},
         Case{"snapshot_shared", "-o cluster_size=4k", 4 << 20, "", "-c 'write -P 0x21 0 3M'", true},
-        Case{"snapshot_extl2", "-o cluster_size=32k,extended_l2=on", 4 << 20, "", "-c 'write -P 0x21 0 2M'", true},
+        Case{"snapshot_extl2", "-o cluster_size=32k,extended_l2=on", 4 << 20, "",
+             "-c 'write -P 0x21 0 2M'", true},
         Case{"compressed_zlib", "-o cluster_size=4k", 4 << 20, "", "", false, true},
-        Case{"compressed_zstd", "-o cluster_size=64k,compression_type=zstd", 8 << 20, "", "", false, true},
+        Case{"compressed_zstd", "-o cluster_size=64k,compression_type=zstd", 8 << 20, "", "", false,
+             true},
         Case{"data_file", "-o data_file=img.data", 4 << 20},
         Case{"data_file_raw", "-o data_file=img.data,data_file_raw=on", 4 << 20},
         Case{"prealloc_metadata", "-o preallocation=metadata,cluster_size=4k", 4 << 20},
         Case{"refcount_growth_512", "-o cluster_size=512,refcount_bits=64", 24 << 20},
         Case{"direct_compressed", "-o cluster_size=4k", 4 << 20, "", "", false, true, true},
-        Case{"direct_extl2_backing", "-o extended_l2=on,cluster_size=64k", 8 << 20, "-o cluster_size=4k", "", false, false, true},
-        Case{"direct_c512_snapshot", "-o cluster_size=512", 2 << 20, "", "-c 'write -P 0x21 0 1M'", true, false, true}),
+        Case{"direct_extl2_backing", "-o extended_l2=on,cluster_size=64k", 8 << 20,
+             "-o cluster_size=4k", "", false, false, true},
+        Case{"direct_c512_snapshot", "-o cluster_size=512", 2 << 20, "", "-c 'write -P 0x21 0 1M'",
+             true, false, true}),
     [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
 
 }  // namespace
@@ -189,12 +195,16 @@ namespace {
 // survive being overwritten, zeroed and discarded afterwards.
 TEST(WriteCompressedTest, QemuReadsWhatWeCompress) {
   const char* tmp = std::getenv("TEST_TMPDIR");
-  for (std::string opts : {"cluster_size=4k", "cluster_size=64k,compression_type=zstd", "cluster_size=512",
-                           "cluster_size=2M"}) {
+  for (std::string opts : {"cluster_size=4k", "cluster_size=64k,compression_type=zstd",
+                           "cluster_size=512", "cluster_size=2M"}) {
     std::string dir = fmt::format("{}/wc-{}", tmp ? tmp : "/tmp", std::hash<std::string>()(opts));
-    ASSERT_EQ(std::system(fmt::format("rm -rf {0} && mkdir -p {0} && qemu-img create -q -f qcow2 -o {1} {0}/c.qcow2 9000000",
-                                      dir, opts).c_str()), 0);
-    auto opened = BlockOn(OpenImage(dir + "/c.qcow2", ImageOptions{.env = SyncEnv(), .writable = true}));
+    ASSERT_EQ(std::system(fmt::format("rm -rf {0} && mkdir -p {0} && qemu-img create -q -f qcow2 "
+                                      "-o {1} {0}/c.qcow2 9000000",
+                                      dir, opts)
+                              .c_str()),
+              0);
+    auto opened =
+        BlockOn(OpenImage(dir + "/c.qcow2", ImageOptions{.env = SyncEnv(), .writable = true}));
     ASSERT_TRUE(opened.ok()) << opened.status().ToString();
     auto* img = static_cast<Qcow2Image*>(opened->get());
     const uint64_t cs = img->geometry().cluster_size;
@@ -205,7 +215,8 @@ TEST(WriteCompressedTest, QemuReadsWhatWeCompress) {
       uint64_t len = std::min(cs, size - off);
       // Mostly compressible text-like data, every fifth cluster random.
       for (uint64_t i = 0; i < len; i++) {
-        model[off + i] = (off / cs) % 5 == 4 ? std::byte(rng()) : std::byte("qcow2 compressed "[(i + off / cs) % 17]);
+        model[off + i] = (off / cs) % 5 == 4 ? std::byte(rng())
+                                             : std::byte("qcow2 compressed "[(i + off / cs) % 17]);
       }
       Status st = BlockOn(img->WriteCompressed(off, std::span(model).subspan(off, len)));
       ASSERT_TRUE(st.ok()) << opts << " at " << off << ": " << st.ToString();
@@ -218,13 +229,22 @@ TEST(WriteCompressedTest, QemuReadsWhatWeCompress) {
     std::fill_n(model.begin() + 3 * cs, cs, std::byte{0});
     ASSERT_TRUE(BlockOn(img->Close()).ok());
     opened->reset();
-    std::ofstream(dir + "/model.raw", std::ios::binary).write(reinterpret_cast<const char*>(model.data()), model.size());
+    std::ofstream(dir + "/model.raw", std::ios::binary)
+        .write(reinterpret_cast<const char*>(model.data()), model.size());
     EXPECT_EQ(std::system(fmt::format("qemu-img check -q {}/c.qcow2", dir).c_str()), 0) << opts;
-    EXPECT_EQ(std::system(fmt::format("qemu-img compare -q -f qcow2 -F raw {0}/c.qcow2 {0}/model.raw", dir).c_str()), 0) << opts;
+    EXPECT_EQ(std::system(
+                  fmt::format("qemu-img compare -q -f qcow2 -F raw {0}/c.qcow2 {0}/model.raw", dir)
+                      .c_str()),
+              0)
+        << opts;
     // Most clusters really are compressed: the file is much smaller than the
     // data (not measurable with 512 B clusters, where a compressed cluster
     // still takes a whole sector, nor with 2 MiB ones, where metadata dominates).
-    if (cs >= 4096 && cs <= 65536) EXPECT_EQ(std::system(fmt::format("test $(stat -c %s {0}/c.qcow2) -lt {1}", dir, size / 2).c_str()), 0) << opts;
+    if (cs >= 4096 && cs <= 65536)
+      EXPECT_EQ(
+          std::system(fmt::format("test $(stat -c %s {0}/c.qcow2) -lt {1}", dir, size / 2).c_str()),
+          0)
+          << opts;
   }
 }
 
@@ -242,8 +262,12 @@ std::string TempDir(const std::string& name) {
 
 TEST(RefcountTest, OverflowIsRefusedClearly) {
   std::string dir = TempDir("overflow");
-  ASSERT_EQ(std::system(fmt::format("qemu-img create -q -f qcow2 -o refcount_bits=1 {}/a.qcow2 1M", dir).c_str()), 0);
-  auto opened = BlockOn(OpenImage(dir + "/a.qcow2", ImageOptions{.env = SyncEnv(), .writable = true}));
+  ASSERT_EQ(
+      std::system(
+          fmt::format("qemu-img create -q -f qcow2 -o refcount_bits=1 {}/a.qcow2 1M", dir).c_str()),
+      0);
+  auto opened =
+      BlockOn(OpenImage(dir + "/a.qcow2", ImageOptions{.env = SyncEnv(), .writable = true}));
   ASSERT_TRUE(opened.ok());
   auto* img = static_cast<Qcow2Image*>(opened->get());
   Status st = BlockOn(img->refcounts()->Increment(0));  // the header cluster already has refcount 1
@@ -261,8 +285,11 @@ TEST(RefcountTest, OverflowIsRefusedClearly) {
 
 TEST(CorruptionTest, DataWriteOntoMetadataMarksTheImageCorrupt) {
   std::string dir = TempDir("corrupt");
-  ASSERT_EQ(std::system(fmt::format("qemu-img create -q -f qcow2 {0}/a.qcow2 1M && qemu-io -c 'write 0 64k' {0}/a.qcow2 >/dev/null",
-                                    dir).c_str()), 0);
+  ASSERT_EQ(std::system(fmt::format("qemu-img create -q -f qcow2 {0}/a.qcow2 1M && qemu-io -c "
+                                    "'write 0 64k' {0}/a.qcow2 >/dev/null",
+                                    dir)
+                            .c_str()),
+            0);
   // Point guest cluster 0's L2 entry at the L1 table's cluster (COPIED set).
   ASSERT_EQ(std::system(fmt::format(R"(python3 - <<'PY'
 import struct
@@ -272,8 +299,12 @@ h = f.read(104)
 l1 = struct.unpack(">Q", h[40:48])[0]
 f.seek(l1); l2 = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
 f.seek(l2); f.write(struct.pack(">Q", (1 << 63) | l1))
-PY)", dir).c_str()), 0);
-  auto opened = BlockOn(OpenImage(dir + "/a.qcow2", ImageOptions{.env = SyncEnv(), .writable = true}));
+PY)",
+                                    dir)
+                            .c_str()),
+            0);
+  auto opened =
+      BlockOn(OpenImage(dir + "/a.qcow2", ImageOptions{.env = SyncEnv(), .writable = true}));
   ASSERT_TRUE(opened.ok()) << opened.status().ToString();
   std::vector<std::byte> data(512, std::byte{0xee});
   Status st = BlockOn((*opened)->Write(0, data, false));
@@ -282,7 +313,9 @@ PY)", dir).c_str()), 0);
   EXPECT_TRUE((*opened)->read_only());
   opened->reset();
   // The L1 table was not overwritten, and QEMU sees the corrupt bit.
-  EXPECT_EQ(std::system(fmt::format("qemu-img info {}/a.qcow2 | grep -q 'corrupt: true'", dir).c_str()), 0);
+  EXPECT_EQ(
+      std::system(fmt::format("qemu-img info {}/a.qcow2 | grep -q 'corrupt: true'", dir).c_str()),
+      0);
 }
 
 }  // namespace
@@ -295,12 +328,20 @@ namespace {
 // are stale. Opening it for writing rebuilds them first.
 TEST(DirtyImageTest, WritableOpenRebuildsRefcounts) {
   std::string dir = TempDir("dirty");
-  ASSERT_EQ(std::system(fmt::format("qemu-img create -q -f qcow2 -o lazy_refcounts=on {0}/a.qcow2 4M && "
-                                    "(qemu-io -c 'write -P 0x61 0 1M' -c 'sigraise 9' {0}/a.qcow2 >/dev/null 2>&1; true)",
-                                    dir).c_str()), 0);
-  ASSERT_EQ(std::system(fmt::format("qemu-img info {}/a.qcow2 | grep -q 'dirty'", dir).c_str()), 0) << "precondition";
-  ASSERT_NE(std::system(fmt::format("qemu-img check -q {}/a.qcow2 2>/dev/null", dir).c_str()), 0) << "precondition: stale";
-  auto opened = BlockOn(OpenImage(dir + "/a.qcow2", ImageOptions{.env = SyncEnv(), .writable = true}));
+  ASSERT_EQ(
+      std::system(
+          fmt::format(
+              "qemu-img create -q -f qcow2 -o lazy_refcounts=on {0}/a.qcow2 4M && "
+              "(qemu-io -c 'write -P 0x61 0 1M' -c 'sigraise 9' {0}/a.qcow2 >/dev/null 2>&1; true)",
+              dir)
+              .c_str()),
+      0);
+  ASSERT_EQ(std::system(fmt::format("qemu-img info {}/a.qcow2 | grep -q 'dirty'", dir).c_str()), 0)
+      << "precondition";
+  ASSERT_NE(std::system(fmt::format("qemu-img check -q {}/a.qcow2 2>/dev/null", dir).c_str()), 0)
+      << "precondition: stale";
+  auto opened =
+      BlockOn(OpenImage(dir + "/a.qcow2", ImageOptions{.env = SyncEnv(), .writable = true}));
   ASSERT_TRUE(opened.ok()) << opened.status().ToString();
   std::vector<std::byte> data(65536, std::byte{0x62});
   ASSERT_TRUE(BlockOn((*opened)->Write(2 << 20, data, false)).ok());
@@ -310,7 +351,11 @@ TEST(DirtyImageTest, WritableOpenRebuildsRefcounts) {
   ASSERT_TRUE(BlockOn((*opened)->Close()).ok());
   opened->reset();
   EXPECT_EQ(std::system(fmt::format("qemu-img check -q {}/a.qcow2", dir).c_str()), 0);
-  EXPECT_NE(std::system(fmt::format("qemu-img info --output=json {}/a.qcow2 | grep -q '\"dirty-flag\": true'", dir).c_str()), 0);
+  EXPECT_NE(std::system(
+                fmt::format(
+                    "qemu-img info --output=json {}/a.qcow2 | grep -q '\"dirty-flag\": true'", dir)
+                    .c_str()),
+            0);
 }
 
 }  // namespace

@@ -1,10 +1,9 @@
 #include "qcow2/raw_image.h"
 
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <cerrno>
-
-#include <fmt/format.h>
 
 namespace uq::qcow2 {
 
@@ -17,8 +16,8 @@ Result<std::unique_ptr<RawImage>> RawImage::Open(std::unique_ptr<File> file, boo
 
 Status RawImage::CheckRange(uint64_t offset, uint64_t length) const {
   if (offset > size_ || length > size_ - offset) {
-    return Status::InvalidArgument(
-        fmt::format("{}: {} bytes at {} are past the end ({} bytes)", path(), length, offset, size_));
+    return Status::InvalidArgument(fmt::format("{}: {} bytes at {} are past the end ({} bytes)",
+                                               path(), length, offset, size_));
   }
   return Status::Ok();
 }

@@ -1,8 +1,8 @@
 #include "qcow2/refcounts.h"
 
-#include <algorithm>
-
 #include <fmt/format.h>
+
+#include <algorithm>
 
 #include "base/aligned_buffer.h"
 #include "base/endian.h"
@@ -35,7 +35,8 @@ Task<Status> Refcounts::Load() {
   table_.resize(bytes / 8);
   for (uint64_t i = 0; i < table_.size(); i++) {
     table_[i] = LoadBE64(raw.span(), i * 8);
-    if (table_[i] & kRefcountTableOffsetMask) block_clusters_.insert((table_[i] & kRefcountTableOffsetMask) / cluster_size_);
+    if (table_[i] & kRefcountTableOffsetMask)
+      block_clusters_.insert((table_[i] & kRefcountTableOffsetMask) / cluster_size_);
   }
   co_return Status::Ok();
 }
@@ -43,7 +44,8 @@ Task<Status> Refcounts::Load() {
 bool Refcounts::IsRefcountMetadata(uint64_t cluster) const {
   const uint64_t offset = cluster * cluster_size_;
   const uint64_t table_bytes = uint64_t{header_->refcount_table_clusters} * cluster_size_;
-  if (offset >= header_->refcount_table_offset && offset < header_->refcount_table_offset + table_bytes) {
+  if (offset >= header_->refcount_table_offset &&
+      offset < header_->refcount_table_offset + table_bytes) {
     return true;
   }
   return block_clusters_.count(cluster) != 0;
@@ -53,7 +55,8 @@ Task<Result<Refcounts::Location>> Refcounts::Locate(uint64_t cluster) {
   const uint64_t bi = cluster / entries_per_block_;
   const uint64_t block = table_[bi] & kRefcountTableOffsetMask;
   if (block % cluster_size_ != 0) {
-    co_return Corrupt(fmt::format("refcount table entry {} (0x{:x}) is not cluster-aligned", bi, table_[bi]));
+    co_return Corrupt(
+        fmt::format("refcount table entry {} (0x{:x}) is not cluster-aligned", bi, table_[bi]));
   }
   const uint64_t in_block = cluster % entries_per_block_;
   const uint64_t slice_offset = block + in_block / entries_per_slice_ * cache_.slice_size();
@@ -110,8 +113,9 @@ Task<Status> Refcounts::GrowTable(uint64_t needed_bi) {
     blocks = need;
   }
   if (table_clusters * cluster_size_ > kMaxRefcountTableBytes) {
-    co_return Status::NoSpace(fmt::format("{}: the refcount table would exceed {} bytes; the image cannot grow",
-                                          file_->path(), kMaxRefcountTableBytes));
+    co_return Status::NoSpace(
+        fmt::format("{}: the refcount table would exceed {} bytes; the image cannot grow",
+                    file_->path(), kMaxRefcountTableBytes));
   }
   // Layout: the new blocks, then the new table, from the start of first_range.
   const uint64_t start = first_range * E;  // cluster index
@@ -193,7 +197,7 @@ Task<Result<uint64_t>> Refcounts::Allocate(uint64_t count) {
     SetRefcount(loc.slice.bytes(), loc.index, order_, 1);
     cache_.MarkDirty(loc.slice);
   }
-  co_return run_start * cluster_size_;
+  co_return run_start* cluster_size_;
 }
 
 Task<Status> Refcounts::Increment(uint64_t cluster) {
@@ -226,7 +230,8 @@ Task<Result<std::vector<uint64_t>>> Refcounts::ApplyDeferredDecrements() {
       co_return loc.status();
     }
     uint64_t rc = GetRefcount(loc->slice.bytes(), loc->index, order_);
-    if (rc == 0) co_return Corrupt(fmt::format("freeing cluster {}, whose refcount is already 0", cluster));
+    if (rc == 0)
+      co_return Corrupt(fmt::format("freeing cluster {}, whose refcount is already 0", cluster));
     SetRefcount(loc->slice.bytes(), loc->index, order_, rc - 1);
     cache_.MarkDirty(loc->slice);
     if (rc == 1) {

@@ -52,7 +52,8 @@ class SharedMap {
   class [[nodiscard]] Pin {
    public:
     Pin() = default;
-    Pin(Pin&& o) noexcept : map_(std::exchange(o.map_, nullptr)), slots_(o.slots_), count_(o.count_) {}
+    Pin(Pin&& o) noexcept
+        : map_(std::exchange(o.map_, nullptr)), slots_(o.slots_), count_(o.count_) {}
     Pin& operator=(Pin&& o) noexcept {
       Release();
       map_ = std::exchange(o.map_, nullptr);

@@ -141,8 +141,8 @@ TEST(SharedMapTest, NoPinSurvivesARevocationUnderContention) {
   // At least 3000 revocations, and go on until the threads have served 2000
   // requests meanwhile (they may start late), within a minute.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(1);
-  for (int round = 0; round < 3000 || (served < 2000 && std::chrono::steady_clock::now() < deadline);
-       round++) {
+  for (int round = 0;
+       round < 3000 || (served < 2000 && std::chrono::steady_clock::now() < deadline); round++) {
     const uint64_t c = rng() % kClusters;
     if (map.Revoke(c)) map.WaitUnpinned();
     ASSERT_EQ(in_use[c].load(), 0) << "cluster " << c << " still in use after its revocation";

@@ -1,11 +1,11 @@
 #include "qcow2/snapshot_table.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cassert>
 #include <span>
 #include <utility>
-
-#include <fmt/format.h>
 
 #include "base/endian.h"
 
@@ -95,9 +95,9 @@ Task<Result<std::vector<Snapshot>>> ReadSnapshotTable(File& file, uint64_t offse
                                              file.path(), count, kMaxSnapshotCount));
   }
   if (offset > file_size || uint64_t{count} * kSnapshotEntryFixedBytes > file_size - offset) {
-    co_return Status::Corruption(fmt::format(
-        "{}: snapshot table at offset {} cannot hold {} snapshots: the file ends at {}",
-        file.path(), offset, count, file_size));
+    co_return Status::Corruption(
+        fmt::format("{}: snapshot table at offset {} cannot hold {} snapshots: the file ends at {}",
+                    file.path(), offset, count, file_size));
   }
   // Bounded: count <= 65536 and the file holds at least 40 bytes for each.
   table.reserve(count);
@@ -193,8 +193,8 @@ Status ValidateSnapshotTableForWrite(const std::vector<Snapshot>& snapshots) {
       return bad(fmt::format("name is {} bytes (at most {})", s.name.size(), kMaxStringSize));
     }
     if (ExtraSize(s) > kMaxSnapshotExtraData) {
-      return bad(fmt::format("{} bytes of extra data (at most {})", ExtraSize(s),
-                             kMaxSnapshotExtraData));
+      return bad(
+          fmt::format("{} bytes of extra data (at most {})", ExtraSize(s), kMaxSnapshotExtraData));
     }
     size = AlignUp8(size) + EntrySize(s);
     if (size > kMaxSnapshotTableBytes) {
@@ -269,9 +269,10 @@ Status ValidateSnapshotL1Table(const Snapshot& snapshot, size_t index, uint64_t 
                            bytes, kMaxSnapshotL1Bytes));
   }
   if (snapshot.l1_table_offset > file_size || bytes > file_size - snapshot.l1_table_offset) {
-    return bad(fmt::format("L1 table ({} bytes at offset 0x{:x}) lies past the end of the file "
-                           "({} bytes)",
-                           bytes, snapshot.l1_table_offset, file_size));
+    return bad(
+        fmt::format("L1 table ({} bytes at offset 0x{:x}) lies past the end of the file "
+                    "({} bytes)",
+                    bytes, snapshot.l1_table_offset, file_size));
   }
   return Status::Ok();
 }

@@ -1,5 +1,7 @@
 #include "qcow2/snapshot_table.h"
 
+#include <fmt/format.h>
+#include <gtest/gtest.h>
 #include <stdlib.h>
 
 #include <algorithm>
@@ -8,9 +10,6 @@
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <fmt/format.h>
-#include <gtest/gtest.h>
 
 #include "base/endian.h"
 #include "base/task.h"
@@ -162,8 +161,8 @@ TEST(SnapshotTableTest, SyntheticTableRoundTrips) {
   Bytes bytes = SerializeSnapshotTable(table);
   EXPECT_EQ(bytes.size(), SnapshotTableSize(table));
 
-  for (auto completion : {MemEnvOptions::Completion::kSynchronous,
-                          MemEnvOptions::Completion::kDeferred}) {
+  for (auto completion :
+       {MemEnvOptions::Completion::kSynchronous, MemEnvOptions::Completion::kDeferred}) {
     MemEnvOptions options;
     options.completion = completion;
     Fixture fx(FileWithTable(bytes, 0x20000, 0x70000), options);
@@ -347,7 +346,8 @@ TEST(SnapshotTableTest, TableLargerThanQemuAllows) {
   const uint64_t stride = (entry.size() + 7) / 8 * 8;
   const uint32_t count = 600;
   Bytes file(stride * count);
-  for (uint32_t i = 0; i < count; ++i) std::copy(entry.begin(), entry.end(), file.begin() + i * stride);
+  for (uint32_t i = 0; i < count; ++i)
+    std::copy(entry.begin(), entry.end(), file.begin() + i * stride);
   Fixture fx(file);
   ExpectCorruption(fx.Read(0, count), {"entry 507 of 600", "grows past 67108864 bytes"});
   EXPECT_LE(fx.file->largest_read(), 256u << 10);
@@ -363,8 +363,7 @@ TEST(SnapshotTableTest, ShortReadIsCorruptionNotACrash) {
   // The caller's file size is stale: the file is shorter than it claims.
   Bytes table = SerializeSnapshotTable(VariedTable());
   Fixture fx(Slice(table, 0, 100));
-  Result<std::vector<Snapshot>> r =
-      BlockOn(ReadSnapshotTable(*fx.file, 0, 5, table.size(), 3));
+  Result<std::vector<Snapshot>> r = BlockOn(ReadSnapshotTable(*fx.file, 0, 5, table.size(), 3));
   ASSERT_FALSE(r.ok());
   EXPECT_TRUE(r.status().IsCorruption()) << r.status().ToString();
   EXPECT_NE(r.status().message().find("snapshot table entry"), std::string::npos);

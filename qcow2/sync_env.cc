@@ -1,6 +1,7 @@
 #include "qcow2/sync_env.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <linux/falloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -10,8 +11,6 @@
 #include <cstring>
 
 #include "base/aligned_buffer.h"
-
-#include <fmt/format.h>
 
 namespace uq::qcow2 {
 namespace {
@@ -86,7 +85,8 @@ void PerformBounced(int fd, IoRequest& req) {
 
 bool MisalignedForDirect(const IoRequest& req) {
   if (req.op != IoRequest::Op::kRead && req.op != IoRequest::Op::kWrite) return false;
-  return ((req.offset | req.length | reinterpret_cast<uintptr_t>(req.data)) & (kDirectAlign - 1)) != 0;
+  return ((req.offset | req.length | reinterpret_cast<uintptr_t>(req.data)) & (kDirectAlign - 1)) !=
+         0;
 }
 
 FdFile::~FdFile() { ::close(fd_); }

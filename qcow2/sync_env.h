@@ -40,7 +40,9 @@ void PerformBlocking(int fd, IoRequest& req);
 
 // True if fallocate's `err` means the file system cannot allocate ahead
 // (kAllocate then succeeds having done nothing).
-inline bool AllocateUnsupported(int err) { return err == EOPNOTSUPP || err == ENOSYS || err == EINVAL; }
+inline bool AllocateUnsupported(int err) {
+  return err == EOPNOTSUPP || err == ENOSYS || err == EINVAL;
+}
 
 // True if `req` is a read or write that O_DIRECT would reject (offset,
 // length or buffer not aligned to 512 bytes). PerformBlocking serves such

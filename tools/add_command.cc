@@ -1,12 +1,11 @@
 #include "tools/add_command.h"
 
+#include <fmt/format.h>
 #include <limits.h>
 #include <stdlib.h>
 
 #include <cerrno>
 #include <cstdio>
-
-#include <fmt/format.h>
 
 #include "driver/control.h"
 #include "driver/daemon.h"
@@ -39,7 +38,8 @@ class AddCommand final : public Command {
  public:
   void AddFlags(CLI::App& app) override {
     app.add_option("-f,--file", options_.image, "The image to serve (qcow2 or raw)")->required();
-    app.add_option("-n,--id", options_.id, "Device number N for /dev/ublkbN (default: the lowest free)")
+    app.add_option("-n,--id", options_.id,
+                   "Device number N for /dev/ublkbN (default: the lowest free)")
         ->check(CLI::Range(0, (1 << 20) - 1));
     app.add_option("-q,--queues", options_.queues, "Hardware queues (at most the CPU count)")
         ->check(CLI::Range(1, 64))
@@ -109,9 +109,8 @@ Status RunAdd(const AddOptions& options) {
 
   if (options.foreground) {
     bool printed = true;
-    Status served = driver::ServeInForeground(device, [&](const driver::DeviceInfo& info) {
-      printed = PrintLine(info.block_path);
-    });
+    Status served = driver::ServeInForeground(
+        device, [&](const driver::DeviceInfo& info) { printed = PrintLine(info.block_path); });
     if (!printed) return Status::IoError("standard output: write failed");
     return served;
   }

@@ -69,14 +69,36 @@ std::optional<uint64_t> ParseByteCount(std::string_view text) {
   unsigned __int128 unit = 1;
   if (i < text.size()) {
     switch (text[i]) {
-      case 'b': case 'B': unit = 1; break;
-      case 'k': case 'K': unit = uint64_t{1} << 10; break;
-      case 'm': case 'M': unit = uint64_t{1} << 20; break;
-      case 'g': case 'G': unit = uint64_t{1} << 30; break;
-      case 't': case 'T': unit = uint64_t{1} << 40; break;
-      case 'p': case 'P': unit = uint64_t{1} << 50; break;
-      case 'e': case 'E': unit = uint64_t{1} << 60; break;
-      default: return std::nullopt;
+      case 'b':
+      case 'B':
+        unit = 1;
+        break;
+      case 'k':
+      case 'K':
+        unit = uint64_t{1} << 10;
+        break;
+      case 'm':
+      case 'M':
+        unit = uint64_t{1} << 20;
+        break;
+      case 'g':
+      case 'G':
+        unit = uint64_t{1} << 30;
+        break;
+      case 't':
+      case 'T':
+        unit = uint64_t{1} << 40;
+        break;
+      case 'p':
+      case 'P':
+        unit = uint64_t{1} << 50;
+        break;
+      case 'e':
+      case 'E':
+        unit = uint64_t{1} << 60;
+        break;
+      default:
+        return std::nullopt;
     }
     ++i;
   }
@@ -193,9 +215,9 @@ Status CheckBenchOptions(const BenchOptions& options) {
     return Status::InvalidArgument("Flush interval can't be smaller than depth");
   }
   if (options.depth * options.size > kMaxBufferBytes) {
-    return Status::InvalidArgument(fmt::format(
-        "depth {} x size {} needs more than {} bytes of buffers", options.depth, options.size,
-        kMaxBufferBytes));
+    return Status::InvalidArgument(
+        fmt::format("depth {} x size {} needs more than {} bytes of buffers", options.depth,
+                    options.size, kMaxBufferBytes));
   }
   return Status::Ok();
 }
@@ -320,7 +342,8 @@ Task<void> Worker(BenchRun* run, std::span<std::byte> buffer) {
     // As a ublk queue does (driver TryServeHere): a request on clusters whose
     // mapping the engine has published is served without the engine.
     std::optional<Task<Status>> here;
-    if (!run->write || !run->cache.fua) here = run->device->TryAnyThread(run->write, offset, buffer);
+    if (!run->write || !run->cache.fua)
+      here = run->device->TryAnyThread(run->write, offset, buffer);
     if (here) {
       status = co_await std::move(*here);
     } else if (run->write) {
@@ -329,9 +352,8 @@ Task<void> Worker(BenchRun* run, std::span<std::byte> buffer) {
       status = co_await run->device->Read(offset, buffer);
     }
     if (!status.ok()) {
-      run->Fail(status.WithContext(
-          fmt::format("{} of {} bytes at offset {}", run->write ? "write" : "read",
-                      buffer.size(), offset)));
+      run->Fail(status.WithContext(fmt::format(
+          "{} of {} bytes at offset {}", run->write ? "write" : "read", buffer.size(), offset)));
     }
     const BenchSchedule::Flush flush = run->schedule.Completed();
     if (run->schedule.done() && !run->ended) {

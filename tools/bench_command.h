@@ -48,24 +48,24 @@ namespace uq::tools {
 
 struct BenchOptions {
   std::string image;
-  std::string format;               // "", "qcow2" or "raw"
-  uint64_t count = 75000;           // -c
-  uint64_t depth = 64;              // -d
-  uint64_t size = 4096;             // -s, bytes per request
-  uint64_t step = 0;                // -S, 0: size
-  uint64_t offset = 0;              // -o, first request
-  bool write = false;               // -w
-  uint64_t pattern = 0;             // --pattern, the byte written
-  uint64_t flush_interval = 0;      // --flush-interval, 0: never
-  bool drain = true;                // !--no-drain
-  std::string cache = "writeback";  // -t
-  std::string aio = "io_uring";     // -i
-  bool quiet = false;               // -q
-  bool force_share = false;         // -U: take no image locks
-  bool random = false;              // --random
-  uint64_t seed = 1;                // --seed
-  uint64_t cache_size = 32ull << 20;  // --cache-size
-  uint64_t preallocate = 64ull << 20; // --preallocate (ImageOptions::preallocate)
+  std::string format;                  // "", "qcow2" or "raw"
+  uint64_t count = 75000;              // -c
+  uint64_t depth = 64;                 // -d
+  uint64_t size = 4096;                // -s, bytes per request
+  uint64_t step = 0;                   // -S, 0: size
+  uint64_t offset = 0;                 // -o, first request
+  bool write = false;                  // -w
+  uint64_t pattern = 0;                // --pattern, the byte written
+  uint64_t flush_interval = 0;         // --flush-interval, 0: never
+  bool drain = true;                   // !--no-drain
+  std::string cache = "writeback";     // -t
+  std::string aio = "io_uring";        // -i
+  bool quiet = false;                  // -q
+  bool force_share = false;            // -U: take no image locks
+  bool random = false;                 // --random
+  uint64_t seed = 1;                   // --seed
+  uint64_t cache_size = 32ull << 20;   // --cache-size
+  uint64_t preallocate = 64ull << 20;  // --preallocate (ImageOptions::preallocate)
 };
 
 // qemu's cvtnum(): a decimal byte count with an optional binary suffix,

@@ -27,8 +27,8 @@ TEST(ParseByteCountTest, SuffixesAreBinary) {
 }
 
 TEST(ParseByteCountTest, RejectsMalformed) {
-  for (const char* bad : {"", "k", "-1", "+1", " 1", "1 ", "1x", "1kk", "1.5", "0.1k", "1.",
-                          ".5k", "8E", "99999999999999999999"}) {
+  for (const char* bad : {"", "k", "-1", "+1", " 1", "1 ", "1x", "1kk", "1.5", "0.1k", "1.", ".5k",
+                          "8E", "99999999999999999999"}) {
     EXPECT_FALSE(ParseByteCount(bad).has_value()) << bad;
   }
 }
@@ -72,10 +72,32 @@ TEST(BenchFlagsTest, DefaultsAreQemuImgs) {
 }
 
 TEST(BenchFlagsTest, EveryFlag) {
-  BenchOptions options =
-      Parse({"-c", "1000", "-d", "32", "-f", "qcow2", "-s", "64k", "-S", "1M", "-o", "4k", "-w",
-             "--pattern=0xaa", "--flush-interval=100", "--no-drain", "-t", "none", "-i",
-             "threads", "-q", "-U", "--random", "--seed=7", "--cache-size=64M", "img"});
+  BenchOptions options = Parse({"-c",
+                                "1000",
+                                "-d",
+                                "32",
+                                "-f",
+                                "qcow2",
+                                "-s",
+                                "64k",
+                                "-S",
+                                "1M",
+                                "-o",
+                                "4k",
+                                "-w",
+                                "--pattern=0xaa",
+                                "--flush-interval=100",
+                                "--no-drain",
+                                "-t",
+                                "none",
+                                "-i",
+                                "threads",
+                                "-q",
+                                "-U",
+                                "--random",
+                                "--seed=7",
+                                "--cache-size=64M",
+                                "img"});
   EXPECT_EQ(options.count, 1000u);
   EXPECT_EQ(options.depth, 32u);
   EXPECT_EQ(options.format, "qcow2");
@@ -107,9 +129,9 @@ TEST(BenchFlagsTest, BadValuesAreUsageErrors) {
       {"-f", "vmdk", "img"},
       {"-d", "0", "img"},
       {"-s", "0", "img"},
-      {"--flush-interval=100", "img"},                 // read test
+      {"--flush-interval=100", "img"},                   // read test
       {"-w", "-d", "64", "--flush-interval=10", "img"},  // below depth
-      {},                                              // no image
+      {},                                                // no image
   };
   for (const auto& args : bad) {
     std::string joined;
@@ -203,13 +225,16 @@ std::string Trace(uint64_t count, uint64_t depth, uint64_t interval, bool drain)
     if (schedule.in_flight() == 0) break;  // stuck
     trace += 'C';
     switch (schedule.Completed()) {
-      case BenchSchedule::Flush::kNone: break;
+      case BenchSchedule::Flush::kNone:
+        break;
       case BenchSchedule::Flush::kDrained:
         trace += 'F';
         EXPECT_FALSE(schedule.CanIssue());
         schedule.FlushDone();
         break;
-      case BenchSchedule::Flush::kUndrained: trace += 'U'; break;
+      case BenchSchedule::Flush::kUndrained:
+        trace += 'U';
+        break;
     }
   }
   EXPECT_TRUE(schedule.done());

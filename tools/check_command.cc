@@ -2,10 +2,9 @@
 
 #include <cstdio>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <variant>
-
-#include <nlohmann/json.hpp>
 
 #include "qcow2/check/check.h"
 #include "qcow2/image_lock.h"

@@ -13,10 +13,10 @@
 #include "qcow2/create/create.h"
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
-#include "tools/qcow2_copy.h"
 #include "tools/image_copy.h"
 #include "tools/io_context.h"
 #include "tools/progress.h"
+#include "tools/qcow2_copy.h"
 
 namespace uq::tools {
 namespace {
@@ -88,8 +88,9 @@ class ConvertCommand final : public Command {
         ->check(CLI::IsMember({"raw", "qcow2"}))
         ->capture_default_str();
     app.add_flag("-c,--compress", options_.compress, "Write compressed clusters (-O qcow2)");
-    app.add_option("-o,--options", options_.create_options,
-                   "qemu-img create options for a qcow2 OUTPUT (cluster_size=64k,compression_type=zstd,...)");
+    app.add_option(
+        "-o,--options", options_.create_options,
+        "qemu-img create options for a qcow2 OUTPUT (cluster_size=64k,compression_type=zstd,...)");
     app.add_flag("-p,--progress", options_.progress, "Show progress on stdout");
     app.add_option("-m,--parallel", options_.parallel, "Chunks of 1 MiB in flight")
         ->check(CLI::Range(1, 256))
@@ -117,8 +118,8 @@ Status ConvertToQcow2(const ConvertOptions& options, IoContext& io, qcow2::Block
   create.size = source.size();
   ASSIGN_OR_RETURN(create, qcow2::ParseCreateOptions(options.create_options, create));
   if (options.compress && create.data_file) {
-    return Status::InvalidArgument(fmt::format("{}: compression is not possible with an external data file",
-                                               options.target));
+    return Status::InvalidArgument(
+        fmt::format("{}: compression is not possible with an external data file", options.target));
   }
   RETURN_IF_ERROR(io.Run(qcow2::CreateImage(io.env(), create)));
   qcow2::ImageOptions image_options;

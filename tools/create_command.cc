@@ -1,10 +1,10 @@
 #include "tools/create_command.h"
 
+#include <fmt/format.h>
+
 #include <cstdio>
 #include <string>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "qcow2/create/create.h"
 #include "qcow2/sync_env.h"
@@ -37,18 +37,21 @@ class CreateCommand final : public Command {
     if (!size_.empty()) list += (list.empty() ? "" : ",") + std::string("size=") + size_;
     ASSIGN_OR_RETURN(qcow2::CreateOptions options, qcow2::ParseCreateOptions(list, base));
     if (!options.size && !options.backing_file) {
-      return Status::InvalidArgument(fmt::format("{}: no size given (and no backing file to take it from)", image_));
+      return Status::InvalidArgument(
+          fmt::format("{}: no size given (and no backing file to take it from)", image_));
     }
     Status st = BlockOn(qcow2::CreateImage(qcow2::SyncEnv(), options));
     if (!st.ok()) return st.WithContext(image_);
     if (!quiet_) {
-      std::printf("Formatting '%s', fmt=qcow2 cluster_size=%u extended_l2=%s compression_type=%s%s size=%s "
-                  "lazy_refcounts=%s refcount_bits=%u\n",
-                  image_.c_str(), options.cluster_size, options.extended_l2 ? "on" : "off",
-                  options.compression_type.c_str(),
-                  options.backing_file ? fmt::format(" backing_file={}", *options.backing_file).c_str() : "",
-                  options.size ? std::to_string(*options.size).c_str() : "(backing)",
-                  options.lazy_refcounts ? "on" : "off", options.refcount_bits);
+      std::printf(
+          "Formatting '%s', fmt=qcow2 cluster_size=%u extended_l2=%s compression_type=%s%s size=%s "
+          "lazy_refcounts=%s refcount_bits=%u\n",
+          image_.c_str(), options.cluster_size, options.extended_l2 ? "on" : "off",
+          options.compression_type.c_str(),
+          options.backing_file ? fmt::format(" backing_file={}", *options.backing_file).c_str()
+                               : "",
+          options.size ? std::to_string(*options.size).c_str() : "(backing)",
+          options.lazy_refcounts ? "on" : "off", options.refcount_bits);
     }
     return Status::Ok();
   }

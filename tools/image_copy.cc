@@ -56,8 +56,10 @@ Task<void> CopyWorker(CopyState* state) {
     if (zero.ok() && *zero >= length && state->options.target_zeroed) {
       uint64_t skip = *zero;
       // Nobody claimed past our chunk meanwhile: take the whole hole.
-      if (state->next_offset == offset + length) state->next_offset = offset + skip;
-      else skip = length;
+      if (state->next_offset == offset + length)
+        state->next_offset = offset + skip;
+      else
+        skip = length;
       state->stats.bytes_zero += skip;
       state->bytes_done += skip;
       if (state->options.on_progress) state->options.on_progress(state->bytes_done, size);

@@ -1,8 +1,8 @@
 #include "tools/list_command.h"
 
-#include <cstdio>
-
 #include <fmt/format.h>
+
+#include <cstdio>
 #include <nlohmann/json.hpp>
 
 #include "driver/control.h"
@@ -42,7 +42,8 @@ std::string RenderDeviceList(const std::vector<driver::DeviceStatus>& devices,
       j["daemon_running"] = d.daemon_running;
       j["size"] = d.size;
       j["read_only"] = d.read_only;
-      j["image"] = d.image.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(d.image);
+      j["image"] =
+          d.image.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(d.image);
       list.push_back(std::move(j));
     }
     return list.dump(4) + "\n";

@@ -1,6 +1,7 @@
 #include "tools/list_command.h"
 
 #include <gtest/gtest.h>
+
 #include <nlohmann/json.hpp>
 
 namespace uq::tools {

@@ -13,14 +13,14 @@
 #include <string_view>
 #include <vector>
 
-#include "tools/command.h"
-#include "tools/bench_command.h"
-#include "tools/convert_command.h"
-#include "tools/check_command.h"
-#include "tools/create_command.h"
-#include "tools/info_command.h"
 #include "tools/add_command.h"
+#include "tools/bench_command.h"
+#include "tools/check_command.h"
+#include "tools/command.h"
+#include "tools/convert_command.h"
+#include "tools/create_command.h"
 #include "tools/del_command.h"
+#include "tools/info_command.h"
 #include "tools/list_command.h"
 
 namespace uq::tools {
@@ -38,7 +38,8 @@ struct Verb {
 // Every verb, in the order --help lists them: image verbs, then device verbs.
 constexpr Verb kVerbs[] = {
     {"create", "Create a qcow2 image (like qemu-img create -f qcow2)", &MakeCreateCommand},
-    {"check", "Check (and repair) an image's reference counts (like qemu-img check)", &MakeCheckCommand},
+    {"check", "Check (and repair) an image's reference counts (like qemu-img check)",
+     &MakeCheckCommand},
     {"info", "Show an image's format, sizes, backing file and snapshots (like qemu-img info)",
      &MakeInfoCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",

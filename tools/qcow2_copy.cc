@@ -39,7 +39,8 @@ Task<Status> CopyChunk(State& s, uint64_t offset, std::span<std::byte> buf) {
       continue;
     }
     if (run_len > 0) {
-      CO_RETURN_IF_ERROR(co_await s.target->Write(offset + run_start, buf.subspan(run_start, run_len), false));
+      CO_RETURN_IF_ERROR(
+          co_await s.target->Write(offset + run_start, buf.subspan(run_start, run_len), false));
       run_len = 0;
     }
   }
@@ -78,7 +79,8 @@ Task<void> Worker(State* s) {
 
 }  // namespace
 
-Task<Status> CopyToQcow2(qcow2::BlockDevice& source, qcow2::Qcow2Image& target, Qcow2CopyOptions options) {
+Task<Status> CopyToQcow2(qcow2::BlockDevice& source, qcow2::Qcow2Image& target,
+                         Qcow2CopyOptions options) {
   State s{&source, &target, std::move(options)};
   s.cluster = target.geometry().cluster_size;
   s.chunk = std::max<uint64_t>(s.cluster, 1 << 20) / s.cluster * s.cluster;

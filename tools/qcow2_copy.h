@@ -24,7 +24,8 @@ struct Qcow2CopyOptions {
 };
 
 // REQUIRES: target.size() >= source.size(); target freshly created (reads zeros).
-Task<Status> CopyToQcow2(qcow2::BlockDevice& source, qcow2::Qcow2Image& target, Qcow2CopyOptions options);
+Task<Status> CopyToQcow2(qcow2::BlockDevice& source, qcow2::Qcow2Image& target,
+                         Qcow2CopyOptions options);
 
 }  // namespace uq::tools
 

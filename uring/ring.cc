@@ -1,5 +1,6 @@
 #include "uring/ring.h"
 
+#include <fmt/format.h>
 #include <sched.h>
 
 #include <array>
@@ -8,8 +9,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-
-#include <fmt/format.h>
 
 namespace uq::uring {
 namespace {
@@ -58,7 +57,8 @@ Status CheckOpcodes(io_uring* ring, const std::vector<uint8_t>& needed) {
   std::unique_ptr<io_uring_probe, void (*)(io_uring_probe*)> probe(io_uring_get_probe_ring(ring),
                                                                    io_uring_free_probe);
   if (probe == nullptr) {
-    return Status::NotSupported("io_uring: the kernel cannot report its opcodes (needs Linux 5.6+)");
+    return Status::NotSupported(
+        "io_uring: the kernel cannot report its opcodes (needs Linux 5.6+)");
   }
   std::string missing;
   for (uint8_t op : needed) {
@@ -78,9 +78,9 @@ Result<std::unique_ptr<Ring>> Ring::Create(const RingOptions& options) {
         fmt::format("io_uring: {} submission entries (want 1..32768)", options.entries));
   }
   if (options.cq_entries != 0 && options.cq_entries < options.entries) {
-    return Status::InvalidArgument(fmt::format(
-        "io_uring: {} completion entries, fewer than {} submission entries", options.cq_entries,
-        options.entries));
+    return Status::InvalidArgument(
+        fmt::format("io_uring: {} completion entries, fewer than {} submission entries",
+                    options.cq_entries, options.entries));
   }
   io_uring_params params{};
   if (options.sqe128) params.flags |= IORING_SETUP_SQE128;
@@ -92,9 +92,9 @@ Result<std::unique_ptr<Ring>> Ring::Create(const RingOptions& options) {
   auto ring = std::make_unique<Ring>(Key{});
   int ret = io_uring_queue_init_params(options.entries, &ring->ring_, &params);
   if (ret < 0) {
-    std::string what = fmt::format("io_uring_setup ({} entries{}{})", options.entries,
-                                   options.sqe128 ? ", SQE128" : "",
-                                   options.cq_entries ? ", CQSIZE" : "");
+    std::string what =
+        fmt::format("io_uring_setup ({} entries{}{})", options.entries,
+                    options.sqe128 ? ", SQE128" : "", options.cq_entries ? ", CQSIZE" : "");
     // An old kernel rejects flags it does not know with EINVAL.
     if (ret == -EINVAL && options.sqe128) what += " (SQE128 needs Linux 5.19+)";
     return Status::FromErrno(-ret, what);

@@ -77,8 +77,8 @@ TEST(UserDataTest, RoundTrips) {
 TEST(RingTest, CreateChecksOptions) {
   EXPECT_TRUE(Ring::Create({.entries = 0}).status().IsInvalidArgument());
   EXPECT_TRUE(Ring::Create({.entries = 64, .cq_entries = 32}).status().IsInvalidArgument());
-  auto ring = MakeRing({.entries = 8, .cq_entries = 64, .sqe128 = true,
-                        .extra_opcodes = {IORING_OP_URING_CMD}});
+  auto ring = MakeRing(
+      {.entries = 8, .cq_entries = 64, .sqe128 = true, .extra_opcodes = {IORING_OP_URING_CMD}});
   ASSERT_NE(ring, nullptr);
   EXPECT_TRUE(ring->sqe128());
   EXPECT_FALSE(MakeRing()->sqe128());

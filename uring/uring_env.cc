@@ -1,11 +1,10 @@
 #include "uring/uring_env.h"
 
+#include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
-
-#include <fmt/format.h>
 
 #include "qcow2/sync_env.h"
 #include "uring/file_io.h"

@@ -1,19 +1,18 @@
 #include "uring/uring_env.h"
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <linux/falloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <gtest/gtest.h>
-
 #include <atomic>
 #include <cerrno>
 #include <chrono>
-#include <thread>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "base/task.h"
@@ -266,8 +265,8 @@ TEST_F(UringEnvTest, ZeroRangeFallsBackToWritingZeros) {
 TEST_F(UringEnvTest, WriteToReadOnlyFileNamesThePath) {
   OpenFile().reset();  // create it
   auto file = OpenFile({});
-  Status s = Run([](File* f) -> Task<Status> { co_return co_await f->Write(0, Pattern(512, 0)); }(
-      file.get()));
+  Status s = Run(
+      [](File* f) -> Task<Status> { co_return co_await f->Write(0, Pattern(512, 0)); }(file.get()));
   EXPECT_TRUE(s.IsIoError()) << s.ToString();
   EXPECT_EQ(s.error_number(), EBADF);
   EXPECT_NE(s.message().find(path_), std::string::npos) << s.ToString();

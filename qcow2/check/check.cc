@@ -1,5 +1,7 @@
 #include "qcow2/check/check.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cassert>
 #include <cerrno>
@@ -11,15 +13,13 @@
 #include <unordered_map>
 #include <utility>
 
-#include <fmt/format.h>
-
 #include "base/aligned_buffer.h"
 #include "base/endian.h"
-#include "qcow2/refcount_codec.h"
 #include "qcow2/format.h"
 #include "qcow2/geometry.h"
 #include "qcow2/header.h"
 #include "qcow2/l2_entry.h"
+#include "qcow2/refcount_codec.h"
 #include "qcow2/snapshot_table.h"
 
 namespace uq::qcow2 {

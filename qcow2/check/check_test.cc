@@ -6,6 +6,8 @@
 #include "qcow2/check/check.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,14 +18,11 @@
 #include <string>
 #include <vector>
 
-#include <fmt/format.h>
-#include <gtest/gtest.h>
-
 #include "base/endian.h"
 #include "base/task.h"
-#include "qcow2/refcount_codec.h"
 #include "qcow2/format.h"
 #include "qcow2/header.h"
+#include "qcow2/refcount_codec.h"
 #include "qcow2/snapshot_table.h"
 #include "qcow2/sync_env.h"
 #include "qcow2/testing/mem_env.h"

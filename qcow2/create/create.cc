@@ -46,27 +46,25 @@ Result<std::vector<std::string>> SplitOptionList(std::string_view list) {
       i++;
     } else {
       if (cur.empty()) {
-        return Status::InvalidArgument(
-            fmt::format("Invalid option list: {}", list));
+        return Status::InvalidArgument(fmt::format("Invalid option list: {}", list));
       }
       items.push_back(std::move(cur));
       cur.clear();
     }
   }
   if (cur.empty()) {
-    return Status::InvalidArgument(
-        fmt::format("Invalid option list: {}", list));
+    return Status::InvalidArgument(fmt::format("Invalid option list: {}", list));
   }
   items.push_back(std::move(cur));
   return items;
 }
 
 Status SizeError(std::string_view key) {
-  return Status::InvalidArgument(fmt::format(
-      "Parameter '{}' expects a non-negative number below 2^64 (optional "
-      "suffix k, "
-      "M, G, T, P or E means kilo-, mega-, giga-, tera-, peta- and exabytes)",
-      key));
+  return Status::InvalidArgument(
+      fmt::format("Parameter '{}' expects a non-negative number below 2^64 (optional "
+                  "suffix k, "
+                  "M, G, T, P or E means kilo-, mega-, giga-, tera-, peta- and exabytes)",
+                  key));
 }
 
 // qemu_strtosz(): a decimal number with an optional fraction, or a hex
@@ -79,10 +77,8 @@ Result<uint64_t> ParseSize(std::string_view key, std::string_view s) {
   if (s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
     i = 2;
     while (i < s.size() && std::isxdigit(static_cast<unsigned char>(s[i]))) {
-      char c =
-          static_cast<char>(std::tolower(static_cast<unsigned char>(s[i])));
-      whole =
-          whole * 16 + static_cast<unsigned>(c <= '9' ? c - '0' : c - 'a' + 10);
+      char c = static_cast<char>(std::tolower(static_cast<unsigned char>(s[i])));
+      whole = whole * 16 + static_cast<unsigned>(c <= '9' ? c - '0' : c - 'a' + 10);
       if (whole >> 64) return SizeError(key);
       digits = true;
       i++;
@@ -139,8 +135,7 @@ Result<uint64_t> ParseSize(std::string_view key, std::string_view s) {
   if (i != s.size()) return SizeError(key);
   // "1.5" or "1.5b": not whole bytes.
   if (frac_num != 0 && mult == 1) return SizeError(key);
-  unsigned __int128 total =
-      whole * mult + (unsigned __int128)frac_num * mult / frac_den;
+  unsigned __int128 total = whole * mult + (unsigned __int128)frac_num * mult / frac_den;
   if (total >> 64) return SizeError(key);
   return static_cast<uint64_t>(total);
 }
@@ -148,8 +143,7 @@ Result<uint64_t> ParseSize(std::string_view key, std::string_view s) {
 // qemu_strtou64(..., base 0): decimal, 0x hex or 0 octal.
 Result<uint64_t> ParseNumber(std::string_view key, std::string_view s) {
   auto err = [&] {
-    return Status::InvalidArgument(
-        fmt::format("Parameter '{}' expects a number", key));
+    return Status::InvalidArgument(fmt::format("Parameter '{}' expects a number", key));
   };
   if (s.empty()) return err();
   unsigned base = 10;
@@ -182,8 +176,7 @@ Result<uint64_t> ParseNumber(std::string_view key, std::string_view s) {
 Result<bool> ParseBool(std::string_view key, std::string_view s) {
   if (s == "on" || s == "yes" || s == "true" || s == "y") return true;
   if (s == "off" || s == "no" || s == "false" || s == "n") return false;
-  return Status::InvalidArgument(
-      fmt::format("Parameter '{}' expects 'on' or 'off'", key));
+  return Status::InvalidArgument(fmt::format("Parameter '{}' expects 'on' or 'off'", key));
 }
 
 Status BadValue(std::string_view key, std::string_view value) {
@@ -192,12 +185,11 @@ Status BadValue(std::string_view key, std::string_view value) {
 }
 
 bool IsBoolKey(std::string_view key) {
-  return key == "extended_l2" || key == "lazy_refcounts" ||
-         key == "data_file_raw" || key == "encryption" || key == "nocow";
+  return key == "extended_l2" || key == "lazy_refcounts" || key == "data_file_raw" ||
+         key == "encryption" || key == "nocow";
 }
 
-Status ApplyOption(std::string_view key, const std::string& value,
-                   CreateOptions& o) {
+Status ApplyOption(std::string_view key, const std::string& value, CreateOptions& o) {
   if (key == "size") {
     Result<uint64_t> v = ParseSize(key, value);
     if (!v.ok()) return v.status();
@@ -208,8 +200,7 @@ Status ApplyOption(std::string_view key, const std::string& value,
     } else if (value == "1.1" || value == "v3") {
       o.compat = "1.1";
     } else {
-      return Status::InvalidArgument(
-          fmt::format("Invalid compatibility level: '{}'", value));
+      return Status::InvalidArgument(fmt::format("Invalid compatibility level: '{}'", value));
     }
   } else if (key == "cluster_size") {
     Result<uint64_t> v = ParseSize(key, value);
@@ -233,8 +224,7 @@ Status ApplyOption(std::string_view key, const std::string& value,
     o.lazy_refcounts = *v;
   } else if (key == "data_file") {
     if (value.empty()) {
-      return Status::InvalidArgument(
-          "Expected data file name, got empty string");
+      return Status::InvalidArgument("Expected data file name, got empty string");
     }
     o.data_file = value;
   } else if (key == "data_file_raw") {
@@ -256,8 +246,7 @@ Status ApplyOption(std::string_view key, const std::string& value,
     }
   } else if (key == "backing_file") {
     if (value.empty()) {
-      return Status::InvalidArgument(
-          "Expected backing file name, got empty string");
+      return Status::InvalidArgument("Expected backing file name, got empty string");
     }
     o.backing_file = value;
   } else if (key == "backing_fmt") {
@@ -268,9 +257,8 @@ Status ApplyOption(std::string_view key, const std::string& value,
     Result<bool> v = ParseBool(key, value);
     if (!v.ok()) return v.status();
     if (*v) {
-      return Status::NotSupported(key == "nocow"
-                                      ? "option 'nocow' is not supported"
-                                      : "encrypted images are not supported");
+      return Status::NotSupported(key == "nocow" ? "option 'nocow' is not supported"
+                                                 : "encrypted images are not supported");
     }
   } else if (key.starts_with("encrypt.")) {
     return Status::NotSupported("encrypted images are not supported");
@@ -309,8 +297,7 @@ struct Layout {
   }
   // L2 table t, followed by its data clusters when they live in the image.
   uint64_t L2Offset(uint64_t t) const {
-    uint64_t stride =
-        data_in_image ? (1 + l2_entries) * cluster_size : cluster_size;
+    uint64_t stride = data_in_image ? (1 + l2_entries) * cluster_size : cluster_size;
     return prealloc_offset + t * stride;
   }
   // The host offset guest cluster g maps to (preallocation only).
@@ -321,9 +308,8 @@ struct Layout {
   }
 };
 
-Result<Layout> PlanLayout(uint64_t size, uint32_t cluster_size,
-                          uint32_t refcount_order, bool extended_l2,
-                          bool preallocate, bool external_data) {
+Result<Layout> PlanLayout(uint64_t size, uint32_t cluster_size, uint32_t refcount_order,
+                          bool extended_l2, bool preallocate, bool external_data) {
   Layout l;
   l.cluster_size = cluster_size;
   l.cluster_bits = static_cast<uint32_t>(std::countr_zero(cluster_size));
@@ -348,8 +334,7 @@ Result<Layout> PlanLayout(uint64_t size, uint32_t cluster_size,
   while (true) {
     uint64_t n = fixed + rt + rb;
     uint64_t new_rb = DivRoundUp(n, l.refcounts_per_block);
-    uint64_t new_rt =
-        std::max<uint64_t>(1, DivRoundUp(new_rb * 8, cluster_size));
+    uint64_t new_rt = std::max<uint64_t>(1, DivRoundUp(new_rb * 8, cluster_size));
     if (new_rb == rb && new_rt == rt) break;
     rb = new_rb;
     rt = new_rt;
@@ -387,8 +372,7 @@ Result<Layout> PlanLayout(uint64_t size, uint32_t cluster_size,
 
 // Sets refcount 1 for entries [first, first + count) of a refcount block.
 // Sub-byte widths store entry 0 in the least significant bits of byte 0.
-void SetRefcountsToOne(std::span<std::byte> block, uint32_t order,
-                       uint64_t first, uint64_t count) {
+void SetRefcountsToOne(std::span<std::byte> block, uint32_t order, uint64_t first, uint64_t count) {
   const uint32_t bits = 1u << order;
   for (uint64_t e = first; e < first + count; e++) {
     if (bits >= 8) {
@@ -404,11 +388,9 @@ void SetRefcountsToOne(std::span<std::byte> block, uint32_t order,
 // chunk of up to kChunkBytes at a time. fill(index, span) fills cluster
 // `first + index` (span is cluster-sized and zeroed).
 template <class Fill>
-Task<Status> WriteClusters(File& file, uint64_t offset, uint64_t count,
-                           uint64_t cs, Fill fill) {
+Task<Status> WriteClusters(File& file, uint64_t offset, uint64_t count, uint64_t cs, Fill fill) {
   if (count == 0) co_return Status::Ok();
-  const uint64_t per_chunk =
-      std::max<uint64_t>(1, std::min(count, kChunkBytes / cs));
+  const uint64_t per_chunk = std::max<uint64_t>(1, std::min(count, kChunkBytes / cs));
   AlignedBuffer buf(per_chunk * cs);
   for (uint64_t done = 0; done < count;) {
     uint64_t n = std::min(per_chunk, count - done);
@@ -416,20 +398,17 @@ Task<Status> WriteClusters(File& file, uint64_t offset, uint64_t count,
     for (uint64_t i = 0; i < n; i++) {
       fill(done + i, buf.span().subspan(i * cs, cs));
     }
-    CO_RETURN_IF_ERROR(
-        co_await file.Write(offset + done * cs, buf.span().first(n * cs)));
+    CO_RETURN_IF_ERROR(co_await file.Write(offset + done * cs, buf.span().first(n * cs)));
     done += n;
   }
   co_return Status::Ok();
 }
 
-Task<Status> WriteRefcounts(File& file, const Layout& l,
-                            uint32_t refcount_order) {
+Task<Status> WriteRefcounts(File& file, const Layout& l, uint32_t refcount_order) {
   const uint64_t cs = l.cluster_size;
   // The refcount table.
   CO_RETURN_IF_ERROR(co_await WriteClusters(
-      file, l.rt_offset, l.rt_clusters, cs,
-      [&](uint64_t c, std::span<std::byte> out) {
+      file, l.rt_offset, l.rt_clusters, cs, [&](uint64_t c, std::span<std::byte> out) {
         const uint64_t per = cs / 8;
         for (uint64_t i = 0; i < per && c * per + i < l.rb_count; i++) {
           StoreBE64(out, i * 8, l.RefblockOffset(c * per + i));
@@ -440,17 +419,16 @@ Task<Status> WriteRefcounts(File& file, const Layout& l,
   SetRefcountsToOne(full.span(), refcount_order, 0, l.refcounts_per_block);
   auto fill_block = [&](uint64_t block, std::span<std::byte> out) {
     uint64_t first_cluster = block * l.refcounts_per_block;
-    uint64_t used =
-        std::min(l.refcounts_per_block, l.total_clusters - first_cluster);
+    uint64_t used = std::min(l.refcounts_per_block, l.total_clusters - first_cluster);
     if (used == l.refcounts_per_block) {
       std::memcpy(out.data(), full.data(), cs);
     } else {
       SetRefcountsToOne(out, refcount_order, 0, used);
     }
   };
-  CO_RETURN_IF_ERROR(co_await WriteClusters(
-      file, l.first_rb_offset, 1, cs,
-      [&](uint64_t, std::span<std::byte> out) { fill_block(0, out); }));
+  CO_RETURN_IF_ERROR(
+      co_await WriteClusters(file, l.first_rb_offset, 1, cs,
+                             [&](uint64_t, std::span<std::byte> out) { fill_block(0, out); }));
   CO_RETURN_IF_ERROR(co_await WriteClusters(
       file, l.extra_rb_offset, l.rb_count - 1, cs,
       [&](uint64_t i, std::span<std::byte> out) { fill_block(i + 1, out); }));
@@ -470,8 +448,7 @@ Task<Status> WriteL1(File& file, const Layout& l) {
         StoreBE64(buf.span(), i * 8, l.L2Offset(done + i) | kEntryCopied);
       }
     }
-    CO_RETURN_IF_ERROR(
-        co_await file.Write(l.l1_offset + done * 8, buf.span().first(n * 8)));
+    CO_RETURN_IF_ERROR(co_await file.Write(l.l1_offset + done * 8, buf.span().first(n * 8)));
     done += n;
   }
   co_return Status::Ok();
@@ -486,14 +463,12 @@ Task<Status> WriteL2Tables(File& file, const Layout& l) {
     uint64_t first = t * l.l2_entries;
     uint64_t n = std::min(l.l2_entries, l.guest_clusters - first);
     for (uint64_t i = 0; i < n; i++) {
-      StoreBE64(out, i * l.l2_entry_bytes,
-                l.DataOffset(first + i) | kEntryCopied);
+      StoreBE64(out, i * l.l2_entry_bytes, l.DataOffset(first + i) | kEntryCopied);
     }
   };
   if (!l.data_in_image) {
     // The tables are contiguous: write them in big chunks.
-    co_return co_await WriteClusters(file, l.prealloc_offset, l.l1_size, cs,
-                                     fill);
+    co_return co_await WriteClusters(file, l.prealloc_offset, l.l1_size, cs, fill);
   }
   AlignedBuffer buf(cs);
   for (uint64_t t = 0; t < l.l1_size; t++) {
@@ -504,18 +479,14 @@ Task<Status> WriteL2Tables(File& file, const Layout& l) {
   co_return Status::Ok();
 }
 
-uint64_t RoundUp512(uint64_t n) {
-  return n + (kSectorSize - n % kSectorSize) % kSectorSize;
-}
+uint64_t RoundUp512(uint64_t n) { return n + (kSectorSize - n % kSectorSize) % kSectorSize; }
 
 }  // namespace
 
-Result<CreateOptions> ParseCreateOptions(std::string_view comma_list,
-                                         CreateOptions base) {
+Result<CreateOptions> ParseCreateOptions(std::string_view comma_list, CreateOptions base) {
   CreateOptions o = std::move(base);
   if (!comma_list.empty()) {
-    ASSIGN_OR_RETURN(std::vector<std::string> items,
-                     SplitOptionList(comma_list));
+    ASSIGN_OR_RETURN(std::vector<std::string> items, SplitOptionList(comma_list));
     for (const std::string& item : items) {
       size_t eq = item.find('=');
       std::string key, value;
@@ -547,8 +518,7 @@ Status ValidateCreateOptions(const CreateOptions& o) {
   } else if (o.compat == "0.10") {
     version = 2;
   } else {
-    return Status::InvalidArgument(
-        fmt::format("Invalid compatibility level: '{}'", o.compat));
+    return Status::InvalidArgument(fmt::format("Invalid compatibility level: '{}'", o.compat));
   }
   if (o.extended_l2 && version < 3) {
     return Status::InvalidArgument(
@@ -557,15 +527,13 @@ Status ValidateCreateOptions(const CreateOptions& o) {
   }
   if (o.cluster_size < kMinClusterSize || o.cluster_size > kMaxClusterSize ||
       !std::has_single_bit(o.cluster_size)) {
-    return Status::InvalidArgument(
-        "Cluster size must be a power of two between 512 and 2048k");
+    return Status::InvalidArgument("Cluster size must be a power of two between 512 and 2048k");
   }
-  if (o.extended_l2 &&
-      o.cluster_size < (kMinClusterSize * kSubclustersPerCluster)) {
-    return Status::InvalidArgument(fmt::format(
-        "Extended L2 entries are only supported with cluster sizes of at "
-        "least {} bytes",
-        kMinClusterSize * kSubclustersPerCluster));
+  if (o.extended_l2 && o.cluster_size < (kMinClusterSize * kSubclustersPerCluster)) {
+    return Status::InvalidArgument(
+        fmt::format("Extended L2 entries are only supported with cluster sizes of at "
+                    "least {} bytes",
+                    kMinClusterSize * kSubclustersPerCluster));
   }
   if (o.backing_file && o.preallocation != P::kOff && !o.extended_l2) {
     return Status::InvalidArgument(
@@ -573,12 +541,10 @@ Status ValidateCreateOptions(const CreateOptions& o) {
         "extended_l2 is on");
   }
   if (o.backing_format && !o.backing_file) {
-    return Status::InvalidArgument(
-        "Backing format cannot be used without backing file");
+    return Status::InvalidArgument("Backing format cannot be used without backing file");
   }
   if (o.backing_file && o.backing_file->empty()) {
-    return Status::InvalidArgument(
-        "Expected backing file name, got empty string");
+    return Status::InvalidArgument("Expected backing file name, got empty string");
   }
   if (version < 3 && o.lazy_refcounts) {
     return Status::InvalidArgument(
@@ -608,8 +574,7 @@ Status ValidateCreateOptions(const CreateOptions& o) {
           "compatibility level 1.1 and above (use version=v3 or greater)");
     }
     if (o.data_file->empty()) {
-      return Status::InvalidArgument(
-          "Expected data file name, got empty string");
+      return Status::InvalidArgument("Expected data file name, got empty string");
     }
   }
   if (o.compression_type != "zlib") {
@@ -634,11 +599,9 @@ Task<Status> CreateImage(Env* env, CreateOptions o) {
   }
   CO_RETURN_IF_ERROR(ValidateCreateOptions(o));
   const bool v3 = o.compat == "1.1";
-  const uint32_t refcount_order =
-      static_cast<uint32_t>(std::countr_zero(o.refcount_bits));
+  const uint32_t refcount_order = static_cast<uint32_t>(std::countr_zero(o.refcount_bits));
   const bool preallocate =
-      o.preallocation == CreateOptions::Preallocation::kMetadata ||
-      o.data_file_raw;
+      o.preallocation == CreateOptions::Preallocation::kMetadata || o.data_file_raw;
 
   // The backing file: open it (as qemu-img does) to check it, detect its
   // format if none was given, and take its size if none was given.
@@ -656,8 +619,7 @@ Task<Status> CreateImage(Env* env, CreateOptions o) {
           fmt::format("{}: the image cannot be its own backing file", o.path));
     }
     auto context = [&](const Status& s) {
-      return s.WithContext(
-          fmt::format("{}: Could not open backing image", o.path));
+      return s.WithContext(fmt::format("{}: Could not open backing image", o.path));
     };
     if (!o.backing_format) {
       Result<std::unique_ptr<File>> probe = env->Open(resolved, OpenOptions{});
@@ -669,8 +631,7 @@ Task<Status> CreateImage(Env* env, CreateOptions o) {
     ImageOptions open;
     open.env = env;
     open.format = *o.backing_format;
-    Result<std::unique_ptr<BlockDevice>> backing =
-        co_await OpenImage(resolved, open);
+    Result<std::unique_ptr<BlockDevice>> backing = co_await OpenImage(resolved, open);
     if (!backing.ok()) co_return context(backing.status());
     if (!o.size) o.size = (*backing)->size();
   }
@@ -683,10 +644,8 @@ Task<Status> CreateImage(Env* env, CreateOptions o) {
   }
   const uint64_t size = RoundUp512(*o.size);
 
-  CO_ASSIGN_OR_RETURN(
-      Layout layout,
-      PlanLayout(size, o.cluster_size, refcount_order, o.extended_l2,
-                 preallocate, o.data_file.has_value()));
+  CO_ASSIGN_OR_RETURN(Layout layout, PlanLayout(size, o.cluster_size, refcount_order, o.extended_l2,
+                                                preallocate, o.data_file.has_value()));
 
   Header h;
   h.version = v3 ? 3 : 2;
@@ -735,8 +694,8 @@ Task<Status> CreateImage(Env* env, CreateOptions o) {
   std::string data_path;
   if (o.data_file) {
     if (IsProtocolName(*o.data_file)) {
-      co_return Status::NotSupported(fmt::format(
-          "{}: data file '{}' is not a plain file", o.path, *o.data_file));
+      co_return Status::NotSupported(
+          fmt::format("{}: data file '{}' is not a plain file", o.path, *o.data_file));
     }
     data_path = ResolveRelativeTo(o.path, *o.data_file);
     if (FileIdentity(data_path) == FileIdentity(o.path)) {
@@ -754,8 +713,8 @@ Task<Status> CreateImage(Env* env, CreateOptions o) {
   if (o.data_file) {
     CO_ASSIGN_OR_RETURN(data, env->Open(data_path, create));
     // Preallocated clusters are mapped whole; the file covers them.
-    CO_RETURN_IF_ERROR(data->Truncate(
-        preallocate ? layout.guest_clusters * layout.cluster_size : size));
+    CO_RETURN_IF_ERROR(
+        data->Truncate(preallocate ? layout.guest_clusters * layout.cluster_size : size));
   }
   CO_ASSIGN_OR_RETURN(std::unique_ptr<File> file, env->Open(o.path, create));
   CO_RETURN_IF_ERROR(file->Truncate(layout.file_size));

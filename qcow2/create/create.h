@@ -108,8 +108,7 @@ struct CreateOptions {
 //   "Invalid parameter 'foo'" for an unknown key; a key without '=' or a bad
 //   value names the key; encryption, nocow and preallocation=falloc/full are
 //   NotSupported.
-Result<CreateOptions> ParseCreateOptions(std::string_view comma_list,
-                                         CreateOptions base);
+Result<CreateOptions> ParseCreateOptions(std::string_view comma_list, CreateOptions base);
 
 // Checks that the options can make an image, in the order and with the
 // messages of QEMU's qcow2_co_create(), e.g. "Cluster size must be a power of

@@ -52,12 +52,9 @@ class CreateTest : public ::testing::Test {
  protected:
   void SetUp() override {
     const char* tmp = std::getenv("TEST_TMPDIR");
-    dir_ = fmt::format(
-        "{}/create-{}", tmp ? tmp : "/tmp",
-        ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    ASSERT_EQ(std::system(
-                  fmt::format("rm -rf '{0}' && mkdir -p '{0}'", dir_).c_str()),
-              0);
+    dir_ = fmt::format("{}/create-{}", tmp ? tmp : "/tmp",
+                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    ASSERT_EQ(std::system(fmt::format("rm -rf '{0}' && mkdir -p '{0}'", dir_).c_str()), 0);
   }
 
   // Images are sparse but some are large; keep them only to debug failures.
@@ -69,8 +66,7 @@ class CreateTest : public ::testing::Test {
 
   // Runs `cmd` in `dir` (relative to dir_); returns its exit status and
   // appends its stdout and stderr to *out if given.
-  int Sh(const std::string& cmd, const std::string& dir = "",
-         std::string* out = nullptr) {
+  int Sh(const std::string& cmd, const std::string& dir = "", std::string* out = nullptr) {
     std::string full = fmt::format("cd '{}/{}' && ( {} ) 2>&1", dir_, dir, cmd);
     FILE* p = ::popen(full.c_str(), "r");
     if (p == nullptr) return -1;
@@ -94,8 +90,7 @@ class CreateTest : public ::testing::Test {
   std::string P(const std::string& rel) { return dir_ + "/" + rel; }
   static uint64_t FileSize(const std::string& path) {
     struct stat st;
-    return ::stat(path.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_size)
-                                          : ~uint64_t{0};
+    return ::stat(path.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : ~uint64_t{0};
   }
   // Whether two files hold the same bytes. Reads only the ranges where
   // either has data (SEEK_DATA), so sparse terabyte images compare quickly.
@@ -112,8 +107,7 @@ class CreateTest : public ::testing::Test {
         if (data < 0) break;  // no more data
         off_t hole = ::lseek(scan, data, SEEK_HOLE);
         for (off_t off = data; same && off < hole;) {
-          size_t n =
-              static_cast<size_t>(std::min<off_t>(hole - off, ba.size()));
+          size_t n = static_cast<size_t>(std::min<off_t>(hole - off, ba.size()));
           same = ::pread(fa, ba.data(), n, off) == static_cast<ssize_t>(n) &&
                  ::pread(fb, bb.data(), n, off) == static_cast<ssize_t>(n) &&
                  std::memcmp(ba.data(), bb.data(), n) == 0;
@@ -133,8 +127,7 @@ class CreateTest : public ::testing::Test {
   // `qemu-img info --output=json` without the actual-size line, with the
   // directory replaced by DIR.
   std::string Info(const std::string& dir, const std::string& image) {
-    std::string json =
-        Output(fmt::format("qemu-img info --output=json '{}'", image), dir);
+    std::string json = Output(fmt::format("qemu-img info --output=json '{}'", image), dir);
     std::string out, line;
     std::string abs = P(dir);
     for (size_t pos = 0; (pos = json.find(abs, pos)) != std::string::npos;) {
@@ -148,14 +141,11 @@ class CreateTest : public ::testing::Test {
   }
   void ExpectChecksClean(const std::string& dir, const std::string& image) {
     std::string out;
-    EXPECT_EQ(Sh(fmt::format("qemu-img check '{}'", image), dir, &out), 0)
-        << out;
-    EXPECT_NE(out.find("No errors were found on the image."), std::string::npos)
-        << out;
+    EXPECT_EQ(Sh(fmt::format("qemu-img check '{}'", image), dir, &out), 0) << out;
+    EXPECT_NE(out.find("No errors were found on the image."), std::string::npos) << out;
   }
 
-  Status CreateWith(const std::string& opts, const std::string& size,
-                    const std::string& path) {
+  Status CreateWith(const std::string& opts, const std::string& size, const std::string& path) {
     CreateOptions base;
     base.path = path;
     Result<CreateOptions> o = ParseCreateOptions(opts, base);
@@ -187,16 +177,13 @@ class CreateTest : public ::testing::Test {
     ExpectChecksClean("o", "img.qcow2");
     EXPECT_EQ(Info("o", "img.qcow2"), Info("q", "img.qcow2"));
 
-    uint64_t ours = FileSize(P("o/img.qcow2")),
-             theirs = FileSize(P("q/img.qcow2"));
+    uint64_t ours = FileSize(P("o/img.qcow2")), theirs = FileSize(P("q/img.qcow2"));
     switch (c.expect) {
       case Expect::kIdentical:
         EXPECT_EQ(ours, theirs);
-        EXPECT_TRUE(SameBytes(P("o/img.qcow2"), P("q/img.qcow2")))
-            << "image bytes differ";
+        EXPECT_TRUE(SameBytes(P("o/img.qcow2"), P("q/img.qcow2"))) << "image bytes differ";
         if (c.opts.find("data_file=") != std::string::npos) {
-          EXPECT_TRUE(SameBytes(P("o/img.raw"), P("q/img.raw")))
-              << "data file bytes differ";
+          EXPECT_TRUE(SameBytes(P("o/img.raw"), P("q/img.raw"))) << "data file bytes differ";
         }
         break;
       case Expect::kSameFileSize:
@@ -207,23 +194,18 @@ class CreateTest : public ::testing::Test {
         break;
     }
     if (c.expect != Expect::kIdentical) {
-      std::printf("%s: ours %llu bytes, qemu-img's %llu bytes, %s\n",
-                  c.name.c_str(), static_cast<unsigned long long>(ours),
-                  static_cast<unsigned long long>(theirs),
-                  SameBytes(P("o/img.qcow2"), P("q/img.qcow2"))
-                      ? "identical"
-                      : "different layout");
+      std::printf("%s: ours %llu bytes, qemu-img's %llu bytes, %s\n", c.name.c_str(),
+                  static_cast<unsigned long long>(ours), static_cast<unsigned long long>(theirs),
+                  SameBytes(P("o/img.qcow2"), P("q/img.qcow2")) ? "identical" : "different layout");
     }
     if (c.opts.find("data_file=") != std::string::npos) {
-      EXPECT_EQ(FileSize(P("o/img.raw")), FileSize(P("q/img.raw")))
-          << "data file sizes differ";
+      EXPECT_EQ(FileSize(P("o/img.raw")), FileSize(P("q/img.raw"))) << "data file sizes differ";
     }
 
     // Reopen through the engine.
     uint64_t virtual_size = 0;
     {
-      auto dev =
-          BlockOn(OpenImage(P("o/img.qcow2"), ImageOptions{.env = SyncEnv()}));
+      auto dev = BlockOn(OpenImage(P("o/img.qcow2"), ImageOptions{.env = SyncEnv()}));
       ASSERT_TRUE(dev.ok()) << dev.status().ToString();
       virtual_size = (*dev)->size();
     }
@@ -237,14 +219,12 @@ class CreateTest : public ::testing::Test {
                     n),
         "o");
     ExpectChecksClean("o", "img.qcow2");
-    auto dev =
-        BlockOn(OpenImage(P("o/img.qcow2"), ImageOptions{.env = SyncEnv()}));
+    auto dev = BlockOn(OpenImage(P("o/img.qcow2"), ImageOptions{.env = SyncEnv()}));
     ASSERT_TRUE(dev.ok()) << dev.status().ToString();
     std::vector<std::byte> buf(n);
     Status read = BlockOn((*dev)->Read(0, buf));
     ASSERT_TRUE(read.ok()) << read.ToString();
-    EXPECT_EQ(std::count(buf.begin(), buf.end(), std::byte{0x5a}),
-              static_cast<long>(n));
+    EXPECT_EQ(std::count(buf.begin(), buf.end(), std::byte{0x5a}), static_cast<long>(n));
   }
 
   std::string dir_;
@@ -252,9 +232,7 @@ class CreateTest : public ::testing::Test {
 
 // --- The comparison matrix ---------------------------------------------------
 
-TEST_F(CreateTest, DefaultOptionsAreByteIdentical) {
-  Compare({"default", "", "1G"});
-}
+TEST_F(CreateTest, DefaultOptionsAreByteIdentical) { Compare({"default", "", "1G"}); }
 
 TEST_F(CreateTest, ClusterSizes) {
   for (auto [cs, size] : {std::pair{"512", "1G"},
@@ -264,8 +242,7 @@ TEST_F(CreateTest, ClusterSizes) {
                           {"512", "1000001"},
                           {"4k", "100M"}}) {
     Run("rm -rf q o");
-    Compare({fmt::format("cluster_size={}", cs),
-             fmt::format("cluster_size={}", cs), size});
+    Compare({fmt::format("cluster_size={}", cs), fmt::format("cluster_size={}", cs), size});
   }
 }
 
@@ -278,8 +255,7 @@ TEST_F(CreateTest, Compat010) {
 TEST_F(CreateTest, RefcountWidths) {
   for (int bits : {1, 2, 4, 8, 16, 32, 64}) {
     Run("rm -rf q o");
-    Compare({fmt::format("refcount_bits={}", bits),
-             fmt::format("refcount_bits={}", bits), "10G"});
+    Compare({fmt::format("refcount_bits={}", bits), fmt::format("refcount_bits={}", bits), "10G"});
   }
 }
 
@@ -289,21 +265,19 @@ TEST_F(CreateTest, RefcountWidthsWithSmallClusters) {
   // with 16 bits or less, that is our order too. Not in general (see below).
   for (int bits : {1, 2, 4, 8, 16}) {
     Run("rm -rf q o");
-    Compare({fmt::format("512/{}", bits),
-             fmt::format("cluster_size=512,refcount_bits={}", bits), "1G"});
+    Compare({fmt::format("512/{}", bits), fmt::format("cluster_size=512,refcount_bits={}", bits),
+             "1G"});
   }
   for (int bits : {32, 64}) {
     Run("rm -rf q o");
-    Compare({fmt::format("512/{}", bits),
-             fmt::format("cluster_size=512,refcount_bits={}", bits), "1G",
-             Expect::kSameFileSize});
+    Compare({fmt::format("512/{}", bits), fmt::format("cluster_size=512,refcount_bits={}", bits),
+             "1G", Expect::kSameFileSize});
   }
   // A 2048-cluster L1 table: 9 refcount blocks of 16 bits, 33 of 64 bits.
   for (int bits : {1, 16, 64}) {
     Run("rm -rf q o");
-    Compare({fmt::format("512/{} 4G", bits),
-             fmt::format("cluster_size=512,refcount_bits={}", bits), "4G",
-             Expect::kSameFileSize});
+    Compare({fmt::format("512/{} 4G", bits), fmt::format("cluster_size=512,refcount_bits={}", bits),
+             "4G", Expect::kSameFileSize});
   }
   // The largest L1 table (32 MiB): QEMU grows its refcount table.
   Run("rm -rf q o");
@@ -321,10 +295,8 @@ TEST_F(CreateTest, ZstdAndLazyRefcounts) {
   Run("rm -rf q o");
   Compare({"lazy", "lazy_refcounts=on", "1G"});
   Run("rm -rf q o");
-  Compare(
-      {"everything",
-       "lazy_refcounts=on,compression_type=zstd,extended_l2=on,refcount_bits=8",
-       "1G"});
+  Compare({"everything", "lazy_refcounts=on,compression_type=zstd,extended_l2=on,refcount_bits=8",
+           "1G"});
 }
 
 TEST_F(CreateTest, SizeZeroAndOddSizes) {
@@ -345,20 +317,15 @@ TEST_F(CreateTest, DataFile) {
   // data_file_raw implies preallocation=metadata: a 1:1 mapping.
   Compare({"data file raw", "data_file=img.raw,data_file_raw=on", "1000001"});
   Run("rm -rf q o");
-  Compare({"data file raw 2 tables",
-           "data_file=img.raw,data_file_raw=on,cluster_size=4k", "5M"});
+  Compare({"data file raw 2 tables", "data_file=img.raw,data_file_raw=on,cluster_size=4k", "5M"});
   Run("rm -rf q o");
-  Compare(
-      {"data file prealloc", "data_file=img.raw,preallocation=metadata", "3G"});
+  Compare({"data file prealloc", "data_file=img.raw,preallocation=metadata", "3G"});
   Run("rm -rf q o");
-  Compare({"data file raw extl2",
-           "data_file=img.raw,data_file_raw=on,extended_l2=on", "5M"});
+  Compare({"data file raw extl2", "data_file=img.raw,data_file_raw=on,extended_l2=on", "5M"});
 }
 
 TEST_F(CreateTest, DataFileRawReadsThroughToTheDataFile) {
-  ASSERT_TRUE(
-      CreateWith("data_file=img.raw,data_file_raw=on", "1M", P("img.qcow2"))
-          .ok());
+  ASSERT_TRUE(CreateWith("data_file=img.raw,data_file_raw=on", "1M", P("img.qcow2")).ok());
   Run("qemu-io -f raw -c 'write -P 0x42 4096 8192' img.raw");
   Run("qemu-io -c 'read -P 0x42 4096 8192' -c 'read -P 0 0 4096' img.qcow2 | "
       "grep -q 'read 8192/8192'");
@@ -377,34 +344,29 @@ TEST_F(CreateTest, BackingFile) {
       "qemu-img create -q -f qcow2 base.qcow2 7M && qemu-io -c 'write -P 0x11 "
       "0 1M' base.qcow2 >/dev/null"
       " && qemu-img create -q -f raw base.raw 3000001";
-  Compare({"backing qcow2", "backing_file=base.qcow2,backing_fmt=qcow2", "20M",
-           Expect::kIdentical, setup});
-  Run("rm -rf q o");
-  Compare({"backing size from qcow2",
-           "backing_file=base.qcow2,backing_fmt=qcow2", "", Expect::kIdentical,
+  Compare({"backing qcow2", "backing_file=base.qcow2,backing_fmt=qcow2", "20M", Expect::kIdentical,
            setup});
   Run("rm -rf q o");
-  Compare({"backing raw", "backing_file=base.raw,backing_fmt=raw", "",
+  Compare({"backing size from qcow2", "backing_file=base.qcow2,backing_fmt=qcow2", "",
            Expect::kIdentical, setup});
+  Run("rm -rf q o");
+  Compare({"backing raw", "backing_file=base.raw,backing_fmt=raw", "", Expect::kIdentical, setup});
   Run("rm -rf q o");
   // Without a format: qemu-img 7.2 refuses; we record the detected one.
-  Compare({"backing no fmt", "backing_file=base.qcow2", "", Expect::kIdentical,
-           setup, "backing_file=base.qcow2,backing_fmt=qcow2"});
+  Compare({"backing no fmt", "backing_file=base.qcow2", "", Expect::kIdentical, setup,
+           "backing_file=base.qcow2,backing_fmt=qcow2"});
   Run("rm -rf q o");
-  Compare({"backing raw no fmt", "backing_file=base.raw", "5M",
-           Expect::kIdentical, setup, "backing_file=base.raw,backing_fmt=raw"});
+  Compare({"backing raw no fmt", "backing_file=base.raw", "5M", Expect::kIdentical, setup,
+           "backing_file=base.raw,backing_fmt=raw"});
   Run("rm -rf q o");
-  Compare({"backing v2",
-           "compat=0.10,backing_file=base.qcow2,backing_fmt=qcow2", "",
+  Compare({"backing v2", "compat=0.10,backing_file=base.qcow2,backing_fmt=qcow2", "",
            Expect::kIdentical, setup});
   Run("rm -rf q o");
-  Compare({"backing and data file",
-           "backing_file=base.qcow2,backing_fmt=qcow2,data_file=img.raw", "",
-           Expect::kIdentical, setup});
+  Compare({"backing and data file", "backing_file=base.qcow2,backing_fmt=qcow2,data_file=img.raw",
+           "", Expect::kIdentical, setup});
   Run("rm -rf q o");
   // No feature table with 4k clusters: there is room for the name.
-  Compare({"backing 512",
-           "cluster_size=512,backing_file=base.qcow2,backing_fmt=qcow2", "",
+  Compare({"backing 512", "cluster_size=512,backing_file=base.qcow2,backing_fmt=qcow2", "",
            Expect::kIdentical, setup});
   Run("rm -rf q o");
   Compare({"backing prealloc extl2",
@@ -427,37 +389,28 @@ TEST_F(CreateTest, Preallocation) {
   Run("rm -rf q o");
   Compare({"prealloc extl2", "preallocation=metadata,extended_l2=on", "1G"});
   Run("rm -rf q o");
-  Compare(
-      {"prealloc 4k 2 tables", "preallocation=metadata,cluster_size=4k", "3M"});
+  Compare({"prealloc 4k 2 tables", "preallocation=metadata,cluster_size=4k", "3M"});
   Run("rm -rf q o");
   // Many refcount blocks: QEMU interleaves them with the data, we put them
   // last.
-  Compare({"prealloc 512", "preallocation=metadata,cluster_size=512", "4M",
-           Expect::kSameFileSize});
+  Compare({"prealloc 512", "preallocation=metadata,cluster_size=512", "4M", Expect::kSameFileSize});
   Run("rm -rf q o");
-  Compare({"prealloc 512/64",
-           "preallocation=metadata,cluster_size=512,refcount_bits=64", "2M",
+  Compare({"prealloc 512/64", "preallocation=metadata,cluster_size=512,refcount_bits=64", "2M",
            Expect::kNotLarger});
   Run("rm -rf q o");
-  Compare({"prealloc 512/1",
-           "preallocation=metadata,cluster_size=512,refcount_bits=1", "8M",
+  Compare({"prealloc 512/1", "preallocation=metadata,cluster_size=512,refcount_bits=1", "8M",
            Expect::kSameFileSize});
   Run("rm -rf q o");
-  Compare({"prealloc 64k 10G", "preallocation=metadata", "10G",
-           Expect::kSameFileSize});
+  Compare({"prealloc 64k 10G", "preallocation=metadata", "10G", Expect::kSameFileSize});
   Run("rm -rf q o");
-  Compare({"prealloc v2", "preallocation=metadata,compat=0.10,cluster_size=16k",
-           "100M"});
+  Compare({"prealloc v2", "preallocation=metadata,compat=0.10,cluster_size=16k", "100M"});
 }
 
 TEST_F(CreateTest, PreallocatedTerabyteIsFast) {
   auto start = std::chrono::steady_clock::now();
   Compare({"1T 2M", "preallocation=metadata,cluster_size=2M", "1T"});
-  double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-          .count();
-  EXPECT_LT(seconds, 30) << "creating, checking and comparing took " << seconds
-                         << " s";
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(seconds, 30) << "creating, checking and comparing took " << seconds << " s";
 }
 
 TEST_F(CreateTest, PreallocatedTerabyteOurPartIsFast) {
@@ -468,21 +421,15 @@ TEST_F(CreateTest, PreallocatedTerabyteOurPartIsFast) {
   o.preallocation = Prealloc::kMetadata;
   auto start = std::chrono::steady_clock::now();
   ASSERT_TRUE(BlockOn(CreateImage(SyncEnv(), o)).ok());
-  double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-          .count();
-  std::printf("created 1 TiB, 2 MiB clusters, preallocated in %.2f s\n",
-              seconds);
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("created 1 TiB, 2 MiB clusters, preallocated in %.2f s\n", seconds);
   EXPECT_LT(seconds, 5);
   o.path = P("big64k.qcow2");
   o.cluster_size = 65536;
   start = std::chrono::steady_clock::now();
   ASSERT_TRUE(BlockOn(CreateImage(SyncEnv(), o)).ok());
-  seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-          .count();
-  std::printf("created 1 TiB, 64 KiB clusters, preallocated in %.2f s\n",
-              seconds);
+  seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("created 1 TiB, 64 KiB clusters, preallocated in %.2f s\n", seconds);
   EXPECT_LT(seconds, 20) << "1 TiB with 64k clusters (128 MiB of L2 tables)";
   ExpectChecksClean("", "big64k.qcow2");
 }
@@ -497,13 +444,10 @@ TEST_F(CreateTest, PreallocatedMultiGiBSmallClusters64BitRefcounts) {
       "img.qcow2 4G",
       "q");
   auto start = std::chrono::steady_clock::now();
-  Status st =
-      CreateWith("cluster_size=512,refcount_bits=64,preallocation=metadata",
-                 "4G", P("o/img.qcow2"));
+  Status st = CreateWith("cluster_size=512,refcount_bits=64,preallocation=metadata", "4G",
+                         P("o/img.qcow2"));
   ASSERT_TRUE(st.ok()) << st.ToString();
-  double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-          .count();
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::printf(
       "created 4 GiB, 512-byte clusters, 64-bit refcounts, preallocated in "
       "%.2f s\n",
@@ -512,9 +456,7 @@ TEST_F(CreateTest, PreallocatedMultiGiBSmallClusters64BitRefcounts) {
   EXPECT_EQ(Info("o", "img.qcow2"), Info("q", "img.qcow2"));
   std::string check = Output("qemu-img check img.qcow2", "o");
   EXPECT_NE(check.find("No errors were found"), std::string::npos) << check;
-  EXPECT_NE(check.find("8388608/8388608 = 100.00% allocated"),
-            std::string::npos)
-      << check;
+  EXPECT_NE(check.find("8388608/8388608 = 100.00% allocated"), std::string::npos) << check;
   Run("qemu-io -c 'write -P 0x5a 4095M 64k' -c 'read -P 0x5a 4095M 64k' "
       "img.qcow2 | grep -q 'read 65536/65536'",
       "o");
@@ -558,8 +500,7 @@ TEST_F(CreateTest, ReopensWithOpenImageAndReadsZeros) {
   EXPECT_EQ((*dev)->size(), 1000448u);
   std::vector<std::byte> buf(1000448, std::byte{1});
   ASSERT_TRUE(BlockOn((*dev)->Read(0, buf)).ok());
-  EXPECT_EQ(std::count(buf.begin(), buf.end(), std::byte{0}),
-            static_cast<long>(buf.size()));
+  EXPECT_EQ(std::count(buf.begin(), buf.end(), std::byte{0}), static_cast<long>(buf.size()));
 }
 
 TEST_F(CreateTest, DeferredCompletionEnvGivesTheSameBytes) {
@@ -567,10 +508,9 @@ TEST_F(CreateTest, DeferredCompletionEnvGivesTheSameBytes) {
   mo.completion = testing::MemEnvOptions::Completion::kDeferred;
   mo.seed = 7;
   testing::MemEnv env(mo);
-  for (std::string opts :
-       {"", "preallocation=metadata,cluster_size=4k",
-        "cluster_size=512,refcount_bits=2,preallocation=metadata",
-        "data_file=d.raw,data_file_raw=on"}) {
+  for (std::string opts : {"", "preallocation=metadata,cluster_size=4k",
+                           "cluster_size=512,refcount_bits=2,preallocation=metadata",
+                           "data_file=d.raw,data_file_raw=on"}) {
     SCOPED_TRACE(opts);
     Run("rm -f a.qcow2 d.raw");
     ASSERT_TRUE(CreateWith(opts, "3M", P("a.qcow2")).ok());
@@ -609,8 +549,7 @@ TEST(ParseCreateOptionsTest, ParsesEveryKey) {
   EXPECT_EQ(o->data_file, "a,b.raw");
   EXPECT_EQ(o->preallocation, Prealloc::kMetadata);
 
-  o = ParseCreateOptions(
-      "backing_file=b.qcow2,backing_fmt=raw,compat=v2,cluster_size=512", base);
+  o = ParseCreateOptions("backing_file=b.qcow2,backing_fmt=raw,compat=v2,cluster_size=512", base);
   ASSERT_TRUE(o.ok()) << o.status().ToString();
   EXPECT_EQ(o->backing_file, "b.qcow2");
   EXPECT_EQ(o->backing_format, "raw");
@@ -618,9 +557,8 @@ TEST(ParseCreateOptionsTest, ParsesEveryKey) {
   EXPECT_EQ(o->cluster_size, 512u);
   EXPECT_FALSE(o->size.has_value());
 
-  o = ParseCreateOptions(
-      "cluster_size=64k,cluster_size=4096b,refcount_bits=010,lazy_refcounts",
-      base);
+  o = ParseCreateOptions("cluster_size=64k,cluster_size=4096b,refcount_bits=010,lazy_refcounts",
+                         base);
   ASSERT_TRUE(o.ok()) << o.status().ToString();
   EXPECT_EQ(o->cluster_size, 4096u);
   EXPECT_EQ(o->refcount_bits, 8u);
@@ -647,51 +585,37 @@ void ExpectError(std::string_view list, std::string_view message,
   ASSERT_FALSE(o.ok()) << list;
   EXPECT_EQ(o.status().code(), code) << list << ": " << o.status().ToString();
   EXPECT_NE(o.status().message().find(message), std::string::npos)
-      << list << ": got \"" << o.status().message() << "\", want \"" << message
-      << "\"";
+      << list << ": got \"" << o.status().message() << "\", want \"" << message << "\"";
 }
 
 TEST(ParseCreateOptionsTest, BadOptionsGiveQemusErrors) {
   ExpectError("foo=bar", "Invalid parameter 'foo'");
-  ExpectError("cluster_size",
-              "Parameter 'cluster_size' expects a non-negative number");
-  ExpectError("cluster_size=abc",
-              "Parameter 'cluster_size' expects a non-negative number");
-  ExpectError("cluster_size=1k5",
-              "Parameter 'cluster_size' expects a non-negative number");
-  ExpectError("cluster_size=99999999999999999999",
-              "Parameter 'cluster_size' expects");
-  ExpectError("lazy_refcounts=maybe",
-              "Parameter 'lazy_refcounts' expects 'on' or 'off'");
-  ExpectError("refcount_bits=abc",
-              "Parameter 'refcount_bits' expects a number");
-  ExpectError("compression_type=lz4",
-              "Parameter 'compression_type' does not accept value 'lz4'");
-  ExpectError("preallocation=bogus",
-              "Parameter 'preallocation' does not accept value 'bogus'");
-  ExpectError("preallocation=full",
-              "preallocation mode 'full' is not supported",
+  ExpectError("cluster_size", "Parameter 'cluster_size' expects a non-negative number");
+  ExpectError("cluster_size=abc", "Parameter 'cluster_size' expects a non-negative number");
+  ExpectError("cluster_size=1k5", "Parameter 'cluster_size' expects a non-negative number");
+  ExpectError("cluster_size=99999999999999999999", "Parameter 'cluster_size' expects");
+  ExpectError("lazy_refcounts=maybe", "Parameter 'lazy_refcounts' expects 'on' or 'off'");
+  ExpectError("refcount_bits=abc", "Parameter 'refcount_bits' expects a number");
+  ExpectError("compression_type=lz4", "Parameter 'compression_type' does not accept value 'lz4'");
+  ExpectError("preallocation=bogus", "Parameter 'preallocation' does not accept value 'bogus'");
+  ExpectError("preallocation=full", "preallocation mode 'full' is not supported",
               Code::kNotSupported);
   ExpectError("preallocation=falloc", "not supported", Code::kNotSupported);
-  ExpectError("encryption=on", "encrypted images are not supported",
-              Code::kNotSupported);
-  ExpectError("encrypt.format=luks", "encrypted images are not supported",
-              Code::kNotSupported);
+  ExpectError("encryption=on", "encrypted images are not supported", Code::kNotSupported);
+  ExpectError("encrypt.format=luks", "encrypted images are not supported", Code::kNotSupported);
   ExpectError("compat=0.11", "Invalid compatibility level: '0.11'");
   ExpectError("lazy_refcounts=on,", "Invalid option list");
   ExpectError(",lazy_refcounts=on", "Invalid option list");
   ExpectError("backing_file=", "Expected backing file name, got empty string");
 
-  const std::string v3 =
-      "compatibility level 1.1 and above (use version=v3 or greater)";
+  const std::string v3 = "compatibility level 1.1 and above (use version=v3 or greater)";
   for (auto cs : {"1000", "256", "4M", "1.5k", "0"}) {
     ExpectError(fmt::format("cluster_size={}", cs),
                 "Cluster size must be a power of two between 512 and 2048k");
   }
   for (auto bits : {"0", "3", "128", "48"}) {
-    ExpectError(
-        fmt::format("refcount_bits={}", bits),
-        "Refcount width must be a power of two and may not exceed 64 bits");
+    ExpectError(fmt::format("refcount_bits={}", bits),
+                "Refcount width must be a power of two and may not exceed 64 bits");
   }
   ExpectError("compat=0.10,refcount_bits=8",
               "Different refcount widths than 16 bits require compatibility "
@@ -699,42 +623,34 @@ TEST(ParseCreateOptionsTest, BadOptionsGiveQemusErrors) {
   ExpectError("extended_l2=on,cluster_size=8k",
               "Extended L2 entries are only supported with cluster sizes of at "
               "least 16384 bytes");
-  ExpectError("extended_l2=on,compat=0.10",
-              "Extended L2 entries are only supported with " + v3);
+  ExpectError("extended_l2=on,compat=0.10", "Extended L2 entries are only supported with " + v3);
   ExpectError("compression_type=zstd,compat=0.10",
               "Non-zlib compression type is only supported with " + v3);
-  ExpectError("lazy_refcounts=on,compat=0.10",
-              "Lazy refcounts only supported with " + v3);
-  ExpectError("data_file=d.raw,compat=0.10",
-              "External data files are only supported with " + v3);
+  ExpectError("lazy_refcounts=on,compat=0.10", "Lazy refcounts only supported with " + v3);
+  ExpectError("data_file=d.raw,compat=0.10", "External data files are only supported with " + v3);
   ExpectError("data_file_raw=on", "data-file-raw requires data-file");
   ExpectError("data_file=d.raw,data_file_raw=on,backing_file=b.qcow2",
               "Backing file and data-file-raw cannot be used at the same time");
   ExpectError("preallocation=metadata,backing_file=b.qcow2",
               "Backing file and preallocation can only be used at the same "
               "time if extended_l2 is on");
-  ExpectError("backing_fmt=qcow2",
-              "Backing format cannot be used without backing file");
+  ExpectError("backing_fmt=qcow2", "Backing format cannot be used without backing file");
 }
 
 TEST(ParseCreateOptionsTest, QemuAgreesTheOptionsAreBad) {
   // Every list rejected above is rejected by qemu-img too (exit status 1).
   const char* tmp = std::getenv("TEST_TMPDIR");
   std::string dir = fmt::format("{}/qemu-agrees", tmp ? tmp : "/tmp");
-  ASSERT_EQ(
-      std::system(fmt::format("rm -rf '{0}' && mkdir -p '{0}'", dir).c_str()),
-      0);
+  ASSERT_EQ(std::system(fmt::format("rm -rf '{0}' && mkdir -p '{0}'", dir).c_str()), 0);
   for (std::string list :
-       {"foo=bar", "cluster_size=abc", "lazy_refcounts=maybe",
-        "compression_type=lz4", "preallocation=bogus", "cluster_size=1000",
-        "refcount_bits=3", "compat=0.10,refcount_bits=8",
-        "extended_l2=on,cluster_size=8k", "extended_l2=on,compat=0.10",
-        "compression_type=zstd,compat=0.10", "lazy_refcounts=on,compat=0.10",
-        "data_file=d.raw,compat=0.10", "data_file_raw=on", "backing_fmt=qcow2",
-        "compat=0.11"}) {
+       {"foo=bar", "cluster_size=abc", "lazy_refcounts=maybe", "compression_type=lz4",
+        "preallocation=bogus", "cluster_size=1000", "refcount_bits=3",
+        "compat=0.10,refcount_bits=8", "extended_l2=on,cluster_size=8k",
+        "extended_l2=on,compat=0.10", "compression_type=zstd,compat=0.10",
+        "lazy_refcounts=on,compat=0.10", "data_file=d.raw,compat=0.10", "data_file_raw=on",
+        "backing_fmt=qcow2", "compat=0.11"}) {
     std::string cmd = fmt::format(
-        "cd '{}' && qemu-img create -q -f qcow2 -o '{}' x.qcow2 1M 2>/dev/null",
-        dir, list);
+        "cd '{}' && qemu-img create -q -f qcow2 -o '{}' x.qcow2 1M 2>/dev/null", dir, list);
     EXPECT_NE(std::system(cmd.c_str()), 0) << list;
   }
 }
@@ -745,18 +661,14 @@ TEST_F(CreateTest, CreateImageErrors) {
   // No size and no backing file.
   Status st = BlockOn(CreateImage(SyncEnv(), o));
   EXPECT_TRUE(st.IsInvalidArgument());
-  EXPECT_NE(st.message().find("needs a size"), std::string::npos)
-      << st.ToString();
+  EXPECT_NE(st.message().find("needs a size"), std::string::npos) << st.ToString();
   // A missing backing file; nothing is created.
   o.backing_file = "missing.qcow2";
   o.backing_format = "qcow2";
   st = BlockOn(CreateImage(SyncEnv(), o));
   EXPECT_FALSE(st.ok());
-  EXPECT_NE(st.message().find("Could not open backing image"),
-            std::string::npos)
-      << st.ToString();
-  EXPECT_NE(st.message().find("No such file"), std::string::npos)
-      << st.ToString();
+  EXPECT_NE(st.message().find("Could not open backing image"), std::string::npos) << st.ToString();
+  EXPECT_NE(st.message().find("No such file"), std::string::npos) << st.ToString();
   EXPECT_EQ(FileSize(o.path), ~uint64_t{0});
   // The backing format does not match the file.
   Run("qemu-img create -q -f raw base.raw 1M");
@@ -764,9 +676,7 @@ TEST_F(CreateTest, CreateImageErrors) {
   o.backing_format = "qcow2";
   st = BlockOn(CreateImage(SyncEnv(), o));
   EXPECT_FALSE(st.ok());
-  EXPECT_NE(st.message().find("Could not open backing image"),
-            std::string::npos)
-      << st.ToString();
+  EXPECT_NE(st.message().find("Could not open backing image"), std::string::npos) << st.ToString();
   // Validation also happens in CreateImage for options built by hand.
   CreateOptions bad;
   bad.path = P("b.qcow2");
@@ -785,8 +695,7 @@ TEST_F(CreateTest, CreateImageErrors) {
   longname.size = 1 << 20;
   st = BlockOn(CreateImage(SyncEnv(), longname));
   EXPECT_TRUE(st.IsInvalidArgument()) << st.ToString();
-  EXPECT_NE(st.message().find("do not fit in a cluster"), std::string::npos)
-      << st.ToString();
+  EXPECT_NE(st.message().find("do not fit in a cluster"), std::string::npos) << st.ToString();
   longname.cluster_size = 4096;  // fits
   st = BlockOn(CreateImage(SyncEnv(), longname));
   EXPECT_TRUE(st.ok()) << st.ToString();
@@ -798,14 +707,12 @@ TEST_F(CreateTest, CreateImageErrors) {
   ASSERT_TRUE(BlockOn(CreateImage(SyncEnv(), self)).ok());
   self.backing_file = "self.qcow2";
   st = BlockOn(CreateImage(SyncEnv(), self));
-  EXPECT_NE(st.message().find("cannot be its own backing file"),
-            std::string::npos)
+  EXPECT_NE(st.message().find("cannot be its own backing file"), std::string::npos)
       << st.ToString();
   self.backing_file.reset();
   self.data_file = "./self.qcow2";
   st = BlockOn(CreateImage(SyncEnv(), self));
-  EXPECT_NE(st.message().find("cannot be its own data file"), std::string::npos)
-      << st.ToString();
+  EXPECT_NE(st.message().find("cannot be its own data file"), std::string::npos) << st.ToString();
   ExpectChecksClean("", "self.qcow2");  // untouched
   // An unwritable location.
   CreateOptions nodir;

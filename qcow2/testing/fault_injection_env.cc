@@ -1,21 +1,20 @@
 #include "qcow2/testing/fault_injection_env.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <coroutine>
-#include <deque>
 #include <cstring>
+#include <deque>
 #include <random>
 #include <utility>
-
-#include <fmt/format.h>
 
 namespace uq::qcow2::testing {
 namespace {
 
 // The operations that crash points count.
-constexpr uint32_t kBoundaries =
-    Fault::kWrite | Fault::kSync | Fault::kDiscard | Fault::kZero | Fault::kTruncate |
-    Fault::kAllocate;
+constexpr uint32_t kBoundaries = Fault::kWrite | Fault::kSync | Fault::kDiscard | Fault::kZero |
+                                 Fault::kTruncate | Fault::kAllocate;
 
 constexpr uint64_t kSectorSize = 512;
 
@@ -142,8 +141,7 @@ class FaultInjectionEnv::FaultFile final : public File {
     inner.length = req.length;
     if (admission.short_read) inner.length = std::min(inner.length, *admission.short_read);
     bool completed_inline = false;
-    Spawn(env_->Forward(base_.get(), model_, &req, inner, admission.sync_limit,
-                        &completed_inline));
+    Spawn(env_->Forward(base_.get(), model_, &req, inner, admission.sync_limit, &completed_inline));
     return completed_inline;
   }
 
@@ -238,9 +236,8 @@ bool FaultInjectionEnv::Alive(uint64_t generation) const {
   return generation == generation_ && !crashed_;
 }
 
-FaultInjectionEnv::Admission FaultInjectionEnv::Admit(const std::string& path,
-                                                      uint64_t generation, uint32_t kind,
-                                                      const FileModel& model) {
+FaultInjectionEnv::Admission FaultInjectionEnv::Admit(const std::string& path, uint64_t generation,
+                                                      uint32_t kind, const FileModel& model) {
   std::lock_guard lock(mu_);
   Admission admission;
   if (generation != generation_ || crashed_) {
@@ -266,8 +263,8 @@ FaultInjectionEnv::Admission FaultInjectionEnv::Admit(const std::string& path,
     if (fault.effect == Fault::Effect::kError) {
       if (admission.error == 0) admission.error = fault.error;
     } else if (kind == Fault::kRead) {
-      admission.short_read = std::min(admission.short_read.value_or(fault.short_read_bytes),
-                                      fault.short_read_bytes);
+      admission.short_read =
+          std::min(admission.short_read.value_or(fault.short_read_bytes), fault.short_read_bytes);
     }
   }
   if (admission.error != 0) return admission;
@@ -287,19 +284,18 @@ int64_t FaultInjectionEnv::Finish(FileModel& model, const IoRequest& request, in
       case IoRequest::Op::kRead:
         break;
       case IoRequest::Op::kWrite:
-        model.unsynced.push_back(Change{Change::Kind::kWrite, request.offset, request.length,
-                                        std::vector<std::byte>(request.data,
-                                                               request.data + request.length),
-                                        model.next_seq++});
+        model.unsynced.push_back(Change{
+            Change::Kind::kWrite, request.offset, request.length,
+            std::vector<std::byte>(request.data, request.data + request.length), model.next_seq++});
         break;
       case IoRequest::Op::kDiscard:
       case IoRequest::Op::kZero:
-        model.unsynced.push_back(Change{Change::Kind::kZero, request.offset, request.length, {},
-                                        model.next_seq++});
+        model.unsynced.push_back(
+            Change{Change::Kind::kZero, request.offset, request.length, {}, model.next_seq++});
         break;
       case IoRequest::Op::kAllocate:
-        model.unsynced.push_back(Change{Change::Kind::kExtend, request.offset + request.length, 0,
-                                        {}, model.next_seq++});
+        model.unsynced.push_back(Change{
+            Change::Kind::kExtend, request.offset + request.length, 0, {}, model.next_seq++});
         break;
       case IoRequest::Op::kSync:
         // A sync that completes after the crash point never completed.

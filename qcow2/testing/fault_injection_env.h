@@ -179,9 +179,9 @@ class FaultInjectionEnv final : public Env {
   };
   // What Admit() decided for one operation.
   struct Admission {
-    int error = 0;                        // > 0: fail now with this errno
-    std::optional<uint64_t> short_read;   // cap on a read's length
-    uint64_t sync_limit = 0;              // kSync: changes with seq below it
+    int error = 0;                       // > 0: fail now with this errno
+    std::optional<uint64_t> short_read;  // cap on a read's length
+    uint64_t sync_limit = 0;             // kSync: changes with seq below it
   };
 
   // Decides whether an operation of kind `kind` (a Fault bit) on a File of
@@ -203,12 +203,12 @@ class FaultInjectionEnv final : public Env {
   MemEnv* const base_;
   mutable std::mutex mu_;
   std::map<std::string, std::shared_ptr<FileModel>> models_;  // guarded by mu_
-  std::vector<ActiveFault> faults_;                            // guarded by mu_
-  uint64_t operation_count_ = 0;                               // guarded by mu_
-  std::optional<uint64_t> crash_at_;                           // guarded by mu_
-  bool crashed_ = false;                                       // guarded by mu_
-  uint64_t generation_ = 0;                                    // guarded by mu_
-  size_t in_flight_ = 0;                                       // guarded by mu_
+  std::vector<ActiveFault> faults_;                           // guarded by mu_
+  uint64_t operation_count_ = 0;                              // guarded by mu_
+  std::optional<uint64_t> crash_at_;                          // guarded by mu_
+  bool crashed_ = false;                                      // guarded by mu_
+  uint64_t generation_ = 0;                                   // guarded by mu_
+  size_t in_flight_ = 0;                                      // guarded by mu_
 };
 
 }  // namespace uq::qcow2::testing

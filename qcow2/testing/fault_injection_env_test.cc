@@ -38,7 +38,7 @@ class FaultInjectionEnvTest : public ::testing::TestWithParam<bool> {
  protected:
   FaultInjectionEnvTest()
       : mem_(MemEnvOptions{.completion = GetParam() ? MemEnvOptions::Completion::kDeferred
-                                                     : MemEnvOptions::Completion::kSynchronous,
+                                                    : MemEnvOptions::Completion::kSynchronous,
                            .seed = 42}),
         env_(&mem_) {}
 
@@ -362,12 +362,11 @@ TEST(FaultInjectionDeferredTest, WritesInFlightAtTheCrashReachTheFileButReportEi
   FaultInjectionEnv env(&mem);
   std::unique_ptr<File> f = std::move(env.Open("img", kCreate)).value();
   std::vector<std::byte> data = Filled(512, 1);
-  IoRequest in_flight{.op = IoRequest::Op::kWrite, .offset = 0, .data = data.data(),
-                      .length = 512};
+  IoRequest in_flight{.op = IoRequest::Op::kWrite, .offset = 0, .data = data.data(), .length = 512};
   EXPECT_FALSE(f->Start(in_flight));
   env.CrashAtOperation(1);
-  IoRequest crashing{.op = IoRequest::Op::kWrite, .offset = 512, .data = data.data(),
-                     .length = 512};
+  IoRequest crashing{
+      .op = IoRequest::Op::kWrite, .offset = 512, .data = data.data(), .length = 512};
   EXPECT_TRUE(f->Start(crashing));  // refused at once
   EXPECT_EQ(crashing.result, -EIO);
   EXPECT_TRUE(env.crashed());
@@ -422,8 +421,10 @@ TEST(FaultInjectionDeferredTest, ManyConcurrentWritesAndSyncsCrashConsistently) 
         r.op = IoRequest::Op::kSync;
       } else {
         const int b = i - i / 5;
-        r = {.op = IoRequest::Op::kWrite, .offset = static_cast<uint64_t>(b % 8) * 512,
-             .data = blocks[b].data(), .length = 512};
+        r = {.op = IoRequest::Op::kWrite,
+             .offset = static_cast<uint64_t>(b % 8) * 512,
+             .data = blocks[b].data(),
+             .length = 512};
       }
       EXPECT_FALSE(f->Start(r));
       if (i % 3 == 0) mem.Poll();

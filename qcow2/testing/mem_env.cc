@@ -1,6 +1,7 @@
 #include "qcow2/testing/mem_env.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -9,8 +10,6 @@
 #include <coroutine>
 #include <cstring>
 #include <utility>
-
-#include <fmt/format.h>
 
 namespace uq::qcow2::testing {
 
@@ -45,7 +44,10 @@ class HostFd {
 class MemEnv::MemFile final : public File {
  public:
   MemFile(MemEnv* env, std::shared_ptr<Node> node, std::string path, bool writable, bool direct)
-      : env_(env), node_(std::move(node)), path_(std::move(path)), writable_(writable),
+      : env_(env),
+        node_(std::move(node)),
+        path_(std::move(path)),
+        writable_(writable),
         direct_(direct) {}
 
   Result<uint64_t> Size() override {
@@ -261,12 +263,12 @@ Status MemEnv::ExportToHostFile(const std::string& path_in_env,
   if (fd.get() < 0) return Status::FromErrno(errno, host_path);
   uint64_t done = 0;
   while (done < bytes.size()) {
-    ssize_t n = ::pwrite(fd.get(), bytes.data() + done, bytes.size() - done,
-                         static_cast<off_t>(done));
+    ssize_t n =
+        ::pwrite(fd.get(), bytes.data() + done, bytes.size() - done, static_cast<off_t>(done));
     if (n < 0) {
       if (errno == EINTR) continue;
-      return Status::FromErrno(errno, fmt::format("{}: export of {} at offset {}", host_path,
-                                                  path_in_env, done));
+      return Status::FromErrno(
+          errno, fmt::format("{}: export of {} at offset {}", host_path, path_in_env, done));
     }
     done += static_cast<uint64_t>(n);
   }
@@ -284,8 +286,8 @@ Status MemEnv::ImportFromHostFile(const std::string& host_path, const std::strin
   std::vector<std::byte> bytes(static_cast<size_t>(st.st_size));
   uint64_t done = 0;
   while (done < bytes.size()) {
-    ssize_t n = ::pread(fd.get(), bytes.data() + done, bytes.size() - done,
-                        static_cast<off_t>(done));
+    ssize_t n =
+        ::pread(fd.get(), bytes.data() + done, bytes.size() - done, static_cast<off_t>(done));
     if (n < 0) {
       if (errno == EINTR) continue;
       return Status::FromErrno(errno, fmt::format("{}: import at offset {}", host_path, done));

@@ -4,6 +4,7 @@
 #ifndef UBLK_QCOW2_QCOW2_TESTING_SCRATCH_DIR_H_
 #define UBLK_QCOW2_QCOW2_TESTING_SCRATCH_DIR_H_
 
+#include <fmt/format.h>
 #include <sys/wait.h>
 
 #include <cstddef>
@@ -13,8 +14,6 @@
 #include <iterator>
 #include <string>
 #include <vector>
-
-#include <fmt/format.h>
 
 namespace uq::qcow2::testing {
 
@@ -52,7 +51,8 @@ class ScratchDir {
   }
 
   void Spit(const std::string& rel, const std::vector<std::byte>& bytes) const {
-    std::ofstream(path(rel), std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+    std::ofstream(path(rel), std::ios::binary)
+        .write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
   }
 
  private:
