@@ -135,6 +135,12 @@ class Qcow2Image final : public BlockDevice {
   // zero subclusters are written: per-subcluster locking suffices.
   bool SubclusterWritable(uint64_t offset, const L2Entry& e) const;
   Task<Status> SubclusterAllocatingWrite(uint64_t offset, std::span<const std::byte> data);
+  // Writes `data` at `in_cluster` into host cluster `host`, and around it, in
+  // [write_start, write_end), what the cluster read as before (`old`; the
+  // guest cluster starts at `cluster_start`), in one write of the window.
+  Task<Status> WriteWithCow(const L2Entry& old, uint64_t cluster_start, uint64_t host,
+                            uint64_t write_start, uint64_t write_end, uint64_t in_cluster,
+                            std::span<const std::byte> data);
   // Makes the L2 table for `offset` exist and belong to the active L1 only.
   Task<Status> PrepareL2(uint64_t offset);
   // Stores a new entry for the cluster at `offset`. REQUIRES: PrepareL2

@@ -138,19 +138,9 @@ Task<Status> Qcow2Image::SubclusterAllocatingWrite(uint64_t offset,
   }
   const uint64_t write_start = first * geo_.subcluster_size;
   const uint64_t write_end = (last + 1) * geo_.subcluster_size;
-  AlignedBuffer buf(write_end - write_start);
-  const uint64_t head = in_cluster - write_start;
-  const uint64_t tail_at = in_cluster + data.size();
-  if (head > 0)
-    CO_RETURN_IF_ERROR(
-        co_await ReadWithEntry(old, cluster_start + write_start, buf.span().first(head)));
-  std::memcpy(buf.data() + head, data.data(), data.size());
-  if (tail_at < write_end) {
-    CO_RETURN_IF_ERROR(co_await ReadWithEntry(old, cluster_start + tail_at,
-                                              buf.span().subspan(tail_at - write_start)));
-  }
-  CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host + write_start, buf.size()));
-  CO_RETURN_IF_ERROR(co_await data_file().Write(host + write_start, buf.span()));
+  CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host + write_start, write_end - write_start));
+  CO_RETURN_IF_ERROR(
+      co_await WriteWithCow(old, cluster_start, host, write_start, write_end, in_cluster, data));
   // Merge our bits into the entry as it is now (other subclusters may have
   // been allocated meanwhile).
   auto lock = co_await meta_mutex_.Acquire();
@@ -292,19 +282,11 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
 
   // Copy-on-write: the untouched head and tail come from what the cluster
   // read as before (backing file, zeros, compressed or shared data).
-  AlignedBuffer buf(write_end - write_start);
-  const uint64_t head = in_cluster - write_start;
-  const uint64_t tail_at = in_cluster + data.size();
   Status st;
-  if (head > 0)
-    st = co_await ReadWithEntry(old, cluster_start + write_start, buf.span().first(head));
-  std::memcpy(buf.data() + head, data.data(), data.size());
-  if (st.ok() && tail_at < write_end) {
-    st = co_await ReadWithEntry(old, cluster_start + tail_at,
-                                buf.span().subspan(tail_at - write_start));
+  if (reuse) st = co_await CheckNoOverlap(host + write_start, write_end - write_start);
+  if (st.ok()) {
+    st = co_await WriteWithCow(old, cluster_start, host, write_start, write_end, in_cluster, data);
   }
-  if (st.ok() && reuse) st = co_await CheckNoOverlap(host + write_start, buf.size());
-  if (st.ok()) st = co_await data_file().Write(host + write_start, buf.span());
   auto lock = co_await meta_mutex_.Acquire();
   if (!st.ok()) {
     if (fresh) refcounts_->DeferDecrement(host / geo_.cluster_size);
@@ -314,6 +296,27 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   if (!reuse) ReleaseEntry(old);
   Publish(offset, updated);  // current: this cluster's exclusive lock is held
   co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::WriteWithCow(const L2Entry& old, uint64_t cluster_start, uint64_t host,
+                                      uint64_t write_start, uint64_t write_end, uint64_t in_cluster,
+                                      std::span<const std::byte> data) {
+  const uint64_t head = in_cluster - write_start;
+  const uint64_t tail_at = in_cluster + data.size();
+  // (QEMU zeroes the window with a ZERO_RANGE and writes only the data when
+  // the rest reads as zeros; on ext4 here that measured 10-20% slower for
+  // 4 KiB writes into 64 KiB subclusters than this one write, so we do not.)
+  AlignedBuffer buf(write_end - write_start);
+  if (head > 0) {
+    CO_RETURN_IF_ERROR(
+        co_await ReadWithEntry(old, cluster_start + write_start, buf.span().first(head)));
+  }
+  std::memcpy(buf.data() + head, data.data(), data.size());
+  if (tail_at < write_end) {
+    CO_RETURN_IF_ERROR(co_await ReadWithEntry(old, cluster_start + tail_at,
+                                              buf.span().subspan(tail_at - write_start)));
+  }
+  co_return co_await data_file().Write(host + write_start, buf.span());
 }
 
 Task<void> Qcow2Image::ExtendTo(uint64_t end) {
