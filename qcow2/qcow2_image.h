@@ -176,7 +176,11 @@ class Qcow2Image final : public BlockDevice {
   // the cluster's lock is held, or the image is read-only.
   void Publish(uint64_t offset, const L2Entry& entry);
   // Whether `entry` maps its whole cluster to data, and where (writable: as
-  // the engine's own in-place write would find it).
+  // the engine's own in-place write would find it). Decided once, when
+  // published: new metadata (L2 tables, refcount blocks) only ever comes from
+  // clusters with refcount 0, which no valid mapping points at, so a later
+  // overlap could only come from an image whose refcounts already under-count
+  // a mapped cluster (a corruption `check` reports).
   bool Publishable(const L2Entry& entry, uint64_t* host, bool* writable) const;
   // Publishes every cluster of a freshly loaded L2 slice that no request
   // holds or waits for; `first_cluster` is the guest cluster of its first entry.

@@ -90,7 +90,18 @@ Result<std::unique_ptr<Ring>> Ring::Create(const RingOptions& options) {
   }
 
   auto ring = std::make_unique<Ring>(Key{});
-  int ret = io_uring_queue_init_params(options.entries, &ring->ring_, &params);
+  // COOP_TASKRUN (Linux 5.19+): completions that need this thread's task
+  // work (ublk commands among them) wait for its next entry into the kernel
+  // instead of interrupting it; the loop enters the kernel whenever it waits
+  // anyway. Older kernels reject the flag: retry without it.
+  io_uring_params with_coop = params;
+  with_coop.flags |= IORING_SETUP_COOP_TASKRUN;
+  int ret = io_uring_queue_init_params(options.entries, &ring->ring_, &with_coop);
+  if (ret == -EINVAL) {
+    ret = io_uring_queue_init_params(options.entries, &ring->ring_, &params);
+  } else {
+    params = with_coop;
+  }
   if (ret < 0) {
     std::string what =
         fmt::format("io_uring_setup ({} entries{}{})", options.entries,
