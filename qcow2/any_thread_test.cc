@@ -205,6 +205,21 @@ TEST_F(AnyThreadTest, RemappingWaitsForRequestsOnOtherThreads) {
   CloseAndCheck();
 }
 
+TEST_F(AnyThreadTest, BackingFilesPublishNothing) {
+  Sh("qemu-img create -f qcow2 base.qcow2 1M");
+  Sh("qemu-io -c 'write -P 0x11 0 1M' base.qcow2");
+  Sh("qemu-img create -f qcow2 -b base.qcow2 -F qcow2 img.qcow2");
+  Sh("qemu-io -c 'write -P 0x22 0 64k' img.qcow2");
+  Open();
+  EXPECT_EQ(EngineRead(kCluster, 4096)[0], std::byte{0x11});  // from the backing file
+  EXPECT_TRUE(HereRead(0, 4096)) << "the top image's own cluster";
+  EXPECT_FALSE(HereRead(kCluster, 4096)) << "unallocated in the top image";
+  auto* base = static_cast<Qcow2Image*>(img_->backing());
+  ASSERT_NE(base, nullptr);
+  EXPECT_EQ(base->shared_map().published(), 0u);
+  CloseAndCheck();
+}
+
 TEST_F(AnyThreadTest, ClosedOrReadOnlyImagesServeNoWritesHere) {
   Sh("qemu-img create -f qcow2 img.qcow2 1M");
   Sh("qemu-io -c 'write -P 0x11 0 1M' img.qcow2");

@@ -86,6 +86,7 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
     co_return Status::Corruption(
         fmt::format("{}: backing chain loop: this image is its own backing file", path));
   }
+  const bool top = chain.seen.size() == 1;  // (backing files add themselves below)
   OpenOptions open;
   open.writable = options.writable;
   open.direct = options.direct;
@@ -139,6 +140,7 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
   parts.cache_size = options.cache_size;
   parts.preallocate = options.preallocate;
   parts.env = options.env;
+  parts.publish = top;  // backing files are read by the engine only
   CO_ASSIGN_OR_RETURN(std::unique_ptr<Qcow2Image> image,
                       co_await Qcow2Image::Open(std::move(parts)));
   co_return std::unique_ptr<BlockDevice>(std::move(image));

@@ -38,9 +38,10 @@ Qcow2Image::Qcow2Image(Qcow2OpenParts parts)
       size_(header_.size & ~uint64_t{511}),
       writable_(parts.writable),
       preallocate_(parts.preallocate),
+      publish_(parts.publish),
       env_(parts.env),
       l2_cache_(file_.get(), std::min(kL2SliceBytes, geo_.cluster_size), parts.cache_size),
-      shared_map_(SharedMapSlots(parts.cache_size)) {}
+      shared_map_(parts.publish ? SharedMapSlots(parts.cache_size) : 1) {}
 
 Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts) {
   if (parts.header.has_data_file() != (parts.data_file != nullptr)) {
@@ -319,6 +320,7 @@ void Qcow2Image::PublishSlice(const MetadataCache::SliceRef& slice, uint64_t fir
   // Only clusters nobody holds or waits for: their cached entry is current,
   // and whoever remaps them later takes the exclusive lock, which revokes.
   // (A cluster being remapped right now is locked, and skipped.)
+  if (!publish_) return;
   const bool check_locks = writable_ && cluster_locks_.busy_keys() > 0;
   const std::span<const std::byte> bytes = slice.bytes();
   const uint64_t entries = bytes.size() / geo_.l2_entry_bytes;
@@ -344,7 +346,7 @@ void Qcow2Image::Publish(uint64_t offset, const L2Entry& e) {
 
 bool Qcow2Image::Publishable(const L2Entry& e, uint64_t* host, bool* writable) const {
   const bool has_df = data_file_ != nullptr;
-  if (e.compressed() || !e.has_host_cluster(has_df)) return false;
+  if (!publish_ || e.compressed() || !e.has_host_cluster(has_df)) return false;
   if (geo_.extended_l2) {
     // Every subcluster allocated, none zero (kData for all 32, as Kind says).
     if (e.bitmap != kAllSubclustersAllocated || !geo_.cluster_aligned(e.host_cluster()))

@@ -74,6 +74,9 @@ struct Qcow2OpenParts {
   uint64_t cache_size = 32ull << 20;
   uint64_t preallocate = 0;  // ImageOptions::preallocate
   Env* env = nullptr;        // for RunOffThread; null: inline
+  // Publish mappings for TryAnyThread (the top of a chain); backing files,
+  // which only the engine reads, keep a one-slot SharedMap and publish nothing.
+  bool publish = true;
 };
 
 class Qcow2Image final : public BlockDevice {
@@ -206,6 +209,7 @@ class Qcow2Image final : public BlockDevice {
   const uint64_t size_;
   bool writable_;
   const uint64_t preallocate_;
+  const bool publish_;
   Env* const env_;
   uint64_t file_size_ = 0;
   // How far the file has been grown ahead (>= file_size_ once grown).
