@@ -60,6 +60,8 @@ inline constexpr uint64_t kEntryZero = 1ull << 0;
 inline constexpr uint64_t kRefcountTableOffsetMask = 0xfffffffffffffe00ull;  // bits 9-63
 
 inline constexpr uint32_t kSubclustersPerCluster = 32;
+// Extended L2 bitmap: all 32 subclusters (the allocation half; << 32 for the zero half).
+inline constexpr uint64_t kAllSubclusters = 0xffffffffull;
 inline constexpr uint64_t kSectorSize = 512;
 
 // compression_type

@@ -17,8 +17,6 @@ namespace {
 constexpr uint64_t kL2SliceBytes = 4096;
 // Compressed clusters at least this large inflate off the engine thread.
 constexpr uint64_t kOffloadMinClusterSize = 32 * 1024;
-// Extended L2: the bitmap of a cluster whose 32 subclusters are all data.
-constexpr uint64_t kAllSubclustersAllocated = 0xffffffffull;
 // SharedMap slots: one per 512 bytes of L2 cache (65536, 1.5 MiB, with the
 // default 32 MiB cache), at most 2^16, so the map stays small next to it.
 size_t SharedMapSlots(uint64_t cache_size) {
@@ -349,8 +347,7 @@ bool Qcow2Image::Publishable(const L2Entry& e, uint64_t* host, bool* writable) c
   if (!publish_ || e.compressed() || !e.has_host_cluster(has_df)) return false;
   if (geo_.extended_l2) {
     // Every subcluster allocated, none zero (kData for all 32, as Kind says).
-    if (e.bitmap != kAllSubclustersAllocated || !geo_.cluster_aligned(e.host_cluster()))
-      return false;
+    if (e.bitmap != kAllSubclusters || !geo_.cluster_aligned(e.host_cluster())) return false;
   } else if (e.Kind(geo_, has_df, 0) != SubclusterKind::kData) {
     return false;
   }
@@ -358,10 +355,7 @@ bool Qcow2Image::Publishable(const L2Entry& e, uint64_t* host, bool* writable) c
   // Writable as the engine's own in-place write would find it: owned by this
   // image alone, and (in the image file) not one of its metadata clusters.
   *writable = writable_ && !closed_ && e.copied();
-  if (*writable && !has_df) {
-    const uint64_t c = *host / geo_.cluster_size;
-    *writable = !metadata_clusters_.count(c) && !refcounts_->IsRefcountMetadata(c);
-  }
+  if (*writable && !has_df) *writable = !IsMetadataCluster(*host / geo_.cluster_size);
   return true;
 }
 

@@ -158,6 +158,9 @@ class Qcow2Image final : public BlockDevice {
   // Notes that the file now holds clusters up to `end` and, with
   // preallocation on, grows it ahead when `end` passes what was grown.
   Task<void> ExtendTo(uint64_t end);
+  // Whether host cluster `host_cluster` of the image file holds metadata the
+  // data path must never overwrite. REQUIRES: writable image.
+  bool IsMetadataCluster(uint64_t host_cluster) const;
   // Fails with Corruption, marking the image corrupt, if a data write to
   // [host, host + length) would hit metadata.
   Task<Status> CheckNoOverlap(uint64_t host, uint64_t length);

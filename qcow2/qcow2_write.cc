@@ -20,7 +20,6 @@ namespace {
 uint64_t SubclusterMask(uint32_t first, uint32_t last) {
   return ((uint64_t{1} << (last + 1)) - 1) & ~((uint64_t{1} << first) - 1);
 }
-constexpr uint64_t kAllSubclusters = 0xffffffffull;
 
 }  // namespace
 
@@ -47,10 +46,14 @@ bool Qcow2Image::WritableInPlace(const L2Entry& e, uint64_t in_cluster, uint64_t
   return true;
 }
 
+bool Qcow2Image::IsMetadataCluster(uint64_t host_cluster) const {
+  return metadata_clusters_.count(host_cluster) || refcounts_->IsRefcountMetadata(host_cluster);
+}
+
 Task<Status> Qcow2Image::CheckNoOverlap(uint64_t host, uint64_t length) {
   if (data_file_) co_return Status::Ok();  // data lives in another file
   for (uint64_t c = host / geo_.cluster_size; c <= (host + length - 1) / geo_.cluster_size; c++) {
-    if (metadata_clusters_.count(c) || refcounts_->IsRefcountMetadata(c)) {
+    if (IsMetadataCluster(c)) {
       co_return co_await MarkCorrupt(fmt::format(
           "a data write to host offset 0x{:x} would overwrite metadata in cluster {}", host, c));
     }
