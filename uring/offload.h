@@ -1,8 +1,10 @@
-// Offload: CPU-heavy work (inflating a compressed cluster) run on a small pool
-// of worker threads, with the waiting coroutine resumed on its own ring's
-// thread when the work is done.
+// Offload: CPU-heavy or blocking work (inflating a compressed cluster;
+// waiting until other threads' requests let go of a cluster the engine is
+// about to remap, qcow2/shared_map.h) run on a small pool of worker threads,
+// with the waiting coroutine resumed on its own ring's thread when the work
+// is done.
 //
-// Why: the engine serves every request of an image from one thread. A 64 KiB
+// Why: the engine serves every request that needs it from one thread. A 64 KiB
 // deflate cluster takes ~0.3 ms to inflate here; done inline, 32 compressed
 // reads in flight run one after another on one core while the other sits
 // idle (qemu-img inflates in a thread pool and was 1.3x faster).
