@@ -361,8 +361,12 @@ bool Qcow2Image::Publishable(const L2Entry& e, uint64_t* host, bool* writable) c
 
 Task<KeyedLock::Guard> Qcow2Image::LockToRemap(uint64_t cluster) {
   KeyedLock::Guard guard = co_await cluster_locks_.Lock(cluster, true);
-  if (shared_map_.Revoke(cluster)) co_await WaitUnpinned();
+  co_await RevokeForRemap(cluster);
   co_return guard;
+}
+
+Task<void> Qcow2Image::RevokeForRemap(uint64_t cluster) {
+  if (shared_map_.Revoke(cluster)) co_await WaitUnpinned();
 }
 
 Task<void> Qcow2Image::RevokeShared() {

@@ -137,10 +137,16 @@ class Qcow2Image final : public BlockDevice {
   // Extended L2: the cluster has its own host cluster and only unallocated or
   // zero subclusters are written: per-subcluster locking suffices.
   bool SubclusterWritable(uint64_t offset, const L2Entry& e) const;
+  // Whether bytes [from, to) of the cluster mapped by `e` read as zeros
+  // without reading its host cluster (zero flags, or unallocated and no
+  // backing file). An empty range does.
+  bool ReadsAsZeros(const L2Entry& e, uint64_t from, uint64_t to) const;
   Task<Status> SubclusterAllocatingWrite(uint64_t offset, std::span<const std::byte> data);
   // Writes `data` at `in_cluster` into host cluster `host`, and around it, in
   // [write_start, write_end), what the cluster read as before (`old`; the
-  // guest cluster starts at `cluster_start`), in one write of the window.
+  // guest cluster starts at `cluster_start`), in one write of the window;
+  // only `data` when the rest reads as zeros and the window lies where the
+  // data file has never been written (it reads as zeros there already).
   Task<Status> WriteWithCow(const L2Entry& old, uint64_t cluster_start, uint64_t host,
                             uint64_t write_start, uint64_t write_end, uint64_t in_cluster,
                             std::span<const std::byte> data);
@@ -193,6 +199,8 @@ class Qcow2Image final : public BlockDevice {
   void PublishSlice(const MetadataCache::SliceRef& slice, uint64_t first_cluster);
   // The cluster's exclusive lock, once no other thread uses its mapping.
   Task<KeyedLock::Guard> LockToRemap(uint64_t cluster);
+  // LockToRemap's second half, for a caller that already holds the lock.
+  Task<void> RevokeForRemap(uint64_t cluster);
   // Stops all use of the SharedMap and waits for the requests using it.
   Task<void> RevokeShared();
   // Waits (off this thread, through Env::RunOffThread) until no revoked
@@ -215,6 +223,9 @@ class Qcow2Image final : public BlockDevice {
   const bool publish_;
   Env* const env_;
   uint64_t file_size_ = 0;
+  // The data file's size when opened for writing: with File::written_end(),
+  // where it reads as zeros (UINT64_MAX: not writable, never asked).
+  uint64_t data_zeros_from_ = UINT64_MAX;
   // How far the file has been grown ahead (>= file_size_ once grown).
   uint64_t grown_end_ = 0;
   std::vector<uint64_t> l1_;

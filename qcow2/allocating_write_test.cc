@@ -1,0 +1,206 @@
+// How allocating writes touch the disk: a cluster past the end of everything
+// ever written gets only its data written (the rest of the file reads as
+// zeros there already), a reused cluster still gets its zeros, and writers
+// that queued behind the allocation of their cluster or subcluster write side
+// by side once it is done, not one at a time.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "qcow2/open_image.h"
+#include "qcow2/qcow2_image.h"
+#include "qcow2/testing/mem_env.h"
+#include "qcow2/testing/scratch_dir.h"
+
+namespace uq::qcow2 {
+namespace {
+
+using testing::MemEnv;
+using testing::MemEnvOptions;
+
+struct WriteRecord {
+  uint64_t offset;
+  uint64_t length;
+};
+
+// Records every write started through it.
+class RecordingFile final : public File {
+ public:
+  RecordingFile(std::unique_ptr<File> base, std::vector<WriteRecord>* writes)
+      : base_(std::move(base)), writes_(writes) {}
+  bool Start(IoRequest& req) override {
+    if (req.op == IoRequest::Op::kWrite) writes_->push_back({req.offset, req.length});
+    return base_->Start(req);
+  }
+  Result<uint64_t> Size() override { return base_->Size(); }
+  Status Truncate(uint64_t size) override { return base_->Truncate(size); }
+  const std::string& path() const override { return base_->path(); }
+
+ private:
+  std::unique_ptr<File> base_;
+  std::vector<WriteRecord>* writes_;
+};
+
+class RecordingEnv final : public Env {
+ public:
+  explicit RecordingEnv(Env* base) : base_(base) {}
+  Result<std::unique_ptr<File>> Open(const std::string& path, const OpenOptions& options) override {
+    ASSIGN_OR_RETURN(std::unique_ptr<File> f, base_->Open(path, options));
+    return std::unique_ptr<File>(std::make_unique<RecordingFile>(std::move(f), &writes));
+  }
+  bool Exists(const std::string& path) override { return base_->Exists(path); }
+  // The writes that touch [offset, offset + length).
+  std::vector<WriteRecord> Touching(uint64_t offset, uint64_t length) const {
+    std::vector<WriteRecord> out;
+    for (const WriteRecord& w : writes) {
+      if (w.offset < offset + length && offset < w.offset + w.length) out.push_back(w);
+    }
+    return out;
+  }
+  std::vector<WriteRecord> writes;
+
+ private:
+  Env* base_;
+};
+
+class AllocatingWriteTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    scratch_ = std::make_unique<testing::ScratchDir>(
+        std::string("alloc-") + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    ASSERT_TRUE(scratch_->ok());
+  }
+  void Sh(const std::string& cmd) {
+    std::string out;
+    ASSERT_EQ(scratch_->Sh(cmd, &out), 0) << cmd << "\n" << out;
+  }
+  // Opens host file `name` of the scratch directory, in `mem`, writable.
+  void Open(MemEnv* mem, Env* env, const std::string& name) {
+    ASSERT_TRUE(mem->ImportFromHostFile(scratch_->path(name), "/" + name).ok());
+    auto opened = BlockOn(OpenImage("/" + name, ImageOptions{.env = env, .writable = true}), mem);
+    ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+    dev_ = std::move(*opened);
+    image_ = static_cast<Qcow2Image*>(dev_.get());
+  }
+  // Closes the image, puts it back on the host and has qemu-img check it.
+  void CloseAndCheck(MemEnv* mem, const std::string& name) {
+    ASSERT_TRUE(BlockOn(dev_->Close(), mem).ok());
+    dev_.reset();
+    ASSERT_TRUE(mem->ExportToHostFile("/" + name, scratch_->path(name)).ok());
+    Sh("qemu-img check " + name);
+  }
+  uint64_t HostOf(MemEnv* mem, uint64_t guest) {
+    auto e = BlockOn(image_->LookupEntry(guest), mem);
+    EXPECT_TRUE(e.ok());
+    return e.ok() ? e->host_cluster() : 0;
+  }
+  // Runs `count` writes of `size` bytes of `fill` from `offset` on, all at
+  // once; returns the most writes MemEnv held in flight at any one time.
+  size_t ConcurrentWrites(MemEnv* mem, uint64_t offset, int count, size_t size, uint8_t fill) {
+    std::vector<std::byte> data(size, std::byte{fill});
+    int done = 0, failed = 0;
+    for (int i = 0; i < count; i++) {
+      Spawn([](BlockDevice* d, uint64_t off, std::span<const std::byte> b, int* done,
+               int* failed) -> Task<void> {
+        if (!(co_await d->Write(off, b, false)).ok()) ++*failed;
+        ++*done;
+      }(dev_.get(), offset + i * size, data, &done, &failed));
+    }
+    size_t peak = mem->pending();
+    while (mem->Poll()) peak = std::max(peak, mem->pending());
+    EXPECT_EQ(done, count);
+    EXPECT_EQ(failed, 0);
+    return peak;
+  }
+
+  std::unique_ptr<testing::ScratchDir> scratch_;
+  std::unique_ptr<BlockDevice> dev_;
+  Qcow2Image* image_ = nullptr;
+};
+
+TEST_F(AllocatingWriteTest, NewClusterPastTheEndGetsOnlyItsData) {
+  Sh("qemu-img create -q -f qcow2 -o cluster_size=64k img.qcow2 4M");
+  MemEnv mem;
+  RecordingEnv env(&mem);
+  Open(&mem, &env, "img.qcow2");
+  std::vector<std::byte> data(4096, std::byte{0xa5});
+  ASSERT_TRUE(BlockOn(dev_->Write(65536 + 8192, data, false), &mem).ok());
+  const uint64_t host = HostOf(&mem, 65536);
+  ASSERT_NE(host, 0u);
+  std::vector<WriteRecord> writes = env.Touching(host, 65536);
+  ASSERT_EQ(writes.size(), 1u);
+  EXPECT_EQ(writes[0].offset, host + 8192);
+  EXPECT_EQ(writes[0].length, 4096u);
+
+  std::vector<std::byte> cluster(65536);
+  ASSERT_TRUE(BlockOn(dev_->Read(65536, cluster), &mem).ok());
+  std::vector<std::byte> expected(65536);
+  std::fill_n(expected.begin() + 8192, 4096, std::byte{0xa5});
+  EXPECT_TRUE(cluster == expected);
+  CloseAndCheck(&mem, "img.qcow2");
+  Sh("qemu-io -c 'read -P 0 0 73728' -c 'read -P 0xa5 73728 4096' -c 'read -P 0 77824 53248' "
+     "img.qcow2");
+}
+
+// A free cluster inside the file may hold old bytes: allocating it must write
+// the zeros around the data.
+TEST_F(AllocatingWriteTest, ReusedClusterStillGetsItsZeros) {
+  Sh("qemu-img create -q -f qcow2 -o cluster_size=64k img.qcow2 4M");
+  Sh("qemu-io -c 'write -P 0x11 0 64k' -c 'write -P 0x22 64k 64k' -c 'discard 0 64k' img.qcow2");
+  // QEMU punched the freed cluster's hole; put stale bytes back into it.
+  Sh("qemu-img map --output=json img.qcow2 | grep -q '\"offset\": 393216'");  // guest 64k at
+                                                                              // 0x60000
+  Sh("head -c 65536 /dev/zero | tr '\\0' '\\377' | "
+     "dd of=img.qcow2 bs=65536 seek=5 conv=notrunc status=none");  // freed cluster 0x50000
+  MemEnv mem;
+  RecordingEnv env(&mem);
+  Open(&mem, &env, "img.qcow2");
+  std::vector<std::byte> data(4096, std::byte{0xa5});
+  ASSERT_TRUE(BlockOn(dev_->Write(3 * 65536 + 4096, data, false), &mem).ok());
+  ASSERT_EQ(HostOf(&mem, 3 * 65536), 5u * 65536) << "the test needs the freed cluster reused";
+  std::vector<WriteRecord> writes = env.Touching(5 * 65536, 65536);
+  ASSERT_EQ(writes.size(), 1u);
+  EXPECT_EQ(writes[0].offset, 5u * 65536);
+  EXPECT_EQ(writes[0].length, 65536u);
+  CloseAndCheck(&mem, "img.qcow2");
+  Sh("qemu-io -c 'read -P 0 192k 4k' -c 'read -P 0xa5 196k 4k' -c 'read -P 0 200k 56k' "
+     "-c 'read -P 0x22 64k 64k' img.qcow2");
+}
+
+// Sixteen 4 KiB writes into one new cluster: the first allocates it; the
+// other fifteen must then be in flight together. (Its L2 table exists but is
+// not cached: all sixteen find the cluster unallocated while the slice loads,
+// so all queue for the cluster's exclusive lock.)
+TEST_F(AllocatingWriteTest, WritersQueuedBehindAnAllocationWriteTogether) {
+  Sh("qemu-img create -q -f qcow2 -o cluster_size=64k img.qcow2 4M");
+  Sh("qemu-io -c 'write -P 0x77 0 64k' img.qcow2");
+  MemEnv mem({.completion = MemEnvOptions::Completion::kDeferred,
+              .seed = 3,
+              .max_completions_per_poll = 1});
+  Open(&mem, &mem, "img.qcow2");
+  EXPECT_GE(ConcurrentWrites(&mem, 2 * 65536, 16, 4096, 0x5c), 15u);
+  CloseAndCheck(&mem, "img.qcow2");
+  Sh("qemu-io -c 'read -P 0x77 0 64k' -c 'read -P 0 64k 64k' -c 'read -P 0x5c 128k 64k' "
+     "-c 'read -P 0 192k 64k' "
+     "img.qcow2");
+}
+
+// The same for one new 64 KiB subcluster of an allocated 2 MiB cluster.
+TEST_F(AllocatingWriteTest, WritersQueuedBehindASubclusterAllocationWriteTogether) {
+  Sh("qemu-img create -q -f qcow2 -o cluster_size=2M,extended_l2=on img.qcow2 8M");
+  Sh("qemu-io -c 'write -P 0x77 0 64k' img.qcow2");
+  MemEnv mem({.completion = MemEnvOptions::Completion::kDeferred,
+              .seed = 5,
+              .max_completions_per_poll = 1});
+  Open(&mem, &mem, "img.qcow2");
+  EXPECT_GE(ConcurrentWrites(&mem, 3 * 65536, 16, 4096, 0x5d), 15u);
+  CloseAndCheck(&mem, "img.qcow2");
+  Sh("qemu-io -c 'read -P 0x77 0 64k' -c 'read -P 0 64k 128k' -c 'read -P 0x5d 192k 64k' "
+     "-c 'read -P 0 256k 1792k' img.qcow2");
+}
+
+}  // namespace
+}  // namespace uq::qcow2
