@@ -3,6 +3,7 @@
 // next_in is const with ZLIB_CONST.
 #define ZLIB_CONST
 #include <fmt/format.h>
+#include <libdeflate.h>
 #include <zlib.h>
 #include <zstd.h>
 #include <zstd_errors.h>
@@ -95,7 +96,28 @@ Status UnknownType(CompressionType type) {
       fmt::format("unknown compression type {}", static_cast<unsigned>(type)));
 }
 
+struct LibdeflateFree {
+  void operator()(libdeflate_decompressor* p) const { libdeflate_free_decompressor(p); }
+};
+
+// libdeflate inflates a whole cluster 1.3x (base64 text) to 2.5x (program
+// binaries) faster than zlib here. It answers only the plain case: a stream
+// that fills the cluster exactly and ends there, with anything after it
+// ignored. Every other case (a stream that goes on past the cluster or whose
+// input stops early with the cluster full, which QEMU accepts; damaged data)
+// goes to zlib, which decides it and words the error.
+bool FastInflateCluster(std::span<const std::byte> in, std::span<std::byte> out) {
+  thread_local std::unique_ptr<libdeflate_decompressor, LibdeflateFree> d(
+      libdeflate_alloc_decompressor());
+  if (!d) return false;
+  size_t in_used = 0, produced = 0;
+  return libdeflate_deflate_decompress_ex(d.get(), in.data(), in.size(), out.data(), out.size(),
+                                          &in_used, &produced) == LIBDEFLATE_SUCCESS &&
+         produced == out.size();
+}
+
 Status InflateCluster(std::span<const std::byte> in, std::span<std::byte> out) {
+  if (FastInflateCluster(in, out)) return Status::Ok();
   thread_local Inflater inflater;
   z_stream* strm = inflater.Fresh();
   if (strm == nullptr) return Status::IoError("inflate: cannot initialise zlib (out of memory)");

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <cstdint>
 #include <cstdio>
@@ -140,6 +141,27 @@ TEST(CompressionTest, StreamLongerThanTheClusterFillsItAndStops) {
     ASSERT_TRUE(s.ok()) << TypeName(type) << ": " << s.ToString();
     EXPECT_EQ(0, std::memcmp(half.data(), data.data(), half.size()));
   }
+}
+
+// A raw deflate stream with no final block (flushed, never finished) that
+// fills the cluster exactly: QEMU accepts it, and so do we (zlib decides it;
+// libdeflate, our fast path, asks for a finished stream).
+TEST(CompressionTest, UnfinishedDeflateStreamThatFillsTheClusterIsAccepted) {
+  Bytes data = PatternAt(0, 65536);
+  z_stream s{};
+  ASSERT_EQ(deflateInit2(&s, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY), Z_OK);
+  Bytes packed(data.size() + 1024);
+  s.next_in = reinterpret_cast<Bytef*>(data.data());
+  s.avail_in = static_cast<uInt>(data.size());
+  s.next_out = reinterpret_cast<Bytef*>(packed.data());
+  s.avail_out = static_cast<uInt>(packed.size());
+  ASSERT_EQ(deflate(&s, Z_SYNC_FLUSH), Z_OK);
+  packed.resize(packed.size() - s.avail_out);
+  deflateEnd(&s);
+  Bytes back(data.size());
+  Status st = Decompress(CompressionType::kDeflate, packed, back);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(back, data);
 }
 
 TEST(CompressionTest, ZstdAcceptsSeveralFrames) {
