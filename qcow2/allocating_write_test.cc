@@ -202,5 +202,37 @@ TEST_F(AllocatingWriteTest, WritersQueuedBehindASubclusterAllocationWriteTogethe
      "-c 'read -P 0 256k 1792k' img.qcow2");
 }
 
+// A write spanning an allocated and an unallocated subcluster allocates the
+// second; meanwhile another request writes in place into the allocated one,
+// outside the first request's bytes. Neither may lose the other's data,
+// whatever order the I/O completes in.
+TEST_F(AllocatingWriteTest, SubclusterAllocationKeepsConcurrentInPlaceWrites) {
+  Sh("qemu-img create -q -f qcow2 -o cluster_size=2M,extended_l2=on img.qcow2 8M");
+  Sh("qemu-io -c 'write -P 0x77 0 64k' img.qcow2");
+  for (uint64_t seed = 1; seed <= 20; seed++) {
+    SCOPED_TRACE(fmt::format("seed {}", seed));
+    Sh("cp img.qcow2 run.qcow2");
+    MemEnv mem({.completion = MemEnvOptions::Completion::kDeferred,
+                .seed = seed,
+                .max_completions_per_poll = 1});
+    Open(&mem, &mem, "run.qcow2");
+    std::vector<std::byte> spanning(65536, std::byte{0xa1}), in_place(4096, std::byte{0xb2});
+    int done = 0;
+    auto write = [](BlockDevice* d, uint64_t off, std::span<const std::byte> b,
+                    int* done) -> Task<void> {
+      EXPECT_TRUE((co_await d->Write(off, b, false)).ok());
+      ++*done;
+    };
+    Spawn(write(dev_.get(), 32768, spanning, &done));  // second half of sc 0, first of sc 1
+    Spawn(write(dev_.get(), 0, in_place, &done));      // sc 0, allocated
+    while (mem.Poll()) {
+    }
+    ASSERT_EQ(done, 2);
+    CloseAndCheck(&mem, "run.qcow2");
+    Sh("qemu-io -c 'read -P 0xb2 0 4k' -c 'read -P 0x77 4k 28k' -c 'read -P 0xa1 32k 64k' "
+       "-c 'read -P 0 96k 32k' run.qcow2");
+  }
+}
+
 }  // namespace
 }  // namespace uq::qcow2

@@ -167,8 +167,16 @@ Task<Status> Qcow2Image::SubclusterAllocatingWrite(uint64_t offset,
     CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host + in_cluster, data.size()));
     co_return co_await data_file().Write(host + in_cluster, data);
   }
-  const uint64_t write_start = first * geo_.subcluster_size;
-  const uint64_t write_end = (last + 1) * geo_.subcluster_size;
+  // An end subcluster that is already allocated keeps its other bytes where
+  // they are: writing them back from a copy read before could undo an
+  // in-place write into it made meanwhile (those take no subcluster lock).
+  const bool has_df = data_file_ != nullptr;
+  const uint64_t write_start = old.Kind(geo_, has_df, first) == SubclusterKind::kData
+                                   ? in_cluster
+                                   : first * geo_.subcluster_size;
+  const uint64_t write_end = old.Kind(geo_, has_df, last) == SubclusterKind::kData
+                                 ? in_cluster + data.size()
+                                 : (last + 1) * geo_.subcluster_size;
   CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host + write_start, write_end - write_start));
   CO_RETURN_IF_ERROR(
       co_await WriteWithCow(old, cluster_start, host, write_start, write_end, in_cluster, data));
