@@ -26,13 +26,20 @@ struct WriteRecord {
   uint64_t length;
 };
 
-// Records every write started through it.
+// Records every write started through it, and every read (with its path).
+struct ReadRecord {
+  std::string path;
+  uint64_t offset;
+  uint64_t length;
+};
 class RecordingFile final : public File {
  public:
-  RecordingFile(std::unique_ptr<File> base, std::vector<WriteRecord>* writes)
-      : base_(std::move(base)), writes_(writes) {}
+  RecordingFile(std::unique_ptr<File> base, std::vector<WriteRecord>* writes,
+                std::vector<ReadRecord>* reads)
+      : base_(std::move(base)), writes_(writes), reads_(reads) {}
   bool Start(IoRequest& req) override {
     if (req.op == IoRequest::Op::kWrite) writes_->push_back({req.offset, req.length});
+    if (req.op == IoRequest::Op::kRead) reads_->push_back({path(), req.offset, req.length});
     return base_->Start(req);
   }
   Result<uint64_t> Size() override { return base_->Size(); }
@@ -42,6 +49,7 @@ class RecordingFile final : public File {
  private:
   std::unique_ptr<File> base_;
   std::vector<WriteRecord>* writes_;
+  std::vector<ReadRecord>* reads_;
 };
 
 class RecordingEnv final : public Env {
@@ -49,7 +57,7 @@ class RecordingEnv final : public Env {
   explicit RecordingEnv(Env* base) : base_(base) {}
   Result<std::unique_ptr<File>> Open(const std::string& path, const OpenOptions& options) override {
     ASSIGN_OR_RETURN(std::unique_ptr<File> f, base_->Open(path, options));
-    return std::unique_ptr<File>(std::make_unique<RecordingFile>(std::move(f), &writes));
+    return std::unique_ptr<File>(std::make_unique<RecordingFile>(std::move(f), &writes, &reads));
   }
   bool Exists(const std::string& path) override { return base_->Exists(path); }
   // The writes that touch [offset, offset + length).
@@ -60,7 +68,16 @@ class RecordingEnv final : public Env {
     }
     return out;
   }
+  // The reads of file `path`.
+  std::vector<ReadRecord> ReadsOf(const std::string& path) const {
+    std::vector<ReadRecord> out;
+    for (const ReadRecord& r : reads) {
+      if (r.path == path) out.push_back(r);
+    }
+    return out;
+  }
   std::vector<WriteRecord> writes;
+  std::vector<ReadRecord> reads;
 
  private:
   Env* base_;
@@ -98,17 +115,32 @@ class AllocatingWriteTest : public ::testing::Test {
     return e.ok() ? e->host_cluster() : 0;
   }
   // Runs `count` writes of `size` bytes of `fill` from `offset` on, all at
-  // once; returns the most writes MemEnv held in flight at any one time.
-  size_t ConcurrentWrites(MemEnv* mem, uint64_t offset, int count, size_t size, uint8_t fill) {
+  // once; or, with `first_alone`, the first until it has started a write of
+  // `size` bytes and then the others. Returns the most operations MemEnv
+  // held in flight at any one time after that.
+  size_t ConcurrentWrites(MemEnv* mem, RecordingEnv* env, uint64_t offset, int count, size_t size,
+                          uint8_t fill, bool first_alone) {
     std::vector<std::byte> data(size, std::byte{fill});
     int done = 0, failed = 0;
-    for (int i = 0; i < count; i++) {
+    auto spawn = [&](int i) {
       Spawn([](BlockDevice* d, uint64_t off, std::span<const std::byte> b, int* done,
                int* failed) -> Task<void> {
         if (!(co_await d->Write(off, b, false)).ok()) ++*failed;
         ++*done;
       }(dev_.get(), offset + i * size, data, &done, &failed));
+    };
+    int next = 0;
+    if (first_alone) {
+      spawn(next++);
+      auto started = [&] {
+        return std::any_of(env->writes.begin(), env->writes.end(),
+                           [&](const WriteRecord& w) { return w.length == size; });
+      };
+      while (!started() && mem->Poll()) {
+      }
+      EXPECT_TRUE(started());
     }
+    while (next < count) spawn(next++);
     size_t peak = mem->pending();
     while (mem->Poll()) peak = std::max(peak, mem->pending());
     EXPECT_EQ(done, count);
@@ -170,36 +202,103 @@ TEST_F(AllocatingWriteTest, ReusedClusterStillGetsItsZeros) {
      "-c 'read -P 0x22 64k 64k' img.qcow2");
 }
 
-// Sixteen 4 KiB writes into one new cluster: the first allocates it; the
-// other fifteen must then be in flight together. (Its L2 table exists but is
-// not cached: all sixteen find the cluster unallocated while the slice loads,
-// so all queue for the cluster's exclusive lock.)
-TEST_F(AllocatingWriteTest, WritersQueuedBehindAnAllocationWriteTogether) {
+// Sixteen 4 KiB writes into one new cluster at once: the first allocates it
+// and takes the other fifteen along in its one write. (Its L2 table exists
+// but is not cached: all sixteen find the cluster unallocated while the
+// slice loads, and queue for the cluster's exclusive lock.)
+TEST_F(AllocatingWriteTest, WritesQueuedBehindAnAllocationGoInItsWrite) {
   Sh("qemu-img create -q -f qcow2 -o cluster_size=64k img.qcow2 4M");
   Sh("qemu-io -c 'write -P 0x77 0 64k' img.qcow2");
   MemEnv mem({.completion = MemEnvOptions::Completion::kDeferred,
               .seed = 3,
               .max_completions_per_poll = 1});
-  Open(&mem, &mem, "img.qcow2");
-  EXPECT_GE(ConcurrentWrites(&mem, 2 * 65536, 16, 4096, 0x5c), 15u);
+  RecordingEnv env(&mem);
+  Open(&mem, &env, "img.qcow2");
+  ConcurrentWrites(&mem, &env, 2 * 65536, 16, 4096, 0x5c, false);
+  const uint64_t host = HostOf(&mem, 2 * 65536);
+  std::vector<WriteRecord> writes = env.Touching(host, 65536);
+  ASSERT_EQ(writes.size(), 1u);
+  EXPECT_EQ(writes[0].offset, host);
+  EXPECT_EQ(writes[0].length, 65536u);
   CloseAndCheck(&mem, "img.qcow2");
   Sh("qemu-io -c 'read -P 0x77 0 64k' -c 'read -P 0 64k 64k' -c 'read -P 0x5c 128k 64k' "
-     "-c 'read -P 0 192k 64k' "
-     "img.qcow2");
+     "-c 'read -P 0 192k 64k' img.qcow2");
 }
 
 // The same for one new 64 KiB subcluster of an allocated 2 MiB cluster.
-TEST_F(AllocatingWriteTest, WritersQueuedBehindASubclusterAllocationWriteTogether) {
+TEST_F(AllocatingWriteTest, WritesQueuedBehindASubclusterAllocationGoInItsWrite) {
   Sh("qemu-img create -q -f qcow2 -o cluster_size=2M,extended_l2=on img.qcow2 8M");
   Sh("qemu-io -c 'write -P 0x77 0 64k' img.qcow2");
   MemEnv mem({.completion = MemEnvOptions::Completion::kDeferred,
               .seed = 5,
               .max_completions_per_poll = 1});
-  Open(&mem, &mem, "img.qcow2");
-  EXPECT_GE(ConcurrentWrites(&mem, 3 * 65536, 16, 4096, 0x5d), 15u);
+  RecordingEnv env(&mem);
+  Open(&mem, &env, "img.qcow2");
+  ConcurrentWrites(&mem, &env, 3 * 65536, 16, 4096, 0x5d, false);
+  const uint64_t host = HostOf(&mem, 0) + 3 * 65536;
+  std::vector<WriteRecord> writes = env.Touching(host, 65536);
+  ASSERT_EQ(writes.size(), 1u);
+  EXPECT_EQ(writes[0].offset, host);
+  EXPECT_EQ(writes[0].length, 65536u);
   CloseAndCheck(&mem, "img.qcow2");
   Sh("qemu-io -c 'read -P 0x77 0 64k' -c 'read -P 0 64k 128k' -c 'read -P 0x5d 192k 64k' "
      "-c 'read -P 0 256k 1792k' img.qcow2");
+}
+
+// Over a backing file: writes taken along that cover the whole cluster leave
+// nothing to copy from the backing file; covering half of it, only the other
+// half is read.
+TEST_F(AllocatingWriteTest, WritesTakenAlongSpareTheCopyTheyCover) {
+  Sh("qemu-img create -q -f qcow2 -o cluster_size=64k base.qcow2 4M");
+  Sh("qemu-io -c 'write -P 0xb1 0 4M' base.qcow2");
+  for (int writes : {16, 8}) {
+    SCOPED_TRACE(fmt::format("{} writes of 4 KiB", writes));
+    Sh("rm -f img.qcow2 && qemu-img create -q -f qcow2 -o cluster_size=64k -b base.qcow2 "
+       "-F qcow2 img.qcow2 4M");
+    MemEnv mem({.completion = MemEnvOptions::Completion::kDeferred,
+                .seed = 11,
+                .max_completions_per_poll = 1});
+    ASSERT_TRUE(mem.ImportFromHostFile(scratch_->path("base.qcow2"), "/base.qcow2").ok());
+    RecordingEnv env(&mem);
+    // Load cluster 1's L2 slice of both images first, so that only the copy
+    // can read the backing file afterwards.
+    Open(&mem, &env, "img.qcow2");
+    std::vector<std::byte> probe(512);
+    ASSERT_TRUE(BlockOn(dev_->Read(65536, probe), &mem).ok());
+    env.reads.clear();
+    ConcurrentWrites(&mem, &env, 65536, writes, 4096, 0x5c, false);
+    std::vector<ReadRecord> copies = env.ReadsOf("/base.qcow2");
+    if (writes == 16) {
+      EXPECT_EQ(copies.size(), 0u);
+    } else {
+      ASSERT_EQ(copies.size(), 1u);
+      EXPECT_EQ(copies[0].length, 32768u);
+    }
+    CloseAndCheck(&mem, "img.qcow2");
+    Sh(
+        fmt::format("qemu-io -c 'read -P 0xb1 0 64k' -c 'read -P 0x5c 64k {0}' "
+                    "-c 'read -P 0xb1 {1} {2}' img.qcow2",
+                    writes * 4096, 65536 + writes * 4096, 4 * 1048576 - 65536 - writes * 4096));
+  }
+}
+
+// Writes that arrive once the allocation has made its write cannot go in it:
+// they wait for it, then must be in flight together, not one at a time.
+TEST_F(AllocatingWriteTest, WritesArrivingAfterTheAllocationsWriteGoTogether) {
+  for (const char* options : {"cluster_size=64k", "cluster_size=2M,extended_l2=on"}) {
+    SCOPED_TRACE(options);
+    Sh(fmt::format("qemu-img create -q -f qcow2 -o {} img.qcow2 8M", options));
+    Sh("qemu-io -c 'write -P 0x77 0 64k' img.qcow2");
+    MemEnv mem({.completion = MemEnvOptions::Completion::kDeferred,
+                .seed = 7,
+                .max_completions_per_poll = 1});
+    RecordingEnv env(&mem);
+    Open(&mem, &env, "img.qcow2");
+    EXPECT_GE(ConcurrentWrites(&mem, &env, 3 * 65536, 16, 4096, 0x5e, true), 15u);
+    CloseAndCheck(&mem, "img.qcow2");
+    Sh("qemu-io -c 'read -P 0x77 0 64k' -c 'read -P 0 64k 128k' -c 'read -P 0x5e 192k 64k' "
+       "-c 'read -P 0 256k 1792k' img.qcow2");
+  }
 }
 
 // A write spanning an allocated and an unallocated subcluster allocates the

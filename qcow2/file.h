@@ -159,7 +159,23 @@ class Env {
     work();
     co_return;
   }
+  // Arranges for `h` to resume once this thread's event loop has dispatched
+  // the completions at hand (so the requests they start have run up to
+  // their first wait), and returns true; or returns false, and the caller
+  // goes on at once, where there is no such loop (this default).
+  virtual bool Defer(std::coroutine_handle<> h) { return false; }
 };
+
+// co_await LetOthersCatchUp(env): Env::Defer as an awaitable; env may be null.
+inline auto LetOthersCatchUp(Env* env) {
+  struct Awaiter {
+    Env* env;
+    bool await_ready() const noexcept { return env == nullptr; }
+    bool await_suspend(std::coroutine_handle<> h) { return env->Defer(h); }
+    void await_resume() const noexcept {}
+  };
+  return Awaiter{env};
+}
 
 // A read or write that O_DIRECT cannot take as it is (unaligned offset,
 // length or buffer), seen through an aligned buffer covering the whole 4 KiB

@@ -59,6 +59,7 @@
 #include "qcow2/header.h"
 #include "qcow2/l2_entry.h"
 #include "qcow2/metadata_cache.h"
+#include "qcow2/queued_writes.h"
 #include "qcow2/refcounts.h"
 #include "qcow2/shared_map.h"
 #include "qcow2/snapshot_table.h"
@@ -141,15 +142,19 @@ class Qcow2Image final : public BlockDevice {
   // without reading its host cluster (zero flags, or unallocated and no
   // backing file). An empty range does.
   bool ReadsAsZeros(const L2Entry& e, uint64_t from, uint64_t to) const;
-  Task<Status> SubclusterAllocatingWrite(uint64_t offset, std::span<const std::byte> data);
+  // `me`: the write, registered by WriteInCluster.
+  Task<Status> SubclusterAllocatingWrite(QueuedWrite* me);
   // Writes `data` at `in_cluster` into host cluster `host`, and around it, in
   // [write_start, write_end), what the cluster read as before (`old`; the
   // guest cluster starts at `cluster_start`), in one write of the window;
   // only `data` when the rest reads as zeros and the window lies where the
   // data file has never been written (it reads as zeros there already).
+  // Queued writes of the cluster that lie inside the window go along in the
+  // same write; they are returned in `taken`, for the caller to
+  // QueuedWrites::Finish once the L2 entry is stored (or has failed).
   Task<Status> WriteWithCow(const L2Entry& old, uint64_t cluster_start, uint64_t host,
                             uint64_t write_start, uint64_t write_end, uint64_t in_cluster,
-                            std::span<const std::byte> data);
+                            std::span<const std::byte> data, std::vector<QueuedWrite*>* taken);
   // Makes the L2 table for `offset` exist and belong to the active L1 only.
   Task<Status> PrepareL2(uint64_t offset);
   // Stores a new entry for the cluster at `offset`. REQUIRES: PrepareL2
@@ -241,6 +246,8 @@ class Qcow2Image final : public BlockDevice {
   // By guest cluster * 32 + subcluster; taken exclusively (ascending) under
   // the cluster's shared lock to change subcluster bits.
   KeyedLock subcluster_locks_;
+  // Guest writes in WriteInCluster, for allocations to take along.
+  QueuedWrites queued_writes_;
   std::set<uint64_t> l1_dirty_chunks_;
   // Clusters holding metadata the data path must never overwrite: header,
   // L1 table, L2 tables, snapshot table and L1s (refcount metadata is asked

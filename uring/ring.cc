@@ -164,6 +164,11 @@ void Ring::SubmitPending() {
 }
 
 bool Ring::Poll() {
+  if (!deferred_.empty()) {
+    // Nothing waits for them but this thread: run them rather than block.
+    RunDeferred();
+    return true;
+  }
   if (in_flight_ == 0) return false;
   if (!stashed_.empty()) {
     // Completions are already waiting: do not block.
@@ -219,7 +224,15 @@ size_t Ring::Drain() {
     // next poll, which keeps one Poll() bounded.
     if (n < kDrainBatch) break;
   }
+  RunDeferred();
   return total;
+}
+
+void Ring::RunDeferred() {
+  if (deferred_.empty()) return;
+  std::vector<std::coroutine_handle<>> now;
+  now.swap(deferred_);
+  for (std::coroutine_handle<> h : now) h.resume();
 }
 
 void Ring::Dispatch(const Cqe& cqe) {

@@ -29,6 +29,7 @@
 
 #include <liburing.h>
 
+#include <coroutine>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -114,6 +115,12 @@ class Ring final : public EventLoop {
   // without blocking. Returns how many it dispatched.
   size_t PollNoWait();
 
+  // Resumes `h` once the completions at hand have been dispatched: at the end
+  // of the current (or next) Drain, before the ring next waits. A coroutine
+  // uses it to let the requests that the same batch of completions starts
+  // catch up with it (see Env::Defer).
+  void Defer(std::coroutine_handle<> h) { deferred_.push_back(h); }
+
   // Operations started (SQEs taken) whose final CQE is not yet dispatched.
   size_t in_flight() const { return in_flight_; }
 
@@ -131,8 +138,11 @@ class Ring final : public EventLoop {
     uint32_t flags;
   };
 
-  // Copies up to a batch of CQEs out, releases their slots, then dispatches.
+  // Copies up to a batch of CQEs out, releases their slots, then dispatches;
+  // then runs the deferred coroutines.
   size_t Drain();
+  // Resumes the coroutines deferred so far (not those they defer in turn).
+  void RunDeferred();
   void Dispatch(const Cqe& cqe);
   // Moves every available CQE into stashed_ without dispatching it, to give
   // the kernel room when it refuses submissions (EBUSY: CQ overflow).
@@ -147,6 +157,7 @@ class Ring final : public EventLoop {
   CommandHandler* command_handler_ = nullptr;
   // Completions taken off the CQ but not yet dispatched (rare; see above).
   std::vector<Cqe> stashed_;
+  std::vector<std::coroutine_handle<>> deferred_;
 };
 
 }  // namespace uq::uring

@@ -193,6 +193,45 @@ TEST(RingTest, ManyCoroutinesUnderBlockOn) {
   EXPECT_EQ(ring->in_flight(), 0u);
 }
 
+// A coroutine deferred while a batch of completions is dispatched resumes
+// after every completion of that batch (and whatever they started up to
+// their first wait), before the ring waits again.
+TEST(RingTest, DeferredCoroutinesRunAfterTheBatch) {
+  auto ring = MakeRing();
+  ASSERT_NE(ring, nullptr);
+  Ring* r = ring.get();
+  std::vector<int> order;
+  struct DeferAwaiter {
+    Ring* ring;
+    bool await_ready() { return false; }
+    void await_suspend(std::coroutine_handle<> h) { ring->Defer(h); }
+    void await_resume() {}
+  };
+  auto worker = [](Ring* r, int id, bool defer, std::vector<int>* order) -> Task<void> {
+    co_await NopAwaiter(r);
+    if (defer) {
+      co_await DeferAwaiter{r};
+      order->push_back(100 + id);
+    } else {
+      order->push_back(id);
+    }
+  };
+  for (int i = 0; i < 4; ++i) Spawn(worker(r, i, i == 0, &order));
+  EXPECT_TRUE(r->Poll());  // one batch: the four NOPs
+  EXPECT_EQ(order, (std::vector<int>{1, 2, 3, 100}));
+
+  // With nothing in flight, Poll() runs what is deferred instead of giving up.
+  bool resumed = false;
+  Spawn([](Ring* r, bool* resumed) -> Task<void> {
+    co_await DeferAwaiter{r};
+    *resumed = true;
+  }(r, &resumed));
+  EXPECT_EQ(r->in_flight(), 0u);
+  EXPECT_TRUE(r->Poll());
+  EXPECT_TRUE(resumed);
+  EXPECT_FALSE(r->Poll());
+}
+
 TEST(RingTest, BindNestsAndRestores) {
   auto a = MakeRing();
   auto b = MakeRing();

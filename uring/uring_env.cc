@@ -56,6 +56,13 @@ Result<std::unique_ptr<qcow2::File>> UringEnv::Open(const std::string& path,
 
 bool UringEnv::Exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
 
+bool UringEnv::Defer(std::coroutine_handle<> h) {
+  Ring* ring = Ring::Current();
+  if (ring == nullptr) return false;
+  ring->Defer(h);
+  return true;
+}
+
 Task<void> UringEnv::RunOffThread(std::function<void()> work) {
   return uring::RunOffThread(std::move(work));
 }

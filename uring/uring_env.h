@@ -35,6 +35,8 @@ class UringEnv final : public qcow2::Env {
   bool Exists(const std::string& path) override;
   // uring::RunOffThread (uring/offload.h): worker threads, inline without a ring.
   Task<void> RunOffThread(std::function<void()> work) override;
+  // Ring::Defer on this thread's ring; false without one.
+  bool Defer(std::coroutine_handle<> h) override;
 };
 
 }  // namespace uq::uring
