@@ -13,6 +13,7 @@
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "qcow2/testing/mem_env.h"
+#include "qcow2/testing/recording_env.h"
 #include "qcow2/testing/scratch_dir.h"
 
 namespace uq::qcow2 {
@@ -20,68 +21,7 @@ namespace {
 
 using testing::MemEnv;
 using testing::MemEnvOptions;
-
-struct WriteRecord {
-  uint64_t offset;
-  uint64_t length;
-};
-
-// Records every write started through it, and every read (with its path).
-struct ReadRecord {
-  std::string path;
-  uint64_t offset;
-  uint64_t length;
-};
-class RecordingFile final : public File {
- public:
-  RecordingFile(std::unique_ptr<File> base, std::vector<WriteRecord>* writes,
-                std::vector<ReadRecord>* reads)
-      : base_(std::move(base)), writes_(writes), reads_(reads) {}
-  bool Start(IoRequest& req) override {
-    if (req.op == IoRequest::Op::kWrite) writes_->push_back({req.offset, req.length});
-    if (req.op == IoRequest::Op::kRead) reads_->push_back({path(), req.offset, req.length});
-    return base_->Start(req);
-  }
-  Result<uint64_t> Size() override { return base_->Size(); }
-  Status Truncate(uint64_t size) override { return base_->Truncate(size); }
-  const std::string& path() const override { return base_->path(); }
-
- private:
-  std::unique_ptr<File> base_;
-  std::vector<WriteRecord>* writes_;
-  std::vector<ReadRecord>* reads_;
-};
-
-class RecordingEnv final : public Env {
- public:
-  explicit RecordingEnv(Env* base) : base_(base) {}
-  Result<std::unique_ptr<File>> Open(const std::string& path, const OpenOptions& options) override {
-    ASSIGN_OR_RETURN(std::unique_ptr<File> f, base_->Open(path, options));
-    return std::unique_ptr<File>(std::make_unique<RecordingFile>(std::move(f), &writes, &reads));
-  }
-  bool Exists(const std::string& path) override { return base_->Exists(path); }
-  // The writes that touch [offset, offset + length).
-  std::vector<WriteRecord> Touching(uint64_t offset, uint64_t length) const {
-    std::vector<WriteRecord> out;
-    for (const WriteRecord& w : writes) {
-      if (w.offset < offset + length && offset < w.offset + w.length) out.push_back(w);
-    }
-    return out;
-  }
-  // The reads of file `path`.
-  std::vector<ReadRecord> ReadsOf(const std::string& path) const {
-    std::vector<ReadRecord> out;
-    for (const ReadRecord& r : reads) {
-      if (r.path == path) out.push_back(r);
-    }
-    return out;
-  }
-  std::vector<WriteRecord> writes;
-  std::vector<ReadRecord> reads;
-
- private:
-  Env* base_;
-};
+using testing::RecordingEnv;
 
 class AllocatingWriteTest : public ::testing::Test {
  protected:
@@ -134,7 +74,7 @@ class AllocatingWriteTest : public ::testing::Test {
       spawn(next++);
       auto started = [&] {
         return std::any_of(env->writes.begin(), env->writes.end(),
-                           [&](const WriteRecord& w) { return w.length == size; });
+                           [&](const testing::IoRecord& w) { return w.length == size; });
       };
       while (!started() && mem->Poll()) {
       }
@@ -146,6 +86,19 @@ class AllocatingWriteTest : public ::testing::Test {
     EXPECT_EQ(done, count);
     EXPECT_EQ(failed, 0);
     return peak;
+  }
+
+  // Asserts that [host, host + length) got exactly one write, of all of it.
+  static void ExpectOneWriteOf(const RecordingEnv& env, uint64_t host, uint64_t length) {
+    std::vector<testing::IoRecord> writes = env.WritesTouching(host, length);
+    ASSERT_EQ(writes.size(), 1u);
+    EXPECT_EQ(writes[0].offset, host);
+    EXPECT_EQ(writes[0].length, length);
+  }
+  static MemEnvOptions Deferred(uint64_t seed) {
+    return {.completion = MemEnvOptions::Completion::kDeferred,
+            .seed = seed,
+            .max_completions_per_poll = 1};
   }
 
   std::unique_ptr<testing::ScratchDir> scratch_;
@@ -162,10 +115,8 @@ TEST_F(AllocatingWriteTest, NewClusterPastTheEndGetsOnlyItsData) {
   ASSERT_TRUE(BlockOn(dev_->Write(65536 + 8192, data, false), &mem).ok());
   const uint64_t host = HostOf(&mem, 65536);
   ASSERT_NE(host, 0u);
-  std::vector<WriteRecord> writes = env.Touching(host, 65536);
-  ASSERT_EQ(writes.size(), 1u);
-  EXPECT_EQ(writes[0].offset, host + 8192);
-  EXPECT_EQ(writes[0].length, 4096u);
+  ExpectOneWriteOf(env, host + 8192, 4096);
+  EXPECT_EQ(env.WritesTouching(host, 65536).size(), 1u);
 
   std::vector<std::byte> cluster(65536);
   ASSERT_TRUE(BlockOn(dev_->Read(65536, cluster), &mem).ok());
@@ -193,10 +144,7 @@ TEST_F(AllocatingWriteTest, ReusedClusterStillGetsItsZeros) {
   std::vector<std::byte> data(4096, std::byte{0xa5});
   ASSERT_TRUE(BlockOn(dev_->Write(3 * 65536 + 4096, data, false), &mem).ok());
   ASSERT_EQ(HostOf(&mem, 3 * 65536), 5u * 65536) << "the test needs the freed cluster reused";
-  std::vector<WriteRecord> writes = env.Touching(5 * 65536, 65536);
-  ASSERT_EQ(writes.size(), 1u);
-  EXPECT_EQ(writes[0].offset, 5u * 65536);
-  EXPECT_EQ(writes[0].length, 65536u);
+  ExpectOneWriteOf(env, 5 * 65536, 65536);
   CloseAndCheck(&mem, "img.qcow2");
   Sh("qemu-io -c 'read -P 0 192k 4k' -c 'read -P 0xa5 196k 4k' -c 'read -P 0 200k 56k' "
      "-c 'read -P 0x22 64k 64k' img.qcow2");
@@ -209,17 +157,12 @@ TEST_F(AllocatingWriteTest, ReusedClusterStillGetsItsZeros) {
 TEST_F(AllocatingWriteTest, WritesQueuedBehindAnAllocationGoInItsWrite) {
   Sh("qemu-img create -q -f qcow2 -o cluster_size=64k img.qcow2 4M");
   Sh("qemu-io -c 'write -P 0x77 0 64k' img.qcow2");
-  MemEnv mem({.completion = MemEnvOptions::Completion::kDeferred,
-              .seed = 3,
-              .max_completions_per_poll = 1});
+  MemEnv mem(Deferred(3));
   RecordingEnv env(&mem);
   Open(&mem, &env, "img.qcow2");
   ConcurrentWrites(&mem, &env, 2 * 65536, 16, 4096, 0x5c, false);
   const uint64_t host = HostOf(&mem, 2 * 65536);
-  std::vector<WriteRecord> writes = env.Touching(host, 65536);
-  ASSERT_EQ(writes.size(), 1u);
-  EXPECT_EQ(writes[0].offset, host);
-  EXPECT_EQ(writes[0].length, 65536u);
+  ExpectOneWriteOf(env, host, 65536);
   CloseAndCheck(&mem, "img.qcow2");
   Sh("qemu-io -c 'read -P 0x77 0 64k' -c 'read -P 0 64k 64k' -c 'read -P 0x5c 128k 64k' "
      "-c 'read -P 0 192k 64k' img.qcow2");
@@ -229,17 +172,12 @@ TEST_F(AllocatingWriteTest, WritesQueuedBehindAnAllocationGoInItsWrite) {
 TEST_F(AllocatingWriteTest, WritesQueuedBehindASubclusterAllocationGoInItsWrite) {
   Sh("qemu-img create -q -f qcow2 -o cluster_size=2M,extended_l2=on img.qcow2 8M");
   Sh("qemu-io -c 'write -P 0x77 0 64k' img.qcow2");
-  MemEnv mem({.completion = MemEnvOptions::Completion::kDeferred,
-              .seed = 5,
-              .max_completions_per_poll = 1});
+  MemEnv mem(Deferred(5));
   RecordingEnv env(&mem);
   Open(&mem, &env, "img.qcow2");
   ConcurrentWrites(&mem, &env, 3 * 65536, 16, 4096, 0x5d, false);
   const uint64_t host = HostOf(&mem, 0) + 3 * 65536;
-  std::vector<WriteRecord> writes = env.Touching(host, 65536);
-  ASSERT_EQ(writes.size(), 1u);
-  EXPECT_EQ(writes[0].offset, host);
-  EXPECT_EQ(writes[0].length, 65536u);
+  ExpectOneWriteOf(env, host, 65536);
   CloseAndCheck(&mem, "img.qcow2");
   Sh("qemu-io -c 'read -P 0x77 0 64k' -c 'read -P 0 64k 128k' -c 'read -P 0x5d 192k 64k' "
      "-c 'read -P 0 256k 1792k' img.qcow2");
@@ -255,9 +193,7 @@ TEST_F(AllocatingWriteTest, WritesTakenAlongSpareTheCopyTheyCover) {
     SCOPED_TRACE(fmt::format("{} writes of 4 KiB", writes));
     Sh("rm -f img.qcow2 && qemu-img create -q -f qcow2 -o cluster_size=64k -b base.qcow2 "
        "-F qcow2 img.qcow2 4M");
-    MemEnv mem({.completion = MemEnvOptions::Completion::kDeferred,
-                .seed = 11,
-                .max_completions_per_poll = 1});
+    MemEnv mem(Deferred(11));
     ASSERT_TRUE(mem.ImportFromHostFile(scratch_->path("base.qcow2"), "/base.qcow2").ok());
     RecordingEnv env(&mem);
     // Load cluster 1's L2 slice of both images first, so that only the copy
@@ -267,7 +203,7 @@ TEST_F(AllocatingWriteTest, WritesTakenAlongSpareTheCopyTheyCover) {
     ASSERT_TRUE(BlockOn(dev_->Read(65536, probe), &mem).ok());
     env.reads.clear();
     ConcurrentWrites(&mem, &env, 65536, writes, 4096, 0x5c, false);
-    std::vector<ReadRecord> copies = env.ReadsOf("/base.qcow2");
+    std::vector<testing::IoRecord> copies = env.ReadsOf("/base.qcow2");
     if (writes == 16) {
       EXPECT_EQ(copies.size(), 0u);
     } else {
@@ -289,9 +225,7 @@ TEST_F(AllocatingWriteTest, WritesArrivingAfterTheAllocationsWriteGoTogether) {
     SCOPED_TRACE(options);
     Sh(fmt::format("qemu-img create -q -f qcow2 -o {} img.qcow2 8M", options));
     Sh("qemu-io -c 'write -P 0x77 0 64k' img.qcow2");
-    MemEnv mem({.completion = MemEnvOptions::Completion::kDeferred,
-                .seed = 7,
-                .max_completions_per_poll = 1});
+    MemEnv mem(Deferred(7));
     RecordingEnv env(&mem);
     Open(&mem, &env, "img.qcow2");
     EXPECT_GE(ConcurrentWrites(&mem, &env, 3 * 65536, 16, 4096, 0x5e, true), 15u);
@@ -311,9 +245,7 @@ TEST_F(AllocatingWriteTest, SubclusterAllocationKeepsConcurrentInPlaceWrites) {
   for (uint64_t seed = 1; seed <= 20; seed++) {
     SCOPED_TRACE(fmt::format("seed {}", seed));
     Sh("cp img.qcow2 run.qcow2");
-    MemEnv mem({.completion = MemEnvOptions::Completion::kDeferred,
-                .seed = seed,
-                .max_completions_per_poll = 1});
+    MemEnv mem(Deferred(seed));
     Open(&mem, &mem, "run.qcow2");
     std::vector<std::byte> spanning(65536, std::byte{0xa1}), in_place(4096, std::byte{0xb2});
     int done = 0;

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -15,6 +16,7 @@
 #include "qcow2/open_image.h"
 #include "qcow2/sync_env.h"
 #include "qcow2/testing/mem_env.h"
+#include "qcow2/testing/recording_env.h"
 #include "qcow2/testing/scratch_dir.h"
 
 namespace uq::qcow2 {
@@ -104,38 +106,6 @@ TEST_F(Qcow2ImageTest, CompressedDeflateAndZstd) {
   }
 }
 
-// Counts reads that pass through it (the compressed-cluster reads are the
-// only ones longer than a table slice here).
-class CountingFile final : public File {
- public:
-  CountingFile(std::unique_ptr<File> base, int* long_reads)
-      : base_(std::move(base)), long_reads_(long_reads) {}
-  bool Start(IoRequest& req) override {
-    if (req.op == IoRequest::Op::kRead && req.length > 4096) ++*long_reads_;
-    return base_->Start(req);
-  }
-  Result<uint64_t> Size() override { return base_->Size(); }
-  Status Truncate(uint64_t size) override { return base_->Truncate(size); }
-  const std::string& path() const override { return base_->path(); }
-
- private:
-  std::unique_ptr<File> base_;
-  int* long_reads_;
-};
-class CountingEnv final : public Env {
- public:
-  explicit CountingEnv(Env* base) : base_(base) {}
-  Result<std::unique_ptr<File>> Open(const std::string& path, const OpenOptions& options) override {
-    ASSIGN_OR_RETURN(std::unique_ptr<File> f, base_->Open(path, options));
-    return std::unique_ptr<File>(std::make_unique<CountingFile>(std::move(f), &long_reads));
-  }
-  bool Exists(const std::string& path) override { return base_->Exists(path); }
-  int long_reads = 0;
-
- private:
-  Env* base_;
-};
-
 // 32 reads of 64 KiB in flight at once, all inside one 2 MiB compressed
 // cluster (completions in random order): each gets QEMU's bytes, and the
 // cluster is read (and inflated) once, not once per request.
@@ -147,11 +117,11 @@ TEST_F(Qcow2ImageTest, ConcurrentReadsOfOneCompressedClusterInflateItOnce) {
   auto ref = Slurp(P("src.raw"));
   testing::MemEnv mem({.completion = testing::MemEnvOptions::Completion::kDeferred, .seed = 7});
   ASSERT_TRUE(mem.ImportFromHostFile(P("c.qcow2"), "/c.qcow2").ok());
-  CountingEnv env(&mem);
+  testing::RecordingEnv env(&mem);
   auto opened = BlockOn(OpenImage("/c.qcow2", ImageOptions{.env = &env, .lock = false}), &mem);
   ASSERT_TRUE(opened.ok()) << opened.status().ToString();
   std::unique_ptr<BlockDevice> dev = std::move(*opened);
-  const int before = env.long_reads;
+  env.reads.clear();
   constexpr int kReads = 32;
   constexpr size_t kChunk = 65536;
   std::vector<std::vector<std::byte>> bufs(kReads, std::vector<std::byte>(kChunk));
@@ -171,7 +141,10 @@ TEST_F(Qcow2ImageTest, ConcurrentReadsOfOneCompressedClusterInflateItOnce) {
     ASSERT_TRUE(results[i].ok()) << results[i].ToString();
     ASSERT_EQ(0, std::memcmp(bufs[i].data(), ref.data() + i * kChunk, kChunk)) << "read " << i;
   }
-  EXPECT_EQ(env.long_reads - before, 1);
+  // The compressed cluster is the only read longer than a table slice.
+  EXPECT_EQ(std::count_if(env.reads.begin(), env.reads.end(),
+                          [](const testing::IoRecord& r) { return r.length > 4096; }),
+            1);
   EXPECT_TRUE(BlockOn(dev->Close(), &mem).ok());
 }
 
