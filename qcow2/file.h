@@ -31,7 +31,6 @@
 #define UBLK_QCOW2_QCOW2_FILE_H_
 
 #include <algorithm>
-#include <atomic>
 #include <coroutine>
 #include <cstddef>
 #include <cstdint>
@@ -113,26 +112,11 @@ class File {
   virtual const std::string& path() const = 0;
   // The host fd, or -1 for files that have none (in-memory ones).
   virtual int fd() const { return -1; }
-  // The end of the furthest write started through this object (0 if none).
-  // With the file's size before the first one, it bounds where the file can
-  // hold anything but zeros: the engine's allocating writes skip writing
-  // zeros past it.
-  uint64_t written_end() const { return written_end_.load(std::memory_order_relaxed); }
 
   // Starts `req`. Returns true if it completed synchronously (req.result is
   // set and req.waiter must not be resumed); false if req.waiter will be
   // resumed once req.result is set.
   virtual bool Start(IoRequest& req) = 0;
-
- private:
-  template <class Out>
-  friend class IoAwaitable;
-  void NoteWrite(uint64_t end) {
-    uint64_t seen = written_end_.load(std::memory_order_relaxed);
-    while (seen < end && !written_end_.compare_exchange_weak(seen, end)) {
-    }
-  }
-  std::atomic<uint64_t> written_end_{0};
 };
 
 // How to open a file.
@@ -219,7 +203,6 @@ class BounceWindow {
 template <class Out>
 bool IoAwaitable<Out>::await_suspend(std::coroutine_handle<> h) {
   req_.waiter = h;
-  if (req_.op == IoRequest::Op::kWrite) file_->NoteWrite(req_.offset + req_.length);
   // Completed synchronously: do not suspend.
   return !file_->Start(req_);
 }

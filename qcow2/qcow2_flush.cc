@@ -45,7 +45,6 @@ Task<Status> Qcow2Image::OpenForWriting() {
     CO_RETURN_IF_ERROR(co_await file_->Sync());
     header_ = std::move(updated);
   }
-  CO_ASSIGN_OR_RETURN(data_zeros_from_, data_file().Size());
   co_return Status::Ok();
 }
 

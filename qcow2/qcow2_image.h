@@ -146,9 +146,7 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> SubclusterAllocatingWrite(QueuedWrite* me);
   // Writes `data` at `in_cluster` into host cluster `host`, and around it, in
   // [write_start, write_end), what the cluster read as before (`old`; the
-  // guest cluster starts at `cluster_start`), in one write of the window;
-  // only `data` when the rest reads as zeros and the window lies where the
-  // data file has never been written (it reads as zeros there already).
+  // guest cluster starts at `cluster_start`), in one write of the window.
   // Queued writes of the cluster that lie inside the window go along in the
   // same write; they are returned in `taken`, for the caller to
   // QueuedWrites::Finish once the L2 entry is stored (or has failed).
@@ -228,9 +226,6 @@ class Qcow2Image final : public BlockDevice {
   const bool publish_;
   Env* const env_;
   uint64_t file_size_ = 0;
-  // The data file's size when opened for writing: with File::written_end(),
-  // where it reads as zeros (UINT64_MAX: not writable, never asked).
-  uint64_t data_zeros_from_ = UINT64_MAX;
   // How far the file has been grown ahead (>= file_size_ once grown).
   uint64_t grown_end_ = 0;
   std::vector<uint64_t> l1_;

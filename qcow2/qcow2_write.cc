@@ -402,25 +402,13 @@ Task<Status> Qcow2Image::WriteWithCow(const L2Entry& old, uint64_t cluster_start
   co_await LetOthersCatchUp(env_);
   take();
 
-  // A new cluster past the end of everything ever written (an image filling
-  // up) already reads as zeros: when the rest of the window should too, write
-  // only the data (ours and that of the writes taken along, zeros between).
-  if (host + write_start >= std::max(data_zeros_from_, data_file().written_end()) &&
-      ReadsAsZeros(old, write_start, in_cluster) && ReadsAsZeros(old, tail_at, write_end)) {
-    if (taken->empty()) co_return co_await data_file().Write(host + in_cluster, data);
-    uint64_t lo = in_cluster, hi = tail_at;
-    for (QueuedWrite* w : *taken) {
-      lo = std::min(lo, w->offset() - cluster_start);
-      hi = std::max(hi, w->offset() - cluster_start + w->data().size());
-    }
-    AlignedBuffer buf(hi - lo);
-    std::memset(buf.data(), 0, buf.size());
-    overlay(buf.span(), lo);
-    co_return co_await data_file().Write(host + lo, buf.span());
-  }
-  // (QEMU zeroes the window with a ZERO_RANGE and writes only the data when
-  // the rest reads as zeros; on ext4 here that measured 10-20% slower for
-  // 4 KiB writes into 64 KiB subclusters than this one write, so we do not.)
+  // The whole window is written, zeros included, even where the file would
+  // read as zeros anyway (a new cluster past its end): one write converts
+  // the window's preallocated extent at once. Writing only the data left the
+  // rest to be converted by each later in-place write, and measured 30%
+  // slower for sequential 4 KiB writes in the VM (2781-2968 against
+  // 4128-4548 IOPS). QEMU zeroes the window with a ZERO_RANGE and writes only
+  // the data; on ext4 here that measured 10-20% slower too.
 
   // Copy-on-write of what no write covers: before our data and after it,
   // each as one read from the first to the last byte left uncovered there.
