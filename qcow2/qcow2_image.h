@@ -25,6 +25,9 @@
 // allocated cluster and exclusive by anything that changes its mapping, so a
 // cluster is never allocated twice; metadata mutations and flushes serialise
 // on one async mutex held only for in-memory updates and for the flush.
+// Writes waiting on a cluster's locks may be taken along by the request that
+// allocates it, in its one write of the cluster (queued_writes.h): a
+// sequential run of small writes then costs one write per cluster.
 //
 // Requests from other threads: mappings of allocated clusters are published
 // in a SharedMap as reads and writes meet them, and TryAnyThread serves a
