@@ -20,6 +20,7 @@
 #include <sstream>
 
 #include "qcow2/open_image.h"
+#include "qcow2/qcow2_image.h"
 #include "qcow2/testing/fault_injection_env.h"
 #include "qcow2/testing/mem_env.h"
 #include "qcow2/testing/scratch_dir.h"
@@ -30,11 +31,13 @@ namespace {
 using testing::CrashMode;
 using testing::FaultInjectionEnv;
 using testing::MemEnv;
+using testing::MemEnvOptions;
 
 struct Op {
   enum Kind { kWrite, kZero, kDiscard, kFlush } kind;
   uint64_t offset = 0, length = 0;
   uint8_t pattern = 0;
+  int batch = -1;  // writes of one batch (>= 0) are in flight together
 };
 
 struct CrashCase {
@@ -47,6 +50,10 @@ struct CrashCase {
   bool compressed = false;            // start from `qemu-img convert -c` of a patterned raw file
   uint64_t preallocate = 0;           // ImageOptions::preallocate (grow the file ahead)
   uint64_t cache_size = 32ull << 20;  // ImageOptions::cache_size; tiny: write-back mid-workload
+  // > 1: I/O completes in a seeded random order (MemEnv's deferred mode) and
+  // writes come in batches of this many adjacent ones in flight at once, so
+  // allocations take queued writes along (queued_writes.h).
+  int concurrency = 1;
 };
 std::ostream& operator<<(std::ostream& o, const CrashCase& c) { return o << c.name; }
 
@@ -54,7 +61,32 @@ std::vector<Op> MakeWorkload(const CrashCase& c, uint64_t cluster) {
   std::mt19937_64 rng(std::hash<std::string>()(c.name));
   auto pick = [&](uint64_t n) { return std::uniform_int_distribution<uint64_t>(0, n - 1)(rng); };
   std::vector<Op> ops;
-  for (int i = 0; i < c.ops; i++) {
+  for (int i = 0, batch = 0; c.concurrency > 1 && i < c.ops; i++) {
+    if (pick(3) == 0) {  // a flush, a zeroing or a discard on its own
+      Op op;
+      uint64_t r = pick(3);
+      op.kind = r == 0 ? Op::kFlush : r == 1 ? Op::kZero : Op::kDiscard;
+      op.length = 1 + pick(cluster + 700);
+      op.offset = pick(c.size - op.length + 1);
+      ops.push_back(op);
+      continue;
+    }
+    // A run of adjacent writes of 512 B to 8 KiB, as a sequential writer's.
+    uint64_t at = pick(c.size / 512) * 512;
+    for (int k = 0; k < c.concurrency; k++) {
+      Op op;
+      op.kind = Op::kWrite;
+      op.length = std::min<uint64_t>(512 * (1 + pick(16)), c.size - at);
+      if (op.length == 0) break;
+      op.offset = at;
+      op.pattern = static_cast<uint8_t>(1 + pick(250));
+      op.batch = batch;
+      ops.push_back(op);
+      at += op.length;
+    }
+    batch++;
+  }
+  for (int i = 0; c.concurrency <= 1 && i < c.ops; i++) {
     Op op;
     uint64_t r = pick(10);
     op.kind = r < 5 ? Op::kWrite : r < 7 ? Op::kZero : r < 8 ? Op::kDiscard : Op::kFlush;
@@ -117,11 +149,15 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
   const bool v3 = c.create.find("compat=0.10") == std::string::npos;
   const std::vector<Op> ops = MakeWorkload(c, cluster);
 
-  // Writes served by TryAnyThread in the run without a crash.
-  uint64_t served_here = 0;
+  // Writes served by TryAnyThread, and writes taken along by an allocation,
+  // in the run without a crash.
+  uint64_t served_here = 0, taken_along = 0;
   // Runs the workload on a fresh copy of the images; crash_at < 0: no crash.
   auto run = [&](int64_t crash_at, Model* model) -> uint64_t {
-    MemEnv mem;
+    MemEnv mem(c.concurrency > 1
+                   ? MemEnvOptions{.completion = MemEnvOptions::Completion::kDeferred, .seed = 17}
+                   : MemEnvOptions{});
+    EventLoop* loop = c.concurrency > 1 ? &mem : nullptr;
     EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/img.qcow2", "/w/img.qcow2").ok());
     if (c.backing) EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/base.qcow2", "/w/base.qcow2").ok());
     if (data_file) EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/img.data.orig", "/w/img.data").ok());
@@ -132,13 +168,51 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
     auto opened = BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &env,
                                                                  .writable = true,
                                                                  .cache_size = c.cache_size,
-                                                                 .preallocate = c.preallocate}));
+                                                                 .preallocate = c.preallocate}),
+                          loop);
     if (opened.ok()) {
       std::unique_ptr<BlockDevice> dev = std::move(*opened);
-      for (const Op& op : ops) {
+      for (size_t at = 0; at < ops.size(); at++) {
+        const Op& op = ops[at];
         Status st;
         if (op.kind != Op::kFlush) {
           for (uint64_t i = op.offset; i < op.offset + op.length; i++) model->unsure[i] = true;
+        }
+        if (op.batch >= 0) {
+          // The whole batch at once; the model takes each write that succeeded.
+          size_t end = at;
+          while (end < ops.size() && ops[end].batch == op.batch) end++;
+          std::vector<std::vector<std::byte>> data(end - at);
+          std::vector<Status> results(end - at, Status::IoError("not run"));
+          size_t done = 0;
+          for (size_t k = at; k < end; k++) {
+            const Op& w = ops[k];
+            for (uint64_t i = w.offset; i < w.offset + w.length; i++) model->unsure[i] = true;
+            data[k - at].resize(w.length);
+            for (uint64_t i = 0; i < w.length; i++) data[k - at][i] = std::byte(w.pattern + i);
+            Spawn([](BlockDevice* d, uint64_t off, std::span<const std::byte> b, Status* out,
+                     size_t* done) -> Task<void> {
+              *out = co_await d->Write(off, b, false);
+              ++*done;
+            }(dev.get(), w.offset, data[k - at], &results[k - at], &done));
+          }
+          while (done < end - at && mem.Poll()) {
+          }
+          EXPECT_EQ(done, end - at) << "a write of the batch never completed";
+          for (size_t k = at; k < end; k++) {
+            if (results[k - at].ok()) {
+              std::copy(data[k - at].begin(), data[k - at].end(),
+                        model->current.begin() + ops[k].offset);
+            } else if (st.ok()) {
+              st = results[k - at];
+            }
+          }
+          at = end - 1;
+          if (!st.ok()) {
+            EXPECT_GE(crash_at, 0) << "unexpected failure without a crash: " << st.ToString();
+            break;
+          }
+          continue;
         }
         switch (op.kind) {
           case Op::kWrite: {
@@ -147,20 +221,20 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
             // As the device does: published clusters are written in place
             // without the engine (TryAnyThread), the rest by the engine.
             if (std::optional<Task<Status>> here = dev->TryAnyThread(true, op.offset, data)) {
-              st = BlockOn(std::move(*here));
+              st = BlockOn(std::move(*here), loop);
               ++served_here;
             } else {
-              st = BlockOn(dev->Write(op.offset, data, false));
+              st = BlockOn(dev->Write(op.offset, data, false), loop);
             }
             if (st.ok()) std::copy(data.begin(), data.end(), model->current.begin() + op.offset);
             break;
           }
           case Op::kZero:
-            st = BlockOn(dev->WriteZeroes(op.offset, op.length));
+            st = BlockOn(dev->WriteZeroes(op.offset, op.length), loop);
             if (st.ok()) std::fill_n(model->current.begin() + op.offset, op.length, std::byte{0});
             break;
           case Op::kDiscard: {
-            st = BlockOn(dev->Discard(op.offset, op.length));
+            st = BlockOn(dev->Discard(op.offset, op.length), loop);
             uint64_t s = (op.offset + cluster - 1) / cluster * cluster;
             uint64_t e = op.offset + op.length == c.size
                              ? c.size
@@ -176,7 +250,7 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
             break;
           }
           case Op::kFlush:
-            st = BlockOn(dev->Flush());
+            st = BlockOn(dev->Flush(), loop);
             if (st.ok()) {
               model->durable = model->current;
               model->unsure.assign(start.size(), false);
@@ -188,7 +262,10 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
           break;
         }
       }
-      if (crash_at < 0) EXPECT_TRUE(BlockOn(dev->Close()).ok());
+      if (crash_at < 0) {
+        taken_along = static_cast<Qcow2Image*>(dev.get())->writes_taken_along();
+        EXPECT_TRUE(BlockOn(dev->Close(), loop).ok());
+      }
     }
     uint64_t count = env.operation_count();
     if (crash_at >= 0) {
@@ -202,6 +279,8 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
   Model model;
   const uint64_t boundaries = run(-1, &model);
   ASSERT_GT(boundaries, 10u);
+  // The batches are there to cross allocations that take writes along.
+  if (c.concurrency > 1) EXPECT_GT(taken_along, 0u);
   const uint64_t written_here = served_here;
   ASSERT_EQ(Sh("qemu-img check after.qcow2"), 0);
   if (c.preallocate > 0) {
@@ -244,8 +323,11 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
     checked++;
   }
   RecordProperty("crash_points", checked);
-  std::printf("%s: %d crash points checked; %llu writes served without the engine\n",
-              c.name.c_str(), checked, static_cast<unsigned long long>(written_here));
+  std::printf(
+      "%s: %d crash points checked; %llu writes served without the engine, %llu taken "
+      "along by an allocation\n",
+      c.name.c_str(), checked, static_cast<unsigned long long>(written_here),
+      static_cast<unsigned long long>(taken_along));
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -272,7 +354,10 @@ INSTANTIATE_TEST_SUITE_P(
         CrashCase{"c512_tiny_cache", "-o cluster_size=512", 1 << 20, false, false, 60, false, 0,
                   2048},
         CrashCase{"snapshot_tiny_cache", "-o cluster_size=4k", 1 << 20, false, true, 60, false, 0,
-                  16 << 10}),
+                  16 << 10},
+        CrashCase{"c64k_batches", "", 2 << 20, false, false, 24, false, 0, 32ull << 20, 8},
+        CrashCase{"extl2_backing_batches", "-o cluster_size=64k,extended_l2=on", 2 << 20, true,
+                  false, 24, false, 0, 32ull << 20, 8}),
     [](const ::testing::TestParamInfo<CrashCase>& info) { return info.param.name; });
 
 }  // namespace

@@ -119,6 +119,8 @@ class Qcow2Image final : public BlockDevice {
   BlockDevice* backing() const { return backing_.get(); }
   const MetadataCache& l2_cache() const { return l2_cache_; }
   const SharedMap& shared_map() const { return shared_map_; }
+  // Guest writes that went along in another request's allocating write.
+  uint64_t writes_taken_along() const { return queued_writes_.taken_total(); }
   // The refcount manager of a writable image (null when read-only).
   Refcounts* refcounts() { return refcounts_.get(); }
 

@@ -106,6 +106,7 @@ class QueuedWrites {
       if (w->offset_ < begin || w->offset_ + w->data_.size() > end) continue;
       w->taken_ = true;
       out.push_back(w);
+      ++taken_total_;
     }
     return out;
   }
@@ -119,10 +120,13 @@ class QueuedWrites {
     }
   }
   size_t size() const { return by_cluster_.size(); }
+  // How many writes have been taken along since this set was made.
+  uint64_t taken_total() const { return taken_total_; }
 
  private:
   friend class QueuedWrite;
   std::unordered_multimap<uint64_t, QueuedWrite*> by_cluster_;
+  uint64_t taken_total_ = 0;
 };
 
 inline QueuedWrite::QueuedWrite(QueuedWrites* set, uint64_t cluster, uint64_t offset,

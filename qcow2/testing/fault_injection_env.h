@@ -133,6 +133,8 @@ class FaultInjectionEnv final : public Env {
   // Env. Fails with EIO once crashed (until SimulateCrash()).
   Result<std::unique_ptr<File>> Open(const std::string& path, const OpenOptions& options) override;
   bool Exists(const std::string& path) override;
+  // The MemEnv's (so deferred coroutines resume from its Poll()).
+  bool Defer(std::coroutine_handle<> h) override { return base_->Defer(h); }
 
   // --- Errors ---
   void AddFault(Fault fault);

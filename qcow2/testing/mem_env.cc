@@ -189,14 +189,21 @@ void MemEnv::Enqueue(Queued queued) {
   queue_.push_back(std::move(queued));
 }
 
+bool MemEnv::Defer(std::coroutine_handle<> h) {
+  if (!deferred()) return false;
+  std::lock_guard lock(mu_);
+  deferred_.push_back(h);
+  return true;
+}
+
 bool MemEnv::Poll() {
   std::unique_lock lock(mu_);
-  if (queue_.empty()) return false;
+  if (queue_.empty() && deferred_.empty()) return false;
   // Plain modulo on mt19937_64 output, not std::uniform_int_distribution:
   // the latter's algorithm differs between standard libraries, and a seed
   // must name one order everywhere.
   const size_t limit = std::max<size_t>(1, options_.max_completions_per_poll);
-  const size_t count = 1 + rng_() % std::min(limit, queue_.size());
+  const size_t count = queue_.empty() ? 0 : 1 + rng_() % std::min(limit, queue_.size());
   for (size_t i = 0; i < count && !queue_.empty(); ++i) {
     std::swap(queue_[rng_() % queue_.size()], queue_.back());
     Queued queued = std::move(queue_.back());
@@ -209,6 +216,10 @@ bool MemEnv::Poll() {
     if (waiter) waiter.resume();
     lock.lock();
   }
+  std::vector<std::coroutine_handle<>> deferred;
+  deferred.swap(deferred_);
+  lock.unlock();
+  for (std::coroutine_handle<> h : deferred) h.resume();
   return true;
 }
 

@@ -81,8 +81,14 @@ class MemEnv final : public Env, public EventLoop {
   Result<std::unique_ptr<File>> Open(const std::string& path, const OpenOptions& options) override;
   bool Exists(const std::string& path) override;
 
-  // EventLoop (deferred mode): completes some queued operations, see above.
-  // Returns false when none is queued.
+  // Env::Defer. Deferred mode: `h` resumes at the end of the Poll() running
+  // now (after the completions it makes), or of the next one. Synchronous
+  // mode: false (there is no batch to wait for).
+  bool Defer(std::coroutine_handle<> h) override;
+
+  // EventLoop (deferred mode): completes some queued operations, see above,
+  // then resumes the coroutines deferred so far. Returns false when nothing
+  // is queued or deferred.
   bool Poll() override;
   // Operations queued and not yet completed (always 0 in synchronous mode).
   size_t pending() const;
@@ -127,6 +133,7 @@ class MemEnv final : public Env, public EventLoop {
   mutable std::mutex mu_;
   std::map<std::string, std::shared_ptr<Node>> files_;  // guarded by mu_
   std::vector<Queued> queue_;                           // guarded by mu_
+  std::vector<std::coroutine_handle<>> deferred_;       // guarded by mu_
   std::mt19937_64 rng_;                                 // guarded by mu_
 };
 
