@@ -11,10 +11,11 @@
 //
 // Why that is safe: a write is "parked" only while it waits (for a lock, or
 // for its L2 entry to load), before it has issued any I/O of its own, and the
-// first thing it does on waking is ask taken(); a taken write then waits for the taker's result and
-// returns it. So a taken write completes exactly when its bytes are in place and mapped, never
-// earlier, and never writes them a second time (which could land after a later write of the guest's
-// to the same bytes).
+// first thing it does on waking is ask taken(); a taken write then waits for
+// the taker's result and returns it. So a taken write completes exactly when
+// its bytes are in place and mapped, never earlier, and never writes them a
+// second time (which could land after a later write of the guest's to the
+// same bytes).
 //
 // Thread model: the image's event loop only, like the locks it works with.
 #ifndef UBLK_QCOW2_QCOW2_QUEUED_WRITES_H_
