@@ -61,42 +61,52 @@ std::vector<Op> MakeWorkload(const CrashCase& c, uint64_t cluster) {
   std::mt19937_64 rng(std::hash<std::string>()(c.name));
   auto pick = [&](uint64_t n) { return std::uniform_int_distribution<uint64_t>(0, n - 1)(rng); };
   std::vector<Op> ops;
-  for (int i = 0, batch = 0; c.concurrency > 1 && i < c.ops; i++) {
-    if (pick(3) == 0) {  // a flush, a zeroing or a discard on its own
+  if (c.concurrency <= 1) {
+    for (int i = 0; i < c.ops; i++) {
       Op op;
-      uint64_t r = pick(3);
-      op.kind = r == 0 ? Op::kFlush : r == 1 ? Op::kZero : Op::kDiscard;
-      op.length = 1 + pick(cluster + 700);
+      uint64_t r = pick(10);
+      op.kind = r < 5 ? Op::kWrite : r < 7 ? Op::kZero : r < 8 ? Op::kDiscard : Op::kFlush;
+      op.length = 1 + pick(2 * cluster + 700);
       op.offset = pick(c.size - op.length + 1);
-      ops.push_back(op);
-      continue;
-    }
-    // A run of adjacent writes of 512 B to 8 KiB, as a sequential writer's.
-    uint64_t at = pick(c.size / 512) * 512;
-    for (int k = 0; k < c.concurrency; k++) {
-      Op op;
-      op.kind = Op::kWrite;
-      op.length = std::min<uint64_t>(512 * (1 + pick(16)), c.size - at);
-      if (op.length == 0) break;
-      op.offset = at;
       op.pattern = static_cast<uint8_t>(1 + pick(250));
-      op.batch = batch;
       ops.push_back(op);
-      at += op.length;
     }
-    batch++;
-  }
-  for (int i = 0; c.concurrency <= 1 && i < c.ops; i++) {
-    Op op;
-    uint64_t r = pick(10);
-    op.kind = r < 5 ? Op::kWrite : r < 7 ? Op::kZero : r < 8 ? Op::kDiscard : Op::kFlush;
-    op.length = 1 + pick(2 * cluster + 700);
-    op.offset = pick(c.size - op.length + 1);
-    op.pattern = static_cast<uint8_t>(1 + pick(250));
-    ops.push_back(op);
+  } else {  // runs of adjacent writes in flight together, for queued_writes.h
+    for (int i = 0, batch = 0; i < c.ops; i++) {
+      if (pick(3) == 0) {  // a flush, a zeroing or a discard on its own
+        Op op;
+        uint64_t r = pick(3);
+        op.kind = r == 0 ? Op::kFlush : r == 1 ? Op::kZero : Op::kDiscard;
+        op.length = 1 + pick(cluster + 700);
+        op.offset = pick(c.size - op.length + 1);
+        ops.push_back(op);
+        continue;
+      }
+      // A run of adjacent writes of 512 B to 8 KiB, as a sequential writer's.
+      uint64_t at = pick(c.size / 512) * 512;
+      for (int k = 0; k < c.concurrency; k++) {
+        Op op;
+        op.kind = Op::kWrite;
+        op.length = std::min<uint64_t>(512 * (1 + pick(16)), c.size - at);
+        if (op.length == 0) break;
+        op.offset = at;
+        op.pattern = static_cast<uint8_t>(1 + pick(250));
+        op.batch = batch;
+        ops.push_back(op);
+        at += op.length;
+      }
+      batch++;
+    }
   }
   ops.push_back(Op{Op::kFlush});
   return ops;
+}
+
+// The bytes a write op writes.
+std::vector<std::byte> PatternOf(const Op& op) {
+  std::vector<std::byte> data(op.length);
+  for (uint64_t i = 0; i < op.length; i++) data[i] = std::byte(op.pattern + i);
+  return data;
 }
 
 class CrashTest : public ::testing::TestWithParam<CrashCase> {
@@ -188,8 +198,7 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
           for (size_t k = at; k < end; k++) {
             const Op& w = ops[k];
             for (uint64_t i = w.offset; i < w.offset + w.length; i++) model->unsure[i] = true;
-            data[k - at].resize(w.length);
-            for (uint64_t i = 0; i < w.length; i++) data[k - at][i] = std::byte(w.pattern + i);
+            data[k - at] = PatternOf(w);
             Spawn([](BlockDevice* d, uint64_t off, std::span<const std::byte> b, Status* out,
                      size_t* done) -> Task<void> {
               *out = co_await d->Write(off, b, false);
@@ -216,8 +225,7 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
         }
         switch (op.kind) {
           case Op::kWrite: {
-            std::vector<std::byte> data(op.length);
-            for (uint64_t i = 0; i < op.length; i++) data[i] = std::byte(op.pattern + i);
+            std::vector<std::byte> data = PatternOf(op);
             // As the device does: published clusters are written in place
             // without the engine (TryAnyThread), the rest by the engine.
             if (std::optional<Task<Status>> here = dev->TryAnyThread(true, op.offset, data)) {

@@ -77,7 +77,7 @@ struct Qcow2OpenParts {
   bool writable = false;
   uint64_t cache_size = 32ull << 20;
   uint64_t preallocate = 0;  // ImageOptions::preallocate
-  Env* env = nullptr;        // for RunOffThread; null: inline
+  Env* env = nullptr;        // for RunOffThread and Defer; null: inline
   // Publish mappings for TryAnyThread (the top of a chain); backing files,
   // which only the engine reads, keep a one-slot SharedMap and publish nothing.
   bool publish = true;

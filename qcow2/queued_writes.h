@@ -120,7 +120,6 @@ class QueuedWrites {
       w->finished_list_.NotifyAll();  // `w` may be destroyed from here on
     }
   }
-  size_t size() const { return by_cluster_.size(); }
   // How many writes have been taken along since this set was made.
   uint64_t taken_total() const { return taken_total_; }
 
