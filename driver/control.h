@@ -39,7 +39,7 @@ struct AddRequest {
   int dev_id = -1;  // -1: the kernel picks the lowest free id
   uint16_t queues = 1;
   uint16_t depth = 128;
-  uint32_t max_io_buf_bytes = 512 * 1024;
+  uint32_t max_io_buf_bytes = 1024 * 1024;
   uint64_t flags = 0;  // UBLK_F_* beyond what Open() adds by itself
 };
 

@@ -104,6 +104,21 @@ TEST_F(AnyThreadTest, ServesOnlyPublishedDataClustersWithTheEnginesBytes) {
   CloseAndCheck();
 }
 
+TEST_F(AnyThreadTest, AMebibyteAtAnyAlignmentIsServedHere) {
+  Sh("qemu-img create -f qcow2 img.qcow2 4M");
+  Sh("qemu-io -c 'write -P 0x44 0 3M' img.qcow2");
+  Open();
+  const std::vector<std::byte> all = EngineRead(0, 3 << 20);
+  // The device's default largest request, 4 KiB off a cluster boundary:
+  // 17 clusters of 64 KiB.
+  std::optional<std::vector<std::byte>> here = HereRead(4096, 1 << 20);
+  ASSERT_TRUE(here);
+  EXPECT_TRUE(std::equal(here->begin(), here->end(), all.begin() + 4096));
+  EXPECT_FALSE(HereRead(0, (SharedMap::kMaxPinned + 1) * 64 * 1024))
+      << "more clusters than one request may pin go to the engine";
+  CloseAndCheck();
+}
+
 TEST_F(AnyThreadTest, OneL2SliceLoadPublishesTheWholeSlice) {
   Sh("qemu-img create -f qcow2 img.qcow2 64M");
   // 4 KiB L2 slices hold 512 entries: clusters 0-511 share one.

@@ -45,8 +45,10 @@ namespace uq::qcow2 {
 
 class SharedMap {
  public:
-  // The most clusters one request may pin (larger requests go to the engine).
-  static constexpr size_t kMaxPinned = 16;
+  // The most clusters one request may pin (larger requests go to the engine):
+  // a 1 MiB request (the device's default largest) spans up to 17 clusters of
+  // 64 KiB, 33 of 32 KiB.
+  static constexpr size_t kMaxPinned = 33;
 
   // The clusters a request pinned; unpins them when destroyed.
   class [[nodiscard]] Pin {

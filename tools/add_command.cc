@@ -58,6 +58,12 @@ class AddCommand final : public Command {
                    "Grow the image file this far ahead of allocating writes (K, M, G; 0: off)")
         ->transform(CLI::AsSizeValue(false))
         ->capture_default_str();
+    app.add_option("--max-io", options_.max_io,
+                   "Largest request the device takes, bytes (K, M suffixes; a multiple of 4K). "
+                   "Each tag of each queue gets a buffer this big, touched as requests use it")
+        ->transform(CLI::AsSizeValue(false))
+        ->check(CLI::Range(uint64_t{4096}, uint64_t{32} << 20))
+        ->capture_default_str();
     app.add_option("--cache-size", options_.cache_size,
                    "Metadata cache per image of the chain, bytes (K, M, G suffixes)")
         ->transform(CLI::AsSizeValue(false))
@@ -105,6 +111,7 @@ Status RunAdd(const AddOptions& options) {
   device.cache_size = options.cache_size;
   device.direct = direct;
   device.preallocate = options.preallocate;
+  device.max_io_buf_bytes = static_cast<uint32_t>(options.max_io);
   device.handle_signals = true;
 
   if (options.foreground) {

@@ -41,6 +41,7 @@ struct AddOptions {
   std::string cache = "none";  // none | writeback
   uint64_t cache_size = 32ull << 20;
   uint64_t preallocate = 64ull << 20;
+  uint64_t max_io = 1ull << 20;  // bytes; each tag's request buffer
 };
 
 Status RunAdd(const AddOptions& options);

@@ -2,7 +2,8 @@
 # The daemon's life: list (text and JSON), read-only devices, --foreground, SIGTERM
 # (clean stop: device, record and daemon gone, image clean), and SIGKILL (the kernel
 # fails I/O and removes the disk by itself; `list` shows it dead; `del` cleans up), and
-# --cache (O_DIRECT by default, writeback on request, fallback on ramfs) and --preallocate.
+# --cache (O_DIRECT by default, writeback on request, fallback on ramfs), --preallocate
+# and --max-io.
 source "$(dirname "$0")/lib.bash"
 
 a=$WORK/a.qcow2
@@ -181,5 +182,29 @@ preallocation() {
   qemu_img_check "$img" >/dev/null
 }
 check "--preallocate grows the file ahead while served, del cuts it back, 0 turns it off" preallocation
+# --max-io (default 1M): the largest request the kernel sends, so a 1 MiB direct
+# write is one request; a smaller value splits it, and the data is the same either way.
+max_io() {
+  local img=$WORK/maxio.qcow2 dev kb
+  qemu-img create -q -f qcow2 "$img" 16M
+  head -c 4M /dev/urandom >"$WORK/maxio.data"
+  for want in default 64K; do
+    if [[ $want == default ]]; then dev=$(add_device -f "$img"); else dev=$(add_device -f "$img" --max-io="$want"); fi
+    kb=$(cat "/sys/block/${dev#/dev/}/queue/max_hw_sectors_kb")
+    echo "--max-io $want: max_hw_sectors_kb $kb"
+    [[ $want == default ]] && ((kb == 1024))
+    [[ $want == 64K ]] && ((kb == 64))
+    dd if="$WORK/maxio.data" of="$dev" bs=1M oflag=direct status=none
+    dd if="$dev" of="$WORK/maxio.back" bs=1M count=4 iflag=direct status=none
+    cmp "$WORK/maxio.back" "$WORK/maxio.data"
+    "$UQ" del -n "$(dev_id "$dev")"
+  done
+  local rc=0
+  "$UQ" add -f "$img" --max-io=1000 2>/dev/null || rc=$?
+  echo "--max-io=1000: exit status $rc"
+  ((rc != 0))
+  qemu_img_check "$img" >/dev/null
+}
+check "--max-io sets the largest request (default 1 MiB); data intact either way" max_io
 check "no device, daemon or record left" no_leftovers
 finish
