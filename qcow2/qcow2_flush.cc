@@ -18,6 +18,7 @@ Task<Status> Qcow2Image::OpenForWriting() {
   refcounts_ = std::make_unique<Refcounts>(file_.get(), &header_,
                                            std::max<uint64_t>(header_.cluster_size(), 1 << 20));
   CO_RETURN_IF_ERROR(co_await refcounts_->Load());
+  refcounts_->set_in_use([this](uint64_t c) { return metadata_clusters_.count(c) != 0; });
 
   // What the data path must never overwrite.
   const uint64_t cs = geo_.cluster_size;
@@ -113,10 +114,12 @@ Task<Status> Qcow2Image::FlushLocked() {
   if (refcounts_->has_deferred()) {
     CO_ASSIGN_OR_RETURN(std::vector<uint64_t> freed,
                         co_await refcounts_->ApplyDeferredDecrements());
+    // Free from now on: before the next suspension, at which an allocation
+    // may pick one and must not take it for metadata (Refcounts::set_in_use).
+    for (uint64_t c : freed) metadata_clusters_.erase(c);
     CO_RETURN_IF_ERROR(co_await refcounts_->WriteBlocks());
     const uint64_t cs = geo_.cluster_size;
     for (uint64_t c : freed) {
-      metadata_clusters_.erase(c);
       l2_cache_.Invalidate(c * cs, cs);
       // Give the space back to the host; a failure here only costs space.
       (void)co_await file_->Discard(c * cs, cs);

@@ -166,6 +166,12 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> StoreEntry(uint64_t offset, const L2Entry& entry);
   // Defers dropping the references `entry` holds (when it is replaced).
   void ReleaseEntry(const L2Entry& entry);
+  // The host clusters whose references `entry` holds (none in a data file).
+  std::vector<uint64_t> ReferencedClusters(const L2Entry& entry) const;
+  // Before replacing `entry` with a new cluster: every cluster it references
+  // must have a refcount, or the new allocation could pick one of them and
+  // ReleaseEntry then free the new data. Otherwise marks the image corrupt.
+  Task<Status> CheckReferenced(uint64_t offset, const L2Entry& entry);
   Task<Status> ZeroInCluster(uint64_t offset, uint64_t length);
   Task<Status> DiscardCluster(uint64_t offset);
   Task<Status> WriteZeroBuffer(uint64_t offset, uint64_t length);
@@ -179,6 +185,10 @@ class Qcow2Image final : public BlockDevice {
   // [host, host + length) would hit metadata.
   Task<Status> CheckNoOverlap(uint64_t host, uint64_t length);
   Task<Status> MarkCorrupt(std::string why);
+  // One new cluster from the refcounts. A refcount structure the allocator
+  // finds broken (a free-looking cluster that holds metadata, for one) marks
+  // the image corrupt: writing on would destroy what it holds.
+  Task<Result<uint64_t>> AllocateCluster();
 
   // --- flush (qcow2_flush.cc) ---
   Task<Status> FlushLocked();

@@ -61,6 +61,17 @@ Task<Status> Qcow2Image::CheckNoOverlap(uint64_t host, uint64_t length) {
   co_return Status::Ok();
 }
 
+Task<Result<uint64_t>> Qcow2Image::AllocateCluster() {
+  Result<uint64_t> host = co_await refcounts_->Allocate(1);
+  if (!host.ok() && host.status().IsCorruption()) {
+    // The refcounts' message names the file already; MarkCorrupt adds it.
+    std::string why = host.status().message();
+    if (why.starts_with(path() + ": ")) why.erase(0, path().size() + 2);
+    co_return co_await MarkCorrupt("allocating a cluster: " + why);
+  }
+  co_return host;
+}
+
 Task<Status> Qcow2Image::Write(uint64_t offset, std::span<const std::byte> data, bool fua) {
   CO_RETURN_IF_ERROR(CheckWritable(offset, data.size()));
   const uint64_t first = offset - geo_.cluster_offset_in(offset);
@@ -233,7 +244,7 @@ Task<Status> Qcow2Image::PrepareL2(uint64_t offset) {
   uint64_t table;
   {
     auto lock = co_await meta_mutex_.Acquire();
-    CO_ASSIGN_OR_RETURN(table, co_await refcounts_->Allocate(1));
+    CO_ASSIGN_OR_RETURN(table, co_await AllocateCluster());
   }
   co_await ExtendTo(table + geo_.cluster_size);
   // A new table is all zeros (every entry unallocated); a table shared with a
@@ -281,19 +292,41 @@ Task<Status> Qcow2Image::StoreEntry(uint64_t offset, const L2Entry& entry) {
   co_return Status::Ok();
 }
 
-void Qcow2Image::ReleaseEntry(const L2Entry& e) {
-  if (data_file_) return;  // data clusters in a data file are not refcounted
+std::vector<uint64_t> Qcow2Image::ReferencedClusters(const L2Entry& e) const {
+  std::vector<uint64_t> clusters;
+  if (data_file_) return clusters;  // data clusters in a data file are not refcounted
   if (e.compressed()) {
     // Every host cluster the compressed bytes touch holds one reference.
     const uint64_t start = e.compressed_offset(geo_) & ~(kSectorSize - 1);
     const uint64_t end =
         start + (e.compressed_length(geo_) + (e.compressed_offset(geo_) & (kSectorSize - 1)));
     for (uint64_t c = start / geo_.cluster_size; c <= (end - 1) / geo_.cluster_size; c++) {
-      refcounts_->DeferDecrement(c);
+      clusters.push_back(c);
     }
   } else if (e.host_cluster() != 0) {
-    refcounts_->DeferDecrement(e.host_cluster() / geo_.cluster_size);
+    clusters.push_back(e.host_cluster() / geo_.cluster_size);
   }
+  return clusters;
+}
+
+void Qcow2Image::ReleaseEntry(const L2Entry& e) {
+  for (uint64_t c : ReferencedClusters(e)) refcounts_->DeferDecrement(c);
+}
+
+Task<Status> Qcow2Image::CheckReferenced(uint64_t offset, const L2Entry& e) {
+  for (uint64_t c : ReferencedClusters(e)) {
+    Result<uint64_t> rc = co_await [&]() -> Task<Result<uint64_t>> {
+      auto lock = co_await meta_mutex_.Acquire();
+      co_return co_await refcounts_->Get(c);
+    }();
+    if (!rc.ok()) co_return rc.status();
+    if (*rc == 0) {
+      co_return co_await MarkCorrupt(fmt::format(
+          "L2 entry 0x{:x} for guest offset {} points to host cluster {}, whose refcount is 0",
+          e.raw, offset, c));
+    }
+  }
+  co_return Status::Ok();
 }
 
 Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::byte> data) {
@@ -320,6 +353,7 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   const bool shared_or_compressed =
       old.compressed() || (old.has_host_cluster(has_df) && !old.copied());
   const bool reuse = !shared_or_compressed && old.has_host_cluster(has_df);
+  if (!reuse) CO_RETURN_IF_ERROR(co_await CheckReferenced(offset, old));
   uint64_t host;
   bool fresh = false;
   if (reuse) {
@@ -328,7 +362,7 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
     host = cluster_start;
   } else {
     auto lock = co_await meta_mutex_.Acquire();
-    CO_ASSIGN_OR_RETURN(host, co_await refcounts_->Allocate(1));
+    CO_ASSIGN_OR_RETURN(host, co_await AllocateCluster());
     fresh = true;
     file_size_ = std::max(file_size_, host + geo_.cluster_size);
   }
@@ -603,6 +637,7 @@ Task<Status> Qcow2Image::WriteCompressed(uint64_t offset, std::span<const std::b
   auto exclusive = co_await LockToRemap(geo_.guest_cluster(offset));
   CO_RETURN_IF_ERROR(co_await PrepareL2(offset));
   CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
+  CO_RETURN_IF_ERROR(co_await CheckReferenced(offset, old));
 
   // Place the bytes: after the previous compressed cluster if they fit in its
   // host cluster (one more reference to it), else at the start of a new one.
@@ -622,7 +657,7 @@ Task<Status> Qcow2Image::WriteCompressed(uint64_t offset, std::span<const std::b
     if (shared) {
       host = compressed_next_;
     } else {
-      CO_ASSIGN_OR_RETURN(host, co_await refcounts_->Allocate(1));
+      CO_ASSIGN_OR_RETURN(host, co_await AllocateCluster());
       file_size_ = std::max(file_size_, host + cs);
     }
     // The next one starts on a fresh sector: two clusters sharing a sector

@@ -41,6 +41,13 @@ Task<Status> Refcounts::Load() {
   co_return Status::Ok();
 }
 
+Status Refcounts::CheckFree(uint64_t cluster) const {
+  if (IsRefcountMetadata(cluster) || (in_use_ && in_use_(cluster))) {
+    return Corrupt(fmt::format("cluster {} holds metadata but its refcount is 0", cluster));
+  }
+  return Status::Ok();
+}
+
 bool Refcounts::IsRefcountMetadata(uint64_t cluster) const {
   const uint64_t offset = cluster * cluster_size_;
   const uint64_t table_bytes = uint64_t{header_->refcount_table_clusters} * cluster_size_;
@@ -82,6 +89,7 @@ Task<Status> Refcounts::EnsureBlock(uint64_t bi) {
   // Every cluster of range bi is free, so the range's first cluster can hold
   // its block, which then counts itself.
   const uint64_t offset = bi * entries_per_block_ * cluster_size_;
+  CO_RETURN_IF_ERROR(CheckFree(offset / cluster_size_));
   for (uint64_t s = 0; s < cluster_size_; s += cache_.slice_size()) {
     MetadataCache::SliceRef slice = cache_.InsertZeroed(offset + s);
     if (s == 0) SetRefcount(slice.bytes(), 0, order_, 1);
@@ -120,6 +128,7 @@ Task<Status> Refcounts::GrowTable(uint64_t needed_bi) {
   // Layout: the new blocks, then the new table, from the start of first_range.
   const uint64_t start = first_range * E;  // cluster index
   const uint64_t total = blocks + table_clusters;
+  for (uint64_t c = start; c < start + total; c++) CO_RETURN_IF_ERROR(CheckFree(c));
   AlignedBuffer block_buf(blocks * cluster_size_);
   for (uint64_t c = start; c < start + total; c++) {
     uint64_t j = (c - start) / E;  // block describing cluster c
@@ -179,6 +188,7 @@ Task<Result<uint64_t>> Refcounts::Allocate(uint64_t count) {
     // Scan the rest of this slice without further lookups.
     for (uint64_t i = loc.index; i < entries_per_slice_ && run < count; i++, cluster++) {
       if (GetRefcount(loc.slice.bytes(), i, order_) == 0) {
+        CO_RETURN_IF_ERROR(CheckFree(cluster));
         if (run == 0) run_start = cluster;
         run++;
         if (!hint_settled) {

@@ -26,6 +26,7 @@
 #define UBLK_QCOW2_QCOW2_REFCOUNTS_H_
 
 #include <cstdint>
+#include <functional>
 #include <set>
 #include <unordered_set>
 #include <vector>
@@ -55,7 +56,15 @@ class Refcounts {
   uint64_t used_end() const { return used_end_; }
   // Allocates `count` contiguous free clusters with refcount 1 each and
   // returns the byte offset of the first. The clusters' contents are garbage.
+  // A cluster that looks free but holds metadata (see set_in_use) is
+  // Corruption: the refcounts under-count it, and handing it out would
+  // overwrite it.
   Task<Result<uint64_t>> Allocate(uint64_t count);
+  // Clusters the image knows to hold its metadata (header, L1 and L2 tables,
+  // snapshot tables), besides the refcount structures this class knows
+  // itself. A damaged image can give any of them refcount 0; this is what
+  // keeps Allocate and new refcount blocks off them.
+  void set_in_use(std::function<bool(uint64_t cluster)> in_use) { in_use_ = std::move(in_use); }
   // Adds one reference to a cluster in use. NoSpace on overflow.
   Task<Status> Increment(uint64_t cluster);
   // Drops one reference at ApplyDeferredDecrements().
@@ -82,6 +91,8 @@ class Refcounts {
     MetadataCache::SliceRef slice;
     uint64_t index;  // entry index within the slice
   };
+  // Corruption if `cluster`, about to be put to a new use, holds metadata.
+  Status CheckFree(uint64_t cluster) const;
   // The slice holding `cluster`'s entry; REQUIRES its block exists.
   Task<Result<Location>> Locate(uint64_t cluster);
   Task<Status> EnsureBlock(uint64_t block_index);
@@ -103,6 +114,7 @@ class Refcounts {
   std::vector<uint64_t> deferred_;
   uint64_t free_hint_ = 0;  // no free cluster below this one
   uint64_t used_end_ = 0;
+  std::function<bool(uint64_t)> in_use_;  // see set_in_use
 };
 
 }  // namespace uq::qcow2
