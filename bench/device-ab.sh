@@ -1,0 +1,56 @@
+#!/bin/bash
+# bench/device-ab.sh: several ublk-qcow2 binaries against each other (and loop) on one fio
+# workload, in turn, round after round, inside ONE boot of the VM rig. For A/B tests of a
+# change: under TCG only comparisons within one boot mean anything, and the spread of the
+# rounds shows the noise.
+#
+#   bench/device-ab.sh [-r RW] [-b BS] [-q QD] [-n ROUNDS] [-m MODE] BIN...
+#
+#   -r  fio --rw: randread (default), randwrite, read, write
+#   -b  fio --bs (default 4k)      -q  fio --iodepth (default 1)
+#   -n  rounds (default 3)         -m  full (default): a 512 MiB image of random data;
+#                                      latency: the QD1 breakdown instead (see below)
+# Each BIN is served with `add -q 1` (defaults otherwise) on a copy-free qcow2 image of
+# 512 MiB of random data (64 KiB clusters); loop is `losetup --direct-io=on` on the raw
+# file it was converted from. Prints one line per round and target:
+#   RESULT round N TARGET IOPS [utime=TICKS stime=TICKS]   (daemon CPU, USER_HZ 100)
+# and at the end, per target, the IOPS of every round.
+#
+# -m latency: fio 4k random reads at depth 1 on the raw file itself, null_blk, loop,
+# ours on the full image and ours on an empty one (zeros, no host I/O), with fio's mean
+# completion latency: where a QD1 request's time goes (docs/benchmarks.md, "What is left
+# is the machine"). Uses the first BIN only.
+#
+# Environment: BENCH_RUNTIME seconds per job (default 6, after 1 s ramp), VM_*: see
+# tests/vm/run. Copy binaries aside first if a build may replace them meanwhile.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+rw=randread bs=4k qd=1 rounds=3 mode=full
+while getopts "r:b:q:n:m:" opt; do
+  case $opt in
+    r) rw=$OPTARG ;;
+    b) bs=$OPTARG ;;
+    q) qd=$OPTARG ;;
+    n) rounds=$OPTARG ;;
+    m) mode=$OPTARG ;;
+    *) sed -n '2,25p' "$0" >&2; exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+if (($# == 0)); then
+  sed -n '2,25p' "$0" >&2
+  exit 2
+fi
+bins=()
+for b in "$@"; do
+  [[ -x $b ]] || { echo "device-ab: $b is not an executable" >&2; exit 2; }
+  bins+=("$(cd "$(dirname "$b")" && pwd)/$(basename "$b")")
+done
+
+VM_ENV_AB_RW=$rw VM_ENV_AB_BS=$bs VM_ENV_AB_QD=$qd VM_ENV_AB_ROUNDS=$rounds \
+  VM_ENV_AB_MODE=$mode VM_ENV_AB_RUNTIME=${BENCH_RUNTIME:-6} \
+  "$ROOT/tests/vm/run" "$ROOT/bench/device-ab-in-vm.sh" "${bins[@]}" |
+  tee /dev/stderr | grep -a '^RESULT' | awk '
+    { key = $4; v[key] = v[key] (v[key] == "" ? "" : " / ") $5; if (!(key in seen)) { seen[key] = 1; order[++n] = key } }
+    END { print ""; for (i = 1; i <= n; i++) printf "%-28s %s\n", order[i], v[order[i]] }'
