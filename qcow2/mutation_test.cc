@@ -290,16 +290,9 @@ std::string OnBigStack(std::function<std::string()> fn) {
   return job.out;
 }
 
-std::vector<std::byte> ReadBase(testing::ScratchDir* scratch, const Base& base) {
-  MemEnv mem;
-  Status st = mem.ImportFromHostFile(scratch->path(std::string(base.name) + ".qcow2"), "/b");
-  EXPECT_TRUE(st.ok()) << st.ToString();
-  return mem.Contents("/b");
-}
-
 TEST_P(MutationTest, DamagedImagesFailCleanly) {
   const Base& base = kBases[GetParam()];
-  const std::vector<std::byte> image = ReadBase(scratch_.get(), base);
+  const std::vector<std::byte> image = scratch_->Slurp(std::string(base.name) + ".qcow2");
   ASSERT_FALSE(image.empty());
   // The undamaged image must work all the way (or the test proves nothing).
   EXPECT_EQ(OnBigStack([&] { return Exercise(image, false); }),

@@ -314,13 +314,12 @@ void Qcow2Image::ReleaseEntry(const L2Entry& e) {
 }
 
 Task<Status> Qcow2Image::CheckReferenced(uint64_t offset, const L2Entry& e) {
-  for (uint64_t c : ReferencedClusters(e)) {
-    Result<uint64_t> rc = co_await [&]() -> Task<Result<uint64_t>> {
-      auto lock = co_await meta_mutex_.Acquire();
-      co_return co_await refcounts_->Get(c);
-    }();
-    if (!rc.ok()) co_return rc.status();
-    if (*rc == 0) {
+  const std::vector<uint64_t> clusters = ReferencedClusters(e);
+  if (clusters.empty()) co_return Status::Ok();
+  auto lock = co_await meta_mutex_.Acquire();
+  for (uint64_t c : clusters) {
+    CO_ASSIGN_OR_RETURN(uint64_t rc, co_await refcounts_->Get(c));
+    if (rc == 0) {
       co_return co_await MarkCorrupt(fmt::format(
           "L2 entry 0x{:x} for guest offset {} points to host cluster {}, whose refcount is 0",
           e.raw, offset, c));
