@@ -319,6 +319,46 @@ TEST_P(MutationTest, DamagedImagesFailCleanly) {
   for (const auto& [what, n] : outcomes) std::printf("%s %s: %d\n", base.name, what.c_str(), n);
 }
 
+// The second data-loss path, pinned down: an entry (not marked "copied")
+// names the first free cluster, past the end of the file. A write to its
+// guest cluster must not allocate that very cluster for the new data and
+// then, dropping the old mapping's reference, free it again.
+TEST(MutationCaseTest, EntryNamingAFreeClusterIsNotReplacedOverIt) {
+  testing::ScratchDir scratch("mutation-entry");
+  std::string out;
+  ASSERT_EQ(scratch.Sh("qemu-img create -q -f qcow2 -o cluster_size=64k img.qcow2 8M && "
+                       "qemu-io -f qcow2 -c 'write -P 0x11 0 192k' img.qcow2 >/dev/null",
+                       &out),
+            0)
+      << out;
+  std::vector<std::byte> image = scratch.Slurp("img.qcow2");
+  ASSERT_EQ(image.size() % 65536, 0u) << "the test needs the file to end on a cluster";
+  auto be64 = [&](uint64_t at) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v = v << 8 | static_cast<uint8_t>(image[at + i]);
+    return v;
+  };
+  const uint64_t l2 = be64(be64(40)) & 0x00fffffffffffe00ull;  // L1[0]'s table
+  ASSERT_NE(l2, 0u);
+  ASSERT_EQ(be64(l2 + 5 * 8), 0u) << "guest cluster 5 starts unallocated";
+  PutBigEndian(image, l2 + 5 * 8, image.size(), 8, nullptr);  // the first free cluster
+
+  MemEnv mem(MemEnvOptions{.max_file_size = 256ull << 20});
+  mem.SetContents(kPath, image);
+  auto opened = BlockOn(OpenImage(kPath, ImageOptions{.env = &mem, .writable = true}));
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  std::unique_ptr<BlockDevice> dev = std::move(*opened);
+  std::vector<std::byte> data(4096, std::byte{0x77});
+  Status st = BlockOn(dev->Write(5 * 65536, data, false));
+  EXPECT_TRUE(st.IsCorruption()) << st.ToString();
+  EXPECT_NE(st.ToString().find("refcount is 0"), std::string::npos) << st.ToString();
+  // What the image held is still there.
+  std::vector<std::byte> back(192 * 1024);
+  ASSERT_TRUE(BlockOn(dev->Read(0, back)).ok());
+  EXPECT_EQ(back, std::vector<std::byte>(back.size(), std::byte{0x11}));
+  (void)BlockOn(dev->Close());
+}
+
 INSTANTIATE_TEST_SUITE_P(Bases, MutationTest, ::testing::Range(0, static_cast<int>(std::size(kBases))),
                          [](const ::testing::TestParamInfo<int>& info) {
                            std::string name = kBases[info.param].name;
