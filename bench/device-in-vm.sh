@@ -4,12 +4,14 @@
 #
 # Prepares on /scratch, from ONE set of DATA_MB random bytes (written once, so every
 # read below reads written data):
-#   ours1.qcow2, ours2.qcow2, nbd-none.qcow2, nbd-wb.qcow2   qcow2, 64 KiB clusters,
+#   ours1.qcow2, ours2.qcow2, ours1p.qcow2, nbd-none.qcow2, nbd-wb.qcow2   qcow2, 64 KiB clusters,
 #                                      every cluster written (qemu-img convert + copies)
 #   loop-dio.raw, loop-buf.raw         the same bytes, raw
 # and serves them as six block devices at once:
 #   ours1     ublk-qcow2 add -f ours1.qcow2 -q 1          (/dev/ublkbN, 1 queue)
 #   ours2     ublk-qcow2 add -f ours2.qcow2 -q 2          (/dev/ublkbN, 2 queues)
+#   ours1p    ublk-qcow2 add -f ours1p.qcow2 -q 1 --poll-us=BENCH_POLL_US (busy-polling;
+#             only when BENCH_POLL_US > 0)
 #   loop      losetup --direct-io=on  loop-dio.raw        (kernel loop, O_DIRECT to the file)
 #   nbd       qemu-nbd --cache=none --aio=io_uring -f qcow2 -c /dev/nbd0 nbd-none.qcow2
 #   loop-buf  losetup --direct-io=off loop-buf.raw        (page cache: like our daemon)
@@ -29,7 +31,7 @@
 #
 # Environment (bench/device.sh passes these): BENCH_BIN (the ublk-qcow2 binary, a host
 # path), BENCH_RUNTIME (s, default 8), BENCH_RAMP (s, default 2), BENCH_DATA_MB (1024),
-# BENCH_BUFFERED (0), BENCH_ROWS (row ids to run, default all: see ROWS below),
+# BENCH_BUFFERED (0), BENCH_POLL_US (500; 0 leaves out ours1p), BENCH_ROWS (row ids to run, default all: see ROWS below),
 # BENCH_ENGINE (1: afterwards, `ublk-qcow2 bench` on ours1.qcow2 for the 4k random rows,
 # buffered and O_DIRECT: the engine's own cost, no ublk), BENCH_ENGINE_COUNT (requests
 # at QD32, default 100000; a tenth at QD1).
@@ -97,6 +99,7 @@ RUNTIME=${BENCH_RUNTIME:-8}
 RAMP=${BENCH_RAMP:-2}
 DATA_MB=${BENCH_DATA_MB:-1024}
 BUFFERED=${BENCH_BUFFERED:-0}
+POLL_US=${BENCH_POLL_US:-500}
 ENGINE=${BENCH_ENGINE:-1}
 ENGINE_QD1=$((${BENCH_ENGINE_COUNT:-100000} / 10))
 ENGINE_QD32=${BENCH_ENGINE_COUNT:-100000}
@@ -136,11 +139,12 @@ fi
 declare -A DEV PID
 TARGETS=(ours1 ours2 loop nbd)
 ((BUFFERED)) && TARGETS+=(loop-buf nbd-wb)
+((POLL_US > 0)) && TARGETS+=(ours1p)
 
 # shellcheck disable=SC2317  # reached through the EXIT trap
 cleanup() {
   set +e
-  for t in ours1 ours2; do
+  for t in ours1 ours2 ours1p; do
     [[ -n ${DEV[$t]:-} ]] && "$BIN" del -n "${DEV[$t]#/dev/ublkb}" >/dev/null 2>&1
   done
   for t in nbd nbd-wb; do [[ -n ${DEV[$t]:-} ]] && qemu-nbd -d "${DEV[$t]}" >/dev/null 2>&1; done
@@ -162,6 +166,7 @@ meta fio "$(fio --version)"
 meta qemu_nbd "$(qemu-nbd --version | head -n1)"
 meta runtime "$RUNTIME"
 meta ramp "$RAMP"
+meta poll_us "$POLL_US"
 meta data_mb "$DATA_MB"
 meta targets "${TARGETS[*]}"
 log "kernel $(uname -r), $(nproc) CPUs; targets: ${TARGETS[*]}; ${RUNTIME}s + ${RAMP}s ramp per job"
@@ -175,6 +180,7 @@ s=$SECONDS
 qemu-img convert -t none -T none -W -f raw -O qcow2 -o cluster_size=65536 loop-dio.raw ours1.qcow2
 copies=(ours2.qcow2 nbd-none.qcow2)
 ((BUFFERED)) && copies+=(nbd-wb.qcow2)
+((POLL_US > 0)) && copies+=(ours1p.qcow2)
 for c in "${copies[@]}"; do dd if=ours1.qcow2 of="$c" bs=4M iflag=direct oflag=direct status=none; done
 ((BUFFERED)) && dd if=loop-dio.raw of=loop-buf.raw bs=4M iflag=direct oflag=direct status=none
 sync
@@ -191,6 +197,10 @@ DEV[ours1]=$("$BIN" add -f "$W/ours1.qcow2" -q 1)
 PID[ours1]=$(daemon_pid "${DEV[ours1]}")
 DEV[ours2]=$("$BIN" add -f "$W/ours2.qcow2" -q 2)
 PID[ours2]=$(daemon_pid "${DEV[ours2]}")
+if ((POLL_US > 0)); then
+  DEV[ours1p]=$("$BIN" add -f "$W/ours1p.qcow2" -q 1 --poll-us="$POLL_US")
+  PID[ours1p]=$(daemon_pid "${DEV[ours1p]}")
+fi
 DEV[loop]=$(losetup --direct-io=on --show -f "$W/loop-dio.raw")
 PID[loop]=-
 [[ $(</sys/block/"${DEV[loop]#/dev/}"/loop/dio) == 1 ]] || die "${DEV[loop]}: direct I/O did not turn on"
@@ -267,11 +277,12 @@ for ((r = 0; r < ${#ROWS[@]}; r++)); do
 done
 
 # Peak memory once more, then the daemons' own account of their queues.
-for t in ours1 ours2 nbd nbd-wb; do
+for t in ours1 ours2 ours1p nbd nbd-wb; do
   [[ -n ${PID[$t]:-} && -r /proc/${PID[$t]}/status ]] || continue
   meta "final_mem_$t" "$(grep -E '^Vm(HWM|RSS)' /proc/"${PID[$t]}"/status | tr -s ' \t' ' ' | paste -sd' ')"
 done
-for t in ours1 ours2; do
+for t in ours1 ours2 ours1p; do
+  [[ -n ${DEV[$t]:-} ]] || continue
   id=${DEV[$t]#/dev/ublkb}
   "$BIN" del -n "$id"
   DEV[$t]=

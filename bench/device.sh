@@ -21,6 +21,8 @@
 # Environment:
 #   BENCH_RUNTIME   seconds per fio job (default 8), after BENCH_RAMP (default 2)
 #   BENCH_BUFFERED  1: also loop without direct I/O and qemu-nbd --cache=writeback
+#   BENCH_POLL_US   busy-poll window of the extra target "ours 1q poll" (default 500;
+#                   0 leaves it out)
 #                   (page-cache baselines, like for like with `add --cache=writeback`);
 #                   0 (default): only the four targets of the issue
 #   BENCH_ROWS      row ids to run (default all: rr4k1 rr4k32 rw4k1 rw4k32 sr1m4 sw1m4)
@@ -77,7 +79,7 @@ for key, value in meta.items():
         rows.append((key[4:], rw, int(bs), int(qd), label))
 # Request buffer per tag of `ublk-qcow2 add` (its --max-io default), for the memory bound.
 BUFFER_MIB = 1.0
-NAMES = {"ours1": "ours 1q", "ours2": "ours 2q", "loop": "loop (dio)", "nbd": "qemu-nbd (none)",
+NAMES = {"ours1": "ours 1q", "ours2": "ours 2q", "ours1p": "ours 1q poll", "loop": "loop (dio)", "nbd": "qemu-nbd (none)",
          "loop-buf": "loop (buffered)", "nbd-wb": "qemu-nbd (writeback)"}
 TICK_US = 10000  # USER_HZ = 100
 
@@ -127,6 +129,7 @@ def iops(row, target):
     return x["iops"] if x and not x["error"] else None
 
 buffered = "loop-buf" in targets
+polled = "ours1p" in targets
 out = []
 def w(line):
     out.append(line)
@@ -156,13 +159,17 @@ w("ours = `ublk-qcow2 add -f IMG -q 1|2` (defaults: depth 128, 32 MiB metadata c
   "the daemon's host I/O is O_DIRECT); loop (dio) = `losetup "
   "--direct-io=on`; qemu-nbd (none) = `qemu-nbd --cache=none --aio=io_uring -f qcow2 -c /dev/nbd0`"
   + ("; loop (buffered) = `losetup --direct-io=off`; qemu-nbd (writeback) = `--cache=writeback "
-     "--aio=io_uring`: page-cache baselines." if buffered else "."))
+     "--aio=io_uring`: page-cache baselines" if buffered else "")
+  + (f"; ours 1q poll = `add -q 1 --poll-us={meta.get('poll_us')}`: the queue thread busy-polls its "
+     "ring that long before it sleeps (a core for lower latency; off by default)." if polled else "."))
 w("")
 w("### Throughput: IOPS (MiB/s); ratios use ours 1q")
 w("")
 hdr = ["workload", "QD"] + [NAMES[t] for t in ("ours1", "ours2", "loop", "nbd")] + ["ours/loop", "ours/nbd"]
 if buffered:
     hdr += [NAMES["loop-buf"], NAMES["nbd-wb"], "ours/loop-buf", "ours/nbd-wb"]
+if polled:
+    hdr += [NAMES["ours1p"], "poll/loop", "poll/nbd"]
 w("| " + " | ".join(hdr) + " |")
 w("|---|---:|" + "---:|" * (len(hdr) - 2))
 dat = []
@@ -174,6 +181,10 @@ for rid, rw, bs, qd, label in rows:
         cells += [cell(rid, "loop-buf"), cell(rid, "nbd-wb"),
                   fmt_ratio(ratio(iops(rid, "ours1"), iops(rid, "loop-buf"))),
                   fmt_ratio(ratio(iops(rid, "ours1"), iops(rid, "nbd-wb")))]
+    if polled:
+        cells += [cell(rid, "ours1p"),
+                  fmt_ratio(ratio(iops(rid, "ours1p"), iops(rid, "loop"))),
+                  fmt_ratio(ratio(iops(rid, "ours1p"), iops(rid, "nbd")))]
     w("| " + " | ".join(cells) + " |")
     vals = []
     for t in ("ours1", "ours2", "loop", "nbd", "loop-buf", "nbd-wb"):
@@ -182,6 +193,8 @@ for rid, rw, bs, qd, label in rows:
     for t in ("ours1", "ours2", "loop", "nbd", "loop-buf", "nbd-wb"):
         d = derived(rid, t, bs)
         vals.append(f"{d['vm_us']:.1f}" if d else "NaN")
+    v, d = iops(rid, "ours1p"), derived(rid, "ours1p", bs)
+    vals += [f"{v:.0f}" if v else "NaN", f"{d['vm_us']:.1f}" if d else "NaN"]
     dat.append(f'"{label} QD{qd}" ' + " ".join(vals))
 w("")
 w("### CPU per I/O (µs of emulated CPU time; I/Os counted by the device, ramp included)")
@@ -190,7 +203,7 @@ w("Serving process = `utime+stime` of the ublk-qcow2 daemon (all its threads) or
   "from /proc/PID/stat; loop has none (kernel threads). Whole VM = busy time of both vCPUs "
   "(/proc/stat): fio, kernel, server. In parentheses: cores busy.")
 w("")
-srv_t = [t for t in ("ours1", "ours2", "nbd", "nbd-wb") if t in targets]
+srv_t = [t for t in ("ours1", "ours2", "ours1p", "nbd", "nbd-wb") if t in targets]
 hdr = ["workload", "QD"] + [f"server: {NAMES[t]}" for t in srv_t] + [f"VM: {NAMES[t]}" for t in targets]
 w("| " + " | ".join(hdr) + " |")
 w("|---|---:|" + "---:|" * (len(hdr) - 2))
@@ -227,7 +240,7 @@ for rid, rw, bs, qd, label in rows:
 w("")
 w("### Memory: peak RSS (VmHWM, MiB) of the serving process after each row")
 w("")
-mem_t = [t for t in ("ours1", "ours2", "nbd", "nbd-wb") if t in targets]
+mem_t = [t for t in ("ours1", "ours2", "ours1p", "nbd", "nbd-wb") if t in targets]
 w("| after row | " + " | ".join(NAMES[t] for t in mem_t) + " |")
 w("|---|" + "---:|" * len(mem_t))
 for rid, rw, bs, qd, label in rows:
@@ -287,8 +300,8 @@ if engine:
 w("### Targets (from the issue; checked here, not by tests)")
 w("")
 rand = [r for r in rows if r[1] in ("randread", "randwrite") and r[2] == 4096]
-def verdict(rs, other, want):
-    got = [(r, ratio(iops(r[0], "ours1"), iops(r[0], other))) for r in rs]
+def verdict(rs, other, want, ours="ours1"):
+    got = [(r, ratio(iops(r[0], ours), iops(r[0], other))) for r in rs]
     got = [(r, x) for r, x in got if x is not None]
     if not got:
         return "not measured"
@@ -302,7 +315,10 @@ rr = [r for r in rand if r[1] == "randread"]
 w(f"- ours ≥ 0.9x loop (direct I/O) on 4k random reads: {verdict(rr, 'loop', 0.9)}.")
 if buffered:
     w(f"  Against buffered loop: {verdict(rr, 'loop-buf', 0.9)}.")
-for t, q in (("ours1", 1), ("ours2", 2)):
+if polled:
+    w(f"  With --poll-us={meta.get('poll_us')} (ours 1q poll): {verdict(rr, 'loop', 0.9, 'ours1p')}; "
+      f"against qemu-nbd on 4k random I/O: {verdict(rand, 'nbd', 3.0, 'ours1p')}.")
+for t, q in (("ours1", 1), ("ours2", 2), ("ours1p", 1)):
     if t not in targets:
         continue
     peaks = [derived(r[0], t, r[2]) for r in rows]
@@ -319,7 +335,8 @@ if extra:
     w("")
 open(md_path, "w").write("\n".join(out))
 open(dat_path, "w").write(
-    "# label, IOPS: ours1 ours2 loop nbd loop-buf nbd-wb, then VM CPU us/IO in the same order\n"
+    "# label, IOPS: ours1 ours2 loop nbd loop-buf nbd-wb, then VM CPU us/IO in the same order, "
+    "then ours1p IOPS and VM CPU us/IO\n"
     + "\n".join(dat) + "\n")
 PY
   local buffered_plot=""
@@ -328,6 +345,11 @@ PY
   local buffered_cpu=""
   grep -q '^rec|meta|targets|.*loop-buf' "$records" &&
     buffered_cpu=', "" using 12 title "loop (buffered)", "" using 13 title "qemu-nbd (writeback)"'
+  local polled_plot="" polled_cpu=""
+  if grep -q '^rec|meta|targets|.*ours1p' "$records"; then
+    polled_plot=', "" using 14 title "ours 1q poll"'
+    polled_cpu=', "" using 15 title "ours 1q poll"'
+  fi
   gnuplot <<EOF
 set terminal pngcairo size 1400,900 font ",9" noenhanced
 set output "$OUT/device.png"
@@ -342,11 +364,11 @@ set xtics scale 0
 set ylabel "IOPS (log)"
 set title "Throughput"
 plot "$OUT/device.dat" using 2:xtic(1) title "ours 1q", "" using 3 title "ours 2q", \
-     "" using 4 title "loop (dio)", "" using 5 title "qemu-nbd (none)"$buffered_plot
+     "" using 4 title "loop (dio)", "" using 5 title "qemu-nbd (none)"$buffered_plot$polled_plot
 set ylabel "µs CPU per I/O (log)"
 set title "Whole-VM CPU time per I/O (fio + kernel + server)"
 plot "$OUT/device.dat" using 8:xtic(1) title "ours 1q", "" using 9 title "ours 2q", \
-     "" using 10 title "loop (dio)", "" using 11 title "qemu-nbd (none)"$buffered_cpu
+     "" using 10 title "loop (dio)", "" using 11 title "qemu-nbd (none)"$buffered_cpu$polled_cpu
 unset multiplot
 EOF
   log "wrote $OUT/device.md, device.dat, device.png"
@@ -376,7 +398,7 @@ log "host load average $load_start; booting the VM"
 export VM_TIMEOUT=${VM_TIMEOUT:-1800}
 export VM_SCRATCH_SIZE=${VM_SCRATCH_SIZE:-10G}
 export VM_ENV_BENCH_BIN=$work/bin/ublk-qcow2
-for v in BENCH_RUNTIME BENCH_RAMP BENCH_DATA_MB BENCH_BUFFERED BENCH_ROWS BENCH_ENGINE BENCH_ENGINE_COUNT; do
+for v in BENCH_RUNTIME BENCH_RAMP BENCH_DATA_MB BENCH_BUFFERED BENCH_POLL_US BENCH_ROWS BENCH_ENGINE BENCH_ENGINE_COUNT; do
   [[ -n ${!v:-} ]] && export "VM_ENV_$v=${!v}"
 done
 vm_start=$(date +%s)

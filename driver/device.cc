@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <tuple>
 #include <utility>
 
 #include "driver/params.h"
@@ -39,7 +40,7 @@ uint32_t RoundUpPow2(uint32_t x) {
   return p;
 }
 
-uring::RingOptions QueueRingOptions(uint16_t depth, bool hosts_image) {
+uring::RingOptions QueueRingOptions(uint16_t depth, bool hosts_image, uint32_t poll_us) {
   uring::RingOptions options;
   // One SQE per tag for its command, plus room for the engine's host I/O on
   // the image's ring (a full ring is flushed to the kernel, never refused).
@@ -47,6 +48,7 @@ uring::RingOptions QueueRingOptions(uint16_t depth, bool hosts_image) {
   options.entries = std::clamp<uint32_t>(RoundUpPow2(want), 32, 4096);
   options.sqe128 = true;
   options.extra_opcodes = {IORING_OP_URING_CMD};
+  options.spin_us = poll_us;
   return options;
 }
 
@@ -109,7 +111,7 @@ Status Device::Setup(const DeviceOptions& options) {
 
   // Queue 0's thread first: the image lives there.
   ASSIGN_OR_RETURN(std::unique_ptr<LoopThread> loop0,
-                   LoopThread::Start("ublk-q0", QueueRingOptions(options.depth, true)));
+                   LoopThread::Start("ublk-q0", QueueRingOptions(options.depth, true, options.poll_us)));
   loops_.push_back(std::move(loop0));
   qcow2::ImageOptions image_options;
   image_options.env = uring::UringEnv::Default();
@@ -164,7 +166,7 @@ Status Device::Setup(const DeviceOptions& options) {
   for (uint16_t q = 1; q < info_.queues; ++q) {
     ASSIGN_OR_RETURN(
         std::unique_ptr<LoopThread> loop,
-        LoopThread::Start(fmt::format("ublk-q{}", q), QueueRingOptions(info_.depth, false)));
+        LoopThread::Start(fmt::format("ublk-q{}", q), QueueRingOptions(info_.depth, false, options.poll_us)));
     loops_.push_back(std::move(loop));
   }
   const Opcodes ops = Opcodes::For(info_.flags | (control_->features() & UBLK_F_CMD_IOCTL_ENCODE));
@@ -292,10 +294,19 @@ Status Device::Teardown() {
     std::string counts;
     for (size_t q = 0; q < workers_.size(); ++q) {
       QueueWorker* worker = workers_[q].get();
-      auto [n, here] = loops_[q]->Call(
-          [worker] { return std::pair(worker->requests(), worker->served_here()); });
-      counts += fmt::format("{}queue {}: {} requests ({} on its own thread)", q == 0 ? "" : ", ", q,
+      LoopThread* loop = loops_[q].get();
+      auto [n, here, spin_us, polled, slept] = loop->Call([worker, loop] {
+        uring::Ring& ring = loop->ring();
+        return std::tuple(worker->requests(), worker->served_here(), ring.spin_us(),
+                          ring.polled_waits(), ring.slept_waits());
+      });
+      counts += fmt::format("{}queue {}: {} requests ({} on its own thread", q == 0 ? "" : ", ", q,
                             n, here);
+      // With --poll-us: how many waits polling ended without a sleep.
+      if (spin_us > 0) {
+        counts += fmt::format("; waits: {} polled, {} slept", polled, slept);
+      }
+      counts += ")";
     }
     Log(fmt::format("{} served {}", info_.block_path, counts));
   }

@@ -65,6 +65,9 @@ struct DeviceOptions {
   bool direct = true;
   // ImageOptions::preallocate: grow the image file ahead of allocation.
   uint64_t preallocate = 64ull << 20;
+  // RingOptions::spin_us of every queue's ring (add --poll-us): how long an
+  // idle queue thread watches its ring before it sleeps.
+  uint32_t poll_us = 0;
   bool handle_signals = true;
 };
 

@@ -195,6 +195,10 @@ void AddBenchFlags(CLI::App& app, BenchOptions& options) {
   AddParsed(app, "--preallocate", &options.preallocate, &ParseByteCount, INT64_MAX, "preallocation",
             "Grow the image file this far ahead of allocating writes, as the device does "
             "(default 64M; 0: off)");
+  app.add_option("--poll-us", options.poll_us,
+                 "Busy-poll the ring this long (microseconds) before sleeping, as add --poll-us "
+                 "(default 0: off)")
+      ->check(CLI::Range(0, 1000000));
   app.footer(
       "Like qemu-img bench: prints 'Sending ...' and 'Run completed in T seconds.', then\n"
       "'IOPS: N, MiB/s: M'. Offsets wrap at the end of the image; a request that would\n"
@@ -422,7 +426,7 @@ Status RunBench(const BenchOptions& options) {
   RETURN_IF_ERROR(CheckBenchOptions(options));
   const IoMode mode = options.aio == "threads" ? IoMode::kSync : IoMode::kUring;
   ASSIGN_OR_RETURN(std::unique_ptr<IoContext> io,
-                   IoContext::Create(mode, RingEntries(options.depth)));
+                   IoContext::Create(mode, RingEntries(options.depth), options.poll_us));
   const CacheMode cache = ParseCacheMode(options.cache);
 
   qcow2::ImageOptions image_options;

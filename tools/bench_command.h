@@ -66,6 +66,7 @@ struct BenchOptions {
   uint64_t seed = 1;                   // --seed
   uint64_t cache_size = 32ull << 20;   // --cache-size
   uint64_t preallocate = 64ull << 20;  // --preallocate (ImageOptions::preallocate)
+  uint32_t poll_us = 0;                // --poll-us (RingOptions::spin_us)
 };
 
 // qemu's cvtnum(): a decimal byte count with an optional binary suffix,

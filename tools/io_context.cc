@@ -12,11 +12,13 @@ std::optional<IoMode> ParseIoMode(std::string_view name) {
   return std::nullopt;
 }
 
-Result<std::unique_ptr<IoContext>> IoContext::Create(IoMode mode, uint32_t queue_depth) {
+Result<std::unique_ptr<IoContext>> IoContext::Create(IoMode mode, uint32_t queue_depth,
+                                                      uint32_t spin_us) {
   auto context = std::make_unique<IoContext>(Key());
   if (mode != IoMode::kSync) {
     uring::RingOptions options;
     options.entries = queue_depth;
+    options.spin_us = spin_us;
     Result<std::unique_ptr<uring::Ring>> ring = uring::Ring::Create(options);
     if (ring.ok()) {
       context->ring_ = std::move(ring).value();

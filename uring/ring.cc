@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 #include <sched.h>
+#include <time.h>
 
 #include <array>
 #include <cerrno>
@@ -94,8 +95,12 @@ Result<std::unique_ptr<Ring>> Ring::Create(const RingOptions& options) {
   // work (ublk commands among them) wait for its next entry into the kernel
   // instead of interrupting it; the loop enters the kernel whenever it waits
   // anyway. Older kernels reject the flag: retry without it.
+  // TASKRUN_FLAG (same kernels) makes the kernel flag pending task work in
+  // the SQ ring, which a busy-polling thread must notice: it never enters
+  // the kernel on its own while it spins.
   io_uring_params with_coop = params;
   with_coop.flags |= IORING_SETUP_COOP_TASKRUN;
+  if (options.spin_us > 0) with_coop.flags |= IORING_SETUP_TASKRUN_FLAG;
   int ret = io_uring_queue_init_params(options.entries, &ring->ring_, &with_coop);
   if (ret == -EINVAL) {
     ret = io_uring_queue_init_params(options.entries, &ring->ring_, &params);
@@ -111,6 +116,7 @@ Result<std::unique_ptr<Ring>> Ring::Create(const RingOptions& options) {
     return Status::FromErrno(-ret, what);
   }
   ring->initialized_ = true;
+  if (params.flags & IORING_SETUP_TASKRUN_FLAG) ring->spin_us_ = options.spin_us;
 
   // Without NODROP a CQ overflow loses completions, and with them waiters
   // and the in-flight count.
@@ -176,6 +182,11 @@ bool Ring::Poll() {
     Drain();
     return true;
   }
+  if (spin_us_ > 0 && SpinForCompletion()) {
+    ++polled_waits_;
+    if (Drain() > 0) return true;
+  }
+  ++slept_waits_;
   for (;;) {
     int ret = io_uring_submit_and_wait(&ring_, 1);
     if (ret < 0) CheckEnterResult(ret, "io_uring_submit_and_wait");
@@ -183,6 +194,36 @@ bool Ring::Poll() {
     // to reap, which Drain() does.
     if (Drain() > 0) return true;
     if (in_flight_ == 0) return false;
+  }
+}
+
+bool Ring::SpinForCompletion() {
+  SubmitPending();
+  timespec start;
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  const int64_t budget_ns = int64_t{spin_us_} * 1000;
+  for (unsigned round = 0;; ++round) {
+    if (io_uring_cq_ready(&ring_) > 0) return true;
+    if (IO_URING_READ_ONCE(*ring_.sq.kflags) & IORING_SQ_TASKRUN) {
+      // Completions wait in this thread's task work: a zero-wait enter runs
+      // it and posts them.
+      int ret = io_uring_get_events(&ring_);
+      if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
+        CheckEnterResult(ret, "io_uring_get_events");
+      }
+      continue;
+    }
+    // Reading the clock costs more than a look at the ring.
+    if (round % 16 == 15) {
+      timespec now;
+      clock_gettime(CLOCK_MONOTONIC, &now);
+      int64_t elapsed_ns =
+          (now.tv_sec - start.tv_sec) * 1'000'000'000LL + (now.tv_nsec - start.tv_nsec);
+      if (elapsed_ns >= budget_ns) return false;
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
   }
 }
 

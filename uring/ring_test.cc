@@ -2,7 +2,11 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <chrono>
 #include <coroutine>
+#include <thread>
 #include <vector>
 
 #include "base/task.h"
@@ -106,6 +110,66 @@ TEST(RingTest, PollReturnsFalseWhenIdle) {
   EXPECT_EQ(c.last_res, 0);
   EXPECT_EQ(ring->in_flight(), 0u);
   EXPECT_FALSE(ring->Poll());
+}
+
+// A read of an empty pipe completes when another thread writes to it. The
+// pipe's wake-up reaches the reader as task work, which a thread spinning in
+// user space only runs because the kernel flags it (IORING_SQ_TASKRUN).
+TEST(RingTest, BusyPollingCatchesACompletionWithoutSleeping) {
+  auto ring = MakeRing({.spin_us = 5'000'000});
+  ASSERT_EQ(ring->spin_us(), 5'000'000u) << "the kernel refused IORING_SETUP_TASKRUN_FLAG";
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  char byte = 0;
+  Counter c;
+  io_uring_sqe* sqe = ring->GetSqe();
+  io_uring_prep_read(sqe, fds[0], &byte, 1, 0);
+  io_uring_sqe_set_data64(sqe, UserData::ForCompletion(&c));
+  std::thread writer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    EXPECT_EQ(::write(fds[1], "x", 1), 1);
+  });
+  EXPECT_TRUE(ring->Poll());
+  writer.join();
+  EXPECT_EQ(c.count, 1);
+  EXPECT_EQ(c.last_res, 1);
+  EXPECT_EQ(byte, 'x');
+  EXPECT_EQ(ring->polled_waits(), 1u);
+  EXPECT_EQ(ring->slept_waits(), 0u);
+  ::close(fds[0]);
+  ::close(fds[1]);
+}
+
+// A completion later than the window is waited for in the kernel.
+TEST(RingTest, BusyPollingSleepsAfterItsWindow) {
+  auto ring = MakeRing({.spin_us = 1000});
+  ASSERT_EQ(ring->spin_us(), 1000u);
+  Counter c;
+  __kernel_timespec in_50ms{.tv_sec = 0, .tv_nsec = 50'000'000};
+  io_uring_sqe* sqe = ring->GetSqe();
+  io_uring_prep_timeout(sqe, &in_50ms, 0, 0);
+  io_uring_sqe_set_data64(sqe, UserData::ForCompletion(&c));
+  auto start = std::chrono::steady_clock::now();
+  EXPECT_TRUE(ring->Poll());
+  EXPECT_GE(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(50));
+  EXPECT_EQ(c.count, 1);
+  EXPECT_EQ(c.last_res, -ETIME);
+  EXPECT_EQ(ring->polled_waits(), 0u);
+  EXPECT_EQ(ring->slept_waits(), 1u);
+}
+
+TEST(RingTest, WithoutBusyPollingEveryWaitSleeps) {
+  auto ring = MakeRing();
+  EXPECT_EQ(ring->spin_us(), 0u);
+  Counter c;
+  __kernel_timespec in_1ms{.tv_sec = 0, .tv_nsec = 1'000'000};
+  io_uring_sqe* sqe = ring->GetSqe();
+  io_uring_prep_timeout(sqe, &in_1ms, 0, 0);
+  io_uring_sqe_set_data64(sqe, UserData::ForCompletion(&c));
+  EXPECT_TRUE(ring->Poll());
+  EXPECT_EQ(c.count, 1);
+  EXPECT_EQ(ring->polled_waits(), 0u);
+  EXPECT_EQ(ring->slept_waits(), 1u);
 }
 
 TEST(RingTest, IgnoredCompletionsAreCounted) {

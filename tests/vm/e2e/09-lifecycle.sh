@@ -2,8 +2,8 @@
 # The daemon's life: list (text and JSON), read-only devices, --foreground, SIGTERM
 # (clean stop: device, record and daemon gone, image clean), and SIGKILL (the kernel
 # fails I/O and removes the disk by itself; `list` shows it dead; `del` cleans up), and
-# --cache (O_DIRECT by default, writeback on request, fallback on ramfs), --preallocate
-# and --max-io.
+# --cache (O_DIRECT by default, writeback on request, fallback on ramfs), --preallocate,
+# --max-io and --poll-us.
 source "$(dirname "$0")/lib.bash"
 
 a=$WORK/a.qcow2
@@ -206,5 +206,35 @@ max_io() {
   qemu_img_check "$img" >/dev/null
 }
 check "--max-io sets the largest request (default 1 MiB); data intact either way" max_io
+# --poll-us: queue threads busy-poll their rings before sleeping. Data is the same, the
+# daemon's log counts waits that polling ended, and once the device is idle the
+# threads sleep again (no CPU burnt while nothing happens).
+polling() {
+  local img=$WORK/poll.qcow2 dev id pid t0 t1
+  qemu-img create -q -f qcow2 "$img" 16M
+  head -c 4M /dev/urandom >"$WORK/poll.data"
+  dev=$(add_device -f "$img" -q 2 --poll-us=500)
+  id=$(dev_id "$dev")
+  pid=$(daemon_pid "$id")
+  dd if="$WORK/poll.data" of="$dev" bs=4k oflag=direct status=none
+  dd if="$dev" of="$WORK/poll.back" bs=4k count=1024 iflag=direct status=none
+  cmp "$WORK/poll.back" "$WORK/poll.data"
+  sleep 1
+  t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  sleep 3
+  t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  echo "idle daemon: $((t1 - t0)) ticks of CPU in 3 s"
+  ((t1 - t0 < 30))
+  "$UQ" del -n "$id"
+  wait_gone "/proc/$pid" 30
+  grep 'served' "/run/ublk-qcow2/$id.log"
+  grep -Eq 'queue 0: [0-9]+ requests \([0-9]+ on its own thread; waits: [1-9][0-9]* polled, [0-9]+ slept\)' \
+    "/run/ublk-qcow2/$id.log"
+  local rc=0
+  "$UQ" add -f "$img" --poll-us=-1 2>/dev/null || rc=$?
+  ((rc != 0))
+  qemu_img_check "$img" >/dev/null
+}
+check "--poll-us: data intact, waits polled, idle threads sleep" polling
 check "no device, daemon or record left" no_leftovers
 finish
