@@ -1,11 +1,14 @@
 #!/bin/bash
 # The guest half of bench/device-ab.sh (see there); runs inside tests/vm/run.
-#   device-ab-in-vm.sh BIN...   with AB_RW, AB_BS, AB_QD, AB_ROUNDS, AB_MODE, AB_RUNTIME
+#   device-ab-in-vm.sh BIN...   with AB_RW, AB_BS, AB_QD, AB_ROUNDS, AB_MODE, AB_RUNTIME,
+#                               AB_RATE
 set -euo pipefail
 cd /scratch
 
 rw=${AB_RW:-randread} bs=${AB_BS:-4k} qd=${AB_QD:-1} rounds=${AB_ROUNDS:-3}
 runtime=${AB_RUNTIME:-6}
+rate=()
+[[ -n ${AB_RATE:-} ]] && rate=(--rate_iops="$AB_RATE")
 key="read"
 [[ $rw == *write ]] && key="write"
 
@@ -20,7 +23,7 @@ job() {
   echo 3 >/proc/sys/vm/drop_caches
   fio --name=ab --filename="$1" --size=512M --ioengine=io_uring --direct=1 --rw="$rw" \
     --bs="$bs" --iodepth="$qd" --runtime="$runtime" --time_based=1 --ramp_time=1 \
-    --norandommap --output-format=json |
+    --norandommap "${rate[@]}" --output-format=json |
     jq -r ".jobs[0].$key | \"\(.iops | floor) clat_us=\(.clat_ns.mean / 1000 | floor)\""
 }
 

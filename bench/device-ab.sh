@@ -4,10 +4,11 @@
 # change: under TCG only comparisons within one boot mean anything, and the spread of the
 # rounds shows the noise.
 #
-#   bench/device-ab.sh [-r RW] [-b BS] [-q QD] [-n ROUNDS] [-m MODE] BIN...
+#   bench/device-ab.sh [-r RW] [-b BS] [-q QD] [-R IOPS] [-n ROUNDS] [-m MODE] BIN...
 #
 #   -r  fio --rw: randread (default), randwrite, read, write
 #   -b  fio --bs (default 4k)      -q  fio --iodepth (default 1)
+#   -R  fio --rate_iops (default: as fast as it goes)
 #   -n  rounds (default 3)         -m  full (default): a 512 MiB image of random data;
 #                                      latency: the QD1 breakdown instead (see below)
 # Each BIN is served with `add -q 1` (defaults otherwise) on a copy-free qcow2 image of
@@ -26,20 +27,21 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-rw=randread bs=4k qd=1 rounds=3 mode=full
-while getopts "r:b:q:n:m:" opt; do
+rw=randread bs=4k qd=1 rounds=3 mode=full rate=
+while getopts "r:b:q:R:n:m:" opt; do
   case $opt in
     r) rw=$OPTARG ;;
     b) bs=$OPTARG ;;
     q) qd=$OPTARG ;;
+    R) rate=$OPTARG ;;
     n) rounds=$OPTARG ;;
     m) mode=$OPTARG ;;
-    *) sed -n '2,25p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,26p' "$0" >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
 if (($# == 0)); then
-  sed -n '2,25p' "$0" >&2
+  sed -n '2,26p' "$0" >&2
   exit 2
 fi
 bins=()
@@ -48,7 +50,7 @@ for b in "$@"; do
   bins+=("$(cd "$(dirname "$b")" && pwd)/$(basename "$b")")
 done
 
-VM_ENV_AB_RW=$rw VM_ENV_AB_BS=$bs VM_ENV_AB_QD=$qd VM_ENV_AB_ROUNDS=$rounds \
+VM_ENV_AB_RW=$rw VM_ENV_AB_BS=$bs VM_ENV_AB_QD=$qd VM_ENV_AB_ROUNDS=$rounds VM_ENV_AB_RATE=$rate \
   VM_ENV_AB_MODE=$mode VM_ENV_AB_RUNTIME=${BENCH_RUNTIME:-6} \
   "$ROOT/tests/vm/run" "$ROOT/bench/device-ab-in-vm.sh" "${bins[@]}" |
   tee /dev/stderr | grep -a '^RESULT' | awk '

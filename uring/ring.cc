@@ -4,6 +4,7 @@
 #include <sched.h>
 #include <time.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstdio>
@@ -18,6 +19,12 @@ thread_local Ring* tls_current = nullptr;
 
 // CQEs copied out per pass; bounds the stack used by Drain().
 constexpr unsigned kDrainBatch = 64;
+
+int64_t NowNs() {
+  timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  return now.tv_sec * 1'000'000'000LL + now.tv_nsec;
+}
 
 // While dispatching a batch, hand the SQEs that completions queued to the
 // kernel after every this many CQEs instead of at the end of the batch: at
@@ -116,7 +123,10 @@ Result<std::unique_ptr<Ring>> Ring::Create(const RingOptions& options) {
     return Status::FromErrno(-ret, what);
   }
   ring->initialized_ = true;
-  if (params.flags & IORING_SETUP_TASKRUN_FLAG) ring->spin_us_ = options.spin_us;
+  if (params.flags & IORING_SETUP_TASKRUN_FLAG) {
+    ring->spin_us_ = options.spin_us;
+    ring->window_ns_ = int64_t{options.spin_us} * 1000;
+  }
 
   // Without NODROP a CQ overflow loses completions, and with them waiters
   // and the in-flight count.
@@ -182,14 +192,19 @@ bool Ring::Poll() {
     Drain();
     return true;
   }
-  if (spin_us_ > 0 && SpinForCompletion()) {
-    ++polled_waits_;
-    if (Drain() > 0) return true;
+  int64_t wait_start = 0;
+  if (spin_us_ > 0) {
+    wait_start = NowNs();
+    if (SpinForCompletion()) {
+      ++polled_waits_;
+      if (Drain() > 0) return true;
+    }
   }
   ++slept_waits_;
   for (;;) {
     int ret = io_uring_submit_and_wait(&ring_, 1);
     if (ret < 0) CheckEnterResult(ret, "io_uring_submit_and_wait");
+    if (spin_us_ > 0 && io_uring_cq_ready(&ring_) > 0) AdaptWindow(NowNs() - wait_start);
     // EINTR, or a wake-up with no CQE yet: wait again. EBUSY: there are CQEs
     // to reap, which Drain() does.
     if (Drain() > 0) return true;
@@ -197,11 +212,20 @@ bool Ring::Poll() {
   }
 }
 
+void Ring::AdaptWindow(int64_t waited_ns) {
+  const int64_t cap_ns = int64_t{spin_us_} * 1000;
+  if (waited_ns > cap_ns) {
+    window_ns_ /= 2;
+    if (window_ns_ < 1000) window_ns_ = 0;  // under 1 µs: not worth a look
+  } else {
+    window_ns_ = std::min(cap_ns, std::max(window_ns_, 2 * waited_ns));
+  }
+}
+
 bool Ring::SpinForCompletion() {
   SubmitPending();
-  timespec start;
-  clock_gettime(CLOCK_MONOTONIC, &start);
-  const int64_t budget_ns = int64_t{spin_us_} * 1000;
+  if (window_ns_ == 0) return io_uring_cq_ready(&ring_) > 0;
+  const int64_t deadline = NowNs() + window_ns_;
   for (unsigned round = 0;; ++round) {
     if (io_uring_cq_ready(&ring_) > 0) return true;
     if (IO_URING_READ_ONCE(*ring_.sq.kflags) & IORING_SQ_TASKRUN) {
@@ -214,13 +238,7 @@ bool Ring::SpinForCompletion() {
       continue;
     }
     // Reading the clock costs more than a look at the ring.
-    if (round % 16 == 15) {
-      timespec now;
-      clock_gettime(CLOCK_MONOTONIC, &now);
-      int64_t elapsed_ns =
-          (now.tv_sec - start.tv_sec) * 1'000'000'000LL + (now.tv_nsec - start.tv_nsec);
-      if (elapsed_ns >= budget_ns) return false;
-    }
+    if (round % 16 == 15 && NowNs() >= deadline) return false;
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #endif

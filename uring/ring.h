@@ -53,10 +53,13 @@ struct RingOptions {
   // which are always checked; e.g. IORING_OP_URING_CMD for ublk.
   std::vector<uint8_t> extra_opcodes = {};
   // Busy-polling: before Poll() sleeps for a completion it watches the
-  // completion queue for up to this many microseconds (0: never). A request
-  // that completes within the window then costs no sleep and no wake-up of
-  // this thread, which is most of a fast device's latency at low queue depth;
-  // the price is a core kept busy for the window after each burst of work.
+  // completion queue for a while, at most this many microseconds (0: never).
+  // A request that completes meanwhile costs no sleep and no wake-up of this
+  // thread, which is much of a fast device's latency at low queue depth; the
+  // price is a core kept busy while polling. The window adapts, like QEMU's
+  // adaptive polling: a wait longer than spin_us halves it (polling would not
+  // have caught it), a shorter one grows it to twice that wait. So a busy
+  // device is polled for, and one that is idle or slow mostly sleeps.
   // Needs IORING_SETUP_TASKRUN_FLAG (Linux 5.19+; without it, no polling).
   uint32_t spin_us = 0;
 };
@@ -131,10 +134,12 @@ class Ring final : public EventLoop {
   // Operations started (SQEs taken) whose final CQE is not yet dispatched.
   size_t in_flight() const { return in_flight_; }
 
-  // The busy-poll window in effect (0 when off, or when the kernel lacks
-  // IORING_SETUP_TASKRUN_FLAG), and what it did: waits that a completion
-  // ended while polling, and waits that slept in the kernel.
+  // The busy-poll cap in effect (0 when off, or when the kernel lacks
+  // IORING_SETUP_TASKRUN_FLAG), the current window (nanoseconds, <= the cap),
+  // and what polling did: waits that a completion ended while polling, and
+  // waits that slept in the kernel.
   uint32_t spin_us() const { return spin_us_; }
+  int64_t spin_window_ns() const { return window_ns_; }
   uint64_t polled_waits() const { return polled_waits_; }
   uint64_t slept_waits() const { return slept_waits_; }
 
@@ -162,9 +167,12 @@ class Ring final : public EventLoop {
   // the kernel room when it refuses submissions (EBUSY: CQ overflow).
   void StashCompletions();
   // Submits what is prepared, then watches the completion queue for up to
-  // spin_us_, running the thread's pending task work whenever the kernel asks
-  // for it (IORING_SQ_TASKRUN). True if a completion arrived.
+  // window_ns_, running the thread's pending task work whenever the kernel
+  // asks for it (IORING_SQ_TASKRUN). True if a completion arrived.
   bool SpinForCompletion();
+  // Adapts window_ns_ to a wait that polling did not end and that took
+  // `waited_ns` in all.
+  void AdaptWindow(int64_t waited_ns);
   // Handles a negative io_uring_enter result: retries transient errors,
   // aborts on the rest.
   void CheckEnterResult(int ret, const char* what);
@@ -173,6 +181,7 @@ class Ring final : public EventLoop {
   bool initialized_ = false;
   size_t in_flight_ = 0;
   uint32_t spin_us_ = 0;
+  int64_t window_ns_ = 0;
   uint64_t polled_waits_ = 0;
   uint64_t slept_waits_ = 0;
   CommandHandler* command_handler_ = nullptr;

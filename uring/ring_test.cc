@@ -156,6 +156,33 @@ TEST(RingTest, BusyPollingSleepsAfterItsWindow) {
   EXPECT_EQ(c.last_res, -ETIME);
   EXPECT_EQ(ring->polled_waits(), 0u);
   EXPECT_EQ(ring->slept_waits(), 1u);
+  // Polling would not have caught that wait: the window halves.
+  EXPECT_EQ(ring->spin_window_ns(), 500'000);
+}
+
+// Long waits shrink the window (a slow or idle device is not polled for);
+// short ones grow it back to cover them.
+TEST(RingTest, BusyPollingWindowFollowsTheWaits) {
+  auto ring = MakeRing({.spin_us = 5000});
+  ASSERT_EQ(ring->spin_window_ns(), 5'000'000);
+  auto wait_for_timeout = [&](long ns) {
+    Counter c;
+    __kernel_timespec in{.tv_sec = 0, .tv_nsec = ns};
+    io_uring_sqe* sqe = ring->GetSqe();
+    io_uring_prep_timeout(sqe, &in, 0, 0);
+    io_uring_sqe_set_data64(sqe, UserData::ForCompletion(&c));
+    EXPECT_TRUE(ring->Poll());
+    EXPECT_EQ(c.count, 1);
+  };
+  for (int i = 0; i < 6; ++i) wait_for_timeout(50'000'000);
+  EXPECT_EQ(ring->spin_window_ns(), 78'125);  // 5 ms halved six times
+  EXPECT_EQ(ring->polled_waits(), 0u);
+  EXPECT_EQ(ring->slept_waits(), 6u);
+  // 300 µs waits: the first outlasts the 78 µs window and sleeps, and the
+  // window grows to twice it; the next ones are polled for.
+  for (int i = 0; i < 5; ++i) wait_for_timeout(300'000);
+  EXPECT_GE(ring->spin_window_ns(), 600'000);
+  EXPECT_GE(ring->polled_waits(), 1u);
 }
 
 TEST(RingTest, WithoutBusyPollingEveryWaitSleeps) {
