@@ -140,17 +140,23 @@ TEST(RingTest, BusyPollingCatchesACompletionWithoutSleeping) {
   ::close(fds[1]);
 }
 
+// Arms a timeout of `ns` and polls the ring once; returns what completed.
+Counter PollForTimeout(Ring& ring, long ns) {
+  Counter c;
+  __kernel_timespec in{.tv_sec = ns / 1'000'000'000, .tv_nsec = ns % 1'000'000'000};
+  io_uring_sqe* sqe = ring.GetSqe();
+  io_uring_prep_timeout(sqe, &in, 0, 0);
+  io_uring_sqe_set_data64(sqe, UserData::ForCompletion(&c));
+  EXPECT_TRUE(ring.Poll());
+  return c;
+}
+
 // A completion later than the window is waited for in the kernel.
 TEST(RingTest, BusyPollingSleepsAfterItsWindow) {
   auto ring = MakeRing({.spin_us = 1000});
   ASSERT_EQ(ring->spin_us(), 1000u);
-  Counter c;
-  __kernel_timespec in_50ms{.tv_sec = 0, .tv_nsec = 50'000'000};
-  io_uring_sqe* sqe = ring->GetSqe();
-  io_uring_prep_timeout(sqe, &in_50ms, 0, 0);
-  io_uring_sqe_set_data64(sqe, UserData::ForCompletion(&c));
   auto start = std::chrono::steady_clock::now();
-  EXPECT_TRUE(ring->Poll());
+  Counter c = PollForTimeout(*ring, 50'000'000);
   EXPECT_GE(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(50));
   EXPECT_EQ(c.count, 1);
   EXPECT_EQ(c.last_res, -ETIME);
@@ -165,22 +171,13 @@ TEST(RingTest, BusyPollingSleepsAfterItsWindow) {
 TEST(RingTest, BusyPollingWindowFollowsTheWaits) {
   auto ring = MakeRing({.spin_us = 5000});
   ASSERT_EQ(ring->spin_window_ns(), 5'000'000);
-  auto wait_for_timeout = [&](long ns) {
-    Counter c;
-    __kernel_timespec in{.tv_sec = 0, .tv_nsec = ns};
-    io_uring_sqe* sqe = ring->GetSqe();
-    io_uring_prep_timeout(sqe, &in, 0, 0);
-    io_uring_sqe_set_data64(sqe, UserData::ForCompletion(&c));
-    EXPECT_TRUE(ring->Poll());
-    EXPECT_EQ(c.count, 1);
-  };
-  for (int i = 0; i < 6; ++i) wait_for_timeout(50'000'000);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(PollForTimeout(*ring, 50'000'000).count, 1);
   EXPECT_EQ(ring->spin_window_ns(), 78'125);  // 5 ms halved six times
   EXPECT_EQ(ring->polled_waits(), 0u);
   EXPECT_EQ(ring->slept_waits(), 6u);
   // 300 µs waits: the first outlasts the 78 µs window and sleeps, and the
   // window grows to twice it; the next ones are polled for.
-  for (int i = 0; i < 5; ++i) wait_for_timeout(300'000);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(PollForTimeout(*ring, 300'000).count, 1);
   EXPECT_GE(ring->spin_window_ns(), 600'000);
   EXPECT_GE(ring->polled_waits(), 1u);
 }
@@ -188,13 +185,7 @@ TEST(RingTest, BusyPollingWindowFollowsTheWaits) {
 TEST(RingTest, WithoutBusyPollingEveryWaitSleeps) {
   auto ring = MakeRing();
   EXPECT_EQ(ring->spin_us(), 0u);
-  Counter c;
-  __kernel_timespec in_1ms{.tv_sec = 0, .tv_nsec = 1'000'000};
-  io_uring_sqe* sqe = ring->GetSqe();
-  io_uring_prep_timeout(sqe, &in_1ms, 0, 0);
-  io_uring_sqe_set_data64(sqe, UserData::ForCompletion(&c));
-  EXPECT_TRUE(ring->Poll());
-  EXPECT_EQ(c.count, 1);
+  EXPECT_EQ(PollForTimeout(*ring, 1'000'000).count, 1);
   EXPECT_EQ(ring->polled_waits(), 0u);
   EXPECT_EQ(ring->slept_waits(), 1u);
 }
