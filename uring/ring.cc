@@ -232,10 +232,8 @@ bool Ring::SpinForCompletion() {
       // Completions wait in this thread's task work: a zero-wait enter runs
       // it and posts them.
       int ret = io_uring_get_events(&ring_);
-      if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
-        CheckEnterResult(ret, "io_uring_get_events");
-      }
-      continue;
+      if (ret < 0) CheckEnterResult(ret, "io_uring_get_events");
+      if (io_uring_cq_ready(&ring_) > 0) return true;
     }
     // Reading the clock costs more than a look at the ring.
     if (round % 16 == 15 && NowNs() >= deadline) return false;
