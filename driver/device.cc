@@ -110,8 +110,9 @@ Status Device::Setup(const DeviceOptions& options) {
   info_.features = control_->features();
 
   // Queue 0's thread first: the image lives there.
-  ASSIGN_OR_RETURN(std::unique_ptr<LoopThread> loop0,
-                   LoopThread::Start("ublk-q0", QueueRingOptions(options.depth, true, options.poll_us)));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<LoopThread> loop0,
+      LoopThread::Start("ublk-q0", QueueRingOptions(options.depth, true, options.poll_us)));
   loops_.push_back(std::move(loop0));
   qcow2::ImageOptions image_options;
   image_options.env = uring::UringEnv::Default();
@@ -164,9 +165,9 @@ Status Device::Setup(const DeviceOptions& options) {
 
   host_ = std::make_unique<ImageHost>(loops_[0].get(), image_.get());
   for (uint16_t q = 1; q < info_.queues; ++q) {
-    ASSIGN_OR_RETURN(
-        std::unique_ptr<LoopThread> loop,
-        LoopThread::Start(fmt::format("ublk-q{}", q), QueueRingOptions(info_.depth, false, options.poll_us)));
+    ASSIGN_OR_RETURN(std::unique_ptr<LoopThread> loop,
+                     LoopThread::Start(fmt::format("ublk-q{}", q),
+                                       QueueRingOptions(info_.depth, false, options.poll_us)));
     loops_.push_back(std::move(loop));
   }
   const Opcodes ops = Opcodes::For(info_.flags | (control_->features() & UBLK_F_CMD_IOCTL_ENCODE));

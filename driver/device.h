@@ -65,8 +65,8 @@ struct DeviceOptions {
   bool direct = true;
   // ImageOptions::preallocate: grow the image file ahead of allocation.
   uint64_t preallocate = 64ull << 20;
-  // RingOptions::spin_us of every queue's ring (add --poll-us): how long an
-  // idle queue thread watches its ring before it sleeps.
+  // RingOptions::spin_us of every queue's ring (add --poll-us): the most an
+  // idle queue thread busy-polls its ring before it sleeps.
   uint32_t poll_us = 0;
   bool handle_signals = true;
 };

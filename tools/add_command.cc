@@ -65,8 +65,9 @@ class AddCommand final : public Command {
         ->check(CLI::Range(uint64_t{4096}, uint64_t{32} << 20))
         ->capture_default_str();
     app.add_option("--poll-us", options_.poll_us,
-                   "Busy-poll each queue's ring this long (microseconds) before its thread "
-                   "sleeps: lower latency at low queue depth for a core kept busy (0: off)")
+                   "Busy-poll each queue's ring up to this long (microseconds; an adaptive "
+                   "window) before its thread sleeps: lower latency at low queue depth, for CPU "
+                   "spent while the device is in use (0: off)")
         ->check(CLI::Range(0, 1000000))
         ->capture_default_str();
     app.add_option("--cache-size", options_.cache_size,

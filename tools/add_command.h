@@ -42,7 +42,7 @@ struct AddOptions {
   uint64_t cache_size = 32ull << 20;
   uint64_t preallocate = 64ull << 20;
   uint64_t max_io = 1ull << 20;  // bytes; each tag's request buffer
-  uint32_t poll_us = 0;          // busy-poll window of each queue thread
+  uint32_t poll_us = 0;          // busy-poll cap of each queue thread, µs
 };
 
 Status RunAdd(const AddOptions& options);

@@ -196,8 +196,8 @@ void AddBenchFlags(CLI::App& app, BenchOptions& options) {
             "Grow the image file this far ahead of allocating writes, as the device does "
             "(default 64M; 0: off)");
   app.add_option("--poll-us", options.poll_us,
-                 "Busy-poll the ring this long (microseconds) before sleeping, as add --poll-us "
-                 "(default 0: off)")
+                 "Busy-poll the ring up to this long (microseconds; an adaptive window) before "
+                 "sleeping, as add --poll-us (default 0: off)")
       ->check(CLI::Range(0, 1000000));
   app.footer(
       "Like qemu-img bench: prints 'Sending ...' and 'Run completed in T seconds.', then\n"

@@ -13,7 +13,7 @@ std::optional<IoMode> ParseIoMode(std::string_view name) {
 }
 
 Result<std::unique_ptr<IoContext>> IoContext::Create(IoMode mode, uint32_t queue_depth,
-                                                      uint32_t spin_us) {
+                                                     uint32_t spin_us) {
   auto context = std::make_unique<IoContext>(Key());
   if (mode != IoMode::kSync) {
     uring::RingOptions options;

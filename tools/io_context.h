@@ -44,10 +44,9 @@ class IoContext {
   explicit IoContext(Key) {}
   // `queue_depth`: submission queue entries of the ring (a hint; operations
   // beyond it are queued, not refused); `spin_us`: RingOptions::spin_us.
-  // Fails only in kUring mode, with the
-  // reason the ring could not be created.
+  // Fails only in kUring mode, with the reason the ring could not be created.
   static Result<std::unique_ptr<IoContext>> Create(IoMode mode, uint32_t queue_depth = 256,
-                                                    uint32_t spin_us = 0);
+                                                   uint32_t spin_us = 0);
   ~IoContext();
   IoContext(const IoContext&) = delete;
   IoContext& operator=(const IoContext&) = delete;

@@ -1,7 +1,6 @@
 #include "uring/ring.h"
 
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <chrono>
