@@ -114,6 +114,10 @@ Status Device::Setup(const DeviceOptions& options) {
       std::unique_ptr<LoopThread> loop0,
       LoopThread::Start("ublk-q0", QueueRingOptions(options.depth, true, options.poll_us)));
   loops_.push_back(std::move(loop0));
+  if (options.poll_us > 0 && loops_[0]->Call([&] { return loops_[0]->ring().spin_us(); }) == 0) {
+    // Serving still works; only the latency the user asked for is not there.
+    Log("--poll-us ignored: the kernel lacks IORING_SETUP_TASKRUN_FLAG (Linux 5.19+)");
+  }
   qcow2::ImageOptions image_options;
   image_options.env = uring::UringEnv::Default();
   image_options.writable = !options.read_only;

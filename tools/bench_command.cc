@@ -427,6 +427,11 @@ Status RunBench(const BenchOptions& options) {
   const IoMode mode = options.aio == "threads" ? IoMode::kSync : IoMode::kUring;
   ASSIGN_OR_RETURN(std::unique_ptr<IoContext> io,
                    IoContext::Create(mode, RingEntries(options.depth), options.poll_us));
+  if (options.poll_us > 0 && io->spin_us() == 0) {
+    std::fprintf(stderr, "ublk-qcow2 bench: --poll-us ignored: %s\n",
+                 io->uses_uring() ? "the kernel lacks IORING_SETUP_TASKRUN_FLAG (Linux 5.19+)"
+                                  : "no io_uring (-i threads)");
+  }
   const CacheMode cache = ParseCacheMode(options.cache);
 
   qcow2::ImageOptions image_options;

@@ -145,6 +145,16 @@ run 1 "$BIN" convert missing.qcow2 never.raw && expect_one_line_error missing.qc
 [[ -e never.raw ]] && fail "convert created its output although the input failed to open"
 run 1 "$BIN" convert top.qcow2 no/such/dir/out.raw && expect_one_line_error no/such/dir/out.raw
 
+# bench --poll-us: polled runs read the same; without io_uring the flag is
+# ignored, and said so.
+qemu-img create -q -f qcow2 poll.qcow2 16M
+run 0 "$BIN" bench -q -c 200 -d 4 --poll-us=100 poll.qcow2 &&
+  { grep -q '^IOPS: ' out || fail "bench --poll-us: $(cat out)"; }
+[[ -s err ]] && fail "bench --poll-us with io_uring warned: $(cat err)"
+run 0 "$BIN" bench -q -c 200 -d 4 -i threads --poll-us=100 poll.qcow2 &&
+  { grep -q -- '--poll-us ignored: no io_uring' err || fail "bench -i threads --poll-us: $(cat err)"; }
+run 2 "$BIN" bench --poll-us=-5 poll.qcow2
+
 if ((failures > 0)); then
   echo "$failures failure(s)"
   exit 1

@@ -55,6 +55,8 @@ class IoContext {
   // The loop to drive tasks with; nullptr for synchronous I/O.
   EventLoop* loop() const { return ring_.get(); }
   bool uses_uring() const { return ring_ != nullptr; }
+  // The ring's busy-poll cap in effect (0: off, or not supported here).
+  uint32_t spin_us() const { return ring_ != nullptr ? ring_->spin_us() : 0; }
 
   // Runs `task` to completion on this context.
   template <class T>
