@@ -3,15 +3,13 @@
 // an access outside its files.
 //
 // Each base image is made by qemu-img/qemu-io (data, compressed, zero and
-// unallocated clusters; several geometries; one with an internal snapshot) and then, for each of a fixed
-// set of seeds, damaged in memory: a few header fields or metadata words
-// (L1, L2, refcount table and blocks, which sit in the first clusters of
-// these small images) get "interesting" values (0, all ones, one past the
-// end of the file, huge or unaligned offsets, flag bits) or random bytes.
-// The damaged copy then goes through everything a user could do to it:
-// open read-only and read all of it, check, open writable, write, flush,
-// read back, close. Whatever fails must fail with a Status; writes the
-// engine acknowledged must read back.
+// unallocated clusters; several geometries; one with an internal snapshot) and then, for each of a
+// fixed set of seeds, damaged in memory: a few header fields or metadata words (L1, L2, refcount
+// table and blocks, which sit in the first clusters of these small images) get "interesting" values
+// (0, all ones, one past the end of the file, huge or unaligned offsets, flag bits) or random
+// bytes. The damaged copy then goes through everything a user could do to it: open read-only and
+// read all of it, check, open writable, write, flush, read back, close. Whatever fails must fail
+// with a Status; writes the engine acknowledged must read back.
 //
 // The images live in a MemEnv whose files may not grow past 256 MiB, so a
 // wild write fails the engine (NoSpace) instead of eating the machine.
@@ -32,18 +30,18 @@
 // to try more seeds than the default: MUTATION_SEEDS=N.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
-
 #include <pthread.h>
 
 #include <cstdlib>
-#include <functional>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "base/endian.h"
 #include "qcow2/check/check.h"
 #include "qcow2/open_image.h"
 #include "qcow2/testing/mem_env.h"
@@ -55,7 +53,7 @@ namespace {
 using testing::MemEnv;
 using testing::MemEnvOptions;
 
-constexpr int kSeedsPerBase = 600;  // MUTATION_SEEDS=N for a longer hunt
+constexpr int kSeedsPerBase = 600;          // MUTATION_SEEDS=N for a longer hunt
 constexpr uint64_t kReadCap = 16ull << 20;  // bytes read per case, at most
 constexpr char kPath[] = "/m/img.qcow2";
 
@@ -95,26 +93,38 @@ uint64_t Interesting(std::mt19937_64& rng, uint64_t file_size, uint64_t cluster)
   const uint64_t choices[] = {
       0,
       ~uint64_t{0},
-      uint64_t{1} << 63,                       // "copied" / "compressed" flag alone
+      uint64_t{1} << 63,  // "copied" / "compressed" flag alone
       (uint64_t{1} << 63) | (uint64_t{1} << 62),
-      file_size,                               // one past the end
+      file_size,  // one past the end
       file_size + cluster,
       (file_size + cluster) | (uint64_t{1} << 63),
-      cluster * 3 + 512,                       // unaligned
-      cluster,                                 // the refcount table's usual cluster
-      uint64_t{1} << 56,                       // beyond any file
-      0x00fffffffffffe00ull,                   // the largest valid-looking offset
+      cluster * 3 + 512,      // unaligned
+      cluster,                // the refcount table's usual cluster
+      uint64_t{1} << 56,      // beyond any file
+      0x00fffffffffffe00ull,  // the largest valid-looking offset
       1,
       rng(),
   };
   return choices[rng() % std::size(choices)];
 }
 
+// Stores the low `width` (8, 4, 2 or 1) bytes of `value` big-endian at `at`.
 void PutBigEndian(std::vector<std::byte>& bytes, uint64_t at, uint64_t value, int width,
                   std::string* log) {
   if (log) *log += fmt::format("  damage: {} bytes at {:#x} = {:#x}\n", width, at, value);
-  for (int i = 0; i < width && at + i < bytes.size(); i++) {
-    bytes[at + i] = static_cast<std::byte>(value >> (8 * (width - 1 - i)));
+  switch (width) {
+    case 8:
+      StoreBE64(bytes, at, value);
+      break;
+    case 4:
+      StoreBE32(bytes, at, static_cast<uint32_t>(value));
+      break;
+    case 2:
+      StoreBE16(bytes, at, static_cast<uint16_t>(value));
+      break;
+    default:
+      Store8(bytes, at, static_cast<uint8_t>(value));
+      break;
   }
 }
 
@@ -164,12 +174,12 @@ class MutationTest : public ::testing::TestWithParam<int> {
       std::string img = scratch_->path(std::string(b.name) + ".qcow2");
       std::string then = b.then;
       for (size_t at; (at = then.find("IMG")) != std::string::npos;) then.replace(at, 3, img);
-      ASSERT_EQ(scratch_->Sh(fmt::format("qemu-img create -q -f qcow2 {} {} 8M && qemu-io -f "
-                                         "qcow2 {} {} >/dev/null{}{}",
-                                         b.create, img, b.io, img, then.empty() ? "" : " && ",
-                                         then),
-                             &out),
-                0)
+      ASSERT_EQ(
+          scratch_->Sh(fmt::format("qemu-img create -q -f qcow2 {} {} 8M && qemu-io -f "
+                                   "qcow2 {} {} >/dev/null{}{}",
+                                   b.create, img, b.io, img, then.empty() ? "" : " && ", then),
+                       &out),
+          0)
           << out;
     }
   }
@@ -241,8 +251,11 @@ std::string Exercise(const std::vector<std::byte>& image, bool trace) {
     if (size < pattern.size() || at > size - pattern.size()) continue;
     say(fmt::format("write {}", at));
     Status st = BlockOn(dev->Write(at, pattern, false));
-    if (st.ok()) written.push_back(at);
-    else say(st.ToString());
+    if (st.ok()) {
+      written.push_back(at);
+    } else {
+      say(st.ToString());
+    }
   }
   say("flush");
   const bool flushed = BlockOn(dev->Flush()).ok();
@@ -333,14 +346,10 @@ TEST(MutationCaseTest, EntryNamingAFreeClusterIsNotReplacedOverIt) {
       << out;
   std::vector<std::byte> image = scratch.Slurp("img.qcow2");
   ASSERT_EQ(image.size() % 65536, 0u) << "the test needs the file to end on a cluster";
-  auto be64 = [&](uint64_t at) {
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++) v = v << 8 | static_cast<uint8_t>(image[at + i]);
-    return v;
-  };
-  const uint64_t l2 = be64(be64(40)) & 0x00fffffffffffe00ull;  // L1[0]'s table
+  const uint64_t l1 = LoadBE64(image, 40);                          // header: l1_table_offset
+  const uint64_t l2 = LoadBE64(image, l1) & 0x00fffffffffffe00ull;  // L1[0]'s table
   ASSERT_NE(l2, 0u);
-  ASSERT_EQ(be64(l2 + 5 * 8), 0u) << "guest cluster 5 starts unallocated";
+  ASSERT_EQ(LoadBE64(image, l2 + 5 * 8), 0u) << "guest cluster 5 starts unallocated";
   PutBigEndian(image, l2 + 5 * 8, image.size(), 8, nullptr);  // the first free cluster
 
   MemEnv mem(MemEnvOptions{.max_file_size = 256ull << 20});
@@ -359,7 +368,8 @@ TEST(MutationCaseTest, EntryNamingAFreeClusterIsNotReplacedOverIt) {
   (void)BlockOn(dev->Close());
 }
 
-INSTANTIATE_TEST_SUITE_P(Bases, MutationTest, ::testing::Range(0, static_cast<int>(std::size(kBases))),
+INSTANTIATE_TEST_SUITE_P(Bases, MutationTest,
+                         ::testing::Range(0, static_cast<int>(std::size(kBases))),
                          [](const ::testing::TestParamInfo<int>& info) {
                            std::string name = kBases[info.param].name;
                            for (char& c : name) {
