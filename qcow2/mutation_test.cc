@@ -332,6 +332,49 @@ TEST_P(MutationTest, DamagedImagesFailCleanly) {
   for (const auto& [what, n] : outcomes) std::printf("%s %s: %d\n", base.name, what.c_str(), n);
 }
 
+// A refcount block that calls an L2 table free: the allocator must not hand
+// that cluster out for data (the next write would overwrite the table). The
+// write fails, the image is marked corrupt, and the message names the file
+// once and the cluster.
+TEST(MutationCaseTest, AllocatorRefusesAFreeLookingMetadataCluster) {
+  testing::ScratchDir scratch("mutation-free-l2");
+  std::string out;
+  ASSERT_EQ(scratch.Sh("qemu-img create -q -f qcow2 -o cluster_size=64k img.qcow2 8M && "
+                       "qemu-io -f qcow2 -c 'write -P 0x11 0 64k' img.qcow2 >/dev/null",
+                       &out),
+            0)
+      << out;
+  std::vector<std::byte> image = scratch.Slurp("img.qcow2");
+  const uint64_t refcount_table = LoadBE64(image, 48);  // header: refcount_table_offset
+  const uint64_t block = LoadBE64(image, refcount_table);
+  const uint64_t l1 = LoadBE64(image, 40);
+  const uint64_t l2 = LoadBE64(image, l1) & 0x00fffffffffffe00ull;
+  ASSERT_NE(l2, 0u);
+  const uint64_t l2_cluster = l2 / 65536;
+  PutBigEndian(image, block + l2_cluster * 2, 0, 2, nullptr);  // 16-bit refcounts
+
+  MemEnv mem(MemEnvOptions{.max_file_size = 256ull << 20});
+  mem.SetContents(kPath, image);
+  auto opened = BlockOn(OpenImage(kPath, ImageOptions{.env = &mem, .writable = true}));
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  std::unique_ptr<BlockDevice> dev = std::move(*opened);
+  std::vector<std::byte> data(4096, std::byte{0x77});
+  Status st = BlockOn(dev->Write(65536, data, false));
+  ASSERT_TRUE(st.IsCorruption()) << st.ToString();
+  EXPECT_EQ(st.message(), fmt::format("{}: cluster {} holds metadata but its refcount is 0; "
+                                      "the image is marked corrupt and now read-only",
+                                      kPath, l2_cluster));
+  // Nothing was written over the table: the first cluster still reads back.
+  std::vector<std::byte> back(65536);
+  ASSERT_TRUE(BlockOn(dev->Read(0, back)).ok());
+  EXPECT_EQ(back, std::vector<std::byte>(back.size(), std::byte{0x11}));
+  EXPECT_FALSE(BlockOn(dev->Write(0, data, false)).ok()) << "the image is read-only now";
+  (void)BlockOn(dev->Close());
+  // The corrupt bit is on disk (incompatible feature bit 1).
+  std::vector<std::byte> after = mem.Contents(kPath);
+  EXPECT_EQ(LoadBE64(after, 72) & 2, 2u);
+}
+
 // The second data-loss path, pinned down: an entry (not marked "copied")
 // names the first free cluster, past the end of the file. A write to its
 // guest cluster must not allocate that very cluster for the new data and

@@ -50,8 +50,12 @@ Task<Status> Qcow2Image::OpenForWriting() {
 }
 
 Task<Status> Qcow2Image::MarkCorrupt(std::string why) {
-  Status error = Status::Corruption(
-      fmt::format("{}: {}; the image is marked corrupt and now read-only", path(), why));
+  co_return co_await MarkCorrupt(Status::Corruption(fmt::format("{}: {}", path(), why)));
+}
+
+Task<Status> Qcow2Image::MarkCorrupt(Status cause) {
+  Status error =
+      Status::Corruption(cause.message() + "; the image is marked corrupt and now read-only");
   if (!writable_) co_return error;
   writable_ = false;
   co_await RevokeShared();  // no more writes from other threads either

@@ -184,7 +184,12 @@ class Qcow2Image final : public BlockDevice {
   // Fails with Corruption, marking the image corrupt, if a data write to
   // [host, host + length) would hit metadata.
   Task<Status> CheckNoOverlap(uint64_t host, uint64_t length);
+  // Sets the corrupt bit (the image turns read-only) and returns Corruption:
+  // "<path>: <why>; the image is marked corrupt and now read-only".
   Task<Status> MarkCorrupt(std::string why);
+  // The same for an error that already names the file (a Corruption from
+  // Refcounts): its message, then the same ending.
+  Task<Status> MarkCorrupt(Status cause);
   // One new cluster from the refcounts. A refcount structure the allocator
   // finds broken (a free-looking cluster that holds metadata, for one) marks
   // the image corrupt: writing on would destroy what it holds.

@@ -63,12 +63,7 @@ Task<Status> Qcow2Image::CheckNoOverlap(uint64_t host, uint64_t length) {
 
 Task<Result<uint64_t>> Qcow2Image::AllocateCluster() {
   Result<uint64_t> host = co_await refcounts_->Allocate(1);
-  if (!host.ok() && host.status().IsCorruption()) {
-    // The refcounts' message names the file already; MarkCorrupt adds it.
-    std::string why = host.status().message();
-    if (why.starts_with(path() + ": ")) why.erase(0, path().size() + 2);
-    co_return co_await MarkCorrupt("allocating a cluster: " + why);
-  }
+  if (!host.ok() && host.status().IsCorruption()) co_return co_await MarkCorrupt(host.status());
   co_return host;
 }
 
