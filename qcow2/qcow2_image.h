@@ -166,6 +166,11 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> StoreEntry(uint64_t offset, const L2Entry& entry);
   // Defers dropping the references `entry` holds (when it is replaced).
   void ReleaseEntry(const L2Entry& entry);
+  // Defers dropping one reference to host cluster `cluster` (it is freed at
+  // the next flush if that was the last). Compressed clusters stop being
+  // appended to it: once free it may be handed out for data, and the bytes
+  // appended after it would land on that data.
+  void ReleaseCluster(uint64_t cluster);
   // The host clusters whose references `entry` holds (none in a data file).
   std::vector<uint64_t> ReferencedClusters(const L2Entry& entry) const;
   // Before replacing `entry` with a new cluster: every cluster it references

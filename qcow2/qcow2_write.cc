@@ -250,7 +250,7 @@ Task<Status> Qcow2Image::PrepareL2(uint64_t offset) {
   Status written = co_await file_->Write(table, contents.span());
   auto lock = co_await meta_mutex_.Acquire();
   if (!written.ok()) {
-    refcounts_->DeferDecrement(table / geo_.cluster_size);
+    ReleaseCluster(table / geo_.cluster_size);
     co_return written;
   }
   l2_cache_.Invalidate(table, geo_.cluster_size);
@@ -258,7 +258,7 @@ Task<Status> Qcow2Image::PrepareL2(uint64_t offset) {
   l1_dirty_chunks_.insert(index * 8 / 4096);
   metadata_clusters_.insert(table / geo_.cluster_size);
   // The old table stays with the snapshots that share it; the active L1 lets go.
-  if (old_table != 0) refcounts_->DeferDecrement(old_table / geo_.cluster_size);
+  if (old_table != 0) ReleaseCluster(old_table / geo_.cluster_size);
   co_return Status::Ok();
 }
 
@@ -305,7 +305,14 @@ std::vector<uint64_t> Qcow2Image::ReferencedClusters(const L2Entry& e) const {
 }
 
 void Qcow2Image::ReleaseEntry(const L2Entry& e) {
-  for (uint64_t c : ReferencedClusters(e)) refcounts_->DeferDecrement(c);
+  for (uint64_t c : ReferencedClusters(e)) ReleaseCluster(c);
+}
+
+void Qcow2Image::ReleaseCluster(uint64_t cluster) {
+  if (compressed_next_ != 0 && compressed_next_ / geo_.cluster_size == cluster) {
+    compressed_next_ = 0;
+  }
+  refcounts_->DeferDecrement(cluster);
 }
 
 Task<Status> Qcow2Image::CheckReferenced(uint64_t offset, const L2Entry& e) {
@@ -392,7 +399,7 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   {
     auto lock = co_await meta_mutex_.Acquire();
     if (!st.ok()) {
-      if (fresh) refcounts_->DeferDecrement(host / geo_.cluster_size);
+      if (fresh) ReleaseCluster(host / geo_.cluster_size);
     } else {
       st = co_await StoreEntry(offset, updated);
       if (st.ok()) {
@@ -665,7 +672,7 @@ Task<Status> Qcow2Image::WriteCompressed(uint64_t offset, std::span<const std::b
   Status st = co_await file_->Write(host, sectors.span());
   auto lock = co_await meta_mutex_.Acquire();
   if (!st.ok()) {
-    refcounts_->DeferDecrement(host / cs);
+    ReleaseCluster(host / cs);
     co_return st;
   }
   const uint32_t x = geo_.compressed_offset_bits();

@@ -191,6 +191,48 @@ INSTANTIATE_TEST_SUITE_P(
 namespace uq::qcow2 {
 namespace {
 
+// Compressed clusters share a host cluster, each appended after the last.
+// When the one cluster holding that host cluster's only reference is
+// overwritten and a flush frees the host cluster, an ordinary write may be
+// given it; the next compressed cluster must not be appended there, over
+// that write's data (found by stress_test).
+TEST(WriteCompressedTest, FreedHostClusterIsNotAppendedTo) {
+  testing::ScratchDir scratch("wc-freed");
+  std::string out;
+  ASSERT_EQ(scratch.Sh("qemu-img create -q -f qcow2 -o cluster_size=64k c.qcow2 1M", &out), 0)
+      << out;
+  auto opened =
+      BlockOn(OpenImage(scratch.path("c.qcow2"), ImageOptions{.env = SyncEnv(), .writable = true}));
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  auto* img = static_cast<Qcow2Image*>(opened->get());
+  constexpr uint64_t kCluster = 65536;
+  const std::vector<std::byte> zeros(kCluster), ones(kCluster, std::byte{1});
+  std::vector<std::byte> data(kCluster);
+  std::mt19937_64 rng(3);
+  for (auto& b : data) b = std::byte(rng());
+  // Guest cluster 0: compressed, a few sectors at the start of a new host cluster.
+  ASSERT_TRUE(BlockOn(img->WriteCompressed(0, zeros)).ok());
+  // Overwritten: its host cluster loses its only reference, and is free after the flush.
+  ASSERT_TRUE(BlockOn(img->Write(0, ones, false)).ok());
+  ASSERT_TRUE(BlockOn(img->Flush()).ok());
+  // Guest clusters 1-3 take new host clusters, the freed one among them.
+  for (uint64_t c = 1; c <= 3; c++) {
+    ASSERT_TRUE(BlockOn(img->Write(c * kCluster, data, false)).ok());
+  }
+  // Another compressed cluster: not in the tail of the freed host cluster.
+  ASSERT_TRUE(BlockOn(img->WriteCompressed(4 * kCluster, zeros)).ok());
+  std::vector<std::byte> back(kCluster);
+  for (uint64_t c = 1; c <= 3; c++) {
+    ASSERT_TRUE(BlockOn(img->Read(c * kCluster, back)).ok());
+    EXPECT_TRUE(back == data) << "guest cluster " << c;
+  }
+  ASSERT_TRUE(BlockOn(img->Read(4 * kCluster, back)).ok());
+  EXPECT_TRUE(back == zeros);
+  ASSERT_TRUE(BlockOn(img->Close()).ok());
+  opened->reset();
+  EXPECT_EQ(scratch.Sh("qemu-img check c.qcow2", &out), 0) << out;
+}
+
 // Compressed clusters we write read back right in QEMU, pass its check, and
 // survive being overwritten, zeroed and discarded afterwards.
 TEST(WriteCompressedTest, QemuReadsWhatWeCompress) {
