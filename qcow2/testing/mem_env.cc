@@ -90,7 +90,9 @@ class MemEnv::MemFile final : public File {
 MemEnv::MemEnv(MemEnvOptions options) : options_(options), rng_(options.seed) {}
 
 // Out of line: Node is complete only here.
-MemEnv::~MemEnv() = default;
+MemEnv::~MemEnv() {
+  for (std::thread& t : off_threads_) t.join();
+}
 
 Result<std::unique_ptr<File>> MemEnv::Open(const std::string& path, const OpenOptions& options) {
   const bool writable = options.writable || options.create;
@@ -196,9 +198,40 @@ bool MemEnv::Defer(std::coroutine_handle<> h) {
   return true;
 }
 
+Task<void> MemEnv::RunOffThread(std::function<void()> work) {
+  if (!deferred()) {
+    work();
+    co_return;
+  }
+  struct Awaiter {
+    MemEnv* env;
+    std::function<void()>* work;
+    bool await_ready() const noexcept { return false; }
+    void await_suspend(std::coroutine_handle<> h) {
+      {
+        std::lock_guard lock(env->mu_);
+        env->off_thread_running_++;
+      }
+      env->off_threads_.emplace_back([env = env, work = work, h] {
+        (*work)();
+        std::lock_guard lock(env->mu_);
+        env->off_thread_running_--;
+        env->off_thread_done_.push_back(h);
+        env->off_thread_cv_.notify_all();
+      });
+    }
+    void await_resume() const noexcept {}
+  };
+  co_await Awaiter{this, &work};
+}
+
 bool MemEnv::Poll() {
   std::unique_lock lock(mu_);
-  if (queue_.empty() && deferred_.empty()) return false;
+  if (queue_.empty() && deferred_.empty() && off_thread_done_.empty()) {
+    if (off_thread_running_ == 0) return false;
+    // Nothing to complete here until off-thread work is done.
+    off_thread_cv_.wait(lock, [this] { return !off_thread_done_.empty(); });
+  }
   // Plain modulo on mt19937_64 output, not std::uniform_int_distribution:
   // the latter's algorithm differs between standard libraries, and a seed
   // must name one order everywhere.
@@ -218,7 +251,14 @@ bool MemEnv::Poll() {
   }
   std::vector<std::coroutine_handle<>> deferred;
   deferred.swap(deferred_);
+  deferred.insert(deferred.end(), off_thread_done_.begin(), off_thread_done_.end());
+  off_thread_done_.clear();
+  const bool reap = off_thread_running_ == 0 && !off_threads_.empty();
   lock.unlock();
+  if (reap) {  // all have finished their work; they only have to exit
+    for (std::thread& t : off_threads_) t.join();
+    off_threads_.clear();
+  }
   for (std::coroutine_handle<> h : deferred) h.resume();
   return true;
 }

@@ -31,6 +31,13 @@
 //                 always give one order, on every platform. This is what
 //                 exercises the engine's many-requests-in-flight logic:
 //                 BlockOn(task, &env) drives the task on this MemEnv.
+//                 RunOffThread() runs its work on a thread of its own, as
+//                 the io_uring Env's workers do, so work that blocks until
+//                 this thread's I/O completes (Qcow2Image::WaitUnpinned
+//                 while TryAnyThread I/O is queued here) does not deadlock;
+//                 Poll() resumes the caller once the work is done. When
+//                 such work finishes, relative to the completions, is up to
+//                 the threads: the one thing a seed does not fix.
 //
 // Thread model: every method and every File may be called from any thread;
 // one mutex guards the bytes and the queue. Poll() resumes waiters on the
@@ -40,14 +47,17 @@
 #ifndef UBLK_QCOW2_QCOW2_TESTING_MEM_ENV_H_
 #define UBLK_QCOW2_QCOW2_TESTING_MEM_ENV_H_
 
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <random>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "base/status.h"
@@ -85,10 +95,14 @@ class MemEnv final : public Env, public EventLoop {
   // now (after the completions it makes), or of the next one. Synchronous
   // mode: false (there is no batch to wait for).
   bool Defer(std::coroutine_handle<> h) override;
+  // Env::RunOffThread. Deferred mode: `work` runs on a new thread and the
+  // caller resumes in a later Poll(); synchronous mode: inline.
+  Task<void> RunOffThread(std::function<void()> work) override;
 
   // EventLoop (deferred mode): completes some queued operations, see above,
-  // then resumes the coroutines deferred so far. Returns false when nothing
-  // is queued or deferred.
+  // then resumes the coroutines deferred so far and those whose off-thread
+  // work is done. With nothing else to do it waits for off-thread work.
+  // Returns false when nothing is queued, deferred or off this thread.
   bool Poll() override;
   // Operations queued and not yet completed (always 0 in synchronous mode).
   size_t pending() const;
@@ -135,6 +149,12 @@ class MemEnv final : public Env, public EventLoop {
   std::vector<Queued> queue_;                           // guarded by mu_
   std::vector<std::coroutine_handle<>> deferred_;       // guarded by mu_
   std::mt19937_64 rng_;                                 // guarded by mu_
+  // RunOffThread: work running, callers whose work is done, and the threads
+  // (joined on destruction).
+  size_t off_thread_running_ = 0;                         // guarded by mu_
+  std::vector<std::coroutine_handle<>> off_thread_done_;  // guarded by mu_
+  std::condition_variable off_thread_cv_;
+  std::vector<std::thread> off_threads_;  // touched by the polling thread only
 };
 
 }  // namespace uq::qcow2::testing

@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstdlib>
+#include <mutex>
 #include <numeric>
 #include <string>
 #include <thread>
@@ -372,6 +374,45 @@ TEST(MemEnvDeferredTest, ErrorsAlsoArriveAtCompletion) {
   std::unique_ptr<File> f = MustOpen(env, "f", kReadOnly);
   Status s = BlockOn(WriteAt(f.get(), 0, Bytes("y")), &env);
   EXPECT_EQ(s.error_number(), EBADF);
+}
+
+// Off-thread work that waits for I/O queued on this thread (as WaitUnpinned
+// waits for TryAnyThread requests) finishes once polling completes that I/O,
+// and its caller resumes on the polling thread.
+TEST(MemEnvDeferredTest, OffThreadWorkMayWaitForThisThreadsIo) {
+  MemEnv env(Deferred(5));
+  std::unique_ptr<File> f = MustOpen(env, "f", kCreate);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool written = false;
+  std::thread::id resumed_on;
+  auto write = [&]() -> Task<void> {
+    Status st = co_await f->Write(0, Bytes("abc"));
+    EXPECT_TRUE(st.ok());
+    std::lock_guard lock(mu);
+    written = true;
+    cv.notify_all();
+  };
+  auto wait = [&]() -> Task<void> {
+    co_await env.RunOffThread([&] {
+      std::unique_lock lock(mu);
+      cv.wait(lock, [&] { return written; });
+    });
+    resumed_on = std::this_thread::get_id();
+  };
+  bool done = false;
+  Spawn([](Task<void> t, bool* d) -> Task<void> {
+    co_await std::move(t);
+    *d = true;
+  }(wait(), &done));
+  Spawn(write());
+  EXPECT_FALSE(done);
+  // The waiting work blocks off this thread; the write is queued after it.
+  // Nothing would complete if RunOffThread ran the work inline.
+  while (env.Poll()) {
+  }
+  EXPECT_TRUE(done);
+  EXPECT_EQ(resumed_on, std::this_thread::get_id());
 }
 
 }  // namespace
