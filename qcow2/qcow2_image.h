@@ -140,6 +140,16 @@ class Qcow2Image final : public BlockDevice {
   bool WritableInPlace(const L2Entry& e, uint64_t in_cluster, uint64_t length) const;
   Task<Status> WriteInCluster(uint64_t offset, std::span<const std::byte> data);
   Task<Status> AllocatingWrite(uint64_t offset, std::span<const std::byte> data);
+  // Extended L2: whether the cluster at `offset`, described by `e`, has no
+  // host cluster yet and may get one empty (MapEmptyCluster) instead of
+  // being allocated by the first write into it.
+  bool MappableEmpty(const L2Entry& e) const;
+  // Gives the cluster a new host cluster with its subcluster bits unchanged
+  // (nothing allocated in it yet, which reads as before). Writes then
+  // allocate their subclusters side by side under the shared lock, instead
+  // of all waiting for the first one's data to reach the disk.
+  // REQUIRES: the cluster's exclusive lock held, its mapping revoked.
+  Task<Status> MapEmptyCluster(uint64_t offset);
   // Extended L2: the cluster has its own host cluster and only unallocated or
   // zero subclusters are written: per-subcluster locking suffices.
   bool SubclusterWritable(uint64_t offset, const L2Entry& e) const;

@@ -137,6 +137,11 @@ Task<Status> Qcow2Image::WriteInCluster(uint64_t offset, std::span<const std::by
       continue;
     }
     co_await RevokeForRemap(cluster);
+    if (MappableEmpty(e)) {
+      // Map it, then write as a subcluster allocation under the shared lock.
+      CO_RETURN_IF_ERROR(co_await MapEmptyCluster(offset));
+      continue;
+    }
     co_return co_await AllocatingWrite(offset, data);
   }
 }
@@ -409,6 +414,39 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
     }
   }
   QueuedWrites::Finish(taken, st);  // after the mutex: they may go on to take it
+  co_return st;
+}
+
+bool Qcow2Image::MappableEmpty(const L2Entry& e) const {
+  // An external data file has no clusters to allocate (the host offset is
+  // the guest offset); a compressed or shared cluster is copied whole.
+  if (!geo_.extended_l2 || data_file_ || e.compressed() || e.has_host_cluster(false)) return false;
+  for (uint32_t sc = 0; sc < kSubclustersPerCluster; sc++) {
+    if (e.Kind(geo_, false, sc) == SubclusterKind::kInvalid) return false;
+  }
+  return true;
+}
+
+Task<Status> Qcow2Image::MapEmptyCluster(uint64_t offset) {
+  CO_RETURN_IF_ERROR(co_await PrepareL2(offset));
+  // PrepareL2 may have copied the table (it was a snapshot's): look again.
+  CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
+  if (!MappableEmpty(old)) co_return Status::Ok();  // the caller looks again
+  uint64_t host;
+  {
+    auto lock = co_await meta_mutex_.Acquire();
+    CO_ASSIGN_OR_RETURN(host, co_await AllocateCluster());
+    file_size_ = std::max(file_size_, host + geo_.cluster_size);
+  }
+  co_await ExtendTo(host + geo_.cluster_size);
+  // Crash-safe in any order: on disk this entry reads exactly as the old one
+  // (no subcluster allocated), and Flush writes the refcount that holds the
+  // new cluster before the L2 table that names it.
+  L2Entry updated = old;
+  updated.raw = host | kEntryCopied;
+  auto lock = co_await meta_mutex_.Acquire();
+  Status st = co_await StoreEntry(offset, updated);
+  if (!st.ok()) ReleaseCluster(host / geo_.cluster_size);
   co_return st;
 }
 
