@@ -332,6 +332,20 @@ TEST_P(MutationTest, DamagedImagesFailCleanly) {
   for (const auto& [what, n] : outcomes) std::printf("%s %s: %d\n", base.name, what.c_str(), n);
 }
 
+// The host offset of the L2 table that L1[0] names, in a v3 image's bytes.
+uint64_t FirstL2Table(const std::vector<std::byte>& image) {
+  const uint64_t l1 = LoadBE64(image, 40);             // header: l1_table_offset
+  return LoadBE64(image, l1) & 0x00fffffffffffe00ull;  // L1[0]'s table
+}
+
+// Opens `image`, placed in `mem` at kPath, writable.
+std::unique_ptr<BlockDevice> OpenWritable(MemEnv* mem, const std::vector<std::byte>& image) {
+  mem->SetContents(kPath, image);
+  auto opened = BlockOn(OpenImage(kPath, ImageOptions{.env = mem, .writable = true}));
+  EXPECT_TRUE(opened.ok()) << opened.status().ToString();
+  return opened.ok() ? std::move(*opened) : nullptr;
+}
+
 // A refcount block that calls an L2 table free: the allocator must not hand
 // that cluster out for data (the next write would overwrite the table). The
 // write fails, the image is marked corrupt, and the message names the file
@@ -347,17 +361,14 @@ TEST(MutationCaseTest, AllocatorRefusesAFreeLookingMetadataCluster) {
   std::vector<std::byte> image = scratch.Slurp("img.qcow2");
   const uint64_t refcount_table = LoadBE64(image, 48);  // header: refcount_table_offset
   const uint64_t block = LoadBE64(image, refcount_table);
-  const uint64_t l1 = LoadBE64(image, 40);
-  const uint64_t l2 = LoadBE64(image, l1) & 0x00fffffffffffe00ull;
+  const uint64_t l2 = FirstL2Table(image);
   ASSERT_NE(l2, 0u);
   const uint64_t l2_cluster = l2 / 65536;
   PutBigEndian(image, block + l2_cluster * 2, 0, 2, nullptr);  // 16-bit refcounts
 
   MemEnv mem(MemEnvOptions{.max_file_size = 256ull << 20});
-  mem.SetContents(kPath, image);
-  auto opened = BlockOn(OpenImage(kPath, ImageOptions{.env = &mem, .writable = true}));
-  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
-  std::unique_ptr<BlockDevice> dev = std::move(*opened);
+  std::unique_ptr<BlockDevice> dev = OpenWritable(&mem, image);
+  ASSERT_NE(dev, nullptr);
   std::vector<std::byte> data(4096, std::byte{0x77});
   Status st = BlockOn(dev->Write(65536, data, false));
   ASSERT_TRUE(st.IsCorruption()) << st.ToString();
@@ -389,17 +400,14 @@ TEST(MutationCaseTest, EntryNamingAFreeClusterIsNotReplacedOverIt) {
       << out;
   std::vector<std::byte> image = scratch.Slurp("img.qcow2");
   ASSERT_EQ(image.size() % 65536, 0u) << "the test needs the file to end on a cluster";
-  const uint64_t l1 = LoadBE64(image, 40);                          // header: l1_table_offset
-  const uint64_t l2 = LoadBE64(image, l1) & 0x00fffffffffffe00ull;  // L1[0]'s table
+  const uint64_t l2 = FirstL2Table(image);
   ASSERT_NE(l2, 0u);
   ASSERT_EQ(LoadBE64(image, l2 + 5 * 8), 0u) << "guest cluster 5 starts unallocated";
   PutBigEndian(image, l2 + 5 * 8, image.size(), 8, nullptr);  // the first free cluster
 
   MemEnv mem(MemEnvOptions{.max_file_size = 256ull << 20});
-  mem.SetContents(kPath, image);
-  auto opened = BlockOn(OpenImage(kPath, ImageOptions{.env = &mem, .writable = true}));
-  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
-  std::unique_ptr<BlockDevice> dev = std::move(*opened);
+  std::unique_ptr<BlockDevice> dev = OpenWritable(&mem, image);
+  ASSERT_NE(dev, nullptr);
   std::vector<std::byte> data(4096, std::byte{0x77});
   Status st = BlockOn(dev->Write(5 * 65536, data, false));
   EXPECT_TRUE(st.IsCorruption()) << st.ToString();
