@@ -45,7 +45,8 @@ START=$(date +%s)
 log() { echo "[$(($(date +%s) - START))s] $*" >&2; }
 
 source "$ROOT/bench/lib.bash"
-bench_install fio:fio gnuplot:gnuplot-nox qemu-img:qemu-utils qemu-io:qemu-utils python3:python3
+bench_install fio:fio gnuplot:gnuplot-nox qemu-img:qemu-utils qemu-io:qemu-utils python3:python3 \
+  /usr/bin/time:time
 BIN=$(bench_binary)
 BENCH_START=$(date +%s)
 
@@ -84,9 +85,17 @@ fresh() {  # CLUSTER KIND NAME
 # --- runners: each prints IOPS ---
 median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
+# The runners print "IOPS CPU": CPU = the process's user + system time per
+# request in µs (/usr/bin/time; 10 ms resolution, so ~0.5% of these runs).
+cpu_per_request() {  # COUNT: reads $WORK/cpu.txt
+  awk -v n="$1" '{printf "%.1f\n", ($1 + $2) * 1e6 / n}' "$WORK/cpu.txt"
+}
 run_ours() {  # COUNT FLAGS... IMAGE
+  local count=$1 iops
   shift
-  "$BIN" bench -q -t none -i io_uring "$@" | awk '/^IOPS:/ {gsub(",", "", $2); print $2}'
+  iops=$(/usr/bin/time -f '%U %S' -o "$WORK/cpu.txt" "$BIN" bench -q -t none -i io_uring "$@" |
+    awk '/^IOPS:/ {gsub(",", "", $2); print $2}')
+  echo "$iops $(cpu_per_request "$count")"
 }
 run_ours_poll() {  # COUNT FLAGS... IMAGE
   local count=$1
@@ -96,8 +105,10 @@ run_ours_poll() {  # COUNT FLAGS... IMAGE
 run_qemu() {  # COUNT FLAGS... IMAGE
   local count=$1
   shift
-  qemu-img bench -t none -i io_uring "$@" |
-    awk -v n="$count" '/^Run completed in/ {printf "%.0f\n", ($4 > 0 ? n / $4 : 0)}'
+  local iops
+  iops=$(/usr/bin/time -f '%U %S' -o "$WORK/cpu.txt" qemu-img bench -t none -i io_uring "$@" |
+    awk -v n="$count" '/^Run completed in/ {printf "%.0f\n", ($4 > 0 ? n / $4 : 0)}')
+  echo "$iops $(cpu_per_request "$count")"
 }
 run_fio() {  # COUNT RW BS DEPTH FILE
   fio --name=bench --filename="$5" --ioengine=io_uring --direct=1 --rw="$2" --bs="$3" \
@@ -108,7 +119,7 @@ j = json.load(sys.stdin)["jobs"][0]
 print(round(j["read"]["iops"] + j["write"]["iops"]))'
 }
 
-ROWS=()     # "cluster|workload|depth|ours|qemu|fio|fio target applies|ours poll"
+ROWS=()     # "cluster|workload|depth|ours|qemu|fio|fio target applies|ours poll|ours CPU|qemu CPU"
 COMMANDS=() # the exact commands of the first repetition
 DATA=$OUT/host.dat
 : >"$DATA"
@@ -161,15 +172,17 @@ row() {
       "qemu-img bench -t none -i io_uring ${flags[*]} IMAGE"
       "fio --name=bench --filename=$fio_file --ioengine=io_uring --direct=1 --rw=$fio_rw --bs=$size --iodepth=$depth --number_ios=$count --norandommap --randrepeat=1")
   fi
-  local o q f p=- applies=no
-  o=$(printf '%s\n' "${ours[@]}" | median)
-  ((POLL_US > 0)) && p=$(printf '%s\n' "${poll[@]}" | median)
-  q=$(printf '%s\n' "${qemu[@]}" | median)
+  local o q f p=- applies=no oc qc
+  o=$(printf '%s\n' "${ours[@]}" | cut -d' ' -f1 | median)
+  oc=$(printf '%s\n' "${ours[@]}" | cut -d' ' -f2 | median)
+  ((POLL_US > 0)) && p=$(printf '%s\n' "${poll[@]}" | cut -d' ' -f1 | median)
+  q=$(printf '%s\n' "${qemu[@]}" | cut -d' ' -f1 | median)
+  qc=$(printf '%s\n' "${qemu[@]}" | cut -d' ' -f2 | median)
   f=$(printf '%s\n' "${fio[@]}" | median)
   [[ $kind == read || $kind == write ]] && applies=yes
-  ROWS+=("$c|$label|$depth|$o|$q|$f|$applies|$p")
+  ROWS+=("$c|$label|$depth|$o|$q|$f|$applies|$p|$oc|$qc")
   printf '"%s %s QD%s" %s %s %s %s\n' "$c" "$label" "$depth" "$o" "$q" "$f" "${p/-/NaN}" >>"$DATA"
-  log "$c $label QD$depth: ours $o, qemu-img $q, fio $f, ours poll $p IOPS"
+  log "$c $label QD$depth: ours $o, qemu-img $q, fio $f, ours poll $p IOPS; CPU µs/request ours $oc, qemu-img $qc"
 }
 
 FOUR_K=4096
@@ -201,7 +214,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
   echo "|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|---:|---:|---:|"
   below=0
   for r in "${ROWS[@]}"; do
-    IFS='|' read -r c label depth o q f applies p <<<"$r"
+    IFS='|' read -r c label depth o q f applies p oc qc <<<"$r"
     rq=$(ratio "$o" "$q")
     rf=$(ratio "$o" "$f")
     fq=$(ratio "$f" "$q")
@@ -220,6 +233,16 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
     "on the raw file. For the allocating rows fio writes a new sparse file, whose blocks the file" \
     "system allocates write by write; our image grows ahead by fallocate (\`--preallocate\`," \
     "64 MiB), so ours may pass fio there."
+  echo
+  echo "CPU per request, in µs of user + system time of the whole process (median of $REPEAT):" \
+    "where the disk sets the pace, what each tool spends to keep up with it."
+  echo
+  echo "| clusters | workload | depth | ours | qemu-img | ours/qemu-img |"
+  echo "|---|---|---:|---:|---:|---:|"
+  for r in "${ROWS[@]}"; do
+    IFS='|' read -r c label depth o q f applies p oc qc <<<"$r"
+    echo "| $c | $label | $depth | $oc | $qc | $(ratio "$oc" "$qc") |"
+  done
   echo
   if ((POLL_US > 0)); then
     echo "ours poll = the same \`ublk-qcow2 bench\` with \`--poll-us=$POLL_US\`: the ring is busy-polled" \
