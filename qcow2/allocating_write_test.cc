@@ -2,8 +2,9 @@
 // write (zeros around the data), also when it reuses a cluster holding old
 // bytes; writes queued behind the allocation of their cluster or subcluster
 // go in its write (queued_writes.h), or, arriving later, write side by side
-// once it is done, not one at a time; and extended-L2 subcluster allocation
-// never undoes a concurrent in-place write.
+// once it is done, not one at a time; a new extended-L2 cluster lets writes
+// into its other subclusters go beside its first; and extended-L2
+// subcluster allocation never undoes a concurrent in-place write.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -236,6 +237,22 @@ TEST_F(AllocatingWriteTest, WritesArrivingAfterTheAllocationsWriteGoTogether) {
     Sh("qemu-io -c 'read -P 0x77 0 64k' -c 'read -P 0 64k 128k' -c 'read -P 0x5e 192k 64k' "
        "-c 'read -P 0 256k 1792k' img.qcow2");
   }
+}
+
+// Extended L2, a cluster with no host cluster yet: its first write maps it
+// empty and then writes like any other, so writes into its other
+// subclusters arriving meanwhile are in flight together with it, not held
+// back until its data is on disk (a sequential writer's queue drained at
+// every new cluster).
+TEST_F(AllocatingWriteTest, NewExtendedL2ClusterTakesWritesBesideItsFirst) {
+  Sh("qemu-img create -q -f qcow2 -o cluster_size=2M,extended_l2=on img.qcow2 8M");
+  Sh("qemu-io -c 'write -P 0x77 4M 64k' img.qcow2");  // the L2 table exists; cluster 0 does not
+  MemEnv mem(Deferred(13));
+  RecordingEnv env(&mem);
+  Open(&mem, &env, "img.qcow2");
+  EXPECT_EQ(ConcurrentWrites(&mem, &env, 0, 16, 65536, 0x6a, true), 16u);
+  CloseAndCheck(&mem, "img.qcow2");
+  Sh("qemu-io -c 'read -P 0x6a 0 1M' -c 'read -P 0 1M 3M' -c 'read -P 0x77 4M 64k' img.qcow2");
 }
 
 // A write spanning an allocated and an unallocated subcluster allocates the
