@@ -209,6 +209,10 @@ class Qcow2Image final : public BlockDevice {
   // finds broken (a free-looking cluster that holds metadata, for one) marks
   // the image corrupt: writing on would destroy what it holds.
   Task<Result<uint64_t>> AllocateCluster();
+  // AllocateCluster under the metadata mutex, for a cluster of its own (a
+  // table or data): the file size counts it at once, and the file grows
+  // into it (ExtendTo). REQUIRES: the metadata mutex not held.
+  Task<Result<uint64_t>> AllocateWholeCluster();
 
   // --- flush (qcow2_flush.cc) ---
   Task<Status> FlushLocked();

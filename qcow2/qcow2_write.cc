@@ -67,6 +67,17 @@ Task<Result<uint64_t>> Qcow2Image::AllocateCluster() {
   co_return host;
 }
 
+Task<Result<uint64_t>> Qcow2Image::AllocateWholeCluster() {
+  uint64_t host;
+  {
+    auto lock = co_await meta_mutex_.Acquire();
+    CO_ASSIGN_OR_RETURN(host, co_await AllocateCluster());
+    file_size_ = std::max(file_size_, host + geo_.cluster_size);
+  }
+  co_await ExtendTo(host + geo_.cluster_size);
+  co_return host;
+}
+
 Task<Status> Qcow2Image::Write(uint64_t offset, std::span<const std::byte> data, bool fua) {
   CO_RETURN_IF_ERROR(CheckWritable(offset, data.size()));
   const uint64_t first = offset - geo_.cluster_offset_in(offset);
@@ -241,12 +252,7 @@ Task<Status> Qcow2Image::PrepareL2(uint64_t offset) {
   if (owned()) co_return Status::Ok();
 
   const uint64_t old_table = l1_[index] & kL1OffsetMask;
-  uint64_t table;
-  {
-    auto lock = co_await meta_mutex_.Acquire();
-    CO_ASSIGN_OR_RETURN(table, co_await AllocateCluster());
-  }
-  co_await ExtendTo(table + geo_.cluster_size);
+  CO_ASSIGN_OR_RETURN(const uint64_t table, co_await AllocateWholeCluster());
   // A new table is all zeros (every entry unallocated); a table shared with a
   // snapshot is copied. Either way it is written now, before any L1 entry can
   // name it on disk (the L1 reaches the disk only in Flush, after a sync).
@@ -367,12 +373,9 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   } else if (has_df) {
     host = cluster_start;
   } else {
-    auto lock = co_await meta_mutex_.Acquire();
-    CO_ASSIGN_OR_RETURN(host, co_await AllocateCluster());
+    CO_ASSIGN_OR_RETURN(host, co_await AllocateWholeCluster());
     fresh = true;
-    file_size_ = std::max(file_size_, host + geo_.cluster_size);
   }
-  if (fresh) co_await ExtendTo(host + geo_.cluster_size);
 
   // The part of the cluster to write, and the new subcluster bitmap.
   uint64_t write_start = 0, write_end = geo_.cluster_size;
@@ -432,13 +435,7 @@ Task<Status> Qcow2Image::MapEmptyCluster(uint64_t offset) {
   // PrepareL2 may have copied the table (it was a snapshot's): look again.
   CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
   if (!MappableEmpty(old)) co_return Status::Ok();  // the caller looks again
-  uint64_t host;
-  {
-    auto lock = co_await meta_mutex_.Acquire();
-    CO_ASSIGN_OR_RETURN(host, co_await AllocateCluster());
-    file_size_ = std::max(file_size_, host + geo_.cluster_size);
-  }
-  co_await ExtendTo(host + geo_.cluster_size);
+  CO_ASSIGN_OR_RETURN(const uint64_t host, co_await AllocateWholeCluster());
   // Crash-safe in any order: on disk this entry reads exactly as the old one
   // (no subcluster allocated), and Flush writes the refcount that holds the
   // new cluster before the L2 table that names it.
