@@ -22,6 +22,7 @@
 #include "driver/params.h"
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
+#include "uring/ring.h"
 #include "uring/uring_env.h"
 
 namespace uq::driver {
@@ -116,7 +117,7 @@ Status Device::Setup(const DeviceOptions& options) {
   loops_.push_back(std::move(loop0));
   if (options.poll_us > 0 && loops_[0]->Call([&] { return loops_[0]->ring().spin_us(); }) == 0) {
     // Serving still works; only the latency the user asked for is not there.
-    Log("--poll-us ignored: the kernel lacks IORING_SETUP_TASKRUN_FLAG (Linux 5.19+)");
+    Log(fmt::format("--poll-us ignored: {}", uring::kNoBusyPolling));
   }
   qcow2::ImageOptions image_options;
   image_options.env = uring::UringEnv::Default();

@@ -20,6 +20,7 @@
 #include "qcow2/block_device.h"
 #include "qcow2/open_image.h"
 #include "tools/io_context.h"
+#include "uring/ring.h"
 
 namespace uq::tools {
 
@@ -429,8 +430,7 @@ Status RunBench(const BenchOptions& options) {
                    IoContext::Create(mode, RingEntries(options.depth), options.poll_us));
   if (options.poll_us > 0 && io->spin_us() == 0) {
     std::fprintf(stderr, "ublk-qcow2 bench: --poll-us ignored: %s\n",
-                 io->uses_uring() ? "the kernel lacks IORING_SETUP_TASKRUN_FLAG (Linux 5.19+)"
-                                  : "no io_uring (-i threads)");
+                 io->uses_uring() ? uring::kNoBusyPolling : "no io_uring (-i threads)");
   }
   const CacheMode cache = ParseCacheMode(options.cache);
 

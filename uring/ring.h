@@ -64,6 +64,9 @@ struct RingOptions {
   uint32_t spin_us = 0;
 };
 
+// Why a ring asked to busy-poll does not (spin_us() == 0), for messages.
+inline constexpr char kNoBusyPolling[] = "the kernel lacks IORING_SETUP_TASKRUN_FLAG (Linux 5.19+)";
+
 class Ring final : public EventLoop {
  private:
   struct Key {
