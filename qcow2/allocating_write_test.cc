@@ -255,6 +255,23 @@ TEST_F(AllocatingWriteTest, NewExtendedL2ClusterTakesWritesBesideItsFirst) {
   Sh("qemu-io -c 'read -P 0x6a 0 1M' -c 'read -P 0 1M 3M' -c 'read -P 0x77 4M 64k' img.qcow2");
 }
 
+// The same with an external data file, where the cluster's place is fixed
+// (the guest offset) and mapping it allocates nothing.
+TEST_F(AllocatingWriteTest, NewExtendedL2ClusterInADataFileTakesWritesBesideItsFirst) {
+  Sh("qemu-img create -q -f qcow2 -o cluster_size=2M,extended_l2=on,data_file=img.data "
+     "img.qcow2 8M");
+  Sh("qemu-io -c 'write -P 0x77 4M 64k' img.qcow2");
+  MemEnv mem(Deferred(14));
+  ASSERT_TRUE(mem.ImportFromHostFile(scratch_->path("img.data"), "/img.data").ok());
+  RecordingEnv env(&mem);
+  Open(&mem, &env, "img.qcow2");
+  EXPECT_EQ(ConcurrentWrites(&mem, &env, 2 << 20, 16, 65536, 0x6b, true), 16u);
+  ASSERT_TRUE(mem.ExportToHostFile("/img.data", scratch_->path("img.data")).ok());
+  CloseAndCheck(&mem, "img.qcow2");
+  Sh("qemu-io -c 'read -P 0 0 2M' -c 'read -P 0x6b 2M 1M' -c 'read -P 0 3M 1M' "
+     "-c 'read -P 0x77 4M 64k' img.qcow2");
+}
+
 // A write spanning an allocated and an unallocated subcluster allocates the
 // second; meanwhile another request writes in place into the allocated one,
 // outside the first request's bytes. Neither may lose the other's data,

@@ -365,7 +365,10 @@ INSTANTIATE_TEST_SUITE_P(
                   16 << 10},
         CrashCase{"c64k_batches", "", 2 << 20, false, false, 24, false, 0, 32ull << 20, 8},
         CrashCase{"extl2_backing_batches", "-o cluster_size=64k,extended_l2=on", 2 << 20, true,
-                  false, 24, false, 0, 32ull << 20, 8}),
+                  false, 24, false, 0, 32ull << 20, 8},
+        CrashCase{"extl2_data_file_batches",
+                  "-o cluster_size=64k,extended_l2=on,data_file=img.data", 2 << 20, false, false,
+                  24, false, 0, 32ull << 20, 8}),
     [](const ::testing::TestParamInfo<CrashCase>& info) { return info.param.name; });
 
 }  // namespace

@@ -144,8 +144,9 @@ class Qcow2Image final : public BlockDevice {
   // host cluster yet and may get one empty (MapEmptyCluster) instead of
   // being allocated by the first write into it.
   bool MappableEmpty(const L2Entry& e) const;
-  // Gives the cluster a new host cluster with its subcluster bits unchanged
-  // (nothing allocated in it yet, which reads as before). Writes then
+  // Gives the cluster a new host cluster (with an external data file: points
+  // it at its place there) with its subcluster bits unchanged (nothing
+  // allocated in it yet, which reads as before). Writes then
   // allocate their subclusters side by side under the shared lock, instead
   // of all waiting for the first one's data to reach the disk.
   // REQUIRES: the cluster's exclusive lock held, its mapping revoked.

@@ -421,11 +421,11 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
 }
 
 bool Qcow2Image::MappableEmpty(const L2Entry& e) const {
-  // An external data file has no clusters to allocate (the host offset is
-  // the guest offset); a compressed or shared cluster is copied whole.
-  if (!geo_.extended_l2 || data_file_ || e.compressed() || e.has_host_cluster(false)) return false;
+  // A compressed or shared cluster is copied whole instead.
+  const bool has_df = data_file_ != nullptr;
+  if (!geo_.extended_l2 || e.compressed() || e.has_host_cluster(has_df)) return false;
   for (uint32_t sc = 0; sc < kSubclustersPerCluster; sc++) {
-    if (e.Kind(geo_, false, sc) == SubclusterKind::kInvalid) return false;
+    if (e.Kind(geo_, has_df, sc) == SubclusterKind::kInvalid) return false;
   }
   return true;
 }
@@ -435,7 +435,13 @@ Task<Status> Qcow2Image::MapEmptyCluster(uint64_t offset) {
   // PrepareL2 may have copied the table (it was a snapshot's): look again.
   CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
   if (!MappableEmpty(old)) co_return Status::Ok();  // the caller looks again
-  CO_ASSIGN_OR_RETURN(const uint64_t host, co_await AllocateWholeCluster());
+  // An external data file has its cluster at the guest offset: nothing to
+  // allocate, only the entry to point there.
+  const bool has_df = data_file_ != nullptr;
+  uint64_t host = offset - geo_.cluster_offset_in(offset);
+  if (!has_df) {
+    CO_ASSIGN_OR_RETURN(host, co_await AllocateWholeCluster());
+  }
   // Crash-safe in any order: on disk this entry reads exactly as the old one
   // (no subcluster allocated), and Flush writes the refcount that holds the
   // new cluster before the L2 table that names it.
@@ -443,7 +449,7 @@ Task<Status> Qcow2Image::MapEmptyCluster(uint64_t offset) {
   updated.raw = host | kEntryCopied;
   auto lock = co_await meta_mutex_.Acquire();
   Status st = co_await StoreEntry(offset, updated);
-  if (!st.ok()) ReleaseCluster(host / geo_.cluster_size);
+  if (!st.ok() && !has_df) ReleaseCluster(host / geo_.cluster_size);
   co_return st;
 }
 
