@@ -18,7 +18,8 @@
 #   nbd-wb    qemu-nbd --cache=writeback --aio=io_uring -f qcow2 -c /dev/nbd1 nbd-wb.qcow2
 # (the last two only with BENCH_BUFFERED=1). Then one fio run per row
 # (fio io_uring, direct=1, time_based; each target is a stonewalled job, the order
-# rotates from row to row). Around each job, fio's exec_prerun/exec_postrun call this
+# rotates from row to row), all rows BENCH_REPEAT times over (rounds after the first
+# record their row as ID~ROUND and rotate the order once more). Around each job, fio's exec_prerun/exec_postrun call this
 # script with --snap, which syncs and drops the page cache (before), and records the
 # device's sector counters, the whole VM's CPU counters (/proc/stat), the serving
 # process's utime+stime and VmHWM/VmRSS (ours: the daemon; nbd: qemu-nbd; loop: kernel
@@ -32,6 +33,7 @@
 # Environment (bench/device.sh passes these): BENCH_BIN (the ublk-qcow2 binary, a host
 # path), BENCH_RUNTIME (s, default 8), BENCH_RAMP (s, default 2), BENCH_DATA_MB (1024),
 # BENCH_BUFFERED (0), BENCH_POLL_US (500; 0 leaves out ours1p), BENCH_ROWS (row ids to run, default all: see ROWS below),
+# BENCH_REPEAT (rounds over all rows, default 1),
 # BENCH_ENGINE (1: afterwards, `ublk-qcow2 bench` on ours1.qcow2 for the 4k random rows,
 # buffered and O_DIRECT: the engine's own cost, no ublk), BENCH_ENGINE_COUNT (requests
 # at QD32, default 100000; a tenth at QD1).
@@ -101,6 +103,7 @@ DATA_MB=${BENCH_DATA_MB:-1024}
 BUFFERED=${BENCH_BUFFERED:-0}
 POLL_US=${BENCH_POLL_US:-500}
 ENGINE=${BENCH_ENGINE:-1}
+REPEAT=${BENCH_REPEAT:-1}
 ENGINE_QD1=$((${BENCH_ENGINE_COUNT:-100000} / 10))
 ENGINE_QD32=${BENCH_ENGINE_COUNT:-100000}
 W=/scratch/bench
@@ -167,6 +170,7 @@ meta qemu_nbd "$(qemu-nbd --version | head -n1)"
 meta runtime "$RUNTIME"
 meta ramp "$RAMP"
 meta poll_us "$POLL_US"
+meta repeat "$REPEAT"
 meta data_mb "$DATA_MB"
 meta targets "${TARGETS[*]}"
 log "kernel $(uname -r), $(nproc) CPUs; targets: ${TARGETS[*]}; ${RUNTIME}s + ${RAMP}s ramp per job"
@@ -226,54 +230,60 @@ done
 # --- runs -------------------------------------------------------------------------------
 cd /tmp
 failed=0
-for ((r = 0; r < ${#ROWS[@]}; r++)); do
-  IFS='|' read -r id rw bs qd label <<<"${ROWS[r]}"
-  meta "row_$id" "$rw|$bs|$qd|$label"
-  # Rotate who goes first, so drift in the host's load spreads over the targets.
-  order=()
-  n=${#TARGETS[@]}
-  for ((i = 0; i < n; i++)); do order+=("${TARGETS[(i + r) % n]}"); done
-  job=$W/fio/$id.fio
-  {
-    echo "[global]"
-    echo "ioengine=io_uring"
-    echo "direct=1"
-    echo "thread=1"
-    echo "rw=$rw"
-    echo "bs=$bs"
-    echo "iodepth=$qd"
-    echo "size=${DATA_MB}M"
-    echo "time_based=1"
-    echo "runtime=$RUNTIME"
-    echo "ramp_time=$RAMP"
-    echo "norandommap=1"
-    echo "randrepeat=0"
-    for t in "${order[@]}"; do
-      dn=${DEV[$t]#/dev/}
-      echo
-      echo "[$t]"
-      echo "stonewall"
-      echo "filename=${DEV[$t]}"
-      echo "exec_prerun=/bin/bash $SELF --snap pre $id $t $dn ${PID[$t]}"
-      echo "exec_postrun=/bin/bash $SELF --snap post $id $t $dn ${PID[$t]}"
-    done
-  } >"$job"
-  log "row $id ($label, QD$qd): ${order[*]}"
-  if ! fio --eta=never --output-format=json --output="$W/fio/$id.json" "$job" >"$W/fio/$id.out" 2>&1; then
-    log "fio failed on row $id:"
-    tail -n 20 "$W/fio/$id.out"
-    failed=1
-    continue
-  fi
-  # One line per job: IOPS, bytes/s, I/Os (read + write), mean completion latency, error.
-  # (fio puts "Saving output of prerun ..." lines above the JSON in the same file.)
-  sed -n '/^{/,$p' "$W/fio/$id.json" >"$W/fio/$id.clean.json"
-  jq -r --arg row "$id" '.jobs[] |
-    "rec|fio|\($row)|\(.jobname)|\(.read.iops + .write.iops)|\(.read.bw_bytes + .write.bw_bytes)|\(.read.total_ios + .write.total_ios)|\(if .read.total_ios > 0 then .read.clat_ns.mean else .write.clat_ns.mean end)|\(.error)"' \
-    "$W/fio/$id.clean.json" >>"$W/records"
-  # (No process substitution: the guest's /dev has no /dev/fd.)
-  while IFS='|' read -r _ _ _ t iops _; do log "  $t: $(printf '%.0f' "$iops") IOPS"; done \
-    <<<"$(grep "^rec|fio|$id|" "$W/records")"
+for ((k = 0; k < REPEAT; k++)); do
+  for ((r = 0; r < ${#ROWS[@]}; r++)); do
+    IFS='|' read -r id rw bs qd label <<<"${ROWS[r]}"
+    if ((k == 0)); then
+      meta "row_$id" "$rw|$bs|$qd|$label"
+    else
+      id="$id~$k"
+    fi
+    # Rotate who goes first, so drift in the host's load spreads over the targets.
+    order=()
+    n=${#TARGETS[@]}
+    for ((i = 0; i < n; i++)); do order+=("${TARGETS[(i + r + k) % n]}"); done
+    job=$W/fio/$id.fio
+    {
+      echo "[global]"
+      echo "ioengine=io_uring"
+      echo "direct=1"
+      echo "thread=1"
+      echo "rw=$rw"
+      echo "bs=$bs"
+      echo "iodepth=$qd"
+      echo "size=${DATA_MB}M"
+      echo "time_based=1"
+      echo "runtime=$RUNTIME"
+      echo "ramp_time=$RAMP"
+      echo "norandommap=1"
+      echo "randrepeat=0"
+      for t in "${order[@]}"; do
+        dn=${DEV[$t]#/dev/}
+        echo
+        echo "[$t]"
+        echo "stonewall"
+        echo "filename=${DEV[$t]}"
+        echo "exec_prerun=/bin/bash $SELF --snap pre $id $t $dn ${PID[$t]}"
+        echo "exec_postrun=/bin/bash $SELF --snap post $id $t $dn ${PID[$t]}"
+      done
+    } >"$job"
+    log "row $id ($label, QD$qd; round $((k + 1)) of $REPEAT): ${order[*]}"
+    if ! fio --eta=never --output-format=json --output="$W/fio/$id.json" "$job" >"$W/fio/$id.out" 2>&1; then
+      log "fio failed on row $id:"
+      tail -n 20 "$W/fio/$id.out"
+      failed=1
+      continue
+    fi
+    # One line per job: IOPS, bytes/s, I/Os (read + write), mean completion latency, error.
+    # (fio puts "Saving output of prerun ..." lines above the JSON in the same file.)
+    sed -n '/^{/,$p' "$W/fio/$id.json" >"$W/fio/$id.clean.json"
+    jq -r --arg row "$id" '.jobs[] |
+      "rec|fio|\($row)|\(.jobname)|\(.read.iops + .write.iops)|\(.read.bw_bytes + .write.bw_bytes)|\(.read.total_ios + .write.total_ios)|\(if .read.total_ios > 0 then .read.clat_ns.mean else .write.clat_ns.mean end)|\(.error)"' \
+      "$W/fio/$id.clean.json" >>"$W/records"
+    # (No process substitution: the guest's /dev has no /dev/fd.)
+    while IFS='|' read -r _ _ _ t iops _; do log "  $t: $(printf '%.0f' "$iops") IOPS"; done \
+      <<<"$(grep "^rec|fio|$id|" "$W/records")"
+  done
 done
 
 # Peak memory once more, then the daemons' own account of their queues.

@@ -26,6 +26,9 @@
 #                   (page-cache baselines, like for like with `add --cache=writeback`);
 #                   0 (default): only the four targets of the issue
 #   BENCH_ROWS      row ids to run (default all: rr4k1 rr4k32 rw4k1 rw4k32 sr1m4 sw1m4)
+#   BENCH_REPEAT    rounds over all rows (default 1); with more, every figure is the
+#                   median over the rounds and every ratio the median of the ratios
+#                   taken within each round (targets of one round run back to back)
 #   BENCH_DATA_MB   size of the data set and devices (default 1024)
 #   BENCH_ENGINE    1 (default): afterwards, `ublk-qcow2 bench` on the same image for the
 #                   4k random rows (buffered and O_DIRECT), the engine's cost without ublk
@@ -48,7 +51,8 @@ report() {  # report RECORDS HOST_NOTE
 import sys, collections
 
 records_path, md_path, dat_path, host_note = sys.argv[1:5]
-meta, fio, snap, engine = {}, {}, {}, {}
+meta, snap, engine = {}, {}, {}
+fio = collections.defaultdict(dict)  # (row, target) -> {round: fio's figures}
 for line in open(records_path):
     f = line.rstrip("\n").split("|")
     if len(f) < 3 or f[0] != "rec":
@@ -56,8 +60,10 @@ for line in open(records_path):
     if f[1] == "meta":
         meta[f[2]] = "|".join(f[3:])
     elif f[1] == "fio":
-        row, target = f[2], f[3]
-        fio[(row, target)] = dict(iops=float(f[4]), bw=float(f[5]), ios=int(f[6]),
+        # Rounds after the first record their row as ID~ROUND.
+        row, _, rnd = f[2].partition("~")
+        target = f[3]
+        fio[(row, target)][int(rnd or 0)] = dict(iops=float(f[4]), bw=float(f[5]), ios=int(f[6]),
                                   clat_us=float(f[7]) / 1000, error=int(f[8]))
     elif f[1] == "engine":
         engine[(f[2], f[3])] = dict(iops=float(f[4]), cpu=float(f[5]) + float(f[6]), count=int(f[8]))
@@ -83,7 +89,22 @@ NAMES = {"ours1": "ours 1q", "ours2": "ours 2q", "ours1p": "ours 1q poll", "loop
          "loop-buf": "loop (buffered)", "nbd-wb": "qemu-nbd (writeback)"}
 TICK_US = 10000  # USER_HZ = 100
 
-def derived(row, target, bs):
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    if not n:
+        return None
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+def row_key(row, k):
+    return row if k == 0 else f"{row}~{k}"
+
+def rounds_of(row, target):
+    return fio.get((row, target), {})
+
+repeat = max([len(v) for v in fio.values()] or [1])
+
+def derived_round(row, target, bs):
     """Counters around one fio job: I/Os seen by the device (ramp included), CPU."""
     pre, post = snap.get(("pre", row, target)), snap.get(("post", row, target))
     if not pre or not post:
@@ -110,6 +131,25 @@ def derived(row, target, bs):
     d["iops_wb"] = ios / (d["secs"] + d["sync_s"])
     return d
 
+def derived(row, target, bs):
+    """derived_round over the row's rounds: medians; peak RSS the highest; thread ticks summed."""
+    ds = [derived_round(row_key(row, k), target, bs) for k in sorted(rounds_of(row, target))]
+    ds = [d for d in ds if d]
+    if len(ds) <= 1:
+        return ds[0] if ds else None
+    d = {}
+    for key in ("ios", "secs", "vm_us", "vm_cores", "srv_us", "srv_cores", "sync_s", "iops_wb"):
+        vals = [x[key] for x in ds if x[key] is not None]
+        d[key] = median(vals) if vals else None
+    peaks = [x["hwm"] for x in ds if x["hwm"]]
+    d["hwm"] = max(peaks) if peaks else None
+    threads = collections.Counter()
+    for x in ds:
+        threads.update(x["threads"])
+    d["threads"] = dict(threads)
+    d["workers"] = max(x["workers"] for x in ds)
+    return d
+
 def ratio(a, b):
     return a / b if a and b else None
 
@@ -117,16 +157,27 @@ def fmt_ratio(r):
     return "-" if r is None else f"{r:.2f}"
 
 def cell(row, target):
-    x = fio.get((row, target))
-    if not x:
+    rs = rounds_of(row, target).values()
+    if not rs:
         return "-"
-    if x["error"]:
-        return f"error {x['error']}"
-    return f"{x['iops']:.0f} ({x['bw'] / 1048576:.1f})"
+    errors = [x["error"] for x in rs if x["error"]]
+    if errors:
+        return f"error {errors[0]}"
+    return f"{iops(row, target):.0f} ({median([x['bw'] for x in rs]) / 1048576:.1f})"
 
 def iops(row, target):
-    x = fio.get((row, target))
-    return x["iops"] if x and not x["error"] else None
+    """Median IOPS over the rounds."""
+    return median([x["iops"] for x in rounds_of(row, target).values() if not x["error"]])
+
+def round_ratios(row, a, b):
+    """a's IOPS / b's in each round both ran: targets of one round ran back to back."""
+    ra, rb = rounds_of(row, a), rounds_of(row, b)
+    return [ra[k]["iops"] / rb[k]["iops"] for k in sorted(ra)
+            if k in rb and not ra[k]["error"] and not rb[k]["error"] and rb[k]["iops"]]
+
+def rratio(row, a, b):
+    """The median of the per-round ratios (with one round: the ratio)."""
+    return median(round_ratios(row, a, b))
 
 buffered = "loop-buf" in targets
 polled = "ours1p" in targets
@@ -152,7 +203,11 @@ w(f"Data: {int(meta.get('data_mb', 1024))} MiB from /dev/urandom, written once; 
   "allocated) are `qemu-img convert` of it, the raw files copies of it, so every read reads written "
   f"data. fio: `ioengine=io_uring direct=1 time_based runtime={meta.get('runtime')} "
   f"ramp_time={meta.get('ramp')} norandommap thread`, one job, each target a stonewalled job in one "
-  "fio run per row (order rotated per row); `sync` + `drop_caches` before every job.")
+  "fio run per row (order rotated per row); `sync` + `drop_caches` before every job."
+  + (f" Every row ran in {repeat} rounds (all rows, then all again; the order rotated once more "
+     "per round): figures are medians over the rounds, ratios the medians of the ratios taken "
+     "within each round (its targets ran back to back), CPU per I/O the median over the rounds; "
+     "the table \"Rounds\" has every round's ratios." if repeat > 1 else ""))
 w("")
 w("Targets: " + "; ".join(f"**{NAMES[t]}** {meta.get('dev_' + t, '')}" for t in targets) + ".")
 w("ours = `ublk-qcow2 add -f IMG -q 1|2` (defaults: depth 128, 32 MiB metadata cache, `--cache=none`: "
@@ -175,16 +230,16 @@ w("|---|---:|" + "---:|" * (len(hdr) - 2))
 dat = []
 for rid, rw, bs, qd, label in rows:
     cells = [label, str(qd)] + [cell(rid, t) for t in ("ours1", "ours2", "loop", "nbd")]
-    cells += [fmt_ratio(ratio(iops(rid, "ours1"), iops(rid, "loop"))),
-              fmt_ratio(ratio(iops(rid, "ours1"), iops(rid, "nbd")))]
+    cells += [fmt_ratio(rratio(rid, "ours1", "loop")),
+              fmt_ratio(rratio(rid, "ours1", "nbd"))]
     if buffered:
         cells += [cell(rid, "loop-buf"), cell(rid, "nbd-wb"),
-                  fmt_ratio(ratio(iops(rid, "ours1"), iops(rid, "loop-buf"))),
-                  fmt_ratio(ratio(iops(rid, "ours1"), iops(rid, "nbd-wb")))]
+                  fmt_ratio(rratio(rid, "ours1", "loop-buf")),
+                  fmt_ratio(rratio(rid, "ours1", "nbd-wb"))]
     if polled:
         cells += [cell(rid, "ours1p"),
-                  fmt_ratio(ratio(iops(rid, "ours1p"), iops(rid, "loop"))),
-                  fmt_ratio(ratio(iops(rid, "ours1p"), iops(rid, "nbd")))]
+                  fmt_ratio(rratio(rid, "ours1p", "loop")),
+                  fmt_ratio(rratio(rid, "ours1p", "nbd"))]
     w("| " + " | ".join(cells) + " |")
     vals = []
     for t in ("ours1", "ours2", "loop", "nbd", "loop-buf", "nbd-wb"):
@@ -197,6 +252,16 @@ for rid, rw, bs, qd, label in rows:
     vals += [f"{v:.0f}" if v else "NaN", f"{d['vm_us']:.1f}" if d else "NaN"]
     dat.append(f'"{label} QD{qd}" ' + " ".join(vals))
 w("")
+if repeat > 1:
+    w("### Rounds: every round's ratios, in the order the rounds ran")
+    w("")
+    pairs = [("ours1", "loop"), ("ours1", "nbd")] + ([("ours1p", "loop")] if polled else [])
+    w("| workload | QD | " + " | ".join(f"{NAMES[a]} / {NAMES[b]}" for a, b in pairs) + " |")
+    w("|---|---:|" + "---|" * len(pairs))
+    for rid, rw, bs, qd, label in rows:
+        w(f"| {label} | {qd} | " + " | ".join(
+            " / ".join(f"{x:.2f}" for x in round_ratios(rid, a, b)) or "-" for a, b in pairs) + " |")
+    w("")
 w("### CPU per I/O (µs of emulated CPU time; I/Os counted by the device, ramp included)")
 w("")
 w("Serving process = `utime+stime` of the ublk-qcow2 daemon (all its threads) or of qemu-nbd, "
@@ -301,7 +366,7 @@ w("### Targets (from the issue; checked here, not by tests)")
 w("")
 rand = [r for r in rows if r[1] in ("randread", "randwrite") and r[2] == 4096]
 def verdict(rs, other, want, ours="ours1"):
-    got = [(r, ratio(iops(r[0], ours), iops(r[0], other))) for r in rs]
+    got = [(r, rratio(r[0], ours, other)) for r in rs]
     got = [(r, x) for r, x in got if x is not None]
     if not got:
         return "not measured"
@@ -398,7 +463,7 @@ log "host load average $load_start; booting the VM"
 export VM_TIMEOUT=${VM_TIMEOUT:-1800}
 export VM_SCRATCH_SIZE=${VM_SCRATCH_SIZE:-10G}
 export VM_ENV_BENCH_BIN=$work/bin/ublk-qcow2
-for v in BENCH_RUNTIME BENCH_RAMP BENCH_DATA_MB BENCH_BUFFERED BENCH_POLL_US BENCH_ROWS BENCH_ENGINE BENCH_ENGINE_COUNT; do
+for v in BENCH_RUNTIME BENCH_RAMP BENCH_DATA_MB BENCH_BUFFERED BENCH_POLL_US BENCH_ROWS BENCH_REPEAT BENCH_ENGINE BENCH_ENGINE_COUNT; do
   [[ -n ${!v:-} ]] && export "VM_ENV_$v=${!v}"
 done
 vm_start=$(date +%s)
