@@ -303,15 +303,20 @@ for rid, rw, bs, qd, label in rows:
                                for v, k in parts if 100 * v / total >= 1))
     w("| " + " | ".join(cells) + " |")
 w("")
-w("### Memory: peak RSS (VmHWM, MiB) of the serving process after each row")
+w("### Memory: peak RSS (VmHWM, MiB) of the serving process after each row"
+  + (" of the first round" if repeat > 1 else ""))
 w("")
+if repeat > 1:
+    w("Later rounds only add to it (the peak over all rounds is under Targets): blk-mq hands "
+      "out every tag in time, and each tag's buffer is touched as far as its largest request.")
+    w("")
 mem_t = [t for t in ("ours1", "ours2", "ours1p", "nbd", "nbd-wb") if t in targets]
 w("| after row | " + " | ".join(NAMES[t] for t in mem_t) + " |")
 w("|---|" + "---:|" * len(mem_t))
 for rid, rw, bs, qd, label in rows:
     cells = [f"{label} QD{qd}"]
     for t in mem_t:
-        d = derived(rid, t, bs)
+        d = derived_round(rid, t, bs)
         cells.append(f"{d['hwm'] / 1024:.1f}" if d and d["hwm"] else "-")
     w("| " + " | ".join(cells) + " |")
 w("")
