@@ -3,6 +3,9 @@
 #   device-ab-in-vm.sh BIN...   with AB_RW, AB_BS, AB_QD, AB_ROUNDS, AB_MODE, AB_RUNTIME,
 #                               AB_RATE
 set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.bash
+source "$ROOT/bench/lib.bash"
 cd /scratch
 
 rw=${AB_RW:-randread} bs=${AB_BS:-4k} qd=${AB_QD:-1} rounds=${AB_ROUNDS:-3}
@@ -31,7 +34,7 @@ job() {
 ours() {
   local bin=$1 image=$2 name=$3 round=$4 dev pid t0 t1 result
   dev=$("$bin" add -f "$image" -q 1)
-  pid=$("$bin" list --output=json | jq -r --arg d "$dev" '.[] | select(.device == $d) | .pid')
+  pid=$(bench_daemon_pid "$bin" "$dev")
   # (no process substitution: the guest has no /dev/fd)
   t0=$(awk '{print $14, $15}' "/proc/$pid/stat")
   result=$(job "$dev")

@@ -194,9 +194,10 @@ meta image_allocated "$(qemu-img map --output=json ours1.qcow2 | jq '[.[] | sele
 log "images ready ($(du -sh "$W" | cut -f1) on /scratch)"
 
 # --- devices ----------------------------------------------------------------------------
-daemon_pid() {  # daemon_pid /dev/ublkbN
-  "$BIN" list --output=json | jq -r --arg d "$1" '.[] | select(.device == $d) | .pid'
-}
+ROOT=$(dirname "$(dirname "$SELF")")
+# shellcheck source=bench/lib.bash
+source "$ROOT/bench/lib.bash"
+daemon_pid() { bench_daemon_pid "$BIN" "$1"; }
 DEV[ours1]=$("$BIN" add -f "$W/ours1.qcow2" -q 1)
 PID[ours1]=$(daemon_pid "${DEV[ours1]}")
 DEV[ours2]=$("$BIN" add -f "$W/ours2.qcow2" -q 2)

@@ -1,5 +1,6 @@
-# bench/lib.bash: what the benchmark scripts share. Source it after defining
-# ROOT (the repository) and log() (one progress line on stderr).
+# bench/lib.bash: what the benchmark scripts share, on the host and in the VM.
+# Source it after defining ROOT (the repository) and log() (one progress line
+# on stderr).
 
 # bench_install CMD:PACKAGE...: installs (apt-get) the packages whose command
 # is missing. CMD may be an absolute path (/usr/bin/time:time).
@@ -12,6 +13,12 @@ bench_install() {
   log "installing ${need[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+}
+
+# bench_daemon_pid BIN /dev/ublkbN: the pid of the ublk-qcow2 daemon serving
+# the device, from `BIN list --output=json` (needs jq; the guest scripts use it).
+bench_daemon_pid() {
+  "$1" list --output=json | jq -r --arg d "$2" '.[] | select(.device == $d) | .pid'
 }
 
 # bench_binary: prints the ublk-qcow2 to measure: $BENCH_BIN, or a -c opt build
