@@ -154,6 +154,9 @@ class Qcow2Image final : public BlockDevice {
   // Extended L2: the cluster has its own host cluster and only unallocated or
   // zero subclusters are written: per-subcluster locking suffices.
   bool SubclusterWritable(uint64_t offset, const L2Entry& e) const;
+  // Whether any subcluster of `e` (its one cluster without extended L2)
+  // is invalid, e.g. allocated with no host cluster, or allocated and zero.
+  bool HasInvalidSubcluster(const L2Entry& e) const;
   // Whether bytes [from, to) of the cluster mapped by `e` read as zeros
   // without reading its host cluster (zero flags, or unallocated and no
   // backing file). An empty range does.

@@ -162,10 +162,15 @@ bool Qcow2Image::SubclusterWritable(uint64_t offset, const L2Entry& e) const {
   if (e.compressed() || !e.copied() || !e.has_host_cluster(has_df)) return false;
   // ...in an L2 table the active L1 owns (else PrepareL2 must copy it first).
   if (!(l1_[geo_.l1_index(offset)] & kEntryCopied)) return false;
-  for (uint32_t sc = 0; sc < kSubclustersPerCluster; sc++) {
-    if (e.Kind(geo_, has_df, sc) == SubclusterKind::kInvalid) return false;
+  return !HasInvalidSubcluster(e);
+}
+
+bool Qcow2Image::HasInvalidSubcluster(const L2Entry& e) const {
+  const bool has_df = data_file_ != nullptr;
+  for (uint32_t sc = 0; sc < (geo_.extended_l2 ? kSubclustersPerCluster : 1); sc++) {
+    if (e.Kind(geo_, has_df, sc) == SubclusterKind::kInvalid) return true;
   }
-  return true;
+  return false;
 }
 
 bool Qcow2Image::ReadsAsZeros(const L2Entry& e, uint64_t from, uint64_t to) const {
@@ -351,13 +356,11 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
     CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host, data.size()));
     co_return co_await data_file().Write(host, data);
   }
-  const bool has_df = data_file_ != nullptr;
-  for (uint32_t sc = 0; sc < (geo_.extended_l2 ? kSubclustersPerCluster : 1); sc++) {
-    if (old.Kind(geo_, has_df, sc) == SubclusterKind::kInvalid) {
-      co_return co_await MarkCorrupt(
-          fmt::format("L2 entry 0x{:x} for guest offset {} is invalid", old.raw, offset));
-    }
+  if (HasInvalidSubcluster(old)) {
+    co_return co_await MarkCorrupt(
+        fmt::format("L2 entry 0x{:x} for guest offset {} is invalid", old.raw, offset));
   }
+  const bool has_df = data_file_ != nullptr;
 
   // Where the data goes: the cluster's own host cluster when it has one that
   // only the active image uses (preallocated zeros, unallocated subclusters),
@@ -422,12 +425,10 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
 
 bool Qcow2Image::MappableEmpty(const L2Entry& e) const {
   // A compressed or shared cluster is copied whole instead.
-  const bool has_df = data_file_ != nullptr;
-  if (!geo_.extended_l2 || e.compressed() || e.has_host_cluster(has_df)) return false;
-  for (uint32_t sc = 0; sc < kSubclustersPerCluster; sc++) {
-    if (e.Kind(geo_, has_df, sc) == SubclusterKind::kInvalid) return false;
+  if (!geo_.extended_l2 || e.compressed() || e.has_host_cluster(data_file_ != nullptr)) {
+    return false;
   }
-  return true;
+  return !HasInvalidSubcluster(e);
 }
 
 Task<Status> Qcow2Image::MapEmptyCluster(uint64_t offset) {
