@@ -24,24 +24,18 @@ struct State {
 
 Task<Status> CopyChunk(State& s, uint64_t offset, std::span<std::byte> buf) {
   CO_RETURN_IF_ERROR(co_await s.source->Read(offset, buf));
-  // Walk the chunk cluster by cluster; write runs of non-zero clusters.
-  uint64_t run_start = 0, run_len = 0;
-  for (uint64_t at = 0; at <= buf.size(); at += s.cluster) {
-    const uint64_t n = at < buf.size() ? std::min<uint64_t>(s.cluster, buf.size() - at) : 0;
-    const bool data = n > 0 && !IsAllZero(buf.subspan(at, n));
-    if (data && s.options.compress) {
+  // Runs of whole clusters (the image's last one may be short) that hold
+  // data are written; all-zero clusters stay holes.
+  for (const ZeroRun& run : SplitZeroRuns(buf, s.cluster)) {
+    if (run.zero) continue;
+    if (!s.options.compress) {
+      CO_RETURN_IF_ERROR(co_await s.target->Write(offset + run.offset,
+                                                  buf.subspan(run.offset, run.length), false));
+      continue;
+    }
+    for (uint64_t at = run.offset; at < run.offset + run.length; at += s.cluster) {
+      const uint64_t n = std::min<uint64_t>(s.cluster, run.offset + run.length - at);
       CO_RETURN_IF_ERROR(co_await s.target->WriteCompressed(offset + at, buf.subspan(at, n)));
-      continue;
-    }
-    if (data) {
-      if (run_len == 0) run_start = at;
-      run_len += n;
-      continue;
-    }
-    if (run_len > 0) {
-      CO_RETURN_IF_ERROR(
-          co_await s.target->Write(offset + run_start, buf.subspan(run_start, run_len), false));
-      run_len = 0;
     }
   }
   co_return Status::Ok();

@@ -145,6 +145,40 @@ def _(b):
     return "src.raw"
 
 
+# Sources whose virtual size is not a multiple of the output cluster size,
+# with data up to the last byte: the partial last cluster must be written
+# (convert once dropped the final run of data clusters of the last chunk).
+# Each source also has a hole and a data run that ends a chunk, so the tail
+# is not the only run of its chunk.
+ODD_SIZES = [
+    ("977k", 977 * K, ""),
+    ("1m_512", M + 512, ""),
+    ("3m_c2m", 3 * M, "cluster_size=2M"),
+    ("5m_4k_c64k", 5 * M + 4 * K, ""),
+    ("2m_1536_c512", 2 * M + 1536, "cluster_size=512"),
+    ("1000001_c4k", 1000001, "cluster_size=4k"),
+    ("9m_512_extl2", 9 * M + 512, "extended_l2=on,cluster_size=32k"),
+    ("3m_2560_v2", 3 * M + 2560, "compat=0.10"),
+]
+
+for _name, _size, _opts in ODD_SIZES:
+    for _compress in (False, True):
+        def _prepare(b, size=_size):
+            data = bytearray(b.rng.randbytes(size))
+            # Every other 512-byte block a pattern, so that -c has something
+            # to compress at any cluster size.
+            for at in range(0, size, 1024):
+                data[at:at + 512] = bytes([0x5a]) * len(data[at:at + 512])
+            # A hole inside the first megabyte (whole clusters of any size here).
+            data[64 * K:192 * K] = bytes(128 * K)
+            b.raw("src.raw", size, [(0, bytes(data))])
+            return "src.raw"
+        convert_case("odd_size_%s%s" % (_name, "_c" if _compress else ""),
+                     "a raw source of %d bytes, data to the last byte%s%s" % (
+                         _size, " (-o %s)" % _opts if _opts else "", ", compressed" if _compress else ""),
+                     compress=_compress, out_opts=_opts)(_prepare)
+
+
 def run_case(c, workdir, log, binary):
     b = L.Builder(workdir, log, sum(map(ord, c.name)))
     return c.fn(b, binary)
