@@ -104,7 +104,27 @@ Task<Result<L2Entry>> Qcow2Image::LookupEntry(uint64_t offset) {
   L2Entry e;
   e.raw = LoadBE64(slice.bytes(), in_slice);
   if (geo_.extended_l2) e.bitmap = LoadBE64(slice.bytes(), in_slice + 8);
+  if (const char* why = RefusedEntry(offset, e)) {
+    co_return co_await MarkCorrupt(CorruptEntry(offset, e, why));
+  }
   co_return e;
+}
+
+const char* Qcow2Image::RefusedEntry(uint64_t offset, const L2Entry& e) const {
+  if (e.compressed()) return nullptr;
+  // Version 2 has no zero clusters: the flag there means the entry was not
+  // written by a qcow2 implementation, and reading zeros would hide the
+  // backing file's data.
+  if (header_.version < 3 && !geo_.extended_l2 && (e.raw & kEntryZero)) {
+    return "has the zero flag, which version 2 images do not have";
+  }
+  // An external data file maps guest offsets 1:1; any other host offset would
+  // read and write another guest cluster's data.
+  if (data_file_ != nullptr && e.has_host_cluster(true) &&
+      e.host_cluster() != offset - geo_.cluster_offset_in(offset)) {
+    return "names a host offset in the external data file other than its guest offset";
+  }
+  return nullptr;
 }
 
 Task<Status> Qcow2Image::Read(uint64_t offset, std::span<std::byte> out) {

@@ -125,7 +125,9 @@ class Qcow2Image final : public BlockDevice {
   Refcounts* refcounts() { return refcounts_.get(); }
 
   // The L2 entry for the guest cluster containing `offset` (unallocated if
-  // its L2 table is absent). Exposed for tests and `map`-like tools.
+  // its L2 table is absent). Exposed for tests and `map`-like tools. An entry
+  // QEMU refuses (RefusedEntry) is a Corruption, and marks a writable image
+  // corrupt.
   Task<Result<L2Entry>> LookupEntry(uint64_t offset);
 
  private:
@@ -222,11 +224,21 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> FlushLocked();
   Task<Status> WriteL1();
   Task<Status> OpenForWriting();
+  // Marks every persistent bitmap in use (the directory rewritten in place
+  // and synced) and keeps its directory and tables out of the data path: we
+  // do not maintain bitmaps yet, so they become inconsistent, as QEMU marks a
+  // bitmap it will not maintain. Errors: the directory's (ReadBitmapDirectory).
+  Task<Status> MarkBitmapsInUse();
   Task<Status> ReadUnallocated(uint64_t offset, std::span<std::byte> out);
   Task<Result<uint64_t>> BackingZeroPrefix(uint64_t offset, uint64_t length);
   Task<Status> ReadCompressed(const L2Entry& entry, uint64_t offset_in_cluster,
                               std::span<std::byte> out);
   Status CorruptEntry(uint64_t offset, const L2Entry& entry, const char* why) const;
+  // Why QEMU refuses the entry for guest `offset` outright (it fails the
+  // request and marks the image corrupt), or nullptr: the zero flag in a
+  // version 2 image, a host offset other than the guest offset in an
+  // external data file.
+  const char* RefusedEntry(uint64_t offset, const L2Entry& entry) const;
 
   // --- requests from other threads (shared_map.h) ---
   // Publishes the cluster at `offset` if `entry` maps all of it to data.
