@@ -125,6 +125,7 @@ Status Device::Setup(const DeviceOptions& options) {
   image_options.direct = options.direct;
   image_options.preallocate = options.preallocate;
   image_options.cache_size = options.cache_size;
+  image_options.working_dir = options.working_dir;
   const std::string path = options.image;
   using OpenResult = Result<std::unique_ptr<qcow2::BlockDevice>>;
   ASSIGN_OR_RETURN(image_, loops_[0]->RunTask<OpenResult>(

@@ -51,7 +51,10 @@ namespace uq::driver {
 
 struct DeviceOptions {
   std::string image;  // best absolute: the daemon runs from /
-  int dev_id = -1;    // -1: the kernel picks
+  // The working directory `add` ran in: a relative external data file name is
+  // resolved against it, as QEMU resolves it (ImageOptions::working_dir).
+  std::string working_dir;
+  int dev_id = -1;  // -1: the kernel picks
   uint16_t queues = 1;
   uint16_t depth = 128;
   // Largest request, and the buffer each tag gets (lazily touched). 1 MiB

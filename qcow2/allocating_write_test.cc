@@ -39,7 +39,8 @@ class AllocatingWriteTest : public ::testing::Test {
   // Opens host file `name` of the scratch directory, in `mem`, writable.
   void Open(MemEnv* mem, Env* env, const std::string& name) {
     ASSERT_TRUE(mem->ImportFromHostFile(scratch_->path(name), "/" + name).ok());
-    auto opened = BlockOn(OpenImage("/" + name, ImageOptions{.env = env, .writable = true}), mem);
+    auto opened = BlockOn(
+        OpenImage("/" + name, ImageOptions{.env = env, .writable = true, .working_dir = "/"}), mem);
     ASSERT_TRUE(opened.ok()) << opened.status().ToString();
     dev_ = std::move(*opened);
     image_ = static_cast<Qcow2Image*>(dev_.get());

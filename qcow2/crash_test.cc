@@ -178,7 +178,8 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
     auto opened = BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &env,
                                                                  .writable = true,
                                                                  .cache_size = c.cache_size,
-                                                                 .preallocate = c.preallocate}),
+                                                                 .preallocate = c.preallocate,
+                                                                 .working_dir = "/w"}),
                           loop);
     if (opened.ok()) {
       std::unique_ptr<BlockDevice> dev = std::move(*opened);

@@ -26,9 +26,8 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
                                                             const ImageOptions& options,
                                                             ChainState& chain);
 
-// Opens the external data file an image names. QEMU 7.2 resolves a relative
-// name against the working directory, later versions against the image's
-// directory: try the image's directory first, then the name as given.
+// Opens the external data file an image names, where QEMU opens it
+// (DataFilePath: a relative name is relative to the working directory).
 Result<std::unique_ptr<File>> OpenDataFile(const std::string& image_path, const Header& header,
                                            const ImageOptions& options) {
   if (!header.data_file || header.data_file->empty()) {
@@ -40,8 +39,7 @@ Result<std::unique_ptr<File>> OpenDataFile(const std::string& image_path, const 
     return Status::NotSupported(
         fmt::format("{}: data file '{}' is not a plain file", image_path, name));
   }
-  std::string beside = ResolveRelativeTo(image_path, name);
-  std::string chosen = options.env->Exists(beside) ? beside : name;
+  const std::string chosen = DataFilePath(name, options.working_dir);
   OpenOptions open;
   open.writable = options.writable;
   open.direct = options.direct;
@@ -108,6 +106,7 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
   }
 
   CO_ASSIGN_OR_RETURN(Header header, co_await ReadHeader(*file));
+  CO_RETURN_IF_ERROR(CheckHeaderForIo(header, path));
   if (header.dirty() && options.writable && !header.corrupt()) {
     // Lazy refcounts left counts stale (the writer died): rebuild them from
     // the tables before anything allocates, as QEMU does on open.

@@ -39,6 +39,9 @@ struct ImageOptions {
   // chain: a writer is refused while QEMU has the image open, and keeps QEMU
   // from writing it.
   bool lock = true;
+  // Stands in for the working directory when a relative external data file
+  // name is resolved (DataFilePath); empty: this process's own.
+  std::string working_dir;
   // Deepest backing chain accepted (a guard on top of loop detection).
   int max_chain_depth = 64;
 };

@@ -14,6 +14,11 @@ std::string ResolveRelativeTo(const std::string& image_path, const std::string& 
   return image_path.substr(0, slash + 1) + name;
 }
 
+std::string DataFilePath(const std::string& name, const std::string& working_dir) {
+  if (name.empty() || name[0] == '/' || working_dir.empty()) return name;
+  return working_dir.back() == '/' ? working_dir + name : working_dir + "/" + name;
+}
+
 std::string FileIdentity(const std::string& path) {
   std::unique_ptr<char, decltype(&std::free)> real(::realpath(path.c_str(), nullptr), &std::free);
   if (real) return real.get();

@@ -81,7 +81,9 @@ TEST_P(WriteOracleTest, RandomWorkloadMatchesModelAndChecksClean) {
   std::vector<std::byte> model = Slurp("model.raw");
   ASSERT_EQ(model.size(), c.size);
 
-  ImageOptions options{.env = SyncEnv(), .writable = true, .direct = c.direct};
+  // A relative data file name is relative to the working directory, which
+  // for qemu-img here was dir_.
+  ImageOptions options{.env = SyncEnv(), .writable = true, .direct = c.direct, .working_dir = dir_};
   auto opened = BlockOn(OpenImage(dir_ + "/" + img, options));
   ASSERT_TRUE(opened.ok()) << opened.status().ToString();
   std::unique_ptr<BlockDevice> dev = std::move(*opened);
@@ -150,7 +152,8 @@ TEST_P(WriteOracleTest, RandomWorkloadMatchesModelAndChecksClean) {
   Spit("expected.raw", model);
   EXPECT_EQ(ShStatus("qemu-img compare -f qcow2 -F raw " + img + " expected.raw", &out), 0) << out;
   // Our own read path agrees too, after reopening.
-  auto reopened = BlockOn(OpenImage(dir_ + "/" + img, ImageOptions{.env = SyncEnv()}));
+  auto reopened =
+      BlockOn(OpenImage(dir_ + "/" + img, ImageOptions{.env = SyncEnv(), .working_dir = dir_}));
   ASSERT_TRUE(reopened.ok()) << reopened.status().ToString();
   std::vector<std::byte> all(c.size);
   ASSERT_TRUE(BlockOn((*reopened)->Read(0, all)).ok());

@@ -219,7 +219,8 @@ TEST_P(StressTest, ConcurrentMixedOpsMatchQemu) {
     auto opened = BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &mem,
                                                                  .writable = true,
                                                                  .cache_size = c.cache_size,
-                                                                 .preallocate = c.preallocate}),
+                                                                 .preallocate = c.preallocate,
+                                                                 .working_dir = "/w"}),
                           &mem);
     ASSERT_TRUE(opened.ok()) << opened.status().ToString();
     std::unique_ptr<BlockDevice> dev = std::move(*opened);

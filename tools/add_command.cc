@@ -3,9 +3,11 @@
 #include <fmt/format.h>
 #include <limits.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 
 #include "driver/control.h"
 #include "driver/daemon.h"
@@ -110,6 +112,10 @@ Status RunAdd(const AddOptions& options) {
 
   driver::DeviceOptions device;
   device.image = path;
+  if (char* cwd = ::getcwd(nullptr, 0)) {
+    device.working_dir = cwd;
+    std::free(cwd);
+  }
   device.dev_id = options.id;
   device.queues = static_cast<uint16_t>(options.queues);
   device.depth = static_cast<uint16_t>(options.depth);

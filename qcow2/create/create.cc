@@ -697,7 +697,7 @@ Task<Status> CreateImage(Env* env, CreateOptions o) {
       co_return Status::NotSupported(
           fmt::format("{}: data file '{}' is not a plain file", o.path, *o.data_file));
     }
-    data_path = ResolveRelativeTo(o.path, *o.data_file);
+    data_path = DataFilePath(*o.data_file, o.working_dir);  // where QEMU and OpenImage look
     if (FileIdentity(data_path) == FileIdentity(o.path)) {
       co_return Status::InvalidArgument(
           fmt::format("{}: the image cannot be its own data file", o.path));

@@ -71,12 +71,14 @@ struct CreateOptions {
   // Version 3 only.
   bool lazy_refcounts = false;
   // An external data file holding the guest data (version 3 only). The name
-  // is recorded as given; a relative name is created relative to the image's
-  // directory, where the engine looks first when opening it (qemu-img 7.2
-  // creates it relative to the working directory). An existing file is
+  // is recorded as given; a relative name is created relative to the working
+  // directory, where QEMU and OpenImage look for it (DataFilePath). An existing file is
   // truncated and resized to the virtual size (with preallocation, to whole
   // clusters), as qemu-img does.
   std::optional<std::string> data_file;
+  // Stands in for the working directory that a relative data_file name is
+  // taken relative to (DataFilePath); empty: this process's own.
+  std::string working_dir;
   // The data file is a valid raw image by itself: needs data_file, excludes a
   // backing file, and implies preallocation=metadata (a 1:1 mapping).
   bool data_file_raw = false;

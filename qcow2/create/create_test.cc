@@ -148,6 +148,8 @@ class CreateTest : public ::testing::Test {
   Status CreateWith(const std::string& opts, const std::string& size, const std::string& path) {
     CreateOptions base;
     base.path = path;
+    // qemu-img runs in the image's directory: a relative data_file lands there.
+    base.working_dir = path.substr(0, path.rfind('/'));
     Result<CreateOptions> o = ParseCreateOptions(opts, base);
     if (!o.ok()) return o.status();
     if (!size.empty()) {

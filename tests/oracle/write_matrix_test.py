@@ -68,6 +68,39 @@ for _name, _opts, _size in CREATE_MATRIX:
     CASES.append(L.Case("create_" + _name, "create", _make(), "create -o " + (_opts or "(defaults)")))
 
 
+def _relative_data_file(b, binary):
+    """QEMU takes a relative data_file name relative to the working directory,
+    at create and at open; so must we, or the two tools use different files."""
+    b.mkdir("dir")
+    b.mkdir("run")
+    run, img_dir = b.path("run"), b.path("dir")
+    L.must([binary, "create", "-q", "-o", "data_file=y.data", "../dir/img.qcow2", "1M"], run, b.log)
+    L.must([L.QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "data_file=q.data",
+            "../dir/ref.qcow2", "1M"], run, b.log)
+    if not os.path.exists(os.path.join(run, "y.data")) or os.path.exists(
+            os.path.join(img_dir, "y.data")):
+        raise L.CaseFailure("create put the data file elsewhere than the working directory "
+                            "(qemu-img: run/q.data exists: %s)"
+                            % os.path.exists(os.path.join(run, "q.data")))
+    L.must([L.QEMU_IO, "-c", "write -P 0x5a 0 64k", "../dir/img.qcow2"], run, b.log)
+    L.must([L.QEMU_IMG, "convert", "-O", "raw", "../dir/img.qcow2", "q.raw"], run, b.log)
+    L.must([binary, "convert", "-O", "raw", "../dir/img.qcow2", "o.raw"], run, b.log)
+    if open(os.path.join(run, "q.raw"), "rb").read() != open(os.path.join(run, "o.raw"), "rb").read():
+        raise L.CaseFailure("convert from the working directory differs from qemu-img's")
+    # From the image's own directory neither tool finds the data file.
+    q = L.run([L.QEMU_IMG, "convert", "-O", "raw", "img.qcow2", "q2.raw"], img_dir, b.log)
+    o = L.run([binary, "convert", "-O", "raw", "img.qcow2", "o2.raw"], img_dir, b.log)
+    if q.rc == 0 or o.rc != 1:
+        raise L.CaseFailure("from dir/: qemu-img convert exit %d, ours exit %d (want both to fail)"
+                            % (q.rc, o.rc))
+    L.must([L.QEMU_IMG, "check", "../dir/img.qcow2"], run, b.log)
+    return "data file in the working directory, as qemu-img puts and reads it"
+
+
+CASES.append(L.Case("create_relative_data_file", "create", _relative_data_file,
+                    "create/convert with a relative data_file name from another directory"))
+
+
 def convert_case(name, doc, compress=False, out_opts=""):
     def deco(prepare):
         def fn(b, binary):
