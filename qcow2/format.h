@@ -43,6 +43,11 @@ inline constexpr uint64_t kIncompatKnown = (1ull << 5) - 1;
 inline constexpr uint64_t kCompatLazyRefcounts = 1ull << 0;
 // autoclear_features
 inline constexpr uint64_t kAutoclearBitmaps = 1ull << 0;
+// Limits QEMU puts on the bitmaps extension (block/qcow2.h).
+inline constexpr uint32_t kMaxBitmaps = 65535;
+inline constexpr uint64_t kMaxBitmapDirectorySize = 1024ull * kMaxBitmaps;
+// QEMU keeps the backing format name in 16 bytes, NUL included.
+inline constexpr uint32_t kMaxBackingFormatSize = 15;
 inline constexpr uint64_t kAutoclearDataFileRaw = 1ull << 1;
 inline constexpr uint64_t kAutoclearKnown = (1ull << 2) - 1;
 

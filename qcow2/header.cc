@@ -46,8 +46,9 @@ std::string TrimName(std::span<const std::byte> bytes) {
 
 class HeaderParser {
  public:
-  HeaderParser(std::span<const std::byte> bytes, uint64_t file_size, const std::string& path)
-      : b_(bytes), file_size_(file_size), path_(path) {}
+  HeaderParser(std::span<const std::byte> bytes, uint64_t file_size, const std::string& path,
+               bool allow_encrypted)
+      : b_(bytes), file_size_(file_size), path_(path), allow_encrypted_(allow_encrypted) {}
 
   Result<Header> Parse() {
     RETURN_IF_ERROR(ParseFixedFields());
@@ -133,34 +134,44 @@ class HeaderParser {
     return Status::Ok();
   }
 
+  // QEMU's qcow2_read_extensions: the extensions end where the backing file
+  // name starts (else at the end of the first cluster), and one that runs
+  // past that end is refused. Bytes past the end of a short file read as
+  // zeros (an end marker), as QEMU reads them.
   Status ParseExtensions() {
-    uint64_t end = std::min<uint64_t>(b_.size(), h_.cluster_size());
+    const uint64_t end = h_.backing_file_offset != 0
+                             ? std::min<uint64_t>(h_.backing_file_offset, h_.cluster_size())
+                             : h_.cluster_size();
     uint64_t pos = h_.header_length;
-    // A backing file name, if any, sits after the extensions; they may not overlap it.
-    while (true) {
-      if (pos + 8 > end) {
-        // QEMU tolerates a missing end marker when the area is exhausted.
-        return Status::Ok();
-      }
+    while (pos < end) {
+      if (pos + 8 > b_.size()) return Status::Ok();  // zeros: the end marker
       uint32_t type = LoadBE32(b_, pos);
       uint32_t len = LoadBE32(b_, pos + 4);
+      if (type == kExtEnd && pos + 8 <= end) return Status::Ok();
       pos += 8;
-      if (type == kExtEnd) return Status::Ok();
-      if (len > end - pos) {
-        return Corrupt("header extension 0x{:08x} ({} bytes) overflows the first cluster", type,
+      if (pos > end || len > end - pos) {
+        return Corrupt("header extension 0x{:08x} ({} bytes) runs past {}", type, len,
+                       h_.backing_file_offset != 0 ? "the start of the backing file name"
+                                                   : "the first cluster");
+      }
+      if (pos + len > b_.size()) {
+        return Corrupt("header extension 0x{:08x} ({} bytes) lies past the end of the file", type,
                        len);
       }
-      auto data = b_.subspan(pos, len);
-      RETURN_IF_ERROR(ParseExtension(type, data));
+      RETURN_IF_ERROR(ParseExtension(type, b_.subspan(pos, len)));
       pos += RoundUp8(len);
     }
+    return Status::Ok();
   }
 
   Status ParseExtension(uint32_t type, std::span<const std::byte> data) {
     std::string as_string(reinterpret_cast<const char*>(data.data()), data.size());
     switch (type) {
       case kExtBackingFormat:
-        if (data.size() > 1023) return Corrupt("backing file format name is too long");
+        if (data.size() > kMaxBackingFormatSize) {
+          return Corrupt("backing file format name is {} bytes long (at most {})", data.size(),
+                         kMaxBackingFormatSize);
+        }
         h_.backing_format = TrimName(data);
         return Status::Ok();
       case kExtDataFile:
@@ -177,16 +188,37 @@ class HeaderParser {
         }
         return Status::Ok();
       case kExtBitmaps: {
-        if (data.size() < 24)
-          return Corrupt("bitmaps extension is too short ({} bytes)", data.size());
+        if (data.size() != 24) {
+          return Corrupt("bitmaps extension has {} bytes, not 24", data.size());
+        }
+        // Without the autoclear bit, a program that knows no bitmaps has
+        // written the image since: the extension is stale and ignored (and
+        // dropped when the header is next written), as QEMU does.
+        if (!(h_.autoclear_features & kAutoclearBitmaps)) return Status::Ok();
         BitmapsExtension e;
         e.nb_bitmaps = LoadBE32(data, 0);
+        const uint32_t reserved = LoadBE32(data, 4);
         e.directory_size = LoadBE64(data, 8);
         e.directory_offset = LoadBE64(data, 16);
+        if (reserved != 0) return Corrupt("bitmaps extension has a non-zero reserved field");
+        if (e.nb_bitmaps == 0) return Corrupt("bitmaps extension lists no bitmaps");
+        if (e.nb_bitmaps > kMaxBitmaps) {
+          return Corrupt("bitmaps extension lists {} bitmaps (at most {})", e.nb_bitmaps,
+                         kMaxBitmaps);
+        }
+        if (e.directory_size == 0) return Corrupt("bitmap directory size is 0");
+        if (e.directory_size > kMaxBitmapDirectorySize) {
+          return Corrupt("bitmap directory is {} bytes (at most {})", e.directory_size,
+                         kMaxBitmapDirectorySize);
+        }
         h_.bitmaps = e;
         return Status::Ok();
       }
       case kExtCrypto: {
+        if (h_.crypt_method != kCryptLuks) {
+          return Corrupt("encryption header extension in an image whose encryption method is {}",
+                         h_.crypt_method == kCryptNone ? "none" : "not LUKS");
+        }
         if (data.size() != 16)
           return Corrupt("encryption header extension has {} bytes, not 16", data.size());
         h_.crypto = CryptoExtension{LoadBE64(data, 0), LoadBE64(data, 8)};
@@ -209,8 +241,9 @@ class HeaderParser {
       return Corrupt("backing file name at offset {} lies outside the first cluster",
                      h_.backing_file_offset);
     }
-    auto name = b_.subspan(h_.backing_file_offset, h_.backing_file_size);
-    h_.backing_file.assign(reinterpret_cast<const char*>(name.data()), name.size());
+    // A C string, as QEMU reads it: a NUL ends the name, and a name that
+    // starts with one is no backing file at all.
+    h_.backing_file = TrimName(b_.subspan(h_.backing_file_offset, h_.backing_file_size));
     return Status::Ok();
   }
 
@@ -227,7 +260,7 @@ class HeaderParser {
       }
       return Unsupported("image uses unsupported incompatible feature(s): {}", names);
     }
-    if (h_.crypt_method != kCryptNone) {
+    if (h_.crypt_method != kCryptNone && !allow_encrypted_) {
       return Unsupported("encrypted images ({}) are not supported",
                          h_.crypt_method == kCryptAes ? "AES"
                          : h_.crypt_method == kCryptLuks
@@ -314,6 +347,7 @@ class HeaderParser {
   std::span<const std::byte> b_;
   uint64_t file_size_;
   const std::string& path_;
+  const bool allow_encrypted_;
   Header h_;
 };
 
@@ -327,8 +361,16 @@ std::string Header::FeatureNameFor(uint8_t type, int bit) const {
 }
 
 Result<Header> ParseHeader(std::span<const std::byte> first_cluster, uint64_t file_size,
-                           const std::string& path) {
-  return HeaderParser(first_cluster, file_size, path).Parse();
+                           const std::string& path, bool allow_encrypted) {
+  return HeaderParser(first_cluster, file_size, path, allow_encrypted).Parse();
+}
+
+Status CheckHeaderForIo(const Header& h, const std::string& path) {
+  if (h.data_file_raw() && !h.has_data_file()) {
+    return Status::Corruption(fmt::format(
+        "{}: the data_file_raw bit is set but the image has no external data file", path));
+  }
+  return Status::Ok();
 }
 
 Task<Result<Header>> ReadHeader(File& file) {

@@ -96,9 +96,15 @@ inline constexpr size_t kHeaderProbeBytes = 104;
 // Parses and validates a header. `first_cluster` holds the file's first
 // min(cluster size, file size) bytes (at least kHeaderProbeBytes when the file
 // is that long); `file_size` bounds every offset; `path` names the file in
-// errors.
+// errors. An encrypted image is NotSupported unless `allow_encrypted` (check
+// reads an encrypted image's metadata without a key, as QEMU does).
 Result<Header> ParseHeader(std::span<const std::byte> first_cluster, uint64_t file_size,
-                           const std::string& path);
+                           const std::string& path, bool allow_encrypted = false);
+
+// What QEMU checks only when it opens an image for I/O (qemu-img info, which
+// opens without I/O, accepts it): the data_file_raw bit without an external
+// data file. OpenImage and check call it after ParseHeader.
+Status CheckHeaderForIo(const Header& header, const std::string& path);
 
 // Reads the header from `file` (two reads: the probe, then the first cluster)
 // and parses it.

@@ -214,7 +214,7 @@ TEST(HeaderTest, ExtensionOverflowingTheClusterIsCorrupt) {
   auto b = Bytes(ValidHeader());
   // The first extension starts right after the 112-byte header.
   StoreBE32(b, 112 + 4, 1u << 30);
-  ExpectError(Parse(b), "overflows");
+  ExpectError(Parse(b), "runs past the first cluster");
 }
 
 TEST(HeaderTest, DirtyAndCorruptBitsAreReported) {
@@ -224,6 +224,111 @@ TEST(HeaderTest, DirtyAndCorruptBitsAreReported) {
   ASSERT_TRUE(r.ok());
   EXPECT_TRUE(r->dirty());
   EXPECT_TRUE(r->corrupt());
+}
+
+}  // namespace
+}  // namespace uq::qcow2
+
+namespace uq::qcow2 {
+namespace {
+
+// Extensions QEMU refuses to open an image with (qcow2_read_extensions,
+// qcow2_do_open), and the valid neighbours of each.
+Header WithBitmaps(uint32_t nb, uint64_t dir_size, uint64_t dir_offset) {
+  Header h = ValidHeader();
+  h.autoclear_features = kAutoclearBitmaps;
+  h.bitmaps = BitmapsExtension{nb, dir_size, dir_offset};
+  return h;
+}
+
+TEST(HeaderExtensionTest, BitmapsExtensionFieldsAreChecked) {
+  ASSERT_TRUE(Parse(Bytes(WithBitmaps(1, 40, 0x40000))).ok());
+  ExpectError(Parse(Bytes(WithBitmaps(0, 40, 0x40000))), "no bitmaps");
+  ExpectError(Parse(Bytes(WithBitmaps(1, 0, 0x40000))), "directory size is 0");
+  ExpectError(Parse(Bytes(WithBitmaps(70000, 40, 0x40000))), "70000 bitmaps");
+  ExpectError(Parse(Bytes(WithBitmaps(1, 40, 0x40200))), "not aligned");
+  ExpectError(Parse(Bytes(WithBitmaps(1, 1ull << 40, 0x40000))), "at most");
+  // The bitmaps extension is the first after the header's 112 bytes? Find it.
+  std::vector<std::byte> b = Bytes(WithBitmaps(1, 40, 0x40000));
+  size_t pos = 112;
+  while (LoadBE32(b, pos) != kExtBitmaps) pos += 8 + ((LoadBE32(b, pos + 4) + 7) & ~7u);
+  std::vector<std::byte> reserved = b;
+  StoreBE32(std::span<std::byte>(reserved), pos + 12, 1);
+  ExpectError(Parse(reserved), "reserved");
+  std::vector<std::byte> short_ext = b;
+  StoreBE32(std::span<std::byte>(short_ext), pos + 4, 16);
+  ExpectError(Parse(short_ext), "not 24");
+}
+
+TEST(HeaderExtensionTest, StaleBitmapsExtensionIsIgnored) {
+  // Autoclear bit clear: a program without bitmap support wrote the image;
+  // QEMU ignores the extension whatever it says.
+  Header h = WithBitmaps(0, 0, 0x12345);
+  std::vector<std::byte> b = Bytes(h);
+  StoreBE64(std::span<std::byte>(b), 88, 0);  // autoclear_features
+  auto r = Parse(b);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_FALSE(r->bitmaps.has_value());
+}
+
+TEST(HeaderExtensionTest, CryptoExtensionNeedsLuks) {
+  Header h = ValidHeader();
+  h.crypto = CryptoExtension{0x40000, 0x1000};
+  ExpectError(Parse(Bytes(h)), "encryption header extension");
+  h.crypt_method = kCryptLuks;
+  auto r = ParseHeader(Bytes(h), kFileSize, "t.qcow2", /*allow_encrypted=*/true);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->crypto->offset, 0x40000u);
+}
+
+TEST(HeaderExtensionTest, DataFileRawNeedsADataFile) {
+  Header h = ValidHeader();
+  h.autoclear_features = kAutoclearDataFileRaw;
+  // qemu-img info opens it; I/O (convert, check, the device) refuses it.
+  auto r = Parse(Bytes(h));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  Status io = CheckHeaderForIo(*r, "t.qcow2");
+  EXPECT_TRUE(io.IsCorruption()) << io.ToString();
+  EXPECT_NE(io.message().find("t.qcow2: the data_file_raw bit"), std::string::npos);
+  h.incompatible_features |= kIncompatDataFile;
+  h.data_file = "d.raw";
+  r = Parse(Bytes(h));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_TRUE(CheckHeaderForIo(*r, "t.qcow2").ok());
+}
+
+TEST(HeaderExtensionTest, BackingFormatOf16BytesIsRefused) {
+  Header h = ValidHeader();
+  h.backing_file = "b.qcow2";
+  h.backing_format = std::string(15, 'q');
+  EXPECT_TRUE(Parse(Bytes(h)).ok());
+  h.backing_format = std::string(16, 'q');
+  ExpectError(Parse(Bytes(h)), "backing file format name");
+}
+
+// The backing file name is a C string (QEMU reads it so).
+TEST(HeaderExtensionTest, BackingFileNameEndsAtNul) {
+  Header h = ValidHeader();
+  h.backing_file = std::string("base.raw\0junk", 13);
+  auto r = Parse(Bytes(h));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->backing_file, "base.raw");
+  h.backing_file = std::string("\0base.raw", 9);
+  r = Parse(Bytes(h));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->backing_file, "");  // no backing file
+}
+
+TEST(HeaderExtensionTest, ExtensionRunningIntoTheBackingFileNameIsRefused) {
+  Header h = ValidHeader();
+  h.backing_file = "base.qcow2";
+  std::vector<std::byte> b = Bytes(h);
+  const uint64_t name_at = LoadBE64(b, 8);
+  EXPECT_TRUE(Parse(b).ok());
+  // Move the name into the feature name table (the first extension).
+  StoreBE64(std::span<std::byte>(b), 8, 112 + 8 + 48);
+  std::copy(b.begin() + name_at, b.begin() + name_at + 10, b.begin() + 112 + 8 + 48);
+  ExpectError(Parse(b), "runs past the start of the backing file name");
 }
 
 }  // namespace

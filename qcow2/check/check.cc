@@ -53,7 +53,6 @@ constexpr uint64_t kBmeTableEntryFlagAllOnes = 1;
 constexpr uint64_t kOffRefcountTableOffset = 48;  // + refcount_table_clusters at 56
 constexpr uint64_t kOffNbSnapshots = 60;          // + snapshots_offset at 64
 constexpr uint64_t kOffIncompatibleFeatures = 72;
-constexpr uint64_t kOffCryptMethod = 32;
 
 // QEMU's BdrvCheckMode bits.
 enum FixMode : int { kNoFix = 0, kFixLeaks = 1, kFixErrors = 2 };
@@ -400,6 +399,7 @@ class CheckPass {
   Task<Status> Setup() {
     CO_ASSIGN_OR_RETURN(file_size_, file_.Size());
     CO_ASSIGN_OR_RETURN(h_, co_await ReadHeaderForCheck());
+    CO_RETURN_IF_ERROR(CheckHeaderForIo(h_, file_.path()));
     g_ = Geometry::From(h_);
     const uint64_t nb_clusters = DivRoundUp(file_size_, cs());
     if (nb_clusters > kMaxCheckClusters) {
@@ -432,12 +432,8 @@ class CheckPass {
     }
     AlignedBuffer first(std::min<uint64_t>(uint64_t{1} << cluster_bits, file_size_));
     CO_ASSIGN_OR_RETURN(size_t got, co_await file_.Read(0, first.span()));
-    std::span<std::byte> bytes = first.span().first(got);
-    uint32_t crypt_method = LoadBE32(bytes, kOffCryptMethod);
-    if (crypt_method != kCryptNone) StoreBE32(bytes, kOffCryptMethod, kCryptNone);
-    Result<Header> h = ParseHeader(bytes, file_size_, file_.path());
-    if (h.ok()) h->crypt_method = crypt_method;
-    co_return h;
+    co_return ParseHeader(first.span().first(got), file_size_, file_.path(),
+                          /*allow_encrypted=*/true);
   }
 
   // ---- the whole check ----
