@@ -153,6 +153,23 @@ Task<Result<bool>> IsQcow2(File& file) {
   co_return n == 4 && LoadBE32(magic.span(), 0) == kMagic;
 }
 
+Task<Status> OpenDependencies(File& file, const std::string& path, const ImageOptions& options) {
+  if (options.env == nullptr) co_return Status::InvalidArgument("OpenDependencies: no Env given");
+  Result<Header> header = co_await ReadHeader(file);
+  if (!header.ok()) co_return Status::Ok();
+  if (header->has_data_file()) {
+    ImageOptions data_options = options;
+    data_options.writable = false;  // only opened to see that it can be
+    CO_RETURN_IF_ERROR(OpenDataFile(path, *header, data_options).status());
+  }
+  if (!header->backing_file.empty() && !options.no_backing) {
+    ChainState chain;
+    chain.seen.insert(FileIdentity(path));
+    CO_RETURN_IF_ERROR((co_await OpenBacking(path, *header, options, chain)).status());
+  }
+  co_return Status::Ok();
+}
+
 Task<Result<std::unique_ptr<BlockDevice>>> OpenImage(std::string path, ImageOptions options) {
   if (options.env == nullptr) co_return Status::InvalidArgument("OpenImage: no Env given");
   ChainState chain;

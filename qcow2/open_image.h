@@ -51,6 +51,15 @@ struct ImageOptions {
 // Corruption for headers and tables that contradict the spec or the file.
 Task<Result<std::unique_ptr<BlockDevice>>> OpenImage(std::string path, ImageOptions options);
 
+// Opens, as OpenImage(path, options) would, the files the qcow2 image in
+// `file` (opened from `path`) depends on: its external data file and its
+// whole backing chain; then closes them. qemu-img check opens the image
+// this way before checking it, and fails (exit 1) when one of them cannot
+// be opened; `ublk-qcow2 check` uses this to do the same.
+// Errors: those of OpenImage for the data file and the backing chain. A
+// header that does not parse is not an error here (the check reports it).
+Task<Status> OpenDependencies(File& file, const std::string& path, const ImageOptions& options);
+
 // True if the first bytes of `file` carry the qcow2 magic.
 Task<Result<bool>> IsQcow2(File& file);
 

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cassert>
+#include <climits>
+#include <cstdint>
 #include <span>
 #include <utility>
 
@@ -39,8 +41,11 @@ uint64_t AlignUp8(uint64_t v) { return (v + 7) & ~uint64_t{7}; }
 // Sequential reads of the table through a bounded window.
 class TableReader {
  public:
-  // Reads never reach past `limit`.
-  TableReader(File& file, uint64_t limit) : file_(file), limit_(limit) {}
+  // Reads never reach past `limit`. With `zero_past_eof`, bytes past the end
+  // of the file read as zeros (as QEMU's check reads them); without, a read
+  // past it fails.
+  TableReader(File& file, uint64_t limit, bool zero_past_eof = false)
+      : file_(file), limit_(limit), zero_past_eof_(zero_past_eof) {}
 
   // The `n` bytes at `pos`, valid until the next call.
   // REQUIRES: pos + n <= limit.
@@ -52,7 +57,13 @@ class TableReader {
     uint64_t len = std::min<uint64_t>(std::max(n, kReadChunk), limit_ - pos);
     window_.resize(len);
     start_ = pos;
-    Status s = co_await file_.ReadExact(pos, window_);
+    // (Not a conditional expression: GCC mishandles co_await inside one.)
+    Status s;
+    if (zero_past_eof_) {
+      s = co_await file_.ReadZeroPadded(pos, window_);
+    } else {
+      s = co_await file_.ReadExact(pos, window_);
+    }
     if (!s.ok()) {
       window_.clear();
       co_return s;
@@ -63,9 +74,44 @@ class TableReader {
  private:
   File& file_;
   const uint64_t limit_;
+  const bool zero_past_eof_;
   std::vector<std::byte> window_;
   uint64_t start_ = 0;
 };
+
+// An entry's fixed part: the fields it sets in a Snapshot, and the sizes of
+// what follows it.
+struct FixedPart {
+  Snapshot snapshot;
+  uint16_t id_size = 0;
+  uint16_t name_size = 0;
+  uint32_t extra_size = 0;
+};
+
+FixedPart ParseFixedPart(std::span<const std::byte> fixed) {
+  FixedPart f;
+  Snapshot& s = f.snapshot;
+  s.l1_table_offset = LoadBE64(fixed, kOffL1TableOffset);
+  s.l1_size = LoadBE32(fixed, kOffL1Size);
+  s.date_sec = LoadBE32(fixed, kOffDateSec);
+  s.date_nsec = LoadBE32(fixed, kOffDateNsec);
+  s.vm_clock_nsec = LoadBE64(fixed, kOffVmClockNsec);
+  s.vm_state_size = LoadBE32(fixed, kOffVmStateSize32);
+  f.id_size = LoadBE16(fixed, kOffIdSize);
+  f.name_size = LoadBE16(fixed, kOffNameSize);
+  f.extra_size = LoadBE32(fixed, kOffExtraDataSize);
+  return f;
+}
+
+// Keeps `extra` in `s` and reads the known fields from as far as it reaches.
+void SetExtraData(Snapshot& s, std::span<const std::byte> extra) {
+  s.extra_data.assign(extra.begin(), extra.end());
+  if (extra.size() >= kExtraVmStateSize + 8) s.vm_state_size = LoadBE64(extra, kExtraVmStateSize);
+  if (extra.size() >= kExtraDiskSize + 8) s.disk_size = LoadBE64(extra, kExtraDiskSize);
+  if (extra.size() >= kExtraIcount + 8) {
+    s.icount = static_cast<int64_t>(LoadBE64(extra, kExtraIcount));
+  }
+}
 
 // The extra data size SerializeSnapshotTable writes for `s`.
 size_t ExtraSize(const Snapshot& s) {
@@ -131,16 +177,11 @@ Task<Result<std::vector<Snapshot>>> ReadSnapshotTable(File& file, uint64_t offse
     if (!fixed.ok()) {
       co_return fixed.status().WithContext(fmt::format("reading snapshot table entry {}", i));
     }
-    Snapshot s;
-    s.l1_table_offset = LoadBE64(*fixed, kOffL1TableOffset);
-    s.l1_size = LoadBE32(*fixed, kOffL1Size);
-    s.date_sec = LoadBE32(*fixed, kOffDateSec);
-    s.date_nsec = LoadBE32(*fixed, kOffDateNsec);
-    s.vm_clock_nsec = LoadBE64(*fixed, kOffVmClockNsec);
-    s.vm_state_size = LoadBE32(*fixed, kOffVmStateSize32);
-    const uint16_t id_size = LoadBE16(*fixed, kOffIdSize);
-    const uint16_t name_size = LoadBE16(*fixed, kOffNameSize);
-    const uint32_t extra_size = LoadBE32(*fixed, kOffExtraDataSize);
+    FixedPart f = ParseFixedPart(*fixed);
+    Snapshot s = std::move(f.snapshot);
+    const uint16_t id_size = f.id_size;
+    const uint16_t name_size = f.name_size;
+    const uint32_t extra_size = f.extra_size;
 
     if (extra_size > kMaxSnapshotExtraData) {
       co_return entry_error(i, fmt::format("extra_data_size is {} bytes (at most {}, QEMU's limit)",
@@ -159,13 +200,7 @@ Task<Result<std::vector<Snapshot>>> ReadSnapshotTable(File& file, uint64_t offse
     if (!rest.ok()) {
       co_return rest.status().WithContext(fmt::format("reading snapshot table entry {}", i));
     }
-    std::span<const std::byte> extra = rest->subspan(0, extra_size);
-    s.extra_data.assign(extra.begin(), extra.end());
-    if (extra_size >= kExtraVmStateSize + 8) s.vm_state_size = LoadBE64(extra, kExtraVmStateSize);
-    if (extra_size >= kExtraDiskSize + 8) s.disk_size = LoadBE64(extra, kExtraDiskSize);
-    if (extra_size >= kExtraIcount + 8) {
-      s.icount = static_cast<int64_t>(LoadBE64(extra, kExtraIcount));
-    }
+    SetExtraData(s, rest->subspan(0, extra_size));
     const char* chars = reinterpret_cast<const char*>(rest->data());
     s.id.assign(chars + extra_size, id_size);
     s.name.assign(chars + extra_size + id_size, name_size);
@@ -173,6 +208,65 @@ Task<Result<std::vector<Snapshot>>> ReadSnapshotTable(File& file, uint64_t offse
     pos = end;
   }
   co_return table;
+}
+
+Task<Result<SnapshotTableScan>> ReadSnapshotTableForCheck(File& file, uint64_t offset,
+                                                          uint32_t count) {
+  assert(count <= kMaxSnapshotCount);
+  assert(offset <= uint64_t{INT64_MAX} - uint64_t{count} * kSnapshotEntryFixedBytes);
+  SnapshotTableScan scan;
+  // Bounded: at most 65536 entries, and the loop stops once the entries kept
+  // pass 64 MiB.
+  scan.snapshots.reserve(count);
+  // The table may reach past the end of the file; such bytes read as zeros.
+  TableReader reader(file, UINT64_MAX, /*zero_past_eof=*/true);
+  auto read = [&](uint64_t at, size_t n) -> Task<Result<std::span<const std::byte>>> {
+    Result<std::span<const std::byte>> r = co_await reader.Get(at, n);
+    if (!r.ok()) co_return r.status().WithContext("Failed to read snapshot table");
+    co_return r;
+  };
+  // QEMU holds id and name as C strings: each ends at its first NUL.
+  auto c_string = [](std::span<const std::byte> bytes) {
+    std::string s(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+    s.resize(std::min(s.size(), s.find('\0')));
+    return s;
+  };
+
+  uint64_t pos = offset;
+  uint64_t kept_length = 0;  // the table's length with extra data cut to the limit
+  for (uint32_t i = 0; i < count; ++i) {
+    const uint64_t previous_end = pos;
+    kept_length = AlignUp8(kept_length);
+    pos = AlignUp8(pos);
+    CO_ASSIGN_OR_RETURN(std::span<const std::byte> fixed,
+                        co_await read(pos, kSnapshotEntryFixedBytes));
+    FixedPart f = ParseFixedPart(fixed);
+    pos += kSnapshotEntryFixedBytes;
+    uint32_t kept_extra = f.extra_size;
+    if (kept_extra > kMaxSnapshotExtraData) {
+      scan.extra_data_cut.push_back({i, f.extra_size});
+      kept_extra = kMaxSnapshotExtraData;
+    }
+    CO_ASSIGN_OR_RETURN(std::span<const std::byte> extra, co_await read(pos, kept_extra));
+    SetExtraData(f.snapshot, extra);
+    pos += f.extra_size;  // what was cut is skipped
+    CO_ASSIGN_OR_RETURN(std::span<const std::byte> id, co_await read(pos, f.id_size));
+    f.snapshot.id = c_string(id);
+    pos += f.id_size;
+    CO_ASSIGN_OR_RETURN(std::span<const std::byte> name, co_await read(pos, f.name_size));
+    f.snapshot.name = c_string(name);
+    pos += f.name_size;
+
+    kept_length += kSnapshotEntryFixedBytes + kept_extra + f.id_size + f.name_size;
+    if (kept_length > kMaxSnapshotTableBytes || pos - offset > INT_MAX) {
+      scan.dropped = count - i;
+      pos = previous_end;
+      break;
+    }
+    scan.snapshots.push_back(std::move(f.snapshot));
+  }
+  scan.size_on_disk = pos - offset;
+  co_return scan;
 }
 
 Status ValidateSnapshotTableForWrite(const std::vector<Snapshot>& snapshots) {

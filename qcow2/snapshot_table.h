@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "base/status.h"
@@ -84,6 +85,39 @@ struct Snapshot {
 // than 2 or 3. count == 0 reads nothing and returns an empty table.
 Task<Result<std::vector<Snapshot>>> ReadSnapshotTable(File& file, uint64_t offset, uint32_t count,
                                                       uint64_t file_size, int version);
+
+// What ReadSnapshotTableForCheck found.
+struct SnapshotTableScan {
+  // The entries kept, in table order.
+  std::vector<Snapshot> snapshots;
+  // Bytes from the table's offset to the end of the last entry kept, as the
+  // entries lie in the file (cut extra data counts whole): what the table
+  // occupies, which the check owes a refcount. QEMU's snapshots_size.
+  uint64_t size_on_disk = 0;
+  // Entries whose extra data was over the 1024-byte limit and was cut to its
+  // first 1024 bytes: (index, extra_data_size as stored).
+  std::vector<std::pair<uint32_t, uint32_t>> extra_data_cut;
+  // Entries dropped off the end of the table, from the one with which the
+  // table (extra data counted as cut) passes 64 MiB, or with which the entries
+  // as stored pass INT_MAX bytes. 0 if none. Every cut entry comes before them.
+  uint32_t dropped = 0;
+};
+
+// Reads the snapshot table as QEMU's check does (qcow2_check_read_snapshot_table
+// in repair mode), for `ublk-qcow2 check`, which must report and repair what
+// qemu-img check does, rather than refuse the image as ReadSnapshotTable does:
+//   bytes past the end of the file read as zeros (QEMU reads them so);
+//   id and name end at their first NUL byte (QEMU keeps them as C strings);
+//   extra data over 1024 bytes is cut to its first 1024 bytes
+//     (extra_data_cut), the rest skipped;
+//   entries that take the table past its size limits are dropped (dropped).
+// Without repair, qemu-img check fails on the first cut or drop; the caller
+// decides, from the result. Not checked: the count and the offset (QEMU's
+// qcow2_validate_table, before this) and incomplete v3 extra data.
+// Errors: IoError from the file only.
+// REQUIRES: count <= 65536; offset + count * 40 <= INT64_MAX.
+Task<Result<SnapshotTableScan>> ReadSnapshotTableForCheck(File& file, uint64_t offset,
+                                                          uint32_t count);
 
 // Checks that `snapshots` can be written as a table that ReadSnapshotTable
 // (and QEMU) will read back: at most 65536 entries, id and name at most 65535

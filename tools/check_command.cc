@@ -8,6 +8,7 @@
 
 #include "qcow2/check/check.h"
 #include "qcow2/image_lock.h"
+#include "qcow2/open_image.h"
 #include "qcow2/sync_env.h"
 
 namespace uq::tools {
@@ -20,9 +21,13 @@ class CheckCommand final : public Command {
     app.add_option("-r,--repair", repair_, "Repair leaks, or everything that can be repaired")
         ->check(CLI::IsMember({"leaks", "all"}));
     app.add_option("--output", output_, "Output format")->check(CLI::IsMember({"human", "json"}));
-    app.add_option("-f,--format", format_, "Image format")->check(CLI::IsMember({"qcow2"}));
+    app.add_option("-f,--format", format_, "Image format (default: probed)")
+        ->check(CLI::IsMember({"qcow2", "raw"}));
     app.add_flag("-q,--quiet", quiet_, "Print nothing; only the exit status tells");
-    app.footer("Exit status: 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check failed.");
+    app.footer(
+        "Exit status: 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check failed\n"
+        "(or the image, its backing chain or its data file cannot be opened), 63 the format\n"
+        "has no checks (raw), as with qemu-img check.");
   }
 
   Status Run() override {
@@ -33,6 +38,18 @@ class CheckCommand final : public Command {
     // Checking an image another process writes would report its half-done
     // updates; repairing it would destroy them.
     RETURN_IF_ERROR(qcow2::LockImage(file->fd(), image_, repair));
+    ASSIGN_OR_RETURN(bool is_qcow2, BlockOn(qcow2::IsQcow2(*file)));
+    if (format_ == "raw" || (format_.empty() && !is_qcow2)) {
+      // qemu-img's answer for a raw image, printed even with -q.
+      std::cerr << "ublk-qcow2: " << image_ << ": This image format does not support checks\n";
+      exit_code_ = kExitNoChecks;
+      return Status::Ok();
+    }
+    // qemu-img check opens the image whole before checking: a backing file
+    // or data file that cannot be opened fails it (exit 1).
+    qcow2::ImageOptions dependencies;
+    dependencies.env = qcow2::SyncEnv();
+    RETURN_IF_ERROR(BlockOn(qcow2::OpenDependencies(*file, image_, dependencies)));
     qcow2::CheckOptions options;
     options.repair = repair_ == "all"     ? qcow2::RepairMode::kAll
                      : repair_ == "leaks" ? qcow2::RepairMode::kLeaks
@@ -57,7 +74,10 @@ class CheckCommand final : public Command {
   int exit_code() const override { return exit_code_; }
 
  private:
-  std::string image_, repair_, output_ = "human", format_ = "qcow2";
+  // qemu-img check's exit status for a format without checks (raw).
+  static constexpr int kExitNoChecks = 63;
+
+  std::string image_, repair_, output_ = "human", format_;
   bool quiet_ = false;
   int exit_code_ = 0;
 };

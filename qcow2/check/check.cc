@@ -84,6 +84,9 @@ std::string ErrorText(const Status& s) {
   return s.error_number() != 0 ? std::strerror(s.error_number()) : s.message();
 }
 
+// A failure that qemu-img reports as "Check failed: <strerror>".
+Status Errno(int err) { return Status::IoError(std::strerror(err), err); }
+
 uint64_t DivRoundUp(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 uint64_t RoundUp(uint64_t a, uint64_t b) { return DivRoundUp(a, b) * b; }
 
@@ -356,6 +359,8 @@ class CheckPass {
   Task<Status> Run() {
     CO_RETURN_IF_ERROR(co_await Setup());
     Status s = co_await CheckAll();
+    // Snapshots dropped off the table were repaired whatever followed.
+    res_.corruptions_fixed += snapshot_fixed_;
     if (!s.ok()) {
       // QEMU: a negative return, "Check failed: <strerror>".
       out_.error = s.message();
@@ -432,8 +437,18 @@ class CheckPass {
     }
     AlignedBuffer first(std::min<uint64_t>(uint64_t{1} << cluster_bits, file_size_));
     CO_ASSIGN_OR_RETURN(size_t got, co_await file_.Read(0, first.span()));
-    co_return ParseHeader(first.span().first(got), file_size_, file_.path(),
-                          /*allow_encrypted=*/true);
+    std::span<std::byte> bytes = first.span().first(got);
+    // The snapshot table is the check's to judge (ReadSnapshots, with QEMU's
+    // rules), not the header parser's, which refuses what qemu-img check
+    // reports or repairs.
+    uint32_t nb_snapshots = 0;
+    if (bytes.size() >= kOffNbSnapshots + 4) {
+      nb_snapshots = LoadBE32(bytes, kOffNbSnapshots);
+      StoreBE32(bytes, kOffNbSnapshots, 0);
+    }
+    Result<Header> h = ParseHeader(bytes, file_size_, file_.path(), /*allow_encrypted=*/true);
+    if (h.ok()) h->nb_snapshots = nb_snapshots;
+    co_return h;
   }
 
   // ---- the whole check ----
@@ -452,24 +467,86 @@ class CheckPass {
     co_return Status::Ok();
   }
 
-  // qcow2_check_read_snapshot_table.
+  // qcow2_check_read_snapshot_table: QEMU's table limits, then the entries.
+  // With repair, entries past the limits are dropped at once (the header's
+  // count is rewritten; the clusters they held leak and the refcount check
+  // frees them) and extra data over the limit is cut (the table is rewritten
+  // by FixSnapshotTable, which needs consistent refcounts).
   Task<Status> ReadSnapshots() {
-    if (h_.nb_snapshots == 0) co_return Status::Ok();
-    Result<std::vector<Snapshot>> snapshots = co_await ReadSnapshotTable(
-        file_, h_.snapshots_offset, h_.nb_snapshots, file_size_, static_cast<int>(h_.version));
-    if (!snapshots.ok()) {
-      res_.check_errors++;
-      Msg("ERROR failed to read the snapshot table: {}", snapshots.status().message());
-      co_return Status::Corruption(
-          fmt::format("failed to read the snapshot table: {}", snapshots.status().message()));
+    const bool repair = (fix_ & kFixErrors) != 0;
+    const uint32_t stored_count = h_.nb_snapshots;
+    uint32_t count = stored_count;
+    if (count > kMaxSnapshotCount && repair) {
+      Msg("Discarding {} overhanging snapshots", count - kMaxSnapshotCount);
+      count = kMaxSnapshotCount;
     }
-    snapshots_ = std::move(snapshots).value();
-    snapshots_size_ = SnapshotTableSize(snapshots_);
+    // qcow2_validate_table.
+    if (count > kMaxSnapshotCount) {
+      res_.check_errors++;
+      Msg("ERROR snapshot table too large");
+      Msg("You can force-remove all {} overhanging snapshots with qemu-img check -r all",
+          count - kMaxSnapshotCount);
+      co_return Errno(EFBIG);
+    }
+    if (uint64_t{INT64_MAX} - uint64_t{count} * kSnapshotEntryFixedBytes < h_.snapshots_offset ||
+        (h_.snapshots_offset & (cs() - 1)) != 0) {
+      res_.check_errors++;
+      Msg("ERROR snapshot table offset invalid");
+      co_return Errno(EINVAL);
+    }
+
+    Result<SnapshotTableScan> scan =
+        co_await ReadSnapshotTableForCheck(file_, h_.snapshots_offset, count);
+    if (!scan.ok()) {
+      res_.check_errors++;
+      Msg("ERROR failed to read the snapshot table: {}", scan.status().message());
+      co_return scan.status();
+    }
+    // Without repair, QEMU fails on the first entry it would have to change.
+    if (!repair && !scan->extra_data_cut.empty()) {
+      res_.check_errors++;
+      Msg("ERROR failed to read the snapshot table: Too much extra metadata in snapshot table "
+          "entry {}",
+          scan->extra_data_cut.front().first);
+      Msg("You can force-remove this extra metadata with qemu-img check -r all");
+      co_return Errno(EFBIG);
+    }
+    if (!repair && scan->dropped > 0) {
+      res_.check_errors++;
+      Msg("ERROR failed to read the snapshot table: Snapshot table is too big");
+      Msg("You can force-remove all {} overhanging snapshots with qemu-img check -r all",
+          scan->dropped);
+      co_return Errno(EFBIG);
+    }
+    for (const auto& [index, size] : scan->extra_data_cut) {
+      Msg("Discarding too much extra metadata in snapshot table entry {} ({} > {})", index, size,
+          kMaxSnapshotExtraData);
+    }
+    snapshot_corruptions_ += scan->extra_data_cut.size();
+    if (scan->dropped > 0) {
+      Msg("Discarding {} overhanging snapshots (snapshot table is too big)", scan->dropped);
+      count -= scan->dropped;
+    }
+    if (count != stored_count) {
+      // Safe before the refcount check: the dropped entries' clusters leak.
+      std::byte field[4];
+      StoreBE32(field, 0, count);
+      Status s = co_await file_.Write(kOffNbSnapshots, field);
+      if (s.ok()) s = co_await file_.Sync();
+      if (!s.ok()) {
+        res_.check_errors++;
+        Msg("ERROR failed to update the snapshot count in the image header: {}", ErrorText(s));
+        co_return s;
+      }
+      h_.nb_snapshots = count;
+      snapshot_fixed_ += stored_count - count;
+    }
+    snapshots_ = std::move(scan->snapshots);
+    snapshots_size_ = scan->size_on_disk;
     for (size_t i = 0; i < snapshots_.size(); i++) {
       if (HasIncompleteExtraData(snapshots_[i], static_cast<int>(h_.version))) {
         snapshot_corruptions_++;
-        Msg("{} snapshot table entry {} is incomplete", (fix_ & kFixErrors) ? "Repairing" : "ERROR",
-            i);
+        Msg("{} snapshot table entry {} is incomplete", repair ? "Repairing" : "ERROR", i);
       }
     }
     co_return Status::Ok();
@@ -1305,6 +1382,12 @@ class CheckPass {
     CO_RETURN_IF_ERROR(co_await file_.Write(kOffNbSnapshots, header));
     CO_RETURN_IF_ERROR(co_await file_.Sync());
     // Free the old table.
+    if (snapshots_size_ == 0) {
+      h_.snapshots_offset = offset;
+      snapshots_ = std::move(snapshots);
+      snapshots_size_ = SnapshotTableSize(snapshots_);
+      co_return Status::Ok();
+    }
     const uint64_t old_first = h_.snapshots_offset >> cb();
     const uint64_t old_last = (h_.snapshots_offset + snapshots_size_ - 1) >> cb();
     for (uint64_t c = old_first; c <= old_last; c++) {
@@ -1411,6 +1494,7 @@ class CheckPass {
   std::vector<Snapshot> snapshots_;
   uint64_t snapshots_size_ = 0;
   uint64_t snapshot_corruptions_ = 0;
+  uint64_t snapshot_fixed_ = 0;  // snapshots dropped from the table (repaired)
   Counters res_;
   MetadataMap map_;
   bool dirty_ = false;
