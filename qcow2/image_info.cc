@@ -5,6 +5,7 @@
 
 #include <set>
 
+#include "qcow2/bitmap_directory.h"
 #include "qcow2/format.h"
 #include "qcow2/header.h"
 #include "qcow2/open_image.h"
@@ -65,6 +66,12 @@ Task<Result<ImageInfo>> DescribeOne(Env* env, const std::string& path, std::stri
                         co_await ReadSnapshotTable(*file, h.snapshots_offset, h.nb_snapshots,
                                                    file_size, h.version));
     for (const Snapshot& s : snapshots) info.snapshots.push_back(ToSnapshotInfo(s, h.size));
+  }
+  // Read after the snapshot table, in QEMU's order, so that an image broken
+  // in both places fails on the same one as with qemu-img.
+  CO_ASSIGN_OR_RETURN(std::vector<BitmapDirEntry> bitmaps, co_await ReadBitmapDirectory(*file, h));
+  for (const BitmapDirEntry& b : bitmaps) {
+    info.qcow2->bitmaps.push_back(BitmapInfo{b.name, b.granularity(), b.in_use(), b.enabled()});
   }
   co_return info;
 }

@@ -26,6 +26,14 @@ struct SnapshotInfo {
   uint64_t disk_size = 0;
 };
 
+// A persistent dirty bitmap as qemu-img info lists it.
+struct BitmapInfo {
+  std::string name;
+  uint64_t granularity = 0;
+  bool in_use = false;   // left in use by a writer that stopped: contents unusable
+  bool enabled = false;  // the "auto" flag: tracks guest writes
+};
+
 struct Qcow2SpecificInfo {
   std::string compat;            // "0.10" (v2) or "1.1" (v3)
   std::string compression_type;  // "zlib" or "zstd"
@@ -35,6 +43,9 @@ struct Qcow2SpecificInfo {
   bool extended_l2 = false;
   std::optional<std::string> data_file;
   bool data_file_raw = false;
+  // The bitmap directory, in directory order; empty when the image has none
+  // (or its bitmaps extension is not in force: see bitmap_directory.h).
+  std::vector<BitmapInfo> bitmaps;
 };
 
 struct ImageInfo {
