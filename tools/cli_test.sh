@@ -141,6 +141,26 @@ cp bitmaps.qcow2 bad-bitmap.qcow2
 bitmap_flags bad-bitmap.qcow2 2 6
 run 1 "$BIN" info bad-bitmap.qcow2 && expect_one_line_error bad-bitmap.qcow2
 
+# A snapshot's VM state size of 2^64-1 and 2^63: qemu-img's JSON prints them
+# signed (-1, -2^63), its table as 16 EiB and 8 EiB.
+qemu-img create -q -f qcow2 vmstate.qcow2 1M
+qemu-img snapshot -c one vmstate.qcow2
+qemu-img snapshot -c two vmstate.qcow2
+python3 - vmstate.qcow2 <<'EOF'
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    _, offset = struct.unpack(">IQ", f.read(72)[60:72])
+    for size in (2**64 - 1, 2**63):
+        f.seek(offset + 12)
+        id_size, name_size = struct.unpack(">HH", f.read(4))
+        f.seek(offset + 36)
+        extra_size = struct.unpack(">I", f.read(4))[0]
+        f.write(struct.pack(">Q", size))  # extra data +0: the 64-bit VM state size
+        offset += (40 + extra_size + id_size + name_size + 7) // 8 * 8
+EOF
+same_as_qemu vmstate.qcow2
+same_as_qemu --output=json vmstate.qcow2
+
 # --- convert ---
 for image in top.qcow2 mid.qcow2 base.raw compressed.qcow2 v2.qcow2; do
   qemu-img convert -O raw "$image" want.raw

@@ -23,7 +23,9 @@ ordered_json SnapshotToJson(const qcow2::SnapshotInfo& s) {
   j["date-nsec"] = s.date_nsec;
   j["vm-clock-sec"] = s.vm_clock_nsec / kNanosPerSecond;
   j["id"] = s.id;
-  j["vm-state-size"] = s.vm_state_size;
+  // QAPI's SnapshotInfo declares vm-state-size as int: qemu-img shows a size
+  // of 2^63 or more as a negative number (all ones: -1).
+  j["vm-state-size"] = static_cast<int64_t>(s.vm_state_size);
   return j;
 }
 

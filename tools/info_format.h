@@ -7,7 +7,7 @@
 //             cluster-size, format, actual-size, format-specific,
 //             full-backing-filename, backing-filename, dirty-flag
 //   snapshot: icount, vm-clock-nsec, name, date-sec, date-nsec, vm-clock-sec,
-//             id, vm-state-size
+//             id, vm-state-size (signed, as QAPI's int: 2^64-1 shows as -1)
 //   qcow2:    compat, compression-type, lazy-refcounts, bitmaps,
 //             refcount-bits, data-file, data-file-raw, corrupt, extended-l2
 //   bitmap:   flags (a list: "in-use" then "auto", each when set), name,

@@ -512,5 +512,27 @@ TEST(InfoJsonTest, EmptyListSplitLeavesStringsAlone) {
   EXPECT_NE(json.find("\"flags\": [\n                    ],\n"), std::string::npos) << json;
 }
 
+// qemu-img prints vm-state-size as a signed 64-bit number in JSON, and the
+// unsigned size in the table: 16 EiB for all ones (-1), 8 EiB for 2^63.
+TEST(SnapshotTest, HugeVmStateSizeIsSignedInJson) {
+  SnapshotInfo s;
+  s.id = "1";
+  s.name = "s1";
+  s.vm_state_size = ~uint64_t{0};
+  s.icount = 0;
+  ImageInfo info = WithBitmaps();
+  SnapshotInfo s2 = s;
+  s2.id = "2";
+  s2.vm_state_size = uint64_t{1} << 63;
+  info.snapshots = {s, s2};
+  nlohmann::ordered_json j = ImageInfoToJson(info);
+  EXPECT_EQ(j["snapshots"][0]["vm-state-size"].dump(), "-1");
+  EXPECT_EQ(j["snapshots"][1]["vm-state-size"].dump(), "-9223372036854775808");
+  EXPECT_EQ(SnapshotTableRow(s),
+            "1         s1                 16 EiB 1970-01-01 00:00:00 00:00:00.000          0");
+  EXPECT_EQ(SnapshotTableRow(s2),
+            "2         s1                  8 EiB 1970-01-01 00:00:00 00:00:00.000          0");
+}
+
 }  // namespace
 }  // namespace uq::tools

@@ -654,6 +654,22 @@ def _(ctx):
     check(ctx, "t.qcow2")
 
 
+@case("snapshots", "snapshot_vm_state_size_huge",
+      "VM state sizes 2^64-1 and 2^63 (patched): qemu-img prints them signed in JSON")
+def _(ctx):
+    b = ctx.b
+    b.create("t.qcow2", 4 * M)
+    b.io("t.qcow2", ("noise", 0, 100 * K))
+    b.snapshot("t.qcow2", "s1")
+    b.snapshot("t.qcow2", "s2")
+    p = b.path("t.qcow2")
+    for entry, size in zip(L.snapshot_entries(p), (2**64 - 1, 2**63)):
+        if L.read_be(p, entry + 36, 4) < 8:
+            raise SetupError("snapshot entry without the 64-bit VM state size")
+        L.write_be(p, entry + 40, 8, size)
+    check(ctx, "t.qcow2")
+
+
 # -- persistent dirty bitmaps -------------------------------------------------------
 # info lists them under format-specific.data.bitmaps; the data reads as usual.
 
