@@ -62,9 +62,22 @@ struct ImageInfo {
   std::vector<SnapshotInfo> snapshots;
 };
 
-// Describes the image at `path` without opening its backing chain. With
-// `backing_chain`, returns one entry per image, top first.
-Task<Result<std::vector<ImageInfo>>> GetImageInfo(Env* env, std::string path, bool backing_chain);
+struct ImageInfoOptions {
+  // Describe every image of the backing chain, top first.
+  bool backing_chain = false;
+  // Take a reader's QEMU-compatible lock (image_lock.h) on each file while it
+  // is read, as qemu-img info does: an image some process has open for
+  // writing is refused (Busy), since its metadata may be half updated.
+  // false: qemu-img info -U (--force-share).
+  bool lock = true;
+};
+
+// Describes the image at `path` without opening its backing chain, or with
+// options.backing_chain one entry per image of the chain, top first.
+// Errors name the file: Busy (locked by a writer), Corruption (header,
+// snapshot table, bitmap directory), NotSupported, IoError.
+Task<Result<std::vector<ImageInfo>>> GetImageInfo(Env* env, std::string path,
+                                                  ImageInfoOptions options);
 
 }  // namespace uq::qcow2
 

@@ -1,5 +1,7 @@
 #include "tools/check_command.h"
 
+#include <fmt/format.h>
+
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -22,17 +24,24 @@ class CheckCommand final : public Command {
     app.add_option("--output", output_, "Output format")->check(CLI::IsMember({"human", "json"}));
     app.add_option("-f,--format", format_, "Image format")->check(CLI::IsMember({"qcow2"}));
     app.add_flag("-q,--quiet", quiet_, "Print nothing; only the exit status tells");
+    app.add_flag("-U,--force-share", force_share_,
+                 "Take no image lock: check an image another process writes (its half-done "
+                 "updates may show as errors); not with --repair");
     app.footer("Exit status: 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check failed.");
   }
 
   Status Run() override {
     const bool repair = !repair_.empty();
+    if (repair && force_share_) {  // qemu-img refuses this too (exit 1)
+      return Status::InvalidArgument(
+          fmt::format("{}: --force-share can only be used without --repair (read-only)", image_));
+    }
     qcow2::OpenOptions open;
     open.writable = repair;
     ASSIGN_OR_RETURN(std::unique_ptr<qcow2::File> file, qcow2::SyncEnv()->Open(image_, open));
     // Checking an image another process writes would report its half-done
     // updates; repairing it would destroy them.
-    RETURN_IF_ERROR(qcow2::LockImage(file->fd(), image_, repair));
+    if (!force_share_) RETURN_IF_ERROR(qcow2::LockImage(file->fd(), image_, repair));
     qcow2::CheckOptions options;
     options.repair = repair_ == "all"     ? qcow2::RepairMode::kAll
                      : repair_ == "leaks" ? qcow2::RepairMode::kLeaks
@@ -59,6 +68,7 @@ class CheckCommand final : public Command {
  private:
   std::string image_, repair_, output_ = "human", format_ = "qcow2";
   bool quiet_ = false;
+  bool force_share_ = false;
   int exit_code_ = 0;
 };
 

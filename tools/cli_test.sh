@@ -8,7 +8,8 @@ set -u
 
 BIN=$(realpath "$1")
 WORK=$(mktemp -d "${TEST_TMPDIR:-/tmp}/cli_test.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+holder=""  # a qemu-io process holding an image's write lock (see "locking")
+trap '[[ -n $holder ]] && kill "$holder" 2>/dev/null; rm -rf "$WORK"' EXIT
 cd "$WORK" || exit 1
 export TZ=UTC
 
@@ -160,6 +161,37 @@ with open(sys.argv[1], "r+b") as f:
 EOF
 same_as_qemu vmstate.qcow2
 same_as_qemu --output=json vmstate.qcow2
+
+# --- locking: an image QEMU has open for writing ---
+qemu-img create -q -f qcow2 busy.qcow2 1M
+qemu-io -c 'sleep 600000' busy.qcow2 >/dev/null 2>&1 &
+holder=$!
+for _ in $(seq 100); do
+  qemu-img info busy.qcow2 >/dev/null 2>&1 || break
+  sleep 0.1
+done
+if qemu-img info busy.qcow2 >/dev/null 2>&1; then
+  fail "qemu-io did not lock busy.qcow2"
+else
+  # qemu-img info/check/convert refuse it (exit 1) and read it with -U.
+  run 1 "$BIN" info busy.qcow2 && expect_one_line_error busy.qcow2
+  grep -q '"write" lock' err || fail "info on a locked image: $(cat err)"
+  run 1 "$BIN" info --output=json --backing-chain busy.qcow2 && expect_one_line_error busy.qcow2
+  same_as_qemu -U busy.qcow2
+  same_as_qemu --force-share --output=json busy.qcow2
+  run 1 "$BIN" check busy.qcow2 && expect_one_line_error busy.qcow2
+  run 0 "$BIN" check -U busy.qcow2
+  run 1 "$BIN" check -U -r all busy.qcow2 && expect_one_line_error busy.qcow2
+  run 1 "$BIN" convert busy.qcow2 busy.raw && expect_one_line_error busy.qcow2
+  run 0 "$BIN" convert -U busy.qcow2 busy.raw
+  run 0 "$BIN" convert --force-share -O qcow2 busy.qcow2 busy-copy.qcow2
+fi
+kill "$holder"
+wait "$holder" 2>/dev/null
+holder=""
+# Released: a plain info works again, and info itself does not keep QEMU out.
+run 0 "$BIN" info busy.qcow2
+qemu-io -c 'write 0 4k' busy.qcow2 >/dev/null || fail "qemu-io cannot write busy.qcow2 after info"
 
 # --- convert ---
 for image in top.qcow2 mid.qcow2 base.raw compressed.qcow2 v2.qcow2; do
