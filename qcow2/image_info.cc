@@ -5,8 +5,10 @@
 
 #include <set>
 
+#include "qcow2/bitmap_directory.h"
 #include "qcow2/format.h"
 #include "qcow2/header.h"
+#include "qcow2/image_lock.h"
 #include "qcow2/open_image.h"
 #include "qcow2/paths.h"
 #include "qcow2/snapshot_table.h"
@@ -20,8 +22,11 @@ uint64_t AllocatedBytes(const std::string& path) {
   return static_cast<uint64_t>(st.st_blocks) * 512;
 }
 
-Task<Result<ImageInfo>> DescribeOne(Env* env, const std::string& path, std::string format) {
+Task<Result<ImageInfo>> DescribeOne(Env* env, const std::string& path, std::string format,
+                                    bool lock) {
   CO_ASSIGN_OR_RETURN(std::unique_ptr<File> file, env->Open(path, OpenOptions{}));
+  // Held until `file` closes; in-memory files (fd -1) have no locks.
+  if (lock && file->fd() >= 0) CO_RETURN_IF_ERROR(LockImage(file->fd(), path, /*writable=*/false));
   ImageInfo info;
   info.filename = path;
   info.actual_size = AllocatedBytes(path);
@@ -66,12 +71,19 @@ Task<Result<ImageInfo>> DescribeOne(Env* env, const std::string& path, std::stri
                                                    file_size, h.version));
     for (const Snapshot& s : snapshots) info.snapshots.push_back(ToSnapshotInfo(s, h.size));
   }
+  // Read after the snapshot table, in QEMU's order, so that an image broken
+  // in both places fails on the same one as with qemu-img.
+  CO_ASSIGN_OR_RETURN(std::vector<BitmapDirEntry> bitmaps, co_await ReadBitmapDirectory(*file, h));
+  for (const BitmapDirEntry& b : bitmaps) {
+    info.qcow2->bitmaps.push_back(BitmapInfo{b.name, b.granularity(), b.in_use(), b.enabled()});
+  }
   co_return info;
 }
 
 }  // namespace
 
-Task<Result<std::vector<ImageInfo>>> GetImageInfo(Env* env, std::string path, bool backing_chain) {
+Task<Result<std::vector<ImageInfo>>> GetImageInfo(Env* env, std::string path,
+                                                  ImageInfoOptions options) {
   std::vector<ImageInfo> out;
   std::set<std::string> seen;
   std::string format;
@@ -80,11 +92,11 @@ Task<Result<std::vector<ImageInfo>>> GetImageInfo(Env* env, std::string path, bo
       co_return Status::Corruption(
           fmt::format("{}: backing chain loop: this image is its own backing file", path));
     }
-    CO_ASSIGN_OR_RETURN(ImageInfo info, co_await DescribeOne(env, path, format));
+    CO_ASSIGN_OR_RETURN(ImageInfo info, co_await DescribeOne(env, path, format, options.lock));
     std::optional<std::string> next = info.full_backing_filename;
     format = info.backing_format.value_or("");
     out.push_back(std::move(info));
-    if (!backing_chain || !next) break;
+    if (!options.backing_chain || !next) break;
     path = *next;
   }
   co_return out;

@@ -26,6 +26,14 @@ struct SnapshotInfo {
   uint64_t disk_size = 0;
 };
 
+// A persistent dirty bitmap as qemu-img info lists it.
+struct BitmapInfo {
+  std::string name;
+  uint64_t granularity = 0;
+  bool in_use = false;   // left in use by a writer that stopped: contents unusable
+  bool enabled = false;  // the "auto" flag: tracks guest writes
+};
+
 struct Qcow2SpecificInfo {
   std::string compat;            // "0.10" (v2) or "1.1" (v3)
   std::string compression_type;  // "zlib" or "zstd"
@@ -35,6 +43,9 @@ struct Qcow2SpecificInfo {
   bool extended_l2 = false;
   std::optional<std::string> data_file;
   bool data_file_raw = false;
+  // The bitmap directory, in directory order; empty when the image has none
+  // (or its bitmaps extension is not in force: see bitmap_directory.h).
+  std::vector<BitmapInfo> bitmaps;
 };
 
 struct ImageInfo {
@@ -51,9 +62,22 @@ struct ImageInfo {
   std::vector<SnapshotInfo> snapshots;
 };
 
-// Describes the image at `path` without opening its backing chain. With
-// `backing_chain`, returns one entry per image, top first.
-Task<Result<std::vector<ImageInfo>>> GetImageInfo(Env* env, std::string path, bool backing_chain);
+struct ImageInfoOptions {
+  // Describe every image of the backing chain, top first.
+  bool backing_chain = false;
+  // Take a reader's QEMU-compatible lock (image_lock.h) on each file while it
+  // is read, as qemu-img info does: an image some process has open for
+  // writing is refused (Busy), since its metadata may be half updated.
+  // false: qemu-img info -U (--force-share).
+  bool lock = true;
+};
+
+// Describes the image at `path` without opening its backing chain, or with
+// options.backing_chain one entry per image of the chain, top first.
+// Errors name the file: Busy (locked by a writer), Corruption (header,
+// snapshot table, bitmap directory), NotSupported, IoError.
+Task<Result<std::vector<ImageInfo>>> GetImageInfo(Env* env, std::string path,
+                                                  ImageInfoOptions options);
 
 }  // namespace uq::qcow2
 

@@ -1,5 +1,7 @@
 #include "tools/check_command.h"
 
+#include <fmt/format.h>
+
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -24,6 +26,9 @@ class CheckCommand final : public Command {
     app.add_option("-f,--format", format_, "Image format (default: probed)")
         ->check(CLI::IsMember({"qcow2", "raw"}));
     app.add_flag("-q,--quiet", quiet_, "Print nothing; only the exit status tells");
+    app.add_flag("-U,--force-share", force_share_,
+                 "Take no image lock: check an image another process writes (its half-done "
+                 "updates may show as errors); not with --repair");
     app.footer(
         "Exit status: 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check failed\n"
         "(or the image, its backing chain or its data file cannot be opened), 63 the format\n"
@@ -32,12 +37,16 @@ class CheckCommand final : public Command {
 
   Status Run() override {
     const bool repair = !repair_.empty();
+    if (repair && force_share_) {  // qemu-img refuses this too (exit 1)
+      return Status::InvalidArgument(
+          fmt::format("{}: --force-share can only be used without --repair (read-only)", image_));
+    }
     qcow2::OpenOptions open;
     open.writable = repair;
     ASSIGN_OR_RETURN(std::unique_ptr<qcow2::File> file, qcow2::SyncEnv()->Open(image_, open));
     // Checking an image another process writes would report its half-done
     // updates; repairing it would destroy them.
-    RETURN_IF_ERROR(qcow2::LockImage(file->fd(), image_, repair));
+    if (!force_share_) RETURN_IF_ERROR(qcow2::LockImage(file->fd(), image_, repair));
     ASSIGN_OR_RETURN(bool is_qcow2, BlockOn(qcow2::IsQcow2(*file)));
     if (format_ == "raw" || (format_.empty() && !is_qcow2)) {
       // qemu-img's answer for a raw image, printed even with -q.
@@ -49,6 +58,7 @@ class CheckCommand final : public Command {
     // or data file that cannot be opened fails it (exit 1).
     qcow2::ImageOptions dependencies;
     dependencies.env = qcow2::SyncEnv();
+    dependencies.lock = !force_share_;
     RETURN_IF_ERROR(BlockOn(qcow2::OpenDependencies(*file, image_, dependencies)));
     qcow2::CheckOptions options;
     options.repair = repair_ == "all"     ? qcow2::RepairMode::kAll
@@ -79,6 +89,7 @@ class CheckCommand final : public Command {
 
   std::string image_, repair_, output_ = "human", format_;
   bool quiet_ = false;
+  bool force_share_ = false;
   int exit_code_ = 0;
 };
 

@@ -8,7 +8,8 @@ set -u
 
 BIN=$(realpath "$1")
 WORK=$(mktemp -d "${TEST_TMPDIR:-/tmp}/cli_test.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+holder=""  # a qemu-io process holding an image's write lock (see "locking")
+trap '[[ -n $holder ]] && kill "$holder" 2>/dev/null; rm -rf "$WORK"' EXIT
 cd "$WORK" || exit 1
 export TZ=UTC
 
@@ -100,6 +101,97 @@ qemu-img create -q -f qcow2 dirty.qcow2 1M
 printf '\x03' | dd of=dirty.qcow2 bs=1 seek=79 conv=notrunc status=none
 same_as_qemu dirty.qcow2
 same_as_qemu --output=json dirty.qcow2
+
+# Persistent dirty bitmaps: enabled, disabled, in use (flags patched the way a
+# writer that died leaves them), granularities 512 B to 2 GiB.
+qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=2M bitmaps.qcow2 1G
+qemu-img bitmap --add -g 512 bitmaps.qcow2 fine
+qemu-img bitmap --add --disable bitmaps.qcow2 disabled
+qemu-img bitmap --add -g 2G bitmaps.qcow2 huge
+# bitmap_flags IMAGE INDEX FLAGS: sets a directory entry's flags.
+bitmap_flags() {
+  python3 - "$@" <<'EOF'
+import struct, sys
+path, index, flags = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with open(path, "r+b") as f:
+    head = f.read(1 << 16)
+    pos = struct.unpack(">I", head[100:104])[0]  # header_length: extensions follow
+    while True:
+        kind, length = struct.unpack(">II", head[pos:pos + 8])
+        if kind == 0x23852875:
+            offset = struct.unpack(">Q", head[pos + 24:pos + 32])[0]
+            break
+        pos += 8 + (length + 7) // 8 * 8
+    for _ in range(index):
+        f.seek(offset + 18)
+        name_size, extra_size = struct.unpack(">HI", f.read(6))
+        offset += (24 + name_size + extra_size + 7) // 8 * 8
+    f.seek(offset + 12)
+    f.write(struct.pack(">I", flags))
+EOF
+}
+cp bitmaps.qcow2 in-use.qcow2
+bitmap_flags in-use.qcow2 0 3
+bitmap_flags in-use.qcow2 1 1
+for image in bitmaps.qcow2 in-use.qcow2; do
+  same_as_qemu "$image"
+  same_as_qemu --output=json "$image"
+done
+# A bitmap directory that breaks QEMU's rules (reserved flag bit 2) fails info.
+cp bitmaps.qcow2 bad-bitmap.qcow2
+bitmap_flags bad-bitmap.qcow2 2 6
+run 1 "$BIN" info bad-bitmap.qcow2 && expect_one_line_error bad-bitmap.qcow2
+
+# A snapshot's VM state size of 2^64-1 and 2^63: qemu-img's JSON prints them
+# signed (-1, -2^63), its table as 16 EiB and 8 EiB.
+qemu-img create -q -f qcow2 vmstate.qcow2 1M
+qemu-img snapshot -c one vmstate.qcow2
+qemu-img snapshot -c two vmstate.qcow2
+python3 - vmstate.qcow2 <<'EOF'
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    _, offset = struct.unpack(">IQ", f.read(72)[60:72])
+    for size in (2**64 - 1, 2**63):
+        f.seek(offset + 12)
+        id_size, name_size = struct.unpack(">HH", f.read(4))
+        f.seek(offset + 36)
+        extra_size = struct.unpack(">I", f.read(4))[0]
+        f.write(struct.pack(">Q", size))  # extra data +0: the 64-bit VM state size
+        offset += (40 + extra_size + id_size + name_size + 7) // 8 * 8
+EOF
+same_as_qemu vmstate.qcow2
+same_as_qemu --output=json vmstate.qcow2
+
+# --- locking: an image QEMU has open for writing ---
+qemu-img create -q -f qcow2 busy.qcow2 1M
+qemu-io -c 'sleep 600000' busy.qcow2 >/dev/null 2>&1 &
+holder=$!
+for _ in $(seq 100); do
+  qemu-img info busy.qcow2 >/dev/null 2>&1 || break
+  sleep 0.1
+done
+if qemu-img info busy.qcow2 >/dev/null 2>&1; then
+  fail "qemu-io did not lock busy.qcow2"
+else
+  # qemu-img info/check/convert refuse it (exit 1) and read it with -U.
+  run 1 "$BIN" info busy.qcow2 && expect_one_line_error busy.qcow2
+  grep -q '"write" lock' err || fail "info on a locked image: $(cat err)"
+  run 1 "$BIN" info --output=json --backing-chain busy.qcow2 && expect_one_line_error busy.qcow2
+  same_as_qemu -U busy.qcow2
+  same_as_qemu --force-share --output=json busy.qcow2
+  run 1 "$BIN" check busy.qcow2 && expect_one_line_error busy.qcow2
+  run 0 "$BIN" check -U busy.qcow2
+  run 1 "$BIN" check -U -r all busy.qcow2 && expect_one_line_error busy.qcow2
+  run 1 "$BIN" convert busy.qcow2 busy.raw && expect_one_line_error busy.qcow2
+  run 0 "$BIN" convert -U busy.qcow2 busy.raw
+  run 0 "$BIN" convert --force-share -O qcow2 busy.qcow2 busy-copy.qcow2
+fi
+kill "$holder"
+wait "$holder" 2>/dev/null
+holder=""
+# Released: a plain info works again, and info itself does not keep QEMU out.
+run 0 "$BIN" info busy.qcow2
+qemu-io -c 'write 0 4k' busy.qcow2 >/dev/null || fail "qemu-io cannot write busy.qcow2 after info"
 
 # --- convert ---
 for image in top.qcow2 mid.qcow2 base.raw compressed.qcow2 v2.qcow2; do

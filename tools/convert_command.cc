@@ -100,6 +100,9 @@ class ConvertCommand final : public Command {
                    "blocking syscalls (sync)")
         ->check(CLI::IsMember({"auto", "uring", "sync"}))
         ->capture_default_str();
+    app.add_flag("-U,--force-share", options_.force_share,
+                 "Take no locks on IMAGE and its backing files: read an image another process "
+                 "writes (the copy may then be inconsistent)");
   }
 
   Status Run() override { return RunConvert(options_); }
@@ -167,6 +170,7 @@ Status RunConvert(const ConvertOptions& options) {
   qcow2::ImageOptions image_options;
   image_options.env = io->env();
   image_options.format = options.source_format;
+  image_options.lock = !options.force_share;
   ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> source,
                    io->Run(qcow2::OpenImage(options.source, image_options)));
 

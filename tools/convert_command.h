@@ -32,6 +32,7 @@ struct ConvertOptions {
   bool progress = false;              // qemu-img's -p line on stdout
   int parallel = 16;                  // chunks in flight
   std::string io = "auto";            // "auto", "uring" or "sync"
+  bool force_share = false;           // -U: no locks on the source chain
 };
 
 // Does the whole conversion. Errors name the file concerned; on failure

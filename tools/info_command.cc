@@ -14,9 +14,10 @@ namespace uq::tools {
 namespace {
 
 // IMAGE read as a plain raw image (-f raw), whatever its contents.
-Task<Result<qcow2::ImageInfo>> DescribeAsRaw(qcow2::Env* env, std::string path) {
+Task<Result<qcow2::ImageInfo>> DescribeAsRaw(qcow2::Env* env, std::string path, bool lock) {
   qcow2::ImageOptions options;
   options.env = env;
+  options.lock = lock;
   options.format = "raw";
   options.no_backing = true;
   CO_ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> device,
@@ -43,6 +44,8 @@ class InfoCommand final : public Command {
                  "Describe every image of the backing chain, top first");
     app.add_option("-f,--format", options_.format, "IMAGE's format (default: probe)")
         ->check(CLI::IsMember({"qcow2", "raw"}));
+    app.add_flag("-U,--force-share", options_.force_share,
+                 "Take no image locks: describe an image another process writes");
   }
 
   Status Run() override {
@@ -66,11 +69,15 @@ class InfoCommand final : public Command {
 
 Task<Result<std::vector<qcow2::ImageInfo>>> CollectImageInfo(qcow2::Env* env, InfoOptions options) {
   if (options.format == "raw") {
-    CO_ASSIGN_OR_RETURN(qcow2::ImageInfo info, co_await DescribeAsRaw(env, options.image));
+    CO_ASSIGN_OR_RETURN(qcow2::ImageInfo info,
+                        co_await DescribeAsRaw(env, options.image, !options.force_share));
     co_return std::vector<qcow2::ImageInfo>{std::move(info)};
   }
+  qcow2::ImageInfoOptions info_options;
+  info_options.backing_chain = options.backing_chain;
+  info_options.lock = !options.force_share;
   CO_ASSIGN_OR_RETURN(std::vector<qcow2::ImageInfo> infos,
-                      co_await qcow2::GetImageInfo(env, options.image, options.backing_chain));
+                      co_await qcow2::GetImageInfo(env, options.image, info_options));
   if (!options.format.empty() && !infos.empty() && infos[0].format != options.format) {
     co_return Status::InvalidArgument(
         fmt::format("{}: image is not in {} format", options.image, options.format));

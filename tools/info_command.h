@@ -1,8 +1,10 @@
 // `ublk-qcow2 info`: what qemu-img info shows, as text or JSON.
 //
-//   ublk-qcow2 info [--output=human|json] [--backing-chain] [-f qcow2|raw] IMAGE
+//   ublk-qcow2 info [--output=human|json] [--backing-chain] [-f qcow2|raw] [-U] IMAGE
 //
-// Reads only metadata, through SyncEnv. -f raw describes IMAGE as a plain raw
+// Reads only metadata, through SyncEnv, holding a reader's lock on each image
+// as qemu-img info does: an image a VM (or our daemon) writes is refused
+// unless -U/--force-share, which takes no locks. -f raw describes IMAGE as a plain raw
 // image whatever it holds (like qemu-img); -f qcow2 fails on anything else;
 // without -f the format is probed. --backing-chain describes every image of
 // the chain, top first (JSON: an array).
@@ -26,6 +28,7 @@ struct InfoOptions {
   std::string output = "human";  // "human" or "json"
   std::string format;            // "", "qcow2" or "raw"
   bool backing_chain = false;
+  bool force_share = false;  // -U: take no image locks
 };
 
 // The ImageInfo entries `info` reports for `options` (one, or the chain).

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <ctime>
+#include <string_view>
 
 #include "tools/size_format.h"
 
@@ -22,7 +23,21 @@ ordered_json SnapshotToJson(const qcow2::SnapshotInfo& s) {
   j["date-nsec"] = s.date_nsec;
   j["vm-clock-sec"] = s.vm_clock_nsec / kNanosPerSecond;
   j["id"] = s.id;
-  j["vm-state-size"] = s.vm_state_size;
+  // QAPI's SnapshotInfo declares vm-state-size as int: qemu-img shows a size
+  // of 2^63 or more as a negative number (all ones: -1).
+  j["vm-state-size"] = static_cast<int64_t>(s.vm_state_size);
+  return j;
+}
+
+// One bitmap: flags ("in-use" before "auto", as QEMU maps them), name, granularity.
+ordered_json BitmapToJson(const qcow2::BitmapInfo& b) {
+  ordered_json flags = ordered_json::array();
+  if (b.in_use) flags.push_back("in-use");
+  if (b.enabled) flags.push_back("auto");
+  ordered_json j = ordered_json::object();
+  j["flags"] = std::move(flags);
+  j["name"] = b.name;
+  j["granularity"] = b.granularity;
   return j;
 }
 
@@ -33,6 +48,11 @@ ordered_json Qcow2DataToJson(const qcow2::Qcow2SpecificInfo& q) {
   j["compat"] = q.compat;
   j["compression-type"] = q.compression_type;
   if (v3) j["lazy-refcounts"] = q.lazy_refcounts;
+  if (v3 && !q.bitmaps.empty()) {
+    ordered_json list = ordered_json::array();
+    for (const qcow2::BitmapInfo& b : q.bitmaps) list.push_back(BitmapToJson(b));
+    j["bitmaps"] = std::move(list);
+  }
   j["refcount-bits"] = q.refcount_bits;
   if (v3 && q.data_file.has_value()) {
     j["data-file"] = *q.data_file;
@@ -45,14 +65,72 @@ ordered_json Qcow2DataToJson(const qcow2::Qcow2SpecificInfo& q) {
   return j;
 }
 
+// QEMU's JSON printer opens and closes an empty list on lines of their own
+// ("[" then "]" at the list's indentation) where nlohmann writes "[]".
+std::string SplitEmptyArrays(const std::string& text) {
+  std::string out;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = text.find('\n', start);
+    if (end == std::string::npos) end = text.size();
+    std::string_view line(text.data() + start, end - start);
+    // Strings are escaped to ASCII and end in a quote, so a line ending in
+    // "[]" or "[]," is an empty array.
+    std::string_view rest = line.ends_with(",") ? line.substr(0, line.size() - 1) : line;
+    if (rest.ends_with("[]")) {
+      const size_t indent = line.find_first_not_of(' ');
+      out.append(rest.substr(0, rest.size() - 1));
+      out += '\n';
+      out.append(indent == std::string_view::npos ? 0 : indent, ' ');
+      out.append(line.substr(rest.size() - 1));
+    } else {
+      out.append(line);
+    }
+    if (end < text.size()) out += '\n';
+    start = end + 1;
+  }
+  return out;
+}
+
 std::string Dump(const ordered_json& j) {
-  return j.dump(4, ' ', /*ensure_ascii=*/true, ordered_json::error_handler_t::replace) + "\n";
+  return SplitEmptyArrays(
+             j.dump(4, ' ', /*ensure_ascii=*/true, ordered_json::error_handler_t::replace)) +
+         "\n";
 }
 
 // A scalar as qemu's human dump prints it: strings bare, booleans as words.
 std::string ScalarToText(const ordered_json& value) {
   if (value.is_string()) return value.get<std::string>();
   return value.dump(-1, ' ', false, ordered_json::error_handler_t::replace);
+}
+
+bool IsComposite(const ordered_json& value) { return value.is_object() || value.is_array(); }
+
+// qemu-img's human dump of a QDict or QList (its dump_qobject): one line per
+// member at 4 spaces per `level`, keys with dashes turned into spaces, list
+// items as "[i]:", nested dicts and lists on the lines below.
+void DumpHuman(const ordered_json& value, int level, std::string& out) {
+  const std::string indent(4 * level, ' ');
+  auto member = [&](const std::string& label, const ordered_json& v) {
+    out += indent + label + ":";
+    if (IsComposite(v)) {
+      out += '\n';
+      DumpHuman(v, level + 1, out);
+    } else {
+      out += ' ' + ScalarToText(v) + '\n';
+    }
+  };
+  if (value.is_object()) {
+    for (const auto& [key, v] : value.items()) {
+      std::string label = key;
+      for (char& c : label) {
+        if (c == '-') c = ' ';
+      }
+      member(label, v);
+    }
+  } else if (value.is_array()) {
+    for (size_t i = 0; i < value.size(); ++i) member(fmt::format("[{}]", i), value[i]);
+  }
 }
 
 std::string LocalDateTime(uint32_t date_sec) {
@@ -153,14 +231,7 @@ std::string FormatInfoHuman(const qcow2::ImageInfo& info) {
   }
   if (info.qcow2.has_value()) {
     line("Format specific information:");
-    const ordered_json data = Qcow2DataToJson(*info.qcow2);
-    for (const auto& [key, value] : data.items()) {
-      std::string label = key;
-      for (char& c : label) {
-        if (c == '-') c = ' ';
-      }
-      line(fmt::format("    {}: {}", label, ScalarToText(value)));
-    }
+    DumpHuman(Qcow2DataToJson(*info.qcow2), 1, out);
   }
   return out;
 }

@@ -7,19 +7,24 @@
 //             cluster-size, format, actual-size, format-specific,
 //             full-backing-filename, backing-filename, dirty-flag
 //   snapshot: icount, vm-clock-nsec, name, date-sec, date-nsec, vm-clock-sec,
-//             id, vm-state-size
-//   qcow2:    compat, compression-type, lazy-refcounts, refcount-bits,
-//             data-file, data-file-raw, corrupt, extended-l2
+//             id, vm-state-size (signed, as QAPI's int: 2^64-1 shows as -1)
+//   qcow2:    compat, compression-type, lazy-refcounts, bitmaps,
+//             refcount-bits, data-file, data-file-raw, corrupt, extended-l2
+//   bitmap:   flags (a list: "in-use" then "auto", each when set), name,
+//             granularity
 // Optional keys appear exactly when qemu-img shows them: cluster-size and
 // format-specific for qcow2; the backing keys only with a backing file;
 // snapshots only when there are some; icount only when recorded (not -1);
 // lazy-refcounts, corrupt and extended-l2 only for compat 1.1 (v3);
-// data-file and data-file-raw only with an external data file.
-// Strings are escaped to ASCII (\uXXXX), invalid UTF-8 becomes U+FFFD.
+// data-file and data-file-raw only with an external data file; bitmaps only
+// when the image has some.
+// Strings are escaped to ASCII (\uXXXX), invalid UTF-8 becomes U+FFFD; an
+// empty list is written "[", newline, "]" as QEMU's printer does.
 //
 // Text (`--output=human`): qemu-img's layout, sizes via HumanSize(), snapshot
 // dates in the local time zone (TZ), "Format specific information" listing the
-// qcow2 keys above with dashes turned into spaces.
+// qcow2 keys above with dashes turned into spaces, lists (bitmaps, flags) as
+// "[i]:" items nested 4 spaces deeper.
 #ifndef UBLK_QCOW2_TOOLS_INFO_FORMAT_H_
 #define UBLK_QCOW2_TOOLS_INFO_FORMAT_H_
 

@@ -412,5 +412,127 @@ TEST(InfoJsonTest, NonAsciiIsEscapedAndBadUtf8Replaced) {
   EXPECT_NE(json.find(R"("filename": "caf\u00e9\ufffd.raw")"), std::string::npos) << json;
 }
 
+// qemu-img create -f qcow2 -o data_file=d.raw,extended_l2=on,cluster_size=2M
+// df.qcow2 1G, then qemu-img bitmap --add -g 512 bb, --add --disable -g 2G big,
+// then bitmap "bb" marked in use (flags patched to 3).
+ImageInfo WithBitmaps() {
+  ImageInfo info;
+  info.filename = "df.qcow2";
+  info.format = "qcow2";
+  info.virtual_size = 1073741824;
+  info.actual_size = 6324224;
+  info.cluster_size = 2097152;
+  Qcow2SpecificInfo q = V3();
+  q.data_file = "d.raw";
+  q.extended_l2 = true;
+  q.bitmaps = {{"bb", 512, true, true}, {"big", 2147483648, false, false}};
+  info.qcow2 = q;
+  return info;
+}
+
+TEST(InfoJsonTest, Bitmaps) {
+  std::vector<ImageInfo> infos = {WithBitmaps()};
+  EXPECT_EQ(FormatInfoJson(infos, false), R"({
+    "virtual-size": 1073741824,
+    "filename": "df.qcow2",
+    "cluster-size": 2097152,
+    "format": "qcow2",
+    "actual-size": 6324224,
+    "format-specific": {
+        "type": "qcow2",
+        "data": {
+            "compat": "1.1",
+            "compression-type": "zlib",
+            "lazy-refcounts": false,
+            "bitmaps": [
+                {
+                    "flags": [
+                        "in-use",
+                        "auto"
+                    ],
+                    "name": "bb",
+                    "granularity": 512
+                },
+                {
+                    "flags": [
+                    ],
+                    "name": "big",
+                    "granularity": 2147483648
+                }
+            ],
+            "refcount-bits": 16,
+            "data-file": "d.raw",
+            "data-file-raw": false,
+            "corrupt": false,
+            "extended-l2": true
+        }
+    },
+    "dirty-flag": false
+}
+)");
+}
+
+TEST(InfoHumanTest, Bitmaps) {
+  EXPECT_EQ(FormatInfoHuman(WithBitmaps()), R"(image: df.qcow2
+file format: qcow2
+virtual size: 1 GiB (1073741824 bytes)
+disk size: 6.03 MiB
+cluster_size: 2097152
+Format specific information:
+    compat: 1.1
+    compression type: zlib
+    lazy refcounts: false
+    bitmaps:
+        [0]:
+            flags:
+                [0]: in-use
+                [1]: auto
+            name: bb
+            granularity: 512
+        [1]:
+            flags:
+            name: big
+            granularity: 2147483648
+    refcount bits: 16
+    data file: d.raw
+    data file raw: false
+    corrupt: false
+    extended l2: true
+)");
+}
+
+// A name that looks like JSON punctuation stays a string: only real empty
+// lists are split over two lines.
+TEST(InfoJsonTest, EmptyListSplitLeavesStringsAlone) {
+  ImageInfo info = WithBitmaps();
+  info.qcow2->bitmaps = {{"[]", 65536, false, false}, {"x\": [],", 65536, false, true}};
+  std::string json = FormatInfoJson(std::span<const ImageInfo>(&info, 1), false);
+  EXPECT_NE(json.find(R"("name": "[]",)"), std::string::npos) << json;
+  EXPECT_NE(json.find(R"("name": "x\": [],",)"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"flags\": [\n                    ],\n"), std::string::npos) << json;
+}
+
+// qemu-img prints vm-state-size as a signed 64-bit number in JSON, and the
+// unsigned size in the table: 16 EiB for all ones (-1), 8 EiB for 2^63.
+TEST(SnapshotTest, HugeVmStateSizeIsSignedInJson) {
+  SnapshotInfo s;
+  s.id = "1";
+  s.name = "s1";
+  s.vm_state_size = ~uint64_t{0};
+  s.icount = 0;
+  ImageInfo info = WithBitmaps();
+  SnapshotInfo s2 = s;
+  s2.id = "2";
+  s2.vm_state_size = uint64_t{1} << 63;
+  info.snapshots = {s, s2};
+  nlohmann::ordered_json j = ImageInfoToJson(info);
+  EXPECT_EQ(j["snapshots"][0]["vm-state-size"].dump(), "-1");
+  EXPECT_EQ(j["snapshots"][1]["vm-state-size"].dump(), "-9223372036854775808");
+  EXPECT_EQ(SnapshotTableRow(s),
+            "1         s1                 16 EiB 1970-01-01 00:00:00 00:00:00.000          0");
+  EXPECT_EQ(SnapshotTableRow(s2),
+            "2         s1                  8 EiB 1970-01-01 00:00:00 00:00:00.000          0");
+}
+
 }  // namespace
 }  // namespace uq::tools

@@ -35,8 +35,6 @@ constexpr uint64_t kL2BitmapAllZeroes = 0xffffffff00000000ull;
 constexpr uint64_t kMaxCheckClusters = INT_MAX;
 
 // Bitmaps (block/qcow2-bitmap.c, block/qcow2.h).
-constexpr uint32_t kMaxBitmaps = 65535;
-constexpr uint64_t kMaxBitmapDirectorySize = 1024ull * kMaxBitmaps;
 constexpr size_t kBitmapDirEntryBytes = 24;
 constexpr uint32_t kBmeMaxTableSize = 0x8000000;
 constexpr uint64_t kBmeMaxPhysSize = 0x20000000;

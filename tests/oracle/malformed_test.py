@@ -310,6 +310,57 @@ def _(b):
 # --------------------------------------------------------------------------
 
 
+# -- the bitmap directory: qemu-img refuses each of these when it opens the
+# image. Our info reads the directory and must fail; convert does not read it
+# yet (the engine opens images without it), so it may succeed.
+
+def bitmap_image(b):
+    p = valid_image(b)
+    b.qemu_img("bitmap", "--add", "bad.qcow2", "first")
+    b.qemu_img("bitmap", "--add", "-g", "1M", "bad.qcow2", "second")
+    return p
+
+
+def bitmap_case(name, doc, patch, words=("bitmap",)):
+    def fn(b):
+        p = bitmap_image(b)
+        patch(p, L.bitmap_entries(p))
+        return Expect("bad.qcow2", convert="any", words=words)
+    CASES.append(Case(name, "malformed", fn, doc))
+
+
+def _bitmaps_ext(p):
+    return [off for typ, off, _ in L.header_extensions(p) if typ == L.EXT_BITMAPS][0]
+
+
+bitmap_case("bitmap_reserved_flag", "bitmap flags with reserved bit 2 set",
+            lambda p, e: L.write_be(p, e[0] + 12, 4, 2 | 4))
+bitmap_case("bitmap_granularity_bits_8", "granularity_bits 8 (QEMU allows 9 to 31)",
+            lambda p, e: L.write_be(p, e[1] + 17, 1, 8))
+bitmap_case("bitmap_granularity_bits_32", "granularity_bits 32 (QEMU allows 9 to 31)",
+            lambda p, e: L.write_be(p, e[1] + 17, 1, 32))
+bitmap_case("bitmap_type_2", "bitmap type 2 (only 1, dirty tracking, exists)",
+            lambda p, e: L.write_be(p, e[0] + 16, 1, 2))
+bitmap_case("bitmap_table_misaligned", "bitmap table offset 512 bytes off cluster alignment",
+            lambda p, e: L.write_be(p, e[0], 8, L.read_be(p, e[0], 8) + 512))
+bitmap_case("bitmap_table_size_0", "bitmap table size 0",
+            lambda p, e: L.write_be(p, e[1] + 8, 4, 0))
+bitmap_case("bitmap_table_too_small", "a bitmap not in use whose table cannot cover the disk",
+            lambda p, e: (L.write_be(p, e[0] + 17, 1, 9), L.hdr_set(p, "size", 512 * M)))
+bitmap_case("bitmap_name_past_directory", "the last name runs past the directory's end",
+            lambda p, e: L.write_be(p, e[1] + 18, 2, 200))
+bitmap_case("bitmap_name_1024", "name_size 1024 (QEMU allows 1023)",
+            lambda p, e: L.write_be(p, e[1] + 18, 2, 1024))
+bitmap_case("bitmap_extra_data", "extra_data_size 8 (QEMU supports none)",
+            lambda p, e: L.write_be(p, e[0] + 20, 4, 8))
+bitmap_case("bitmap_count_more", "the extension says 3 bitmaps, the directory holds 2",
+            lambda p, e: L.write_be(p, _bitmaps_ext(p) + 8, 4, 3))
+bitmap_case("bitmap_count_fewer", "the extension says 1 bitmap, the directory holds 2",
+            lambda p, e: L.write_be(p, _bitmaps_ext(p) + 8, 4, 1))
+bitmap_case("bitmap_duplicate_name", "two bitmaps named 'first'",
+            lambda p, e: (L.write_be(p, e[1] + 18, 2, 5), L.write_bytes(p, e[1] + 24, b"first")))
+
+
 def first_line(text):
     lines = text.strip().split("\n")
     return lines[0] if lines and lines[0] else ""

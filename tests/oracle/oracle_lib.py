@@ -322,6 +322,39 @@ def header_extensions(path):
     return exts
 
 
+def bitmap_entries(path):
+    """Offsets of the bitmap directory's entries, in order (the directory the
+    bitmaps extension names; [] without one).  Entry fields (big-endian):
+    +0 table offset (8), +8 table size (4), +12 flags (4), +16 type (1),
+    +17 granularity bits (1), +18 name size (2), +20 extra data size (4)."""
+    for typ, off, _ in header_extensions(path):
+        if typ == EXT_BITMAPS:
+            nb = read_be(path, off + 8, 4)
+            pos = read_be(path, off + 24, 8)
+            out = []
+            for _ in range(nb):
+                out.append(pos)
+                name_size = read_be(path, pos + 18, 2)
+                extra_size = read_be(path, pos + 20, 4)
+                pos += (24 + extra_size + name_size + 7) & ~7
+            return out
+    return []
+
+
+def snapshot_entries(path):
+    """Offsets of the snapshot table's entries, in order.  Entry fields:
+    +12 id size (2), +14 name size (2), +36 extra data size (4), extra data
+    from +40 (+0 in it: the 64-bit VM state size)."""
+    pos = hdr_get(path, "snapshots_offset")
+    out = []
+    for _ in range(hdr_get(path, "nb_snapshots")):
+        out.append(pos)
+        id_size, name_size = read_be(path, pos + 12, 2), read_be(path, pos + 14, 2)
+        extra_size = read_be(path, pos + 36, 4)
+        pos += (40 + extra_size + id_size + name_size + 7) & ~7
+    return out
+
+
 def rewrite_extensions(path, transform):
     """Rewrites the header extension area: transform(list of (type, data))
     returns the new list.  The backing file name (if any) is moved to just

@@ -654,6 +654,111 @@ def _(ctx):
     check(ctx, "t.qcow2")
 
 
+@case("snapshots", "snapshot_vm_state_size_huge",
+      "VM state sizes 2^64-1 and 2^63 (patched): qemu-img prints them signed in JSON")
+def _(ctx):
+    b = ctx.b
+    b.create("t.qcow2", 4 * M)
+    b.io("t.qcow2", ("noise", 0, 100 * K))
+    b.snapshot("t.qcow2", "s1")
+    b.snapshot("t.qcow2", "s2")
+    p = b.path("t.qcow2")
+    for entry, size in zip(L.snapshot_entries(p), (2**64 - 1, 2**63)):
+        if L.read_be(p, entry + 36, 4) < 8:
+            raise SetupError("snapshot entry without the 64-bit VM state size")
+        L.write_be(p, entry + 40, 8, size)
+    check(ctx, "t.qcow2")
+
+
+# -- persistent dirty bitmaps -------------------------------------------------------
+# info lists them under format-specific.data.bitmaps; the data reads as usual.
+
+def bitmap_case(create_opts, bitmaps, size=64 * M, patch=None):
+    """bitmaps: [(name, granularity or None, disabled)]; patch(path) runs last."""
+    def fn(ctx):
+        b = ctx.b
+        b.create("t.qcow2", size, opts=create_opts)
+        b.io("t.qcow2", ("noise", 1000, 300 * K), "write -z %d %d" % (size // 2, 64 * K))
+        for name, granularity, disabled in bitmaps:
+            args = ["bitmap", "--add"]
+            if granularity:
+                args += ["-g", granularity]
+            if disabled:
+                args.append("--disable")
+            b.qemu_img(*(args + ["t.qcow2", name]))
+        b.io("t.qcow2", ("noise", size - 5000, 5000))
+        if patch:
+            patch(b.path("t.qcow2"))
+        check(ctx, "t.qcow2")
+    return fn
+
+
+def _set_bitmap_flags(index, flags):
+    def patch(p):
+        L.write_be(p, L.bitmap_entries(p)[index] + 12, 4, flags)
+    return patch
+
+
+def _clear_autoclear(p):
+    L.hdr_set(p, "autoclear_features", L.hdr_get(p, "autoclear_features") & ~1)
+
+
+add("bitmaps", "bitmap_one", bitmap_case(None, [("b0", None, False)]),
+    "one bitmap, default granularity")
+add("bitmaps", "bitmaps_granularities",
+    bitmap_case(None, [("g512", 512, False), ("g64k", 65536, False), ("g1m", M, False),
+                       ("g2g", 2 * G, False)]),
+    "four bitmaps, granularity 512 B to 2 GiB")
+add("bitmaps", "bitmap_disabled",
+    bitmap_case(None, [("on", None, False), ("off", None, True)]),
+    "an enabled and a disabled bitmap (flags auto / none)")
+add("bitmaps", "bitmap_in_use",
+    bitmap_case(None, [("a", None, False), ("b", None, True), ("c", None, False)],
+                patch=lambda p: (_set_bitmap_flags(0, 3)(p), _set_bitmap_flags(1, 1)(p))),
+    "bitmaps left in use (flags patched to in_use|auto and in_use)")
+add("bitmaps", "bitmap_in_use_table_too_small",
+    bitmap_case(None, [("a", 512, False)], size=4 * M,
+                patch=lambda p: (L.hdr_set(p, "size", 512 * M), _set_bitmap_flags(0, 3)(p))),
+    "an in-use bitmap whose table no longer covers the disk (size patched to 512 MiB)")
+add("bitmaps", "bitmaps_extl2",
+    bitmap_case({"extended_l2": "on"}, [("x", None, False), ("y", 4096, True)]),
+    "extended L2 entries with two bitmaps")
+add("bitmaps", "bitmaps_cluster512",
+    bitmap_case({"cluster_size": 512}, [("small", 512, False), ("big", M, True)]),
+    "512-byte clusters with bitmaps (a bitmap table of many entries)")
+add("bitmaps", "bitmaps_cluster2M_extl2",
+    bitmap_case({"cluster_size": 2 * M, "extended_l2": "on"},
+                [("fine", 512, False), ("coarse", 2 * G, False)], size=G),
+    "2 MiB clusters, extended L2, granularities 512 B and 2 GiB")
+add("bitmaps", "bitmaps_stale_extension",
+    bitmap_case(None, [("b0", None, False)], patch=_clear_autoclear),
+    "autoclear bit 0 cleared: the extension is stale, qemu lists no bitmaps")
+
+
+@case("bitmaps", "bitmaps_all_removed", "bitmaps added then all removed")
+def _(ctx):
+    b = ctx.b
+    b.create("t.qcow2", 8 * M)
+    b.qemu_img("bitmap", "--add", "t.qcow2", "a")
+    b.qemu_img("bitmap", "--add", "t.qcow2", "b")
+    b.qemu_img("bitmap", "--remove", "t.qcow2", "a")
+    b.qemu_img("bitmap", "--remove", "t.qcow2", "b")
+    b.io("t.qcow2", ("noise", 0, 100 * K))
+    check(ctx, "t.qcow2")
+
+
+@case("bitmaps", "bitmaps_in_backing_chain", "bitmaps in the top image and in its backing file")
+def _(ctx):
+    b = ctx.b
+    b.create("base.qcow2", 8 * M)
+    b.io("base.qcow2", ("noise", 0, M))
+    b.qemu_img("bitmap", "--add", "-g", "1M", "base.qcow2", "base-bitmap")
+    b.create("t.qcow2", 8 * M, backing="base.qcow2", backing_fmt="qcow2")
+    b.qemu_img("bitmap", "--add", "--disable", "t.qcow2", "top-bitmap")
+    b.io("t.qcow2", ("noise", 512 * K, M))
+    check(ctx, "t.qcow2", chain=True)
+
+
 # -- large sparse images ----------------------------------------------------------
 
 def large_case(size, cs, compat, writes):

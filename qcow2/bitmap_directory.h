@@ -1,0 +1,118 @@
+// The bitmap directory: the list of persistent dirty bitmaps an image
+// carries (QEMU's docs/interop/qcow2.txt, "Bitmaps").
+//
+// The header's bitmaps extension names the directory (offset, size in bytes,
+// number of entries); it is in force only while autoclear feature bit 0
+// ("bitmaps") is set: a program that does not know bitmaps clears that bit
+// when it writes the image, which tells everyone after it that the bitmaps
+// no longer match the data, so QEMU then ignores the extension altogether.
+//
+// The directory is a run of entries, each starting on an 8-byte boundary:
+//
+//   0 -  7  bitmap_table_offset   16       type (1: dirty tracking)
+//   8 - 11  bitmap_table_size     17       granularity_bits
+//           (8-byte entries)      18 - 19  name_size
+//  12 - 15  flags (1: in_use,     20 - 23  extra_data_size
+//           2: auto)              24 -     extra data, then the name (not
+//                                          NUL-terminated), zero padding to 8
+//
+// Parsing applies QEMU 7.2's rules (qcow2-bitmap.c) so that we refuse what it
+// refuses, plus the spec's own "must"s QEMU leaves to later steps (a non-empty
+// name, names unique, the bitmap table inside the file). Nothing is allocated
+// from a field before it is checked: the directory is read only once its size
+// is within QEMU's limit (64 MiB less 64 KiB).
+//
+// Thread model: plain functions on values; ReadBitmapDirectory awaits `file`
+// and must run where that File's operations may be started.
+#ifndef UBLK_QCOW2_QCOW2_BITMAP_DIRECTORY_H_
+#define UBLK_QCOW2_QCOW2_BITMAP_DIRECTORY_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+#include "base/task.h"
+#include "qcow2/file.h"
+#include "qcow2/header.h"
+
+namespace uq::qcow2 {
+
+// Entry flags. Every other bit is reserved; QEMU 7.2 refuses an entry with any
+// of them set (bit 2, the spec's extra_data_compatible, included).
+inline constexpr uint32_t kBitmapInUse = 1u << 0;  // being written: contents unusable
+inline constexpr uint32_t kBitmapAuto = 1u << 1;   // enabled: tracks guest writes
+inline constexpr uint32_t kBitmapKnownFlags = kBitmapInUse | kBitmapAuto;
+
+inline constexpr uint8_t kBitmapTypeDirtyTracking = 1;
+
+// QEMU's limits (block/qcow2.h, block/qcow2-bitmap.c).
+// kMaxBitmaps and kMaxBitmapDirectorySize (the extension's limits) are in format.h.
+inline constexpr uint32_t kMaxBitmapTableEntries = 0x8000000;
+inline constexpr uint64_t kMaxBitmapBytes = 0x20000000;  // clusters a table may name, in bytes
+inline constexpr uint32_t kMinBitmapGranularityBits = 9;
+inline constexpr uint32_t kMaxBitmapGranularityBits = 31;
+inline constexpr size_t kMaxBitmapNameSize = 1023;
+inline constexpr size_t kBitmapEntryFixedBytes = 24;
+
+struct BitmapDirEntry {
+  std::string name;           // name_size bytes, as stored
+  uint64_t table_offset = 0;  // the bitmap table: cluster-aligned
+  uint32_t table_size = 0;    // its 8-byte entries
+  uint32_t flags = 0;         // kBitmapInUse | kBitmapAuto
+  uint8_t type = kBitmapTypeDirtyTracking;
+  uint8_t granularity_bits = 16;
+  // Always empty from ParseBitmapDirectory (QEMU 7.2 defines no extra data
+  // and refuses an entry that has any); written as is by the serialiser.
+  std::vector<std::byte> extra_data;
+
+  uint64_t granularity() const { return uint64_t{1} << granularity_bits; }
+  bool in_use() const { return flags & kBitmapInUse; }
+  bool enabled() const { return flags & kBitmapAuto; }
+};
+
+// The header's bitmaps extension if it is in force (present and the autoclear
+// "bitmaps" bit set), else nullptr: QEMU ignores the extension without that bit.
+const BitmapsExtension* ActiveBitmapsExtension(const Header& header);
+
+// Parses the directory `bytes` (the directory_size bytes at directory_offset)
+// of the image whose header is `header`, whose file holds `file_size` bytes;
+// `path` names the file in errors. REQUIRES: ActiveBitmapsExtension(header).
+//
+// Corruption, naming the file and (once its name is known) the bitmap, when:
+//   an entry's fixed part, extra data, name or padding runs past the
+//   directory ("broken directory"; so do bytes left after the last entry);
+//   the directory holds more or fewer entries than the extension's nb_bitmaps;
+//   a field breaks QEMU's constraints: table offset 0 or not cluster-aligned,
+//   table size 0 or above kMaxBitmapTableEntries, table clusters above
+//   kMaxBitmapBytes, granularity_bits outside 9..31, a reserved flag set,
+//   type other than 1, name longer than 1023 bytes;
+//   a bitmap not in use whose table is too small to cover the virtual disk;
+//   the name is empty or repeats an earlier one (the spec forbids both);
+//   the bitmap table lies (partly) outside the file.
+// NotSupported when an entry has extra data (as QEMU 7.2).
+// Entries come back in directory order.
+Result<std::vector<BitmapDirEntry>> ParseBitmapDirectory(std::span<const std::byte> bytes,
+                                                         const Header& header, uint64_t file_size,
+                                                         const std::string& path);
+
+// The directory's bytes: each entry followed by zero padding to 8 bytes, so
+// that the result's size is what the extension's directory_size must say.
+// Writes what it is given (the caller keeps the entries valid: see
+// ParseBitmapDirectory); serialising what ParseBitmapDirectory returned
+// reproduces the directory byte for byte, except non-zero padding (written
+// as zeros).
+std::vector<std::byte> SerializeBitmapDirectory(std::span<const BitmapDirEntry> entries);
+
+// Reads and parses the directory `header` names in `file`. An empty list when
+// the extension is absent or not in force. Errors: as ParseBitmapDirectory;
+// Corruption if the directory size is 0 or above kMaxBitmapDirectorySize or
+// the directory is not inside the file (checked before reading); IoError from
+// the file.
+Task<Result<std::vector<BitmapDirEntry>>> ReadBitmapDirectory(File& file, const Header& header);
+
+}  // namespace uq::qcow2
+
+#endif  // UBLK_QCOW2_QCOW2_BITMAP_DIRECTORY_H_
