@@ -54,6 +54,9 @@ struct CrashCase {
   // writes come in batches of this many adjacent ones in flight at once, so
   // allocations take queued writes along (queued_writes.h).
   int concurrency = 1;
+  // QEMU's persistent bitmaps on the image (one enabled, one disabled): the
+  // open marks them in use before the first write (MarkBitmapsInUse).
+  bool bitmaps = false;
 };
 std::ostream& operator<<(std::ostream& o, const CrashCase& c) { return o << c.name; }
 
@@ -143,6 +146,11 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
     ASSERT_EQ(Sh(fmt::format("qemu-img convert -c -O qcow2 {} src.raw img.qcow2", c.create)), 0);
   } else {
     ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} img.qcow2 {}", c.create, c.size)), 0);
+  }
+  if (c.bitmaps) {
+    ASSERT_EQ(Sh("qemu-img bitmap --add img.qcow2 b0 && "
+                 "qemu-img bitmap --add --disable -g 1M img.qcow2 b1"),
+              0);
   }
   if (c.snapshot) {
     ASSERT_EQ(Sh(fmt::format("qemu-io -c 'write -P 0x21 0 {}' img.qcow2", c.size / 2)), 0);
@@ -367,6 +375,8 @@ INSTANTIATE_TEST_SUITE_P(
         CrashCase{"c64k_batches", "", 2 << 20, false, false, 24, false, 0, 32ull << 20, 8},
         CrashCase{"extl2_backing_batches", "-o cluster_size=64k,extended_l2=on", 2 << 20, true,
                   false, 24, false, 0, 32ull << 20, 8},
+        CrashCase{"bitmaps", "-o cluster_size=4k", 1 << 20, false, true, 60, false, 0, 32ull << 20,
+                  1, true},
         CrashCase{"extl2_data_file_batches",
                   "-o cluster_size=64k,extended_l2=on,data_file=img.data", 2 << 20, false, false,
                   24, false, 0, 32ull << 20, 8}),

@@ -7,6 +7,8 @@
 
 #include "base/endian.h"
 #include "base/when_all.h"
+#include "qcow2/bitmap_directory.h"
+#include "qcow2/bitmap_directory.h"
 #include "qcow2/compression.h"
 #include "qcow2/format.h"
 
@@ -62,6 +64,11 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts)
     CO_ASSIGN_OR_RETURN(img->snapshots_,
                         co_await ReadSnapshotTable(*img->file_, h.snapshots_offset, h.nb_snapshots,
                                                    img->file_size_, h.version));
+  }
+  // QEMU loads the bitmap directory on every open and refuses the image when
+  // it is broken, reading or writing.
+  if (ActiveBitmapsExtension(h) != nullptr) {
+    CO_RETURN_IF_ERROR((co_await ReadBitmapDirectory(*img->file_, h)).status());
   }
   if (img->writable_) CO_RETURN_IF_ERROR(co_await img->OpenForWriting());
   co_return std::move(img);

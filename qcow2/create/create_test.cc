@@ -207,7 +207,8 @@ class CreateTest : public ::testing::Test {
     // Reopen through the engine.
     uint64_t virtual_size = 0;
     {
-      auto dev = BlockOn(OpenImage(P("o/img.qcow2"), ImageOptions{.env = SyncEnv()}));
+      auto dev = BlockOn(
+          OpenImage(P("o/img.qcow2"), ImageOptions{.env = SyncEnv(), .working_dir = P("o")}));
       ASSERT_TRUE(dev.ok()) << dev.status().ToString();
       virtual_size = (*dev)->size();
     }
@@ -221,7 +222,8 @@ class CreateTest : public ::testing::Test {
                     n),
         "o");
     ExpectChecksClean("o", "img.qcow2");
-    auto dev = BlockOn(OpenImage(P("o/img.qcow2"), ImageOptions{.env = SyncEnv()}));
+    auto dev =
+        BlockOn(OpenImage(P("o/img.qcow2"), ImageOptions{.env = SyncEnv(), .working_dir = P("o")}));
     ASSERT_TRUE(dev.ok()) << dev.status().ToString();
     std::vector<std::byte> buf(n);
     Status read = BlockOn((*dev)->Read(0, buf));
@@ -713,6 +715,7 @@ TEST_F(CreateTest, CreateImageErrors) {
       << st.ToString();
   self.backing_file.reset();
   self.data_file = "./self.qcow2";
+  self.working_dir = P("");  // where qemu-img would run: the image's directory
   st = BlockOn(CreateImage(SyncEnv(), self));
   EXPECT_NE(st.message().find("cannot be its own data file"), std::string::npos) << st.ToString();
   ExpectChecksClean("", "self.qcow2");  // untouched

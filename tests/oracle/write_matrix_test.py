@@ -101,6 +101,45 @@ CASES.append(L.Case("create_relative_data_file", "create", _relative_data_file,
                     "create/convert with a relative data_file name from another directory"))
 
 
+def _bitmaps_survive_writes(opts):
+    def fn(b, binary):
+        """Our writes to an image with QEMU's persistent bitmaps: we do not
+        maintain bitmaps yet, so each is marked in use (inconsistent), as QEMU
+        marks one it will not maintain, and its clusters stay referenced."""
+        b.create("img.qcow2", 8 * M, opts=opts)
+        b.io("img.qcow2", "write -P 0x11 0 1M")
+        b.qemu_img("bitmap", "--add", "-g", "65536", "img.qcow2", "b0")
+        b.qemu_img("bitmap", "--add", "--disable", "-g", "1M", "img.qcow2", "b1")
+        b.io("img.qcow2", "write -P 0x22 2M 256k")  # b0 gets bits
+        before = json.loads(b.qemu_img("info", "--output=json", "img.qcow2").out)
+        L.must([binary, "bench", "-w", "-c", "64", "-s", "4k", "-S", "64k", "-o", "4M",
+                "img.qcow2"], b.cwd, b.log)
+        res = L.run([L.QEMU_IMG, "check", "img.qcow2"], b.cwd, b.log)
+        if res.rc != 0:
+            raise L.CaseFailure("qemu-img check exit %d after our writes: %s"
+                                % (res.rc, (res.out + res.err)[:400]))
+        after = json.loads(b.qemu_img("info", "--output=json", "img.qcow2").out)
+        bitmaps = after.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+        names = sorted(x["name"] for x in bitmaps)
+        if names != ["b0", "b1"]:
+            raise L.CaseFailure("bitmaps after our writes: %s (before: %s)"
+                                % (bitmaps, before["format-specific"]["data"].get("bitmaps")))
+        for x in bitmaps:
+            if "in-use" not in x["flags"]:
+                raise L.CaseFailure("bitmap %s not marked in use: %s" % (x["name"], x))
+        # QEMU still opens, writes and checks it.
+        b.io("img.qcow2", "write -P 0x33 6M 64k")
+        L.must([L.QEMU_IMG, "check", "img.qcow2"], b.cwd, b.log)
+        return "bitmaps kept and marked in use; qemu-img check clean"
+    return fn
+
+
+for _name, _opts in (("", None), ("_extl2", {"extended_l2": "on", "cluster_size": "32k"}),
+                     ("_c512", {"cluster_size": "512"})):
+    CASES.append(L.Case("bitmaps_survive_writes" + _name, "bitmaps", _bitmaps_survive_writes(_opts),
+                        "our writes keep QEMU's bitmaps (marked in use) " + str(_opts or "")))
+
+
 def convert_case(name, doc, compress=False, out_opts=""):
     def deco(prepare):
         def fn(b, binary):
