@@ -169,39 +169,20 @@ def _(b):
 
 # --- malformed header extensions (finding 11) ---
 
-@case("bitmaps_ext_length_16", "bitmaps extension of 16 bytes")
-def _(b):
-    p = with_bitmap(b)
-    pos, _ = find_ext(p, EXT_BITMAPS)
-    patch(p, pos + 4, struct.pack(">I", 16))
-
-
-@case("bitmaps_ext_length_32", "bitmaps extension of 32 bytes")
-def _(b):
-    p = with_bitmap(b)
-    pos, _ = find_ext(p, EXT_BITMAPS)
-    patch(p, pos + 4, struct.pack(">I", 32))
-
-
-@case("bitmaps_ext_nb_bitmaps_0", "bitmaps extension that lists 0 bitmaps")
-def _(b):
-    p = with_bitmap(b)
-    pos, _ = find_ext(p, EXT_BITMAPS)
-    patch(p, pos + 8, struct.pack(">I", 0))
-
-
-@case("bitmaps_ext_reserved", "bitmaps extension with a non-zero reserved field")
-def _(b):
-    p = with_bitmap(b)
-    pos, _ = find_ext(p, EXT_BITMAPS)
-    patch(p, pos + 12, struct.pack(">I", 1))
-
-
-@case("bitmaps_ext_directory_size_0", "bitmap directory size 0")
-def _(b):
-    p = with_bitmap(b)
-    pos, _ = find_ext(p, EXT_BITMAPS)
-    patch(p, pos + 16, struct.pack(">Q", 0))
+# (name, what, offset in the extension (header included), struct format, value)
+BITMAPS_EXT_PATCHES = [
+    ("length_16", "bitmaps extension of 16 bytes", 4, ">I", 16),
+    ("length_32", "bitmaps extension of 32 bytes", 4, ">I", 32),
+    ("nb_bitmaps_0", "bitmaps extension that lists 0 bitmaps", 8, ">I", 0),
+    ("reserved", "bitmaps extension with a non-zero reserved field", 12, ">I", 1),
+    ("directory_size_0", "bitmap directory size 0", 16, ">Q", 0),
+]
+for _name, _doc, _at, _fmt, _value in BITMAPS_EXT_PATCHES:
+    def _patch_bitmaps_ext(b, at=_at, fmt=_fmt, value=_value):
+        p = with_bitmap(b)
+        pos, _ = find_ext(p, EXT_BITMAPS)
+        patch(p, pos + at, struct.pack(fmt, value))
+    case("bitmaps_ext_" + _name, _doc)(_patch_bitmaps_ext)
 
 
 @case("bitmaps_ext_directory_misaligned", "bitmap directory offset not cluster aligned")
