@@ -210,6 +210,35 @@ def _(b):
     return [("a.qcow2", [])]
 
 
+@case("prealloc/kinds", "preallocation=metadata with extended L2 and with a raw data file; "
+      "falloc and full (mapped, allocated: data)")
+def _(b):
+    b.create("e.qcow2", 4 * M, opts={"preallocation": "metadata", "extended_l2": "on"})
+    b.io("e.qcow2", "write -P 1 4k 2k")
+    b.create("d.qcow2", 4 * M, opts={"preallocation": "metadata", "data_file": "d.raw",
+                                     "data_file_raw": "on"})
+    b.io("d.qcow2", "write -P 1 64k 4k")
+    b.create("fa.qcow2", 8 * M, opts={"preallocation": "falloc"})
+    b.create("fu.qcow2", 8 * M, opts={"preallocation": "full"})
+    return [("e.qcow2", []), ("d.qcow2", []), ("fa.qcow2", []), ("fu.qcow2", [])]
+
+
+# --------------------------------------------------------------------------
+# Other image kinds
+
+
+@case("other/snapshot_zstd", "an internal snapshot (shared clusters), then writes and a discard; "
+      "zstd compressed clusters")
+def _(b):
+    b.create("s.qcow2", 4 * M)
+    b.io("s.qcow2", "write -P 1 0 128k")
+    b.snapshot("s.qcow2", "s1")
+    b.io("s.qcow2", "write -P 2 64k 64k", "discard 0 64k")
+    b.create("z.qcow2", 4 * M, opts={"compression_type": "zstd"})
+    b.io("z.qcow2", "write -c -P 1 0 64k", "write -P 2 1M 64k")
+    return [("s.qcow2", []), ("s.qcow2", ["-f", "raw"]), ("z.qcow2", [])]
+
+
 # --------------------------------------------------------------------------
 # Ranges, sizes
 
