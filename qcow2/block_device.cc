@@ -15,6 +15,9 @@ Task<Status> BlockDevice::Flush() { co_return Status::Ok(); }
 Task<Status> BlockDevice::Discard(uint64_t, uint64_t) { co_return ReadOnly(*this); }
 Task<Status> BlockDevice::WriteZeroes(uint64_t, uint64_t) { co_return ReadOnly(*this); }
 Task<Result<uint64_t>> BlockDevice::ZeroPrefix(uint64_t, uint64_t) { co_return uint64_t{0}; }
+Task<Result<RangeStatus>> BlockDevice::BlockStatus(uint64_t, uint64_t length) {
+  co_return RangeStatus{RangeStatus::Kind::kData, length};
+}
 Task<Status> BlockDevice::Close() { co_return co_await Flush(); }
 
 }  // namespace uq::qcow2

@@ -25,6 +25,32 @@
 
 namespace uq::qcow2 {
 
+// What ONE layer of a backing chain says about a range, found from metadata
+// and the file system without reading data: qemu-img map's unit. Walking the
+// chain (depth, zeros where no layer has anything) is the caller's job.
+struct RangeStatus {
+  enum class Kind : uint8_t {
+    kData,         // this layer holds the bytes
+    kZero,         // this layer says they read as zeros
+    kDataZeros,    // both: this layer holds them, at a place that reads as
+                   // zeros (mapped clusters over a hole of the host file)
+    kUnallocated,  // this layer holds nothing: the layer below decides
+  };
+  bool data() const { return kind == Kind::kData || kind == Kind::kDataZeros; }
+  bool zero() const { return kind == Kind::kZero || kind == Kind::kDataZeros; }
+  Kind kind = Kind::kData;
+  // Bytes from the offset asked about that share this status (kind, and a
+  // host offset that runs on contiguously); > 0.
+  uint64_t length = 0;
+  // Whether the range has a place in a host file: host_offset in `file`.
+  // Compressed data has none; an unallocated or zero range may have one
+  // (preallocated clusters, extended L2 subclusters of a mapped cluster).
+  bool has_offset = false;
+  uint64_t host_offset = 0;
+  // The path of that host file; lives as long as the device.
+  const std::string* file = nullptr;
+};
+
 class BlockDevice {
  public:
   virtual ~BlockDevice() = default;
@@ -50,6 +76,13 @@ class BlockDevice {
   // over nothing. 0 when the range starts with data or the device cannot
   // tell. Lets copies skip the empty parts of huge sparse images.
   virtual Task<Result<uint64_t>> ZeroPrefix(uint64_t offset, uint64_t length);
+  // The status of the longest run from `offset` (at most `length` bytes)
+  // that this layer alone describes one way. REQUIRES: 0 < length, and
+  // offset + length <= size(). Errors: a metadata read that fails, an entry
+  // that contradicts the format (Corruption). This default: data, no offset.
+  virtual Task<Result<RangeStatus>> BlockStatus(uint64_t offset, uint64_t length);
+  // The next device down the backing chain, or null.
+  virtual BlockDevice* backing() const { return nullptr; }
   // A read, or a write without FUA, that the calling thread may do itself,
   // on its own ring, without the device's thread: every cluster of the range
   // is mapped to a known host location that cannot change while the task

@@ -1,7 +1,10 @@
 #include "qcow2/file.h"
 
 #include <fmt/format.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 
 namespace uq::qcow2 {
@@ -50,6 +53,33 @@ Task<Status> File::ReadZeroPadded(uint64_t offset, std::span<std::byte> out) {
   if (!n.ok()) co_return n.status();
   if (*n < out.size()) std::memset(out.data() + *n, 0, out.size() - *n);
   co_return Status::Ok();
+}
+
+Result<FileExtent> File::Extent(uint64_t offset) {
+  if (fd() < 0) {
+    ASSIGN_OR_RETURN(uint64_t size, Size());
+    if (offset >= size) return FileExtent{false, FileExtent::kToTheEnd};
+    return FileExtent{true, size - offset};
+  }
+  const off_t data = ::lseek(fd(), static_cast<off_t>(offset), SEEK_DATA);
+  if (data < 0) {
+    // ENXIO: no data at or after offset (a trailing hole, or past the end).
+    if (errno == ENXIO) return FileExtent{false, FileExtent::kToTheEnd};
+    return Status::FromErrno(errno, fmt::format("{}: seek data at {}", path(), offset));
+  }
+  if (static_cast<uint64_t>(data) > offset) {
+    return FileExtent{false, static_cast<uint64_t>(data) - offset};
+  }
+  const off_t hole = ::lseek(fd(), static_cast<off_t>(offset), SEEK_HOLE);
+  if (hole < 0) return Status::FromErrno(errno, fmt::format("{}: seek hole at {}", path(), offset));
+  return FileExtent{true, static_cast<uint64_t>(hole) - offset};
+}
+
+Result<uint64_t> File::AllocatedBytes() {
+  if (fd() < 0) return Size();
+  struct stat st;
+  if (::fstat(fd(), &st) != 0) return Status::FromErrno(errno, fmt::format("{}: stat", path()));
+  return static_cast<uint64_t>(st.st_blocks) * 512;
 }
 
 }  // namespace uq::qcow2

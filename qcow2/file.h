@@ -17,6 +17,9 @@
 //   Sync     makes every completed write durable (fdatasync).
 //   Discard  deallocates [offset, offset+length); the range reads as zeros.
 //   Zero     makes the range read as zeros, keeping it allocated if it was.
+//   Extent   (synchronous) whether `offset` lies in data or in a hole, and how
+//            far that lasts (SEEK_DATA/SEEK_HOLE); a file that cannot tell
+//            says data up to its end.
 //   Allocate reserves space for [offset, offset+length) and grows the file to
 //            cover it, leaving every byte already there as it is (fallocate
 //            mode 0): later writes there need no block allocation and no
@@ -47,6 +50,14 @@
 namespace uq::qcow2 {
 
 class File;
+
+// What File::Extent finds at an offset: data or a hole, for `length` bytes.
+struct FileExtent {
+  // A hole with no data after it (at or past the end of the file, too).
+  static constexpr uint64_t kToTheEnd = ~uint64_t{0};
+  bool data = true;
+  uint64_t length = 0;  // > 0; kToTheEnd only for a hole
+};
 
 // One operation on one file, as data.
 struct IoRequest {
@@ -112,6 +123,16 @@ class File {
   virtual const std::string& path() const = 0;
   // The host fd, or -1 for files that have none (in-memory ones).
   virtual int fd() const { return -1; }
+  // Data or hole at `offset`, as SEEK_DATA/SEEK_HOLE say (qemu-img map's
+  // source for raw files): a data extent ends at the next hole (at the end of
+  // the file at the latest); a hole ends at the next data, or is kToTheEnd.
+  // This default asks the fd; without one, everything up to Size() is data.
+  // Errors: IoError naming the file.
+  virtual Result<FileExtent> Extent(uint64_t offset);
+  // Bytes the file occupies on its storage (st_blocks * 512); without an fd,
+  // Size(). qcow2's metadata-preallocation guess compares it with the
+  // clusters in use.
+  virtual Result<uint64_t> AllocatedBytes();
 
   // Starts `req`. Returns true if it completed synchronously (req.result is
   // set and req.waiter must not be resumed); false if req.waiter will be

@@ -102,6 +102,15 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> WriteZeroes(uint64_t offset, uint64_t length) override;
   Task<Status> Close() override;
   Task<Result<uint64_t>> ZeroPrefix(uint64_t offset, uint64_t length) override;
+  // From the L1/L2 tables (block_status.cc), as QEMU's qcow2 driver answers:
+  // data clusters kData at their host offset (in the data file if there is
+  // one); compressed ones kData without; zero clusters kZero (with the host
+  // offset if they keep one); unallocated ones kUnallocated (with the host
+  // offset of their cluster for extended L2 subclusters of a mapped cluster).
+  // An image whose file looks preallocated with metadata (more clusters in
+  // use than the file occupies, QEMU's guess) also asks the host file: data
+  // over a hole, or past the file's end, is kDataZeros.
+  Task<Result<RangeStatus>> BlockStatus(uint64_t offset, uint64_t length) override;
   std::optional<Task<Status>> TryAnyThread(bool write, uint64_t offset,
                                            std::span<std::byte> buffer) override;
 
@@ -116,7 +125,7 @@ class Qcow2Image final : public BlockDevice {
   const Header& header() const { return header_; }
   const Geometry& geometry() const { return geo_; }
   const std::vector<Snapshot>& snapshots() const { return snapshots_; }
-  BlockDevice* backing() const { return backing_.get(); }
+  BlockDevice* backing() const override { return backing_.get(); }
   const MetadataCache& l2_cache() const { return l2_cache_; }
   const SharedMap& shared_map() const { return shared_map_; }
   // Guest writes that went along in another request's allocating write.
@@ -240,6 +249,16 @@ class Qcow2Image final : public BlockDevice {
   // external data file.
   const char* RefusedEntry(uint64_t offset, const L2Entry& entry) const;
 
+  // --- block status (block_status.cc) ---
+  // What the subcluster of `e` holding guest `offset` is, in BlockStatus's
+  // terms (length unset); nullopt if the entry contradicts the spec there.
+  std::optional<RangeStatus> SubclusterStatus(const L2Entry& e, uint64_t offset) const;
+  // `s` (data with a host offset) refined by the host file's holes and end.
+  Result<RangeStatus> AskHostFile(RangeStatus s);
+  // QEMU's guess whether the image was preallocated with metadata only;
+  // decided once.
+  Task<Result<bool>> MetadataPreallocated();
+
   // --- requests from other threads (shared_map.h) ---
   // Publishes the cluster at `offset` if `entry` maps all of it to data.
   // REQUIRES: `entry` is current (no suspension since it was looked up) and
@@ -304,6 +323,7 @@ class Qcow2Image final : public BlockDevice {
   // of refcounts_).
   std::unordered_set<uint64_t> metadata_clusters_;
   bool closed_ = false;
+  std::optional<bool> metadata_preallocated_;  // MetadataPreallocated()
   // Where the next compressed cluster goes (0: start a new host cluster).
   uint64_t compressed_next_ = 0;
   // The last decompressed cluster: sequential small reads of a compressed

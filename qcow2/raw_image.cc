@@ -63,4 +63,15 @@ Task<Result<uint64_t>> RawImage::ZeroPrefix(uint64_t offset, uint64_t length) {
   co_return std::min<uint64_t>(length, static_cast<uint64_t>(data) - offset);
 }
 
+Task<Result<RangeStatus>> RawImage::BlockStatus(uint64_t offset, uint64_t length) {
+  CO_ASSIGN_OR_RETURN(FileExtent extent, file_->Extent(offset));
+  RangeStatus status;
+  status.kind = extent.data ? RangeStatus::Kind::kData : RangeStatus::Kind::kZero;
+  status.length = std::min(length, extent.length);
+  status.has_offset = true;
+  status.host_offset = offset;
+  status.file = &file_->path();
+  co_return status;
+}
+
 }  // namespace uq::qcow2

@@ -27,6 +27,10 @@ class RawImage final : public BlockDevice {
   Task<Status> Discard(uint64_t offset, uint64_t length) override;
   Task<Status> WriteZeroes(uint64_t offset, uint64_t length) override;
   Task<Result<uint64_t>> ZeroPrefix(uint64_t offset, uint64_t length) override;
+  // Holes (SEEK_HOLE, and the tail past the end of the file) are kZero, the
+  // rest kData, both at host offset == offset in this file, as QEMU's
+  // file-posix driver reports them.
+  Task<Result<RangeStatus>> BlockStatus(uint64_t offset, uint64_t length) override;
 
  private:
   Status CheckRange(uint64_t offset, uint64_t length) const;

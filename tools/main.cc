@@ -22,6 +22,7 @@
 #include "tools/del_command.h"
 #include "tools/info_command.h"
 #include "tools/list_command.h"
+#include "tools/map_command.h"
 
 namespace uq::tools {
 namespace {
@@ -42,6 +43,8 @@ constexpr Verb kVerbs[] = {
      &MakeCheckCommand},
     {"info", "Show an image's format, sizes, backing file and snapshots (like qemu-img info)",
      &MakeInfoCommand},
+    {"map", "Show which ranges hold data or zeros, in which layer and where (like qemu-img map)",
+     &MakeMapCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},
     {"bench", "Measure read/write IOPS on an image (like qemu-img bench)", &MakeBenchCommand},

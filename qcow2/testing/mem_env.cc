@@ -23,6 +23,18 @@ constexpr uint64_t kDirectAlignment = 512;
 
 bool Aligned(uint64_t value) { return value % kDirectAlignment == 0; }
 
+// MemFile::Extent's unit: a block of zeros counts as a hole.
+constexpr uint64_t kHoleBlock = 4096;
+
+bool BlockIsZero(const std::vector<std::byte>& bytes, uint64_t block) {
+  const uint64_t begin = block * kHoleBlock;
+  const uint64_t end = std::min<uint64_t>(begin + kHoleBlock, bytes.size());
+  for (uint64_t i = begin; i < end; i++) {
+    if (bytes[i] != std::byte{0}) return false;
+  }
+  return true;
+}
+
 // Closes a host fd when it goes out of scope.
 class HostFd {
  public:
@@ -68,6 +80,29 @@ class MemEnv::MemFile final : public File {
   }
 
   const std::string& path() const override { return path_; }
+
+  // Memory keeps no holes; this answers as a file system that stores no
+  // all-zero block would (kHoleBlock bytes, the usual page), so sparse-file
+  // logic (qemu-img map's holes) can be tested in memory.
+  Result<FileExtent> Extent(uint64_t offset) override {
+    std::lock_guard lock(env_->mu_);
+    const std::vector<std::byte>& bytes = node_->bytes;
+    const uint64_t size = bytes.size();
+    if (offset >= size) return FileExtent{false, FileExtent::kToTheEnd};
+    const bool data = !BlockIsZero(bytes, offset / kHoleBlock);
+    uint64_t end = (offset / kHoleBlock + 1) * kHoleBlock;
+    while (end < size && !BlockIsZero(bytes, end / kHoleBlock) == data) end += kHoleBlock;
+    if (!data && end >= size) return FileExtent{false, FileExtent::kToTheEnd};
+    return FileExtent{data, std::min(end, size) - offset};
+  }
+
+  Result<uint64_t> AllocatedBytes() override {
+    std::lock_guard lock(env_->mu_);
+    const std::vector<std::byte>& bytes = node_->bytes;
+    uint64_t blocks = 0;
+    for (uint64_t b = 0; b * kHoleBlock < bytes.size(); b++) blocks += !BlockIsZero(bytes, b);
+    return blocks * kHoleBlock;
+  }
 
   bool Start(IoRequest& req) override {
     if (env_->deferred()) {

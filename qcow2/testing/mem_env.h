@@ -13,6 +13,9 @@
 //   Discard, Zero
 //            make [offset, offset+length) read as zeros, clipped to the size:
 //            neither extends the file.
+//   Extent, AllocatedBytes
+//            memory keeps no holes, so these answer as a file system that
+//            stores no all-zero 4 KiB block: such a block is a hole.
 // Errors are the errnos a host file would give: ENOENT opening a missing file
 // without `create`, EBADF writing through a read-only handle, EINVAL for an
 // unaligned O_DIRECT transfer (`direct` handles demand 512-byte alignment of
