@@ -3,7 +3,9 @@
 // Exit statuses (tools/command.h): 0 success (and --help, --version); 1 the
 // verb failed, one line "ublk-qcow2: <message>" on stderr; 2 a bad command
 // line (unknown verb, missing argument, bad flag or value), the message and
-// the usage on stderr.
+// the usage on stderr. A verb may number its failures differently, as the
+// qemu-img verb it follows does (compare: 1 images differ, 2..4 errors, and
+// 1 for a bad command line); see Command::error_exit_code.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <exception>
@@ -17,6 +19,7 @@
 #include "tools/bench_command.h"
 #include "tools/check_command.h"
 #include "tools/command.h"
+#include "tools/compare_command.h"
 #include "tools/convert_command.h"
 #include "tools/create_command.h"
 #include "tools/del_command.h"
@@ -43,6 +46,8 @@ constexpr Verb kVerbs[] = {
      &MakeCheckCommand},
     {"info", "Show an image's format, sizes, backing file and snapshots (like qemu-img info)",
      &MakeInfoCommand},
+    {"compare", "Compare the guest-visible contents of two images (like qemu-img compare)",
+     &MakeCompareCommand},
     {"map", "Show which ranges hold data or zeros, in which layer and where (like qemu-img map)",
      &MakeMapCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
@@ -97,6 +102,12 @@ int Main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     PrintError(e.what());
     std::cerr << Usage(app);
+    // The verb is argv[1] (an unknown one was refused above).
+    for (size_t i = 0; i < commands.size(); ++i) {
+      if (argc > 1 && std::string_view(argv[1]) == kVerbs[i].name) {
+        return commands[i]->usage_exit_code();
+      }
+    }
     return kExitUsage;
   }
 
@@ -105,7 +116,7 @@ int Main(int argc, char** argv) {
     Status status = commands[i]->Run();
     if (status.ok()) return commands[i]->exit_code();
     PrintError(status.ToString());
-    return kExitError;
+    return commands[i]->error_exit_code();
   }
   std::cerr << app.help();  // unreachable: require_subcommand(1)
   return kExitUsage;
