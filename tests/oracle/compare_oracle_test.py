@@ -19,6 +19,7 @@ Usage: compare_oracle_test.py BINARY [--group G] [--case SUBSTR]... [--list] [--
 
 import os
 import re
+import shutil
 import sys
 
 sys.dont_write_bytecode = True  # keep the source tree clean
@@ -30,6 +31,8 @@ K = 1 << 10
 M = 1 << 20
 G = 1 << 30
 TIMEOUT = 60
+# Host offset bits of an L1/L2 entry.
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
 # A sparse 64 GiB pair must compare in well under a second; the machine is
 # shared, so allow some slack.
 SPARSE_SECONDS = 2.0
@@ -37,12 +40,7 @@ SPARSE_SECONDS = 2.0
 CASES = []
 
 
-def case(name, doc):
-    def deco(fn):
-        group, short = name.split("/")
-        CASES.append(Case(short, group, fn, doc))
-        return fn
-    return deco
+case = L.case_registry(CASES, Case)
 
 
 def base_image(b, name, size=8 * M, opts=None, fmt="qcow2"):
@@ -62,6 +60,17 @@ def copy(b, src, dst, fmt="qcow2", args=()):
 def flip(b, img, offset, fmt="qcow2", value=0xEE):
     """Writes one byte `value` at offset (the images use no 0xEE elsewhere)."""
     b.io(img, "write -P 0x%x %d 1" % (value, offset), fmt=fmt)
+
+
+def flipped_copies(b, src, offsets):
+    """Copies of src, each with one byte flipped at one of `offsets`."""
+    names = []
+    for i, off in enumerate(offsets):
+        name = "b%d.qcow2" % i
+        copy(b, src, name)
+        flip(b, name, off)
+        names.append(name)
+    return names
 
 
 # --------------------------------------------------------------------------
@@ -117,11 +126,9 @@ def _(b):
     size = 8 * M
     base_image(b, "a.qcow2", size)
     out = []
-    for i, off in enumerate((0, 511, 512, 1000, 64 * K - 1, 64 * K, 100 * K, 1 * M,
-                             1 * M + 256 * K - 1, size - 128 * K + 4097, size - 1)):
-        name = "b%d.qcow2" % i
-        copy(b, "a.qcow2", name)
-        flip(b, name, off)
+    for name in flipped_copies(b, "a.qcow2", (0, 511, 512, 1000, 64 * K - 1, 64 * K, 100 * K,
+                                              1 * M, 1 * M + 256 * K - 1,
+                                              size - 128 * K + 4097, size - 1)):
         out += [["a.qcow2", name], [name, "a.qcow2"]]
     return out
 
@@ -132,10 +139,8 @@ def _(b):
     size = 8 * M
     base_image(b, "a.qcow2", size)
     out = []
-    for i, off in enumerate((512 * K, 1088 * K + 3000, 6 * M - 1, size - 129 * K)):
-        name = "b%d.qcow2" % i
-        copy(b, "a.qcow2", name)
-        flip(b, name, off)
+    for name in flipped_copies(b, "a.qcow2", (512 * K, 1088 * K + 3000, 6 * M - 1,
+                                              size - 129 * K)):
         out += [["a.qcow2", name], [name, "a.qcow2"], ["-s", "a.qcow2", name]]
     copy(b, "a.qcow2", "r.raw", fmt="raw")
     flip(b, "r.raw", 3 * M + 7, fmt="raw")
@@ -368,6 +373,23 @@ def _(b):
             ["a.qcow2", "orphan.qcow2"]]
 
 
+@case("errors/corrupt", "a misaligned L2 table (block status fails: exit 3, qemu-img's "
+      "\"Sector allocation test failed\"), a data cluster past the end of the file (reads zeros)")
+def _(b):
+    b.create("a.qcow2", 1 * M)
+    b.io("a.qcow2", "write -P 1 0 64k")
+    shutil.copy(b.path("a.qcow2"), b.path("l2.qcow2"))
+    shutil.copy(b.path("a.qcow2"), b.path("far.qcow2"))
+    l1 = L.hdr_get(b.path("a.qcow2"), "l1_table_offset")
+    l1_entry = L.read_be(b.path("a.qcow2"), l1, 8)
+    L.write_be(b.path("l2.qcow2"), l1, 8, l1_entry + 512)
+    l2 = l1_entry & OFFSET_MASK
+    l2_entry = L.read_be(b.path("a.qcow2"), l2, 8)
+    L.write_be(b.path("far.qcow2"), l2, 8, (l2_entry & ~OFFSET_MASK) | (1 << 40))
+    return [["a.qcow2", "l2.qcow2"], ["l2.qcow2", "a.qcow2"], ["-s", "a.qcow2", "l2.qcow2"],
+            ["a.qcow2", "far.qcow2"]]
+
+
 @case("errors/usage", "bad command lines: exit 1 (as qemu-img compare), nothing on stdout")
 def _(b):
     b.create("a.qcow2", 1 * M)
@@ -380,8 +402,10 @@ PROGRESS = re.compile(r"    \(\d+\.\d\d/100%\)\r")
 
 
 def named_file(qemu_err):
-    """The file qemu-img's error names ("Could not open 'X'")."""
-    m = re.search(r"'([^']*)'", qemu_err)
+    """The file qemu-img's error names ("Could not open 'X'", "Sector
+    allocation test failed for X")."""
+    m = re.search(r"Could not open '([^']*)'", qemu_err) or re.search(
+        r"failed for (\S+)", qemu_err)
     return m.group(1) if m else None
 
 
