@@ -38,6 +38,26 @@ Result<uint64_t> ParseImageSize(const std::string& text) {
   return *size;
 }
 
+// qemu-img's -l SNAPSHOT: "snapshot.id=ID,snapshot.name=NAME" (either or
+// both), or a bare ID_OR_NAME, tried as an id, then as a name.
+Result<std::vector<qcow2::SnapshotRef>> ParseSnapshotParam(const std::string& param) {
+  if (!param.starts_with("snapshot.")) {
+    return std::vector<qcow2::SnapshotRef>{{param, std::nullopt}, {std::nullopt, param}};
+  }
+  qcow2::SnapshotRef ref;
+  ASSIGN_OR_RETURN(std::vector<qcow2::OptionItem> items, qcow2::SplitOptionList(param));
+  for (const qcow2::OptionItem& item : items) {
+    if (item.key == "snapshot.id") {
+      ref.id = item.value;
+    } else if (item.key == "snapshot.name") {
+      ref.name = item.value;
+    } else {
+      return Status::InvalidArgument(fmt::format("Invalid parameter '{}'", item.key));
+    }
+  }
+  return std::vector<qcow2::SnapshotRef>{ref};
+}
+
 // The bytes of output clusters that hold source data, over the whole chain
 // below `top` (qemu-img measure's walk of bdrv_block_status_above): zeros
 // and ranges no layer allocates count nothing.
@@ -75,11 +95,14 @@ Task<Result<std::optional<std::vector<BitmapToMeasure>>>> SourceBitmaps(
 
 std::string Render(const Measurement& m, bool json) {
   if (json) {
-    // qemu-img's QDict order: bitmaps, when present, comes first.
+    // QEMU's BlockMeasureInfo fields are QAPI 'int': JSON shows them as
+    // signed 64-bit numbers (2^63 comes out as -9223372036854775808), and the
+    // QDict puts bitmaps, when present, first.
+    auto field = [](uint64_t v) { return static_cast<int64_t>(v); };
     std::string out = "{\n";
-    if (m.bitmaps) out += fmt::format("    \"bitmaps\": {},\n", *m.bitmaps);
-    out += fmt::format("    \"required\": {},\n    \"fully-allocated\": {}\n}}\n", m.required,
-                       m.fully_allocated);
+    if (m.bitmaps) out += fmt::format("    \"bitmaps\": {},\n", field(*m.bitmaps));
+    out += fmt::format("    \"required\": {},\n    \"fully-allocated\": {}\n}}\n",
+                       field(m.required), field(m.fully_allocated));
     return out;
   }
   std::string out =
@@ -93,18 +116,26 @@ class MeasureCommand final : public Command {
   void AddFlags(CLI::App& app) override {
     app.add_option("IMAGE", images_, "The image to measure (its backing chain included)");
     size_flag_ = app.add_option("--size", size_text_,
-                                "Measure a new, empty image of this size (512, 64k, 1G)");
-    app.add_option("--output", output_, "Output format: human or json")->capture_default_str();
+                                "Measure a new, empty image of this size (512, 64k, 1G)")
+                     ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+    app.add_option("--output", output_, "Output format: human or json")
+        ->capture_default_str()
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
     app.add_option("-O", out_format_, "Format of the image to measure for: raw or qcow2")
-        ->capture_default_str();
+        ->capture_default_str()
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
     app.add_option("-o,--options", options_,
                    "The new image's options, as create takes them (cluster_size, compat, "
                    "refcount_bits, extended_l2, preallocation, backing_file, ...)")
         ->allow_extra_args(false);
     format_flag_ =
-        app.add_option("-f,--format", format_, "IMAGE's format: qcow2 or raw (default: probe)");
+        app.add_option("-f,--format", format_, "IMAGE's format: qcow2 or raw (default: probe)")
+            ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
     snapshot_flag_ =
-        app.add_option("-l,--snapshot", snapshot_, "Measure an internal snapshot (not supported)");
+        app.add_option("-l,--snapshot", snapshot_,
+                       "Measure the image as it was at this internal snapshot (ID or NAME, or "
+                       "snapshot.id=ID,snapshot.name=NAME)")
+            ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
     app.add_flag("-U,--force-share", force_share_,
                  "Take no image locks: measure an image another process writes");
   }
@@ -117,6 +148,9 @@ class MeasureCommand final : public Command {
     std::optional<uint64_t> size;
     if (size_flag_->count() > 0) {
       ASSIGN_OR_RETURN(size, ParseImageSize(size_text_));
+    }
+    if (snapshot_flag_->count() > 0) {
+      ASSIGN_OR_RETURN(snapshot_refs_, ParseSnapshotParam(snapshot_));
     }
     // qemu-img checks each -o on its own, then joins them.
     for (const std::string& o : options_) {
@@ -156,11 +190,10 @@ class MeasureCommand final : public Command {
     options.env = qcow2::SyncEnv();
     options.format = format_;
     options.lock = !force_share_;
+    options.snapshot = snapshot_refs_;
     CO_ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> device,
                         co_await qcow2::OpenImage(image, options));
-    Result<Measurement> m = Status::NotSupported(
-        fmt::format("{}: measuring an internal snapshot (-l) is not supported", image));
-    if (snapshot_flag_->count() == 0) m = co_await MeasureFor(device->size(), device.get());
+    Result<Measurement> m = co_await MeasureFor(device->size(), device.get());
     Status closed = co_await device->Close();
     if (!m.ok()) co_return m.status();
     if (!closed.ok()) co_return closed;
@@ -202,6 +235,7 @@ class MeasureCommand final : public Command {
   std::string list_;  // the -o lists, joined
   std::string format_;
   std::string snapshot_;
+  std::vector<qcow2::SnapshotRef> snapshot_refs_;
   bool force_share_ = false;
   CLI::Option* size_flag_ = nullptr;
   CLI::Option* format_flag_ = nullptr;

@@ -2,10 +2,11 @@
 // `qemu-img measure` (QEMU 7.2) prints it.
 //
 //   ublk-qcow2 measure [--output=human|json] [-O qcow2|raw] [-o OPTIONS]
-//                      [-U] (--size N | [-f qcow2|raw] IMAGE)
+//                      [-U] (--size N | [-f qcow2|raw] [-l SNAPSHOT] IMAGE)
 //
 // For a new image of N bytes (--size, with qemu-img's suffixes), or for a
-// copy of IMAGE (its whole backing chain, as convert copies it): the size
+// copy of IMAGE (its whole backing chain, as convert copies it; with -l, the
+// image as it was at an internal snapshot, at its current size): the size
 // the file needs ("required size") and would reach with every cluster
 // allocated ("fully allocated size"), plus, for a qcow2 v3 IMAGE measured for
 // qcow2 v3, the space of its persistent bitmaps ("bitmaps size"). The output
@@ -19,8 +20,7 @@
 // Errors exit 1 with qemu-img's message on one line (qemu-img sometimes adds
 // a second, e.g. "Invalid options for file format 'qcow2'"); a flag the
 // verb does not know exits 2 (qemu-img 7.2 prints its help and exits 0).
-// Not supported: -l SNAPSHOT and encrypt.format=luks (both refused with a
-// message, exit 1).
+// Not supported: encrypt.format=luks (refused with a message, exit 1).
 //
 // Reads only metadata, through SyncEnv; takes a reader's lock on each image
 // unless -U.
