@@ -25,17 +25,19 @@ using qcow2::Measurement;
 // qemu-img's cvtnum("image size", ...): a size with qemu-img's suffixes, at
 // most INT64_MAX.
 Result<uint64_t> ParseImageSize(const std::string& text) {
-  Result<uint64_t> size = qcow2::ParseOptionSize("size", text);
-  if (!size.ok()) {
+  uint64_t size = 0;
+  const qcow2::SizeParse parsed = qcow2::ParseQemuSize(text, &size);
+  if (parsed == qcow2::SizeParse::kRange ||
+      (parsed == qcow2::SizeParse::kOk && size > uint64_t{INT64_MAX})) {
+    return Status::InvalidArgument(
+        "Invalid image size specified. Must be between 0 and 9223372036854775807.");
+  }
+  if (parsed != qcow2::SizeParse::kOk) {
     return Status::InvalidArgument(
         "Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, "
         "megabytes, gigabytes, terabytes, petabytes and exabytes.");
   }
-  if (*size > uint64_t{INT64_MAX}) {
-    return Status::InvalidArgument(
-        "Invalid image size specified. Must be between 0 and 9223372036854775807.");
-  }
-  return *size;
+  return size;
 }
 
 // qemu-img's -l SNAPSHOT: "snapshot.id=ID,snapshot.name=NAME" (either or

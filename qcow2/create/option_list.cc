@@ -44,27 +44,37 @@ Status SizeError(std::string_view key) {
 
 }  // namespace
 
-Result<uint64_t> ParseOptionSize(std::string_view key, std::string_view s) {
+SizeParse ParseQemuSize(std::string_view s, uint64_t* value) {
   size_t i = 0;
   unsigned __int128 whole = 0;
   uint64_t frac_num = 0, frac_den = 1;
   bool digits = false;
-  if (s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+  if (s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {  // as QEMU: no blank or sign
     i = 2;
     while (i < s.size() && std::isxdigit(static_cast<unsigned char>(s[i]))) {
       char c = static_cast<char>(std::tolower(static_cast<unsigned char>(s[i])));
       whole = whole * 16 + static_cast<unsigned>(c <= '9' ? c - '0' : c - 'a' + 10);
-      if (whole >> 64) return SizeError(key);
+      if (whole >> 64) return SizeParse::kRange;
       digits = true;
       i++;
     }
   } else {
+    // strtoull's leading blanks and plus sign.
+    while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) i++;
+    if (i < s.size() && s[i] == '+') i++;
+    bool overflow = false;
     while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) {
       whole = whole * 10 + static_cast<unsigned>(s[i] - '0');
-      if (whole >> 64) return SizeError(key);
+      if (whole >> 64) {
+        overflow = true;
+        whole = 0;
+      }
       digits = true;
       i++;
     }
+    // qemu-img calls a number too long for 64 bits out of range only when
+    // nothing follows it ("99999999999999999999k" is a syntax error there).
+    if (overflow) return i == s.size() ? SizeParse::kRange : SizeParse::kSyntax;
     if (i < s.size() && s[i] == '.') {
       i++;
       while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) {
@@ -77,7 +87,7 @@ Result<uint64_t> ParseOptionSize(std::string_view key, std::string_view s) {
       }
     }
   }
-  if (!digits) return SizeError(key);
+  if (!digits) return SizeParse::kSyntax;
   uint64_t mult = 1;
   if (i < s.size()) {
     switch (std::tolower(static_cast<unsigned char>(s[i]))) {
@@ -103,16 +113,31 @@ Result<uint64_t> ParseOptionSize(std::string_view key, std::string_view s) {
         mult = 1ull << 60;
         break;
       default:
-        return SizeError(key);
+        return SizeParse::kSyntax;
     }
     i++;
   }
-  if (i != s.size()) return SizeError(key);
+  if (i != s.size()) return SizeParse::kSyntax;
   // "1.5" or "1.5b": not whole bytes.
-  if (frac_num != 0 && mult == 1) return SizeError(key);
+  if (frac_num != 0 && mult == 1) return SizeParse::kSyntax;
   unsigned __int128 total = whole * mult + (unsigned __int128)frac_num * mult / frac_den;
-  if (total >> 64) return SizeError(key);
-  return static_cast<uint64_t>(total);
+  if (total >> 64) return SizeParse::kRange;
+  *value = static_cast<uint64_t>(total);
+  return SizeParse::kOk;
+}
+
+Result<uint64_t> ParseOptionSize(std::string_view key, std::string_view s) {
+  uint64_t value = 0;
+  switch (ParseQemuSize(s, &value)) {
+    case SizeParse::kOk:
+      return value;
+    case SizeParse::kRange:
+      return Status::InvalidArgument(
+          fmt::format("Value '{}' is out of range for parameter '{}'", s, key));
+    case SizeParse::kSyntax:
+      break;
+  }
+  return SizeError(key);
 }
 
 Result<std::vector<OptionItem>> SplitOptionList(std::string_view list) {
@@ -139,10 +164,15 @@ bool IsBoolOption(std::string_view key) {
          key == "encryption" || key == "nocow";
 }
 
-Result<uint64_t> ParseOptionNumber(std::string_view key, std::string_view s) {
+Result<uint64_t> ParseOptionNumber(std::string_view key, std::string_view text) {
+  std::string_view s = text;
   auto err = [&] {
     return Status::InvalidArgument(fmt::format("Parameter '{}' expects a number", key));
   };
+  // strtoull's leading blanks and sign; a minus wraps, as there.
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
+  const bool negative = !s.empty() && s.front() == '-';
+  if (!s.empty() && (s.front() == '-' || s.front() == '+')) s.remove_prefix(1);
   if (s.empty()) return err();
   unsigned base = 10;
   size_t i = 0;
@@ -166,9 +196,13 @@ Result<uint64_t> ParseOptionNumber(std::string_view key, std::string_view s) {
     }
     if (d >= base) return err();
     v = v * base + d;
-    if (v >> 64) return err();
+    if (v >> 64) {
+      return Status::InvalidArgument(
+          fmt::format("Value '{}' is too large for parameter '{}'", text, key));
+    }
   }
-  return static_cast<uint64_t>(v);
+  const uint64_t value = static_cast<uint64_t>(v);
+  return negative ? uint64_t{0} - value : value;
 }
 
 Result<bool> ParseOptionBool(std::string_view key, std::string_view s) {

@@ -32,15 +32,23 @@ Result<std::vector<OptionItem>> SplitOptionList(std::string_view list);
 // lazy_refcounts, data_file_raw, encryption, nocow).
 bool IsBoolOption(std::string_view key);
 
-// qemu_strtosz(): a decimal number with an optional fraction, or a hex
-// integer, then an optional suffix b/k/M/G/T/P/E (binary multiples, any
-// case). Errors name `key` as QEMU does: "Parameter '<key>' expects a
-// non-negative number below 2^64 (optional suffix k, M, G, T, P or E means
-// kilo-, mega-, giga-, tera-, peta- and exabytes)".
+// qemu_strtosz(): a decimal number with an optional fraction (leading blanks
+// and a plus sign allowed), or a 0x hex integer, then an optional suffix
+// b/k/M/G/T/P/E (binary multiples, any case). kRange: the value does not fit
+// in 64 bits; kSyntax: anything else wrong. Sets *value on kOk only.
+enum class SizeParse { kOk, kSyntax, kRange };
+SizeParse ParseQemuSize(std::string_view text, uint64_t* value);
+
+// ParseQemuSize for an option's value, with QEMU's messages naming `key`:
+// "Parameter '<key>' expects a non-negative number below 2^64 (optional
+// suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta- and
+// exabytes)", or "Value '<value>' is out of range for parameter '<key>'".
 Result<uint64_t> ParseOptionSize(std::string_view key, std::string_view value);
 
-// qemu_strtou64(..., base 0): decimal, 0x hex or 0 octal. Errors:
-// "Parameter '<key>' expects a number".
+// qemu_strtou64(..., base 0): decimal, 0x hex or 0 octal, after optional
+// blanks and a sign (a minus wraps around, as strtoull's). Errors:
+// "Parameter '<key>' expects a number", "Value '<value>' is too large for
+// parameter '<key>'".
 Result<uint64_t> ParseOptionNumber(std::string_view key, std::string_view value);
 
 // on/off (also yes/no, true/false, y/n). Errors: "Parameter '<key>' expects

@@ -29,7 +29,7 @@ import sys
 sys.dont_write_bytecode = True  # keep the source tree clean
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import oracle_lib as L  # noqa: E402
-from oracle_lib import Case, CaseFailure  # noqa: E402
+from oracle_lib import CaseFailure  # noqa: E402
 
 K = 1 << 10
 M = 1 << 20
@@ -38,14 +38,7 @@ T = 1 << 40
 TIMEOUT = 60
 
 CASES = []
-
-
-def case(name, doc):
-    def deco(fn):
-        group, short = name.split("/")
-        CASES.append(Case(short, group, fn, doc))
-        return fn
-    return deco
+case = L.case_decorator(CASES)
 
 
 class View:
@@ -114,7 +107,8 @@ def _(b):
 @case("size/suffixes", "qemu-img's size suffixes and fractions; raw output rounds to 512")
 def _(b):
     views = []
-    for s in ("1k", "1K", "1.5k", "1M", "2G", "1T", "1P", "4E", "0x1000", "100b", "1b", "7"):
+    for s in ("1k", "1K", "1.5k", "1M", "2G", "1T", "1P", "4E", "7.99E", "0x1000", "100b", "1b",
+              "7", " 1k", "+1k", "  +2M"):
         views.append(View(["--size", s]))
         views.append(q2("--size", s))
     views.append(View(["--size", "1G", "-O", "raw"]))
@@ -134,7 +128,9 @@ def _(b):
                  "compression_type=bad", "data_file=x.data,data_file_raw=on",
                  "backing_file=x.qcow2,backing_fmt=qcow2", "lazy_refcounts", "nolazy_refcounts",
                  "encryption=on", "encrypt.format=aes", "nocow=on,extent_size_hint=1M",
-                 "size=5G", "cluster_size=64k,cluster_size=4k", "compat=1.1"):
+                 "size=5G", "cluster_size=64k,cluster_size=4k", "compat=1.1",
+                 "cluster_size= 64k", "cluster_size=+4k", "refcount_bits= 8", "refcount_bits=+0x10",
+                 "refcount_bits=010", "encrypt.iter-time=-1"):
         views.append(q2("--size", G, "-o", opts))
     views.append(q2("--size", G, "-o", "cluster_size=4k", "-o", "refcount_bits=8"))
     for opts in ("preallocation=bogus", "nocow=on", "extent_size_hint=1M", "size=1M"):
@@ -371,6 +367,16 @@ def _(b):
         View(["--size", ""]),
         View(["--size", "8E"]),
         View(["--size", "9223372036854775808"]),
+        View(["--size", "99999999999999999999"]),
+        View(["--size", "16E"]),
+        View(["--size", "99999999999999999999k"]),
+        View(["--size", "1.5"]),
+        View(["--size", "1.5b"]),
+        View(["--size", "0x1.5k"]),
+        View(["--size", "1e3"]),
+        View(["--size", "1k "]),
+        View(["--size", "1kk"]),
+        View(["--size", "0x"]),
         View(["--size", "1G", "--output=xml"]),
         View(["--size", "1G", "-O", "bogus"]),
         View(["--size", "1G", "-O", "vmdk"], same_message=False),
@@ -393,7 +399,9 @@ def _(b):
                  "extended_l2=maybe", "refcount_bits=abc", "cluster_size=abc", "size=abc",
                  "encrypt.foo=1", "encrypt.iter-time=abc", "nocow=maybe",
                  "compat=0.9,refcount_bits=3", "refcount_bits=3,preallocation=bogus",
-                 "cluster_size=64k,cluster_size=1k,extended_l2=on"):
+                 "cluster_size=64k,cluster_size=1k,extended_l2=on", "cluster_size=16E",
+                 "cluster_size=99999999999999999999", "refcount_bits=99999999999999999999",
+                 "refcount_bits=-16", "refcount_bits=0x", "refcount_bits=08"):
         views.append(q2("--size", G, "-o", opts))
         views.append(q2("-o", opts, "a.qcow2"))
     for opts in ("cluster_size=1k", "foo=bar", "compat=0.10", "nocow=maybe", "size=abc", ","):

@@ -514,6 +514,18 @@ class Case:
         self.doc = doc
 
 
+def case_decorator(cases):
+    """Returns the @case("group/name", doc) decorator that appends the
+    function it decorates to `cases` as a Case."""
+    def case(name, doc):
+        def deco(fn):
+            group, short = name.split("/")
+            cases.append(Case(short, group, fn, doc))
+            return fn
+        return deco
+    return case
+
+
 def parse_args(argv, suite):
     p = argparse.ArgumentParser(description="QEMU oracle test: " + suite)
     p.add_argument("binary", help="path to ublk-qcow2 (or a stand-in)")
