@@ -20,7 +20,9 @@
 // Errors exit 1 with qemu-img's message on one line (qemu-img sometimes adds
 // a second, e.g. "Invalid options for file format 'qcow2'"); a flag the
 // verb does not know exits 2 (qemu-img 7.2 prints its help and exits 0).
-// Not supported: encrypt.format=luks (refused with a message, exit 1).
+// Not supported: encrypt.format=luks (refused with a message, exit 1), -o help
+// (qemu-img lists the options; ours calls "help" an invalid parameter), and
+// --object / --image-opts (unknown flags, exit 2).
 //
 // Reads only metadata, through SyncEnv; takes a reader's lock on each image
 // unless -U.
