@@ -26,6 +26,7 @@
 #include "tools/info_command.h"
 #include "tools/list_command.h"
 #include "tools/map_command.h"
+#include "tools/measure_command.h"
 
 namespace uq::tools {
 namespace {
@@ -50,6 +51,8 @@ constexpr Verb kVerbs[] = {
      &MakeCompareCommand},
     {"map", "Show which ranges hold data or zeros, in which layer and where (like qemu-img map)",
      &MakeMapCommand},
+    {"measure", "Show how large a file a new image would need (like qemu-img measure)",
+     &MakeMeasureCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},
     {"bench", "Measure read/write IOPS on an image (like qemu-img bench)", &MakeBenchCommand},
