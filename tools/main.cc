@@ -5,6 +5,8 @@
 // line (unknown verb, missing argument, bad flag or value), the message and
 // the usage on stderr.
 #include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <exception>
 #include <iostream>
@@ -23,6 +25,7 @@
 #include "tools/info_command.h"
 #include "tools/list_command.h"
 #include "tools/map_command.h"
+#include "tools/resize_command.h"
 
 namespace uq::tools {
 namespace {
@@ -45,6 +48,7 @@ constexpr Verb kVerbs[] = {
      &MakeInfoCommand},
     {"map", "Show which ranges hold data or zeros, in which layer and where (like qemu-img map)",
      &MakeMapCommand},
+    {"resize", "Grow or shrink an image's virtual size (like qemu-img resize)", &MakeResizeCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},
     {"bench", "Measure read/write IOPS on an image (like qemu-img bench)", &MakeBenchCommand},
@@ -90,8 +94,17 @@ int Main(int argc, char** argv) {
     return kExitUsage;
   }
 
+  // CLI11 takes arguments last first. `resize IMAGE -1G`: like qemu-img,
+  // the last argument is the size even when it looks like a flag.
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.size() >= 3 && args[0] == "resize" && args.back().size() > 1 && args.back()[0] == '-' &&
+      std::isdigit(static_cast<unsigned char>(args.back()[1])) && args[args.size() - 2] != "--") {
+    args.insert(args.end() - 1, "--");
+  }
+  std::reverse(args.begin(), args.end());
+
   try {
-    app.parse(argc, argv);
+    app.parse(args);
   } catch (const CLI::Success& e) {  // --help, --version
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
