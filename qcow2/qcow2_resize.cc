@@ -184,22 +184,20 @@ Task<Status> Qcow2Image::PreallocateRange(uint64_t start, uint64_t end, Prealloc
     }
     pos += cs;
   }
-  // Where the mapped clusters end in the file: QEMU's metadata preallocation
-  // makes the file end at the image's last byte, not at its cluster's end.
-  uint64_t mapped_end = 0;
   for (; pos < end; pos += cs) {
     const uint64_t zero_below = prealloc == Preallocation::kFull ? ~uint64_t{0} : dirty_below;
     CO_ASSIGN_OR_RETURN(const uint64_t host, co_await PreallocateCluster(pos, zero_below));
-    if (host != 0) mapped_end = std::max(mapped_end, host + std::min(cs, end - pos));
+    if (host == 0) continue;
+    // The file covers the cluster before its entry can reach the disk (the
+    // next flush syncs the size first): an entry past the end of the file is
+    // a corruption. As QEMU's metadata preallocation leaves it, the file ends
+    // at the image's last byte, not at its cluster's end.
+    const uint64_t covered = host + std::min(cs, end - pos);
+    CO_ASSIGN_OR_RETURN(const uint64_t size, file_->Size());
+    if (size < covered) CO_RETURN_IF_ERROR(file_->Truncate(covered));
   }
   CO_RETURN_IF_ERROR(co_await Flush());
-  if (prealloc == Preallocation::kMetadata) {
-    if (has_df) co_return Status::Ok();  // Resize truncates the data file
-    // The mapped clusters must lie inside the file.
-    CO_ASSIGN_OR_RETURN(const uint64_t size, file_->Size());
-    if (size < mapped_end) CO_RETURN_IF_ERROR(file_->Truncate(mapped_end));
-    co_return Status::Ok();
-  }
+  if (prealloc == Preallocation::kMetadata) co_return Status::Ok();
   // falloc: the new clusters' space reserved (those in the image file were
   // handed out past `dirty_below`, or zeroed); full: PreallocateCluster wrote
   // the image file's clusters, and a data file's range is written here.
