@@ -18,6 +18,10 @@ Task<Result<uint64_t>> BlockDevice::ZeroPrefix(uint64_t, uint64_t) { co_return u
 Task<Result<RangeStatus>> BlockDevice::BlockStatus(uint64_t, uint64_t length) {
   co_return RangeStatus{RangeStatus::Kind::kData, length};
 }
+Task<Status> BlockDevice::Resize(uint64_t, Preallocation) {
+  if (read_only()) co_return ReadOnly(*this);
+  co_return Status::NotSupported(path() + ": this image cannot be resized");
+}
 Task<Status> BlockDevice::Close() { co_return co_await Flush(); }
 
 }  // namespace uq::qcow2

@@ -22,6 +22,7 @@
 
 #include "base/status.h"
 #include "base/task.h"
+#include "qcow2/preallocation.h"
 
 namespace uq::qcow2 {
 
@@ -81,6 +82,10 @@ class BlockDevice {
   // offset + length <= size(). Errors: a metadata read that fails, an entry
   // that contradicts the format (Corruption). This default: data, no offset.
   virtual Task<Result<RangeStatus>> BlockStatus(uint64_t offset, uint64_t length);
+  // Changes the virtual size (qemu-img resize). REQUIRES: no request in
+  // flight. `prealloc` applies to a grown area. This default: NotSupported
+  // for a writable device, the read-only error otherwise.
+  virtual Task<Status> Resize(uint64_t new_size, Preallocation prealloc);
   // The next device down the backing chain, or null.
   virtual BlockDevice* backing() const { return nullptr; }
   // A read, or a write without FUA, that the calling thread may do itself,

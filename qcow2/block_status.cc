@@ -48,9 +48,9 @@ std::optional<RangeStatus> Qcow2Image::SubclusterStatus(const L2Entry& e, uint64
 }
 
 Task<Result<RangeStatus>> Qcow2Image::BlockStatus(uint64_t offset, uint64_t length) {
-  if (offset >= size_ || length == 0) {
+  if (offset >= size() || length == 0) {
     co_return Status::InvalidArgument(
-        fmt::format("{}: block status of {} bytes at {} (size {})", path(), length, offset, size_));
+        fmt::format("{}: block status of {} bytes at {} (size {})", path(), length, offset, size()));
   }
   // One L2 table at most per answer, and less than 2 GiB (QEMU's driver
   // answers in an int); the caller asks again for the rest. QEMU's splits
@@ -58,7 +58,7 @@ Task<Result<RangeStatus>> Qcow2Image::BlockStatus(uint64_t offset, uint64_t leng
   const uint64_t table_span = geo_.cluster_size << geo_.l2_bits;
   constexpr uint64_t kMaxAnswer = (uint64_t{1} << 31) - 1;
   uint64_t end = std::min(
-      {offset + length, size_, (offset / table_span + 1) * table_span, offset + kMaxAnswer});
+      {offset + length, size(), (offset / table_span + 1) * table_span, offset + kMaxAnswer});
   const uint64_t l1_index = geo_.l1_index(offset);
   if (l1_index >= l1_.size() || (l1_[l1_index] & kL1OffsetMask) == 0) {
     co_return RangeStatus{RangeStatus::Kind::kUnallocated, end - offset};

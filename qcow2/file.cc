@@ -4,8 +4,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
+
+#include "base/aligned_buffer.h"
 
 namespace uq::qcow2 {
 
@@ -80,6 +83,17 @@ Result<uint64_t> File::AllocatedBytes() {
   struct stat st;
   if (::fstat(fd(), &st) != 0) return Status::FromErrno(errno, fmt::format("{}: stat", path()));
   return static_cast<uint64_t>(st.st_blocks) * 512;
+}
+
+Task<Status> WriteZeroBytes(File& file, uint64_t offset, uint64_t length) {
+  constexpr uint64_t kChunk = 1 << 20;
+  AlignedBuffer zeros(std::min(kChunk, std::max<uint64_t>(length, 1)));
+  for (uint64_t done = 0; done < length;) {
+    const uint64_t n = std::min<uint64_t>(zeros.size(), length - done);
+    CO_RETURN_IF_ERROR(co_await file.Write(offset + done, zeros.span().first(n)));
+    done += n;
+  }
+  co_return Status::Ok();
 }
 
 }  // namespace uq::qcow2

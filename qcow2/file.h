@@ -229,6 +229,10 @@ bool IoAwaitable<Out>::await_suspend(std::coroutine_handle<> h) {
 }
 
 // Turns a raw result into the caller's type, naming file and offset.
+// Writes `length` zero bytes at `offset` (in 1 MiB writes): space really
+// written, as preallocation=full wants, unlike Zero or Discard.
+Task<Status> WriteZeroBytes(File& file, uint64_t offset, uint64_t length);
+
 Status IoResultToStatus(const File& file, const IoRequest& req);
 
 template <>

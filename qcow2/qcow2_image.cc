@@ -8,7 +8,6 @@
 #include "base/endian.h"
 #include "base/when_all.h"
 #include "qcow2/bitmap_directory.h"
-#include "qcow2/bitmap_directory.h"
 #include "qcow2/compression.h"
 #include "qcow2/format.h"
 
@@ -413,7 +412,8 @@ Task<void> Qcow2Image::WaitUnpinned() {
 
 std::optional<Task<Status>> Qcow2Image::TryAnyThread(bool write, uint64_t offset,
                                                      std::span<std::byte> buffer) {
-  if (buffer.empty() || offset > size_ || buffer.size() > size_ - offset) return std::nullopt;
+  const uint64_t size = this->size();
+  if (buffer.empty() || offset > size || buffer.size() > size - offset) return std::nullopt;
   const uint64_t first = geo_.guest_cluster(offset);
   const uint64_t count = geo_.guest_cluster(offset + buffer.size() - 1) - first + 1;
   if (count > SharedMap::kMaxPinned) return std::nullopt;

@@ -42,6 +42,7 @@
 #define UBLK_QCOW2_QCOW2_QCOW2_IMAGE_H_
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -62,6 +63,7 @@
 #include "qcow2/header.h"
 #include "qcow2/l2_entry.h"
 #include "qcow2/metadata_cache.h"
+#include "qcow2/preallocation.h"
 #include "qcow2/queued_writes.h"
 #include "qcow2/refcounts.h"
 #include "qcow2/shared_map.h"
@@ -90,9 +92,9 @@ class Qcow2Image final : public BlockDevice {
   explicit Qcow2Image(Qcow2OpenParts parts);
 
   // QEMU serves whole 512-byte sectors: a size field that is not a multiple
-  // of 512 is rounded down.
-  // (Fixed at open: TryAnyThread reads it from other threads.)
-  uint64_t size() const override { return size_; }
+  // of 512 is rounded down. Atomic: TryAnyThread reads it from other threads,
+  // and Resize changes it.
+  uint64_t size() const override { return size_.load(std::memory_order_acquire); }
   bool read_only() const override { return !writable_; }
   const std::string& path() const override { return file_->path(); }
   Task<Status> Read(uint64_t offset, std::span<std::byte> out) override;
@@ -121,6 +123,27 @@ class Qcow2Image final : public BlockDevice {
   // referenced once per compressed cluster. REQUIRES: cluster-aligned offset;
   // no external data file (the format forbids compression there).
   Task<Status> WriteCompressed(uint64_t offset, std::span<const std::byte> data);
+
+  // Changes the virtual size to `new_size` (qcow2_resize.cc), as QEMU's
+  // qcow2 driver does, leaving a consistent image after a crash at any point:
+  //   grow:   a larger L1 table is written to new clusters and made stable
+  //           before one header write names it together with the new size;
+  //           the old table is freed after. With `prealloc` the new clusters
+  //           are mapped (and reserved or zeroed in the file) before the size
+  //           changes. A backing file longer than the old size would show
+  //           through the new area: it is zeroed, as QEMU does.
+  //   shrink: every cluster past the new end is released (its entry cleared
+  //           on disk first), L2 tables wholly past it dropped from the L1,
+  //           then the size written, and the file cut after its last cluster
+  //           in use. A crash before the size is written may leave the old
+  //           size with the released tail reading as zeros (or the backing
+  //           file), as QEMU's shrink does.
+  // REQUIRES: no request in flight (the caller quiesces the device).
+  // Errors: InvalidArgument (not a multiple of 512, preallocation on a
+  // shrink), NotSupported (snapshots in a version 2 image, persistent
+  // bitmaps, whose size follows the image's and which we do not maintain),
+  // NoSpace (the L1 table would pass QEMU's 32 MiB limit), I/O errors.
+  Task<Status> Resize(uint64_t new_size, Preallocation prealloc) override;
 
   const Header& header() const { return header_; }
   const Geometry& geometry() const { return geo_; }
@@ -203,7 +226,8 @@ class Qcow2Image final : public BlockDevice {
   // ReleaseEntry then free the new data. Otherwise marks the image corrupt.
   Task<Status> CheckReferenced(uint64_t offset, const L2Entry& entry);
   Task<Status> ZeroInCluster(uint64_t offset, uint64_t length);
-  Task<Status> DiscardCluster(uint64_t offset);
+  // `full`: the entry becomes unallocated (a shrink's tail), not zero.
+  Task<Status> DiscardCluster(uint64_t offset, bool full = false);
   Task<Status> WriteZeroBuffer(uint64_t offset, uint64_t length);
   // Notes that the file now holds clusters up to `end` and, with
   // preallocation on, grows it ahead when `end` passes what was grown.
@@ -228,6 +252,23 @@ class Qcow2Image final : public BlockDevice {
   // table or data): the file size counts it at once, and the file grows
   // into it (ExtendTo). REQUIRES: the metadata mutex not held.
   Task<Result<uint64_t>> AllocateWholeCluster();
+
+  // --- resize (qcow2_resize.cc) ---
+  // Moves the active L1 table to new clusters with `entries` entries.
+  Task<Status> GrowL1(uint64_t entries);
+  // Releases every cluster in [RoundUp(new_size), size()) and the L2 tables
+  // past the new end; leaves the size alone.
+  Task<Status> ReleaseTail(uint64_t new_size);
+  // Maps every unmapped cluster wholly inside [start, end) to a host cluster
+  // of its own (1:1 in an external data file) reading zeros.
+  Task<Status> PreallocateRange(uint64_t start, uint64_t end, Preallocation prealloc);
+  // One cluster of PreallocateRange; a host cluster below `zero_below` is
+  // written with zeros (it may hold old bytes, or full preallocation).
+  // Returns the host cluster it mapped in the image file (0: none; already
+  // mapped, or in a data file).
+  Task<Result<uint64_t>> PreallocateCluster(uint64_t offset, uint64_t zero_below);
+  // Cuts the image file after its last cluster with a nonzero refcount.
+  Task<Status> TruncateAfterLastCluster();
 
   // --- flush (qcow2_flush.cc) ---
   Task<Status> FlushLocked();
@@ -294,7 +335,7 @@ class Qcow2Image final : public BlockDevice {
   std::unique_ptr<BlockDevice> backing_;
   Header header_;
   Geometry geo_;
-  const uint64_t size_;
+  std::atomic<uint64_t> size_;
   bool writable_;
   const uint64_t preallocate_;
   const bool publish_;

@@ -624,18 +624,22 @@ Task<Status> Qcow2Image::Discard(uint64_t offset, uint64_t length) {
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::DiscardCluster(uint64_t offset) {
+Task<Status> Qcow2Image::DiscardCluster(uint64_t offset, bool full) {
   auto exclusive = co_await LockToRemap(geo_.guest_cluster(offset));
   const bool has_df = data_file_ != nullptr;
   CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
   const bool allocated = old.compressed() || old.has_host_cluster(has_df);
-  // Unallocated clusters without a backing file already read as zeros.
-  if (!allocated && (!backing_ || header_.version < 3)) co_return Status::Ok();
-  if (!allocated && old.raw == kEntryZero && !geo_.extended_l2) co_return Status::Ok();
+  if (full) {
+    if (old.raw == 0 && old.bitmap == 0) co_return Status::Ok();
+  } else {
+    // Unallocated clusters without a backing file already read as zeros.
+    if (!allocated && (!backing_ || header_.version < 3)) co_return Status::Ok();
+    if (!allocated && old.raw == kEntryZero && !geo_.extended_l2) co_return Status::Ok();
+  }
   CO_RETURN_IF_ERROR(co_await PrepareL2(offset));
   CO_ASSIGN_OR_RETURN(old, co_await LookupEntry(offset));
   L2Entry updated;
-  if (header_.version >= 3) {
+  if (!full && header_.version >= 3) {
     // The zero flag keeps a backing file from showing through.
     if (geo_.extended_l2)
       updated.bitmap = kAllSubclusters << 32;

@@ -74,4 +74,25 @@ Task<Result<RangeStatus>> RawImage::BlockStatus(uint64_t offset, uint64_t length
   co_return status;
 }
 
+Task<Status> RawImage::Resize(uint64_t new_size, Preallocation prealloc) {
+  if (!writable_) co_return co_await BlockDevice::Resize(new_size, prealloc);
+  if (prealloc == Preallocation::kMetadata) {
+    co_return Status::NotSupported(
+        fmt::format("{}: unsupported preallocation mode 'metadata' for a raw file", path()));
+  }
+  const uint64_t old_size = size_;
+  if (new_size < old_size && prealloc != Preallocation::kOff) {
+    co_return Status::InvalidArgument(
+        fmt::format("{}: preallocation can't be used for shrinking an image", path()));
+  }
+  CO_RETURN_IF_ERROR(file_->Truncate(new_size));
+  size_ = new_size;
+  if (new_size > old_size && prealloc == Preallocation::kFalloc) {
+    CO_RETURN_IF_ERROR(co_await file_->Allocate(old_size, new_size - old_size));
+  } else if (new_size > old_size && prealloc == Preallocation::kFull) {
+    CO_RETURN_IF_ERROR(co_await WriteZeroBytes(*file_, old_size, new_size - old_size));
+  }
+  co_return co_await file_->Sync();
+}
+
 }  // namespace uq::qcow2

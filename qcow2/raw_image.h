@@ -31,6 +31,10 @@ class RawImage final : public BlockDevice {
   // rest kData, both at host offset == offset in this file, as QEMU's
   // file-posix driver reports them.
   Task<Result<RangeStatus>> BlockStatus(uint64_t offset, uint64_t length) override;
+  // The file truncated to `new_size` (a multiple of 512); a grown tail is
+  // sparse (off), reserved (falloc) or written with zeros (full); metadata
+  // is NotSupported, as QEMU's file driver refuses it.
+  Task<Status> Resize(uint64_t new_size, Preallocation prealloc) override;
 
  private:
   Status CheckRange(uint64_t offset, uint64_t length) const;

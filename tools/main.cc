@@ -7,6 +7,8 @@
 // qemu-img verb it follows does (compare: 1 images differ, 2..4 errors, and
 // 1 for a bad command line); see Command::error_exit_code.
 #include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <exception>
 #include <iostream>
@@ -27,6 +29,7 @@
 #include "tools/list_command.h"
 #include "tools/map_command.h"
 #include "tools/measure_command.h"
+#include "tools/resize_command.h"
 
 namespace uq::tools {
 namespace {
@@ -53,6 +56,7 @@ constexpr Verb kVerbs[] = {
      &MakeMapCommand},
     {"measure", "Show how large a file a new image would need (like qemu-img measure)",
      &MakeMeasureCommand},
+    {"resize", "Grow or shrink an image's virtual size (like qemu-img resize)", &MakeResizeCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},
     {"bench", "Measure read/write IOPS on an image (like qemu-img bench)", &MakeBenchCommand},
@@ -98,8 +102,17 @@ int Main(int argc, char** argv) {
     return kExitUsage;
   }
 
+  // CLI11 takes arguments last first. `resize IMAGE -1G`: like qemu-img,
+  // the last argument is the size even when it looks like a flag.
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.size() >= 3 && args[0] == "resize" && args.back().size() > 1 && args.back()[0] == '-' &&
+      std::isdigit(static_cast<unsigned char>(args.back()[1])) && args[args.size() - 2] != "--") {
+    args.insert(args.end() - 1, "--");
+  }
+  std::reverse(args.begin(), args.end());
+
   try {
-    app.parse(argc, argv);
+    app.parse(args);
   } catch (const CLI::Success& e) {  // --help, --version
     return app.exit(e);
   } catch (const CLI::ParseError& e) {

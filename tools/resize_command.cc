@@ -1,0 +1,119 @@
+#include "tools/resize_command.h"
+
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <limits>
+#include <string>
+
+#include "qcow2/bitmap_directory.h"
+#include "qcow2/create/option_list.h"
+#include "qcow2/open_image.h"
+#include "qcow2/qcow2_image.h"
+#include "qcow2/sync_env.h"
+
+namespace uq::tools {
+
+Result<uint64_t> SizeChange::Apply(uint64_t current) const {
+  // qemu-img computes in int64_t: anything at or past 2^63 is "negative".
+  constexpr uint64_t kMax = std::numeric_limits<int64_t>::max();
+  auto not_positive = [] { return Status::InvalidArgument("New image size must be positive"); };
+  switch (kind) {
+    case Kind::kAbsolute:
+      if (bytes == 0 || bytes > kMax) return not_positive();
+      return bytes;
+    case Kind::kGrow:
+      if (bytes > kMax - current || current + bytes == 0) return not_positive();
+      return current + bytes;
+    case Kind::kShrink:
+      if (bytes >= current) return not_positive();
+      return current - bytes;
+  }
+  return not_positive();
+}
+
+Result<SizeChange> ParseSizeChange(std::string_view text) {
+  SizeChange change;
+  if (!text.empty() && (text[0] == '+' || text[0] == '-')) {
+    change.kind = text[0] == '+' ? SizeChange::Kind::kGrow : SizeChange::Kind::kShrink;
+    text.remove_prefix(1);
+  }
+  ASSIGN_OR_RETURN(change.bytes, qcow2::ParseOptionSize("size", text));
+  return change;
+}
+
+namespace {
+
+class ResizeCommand final : public Command {
+ public:
+  void AddFlags(CLI::App& app) override {
+    app.add_option("IMAGE", image_, "The image to resize")->required();
+    app.add_option("SIZE", size_, "New size, or +SIZE / -SIZE relative to the current one")
+        ->required();
+    app.add_flag("--shrink", shrink_, "Allow a smaller size (deletes the data past the new end)");
+    app.add_option("--preallocation", preallocation_,
+                   "How the grown area is allocated: off, metadata, falloc, full")
+        ->check(CLI::IsMember({"off", "metadata", "falloc", "full"}));
+    app.add_option("-f,--format", format_, "IMAGE's format (default: probe)")
+        ->check(CLI::IsMember({"qcow2", "raw"}));
+    app.add_flag("-q,--quiet", quiet_, "Print nothing on success");
+  }
+
+  Status Run() override {
+    ASSIGN_OR_RETURN(SizeChange change, ParseSizeChange(size_));
+    const qcow2::Preallocation prealloc = *qcow2::ParsePreallocation(preallocation_);
+    qcow2::ImageOptions options;
+    options.env = qcow2::SyncEnv();
+    options.format = format_;
+    // A writable open marks persistent bitmaps in use, and Resize refuses
+    // them: look first, so that a refusal changes nothing.
+    {
+      ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> device,
+                       BlockOn(qcow2::OpenImage(image_, options)));
+      auto* image = dynamic_cast<qcow2::Qcow2Image*>(device.get());
+      if (image != nullptr && qcow2::ActiveBitmapsExtension(image->header()) != nullptr) {
+        return Status::NotSupported(fmt::format(
+            "{}: can't resize an image with persistent dirty bitmaps (ublk-qcow2 does not "
+            "maintain bitmaps yet)",
+            image_));
+      }
+    }
+    options.writable = true;
+    ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> device,
+                     BlockOn(qcow2::OpenImage(image_, options)));
+    Status st = Resize(*device, change, prealloc);
+    Status closed = BlockOn(device->Close());
+    if (st.ok()) st = closed;
+    if (!st.ok()) return st;
+    if (!quiet_) std::printf("Image resized.\n");
+    return Status::Ok();
+  }
+
+ private:
+  Status Resize(qcow2::BlockDevice& device, const SizeChange& change,
+                qcow2::Preallocation prealloc) {
+    const uint64_t current = device.size();
+    Result<uint64_t> target = change.Apply(current);
+    if (!target.ok()) return target.status().WithContext(image_);
+    if (*target <= current && prealloc != qcow2::Preallocation::kOff) {
+      return Status::InvalidArgument(
+          fmt::format("{}: preallocation can only be used for growing images", image_));
+    }
+    if (*target < current && !shrink_) {
+      return Status::InvalidArgument(fmt::format(
+          "{}: use the --shrink option to perform a shrink operation (shrinking deletes all data "
+          "past the new end)",
+          image_));
+    }
+    return BlockOn(device.Resize(*target, prealloc));
+  }
+
+  std::string image_, size_, format_, preallocation_ = "off";
+  bool shrink_ = false, quiet_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<Command> MakeResizeCommand() { return std::make_unique<ResizeCommand>(); }
+
+}  // namespace uq::tools
