@@ -28,7 +28,7 @@ import sys
 sys.dont_write_bytecode = True  # keep the source tree clean
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import oracle_lib as L  # noqa: E402
-from oracle_lib import Case, CaseFailure  # noqa: E402
+from oracle_lib import CaseFailure  # noqa: E402
 
 K = 1 << 10
 M = 1 << 20
@@ -36,14 +36,7 @@ G = 1 << 30
 TIMEOUT = 120
 
 CASES = []
-
-
-def case(name, doc):
-    def deco(fn):
-        group, short = name.split("/")
-        CASES.append(Case(short, group, fn, doc))
-        return fn
-    return deco
+case = L.case_registry(CASES)
 
 
 class Step:
