@@ -613,29 +613,37 @@ Task<Status> Qcow2Image::ZeroInCluster(uint64_t offset, uint64_t length) {
 }
 
 Task<Status> Qcow2Image::Discard(uint64_t offset, uint64_t length) {
-  CO_RETURN_IF_ERROR(CheckWritable(offset, length));
   // Discard is advisory: only whole clusters are released, as QEMU does.
+  co_return co_await DiscardWholeClusters(offset, length, /*unallocate=*/false);
+}
+
+Task<Status> Qcow2Image::DiscardWholeClusters(uint64_t offset, uint64_t length, bool unallocate) {
+  CO_RETURN_IF_ERROR(CheckWritable(offset, length));
   const uint64_t cs = geo_.cluster_size;
   uint64_t start = (offset + cs - 1) / cs * cs;
   uint64_t end = offset + length == size() ? size() : (offset + length) / cs * cs;
   for (uint64_t pos = start; pos < end; pos += cs) {
-    CO_RETURN_IF_ERROR(co_await DiscardCluster(pos));
+    CO_RETURN_IF_ERROR(co_await DiscardCluster(pos, unallocate));
   }
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::DiscardCluster(uint64_t offset) {
+Task<Status> Qcow2Image::DiscardCluster(uint64_t offset, bool unallocate) {
   auto exclusive = co_await LockToRemap(geo_.guest_cluster(offset));
   const bool has_df = data_file_ != nullptr;
   CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
   const bool allocated = old.compressed() || old.has_host_cluster(has_df);
-  // Unallocated clusters without a backing file already read as zeros.
-  if (!allocated && (!backing_ || header_.version < 3)) co_return Status::Ok();
-  if (!allocated && old.raw == kEntryZero && !geo_.extended_l2) co_return Status::Ok();
+  if (unallocate) {
+    if (!allocated && old.raw == 0 && old.bitmap == 0) co_return Status::Ok();
+  } else {
+    // Unallocated clusters without a backing file already read as zeros.
+    if (!allocated && (!backing_ || header_.version < 3)) co_return Status::Ok();
+    if (!allocated && old.raw == kEntryZero && !geo_.extended_l2) co_return Status::Ok();
+  }
   CO_RETURN_IF_ERROR(co_await PrepareL2(offset));
   CO_ASSIGN_OR_RETURN(old, co_await LookupEntry(offset));
   L2Entry updated;
-  if (header_.version >= 3) {
+  if (header_.version >= 3 && !unallocate) {
     // The zero flag keeps a backing file from showing through.
     if (geo_.extended_l2)
       updated.bitmap = kAllSubclusters << 32;

@@ -17,12 +17,14 @@
 #include "tools/bench_command.h"
 #include "tools/check_command.h"
 #include "tools/command.h"
+#include "tools/commit_command.h"
 #include "tools/convert_command.h"
 #include "tools/create_command.h"
 #include "tools/del_command.h"
 #include "tools/info_command.h"
 #include "tools/list_command.h"
 #include "tools/map_command.h"
+#include "tools/rebase_command.h"
 
 namespace uq::tools {
 namespace {
@@ -45,6 +47,10 @@ constexpr Verb kVerbs[] = {
      &MakeInfoCommand},
     {"map", "Show which ranges hold data or zeros, in which layer and where (like qemu-img map)",
      &MakeMapCommand},
+    {"rebase", "Change an image's backing file, keeping what the guest sees (like qemu-img rebase)",
+     &MakeRebaseCommand},
+    {"commit", "Write an overlay's data into its backing file (like qemu-img commit)",
+     &MakeCommitCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},
     {"bench", "Measure read/write IOPS on an image (like qemu-img bench)", &MakeBenchCommand},
