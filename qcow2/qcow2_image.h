@@ -217,7 +217,10 @@ class Qcow2Image final : public BlockDevice {
   // must have a refcount, or the new allocation could pick one of them and
   // ReleaseEntry then free the new data. Otherwise marks the image corrupt.
   Task<Status> CheckReferenced(uint64_t offset, const L2Entry& entry);
-  Task<Status> ZeroInCluster(uint64_t offset, uint64_t length);
+  // Makes [offset, offset + length), inside one cluster, read as zeros. A
+  // `partial` range (inside one subcluster, not all of it) becomes a zeroed
+  // subcluster where QEMU's rule allows, else is written as zeros.
+  Task<Status> ZeroInCluster(uint64_t offset, uint64_t length, bool partial = false);
   // Drops the cluster's mapping: to the zero flag (version 3), or to
   // unallocated with `unallocate` or in a version 2 image.
   Task<Status> DiscardCluster(uint64_t offset, bool unallocate = false);

@@ -563,20 +563,46 @@ Task<Status> Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length) {
     uint64_t head = std::min<uint64_t>(n, (unit - in_cluster % unit) % unit);
     uint64_t body = (n - head) / unit * unit;
     uint64_t tail = n - head - body;
-    if (head) CO_RETURN_IF_ERROR(co_await WriteZeroBuffer(pos, head));
+    if (head) CO_RETURN_IF_ERROR(co_await ZeroInCluster(pos, head, /*partial=*/true));
     if (body) CO_RETURN_IF_ERROR(co_await ZeroInCluster(pos + head, body));
-    if (tail) CO_RETURN_IF_ERROR(co_await WriteZeroBuffer(pos + head + body, tail));
+    if (tail) CO_RETURN_IF_ERROR(co_await ZeroInCluster(pos + head + body, tail, true));
     done += n;
   }
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::ZeroInCluster(uint64_t offset, uint64_t length) {
+Task<Status> Qcow2Image::ZeroInCluster(uint64_t offset, uint64_t length, bool partial) {
   auto exclusive = co_await LockToRemap(geo_.guest_cluster(offset));
-  const uint64_t in_cluster = geo_.cluster_offset_in(offset);
-  const bool whole = length == geo_.cluster_size;
   const bool has_df = data_file_ != nullptr;
   CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
+  if (partial) {
+    // QEMU's rule (qcow2_co_pwrite_zeroes): a piece of a subcluster that
+    // holds nothing of its own, whose other bytes read as zeros already,
+    // zeroes the whole subcluster; any other piece is written as zeros.
+    const uint64_t unit = geo_.subcluster_size;
+    const uint64_t start = offset / unit * unit;
+    const uint64_t end = std::min(start + unit, size());
+    const SubclusterKind kind =
+        old.Kind(geo_, has_df, static_cast<uint32_t>(geo_.cluster_offset_in(offset) / unit));
+    bool widen = kind == SubclusterKind::kUnallocated || kind == SubclusterKind::kZero;
+    if (widen && offset > start) {
+      CO_ASSIGN_OR_RETURN(uint64_t zeros, co_await ZeroPrefix(start, offset - start));
+      widen = zeros == offset - start;
+    }
+    if (widen && offset + length < end) {
+      CO_ASSIGN_OR_RETURN(uint64_t zeros,
+                          co_await ZeroPrefix(offset + length, end - offset - length));
+      widen = zeros == end - offset - length;
+    }
+    if (!widen) {
+      exclusive.Release();
+      co_return co_await WriteZeroBuffer(offset, length);
+    }
+    offset = start;
+    length = end - start;
+  }
+  const uint64_t in_cluster = geo_.cluster_offset_in(offset);
+  const bool whole = length == geo_.cluster_size;
   // Already zeros with nothing to release: leave the metadata alone.
   const uint32_t first = static_cast<uint32_t>(in_cluster / geo_.subcluster_size);
   const uint32_t last = static_cast<uint32_t>((in_cluster + length - 1) / geo_.subcluster_size);

@@ -3,16 +3,11 @@
 #include <fmt/format.h>
 
 #include <cstdio>
-#include <optional>
 #include <string>
 
-#include "qcow2/backing_link.h"
-#include "qcow2/open_image.h"
-#include "qcow2/paths.h"
-#include "qcow2/qcow2_image.h"
 #include "qcow2/sync_env.h"
-#include "tools/chain_differences.h"
 #include "tools/progress.h"
+#include "tools/rebase_image.h"
 
 namespace uq::tools {
 namespace {
@@ -20,11 +15,13 @@ namespace {
 class RebaseCommand final : public Command {
  public:
   void AddFlags(CLI::App& app) override {
-    app.add_option("IMAGE", image_, "The qcow2 image whose backing file changes")->required();
-    backing_option_ = app.add_option("-b,--backing", backing_, "The new backing file (\"\": none)");
-    app.add_option("-F,--backing-format", backing_format_, "The new backing file's format");
-    app.add_option("-f,--format", format_, "IMAGE's format (default: probe)");
-    app.add_flag("-u,--unsafe", unsafe_,
+    app.add_option("IMAGE", request_.image, "The qcow2 image whose backing file changes")
+        ->required();
+    backing_option_ =
+        app.add_option("-b,--backing", request_.backing, "The new backing file (\"\": none)");
+    app.add_option("-F,--backing-format", request_.backing_format, "The new backing file's format");
+    app.add_option("-f,--format", request_.format, "IMAGE's format (default: probe)");
+    app.add_flag("-u,--unsafe", request_.unsafe,
                  "Change only the header: copy nothing, open no backing file");
     app.add_flag("-p,--progress", progress_, "Show progress on stdout");
     app.add_flag("-q,--quiet", quiet_, "No progress");
@@ -32,87 +29,35 @@ class RebaseCommand final : public Command {
   }
 
   Status Run() override {
-    const bool has_backing = backing_option_->count() > 0;
-    if (!unsafe_ && !has_backing) {
-      return Status::InvalidArgument(
-          fmt::format("{}: Must specify backing file (-b) or use unsafe mode (-u)", image_));
+    if (!request_.unsafe && backing_option_->count() == 0) {
+      return Status::InvalidArgument(fmt::format(
+          "{}: Must specify backing file (-b) or use unsafe mode (-u)", request_.image));
     }
-    for (const std::string* f : {&format_, &backing_format_}) {
+    for (const std::string* f : {&request_.format, &request_.backing_format}) {
       if (!f->empty() && *f != "qcow2" && *f != "raw") {
-        return Status::InvalidArgument(
-            fmt::format("{}: Invalid format name: '{}' (qcow2 and raw are supported)", image_, *f));
+        return Status::InvalidArgument(fmt::format(
+            "{}: Invalid format name: '{}' (qcow2 and raw are supported)", request_.image, *f));
       }
     }
-    ProgressMeter meter(progress_ && !quiet_ ? stdout : nullptr);
+    const bool progress = progress_ && !quiet_;
+    ProgressMeter meter(progress ? stdout : nullptr);
+    request_.env = qcow2::SyncEnv();
+    request_.lock_new_backing = !force_share_;
+    request_.on_progress = [&meter](uint64_t done, uint64_t total) { meter.Update(done, total); };
     meter.Start();
-    Status status = BlockOn(Rebase(meter));
-    if (!status.ok() && progress_ && !quiet_) std::fputc('\n', stdout);
-    if (status.ok()) meter.Finish();
+    Status status = BlockOn(RebaseImage(request_));
+    if (status.ok()) {
+      meter.Finish();
+    } else if (progress) {
+      std::fputc('\n', stdout);
+    }
     std::fflush(stdout);
     return status;
   }
 
  private:
-  // "Could not change the backing file to 'X': <reason>".
-  Status ChangeError(const std::string& reason) const {
-    return Status::InvalidArgument(
-        fmt::format("{}: Could not change the backing file to '{}': {}", image_, backing_, reason));
-  }
-
-  Task<Status> Rebase(ProgressMeter& meter) {
-    qcow2::ImageOptions options;
-    options.env = qcow2::SyncEnv();
-    options.format = format_;
-    options.writable = true;
-    options.no_backing = unsafe_;  // a rename must work when the old file is gone
-    CO_ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> image,
-                        co_await qcow2::OpenImage(image_, options));
-    std::unique_ptr<qcow2::BlockDevice> new_backing;
-    Status status = co_await RebaseOpen(*image, new_backing, meter);
-    if (new_backing) (void)co_await new_backing->Close();
-    Status closed = co_await image->Close();
-    co_return status.ok() ? closed : status;
-  }
-
-  Task<Status> RebaseOpen(qcow2::BlockDevice& device,
-                          std::unique_ptr<qcow2::BlockDevice>& new_backing, ProgressMeter& meter) {
-    auto* image = dynamic_cast<qcow2::Qcow2Image*>(&device);
-    if (image == nullptr) co_return ChangeError("Operation not supported");
-    if (!unsafe_ && !backing_.empty()) {
-      qcow2::ImageOptions options;
-      options.env = qcow2::SyncEnv();
-      options.format = backing_format_;
-      options.lock = !force_share_;
-      Result<std::unique_ptr<qcow2::BlockDevice>> opened =
-          co_await qcow2::OpenImage(qcow2::ResolveRelativeTo(image_, backing_), options);
-      if (!opened.ok()) {
-        co_return opened.status().WithContext(
-            fmt::format("{}: Could not open new backing file '{}'", image_, backing_));
-      }
-      new_backing = std::move(*opened);
-    }
-    // Everything the header change could refuse, refused before any write.
-    if (!backing_.empty() && backing_format_.empty()) {
-      co_return ChangeError("backing format must be specified");
-    }
-    const std::optional<std::string> format =
-        backing_format_.empty() ? std::nullopt : std::optional<std::string>(backing_format_);
-    Result<qcow2::Header> changed = qcow2::WithBackingFile(image->header(), backing_, format);
-    if (!changed.ok()) co_return ChangeError(changed.status().message());
-    if (!unsafe_) {
-      CO_RETURN_IF_ERROR(co_await CopyChainDifferences(
-          *image, new_backing.get(),
-          [&meter](uint64_t done, uint64_t total) { meter.Update(done, total); }));
-    }
-    co_return co_await image->SetBackingFile(backing_, format);
-  }
-
-  std::string image_;
-  std::string backing_;
+  RebaseRequest request_;
   CLI::Option* backing_option_ = nullptr;
-  std::string backing_format_;
-  std::string format_;
-  bool unsafe_ = false;
   bool progress_ = false;
   bool quiet_ = false;
   bool force_share_ = false;

@@ -170,6 +170,27 @@ def _(b):
     return Spec("top.qcow2", ["-b", "new.raw", "-F", "raw"])
 
 
+@case("sizes/unaligned_past_old_end", "past the old backing file's end, the new one has "
+      "data inside clusters: QEMU zeroes whole clusters (the rest reads as zeros already)")
+def _(b):
+    b.create("old.qcow2", 1 * M)
+    b.io("old.qcow2", "write -P 1 0 1M")
+    b.raw("new.raw", 4 * M, [(2 * M + 1024, b"\x07" * 1024), (3 * M + 64 * K - 512, b"\x08" * 1024)])
+    b.create("top.qcow2", 4 * M, backing="old.qcow2", backing_fmt="qcow2")
+    return Spec("top.qcow2", ["-b", "new.raw", "-F", "raw"])
+
+
+@case("sizes/unaligned_extl2", "as above on an extended L2 overlay: zeroed subclusters")
+def _(b):
+    b.create("old.qcow2", 1 * M)
+    b.io("old.qcow2", "write -P 1 0 1M")
+    b.raw("new.raw", 4 * M, [(2 * M + 1024, b"\x07" * 3000), (3 * M + 64 * K - 512, b"\x08" * 1024)])
+    b.create("top.qcow2", 4 * M, opts={"extended_l2": "on"}, backing="old.qcow2",
+             backing_fmt="qcow2")
+    b.io("top.qcow2", "write -P 2 %d 2k" % (3 * M))
+    return Spec("top.qcow2", ["-b", "new.raw", "-F", "raw"])
+
+
 @case("remove/safe", "-b \"\": everything the depth-3 chain provided copied in")
 def _(b):
     b.raw("base.raw", 4 * M, [(0, b"\x05" * (256 * K)), (3 * M, b"\x06" * 512)])
