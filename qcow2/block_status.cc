@@ -52,9 +52,13 @@ Task<Result<RangeStatus>> Qcow2Image::BlockStatus(uint64_t offset, uint64_t leng
     co_return Status::InvalidArgument(
         fmt::format("{}: block status of {} bytes at {} (size {})", path(), length, offset, size_));
   }
-  // One L2 table at most per answer; the caller asks again for the rest.
+  // One L2 table at most per answer, and less than 2 GiB (QEMU's driver
+  // answers in an int); the caller asks again for the rest. QEMU's splits
+  // show: `compare -s` sees whether an answer reaches the end of the image.
   const uint64_t table_span = geo_.cluster_size << geo_.l2_bits;
-  const uint64_t end = std::min({offset + length, size_, (offset / table_span + 1) * table_span});
+  constexpr uint64_t kMaxAnswer = (uint64_t{1} << 31) - 1;
+  uint64_t end = std::min(
+      {offset + length, size_, (offset / table_span + 1) * table_span, offset + kMaxAnswer});
   const uint64_t l1_index = geo_.l1_index(offset);
   if (l1_index >= l1_.size() || (l1_[l1_index] & kL1OffsetMask) == 0) {
     co_return RangeStatus{RangeStatus::Kind::kUnallocated, end - offset};
@@ -65,6 +69,12 @@ Task<Result<RangeStatus>> Qcow2Image::BlockStatus(uint64_t offset, uint64_t leng
     co_return CorruptEntry(offset, e, "is invalid (unaligned offset or contradictory bitmap)");
   }
   RangeStatus first = *at_offset;
+  // Compressed clusters are answered one by one, as QEMU does.
+  if (e.Kind(geo_, data_file_ != nullptr,
+             static_cast<uint32_t>(geo_.cluster_offset_in(offset) / geo_.subcluster_size)) ==
+      SubclusterKind::kCompressed) {
+    end = std::min(end, offset - geo_.cluster_offset_in(offset) + geo_.cluster_size);
+  }
   // Extend over the following subclusters while they say the same, with
   // host offsets running on.
   uint64_t pos = (offset / geo_.subcluster_size + 1) * geo_.subcluster_size;

@@ -77,6 +77,35 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenBacking(const std::string& path,
   co_return backing;
 }
 
+// Points `header` at the L1 table of the snapshot options.snapshot names
+// (see ImageOptions::snapshot).
+Task<Status> UseSnapshotL1(File& file, Header& header, const std::string& path,
+                           const ImageOptions& options) {
+  if (options.writable) {
+    co_return Status::InvalidArgument(
+        fmt::format("{}: a snapshot can only be opened read-only", path));
+  }
+  CO_ASSIGN_OR_RETURN(uint64_t file_size, file.Size());
+  CO_ASSIGN_OR_RETURN(std::vector<Snapshot> snapshots,
+                      co_await ReadSnapshotTable(file, header.snapshots_offset, header.nb_snapshots,
+                                                 file_size, header.version));
+  std::optional<size_t> index;
+  for (const SnapshotRef& ref : options.snapshot) {
+    index = FindSnapshot(snapshots, ref);
+    if (index) break;
+  }
+  if (!index) {
+    co_return Status::InvalidArgument(
+        fmt::format("{}: Failed to load snapshot: Can't find snapshot", path));
+  }
+  const Snapshot& s = snapshots[*index];
+  CO_RETURN_IF_ERROR(
+      ValidateSnapshotL1Table(s, *index, header.cluster_size(), file_size).WithContext(path));
+  header.l1_table_offset = s.l1_table_offset;
+  header.l1_size = s.l1_size;
+  co_return Status::Ok();
+}
+
 Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, std::string format,
                                                             const ImageOptions& options,
                                                             ChainState& chain) {
@@ -96,7 +125,12 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
     CO_ASSIGN_OR_RETURN(bool qcow2, co_await IsQcow2(*file));
     format = qcow2 ? "qcow2" : "raw";
   }
+  const bool snapshot = top && !options.snapshot.empty();
   if (format == "raw") {
+    if (snapshot) {
+      co_return Status::NotSupported(
+          fmt::format("{}: Failed to load snapshot: a raw image has no internal snapshots", path));
+    }
     CO_ASSIGN_OR_RETURN(std::unique_ptr<RawImage> raw,
                         RawImage::Open(std::move(file), options.writable));
     co_return std::unique_ptr<BlockDevice>(std::move(raw));
@@ -120,6 +154,7 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
           path, repaired.corruptions, repaired.error.empty() ? "" : ": ", repaired.error));
     }
   }
+  if (snapshot) CO_RETURN_IF_ERROR(co_await UseSnapshotL1(*file, header, path, options));
   Qcow2OpenParts parts;
   parts.writable = options.writable;
   if (header.corrupt() && parts.writable) {

@@ -7,11 +7,13 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "base/status.h"
 #include "base/task.h"
 #include "qcow2/block_device.h"
 #include "qcow2/file.h"
+#include "qcow2/snapshot_table.h"
 
 namespace uq::qcow2 {
 
@@ -42,6 +44,15 @@ struct ImageOptions {
   // Stands in for the working directory when a relative external data file
   // name is resolved (DataFilePath); empty: this process's own.
   std::string working_dir;
+  // Read the image as it was at an internal snapshot, as qemu-img's -l does
+  // (QEMU's bdrv_snapshot_load_tmp): the snapshot's L1 table stands in for
+  // the active one; the virtual size stays the current one. The first ref
+  // that matches a snapshot wins (qemu-img's plain `-l X` tries X as an id,
+  // then as a name). Read-only opens of a qcow2 image only; applies to the
+  // top image, not its backing files. Errors: "Failed to load snapshot: Can't
+  // find snapshot" (InvalidArgument), a snapshot L1 table outside the file
+  // (Corruption).
+  std::vector<SnapshotRef> snapshot;
   // Deepest backing chain accepted (a guard on top of loop detection).
   int max_chain_depth = 64;
 };

@@ -371,6 +371,16 @@ std::vector<std::byte> SerializeSnapshotTable(const std::vector<Snapshot>& snaps
   return out;
 }
 
+std::optional<size_t> FindSnapshot(std::span<const Snapshot> snapshots, const SnapshotRef& ref) {
+  if (!ref.id && !ref.name) return std::nullopt;
+  for (size_t i = 0; i < snapshots.size(); i++) {
+    if ((!ref.id || snapshots[i].id == *ref.id) && (!ref.name || snapshots[i].name == *ref.name)) {
+      return i;
+    }
+  }
+  return std::nullopt;
+}
+
 Status ValidateSnapshotL1Table(const Snapshot& snapshot, size_t index, uint64_t cluster_size,
                                uint64_t file_size) {
   auto bad = [&](std::string what) {

@@ -28,6 +28,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -156,6 +157,18 @@ Status ValidateSnapshotL1Table(const Snapshot& snapshot, size_t index, uint64_t 
 // (16 bytes: vm_state_size and disk_size). QEMU reads such entries and
 // `qemu-img check -r all` rewrites them with disk_size filled in.
 bool HasIncompleteExtraData(const Snapshot& snapshot, int version);
+
+// Names a snapshot as qemu-img's -l does: by id, by name, or by both (every
+// field given must match).
+struct SnapshotRef {
+  std::optional<std::string> id;
+  std::optional<std::string> name;
+};
+
+// The index of the first snapshot `ref` matches (QEMU's
+// find_snapshot_by_id_and_name); nullopt when none does, or `ref` names
+// nothing.
+std::optional<size_t> FindSnapshot(std::span<const Snapshot> snapshots, const SnapshotRef& ref);
 
 struct SnapshotInfo;  // qcow2/image_info.h
 

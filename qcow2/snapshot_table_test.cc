@@ -516,6 +516,25 @@ void CheckQemuTable(const QemuImage& image, int version) {
   EXPECT_EQ(again, Slice(b, offset, again.size()));
 }
 
+TEST(SnapshotTableTest, FindSnapshotAsQemu) {
+  // QEMU's find_snapshot_by_id_and_name: every field given must match; the
+  // first match wins; a ref naming nothing matches nothing.
+  std::vector<Snapshot> snaps(3);
+  snaps[0].id = "1";
+  snaps[0].name = "s1";
+  snaps[1].id = "2";
+  snaps[1].name = "1";
+  snaps[2].id = "3";
+  snaps[2].name = "s1";
+  EXPECT_EQ(FindSnapshot(snaps, {"1", std::nullopt}), 0u);
+  EXPECT_EQ(FindSnapshot(snaps, {std::nullopt, "1"}), 1u);
+  EXPECT_EQ(FindSnapshot(snaps, {std::nullopt, "s1"}), 0u);
+  EXPECT_EQ(FindSnapshot(snaps, {"3", "s1"}), 2u);
+  EXPECT_EQ(FindSnapshot(snaps, {"2", "s1"}), std::nullopt);
+  EXPECT_EQ(FindSnapshot(snaps, {"9", std::nullopt}), std::nullopt);
+  EXPECT_EQ(FindSnapshot(snaps, {}), std::nullopt);
+}
+
 TEST(SnapshotTableQemuTest, V3TableFromQemuImg) {
   QemuImage image = MakeQemuImage("1.1", {"s1", "s2", "a longer snapshot name", "x"});
   CheckQemuTable(image, 3);

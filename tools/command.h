@@ -36,6 +36,16 @@ class Command {
   // The exit status when Run() succeeded: 0, except for verbs whose outcome
   // has more shades (check: 2 corruptions, 3 leaks, like qemu-img check).
   virtual int exit_code() const { return kExitOk; }
+
+  // The exit status when Run() failed: 1, except for verbs that follow a
+  // qemu-img verb with its own numbering (compare: 2 an image would not
+  // open, 3 a block status query failed, 4 a read failed).
+  virtual int error_exit_code() const { return kExitError; }
+
+  // The exit status of a bad command line for this verb: 2, except where
+  // qemu-img's verb says otherwise (compare exits 1, as qemu-img compare's
+  // option parser does).
+  virtual int usage_exit_code() const { return kExitUsage; }
 };
 
 }  // namespace uq::tools

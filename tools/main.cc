@@ -3,7 +3,9 @@
 // Exit statuses (tools/command.h): 0 success (and --help, --version); 1 the
 // verb failed, one line "ublk-qcow2: <message>" on stderr; 2 a bad command
 // line (unknown verb, missing argument, bad flag or value), the message and
-// the usage on stderr.
+// the usage on stderr. A verb may number its failures differently, as the
+// qemu-img verb it follows does (compare: 1 images differ, 2..4 errors, and
+// 1 for a bad command line); see Command::error_exit_code.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <exception>
@@ -18,12 +20,14 @@
 #include "tools/check_command.h"
 #include "tools/command.h"
 #include "tools/commit_command.h"
+#include "tools/compare_command.h"
 #include "tools/convert_command.h"
 #include "tools/create_command.h"
 #include "tools/del_command.h"
 #include "tools/info_command.h"
 #include "tools/list_command.h"
 #include "tools/map_command.h"
+#include "tools/measure_command.h"
 #include "tools/rebase_command.h"
 
 namespace uq::tools {
@@ -45,12 +49,16 @@ constexpr Verb kVerbs[] = {
      &MakeCheckCommand},
     {"info", "Show an image's format, sizes, backing file and snapshots (like qemu-img info)",
      &MakeInfoCommand},
+    {"compare", "Compare the guest-visible contents of two images (like qemu-img compare)",
+     &MakeCompareCommand},
     {"map", "Show which ranges hold data or zeros, in which layer and where (like qemu-img map)",
      &MakeMapCommand},
     {"rebase", "Change an image's backing file, keeping what the guest sees (like qemu-img rebase)",
      &MakeRebaseCommand},
     {"commit", "Write an overlay's data into its backing file (like qemu-img commit)",
      &MakeCommitCommand},
+    {"measure", "Show how large a file a new image would need (like qemu-img measure)",
+     &MakeMeasureCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},
     {"bench", "Measure read/write IOPS on an image (like qemu-img bench)", &MakeBenchCommand},
@@ -103,6 +111,12 @@ int Main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     PrintError(e.what());
     std::cerr << Usage(app);
+    // The verb is argv[1] (an unknown one was refused above).
+    for (size_t i = 0; i < commands.size(); ++i) {
+      if (argc > 1 && std::string_view(argv[1]) == kVerbs[i].name) {
+        return commands[i]->usage_exit_code();
+      }
+    }
     return kExitUsage;
   }
 
@@ -111,7 +125,7 @@ int Main(int argc, char** argv) {
     Status status = commands[i]->Run();
     if (status.ok()) return commands[i]->exit_code();
     PrintError(status.ToString());
-    return kExitError;
+    return commands[i]->error_exit_code();
   }
   std::cerr << app.help();  // unreachable: require_subcommand(1)
   return kExitUsage;

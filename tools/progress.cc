@@ -13,6 +13,10 @@ void ProgressMeter::Update(uint64_t done, uint64_t total) {
 
 void ProgressMeter::Finish() { Draw(100.0, '\n'); }
 
+void ProgressMeter::ReachHundred() {
+  if (last_drawn_ < 100.0) Draw(100.0, '\r');
+}
+
 void ProgressMeter::Draw(double percent, char end) {
   last_drawn_ = percent;
   if (out_ == nullptr) return;

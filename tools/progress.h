@@ -19,6 +19,9 @@ class ProgressMeter {
   // `done` of `total` units finished (total 0 counts as finished).
   void Update(uint64_t done, uint64_t total);
   void Finish();
+  // Draws 100% unless the line shows it already, leaving the line open (as
+  // qemu-img compare does before its verdict).
+  void ReachHundred();
 
  private:
   void Draw(double percent, char end);

@@ -32,6 +32,19 @@ TEST(ProgressMeterTest, DrawsLikeQemuImg) {
   std::fclose(f);
 }
 
+TEST(ProgressMeterTest, ReachHundredDrawsOnlyWhatIsMissing) {
+  std::FILE* f = std::tmpfile();
+  ASSERT_NE(f, nullptr);
+  ProgressMeter meter(f, 2.0);
+  meter.Start();
+  meter.Update(990, 1000);  // 99%
+  meter.Update(999, 1000);  // +0.9: below the 2-point step
+  meter.ReachHundred();     // drawn: the line showed 99
+  meter.ReachHundred();     // not again
+  EXPECT_EQ(Drawn(f), "    (0.00/100%)\r    (99.00/100%)\r    (100.00/100%)\r");
+  std::fclose(f);
+}
+
 TEST(ProgressMeterTest, SilentWithoutStream) {
   ProgressMeter meter(nullptr);
   meter.Start();

@@ -13,6 +13,7 @@
 #include "base/aligned_buffer.h"
 #include "base/endian.h"
 #include "qcow2/block_device.h"
+#include "qcow2/create/option_list.h"
 #include "qcow2/format.h"
 #include "qcow2/header.h"
 #include "qcow2/open_image.h"
@@ -33,165 +34,14 @@ uint64_t DivRoundUp(uint64_t n, uint64_t d) { return n / d + (n % d != 0); }
 
 // --- Parsing -------------------------------------------------------------
 
-// Splits "a=b,c=d" with ",," as an escaped comma. Empty items are errors, as
-// in QEMU's option parser.
-Result<std::vector<std::string>> SplitOptionList(std::string_view list) {
-  std::vector<std::string> items;
-  std::string cur;
-  for (size_t i = 0; i < list.size(); i++) {
-    if (list[i] != ',') {
-      cur += list[i];
-    } else if (i + 1 < list.size() && list[i + 1] == ',') {
-      cur += ',';
-      i++;
-    } else {
-      if (cur.empty()) {
-        return Status::InvalidArgument(fmt::format("Invalid option list: {}", list));
-      }
-      items.push_back(std::move(cur));
-      cur.clear();
-    }
-  }
-  if (cur.empty()) {
-    return Status::InvalidArgument(fmt::format("Invalid option list: {}", list));
-  }
-  items.push_back(std::move(cur));
-  return items;
-}
-
-Status SizeError(std::string_view key) {
-  return Status::InvalidArgument(
-      fmt::format("Parameter '{}' expects a non-negative number below 2^64 (optional "
-                  "suffix k, "
-                  "M, G, T, P or E means kilo-, mega-, giga-, tera-, peta- and exabytes)",
-                  key));
-}
-
-// qemu_strtosz(): a decimal number with an optional fraction, or a hex
-// integer, then an optional suffix b/k/M/G/T/P/E (binary multiples, any case).
-Result<uint64_t> ParseSize(std::string_view key, std::string_view s) {
-  size_t i = 0;
-  unsigned __int128 whole = 0;
-  uint64_t frac_num = 0, frac_den = 1;
-  bool digits = false;
-  if (s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-    i = 2;
-    while (i < s.size() && std::isxdigit(static_cast<unsigned char>(s[i]))) {
-      char c = static_cast<char>(std::tolower(static_cast<unsigned char>(s[i])));
-      whole = whole * 16 + static_cast<unsigned>(c <= '9' ? c - '0' : c - 'a' + 10);
-      if (whole >> 64) return SizeError(key);
-      digits = true;
-      i++;
-    }
-  } else {
-    while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) {
-      whole = whole * 10 + static_cast<unsigned>(s[i] - '0');
-      if (whole >> 64) return SizeError(key);
-      digits = true;
-      i++;
-    }
-    if (i < s.size() && s[i] == '.') {
-      i++;
-      while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) {
-        if (frac_den < 1000000000000000000ull) {
-          frac_num = frac_num * 10 + static_cast<unsigned>(s[i] - '0');
-          frac_den *= 10;
-        }
-        digits = true;
-        i++;
-      }
-    }
-  }
-  if (!digits) return SizeError(key);
-  uint64_t mult = 1;
-  if (i < s.size()) {
-    switch (std::tolower(static_cast<unsigned char>(s[i]))) {
-      case 'b':
-        mult = 1;
-        break;
-      case 'k':
-        mult = 1ull << 10;
-        break;
-      case 'm':
-        mult = 1ull << 20;
-        break;
-      case 'g':
-        mult = 1ull << 30;
-        break;
-      case 't':
-        mult = 1ull << 40;
-        break;
-      case 'p':
-        mult = 1ull << 50;
-        break;
-      case 'e':
-        mult = 1ull << 60;
-        break;
-      default:
-        return SizeError(key);
-    }
-    i++;
-  }
-  if (i != s.size()) return SizeError(key);
-  // "1.5" or "1.5b": not whole bytes.
-  if (frac_num != 0 && mult == 1) return SizeError(key);
-  unsigned __int128 total = whole * mult + (unsigned __int128)frac_num * mult / frac_den;
-  if (total >> 64) return SizeError(key);
-  return static_cast<uint64_t>(total);
-}
-
-// qemu_strtou64(..., base 0): decimal, 0x hex or 0 octal.
-Result<uint64_t> ParseNumber(std::string_view key, std::string_view s) {
-  auto err = [&] {
-    return Status::InvalidArgument(fmt::format("Parameter '{}' expects a number", key));
-  };
-  if (s.empty()) return err();
-  unsigned base = 10;
-  size_t i = 0;
-  if (s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-    base = 16;
-    i = 2;
-  } else if (s.size() > 1 && s[0] == '0') {
-    base = 8;
-    i = 1;
-  }
-  unsigned __int128 v = 0;
-  for (; i < s.size(); i++) {
-    int c = std::tolower(static_cast<unsigned char>(s[i]));
-    unsigned d;
-    if (c >= '0' && c <= '9') {
-      d = static_cast<unsigned>(c - '0');
-    } else if (c >= 'a' && c <= 'f') {
-      d = static_cast<unsigned>(c - 'a' + 10);
-    } else {
-      return err();
-    }
-    if (d >= base) return err();
-    v = v * base + d;
-    if (v >> 64) return err();
-  }
-  return static_cast<uint64_t>(v);
-}
-
-Result<bool> ParseBool(std::string_view key, std::string_view s) {
-  if (s == "on" || s == "yes" || s == "true" || s == "y") return true;
-  if (s == "off" || s == "no" || s == "false" || s == "n") return false;
-  return Status::InvalidArgument(fmt::format("Parameter '{}' expects 'on' or 'off'", key));
-}
-
 Status BadValue(std::string_view key, std::string_view value) {
   return Status::InvalidArgument(
       fmt::format("Parameter '{}' does not accept value '{}'", key, value));
 }
 
-bool IsBoolKey(std::string_view key) {
-  return key == "extended_l2" || key == "lazy_refcounts" || key == "data_file_raw" ||
-         key == "encryption" || key == "nocow";
-}
-
 Status ApplyOption(std::string_view key, const std::string& value, CreateOptions& o) {
   if (key == "size") {
-    Result<uint64_t> v = ParseSize(key, value);
+    Result<uint64_t> v = ParseOptionSize(key, value);
     if (!v.ok()) return v.status();
     o.size = *v;
   } else if (key == "compat") {
@@ -203,23 +53,23 @@ Status ApplyOption(std::string_view key, const std::string& value, CreateOptions
       return Status::InvalidArgument(fmt::format("Invalid compatibility level: '{}'", value));
     }
   } else if (key == "cluster_size") {
-    Result<uint64_t> v = ParseSize(key, value);
+    Result<uint64_t> v = ParseOptionSize(key, value);
     if (!v.ok()) return v.status();
     // Out-of-range values are rejected by validation; keep them recognisable.
     o.cluster_size = *v > UINT32_MAX ? 0 : static_cast<uint32_t>(*v);
   } else if (key == "refcount_bits") {
-    Result<uint64_t> v = ParseNumber(key, value);
+    Result<uint64_t> v = ParseOptionNumber(key, value);
     if (!v.ok()) return v.status();
     o.refcount_bits = *v > UINT32_MAX ? 0 : static_cast<uint32_t>(*v);
   } else if (key == "extended_l2") {
-    Result<bool> v = ParseBool(key, value);
+    Result<bool> v = ParseOptionBool(key, value);
     if (!v.ok()) return v.status();
     o.extended_l2 = *v;
   } else if (key == "compression_type") {
     if (value != "zlib" && value != "zstd") return BadValue(key, value);
     o.compression_type = value;
   } else if (key == "lazy_refcounts") {
-    Result<bool> v = ParseBool(key, value);
+    Result<bool> v = ParseOptionBool(key, value);
     if (!v.ok()) return v.status();
     o.lazy_refcounts = *v;
   } else if (key == "data_file") {
@@ -228,7 +78,7 @@ Status ApplyOption(std::string_view key, const std::string& value, CreateOptions
     }
     o.data_file = value;
   } else if (key == "data_file_raw") {
-    Result<bool> v = ParseBool(key, value);
+    Result<bool> v = ParseOptionBool(key, value);
     if (!v.ok()) return v.status();
     o.data_file_raw = *v;
   } else if (key == "preallocation") {
@@ -254,7 +104,7 @@ Status ApplyOption(std::string_view key, const std::string& value, CreateOptions
     o.backing_format = value;
   } else if (key == "encryption" || key == "nocow") {
     // Accepted when off; encryption and btrfs NOCOW are not implemented.
-    Result<bool> v = ParseBool(key, value);
+    Result<bool> v = ParseOptionBool(key, value);
     if (!v.ok()) return v.status();
     if (*v) {
       return Status::NotSupported(key == "nocow" ? "option 'nocow' is not supported"
@@ -485,27 +335,8 @@ uint64_t RoundUp512(uint64_t n) { return n + (kSectorSize - n % kSectorSize) % k
 
 Result<CreateOptions> ParseCreateOptions(std::string_view comma_list, CreateOptions base) {
   CreateOptions o = std::move(base);
-  if (!comma_list.empty()) {
-    ASSIGN_OR_RETURN(std::vector<std::string> items, SplitOptionList(comma_list));
-    for (const std::string& item : items) {
-      size_t eq = item.find('=');
-      std::string key, value;
-      if (eq != std::string::npos) {
-        key = item.substr(0, eq);
-        value = item.substr(eq + 1);
-      } else if (IsBoolKey(item)) {
-        key = item;  // "lazy_refcounts" alone means on
-        value = "on";
-      } else if (item.starts_with("no") && IsBoolKey(item.substr(2))) {
-        key = item.substr(2);  // "nolazy_refcounts" means off
-        value = "off";
-      } else {
-        key = item;
-        value = "";
-      }
-      RETURN_IF_ERROR(ApplyOption(key, value, o));
-    }
-  }
+  ASSIGN_OR_RETURN(std::vector<OptionItem> items, SplitOptionList(comma_list));
+  for (const OptionItem& item : items) RETURN_IF_ERROR(ApplyOption(item.key, item.value, o));
   RETURN_IF_ERROR(ValidateCreateOptions(o));
   return o;
 }

@@ -597,7 +597,8 @@ TEST(ParseCreateOptionsTest, BadOptionsGiveQemusErrors) {
   ExpectError("cluster_size", "Parameter 'cluster_size' expects a non-negative number");
   ExpectError("cluster_size=abc", "Parameter 'cluster_size' expects a non-negative number");
   ExpectError("cluster_size=1k5", "Parameter 'cluster_size' expects a non-negative number");
-  ExpectError("cluster_size=99999999999999999999", "Parameter 'cluster_size' expects");
+  ExpectError("cluster_size=99999999999999999999",
+              "Value '99999999999999999999' is out of range for parameter 'cluster_size'");
   ExpectError("lazy_refcounts=maybe", "Parameter 'lazy_refcounts' expects 'on' or 'off'");
   ExpectError("refcount_bits=abc", "Parameter 'refcount_bits' expects a number");
   ExpectError("compression_type=lz4", "Parameter 'compression_type' does not accept value 'lz4'");

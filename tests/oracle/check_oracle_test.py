@@ -48,12 +48,7 @@ class Expect:
 CASES = []
 
 
-def case(name, doc):
-    def deco(fn):
-        group, short = name.split("/")
-        CASES.append(Case(short, group, fn, doc))
-        return fn
-    return deco
+case = L.case_registry(CASES, Case)
 
 
 # --------------------------------------------------------------------------

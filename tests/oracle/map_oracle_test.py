@@ -30,12 +30,7 @@ TIMEOUT = 60
 CASES = []
 
 
-def case(name, doc):
-    def deco(fn):
-        group, short = name.split("/")
-        CASES.append(Case(short, group, fn, doc))
-        return fn
-    return deco
+case = L.case_registry(CASES, Case)
 
 
 def pattern_writes(b, img, cs, size, fmt="qcow2"):

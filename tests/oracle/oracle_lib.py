@@ -514,6 +514,18 @@ class Case:
         self.doc = doc
 
 
+def case_registry(cases, make=Case):
+    """Returns the decorator @case("group/name", doc) that appends
+    make(name, group, fn, doc) to `cases`."""
+    def case(name, doc):
+        def deco(fn):
+            group, short = name.split("/")
+            cases.append(make(short, group, fn, doc))
+            return fn
+        return deco
+    return case
+
+
 def parse_args(argv, suite):
     p = argparse.ArgumentParser(description="QEMU oracle test: " + suite)
     p.add_argument("binary", help="path to ublk-qcow2 (or a stand-in)")

@@ -23,7 +23,7 @@ sys.dont_write_bytecode = True  # keep the source tree clean
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import oracle_lib as L  # noqa: E402
 import twin_lib as TW  # noqa: E402
-from oracle_lib import Case, CaseFailure  # noqa: E402
+from oracle_lib import CaseFailure  # noqa: E402
 
 K = 1 << 10
 M = 1 << 20
@@ -40,12 +40,7 @@ class Spec:
         self.safe = safe
 
 
-def case(name, doc):
-    def deco(fn):
-        group, short = name.split("/")
-        CASES.append(Case(short, group, fn, doc))
-        return fn
-    return deco
+case = L.case_registry(CASES)
 
 
 def two_bases(b, cs, size, opts=None):
