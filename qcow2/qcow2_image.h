@@ -145,6 +145,21 @@ class Qcow2Image final : public BlockDevice {
   // NoSpace (the L1 table would pass QEMU's 32 MiB limit), I/O errors.
   Task<Status> Resize(uint64_t new_size, Preallocation prealloc) override;
 
+  // --- chain verbs: rebase, commit (qcow2_chain_ops.cc) ---
+  // Names `name` ("" for none) in `format` as the backing file in the header
+  // (WithBackingFile's rules and errors). Everything written so far is made
+  // stable first, so that data a safe rebase copied in is on disk before the
+  // header stops reading it from the old backing file; then the header is
+  // rewritten in one write of the first cluster and synced, as QEMU does. The
+  // backing device opened with the image stays: the new link counts from the
+  // next open. REQUIRES: writable image.
+  Task<Status> SetBackingFile(const std::string& name, const std::optional<std::string>& format);
+  // Makes the whole clusters in [offset, offset + length) unallocated (they
+  // read from the backing file again, or as zeros without one) and releases
+  // their host clusters, as QEMU's make_empty does after a commit; the change
+  // is stable once Flush() returns. Partial clusters at the ends stay.
+  Task<Status> Unallocate(uint64_t offset, uint64_t length);
+
   const Header& header() const { return header_; }
   const Geometry& geometry() const { return geo_; }
   const std::vector<Snapshot>& snapshots() const { return snapshots_; }
@@ -225,9 +240,16 @@ class Qcow2Image final : public BlockDevice {
   // must have a refcount, or the new allocation could pick one of them and
   // ReleaseEntry then free the new data. Otherwise marks the image corrupt.
   Task<Status> CheckReferenced(uint64_t offset, const L2Entry& entry);
-  Task<Status> ZeroInCluster(uint64_t offset, uint64_t length);
-  // `full`: the entry becomes unallocated (a shrink's tail), not zero.
-  Task<Status> DiscardCluster(uint64_t offset, bool full = false);
+  // Makes [offset, offset + length), inside one cluster, read as zeros. A
+  // `partial` range (inside one subcluster, not all of it) becomes a zeroed
+  // subcluster where QEMU's rule allows, else is written as zeros.
+  Task<Status> ZeroInCluster(uint64_t offset, uint64_t length, bool partial = false);
+  // Drops the cluster's mapping: to the zero flag (version 3), or to
+  // unallocated with `unallocate` or in a version 2 image.
+  Task<Status> DiscardCluster(uint64_t offset, bool unallocate = false);
+  // DiscardCluster on every whole cluster of the range (the last one also
+  // when the range ends at the end of the image).
+  Task<Status> DiscardWholeClusters(uint64_t offset, uint64_t length, bool unallocate);
   Task<Status> WriteZeroBuffer(uint64_t offset, uint64_t length);
   // Notes that the file now holds clusters up to `end` and, with
   // preallocation on, grows it ahead when `end` passes what was grown.

@@ -142,7 +142,7 @@ Task<Status> Qcow2Image::ReleaseTail(uint64_t new_size) {
     const uint64_t from = std::max(start, index * span);
     const uint64_t to = std::min(old_size, (index + 1) * span);
     for (uint64_t pos = from; pos < to; pos += cs) {
-      CO_RETURN_IF_ERROR(co_await DiscardCluster(pos, /*full=*/true));
+      CO_RETURN_IF_ERROR(co_await DiscardCluster(pos, /*unallocate=*/true));
     }
   }
   // The entries reach the disk, then the references they held are dropped.

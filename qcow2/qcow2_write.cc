@@ -563,20 +563,46 @@ Task<Status> Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length) {
     uint64_t head = std::min<uint64_t>(n, (unit - in_cluster % unit) % unit);
     uint64_t body = (n - head) / unit * unit;
     uint64_t tail = n - head - body;
-    if (head) CO_RETURN_IF_ERROR(co_await WriteZeroBuffer(pos, head));
+    if (head) CO_RETURN_IF_ERROR(co_await ZeroInCluster(pos, head, /*partial=*/true));
     if (body) CO_RETURN_IF_ERROR(co_await ZeroInCluster(pos + head, body));
-    if (tail) CO_RETURN_IF_ERROR(co_await WriteZeroBuffer(pos + head + body, tail));
+    if (tail) CO_RETURN_IF_ERROR(co_await ZeroInCluster(pos + head + body, tail, true));
     done += n;
   }
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::ZeroInCluster(uint64_t offset, uint64_t length) {
+Task<Status> Qcow2Image::ZeroInCluster(uint64_t offset, uint64_t length, bool partial) {
   auto exclusive = co_await LockToRemap(geo_.guest_cluster(offset));
-  const uint64_t in_cluster = geo_.cluster_offset_in(offset);
-  const bool whole = length == geo_.cluster_size;
   const bool has_df = data_file_ != nullptr;
   CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
+  if (partial) {
+    // QEMU's rule (qcow2_co_pwrite_zeroes): a piece of a subcluster that
+    // holds nothing of its own, whose other bytes read as zeros already,
+    // zeroes the whole subcluster; any other piece is written as zeros.
+    const uint64_t unit = geo_.subcluster_size;
+    const uint64_t start = offset / unit * unit;
+    const uint64_t end = std::min(start + unit, size());
+    const SubclusterKind kind =
+        old.Kind(geo_, has_df, static_cast<uint32_t>(geo_.cluster_offset_in(offset) / unit));
+    bool widen = kind == SubclusterKind::kUnallocated || kind == SubclusterKind::kZero;
+    if (widen && offset > start) {
+      CO_ASSIGN_OR_RETURN(uint64_t zeros, co_await ZeroPrefix(start, offset - start));
+      widen = zeros == offset - start;
+    }
+    if (widen && offset + length < end) {
+      CO_ASSIGN_OR_RETURN(uint64_t zeros,
+                          co_await ZeroPrefix(offset + length, end - offset - length));
+      widen = zeros == end - offset - length;
+    }
+    if (!widen) {
+      exclusive.Release();
+      co_return co_await WriteZeroBuffer(offset, length);
+    }
+    offset = start;
+    length = end - start;
+  }
+  const uint64_t in_cluster = geo_.cluster_offset_in(offset);
+  const bool whole = length == geo_.cluster_size;
   // Already zeros with nothing to release: leave the metadata alone.
   const uint32_t first = static_cast<uint32_t>(in_cluster / geo_.subcluster_size);
   const uint32_t last = static_cast<uint32_t>((in_cluster + length - 1) / geo_.subcluster_size);
@@ -613,24 +639,28 @@ Task<Status> Qcow2Image::ZeroInCluster(uint64_t offset, uint64_t length) {
 }
 
 Task<Status> Qcow2Image::Discard(uint64_t offset, uint64_t length) {
-  CO_RETURN_IF_ERROR(CheckWritable(offset, length));
   // Discard is advisory: only whole clusters are released, as QEMU does.
+  co_return co_await DiscardWholeClusters(offset, length, /*unallocate=*/false);
+}
+
+Task<Status> Qcow2Image::DiscardWholeClusters(uint64_t offset, uint64_t length, bool unallocate) {
+  CO_RETURN_IF_ERROR(CheckWritable(offset, length));
   const uint64_t cs = geo_.cluster_size;
   uint64_t start = (offset + cs - 1) / cs * cs;
   uint64_t end = offset + length == size() ? size() : (offset + length) / cs * cs;
   for (uint64_t pos = start; pos < end; pos += cs) {
-    CO_RETURN_IF_ERROR(co_await DiscardCluster(pos));
+    CO_RETURN_IF_ERROR(co_await DiscardCluster(pos, unallocate));
   }
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::DiscardCluster(uint64_t offset, bool full) {
+Task<Status> Qcow2Image::DiscardCluster(uint64_t offset, bool unallocate) {
   auto exclusive = co_await LockToRemap(geo_.guest_cluster(offset));
   const bool has_df = data_file_ != nullptr;
   CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
   const bool allocated = old.compressed() || old.has_host_cluster(has_df);
-  if (full) {
-    if (old.raw == 0 && old.bitmap == 0) co_return Status::Ok();
+  if (unallocate) {
+    if (!allocated && old.raw == 0 && old.bitmap == 0) co_return Status::Ok();
   } else {
     // Unallocated clusters without a backing file already read as zeros.
     if (!allocated && (!backing_ || header_.version < 3)) co_return Status::Ok();
@@ -639,7 +669,7 @@ Task<Status> Qcow2Image::DiscardCluster(uint64_t offset, bool full) {
   CO_RETURN_IF_ERROR(co_await PrepareL2(offset));
   CO_ASSIGN_OR_RETURN(old, co_await LookupEntry(offset));
   L2Entry updated;
-  if (!full && header_.version >= 3) {
+  if (header_.version >= 3 && !unallocate) {
     // The zero flag keeps a backing file from showing through.
     if (geo_.extended_l2)
       updated.bitmap = kAllSubclusters << 32;

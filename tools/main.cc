@@ -21,6 +21,7 @@
 #include "tools/bench_command.h"
 #include "tools/check_command.h"
 #include "tools/command.h"
+#include "tools/commit_command.h"
 #include "tools/compare_command.h"
 #include "tools/convert_command.h"
 #include "tools/create_command.h"
@@ -29,6 +30,7 @@
 #include "tools/list_command.h"
 #include "tools/map_command.h"
 #include "tools/measure_command.h"
+#include "tools/rebase_command.h"
 #include "tools/resize_command.h"
 
 namespace uq::tools {
@@ -54,6 +56,10 @@ constexpr Verb kVerbs[] = {
      &MakeCompareCommand},
     {"map", "Show which ranges hold data or zeros, in which layer and where (like qemu-img map)",
      &MakeMapCommand},
+    {"rebase", "Change an image's backing file, keeping what the guest sees (like qemu-img rebase)",
+     &MakeRebaseCommand},
+    {"commit", "Write an overlay's data into its backing file (like qemu-img commit)",
+     &MakeCommitCommand},
     {"measure", "Show how large a file a new image would need (like qemu-img measure)",
      &MakeMeasureCommand},
     {"resize", "Grow or shrink an image's virtual size (like qemu-img resize)", &MakeResizeCommand},

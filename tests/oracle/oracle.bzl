@@ -1,6 +1,7 @@
 """oracle_test: runs one oracle script (Python 3, standard library) under sh_test."""
 
-def oracle_test(name, script, binary, groups = [], tags = [], size = "medium", timeout = None):
+def oracle_test(name, script, binary, groups = [], tags = [], size = "medium", timeout = None,
+                extra_data = []):
     """An sh_test that runs `script BINARY [--group G]...` with the system python3.
 
     Args:
@@ -11,6 +12,7 @@ def oracle_test(name, script, binary, groups = [], tags = [], size = "medium", t
       tags: test tags.
       size: test size.
       timeout: test timeout (None: the size's default).
+      extra_data: more files the script imports (helper modules beside oracle_lib.py).
     """
     args = ["$(location %s)" % script, "$(location %s)" % binary]
     for g in groups:
@@ -19,7 +21,7 @@ def oracle_test(name, script, binary, groups = [], tags = [], size = "medium", t
         name = name,
         srcs = ["run_python.sh"],
         args = args,
-        data = [script, "oracle_lib.py", binary],
+        data = [script, "oracle_lib.py", binary] + extra_data,
         size = size,
         timeout = timeout,
         tags = tags + ["oracle"],
