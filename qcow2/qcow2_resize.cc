@@ -75,9 +75,19 @@ Task<Status> Qcow2Image::Resize(uint64_t new_size, Preallocation prealloc) {
     if (backing_ && backing_->size() > old_size) {
       const uint64_t unit = geo_.subcluster_size;
       const uint64_t zero_end = (new_size + unit - 1) / unit * unit;
-      size_.store(zero_end, std::memory_order_release);
-      Status zeroed = co_await WriteZeroes(old_size, zero_end - old_size);
-      size_.store(new_size, std::memory_order_release);
+      // The (sub)cluster holding the old end gets its tail written with zero
+      // bytes, as QEMU writes it (a data cluster, not a zero flag).
+      const uint64_t head_end = std::min(new_size, (old_size + unit - 1) / unit * unit);
+      Status zeroed = Status::Ok();
+      if (head_end > old_size) {
+        AlignedBuffer zeros(head_end - old_size);
+        zeroed = co_await Write(old_size, zeros.span(), false);
+      }
+      if (zeroed.ok() && zero_end > head_end) {
+        size_.store(zero_end, std::memory_order_release);
+        zeroed = co_await WriteZeroes(head_end, zero_end - head_end);
+        size_.store(new_size, std::memory_order_release);
+      }
       CO_RETURN_IF_ERROR(restore_size(std::move(zeroed)));
     }
   }
