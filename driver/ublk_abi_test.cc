@@ -72,10 +72,15 @@ TEST(FlagNamesTest, EveryBitOfLinux73) {
   EXPECT_EQ(UBLK_F_IO_DESC_SIZE, uint64_t{1} << 20);
 }
 
-// What the rig's 7.3 kernel answers: its UBLK_F_ALL, bits 0..20, less
-// INTEGRITY (offered only with CONFIG_BLK_DEV_INTEGRITY, which the fragment
-// leaves off).
+// What the rig's kernels answer. 6.12 (measured in the VM): bits 1..8, no
+// SUPPORT_ZERO_COPY. 7.3: its UBLK_F_ALL, bits 0..20, less INTEGRITY
+// (offered only with CONFIG_BLK_DEV_INTEGRITY, which the fragment leaves off).
 TEST(FlagNamesTest, KernelAnswers) {
+  EXPECT_EQ(KnownFlagNames(0x1fe),
+            (std::vector<std::string>{"URING_CMD_COMP_IN_TASK", "NEED_GET_DATA", "USER_RECOVERY",
+                                      "USER_RECOVERY_REISSUE", "UNPRIVILEGED_DEV",
+                                      "CMD_IOCTL_ENCODE", "USER_COPY", "ZONED"}));
+  EXPECT_TRUE(UnknownFlagBits(0x1fe).empty());
   const uint64_t k73 = ((uint64_t{1} << 21) - 1) & ~UBLK_F_INTEGRITY;
   std::vector<std::string> names = KnownFlagNames(k73);
   EXPECT_EQ(names.size(), 20u);
