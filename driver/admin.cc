@@ -179,6 +179,7 @@ Result<DeviceStatus> DescribeDevice(ControlDevice& control, int dev_id) {
     return s;
   }
   s.state = DeviceStateName(info->state);
+  s.flags = info->flags;
   s.queues = info->nr_hw_queues;
   s.depth = info->queue_depth;
   if (s.pid <= 0 && info->ublksrv_pid > 0) s.pid = info->ublksrv_pid;

@@ -54,6 +54,9 @@ struct DeviceStatus {
   uint64_t size = 0;  // bytes, 0 if unknown
   bool read_only = false;
   std::string image;  // "" if the device has no record (not ours)
+  // UBLK_F_* the device was created with, as the kernel reports them; none
+  // for a stale record (no device to ask).
+  std::optional<uint64_t> flags;
 };
 
 Result<DeviceStatus> DescribeDevice(ControlDevice& control, int dev_id);

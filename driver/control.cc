@@ -51,6 +51,7 @@ Result<std::unique_ptr<ControlDevice>> ControlDevice::Open() {
   Result<int> got = control->Run("GET_FEATURES", UBLK_U_CMD_GET_FEATURES, cmd);
   // Kernels before 6.5 do not know the command (EOPNOTSUPP or EINVAL):
   // they offer no optional feature and speak the legacy opcodes.
+  control->features_known_ = got.ok();
   control->features_ = got.ok() ? features : 0;
   control->ops_ = Opcodes::For(control->features_);
   return control;
@@ -92,7 +93,7 @@ Result<ublksrv_ctrl_dev_info> ControlDevice::AddDevice(const AddRequest& request
   info.dev_id = static_cast<uint32_t>(request.dev_id);
   info.ublksrv_pid = static_cast<int32_t>(::getpid());
   info.flags = request.flags;
-  if (features_ & UBLK_F_CMD_IOCTL_ENCODE) info.flags |= UBLK_F_CMD_IOCTL_ENCODE;
+  info.flags |= AddFlags(features_);
   ublksrv_ctrl_cmd cmd = Header(request.dev_id);
   cmd.addr = reinterpret_cast<uintptr_t>(&info);
   cmd.len = sizeof(info);

@@ -40,7 +40,7 @@ struct AddRequest {
   uint16_t queues = 1;
   uint16_t depth = 128;
   uint32_t max_io_buf_bytes = 1024 * 1024;
-  uint64_t flags = 0;  // UBLK_F_* beyond what Open() adds by itself
+  uint64_t flags = 0;  // UBLK_F_* beyond AddFlags(features()), which are always added
 };
 
 class ControlDevice {
@@ -61,6 +61,8 @@ class ControlDevice {
 
   // UBLK_F_* the kernel offers (0 on a kernel without GET_FEATURES).
   uint64_t features() const { return features_; }
+  // False on a kernel without GET_FEATURES (before 6.5).
+  bool features_known() const { return features_known_; }
   const Opcodes& opcodes() const { return ops_; }
 
   // Creates /dev/ublkcN. Returns the device info as the kernel settled it
@@ -89,6 +91,7 @@ class ControlDevice {
   int fd_ = -1;
   std::unique_ptr<uring::Ring> ring_;
   uint64_t features_ = 0;
+  bool features_known_ = false;
   Opcodes ops_ = Opcodes::For(0);
 };
 

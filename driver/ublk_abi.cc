@@ -1,8 +1,7 @@
 #include "driver/ublk_abi.h"
 
 #include <fmt/format.h>
-
-#include <iterator>
+#include <fmt/ranges.h>
 
 namespace uq::driver {
 
@@ -36,36 +35,69 @@ Opcodes Opcodes::For(uint64_t features) {
   };
 }
 
-std::string FeatureNames(uint64_t flags) {
-  static constexpr struct {
-    uint64_t bit;
-    const char* name;
-  } kNames[] = {
-      {UBLK_F_SUPPORT_ZERO_COPY, "zero-copy"},
-      {UBLK_F_URING_CMD_COMP_IN_TASK, "comp-in-task"},
-      {UBLK_F_NEED_GET_DATA, "need-get-data"},
-      {UBLK_F_USER_RECOVERY, "user-recovery"},
-      {UBLK_F_USER_RECOVERY_REISSUE, "user-recovery-reissue"},
-      {UBLK_F_UNPRIVILEGED_DEV, "unprivileged"},
-      {UBLK_F_CMD_IOCTL_ENCODE, "ioctl-encode"},
-      {UBLK_F_USER_COPY, "user-copy"},
-      {UBLK_F_ZONED, "zoned"},
-  };
-  std::string out;
+namespace {
+
+// Every flag of Linux 7.3's <linux/ublk_cmd.h>, by bit.
+constexpr struct {
+  uint64_t bit;
+  const char* name;
+} kFlagNames[] = {
+    {UBLK_F_SUPPORT_ZERO_COPY, "SUPPORT_ZERO_COPY"},
+    {UBLK_F_URING_CMD_COMP_IN_TASK, "URING_CMD_COMP_IN_TASK"},
+    {UBLK_F_NEED_GET_DATA, "NEED_GET_DATA"},
+    {UBLK_F_USER_RECOVERY, "USER_RECOVERY"},
+    {UBLK_F_USER_RECOVERY_REISSUE, "USER_RECOVERY_REISSUE"},
+    {UBLK_F_UNPRIVILEGED_DEV, "UNPRIVILEGED_DEV"},
+    {UBLK_F_CMD_IOCTL_ENCODE, "CMD_IOCTL_ENCODE"},
+    {UBLK_F_USER_COPY, "USER_COPY"},
+    {UBLK_F_ZONED, "ZONED"},
+    {UBLK_F_USER_RECOVERY_FAIL_IO, "USER_RECOVERY_FAIL_IO"},
+    {UBLK_F_UPDATE_SIZE, "UPDATE_SIZE"},
+    {UBLK_F_AUTO_BUF_REG, "AUTO_BUF_REG"},
+    {UBLK_F_QUIESCE, "QUIESCE"},
+    {UBLK_F_PER_IO_DAEMON, "PER_IO_DAEMON"},
+    {UBLK_F_BUF_REG_OFF_DAEMON, "BUF_REG_OFF_DAEMON"},
+    {UBLK_F_BATCH_IO, "BATCH_IO"},
+    {UBLK_F_INTEGRITY, "INTEGRITY"},
+    {UBLK_F_SAFE_STOP_DEV, "SAFE_STOP_DEV"},
+    {UBLK_F_NO_AUTO_PART_SCAN, "NO_AUTO_PART_SCAN"},
+    {UBLK_F_SHMEM_ZC, "SHMEM_ZC"},
+    {UBLK_F_IO_DESC_SIZE, "IO_DESC_SIZE"},
+};
+
+constexpr uint64_t KnownFlags() {
   uint64_t known = 0;
-  for (const auto& n : kNames) {
-    known |= n.bit;
-    if ((flags & n.bit) == 0) continue;
-    if (!out.empty()) out += ",";
-    out += n.name;
+  for (const auto& n : kFlagNames) known |= n.bit;
+  return known;
+}
+
+}  // namespace
+
+std::vector<std::string> KnownFlagNames(uint64_t flags) {
+  std::vector<std::string> names;
+  for (const auto& n : kFlagNames) {
+    if (flags & n.bit) names.emplace_back(n.name);
   }
+  return names;
+}
+
+std::vector<int> UnknownFlagBits(uint64_t flags) {
+  std::vector<int> bits;
+  const uint64_t unknown = flags & ~KnownFlags();
   for (int bit = 0; bit < 64; ++bit) {
-    uint64_t mask = uint64_t{1} << bit;
-    if ((flags & mask) == 0 || (known & mask) != 0) continue;
-    if (!out.empty()) out += ",";
-    out += fmt::format("bit{}", bit);
+    if (unknown & (uint64_t{1} << bit)) bits.push_back(bit);
   }
-  return out;
+  return bits;
+}
+
+std::vector<std::string> FlagLabels(uint64_t flags) {
+  std::vector<std::string> labels = KnownFlagNames(flags);
+  for (int bit : UnknownFlagBits(flags)) labels.push_back(fmt::format("bit {}", bit));
+  return labels;
+}
+
+std::string FeatureNames(uint64_t flags) {
+  return fmt::format("{}", fmt::join(FlagLabels(flags), ","));
 }
 
 std::string DeviceStateName(uint16_t state) {

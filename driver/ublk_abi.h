@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 // Newer than Debian 12's <linux/ublk_cmd.h> (Linux 6.1): defined here when the
 // system header lacks them, with the values of the kernel's UAPI. Whether the
@@ -44,6 +45,45 @@
 #endif
 #ifndef UBLK_F_ZONED
 #define UBLK_F_ZONED (1ULL << 8)
+#endif
+// Feature bits of later kernels (values from include/uapi/linux/ublk_cmd.h of
+// Linux 7.3; the first kernel with each in the comment). Named by `features`
+// and `list`; used only where the kernel reports them.
+#ifndef UBLK_F_USER_RECOVERY_FAIL_IO
+#define UBLK_F_USER_RECOVERY_FAIL_IO (1ULL << 9)  // 6.13
+#endif
+#ifndef UBLK_F_UPDATE_SIZE
+#define UBLK_F_UPDATE_SIZE (1ULL << 10)  // 6.16
+#endif
+#ifndef UBLK_F_AUTO_BUF_REG
+#define UBLK_F_AUTO_BUF_REG (1ULL << 11)  // 6.16
+#endif
+#ifndef UBLK_F_QUIESCE
+#define UBLK_F_QUIESCE (1ULL << 12)  // 6.16
+#endif
+#ifndef UBLK_F_PER_IO_DAEMON
+#define UBLK_F_PER_IO_DAEMON (1ULL << 13)  // 6.16
+#endif
+#ifndef UBLK_F_BUF_REG_OFF_DAEMON
+#define UBLK_F_BUF_REG_OFF_DAEMON (1ULL << 14)  // 6.17
+#endif
+#ifndef UBLK_F_BATCH_IO
+#define UBLK_F_BATCH_IO (1ULL << 15)  // 7.0
+#endif
+#ifndef UBLK_F_INTEGRITY
+#define UBLK_F_INTEGRITY (1ULL << 16)  // 7.0
+#endif
+#ifndef UBLK_F_SAFE_STOP_DEV
+#define UBLK_F_SAFE_STOP_DEV (1ULL << 17)  // 7.0
+#endif
+#ifndef UBLK_F_NO_AUTO_PART_SCAN
+#define UBLK_F_NO_AUTO_PART_SCAN (1ULL << 18)  // 7.0
+#endif
+#ifndef UBLK_F_SHMEM_ZC
+#define UBLK_F_SHMEM_ZC (1ULL << 19)  // 7.1
+#endif
+#ifndef UBLK_F_IO_DESC_SIZE
+#define UBLK_F_IO_DESC_SIZE (1ULL << 20)  // 7.3
 #endif
 // The ioctl-encoded opcodes (6.5): the legacy numbers wrapped in _IOR/_IOWR.
 #ifndef UBLK_U_CMD_ADD_DEV
@@ -95,8 +135,26 @@ struct Opcodes {
   static Opcodes For(uint64_t features);
 };
 
-// Names of the UBLK_F_* bits set in `flags`, comma-separated ("" for none).
+// --- UBLK_F_* flags: what the kernel offers (GET_FEATURES) and what a device
+// was created with (ublksrv_ctrl_dev_info.flags) ---
+
+// The kernel's names of the flags, without the "UBLK_F_" prefix
+// ("CMD_IOCTL_ENCODE"), of the bits set in `flags` that this driver knows,
+// lowest bit first.
+std::vector<std::string> KnownFlagNames(uint64_t flags);
+// The bits set in `flags` that have no name here (a kernel newer than this
+// driver), ascending.
+std::vector<int> UnknownFlagBits(uint64_t flags);
+// Both in one list: the known names, then "bit N" for each unknown bit.
+std::vector<std::string> FlagLabels(uint64_t flags);
+// FlagLabels comma-separated ("" for none), for log lines.
 std::string FeatureNames(uint64_t flags);
+
+// The flags `add` asks ADD_DEV for, given the kernel's `features`: only
+// those it offers. Today that is CMD_IOCTL_ENCODE (the opcode encoding);
+// every other feature is left off.
+inline constexpr uint64_t kFlagsAddUses = UBLK_F_CMD_IOCTL_ENCODE;
+inline uint64_t AddFlags(uint64_t features) { return features & kFlagsAddUses; }
 
 // "live", "dead", "quiesced", or "state N".
 std::string DeviceStateName(uint16_t state);

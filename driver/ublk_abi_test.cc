@@ -2,6 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <string>
+#include <vector>
+
 #include "driver/params.h"
 #include "uring/user_data.h"
 
@@ -28,8 +32,79 @@ TEST(OpcodesTest, EncodedWithIoctlEncode) {
 
 TEST(FeatureNamesTest, NamesKnownAndUnknownBits) {
   EXPECT_EQ(FeatureNames(0), "");
-  EXPECT_EQ(FeatureNames(UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_USER_COPY), "ioctl-encode,user-copy");
-  EXPECT_EQ(FeatureNames(uint64_t{1} << 40), "bit40");
+  EXPECT_EQ(FeatureNames(UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_USER_COPY), "CMD_IOCTL_ENCODE,USER_COPY");
+  EXPECT_EQ(FeatureNames(uint64_t{1} << 40), "bit 40");
+}
+
+// The values of Linux 7.3's include/uapi/linux/ublk_cmd.h, bit by bit: a
+// wrong number here would name the wrong flag.
+TEST(FlagNamesTest, EveryBitOfLinux73) {
+  const char* const expected[] = {
+      "SUPPORT_ZERO_COPY",
+      "URING_CMD_COMP_IN_TASK",
+      "NEED_GET_DATA",
+      "USER_RECOVERY",
+      "USER_RECOVERY_REISSUE",
+      "UNPRIVILEGED_DEV",
+      "CMD_IOCTL_ENCODE",
+      "USER_COPY",
+      "ZONED",
+      "USER_RECOVERY_FAIL_IO",
+      "UPDATE_SIZE",
+      "AUTO_BUF_REG",
+      "QUIESCE",
+      "PER_IO_DAEMON",
+      "BUF_REG_OFF_DAEMON",
+      "BATCH_IO",
+      "INTEGRITY",
+      "SAFE_STOP_DEV",
+      "NO_AUTO_PART_SCAN",
+      "SHMEM_ZC",
+      "IO_DESC_SIZE",
+  };
+  for (int bit = 0; bit < 21; ++bit) {
+    EXPECT_EQ(KnownFlagNames(uint64_t{1} << bit), std::vector<std::string>{expected[bit]})
+        << "bit " << bit;
+    EXPECT_TRUE(UnknownFlagBits(uint64_t{1} << bit).empty()) << "bit " << bit;
+  }
+  EXPECT_EQ(UBLK_F_UPDATE_SIZE, uint64_t{1} << 10);
+  EXPECT_EQ(UBLK_F_SAFE_STOP_DEV, uint64_t{1} << 17);
+  EXPECT_EQ(UBLK_F_IO_DESC_SIZE, uint64_t{1} << 20);
+}
+
+// What the rig's kernels answer. 6.12 (measured in the VM): bits 1..8, no
+// SUPPORT_ZERO_COPY. 7.3: its UBLK_F_ALL, bits 0..20, less INTEGRITY
+// (offered only with CONFIG_BLK_DEV_INTEGRITY, which the fragment leaves off).
+TEST(FlagNamesTest, KernelAnswers) {
+  EXPECT_EQ(KnownFlagNames(0x1fe),
+            (std::vector<std::string>{"URING_CMD_COMP_IN_TASK", "NEED_GET_DATA", "USER_RECOVERY",
+                                      "USER_RECOVERY_REISSUE", "UNPRIVILEGED_DEV",
+                                      "CMD_IOCTL_ENCODE", "USER_COPY", "ZONED"}));
+  EXPECT_TRUE(UnknownFlagBits(0x1fe).empty());
+  const uint64_t k73 = ((uint64_t{1} << 21) - 1) & ~UBLK_F_INTEGRITY;
+  std::vector<std::string> names = KnownFlagNames(k73);
+  EXPECT_EQ(names.size(), 20u);
+  EXPECT_NE(std::find(names.begin(), names.end(), "UPDATE_SIZE"), names.end());
+  EXPECT_EQ(std::find(names.begin(), names.end(), "INTEGRITY"), names.end());
+  EXPECT_TRUE(UnknownFlagBits(k73).empty());
+}
+
+TEST(FlagNamesTest, UnknownBitsAsNumbers) {
+  const uint64_t flags =
+      UBLK_F_USER_COPY | (uint64_t{1} << 21) | (uint64_t{1} << 40) | (uint64_t{1} << 63);
+  EXPECT_EQ(KnownFlagNames(flags), std::vector<std::string>{"USER_COPY"});
+  EXPECT_EQ(UnknownFlagBits(flags), (std::vector<int>{21, 40, 63}));
+  EXPECT_EQ(FlagLabels(flags),
+            (std::vector<std::string>{"USER_COPY", "bit 21", "bit 40", "bit 63"}));
+  EXPECT_TRUE(FlagLabels(0).empty());
+}
+
+// `add` asks only for what the kernel offers, and of that only the opcode
+// encoding: a kernel without it (before 6.5) gets no flags at all.
+TEST(AddFlagsTest, OnlyOfferedAndUsed) {
+  EXPECT_EQ(AddFlags(0), 0u);
+  EXPECT_EQ(AddFlags(UBLK_F_USER_COPY | UBLK_F_UPDATE_SIZE), 0u);
+  EXPECT_EQ(AddFlags(~uint64_t{0}), UBLK_F_CMD_IOCTL_ENCODE);
 }
 
 TEST(DeviceStateNameTest, KnownStates) {

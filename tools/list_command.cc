@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "driver/control.h"
+#include "driver/ublk_abi.h"
 #include "tools/size_format.h"
 
 namespace uq::tools {
@@ -44,6 +45,8 @@ std::string RenderDeviceList(const std::vector<driver::DeviceStatus>& devices,
       j["read_only"] = d.read_only;
       j["image"] =
           d.image.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(d.image);
+      j["flags"] = d.flags.has_value() ? nlohmann::ordered_json(driver::FlagLabels(*d.flags))
+                                       : nlohmann::ordered_json(nullptr);
       list.push_back(std::move(j));
     }
     return list.dump(4) + "\n";

@@ -12,7 +12,9 @@
 // devices ublk-qcow2 did not create. Nothing is printed when there are no
 // devices (JSON: []). JSON: an array of objects with the keys id, device,
 // state, queues, depth, pid, daemon_running, size, read_only, image (null
-// when unknown).
+// when unknown), flags (the UBLK_F_* flags the device was created with, as the
+// kernel reports them: names without the prefix, "bit N" for bits without a
+// name, see `features`; null for a record whose device is gone).
 #ifndef UBLK_QCOW2_TOOLS_LIST_COMMAND_H_
 #define UBLK_QCOW2_TOOLS_LIST_COMMAND_H_
 

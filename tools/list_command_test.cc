@@ -4,6 +4,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "driver/ublk_abi.h"
+
 namespace uq::tools {
 namespace {
 
@@ -18,6 +20,7 @@ std::vector<driver::DeviceStatus> Sample() {
   a.daemon_running = true;
   a.size = uint64_t{1} << 30;
   a.image = "/scratch/a.qcow2";
+  a.flags = UBLK_F_URING_CMD_COMP_IN_TASK | UBLK_F_CMD_IOCTL_ENCODE | (uint64_t{1} << 40);
   driver::DeviceStatus b;
   b.id = 12;
   b.block_path = "/dev/ublkb12";
@@ -51,6 +54,9 @@ TEST(RenderDeviceListTest, Json) {
   EXPECT_TRUE(j[1]["pid"].is_null());
   EXPECT_TRUE(j[1]["image"].is_null());
   EXPECT_EQ(j[1]["state"], "dead");
+  EXPECT_EQ(j[0]["flags"],
+            (nlohmann::json{"URING_CMD_COMP_IN_TASK", "CMD_IOCTL_ENCODE", "bit 40"}));
+  EXPECT_TRUE(j[1]["flags"].is_null());  // not known
 }
 
 }  // namespace

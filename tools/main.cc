@@ -26,6 +26,7 @@
 #include "tools/convert_command.h"
 #include "tools/create_command.h"
 #include "tools/del_command.h"
+#include "tools/features_command.h"
 #include "tools/info_command.h"
 #include "tools/list_command.h"
 #include "tools/map_command.h"
@@ -69,6 +70,8 @@ constexpr Verb kVerbs[] = {
     {"add", "Serve an image as a ublk block device /dev/ublkbN", &MakeAddCommand},
     {"del", "Stop and remove ublk devices (the image is closed cleanly)", &MakeDelCommand},
     {"list", "List ublk devices, their state, daemon and image", &MakeListCommand},
+    {"features", "Show the ublk features this kernel offers and which ones add uses",
+     &MakeFeaturesCommand},
 };
 
 bool IsVerb(std::string_view name) {
