@@ -13,10 +13,7 @@
 namespace uq::qcow2 {
 
 Task<Status> Qcow2Image::Resize(uint64_t new_size, Preallocation prealloc) {
-  if (!writable_ || closed_) {
-    co_return Status::NotSupported(fmt::format("{}: image is read-only{}", path(),
-                                               header_.corrupt() ? " (marked corrupt)" : ""));
-  }
+  CO_RETURN_IF_ERROR(CheckWritable(0, 0));
   if (new_size % kSectorSize != 0) {
     co_return Status::InvalidArgument(
         fmt::format("{}: the new size must be a multiple of {}", path(), kSectorSize));
@@ -79,10 +76,7 @@ Task<Status> Qcow2Image::Resize(uint64_t new_size, Preallocation prealloc) {
       // bytes, as QEMU writes it (a data cluster, not a zero flag).
       const uint64_t head_end = std::min(new_size, (old_size + unit - 1) / unit * unit);
       Status zeroed = Status::Ok();
-      if (head_end > old_size) {
-        AlignedBuffer zeros(head_end - old_size);
-        zeroed = co_await Write(old_size, zeros.span(), false);
-      }
+      if (head_end > old_size) zeroed = co_await WriteZeroBuffer(old_size, head_end - old_size);
       if (zeroed.ok() && zero_end > head_end) {
         size_.store(zero_end, std::memory_order_release);
         zeroed = co_await WriteZeroes(head_end, zero_end - head_end);
@@ -194,8 +188,8 @@ Task<Status> Qcow2Image::PreallocateRange(uint64_t start, uint64_t end, Prealloc
     }
     pos += cs;
   }
+  const uint64_t zero_below = prealloc == Preallocation::kFull ? ~uint64_t{0} : dirty_below;
   for (; pos < end; pos += cs) {
-    const uint64_t zero_below = prealloc == Preallocation::kFull ? ~uint64_t{0} : dirty_below;
     CO_ASSIGN_OR_RETURN(const uint64_t host, co_await PreallocateCluster(pos, zero_below));
     if (host == 0) continue;
     // The file covers the cluster before its entry can reach the disk (the
@@ -233,8 +227,7 @@ Task<Result<uint64_t>> Qcow2Image::PreallocateCluster(uint64_t offset, uint64_t 
   if (!has_df) {
     CO_ASSIGN_OR_RETURN(host, co_await AllocateWholeCluster());
     if (host < zero_below) {
-      AlignedBuffer zeros(geo_.cluster_size);
-      Status st = co_await file_->Write(host, zeros.span());
+      Status st = co_await WriteZeroBytes(*file_, host, geo_.cluster_size);
       if (!st.ok()) {
         auto lock = co_await meta_mutex_.Acquire();
         ReleaseCluster(host / geo_.cluster_size);
