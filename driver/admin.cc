@@ -1,5 +1,6 @@
 #include "driver/admin.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <poll.h>
 #include <signal.h>
@@ -17,6 +18,8 @@ namespace uq::driver {
 namespace {
 
 constexpr int kKillWaitMs = 10'000;
+// How long `del` waits for a deleted device's id to be freed.
+constexpr int kFreeWaitMs = 2'000;
 
 // A pidfd for `pid`, or -1 if it is gone.
 int OpenPidfd(int pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
@@ -87,6 +90,43 @@ bool IsUblkQcow2Process(int pid) {
   return comm == "ublk-qcow2";
 }
 
+namespace {
+
+// One attempt at stopping device `dev_id` only if nobody uses it (see
+// SafeStopFor). The exclusive open is held across STOP_DEV so that nothing
+// can mount the device in between; a node that is already gone (a dead
+// daemon) is simply stopped.
+Status StopIfUnused(ControlDevice& control, int dev_id) {
+  if (SafeStopFor(control.features()) == SafeStop::kTryStopDev) {
+    return control.TryStopDevice(dev_id);
+  }
+  const std::string node = BlockDevicePath(dev_id);
+  const int fd = ::open(node.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC);
+  if (fd < 0 && errno == EBUSY) return Status::IoError(node + ": busy", EBUSY);
+  Status stopped = control.StopDevice(dev_id);
+  if (fd >= 0) ::close(fd);
+  return stopped;
+}
+
+// StopIfUnused, retried for about a second while the device is busy: udev
+// probes a new device (blkid) and holds it open for a moment.
+Status StopUnlessInUse(ControlDevice& control, int dev_id) {
+  constexpr int kAttempts = 10;
+  for (int attempt = 1;; ++attempt) {
+    Status stopped = StopIfUnused(control, dev_id);
+    if (stopped.error_number() != EBUSY) return stopped;
+    if (attempt == kAttempts) {
+      return Status::Busy(fmt::format(
+          "ublk device {} is in use ({} is open or mounted); unmount it or close it, or use "
+          "del --force",
+          dev_id, BlockDevicePath(dev_id)));
+    }
+    ::usleep(100'000);
+  }
+}
+
+}  // namespace
+
 Status DeleteDevice(ControlDevice& control, int dev_id, const DeleteOptions& options) {
   const std::optional<DeviceRecord> record = RecordOrNothing(dev_id);
   Result<ublksrv_ctrl_dev_info> info = control.GetInfo(dev_id);
@@ -109,7 +149,7 @@ Status DeleteDevice(ControlDevice& control, int dev_id, const DeleteOptions& opt
   if (pidfd >= 0) ours = IsUblkQcow2Process(pid);
 
   Status result;
-  Status stopped = control.StopDevice(dev_id);
+  Status stopped = options.force ? control.StopDevice(dev_id) : StopUnlessInUse(control, dev_id);
   if (!stopped.ok() && !IsNoDevice(stopped)) {
     if (pidfd >= 0) ::close(pidfd);
     return stopped;
@@ -135,13 +175,29 @@ Status DeleteDevice(ControlDevice& control, int dev_id, const DeleteOptions& opt
     if (result.ok() && ours) result = DaemonOutcome(dev_id);
   }
 
-  // A daemon deletes its device before exiting; do it if it did not.
+  // A daemon deletes its device before exiting; do it if it did not. The id
+  // is freed once the last reference goes: at once, unless a file system is
+  // still mounted on a force-stopped device, which then keeps /dev/ublkcN
+  // (shown as dead by `list`) until it is unmounted.
   Result<ublksrv_ctrl_dev_info> still = control.GetInfo(dev_id);
   if (still.ok()) {
-    Status deleted = control.DeleteDevice(dev_id);
+    Status deleted = control.DeleteDeviceNoWait(dev_id);
     if (!deleted.ok() && !IsNoDevice(deleted) && result.ok()) result = deleted;
   } else if (!IsNoDevice(still.status()) && result.ok()) {
     result = still.status();
+  }
+  if (still.ok()) {
+    bool freed = false;
+    for (int i = 0; i < kFreeWaitMs / 50 && !freed; ++i) {
+      freed = IsNoDevice(control.GetInfo(dev_id).status());
+      if (!freed) ::usleep(50'000);
+    }
+    if (!freed) {
+      Warn(
+          fmt::format("ublk device {} is stopped and deleted, but {} stays until its last user "
+                      "lets go of {} (a file system still mounted: unmount it)",
+                      dev_id, CharDevicePath(dev_id), BlockDevicePath(dev_id)));
+    }
   }
   Status removed = RemoveRecord(dev_id);
   if (!removed.ok() && result.ok()) result = removed;

@@ -5,14 +5,20 @@
 //   1. find its daemon: the pid in its record, else the pid the kernel has
 //      (GET_DEV_INFO), trusted only if the kernel names it or the process is
 //      a ublk-qcow2;
-//   2. STOP_DEV: the kernel removes /dev/ublkbN once in-flight I/O is done,
+//   2. unless `force`, refuse when /dev/ublkbN is in use (SafeStopFor in
+//      driver/ublk_abi.h: the kernel's TRY_STOP_DEV on 7.0+, an exclusive
+//      open before): Busy "ublk device N is in use ...", nothing changed.
+//      Retried for a second first, since udev's probe holds a new device
+//      for a moment;
+//   3. STOP_DEV (or the TRY_STOP_DEV of step 2): the kernel removes /dev/ublkbN once in-flight I/O
+//   is done,
 //      and the daemon drains, closes the image cleanly and deletes the device
 //      itself (DEL_DEV) before exiting;
-//   3. wait for the daemon to exit, at most `timeout_ms`; a daemon still
+//   4. wait for the daemon to exit, at most `timeout_ms`; a daemon still
 //      running then is killed (SIGKILL) and the deletion reported as failed,
 //      since its image may not have been closed cleanly; a daemon whose log
 //      ends with an error (e.g. the image's Close failed) fails it too;
-//   4. DEL_DEV if the device still exists (no daemon, or it died), and
+//   5. DEL_DEV if the device still exists (no daemon, or it died), and
 //      remove the record.
 // A device that does not exist is an error (InvalidArgument "ublk device N
 // does not exist"), unless a stale record of it remains: that is removed and
@@ -35,6 +41,9 @@ namespace uq::driver {
 
 struct DeleteOptions {
   int timeout_ms = 30'000;
+  // Stop even while /dev/ublkbN is open or mounted (its users then get I/O
+  // errors, as when a disk is pulled).
+  bool force = false;
 };
 
 Status DeleteDevice(ControlDevice& control, int dev_id, const DeleteOptions& options);

@@ -126,6 +126,21 @@ Status ControlDevice::StopDevice(int dev_id) {
   return Run("STOP_DEV", ops_.stop_dev, Header(dev_id)).status();
 }
 
+Status ControlDevice::DeleteDeviceNoWait(int dev_id) {
+  // DEL_DEV_ASYNC has no feature bit: a kernel before 6.9 answers it as an
+  // unknown command (EOPNOTSUPP; ENOTSUPP, 524, from some versions).
+  if (ops_.del_dev == UBLK_U_CMD_DEL_DEV) {
+    Status deleted = Run("DEL_DEV_ASYNC", UBLK_U_CMD_DEL_DEV_ASYNC, Header(dev_id)).status();
+    const int err = deleted.error_number();
+    if (err != EOPNOTSUPP && err != 524 && err != EINVAL) return deleted;
+  }
+  return DeleteDevice(dev_id);
+}
+
+Status ControlDevice::TryStopDevice(int dev_id) {
+  return Run("TRY_STOP_DEV", UBLK_U_CMD_TRY_STOP_DEV, Header(dev_id)).status();
+}
+
 Status ControlDevice::DeleteDevice(int dev_id) {
   return Run("DEL_DEV", ops_.del_dev, Header(dev_id)).status();
 }

@@ -76,9 +76,19 @@ class ControlDevice {
   // every queue's pending fetches with UBLK_IO_RES_ABORT. Harmless on a
   // device that is not started.
   Status StopDevice(int dev_id);
+  // STOP_DEV unless /dev/ublkbN is open: fails with IoError(EBUSY) then,
+  // changing nothing. REQUIRES: features() has UBLK_F_SAFE_STOP_DEV.
+  Status TryStopDevice(int dev_id);
   // Removes /dev/ublkcN and frees the id. Stops the device first if needed.
   // Blocks until no process holds /dev/ublkcN open.
   Status DeleteDevice(int dev_id);
+  // Removes /dev/ublkcN without waiting for the id to be freed: the kernel
+  // frees it when the last reference goes (a file system still mounted on a
+  // force-stopped device keeps one until it is unmounted). DEL_DEV_ASYNC
+  // (6.9+, ioctl-encoded kernels); a kernel that does not know it gets
+  // DeleteDevice. Either way the device can no longer be found by a new
+  // ADD_DEV of the same id until it is freed.
+  Status DeleteDeviceNoWait(int dev_id);
   // Fails with IoError(ENODEV) for an id with no device.
   Result<ublksrv_ctrl_dev_info> GetInfo(int dev_id);
   Result<ublk_params> GetParams(int dev_id);

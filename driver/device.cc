@@ -328,7 +328,9 @@ Status Device::Teardown() {
   }
   if (added_) {
     added_ = false;
-    Status deleted = control_->DeleteDevice(info_.dev_id);
+    // Without waiting: after `del --force` a mounted file system may hold
+    // the device until it is unmounted, and the daemon must not wait for that.
+    Status deleted = control_->DeleteDeviceNoWait(info_.dev_id);
     if (!deleted.ok() && result.ok()) result = deleted;
   }
   control_.reset();

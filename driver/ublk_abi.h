@@ -85,6 +85,17 @@
 #ifndef UBLK_F_IO_DESC_SIZE
 #define UBLK_F_IO_DESC_SIZE (1ULL << 20)  // 7.3
 #endif
+// DEL_DEV_ASYNC (6.9): DEL_DEV without waiting for the last reference to the
+// device to go (a file system still mounted on a force-stopped /dev/ublkbN
+// holds one until it is unmounted). No feature bit announces it.
+#ifndef UBLK_U_CMD_DEL_DEV_ASYNC
+#define UBLK_U_CMD_DEL_DEV_ASYNC _IOR('u', 0x14, struct ublksrv_ctrl_cmd)
+#endif
+// TRY_STOP_DEV (7.0, with UBLK_F_SAFE_STOP_DEV): STOP_DEV unless the block
+// device is open; EBUSY if it is. Only in ioctl-encoded form here.
+#ifndef UBLK_U_CMD_TRY_STOP_DEV
+#define UBLK_U_CMD_TRY_STOP_DEV _IOWR('u', 0x17, struct ublksrv_ctrl_cmd)
+#endif
 // The ioctl-encoded opcodes (6.5): the legacy numbers wrapped in _IOR/_IOWR.
 #ifndef UBLK_U_CMD_ADD_DEV
 #define UBLK_U_CMD_GET_DEV_INFO _IOR('u', UBLK_CMD_GET_DEV_INFO, struct ublksrv_ctrl_cmd)
@@ -155,6 +166,17 @@ std::string FeatureNames(uint64_t flags);
 // every other feature is left off.
 inline constexpr uint64_t kFlagsAddUses = UBLK_F_CMD_IOCTL_ENCODE;
 inline uint64_t AddFlags(uint64_t features) { return features & kFlagsAddUses; }
+
+// How `del` stops a device that may be in use, when not forced: the kernel's
+// own check-and-stop where GET_FEATURES offers UBLK_F_SAFE_STOP_DEV (7.0+),
+// which fails with EBUSY while anyone has /dev/ublkbN open; before that an
+// exclusive open of /dev/ublkbN, held across STOP_DEV, which fails while the
+// device is mounted or held exclusively (mkfs, LVM, a VM's image lock) but
+// not while it is merely open.
+enum class SafeStop { kTryStopDev, kExclusiveOpen };
+inline SafeStop SafeStopFor(uint64_t features) {
+  return (features & UBLK_F_SAFE_STOP_DEV) ? SafeStop::kTryStopDev : SafeStop::kExclusiveOpen;
+}
 
 // "live", "dead", "quiesced", or "state N".
 std::string DeviceStateName(uint16_t state);

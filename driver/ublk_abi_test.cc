@@ -107,6 +107,26 @@ TEST(AddFlagsTest, OnlyOfferedAndUsed) {
   EXPECT_EQ(AddFlags(~uint64_t{0}), UBLK_F_CMD_IOCTL_ENCODE);
 }
 
+// `del` without --force stops through the kernel's TRY_STOP_DEV only where
+// GET_FEATURES offers SAFE_STOP_DEV (7.0+; the rig's 7.3 answers 0x1effff),
+// and through an exclusive open of the node on older kernels (6.12: 0x1fe,
+// 6.1: no GET_FEATURES, so 0).
+TEST(SafeStopTest, ChosenFromFeatures) {
+  EXPECT_EQ(SafeStopFor(0), SafeStop::kExclusiveOpen);
+  EXPECT_EQ(SafeStopFor(0x1fe), SafeStop::kExclusiveOpen);
+  EXPECT_EQ(SafeStopFor(0x1effff), SafeStop::kTryStopDev);
+  EXPECT_EQ(SafeStopFor(UBLK_F_SAFE_STOP_DEV), SafeStop::kTryStopDev);
+  EXPECT_EQ(SafeStopFor(~UBLK_F_SAFE_STOP_DEV), SafeStop::kExclusiveOpen);
+}
+
+// TRY_STOP_DEV's number is the kernel's (include/uapi/linux/ublk_cmd.h, 7.0).
+TEST(SafeStopTest, TryStopOpcode) {
+  EXPECT_EQ(_IOC_NR(UBLK_U_CMD_TRY_STOP_DEV), 0x17u);
+  EXPECT_EQ(_IOC_TYPE(UBLK_U_CMD_TRY_STOP_DEV), 'u');
+  EXPECT_EQ(_IOC_DIR(UBLK_U_CMD_TRY_STOP_DEV), _IOC_READ | _IOC_WRITE);
+  EXPECT_EQ(_IOC_SIZE(UBLK_U_CMD_TRY_STOP_DEV), sizeof(ublksrv_ctrl_cmd));
+}
+
 TEST(DeviceStateNameTest, KnownStates) {
   EXPECT_EQ(DeviceStateName(UBLK_S_DEV_LIVE), "live");
   EXPECT_EQ(DeviceStateName(UBLK_S_DEV_DEAD), "dead");

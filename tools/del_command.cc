@@ -15,6 +15,8 @@ class DelCommand final : public Command {
                           ->check(CLI::Range(0, (1 << 20) - 1));
     CLI::Option* all = app.add_flag("-a,--all", options_.all, "Every ublk device");
     id->excludes(all);
+    app.add_flag("-f,--force", options_.force,
+                 "Stop the device even while it is open or mounted (its users get I/O errors)");
     app.add_option("--timeout", options_.timeout_s,
                    "Seconds to wait for a daemon to close its image and exit")
         ->check(CLI::Range(1, 3600))
@@ -36,6 +38,7 @@ Status RunDel(const DelOptions& options) {
   ASSIGN_OR_RETURN(std::unique_ptr<driver::ControlDevice> control, driver::ControlDevice::Open());
   driver::DeleteOptions del;
   del.timeout_ms = options.timeout_s * 1000;
+  del.force = options.force;
   if (!options.all) return driver::DeleteDevice(*control, options.id, del);
 
   Status first;

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Stopping a device that is busy: fio random writes (O_DIRECT, iodepth 32) run while
-#  1. `del` stops the device: fio ends promptly (with I/O errors), del succeeds, the daemon
+#  1. `del --force` stops the device: fio ends promptly (with I/O errors), del succeeds, the daemon
 #     is gone, the image passes qemu-img check with no leak, and data written with
 #     fsync before and during the load reads back intact through qemu-img;
 #  2. the daemon is SIGKILLed: fio ends promptly (no hang), qemu-img check finds at most
@@ -86,10 +86,10 @@ del_under_load() {
   # Data flushed while the load runs.
   write_pattern "$dev" 2 $P2
   wait_writes "$id" 200 30
-  echo "$dev under load ($(writes_done "$id") writes done); del -n $id"
+  echo "$dev under load ($(writes_done "$id") writes done); del --force -n $id"
   t0=$SECONDS
   rc=0
-  "$UQ" del -n "$id" || rc=$?
+  "$UQ" del --force -n "$id" || rc=$?
   echo "del exited $rc after $((SECONDS - t0)) s"
   ends_within "$load_pid" 20
   echo "fio ended $((SECONDS - t0)) s after del began, status $child_status:"

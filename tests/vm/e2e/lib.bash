@@ -136,7 +136,7 @@ qemu_img_check() {  # qemu_img_check IMAGE: no errors, no leaks
 # Undo whatever the test left, then report.
 cleanup() {
   mountpoint -q "$MNT" && umount "$MNT"
-  "$UQ" del --all >/dev/null 2>&1 || true
+  "$UQ" del --all --force >/dev/null 2>&1 || true
 }
 
 finish() {
