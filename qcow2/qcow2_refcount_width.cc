@@ -3,14 +3,18 @@
 // for the order of the writes and what a crash leaves.
 //
 // The new structures are laid out past everything the image uses now (the
-// end of the file, and the last cluster with a refcount), so the old
-// structures never count them: until the header names them they are
-// unreferenced bytes past the old end, which a check ignores (refcount 0,
-// referenced by nothing). They count every cluster as the old ones do,
-// except the old refcount table and blocks, which drop to 0, and
-// themselves, at 1. Two passes over the old blocks, one block in memory at a
-// time: the first checks that every refcount fits the new width and finds
-// which new blocks are needed; the second writes them.
+// end of the file, less what was grown ahead of need, and the last cluster
+// with a refcount), so the old structures never count them: until the
+// header names them they are unreferenced bytes past the old end, which a
+// check ignores (refcount 0, referenced by nothing). They count every
+// cluster as the old ones do, except the old refcount table and blocks,
+// which drop to 0, and themselves, at 1. Two passes over the old blocks, one
+// block in memory at a time: the first checks that every refcount fits the
+// new width and finds which new blocks are needed; the second writes them.
+//
+// What else knew the width: the Geometry (updated here), the Refcounts
+// object (replaced by one loaded from the new structures); the codec is
+// stateless, and check and info read the header afresh.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -183,8 +187,10 @@ Task<Status> Qcow2Image::SetRefcountBits(int bits) {
       used_end = cluster + 1;
     }
   }
+  // Past every cluster the image has used (file_size_; what the file was
+  // grown ahead of need holds nothing, see ImageOptions::preallocate).
   CO_ASSIGN_OR_RETURN(const uint64_t old_file_size, file_->Size());
-  const uint64_t start = std::max((old_file_size + cs - 1) / cs, used_end);
+  const uint64_t start = std::max((file_size_ + cs - 1) / cs, used_end);
   const Layout layout = PlanLayout(start, used, new_per_block, cs);
   if (layout.table_clusters * cs > kMaxRefcountTableBytes) {
     co_return Status::NoSpace(
@@ -225,7 +231,8 @@ Task<Status> Qcow2Image::SetRefcountBits(int bits) {
   if (!written.ok()) {
     // Nothing names the new clusters: give the space back (a failure here
     // leaves unreferenced bytes past the old end, which cost only space).
-    (void)file_->Truncate(old_file_size);
+    CO_ASSIGN_OR_RETURN(const uint64_t size, file_->Size());
+    if (size > old_file_size) (void)file_->Truncate(old_file_size);
     co_return written;
   }
 

@@ -276,5 +276,41 @@ TEST(RefcountWidthRefusals, BadWidthsVersion2AndReadOnly) {
   }
 }
 
+// With the file grown ahead of need (ImageOptions::preallocate), the new
+// structures go right after the clusters in use, inside the grown tail, and
+// Close still cuts what was grown and not used.
+TEST(RefcountWidthPreallocate, NewStructuresFollowTheClustersInUse) {
+  testing::ScratchDir scratch("refcount-width-preallocate");
+  ASSERT_TRUE(scratch.ok());
+  ASSERT_EQ(scratch.Sh("qemu-img create -q -f qcow2 -o cluster_size=4k img.qcow2 8M"), 0);
+  MemEnv mem;
+  ASSERT_TRUE(mem.ImportFromHostFile(scratch.path("img.qcow2"), kPath).ok());
+  auto opened = BlockOn(
+      OpenImage(kPath, ImageOptions{.env = &mem, .writable = true, .preallocate = 4 << 20}));
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  std::unique_ptr<BlockDevice> dev = std::move(*opened);
+  auto* img = dynamic_cast<Qcow2Image*>(dev.get());
+  std::vector<std::byte> data(256 << 10, std::byte{0x77});
+  ASSERT_TRUE(BlockOn(img->Write(0, data, false)).ok());
+  ASSERT_TRUE(BlockOn(img->Flush()).ok());
+  const uint64_t grown = *mem.FileSize(kPath);
+  ASSERT_GE(grown, 4u << 20);  // grown ahead
+  ASSERT_TRUE(BlockOn(img->SetRefcountBits(4)).ok());
+  EXPECT_LT(img->header().refcount_table_offset, 1u << 20);
+  ASSERT_TRUE(BlockOn(img->Write(1 << 20, data, false)).ok());
+  ASSERT_TRUE(BlockOn(dev->Close()).ok());
+  EXPECT_LT(*mem.FileSize(kPath), 1u << 20);
+  ASSERT_TRUE(mem.ExportToHostFile(kPath, scratch.path("after.qcow2")).ok());
+  std::string out;
+  EXPECT_EQ(scratch.Sh("qemu-img check after.qcow2", &out), 0) << out;
+  ASSERT_EQ(scratch.Sh("qemu-img convert -O raw after.qcow2 after.raw"), 0);
+  std::vector<std::byte> raw = scratch.Slurp("after.raw");
+  ASSERT_EQ(raw.size(), 8u << 20);
+  for (uint64_t i = 0; i < raw.size(); i++) {
+    const bool written = i < data.size() || (i >= (1 << 20) && i < (1 << 20) + data.size());
+    ASSERT_EQ(raw[i], written ? std::byte{0x77} : std::byte{0}) << "byte " << i;
+  }
+}
+
 }  // namespace
 }  // namespace uq::qcow2
