@@ -48,9 +48,10 @@ class RefcountWidthCrashTest : public ::testing::TestWithParam<WidthCase> {
   }
   int Sh(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
   // The refcount-bits qemu-img info shows for after.qcow2 (0: none found).
-  int InfoBits() {
+  int InfoBits() { return InfoBitsOf("after.qcow2"); }
+  int InfoBitsOf(const std::string& name) {
     std::string out;
-    if (Sh("qemu-img info --output=json after.qcow2", &out) != 0) return 0;
+    if (Sh("qemu-img info --output=json " + name, &out) != 0) return 0;
     const std::string key = "\"refcount-bits\": ";
     const size_t at = out.find(key);
     return at == std::string::npos ? 0 : std::atoi(out.c_str() + at + key.size());
@@ -185,6 +186,74 @@ TEST_P(RefcountWidthCrashTest, EveryCrashPointLeavesTheOldOrTheNewWidth) {
       "with the new width\n",
       c.name.c_str(), points.size(), static_cast<unsigned long long>(boundaries),
       static_cast<unsigned long long>(boundaries - flushed_at), new_width_seen);
+}
+
+// An I/O error (EIO, no crash) at each write, discard, truncation or sync of
+// the width change: SetRefcountBits fails, or, where the error costs only
+// space (a discard, the final cut), succeeds. Either way the image stays
+// usable: a failure before the header write leaves it writable at the old
+// width (a later write and Close work), a failure of the header write or its
+// sync leaves it read-only; and it passes qemu-img check with the old or the
+// new width and every byte written.
+TEST_P(RefcountWidthCrashTest, AnIoErrorLeavesAUsableImage) {
+  const WidthCase& c = GetParam();
+  ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} img.qcow2 {}", c.create, c.size)), 0);
+  for (const std::string& cmd : c.qemu_io) {
+    ASSERT_EQ(Sh(fmt::format("qemu-io -c '{}' img.qcow2", cmd)), 0) << cmd;
+  }
+  if (c.snapshot) ASSERT_EQ(Sh("qemu-img snapshot -c before img.qcow2"), 0);
+  ASSERT_EQ(Sh("qemu-img convert -O raw img.qcow2 start.raw"), 0);
+  const std::vector<std::byte> start = scratch_->Slurp("start.raw");
+  constexpr uint32_t kOps = testing::Fault::kWrite | testing::Fault::kSync |
+                            testing::Fault::kDiscard | testing::Fault::kTruncate;
+  const std::vector<std::byte> later(8192, std::byte{0x99});
+  const uint64_t later_at = c.size / 2;
+
+  // fail_at < 0: no error; returns the operations SetRefcountBits did.
+  auto run = [&](int64_t fail_at, int* failed, int* still_writable) -> uint64_t {
+    MemEnv mem;
+    EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/img.qcow2", "/w/img.qcow2").ok());
+    FaultInjectionEnv env(&mem);
+    auto opened = BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &env, .writable = true}));
+    EXPECT_TRUE(opened.ok()) << opened.status().ToString();
+    if (!opened.ok()) return 0;
+    std::unique_ptr<BlockDevice> dev = std::move(*opened);
+    if (fail_at >= 0) {
+      env.AddFault({.ops = kOps, .skip = static_cast<uint64_t>(fail_at), .count = 1});
+    }
+    const uint64_t before = env.operation_count();
+    Status st = BlockOn(dynamic_cast<Qcow2Image&>(*dev).SetRefcountBits(c.bits));
+    const uint64_t ops = env.operation_count() - before;
+    env.ClearFaults();
+    *failed += !st.ok();
+    std::vector<std::byte> want = start;
+    if (!dev->read_only()) {
+      *still_writable += !st.ok();
+      Status w = BlockOn(dev->Write(later_at, later, false));
+      EXPECT_TRUE(w.ok()) << "error at " << fail_at << ": " << w.ToString();
+      std::copy(later.begin(), later.end(), want.begin() + later_at);
+    }
+    EXPECT_TRUE(BlockOn(dev->Close()).ok());
+    EXPECT_TRUE(mem.ExportToHostFile("/w/img.qcow2", dir_ + "/after.qcow2").ok());
+    std::string out;
+    EXPECT_EQ(Sh("qemu-img check after.qcow2", &out), 0) << "error at " << fail_at << "\n" << out;
+    EXPECT_EQ(Sh("qemu-img convert -O raw after.qcow2 after.raw"), 0);
+    EXPECT_TRUE(scratch_->Slurp("after.raw") == want) << "error at " << fail_at;
+    return ops;
+  };
+
+  int failed = 0, still_writable = 0;
+  const uint64_t ops = run(-1, &failed, &still_writable);
+  ASSERT_EQ(failed, 0);
+  ASSERT_EQ(InfoBits(), c.bits);
+  for (uint64_t k = 0; k < ops && !HasFailure(); k++) {
+    run(static_cast<int64_t>(k), &failed, &still_writable);
+    const int bits = InfoBits();
+    EXPECT_TRUE(bits == c.bits || bits == InfoBitsOf("img.qcow2")) << "error at " << k;
+  }
+  EXPECT_GT(still_writable, 0);
+  std::printf("%s: %llu errors injected, %d failed the change (%d left it writable)\n",
+              c.name.c_str(), static_cast<unsigned long long>(ops), failed, still_writable);
 }
 
 INSTANTIATE_TEST_SUITE_P(
