@@ -36,12 +36,14 @@ namespace {
 // cluster holds for being one. Read one block at a time.
 class OldRefcounts {
  public:
-  OldRefcounts(File& file, const Header& h, const std::vector<uint64_t>& table)
+  // `table`: the old refcount table (a copy: the Refcounts object that holds
+  // it is replaced before this one is done).
+  OldRefcounts(File& file, const Header& h, std::vector<uint64_t> table)
       : file_(file),
         cs_(h.cluster_size()),
         order_(h.refcount_order),
         per_block_(RefcountEntriesPerBlock(h.cluster_bits, h.refcount_order)),
-        table_(table),
+        table_(std::move(table)),
         block_(cs_) {
     const uint64_t first = h.refcount_table_offset / cs_;
     for (uint64_t c = first; c < first + h.refcount_table_clusters; c++) structures_.insert(c);
@@ -93,7 +95,7 @@ class OldRefcounts {
   const uint64_t cs_;
   const uint32_t order_;
   const uint64_t per_block_;
-  const std::vector<uint64_t>& table_;
+  const std::vector<uint64_t> table_;
   std::unordered_set<uint64_t> structures_;  // old refcount table and block clusters
   AlignedBuffer block_;
   uint64_t loaded_ = ~uint64_t{0};  // block index held in block_
