@@ -145,6 +145,26 @@ class Qcow2Image final : public BlockDevice {
   // NoSpace (the L1 table would pass QEMU's 32 MiB limit), I/O errors.
   Task<Status> Resize(uint64_t new_size, Preallocation prealloc) override;
 
+  // Changes the refcount width to `bits` (1, 2, 4, 8, 16, 32 or 64), as
+  // `qemu-img amend -o refcount_bits=N` does (qcow2_refcount_width.cc).
+  // Everything is flushed first; the refcounts on disk are then the truth.
+  // A new refcount table and blocks of the new width, counting every cluster
+  // as before, themselves at 1 and the old table and blocks at 0, are
+  // written past the image's last used cluster and synced; then one header
+  // write (refcount_order, refcount_table_offset and refcount_table_clusters
+  // share its first sector) switches to them, and is synced. A crash before
+  // that leaves the old image, with unreferenced bytes past its end; after
+  // it, the new one. The old structures' clusters are then discarded and the
+  // file cut after its last used cluster. Same width: nothing happens.
+  // REQUIRES: no request in flight (the caller quiesces the device).
+  // Errors: InvalidArgument (a width that is no power of two or above 64; a
+  // version 2 image, which has 16 bits only; a cluster whose refcount the
+  // new width cannot hold: QEMU's "Cannot decrease refcount entry width to N
+  // bits: Cluster at offset 0x... has a refcount of M"), NoSpace (the table
+  // would pass QEMU's 8 MiB limit), NotSupported (read-only), I/O errors. A
+  // failure of the header write or after it leaves the image read-only.
+  Task<Status> SetRefcountBits(int bits);
+
   // --- chain verbs: rebase, commit (qcow2_chain_ops.cc) ---
   // Names `name` ("" for none) in `format` as the backing file in the header
   // (WithBackingFile's rules and errors). Everything written so far is made
