@@ -9,6 +9,7 @@
 
 #include "qcow2/open_image.h"
 #include "qcow2/paths.h"
+#include "qcow2/preallocation.h"
 #include "qcow2/qcow2_image.h"
 #include "tools/commit_copy.h"
 
@@ -45,8 +46,10 @@ Task<Status> GrowFile(qcow2::Env* env, const std::string& path, uint64_t size) {
   co_return co_await file->Sync();
 }
 
-// Opens the base writable with its chain; a raw base shorter than IMAGE grows
-// to IMAGE's size first (QEMU's commit job truncates the base so).
+// Opens the base writable with its chain; a base shorter than IMAGE grows to
+// IMAGE's size first, as QEMU's commit job truncates the base: a raw file is
+// extended, a qcow2 image resized (Qcow2Image::Resize, crash-safe, and zeroing
+// what its own backing file would otherwise show in the new area).
 Task<Status> OpenBase(const CommitRequest& r, Chain& chain, const std::string& path,
                       qcow2::ImageOptions options) {
   const uint64_t size = chain.above[0]->size();
@@ -56,16 +59,14 @@ Task<Status> OpenBase(const CommitRequest& r, Chain& chain, const std::string& p
   if (!base.ok()) co_return base.status().WithContext(named_by);
   if ((*base)->size() < size) {
     if (dynamic_cast<qcow2::Qcow2Image*>(base->get()) != nullptr) {
-      co_return Status::NotSupported(
-          fmt::format("{}: the base ({} bytes) is smaller than {} ({} bytes); growing a qcow2 "
-                      "base is not supported",
-                      path, (*base)->size(), r.image, size));
+      CO_RETURN_IF_ERROR(co_await (*base)->Resize(size, qcow2::Preallocation::kOff));
+    } else {
+      CO_RETURN_IF_ERROR(co_await (*base)->Close());
+      base->reset();
+      CO_RETURN_IF_ERROR(co_await GrowFile(options.env, path, size));
+      base = co_await qcow2::OpenImage(path, options);
+      if (!base.ok()) co_return base.status().WithContext(named_by);
     }
-    CO_RETURN_IF_ERROR(co_await (*base)->Close());
-    base->reset();
-    CO_RETURN_IF_ERROR(co_await GrowFile(options.env, path, size));
-    base = co_await qcow2::OpenImage(path, options);
-    if (!base.ok()) co_return base.status().WithContext(named_by);
   }
   chain.base = std::move(*base);
   co_return Status::Ok();

@@ -197,6 +197,26 @@ def _(b):
     return Spec("top.qcow2", [], base=("base.raw", "raw"))
 
 
+@case("sizes/short_qcow2_base", "a qcow2 base shorter than the overlay is resized to its size")
+def _(b):
+    b.create("base.qcow2", 2 * M)
+    b.io("base.qcow2", "write -P 1 0 2M")
+    b.create("top.qcow2", 6 * M, backing="base.qcow2", backing_fmt="qcow2")
+    b.io("top.qcow2", "write -P 2 1M 2M", "write -P 3 5M 64k", "write -z 4M 64k")
+    return Spec("top.qcow2", [], base=("base.qcow2", None))
+
+
+@case("sizes/short_qcow2_mid", "-b base: a short qcow2 base over a longer raw file grows, "
+      "zeroing what the raw file would show past its old end")
+def _(b):
+    b.raw("under.raw", 8 * M, [(0, b"\x07" * (8 * M))])
+    b.create("base.qcow2", 3 * M, backing="under.raw", backing_fmt="raw")
+    b.io("base.qcow2", "write -P 1 0 1M")
+    b.create("top.qcow2", 6 * M, backing="base.qcow2", backing_fmt="qcow2")
+    b.io("top.qcow2", "write -P 2 2M 2M")
+    return Spec("top.qcow2", [], base=("base.qcow2", None))
+
+
 @case("sizes/shorter_top", "an overlay shorter than its base: the base keeps its size")
 def _(b):
     b.create("base.qcow2", 8 * M)
