@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <set>
+#include <vector>
 
 #include "base/endian.h"
 #include "qcow2/bitmap_directory.h"
@@ -198,14 +199,20 @@ Task<Status> Qcow2Image::UpgradeToV3() {
   updated.feature_names = QemuFeatureNames(cs);
 
   // Version 3 wants each snapshot's 64-bit VM state size and disk size in its
-  // extra data; old entries lack them (QEMU reads the disk size as the
-  // current size).
+  // extra data; old entries lack them. QEMU then writes every entry with all
+  // the extra data it knows (24 bytes): an absent disk size as the current
+  // size, an absent icount as -1, as it reads them.
   std::vector<Snapshot> snapshots = snapshots_;
   bool rewrite = false;
   for (Snapshot& s : snapshots) {
     if (s.extra_data.size() < kSnapshotV3MinExtraData) {
-      if (!s.disk_size) s.disk_size = size();
       rewrite = true;
+    }
+  }
+  if (rewrite) {
+    for (Snapshot& s : snapshots) {
+      if (!s.disk_size) s.disk_size = size();
+      if (!s.icount) s.icount = -1;
     }
   }
   auto lock = co_await meta_mutex_.Acquire();
@@ -258,11 +265,18 @@ Task<Result<bool>> Qcow2Image::HasCompressedClusters() {
 Task<Status> Qcow2Image::DowngradeToV2() {
   const uint64_t cs = geo_.cluster_size;
   CO_RETURN_IF_ERROR(co_await Flush());
-  // Every L2 table of the active L1 and of each snapshot's, once.
-  std::set<uint64_t> tables;
-  for (uint64_t e : l1_) {
-    if (e & kL1OffsetMask) tables.insert(e & kL1OffsetMask);
-  }
+  // Every L2 table of the active L1 and of each snapshot's, once, the active
+  // ones first: a table that gives up its share of a cluster (a preallocated
+  // zero cluster another table maps) must never leave an active entry
+  // without the COPIED flag over a refcount of 1, which qemu-img check calls
+  // corrupt, and only the active tables are checked for that flag.
+  std::vector<uint64_t> tables;
+  std::set<uint64_t> seen;
+  auto add = [&](uint64_t l1_entry) {
+    const uint64_t table = l1_entry & kL1OffsetMask;
+    if (table != 0 && seen.insert(table).second) tables.push_back(table);
+  };
+  for (uint64_t e : l1_) add(e);
   CO_ASSIGN_OR_RETURN(const uint64_t file_size, file_->Size());
   for (size_t i = 0; i < snapshots_.size(); i++) {
     const Snapshot& s = snapshots_[i];
@@ -272,8 +286,7 @@ Task<Status> Qcow2Image::DowngradeToV2() {
     AlignedBuffer l1((bytes + 511) / 512 * 512);
     CO_RETURN_IF_ERROR(co_await file_->ReadExact(s.l1_table_offset, l1.span().first(bytes)));
     for (uint64_t j = 0; j < s.l1_size; j++) {
-      const uint64_t e = LoadBE64(l1.span(), j * 8);
-      if (e & kL1OffsetMask) tables.insert(e & kL1OffsetMask);
+      add(LoadBE64(l1.span(), j * 8));
     }
   }
   for (uint64_t table : tables) CO_RETURN_IF_ERROR(co_await ExpandZeroClusters(table));

@@ -25,6 +25,7 @@ Usage: amend_oracle_test.py BINARY [--group G] [--case SUBSTR]... [--list] [--ke
 
 import json
 import os
+import struct
 import sys
 
 sys.dont_write_bytecode = True  # keep the source tree clean
@@ -184,6 +185,41 @@ def _(b):
     b.snapshot("a.qcow2", "s1")
     b.io("a.qcow2", "write -P 2 0 100k")
     return [Step("-o", "compat=1.1", snapshots=("s1",))]
+
+
+def strip_snapshot_extra_data(path):
+    """Drops every snapshot entry's extra data, as QEMU before 4.x wrote
+    version 2 tables, so that an upgrade must rewrite the table."""
+    with open(path, "r+b") as f:
+        hdr = f.read(72)
+        nb, off = struct.unpack(">I", hdr[60:64])[0], struct.unpack(">Q", hdr[64:72])[0]
+        f.seek(off)
+        data = f.read(1 << 20)
+        out, pos = b"", 0
+        for i in range(nb):
+            e = data[pos:pos + 40]
+            ids, names = struct.unpack(">HH", e[12:16])
+            extra = struct.unpack(">I", e[36:40])[0]
+            ent = e[:36] + struct.pack(">I", 0) + data[pos + 40 + extra:pos + 40 + extra + ids + names]
+            if i < nb - 1:
+                ent += b"\0" * (-len(ent) % 8)
+            out += ent
+            pos += (40 + extra + ids + names + 7) & ~7
+        f.seek(off)
+        f.write(out + b"\0" * (pos - len(out)))
+
+
+@case("compat/v2_old_snapshots", "v2 snapshots without extra data: the upgrade rewrites the "
+      "table with v3's")
+def _(b):
+    b.create("a.qcow2", 4 * M, opts={"compat": "0.10", "cluster_size": 4 * K})
+    fill(b, "a.qcow2", 4 * K, 4 * M)
+    b.snapshot("a.qcow2", "s1")
+    b.io("a.qcow2", "write -P 2 0 100k")
+    b.snapshot("a.qcow2", "second")
+    strip_snapshot_extra_data(b.path("a.qcow2"))
+    return [Step("-o", "compat=1.1", snapshots=("s1", "second")),
+            Step("-o", "compat=0.10", snapshots=("s1", "second"))]
 
 
 @case("compat/compressed", "compressed clusters (zlib): downgrade keeps them")
