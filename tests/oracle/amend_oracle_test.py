@@ -222,6 +222,20 @@ def _(b):
             Step("-o", "compat=0.10", snapshots=("s1", "second"))]
 
 
+@case("compat/combined", "compat with size, refcount_bits=16 and lazy_refcounts in one -o")
+def _(b):
+    b.create("a.qcow2", 4 * M, opts={"compat": "0.10"})
+    b.io("a.qcow2", "write -P 1 0 1M")
+    b.snapshot("a.qcow2", "s1")
+    b.create("b.qcow2", 4 * M, opts={"cluster_size": 4 * K})
+    fill(b, "b.qcow2", 4 * K, 4 * M)
+    return [Step("-o", "compat=1.1,size=8M", snapshots=("s1",)),
+            Step("-o", "compat=0.10,size=8M", snapshots=("s1",)),
+            Step("-o", "compat=1.1,refcount_bits=16,lazy_refcounts=on", snapshots=("s1",)),
+            Step("-o", "compat=0.10,size=16M", image="b.qcow2"),
+            Step("-o", "size=4M,compat=v3,refcount_bits=16", image="b.qcow2")]
+
+
 @case("compat/compressed", "compressed clusters (zlib): downgrade keeps them")
 def _(b):
     b.raw("src.raw", 2 * M, [(0, L.compressible(b.rng, 2 * M))])
@@ -439,16 +453,22 @@ def run_step(binary, workdir, log, qdir, odir, step):
         # writes zeros into a zero-flagged cluster that a snapshot still maps
         # as data, so its twin may have lost the snapshot's data: then only
         # ours is compared with the view from before.
-        guest_view(odir, log, step.image, os.path.join(workdir, "o.raw"), s)
-        try:
-            L.compare_raw(os.path.join(workdir, "pre-%s.raw" % s),
-                          os.path.join(workdir, "o.raw"))
-        except CaseFailure as e:
-            raise CaseFailure("%s: snapshot %s changed: %s" % (what, s, e))
+        # (A view is as long as the image now is: after a resize only
+        # qemu-img's twin can tell.)
+        pre, ours = os.path.join(workdir, "pre-%s.raw" % s), os.path.join(workdir, "o.raw")
+        guest_view(odir, log, step.image, ours, s)
+        resized = os.path.getsize(pre) != os.path.getsize(ours)
+        if not resized:
+            try:
+                L.compare_raw(pre, ours)
+            except CaseFailure as e:
+                raise CaseFailure("%s: snapshot %s changed: %s" % (what, s, e))
         guest_view(qdir, log, step.image, os.path.join(workdir, "q.raw"), s)
         try:
-            L.compare_raw(os.path.join(workdir, "q.raw"), os.path.join(workdir, "o.raw"))
-        except CaseFailure:
+            L.compare_raw(os.path.join(workdir, "q.raw"), ours)
+        except CaseFailure as e:
+            if resized:
+                raise CaseFailure("%s: snapshot %s: %s" % (what, s, e))
             notes.append("qemu-img changed snapshot %s" % s)
     qm, om = map_flags(qdir, log, step.image), map_flags(odir, log, step.image)
     if qm != om:
