@@ -12,7 +12,6 @@
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "qcow2/sync_env.h"
-#include "tools/progress.h"
 
 namespace uq::tools {
 
@@ -258,8 +257,13 @@ class AmendCommand final : public Command {
                       image));
     }
 
-    ProgressMeter meter(progress_ && !quiet_ ? stdout : nullptr);
-    meter.Start();
+    // qemu-img amend -p draws its line at 0% and at 100% (then "\r\n"); the
+    // steps between depend on QEMU's operations and are left out.
+    const bool progress = progress_ && !quiet_;
+    if (progress) {
+      std::fputs("    (0.00/100%)\r", stdout);
+      std::fflush(stdout);
+    }
     options.no_backing = false;
     options.writable = true;
     ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> device,
@@ -269,7 +273,7 @@ class AmendCommand final : public Command {
     Status closed = BlockOn(device->Close());
     if (st.ok()) st = closed;
     if (!st.ok()) return st;
-    meter.Finish();
+    if (progress) std::fputs("    (100.00/100%)\r\n", stdout);
     return Status::Ok();
   }
 

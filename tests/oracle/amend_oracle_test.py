@@ -5,7 +5,7 @@ Each case builds the same images with qemu-img/qemu-io (snapshots with
 `qemu-img snapshot -c`) in q/ and o/, then runs amend steps: qemu-img's in
 q/, ours in o/, with the same arguments. After each step:
 
-  * the exit statuses must be equal, and so must stdout (without -p);
+  * the exit statuses must be equal, and so must stdout (-p included);
   * on failure, ours prints one stderr line `ublk-qcow2: ...` and leaves
     every file of o/ byte for byte as it was;
   * on success, `qemu-img check` finds nothing wrong with ours, `qemu-img
@@ -74,7 +74,8 @@ def _(b):
     fill(b, "a.qcow2", 64 * K, 4 * M)
     return [Step("-o", "lazy_refcounts=on"), Step("-o", "lazy_refcounts=on"),
             Step("-o", "lazy_refcounts=off"), Step("-o", "nolazy_refcounts"),
-            Step("-o", "lazy_refcounts")]
+            Step("-o", "lazy_refcounts"), Step("-p", "-o", "lazy_refcounts=off"),
+            Step("-q", "-p", "-o", "lazy_refcounts=on")]
 
 
 @case("features/lazy_dirty", "lazy_refcounts=off on a dirty image (refcounts rebuilt first)")
