@@ -289,6 +289,8 @@ Task<Status> Qcow2Image::DowngradeToV2() {
       add(LoadBE64(l1.span(), j * 8));
     }
   }
+  // Snapshot-only tables are metadata too: no zeroing may hit one.
+  for (uint64_t table : tables) metadata_clusters_.insert(table / cs);
   for (uint64_t table : tables) CO_RETURN_IF_ERROR(co_await ExpandZeroClusters(table));
 
   Header updated = header_;
@@ -328,7 +330,13 @@ Task<Status> Qcow2Image::ExpandZeroClusters(uint64_t table) {
     // Whether the entry needs a cluster of zeros: unallocated it would read
     // the backing file; a preallocated one stays allocated, as QEMU keeps it.
     const bool needs_cluster = backing_ != nullptr || host != 0;
+    if (host != 0 && !geo_.cluster_aligned(host)) {
+      co_return co_await MarkCorrupt(fmt::format(
+          "L2 table at {:#x}: entry {} has an unaligned host offset {:#x}", table, i, host));
+    }
     if (host != 0) {
+      // Zeroing it must not hit metadata (QEMU's overlap check).
+      CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host, cs));
       // A preallocated zero cluster: zeros written into it, the flag cleared
       // (QEMU's way), unless another table maps it too, where it may hold
       // data (QEMU 7.2 zeroes it all the same, and a snapshot loses data):
