@@ -171,6 +171,15 @@ INSTANTIATE_TEST_SUITE_P(
                   2,
                   {"s1"},
                   true},
+        AmendCase{"downgrade_shared_tables",
+                  kBase + "qemu-img create -q -f qcow2 -o cluster_size=512 -b base.qcow2 -F qcow2 "
+                          "img.qcow2 1M && qemu-io -c 'write -z 0 2k' -c 'write -P 1 40k 1k' "
+                          "-c 'write -z 40k 512' -c 'write -z 100k 1k' img.qcow2 >/dev/null && "
+                          "qemu-img snapshot -c s1 img.qcow2 && "
+                          "qemu-io -c 'write -P 3 0 512' img.qcow2 >/dev/null",
+                  2,
+                  {"s1"},
+                  true},
         AmendCase{"upgrade_v2_snapshot",
                   "qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=4k img.qcow2 1M && "
                   "qemu-io -c 'write -P 0x33 0 64k' img.qcow2 >/dev/null && "

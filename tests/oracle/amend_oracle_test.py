@@ -179,6 +179,23 @@ def _(b):
             Step("-o", "compat=1.1", snapshots=("s1",))]
 
 
+@case("compat/shared_tables", "512 B clusters over a backing file: L2 tables still shared "
+      "with a snapshot get zeroed clusters counted once per L1 (refcount 2)")
+def _(b):
+    b.create("base.qcow2", M)
+    b.io("base.qcow2", "write -P 0x72 0 1M")
+    b.create("a.qcow2", M, opts={"cluster_size": 512}, backing="base.qcow2",
+             backing_fmt="qcow2")
+    # An L2 table spans 32 KiB: zero clusters, plain and preallocated, in
+    # several tables.
+    b.io("a.qcow2", "write -z 0 2k", "write -P 1 40k 1k", "write -z 40k 512",
+         "write -z 100k 1k", "write -P 2 200k 512", "write -z 200k 512")
+    b.snapshot("a.qcow2", "s1")
+    b.io("a.qcow2", "write -P 3 0 512")  # the first table alone is copied
+    return [Step("-o", "compat=0.10", snapshots=("s1",)),
+            Step("-o", "compat=1.1", snapshots=("s1",))]
+
+
 @case("compat/v2_snapshots_upgrade", "v2 image with snapshots: upgrade keeps them")
 def _(b):
     b.create("a.qcow2", 4 * M, opts={"compat": "0.10", "cluster_size": 64 * K})
