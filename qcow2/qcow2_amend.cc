@@ -14,6 +14,12 @@
 //   - feature bits: the header alone.
 // A crash therefore leaves the old or the new header over a consistent image
 // (leaked clusters at worst).
+//
+// Known gap: where a snapshot-only table maps as a preallocated zero cluster
+// one that the active L1 maps as data (QEMU never makes such an image: it
+// copies a shared cluster before it clears its zero flag), the snapshot's
+// entry gets a new cluster and the active entry is left without the COPIED
+// flag over a refcount of 1, which `qemu-img check -r all` repairs.
 #include <fmt/format.h>
 
 #include <algorithm>
