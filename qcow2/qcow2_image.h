@@ -57,6 +57,7 @@
 #include "base/status.h"
 #include "base/task.h"
 #include "base/wait_list.h"
+#include "qcow2/amend_options.h"
 #include "qcow2/block_device.h"
 #include "qcow2/file.h"
 #include "qcow2/geometry.h"
@@ -179,6 +180,18 @@ class Qcow2Image final : public BlockDevice {
   // their host clusters, as QEMU's make_empty does after a commit; the change
   // is stable once Flush() returns. Partial clusters at the ends stay.
   Task<Status> Unallocate(uint64_t offset, uint64_t length);
+
+  // --- amend (qcow2_amend.cc) ---
+  // Changes what `options` sets, as qemu-img amend (QEMU 7.2) does: upgrade
+  // to version 3 first, then the header's feature bits and data file name,
+  // then the size (Resize), then a downgrade to version 2 last. Everything is
+  // judged before anything is written, so a refusal leaves the image as it
+  // was (QEMU refuses some of these halfway). Each step ends in one header
+  // write after everything it names is stable (see qcow2_amend.cc), so a
+  // crash leaves the old or the new version, both consistent.
+  // Errors: InvalidArgument/NotSupported with QEMU's messages (after "<path>: "),
+  // I/O errors. REQUIRES: writable image, no request in flight.
+  Task<Status> Amend(const AmendOptions& options);
 
   const Header& header() const { return header_; }
   const Geometry& geometry() const { return geo_; }
@@ -311,6 +324,23 @@ class Qcow2Image final : public BlockDevice {
   Task<Result<uint64_t>> PreallocateCluster(uint64_t offset, uint64_t zero_below);
   // Cuts the image file after its last cluster with a nonzero refcount.
   Task<Status> TruncateAfterLastCluster();
+
+  // --- amend (qcow2_amend.cc) ---
+  // Why `options` cannot be applied (QEMU's message), or Ok.
+  Task<Status> CheckAmend(const AmendOptions& options);
+  // Flushes, then writes `updated` as the header and syncs it.
+  Task<Status> RewriteHeader(Header updated);
+  // Version 2 -> 3; the snapshot table first gets v3's extra data if needed.
+  Task<Status> UpgradeToV3();
+  // Version 3 -> 2: zero clusters expanded in every L2 table, then the header.
+  Task<Status> DowngradeToV2();
+  // Turns the zero clusters of the L2 table at `table` into what version 2
+  // can hold (each table once, however many L1 tables share it).
+  Task<Status> ExpandZeroClusters(uint64_t table);
+  // Whether the active L1 maps any compressed cluster.
+  Task<Result<bool>> HasCompressedClusters();
+  // The call site of a refcount width change (see qcow2_amend.cc).
+  Task<Status> ChangeRefcountBits(uint32_t bits);
 
   // --- flush (qcow2_flush.cc) ---
   Task<Status> FlushLocked();

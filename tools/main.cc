@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "tools/add_command.h"
+#include "tools/amend_command.h"
 #include "tools/bench_command.h"
 #include "tools/check_command.h"
 #include "tools/command.h"
@@ -64,6 +65,9 @@ constexpr Verb kVerbs[] = {
     {"measure", "Show how large a file a new image would need (like qemu-img measure)",
      &MakeMeasureCommand},
     {"resize", "Grow or shrink an image's virtual size (like qemu-img resize)", &MakeResizeCommand},
+    {"amend",
+     "Change an image's options in place: compat, lazy refcounts, ... (like qemu-img amend)",
+     &MakeAmendCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},
     {"bench", "Measure read/write IOPS on an image (like qemu-img bench)", &MakeBenchCommand},
