@@ -339,8 +339,6 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> ExpandZeroClusters(uint64_t table);
   // Whether the active L1 maps any compressed cluster.
   Task<Result<bool>> HasCompressedClusters();
-  // The call site of a refcount width change (see qcow2_amend.cc).
-  Task<Status> ChangeRefcountBits(uint32_t bits);
 
   // --- flush (qcow2_flush.cc) ---
   Task<Status> FlushLocked();
