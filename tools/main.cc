@@ -33,6 +33,7 @@
 #include "tools/measure_command.h"
 #include "tools/rebase_command.h"
 #include "tools/resize_command.h"
+#include "tools/snapshot_command.h"
 
 namespace uq::tools {
 namespace {
@@ -64,6 +65,8 @@ constexpr Verb kVerbs[] = {
     {"measure", "Show how large a file a new image would need (like qemu-img measure)",
      &MakeMeasureCommand},
     {"resize", "Grow or shrink an image's virtual size (like qemu-img resize)", &MakeResizeCommand},
+    {"snapshot", "List, create, apply or delete internal snapshots (like qemu-img snapshot)",
+     &MakeSnapshotCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},
     {"bench", "Measure read/write IOPS on an image (like qemu-img bench)", &MakeBenchCommand},
