@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
-#include <unordered_map>
 
 #include "base/endian.h"
 #include "qcow2/bitmap_directory.h"
@@ -86,9 +85,15 @@ Task<Status> Qcow2Image::IncrementAll(const std::vector<uint64_t>& clusters) {
   const uint32_t bits = 1u << header_.refcount_order;
   const uint64_t max =
       bits == 64 ? std::numeric_limits<uint64_t>::max() : (uint64_t{1} << bits) - 1;
-  std::unordered_map<uint64_t, uint64_t> adds;
-  for (uint64_t c : clusters) adds[c]++;
-  for (const auto& [cluster, add] : adds) {
+  // Sorted, each cluster's references are one run (a compressed host
+  // cluster may be reached many times): 8 bytes per reference, not a map.
+  std::vector<uint64_t> sorted = clusters;
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t i = 0, j; i < sorted.size(); i = j) {
+    for (j = i + 1; j < sorted.size() && sorted[j] == sorted[i]; j++) {
+    }
+    const uint64_t cluster = sorted[i];
+    const uint64_t add = j - i;
     CO_ASSIGN_OR_RETURN(const uint64_t refcount, co_await refcounts_->Get(cluster));
     if (refcount > max - add) {
       // QEMU's update_refcount fails with EINVAL (after changing part of it).

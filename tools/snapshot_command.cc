@@ -60,7 +60,7 @@ class SnapshotCommand final : public Command {
     app.add_option("-f,--format", format_, "IMAGE's format (default: probe)")
         ->check(CLI::IsMember({"qcow2", "raw"}));
     app.add_flag("-q,--quiet", quiet_, "Print no progress (there is none)");
-    app.add_flag("-U,--force-share", force_share_, "Take no image lock (-l only)");
+    app.add_flag("-U,--force-share", force_share_, "Take no image lock (-l only, as qemu-img)");
   }
 
   int usage_exit_code() const override { return kExitError; }  // as qemu-img's
@@ -73,6 +73,10 @@ class SnapshotCommand final : public Command {
     }
     if (images_.size() != 1) return Status::InvalidArgument("Expecting one image file name");
     image_ = images_[0];
+    if (force_share_ && !list_) {
+      return Status::InvalidArgument(fmt::format(
+          "Could not open '{}': force-share=on can only be used with read-only images", image_));
+    }
     qcow2::ImageOptions options;
     options.env = qcow2::SyncEnv();
     options.format = format_;

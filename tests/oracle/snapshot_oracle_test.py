@@ -168,12 +168,13 @@ def _(b):
             Snap("-d", "2"), Snap("-l")]
 
 
-@case("errors/command_line", "mixed actions, no image, two images, no action")
+@case("errors/command_line", "mixed actions, no image, two images, no action, -U with a write")
 def _(b):
     b.create("a.qcow2", 1 * M)
     return [Snap("-c", "s"), Snap("-l", "-c", "x"), Snap("-c", "x", "-d", "s"),
             Snap("-a", "s", "-a", "s"), Snap("-l", image=None), Snap("-l", "a.qcow2"),
-            Snap(), Snap("-l", image="missing.qcow2")]
+            Snap(), Snap("-l", image="missing.qcow2"), Snap("-U", "-c", "y"), Snap("-U", "-l"),
+            Snap("-U", "-d", "s"), Snap("-U")]
 
 
 @case("errors/raw", "a raw image: nothing to list, no snapshots to make")
