@@ -10,7 +10,8 @@ stderr and refusals that change nothing), and at the end:
   * `qemu-img check` finds nothing wrong with either copy;
   * `qemu-img snapshot -l` lists the same snapshots (id, tag, vm size, vm
     clock, icount; the dates differ) on both, and our `snapshot -l` prints
-    exactly what `qemu-img snapshot -l` prints on our image;
+    exactly what `qemu-img snapshot -l` prints, on our image and on
+    qemu-img's;
   * the guest view of the active layer and of every snapshot
     (`qemu-img convert -l snapshot.id=ID -O raw`) is equal byte for byte,
     and so are the virtual sizes.
@@ -143,6 +144,18 @@ def _(b):
             Io("write -P 3 0 4k"), Snap("-a", "big"), Snap("-d", "small")]
 
 
+@case("features/resize_backing", "apply grows the image back over a longer backing file")
+def _(b):
+    b.create("base.qcow2", 4 * M)
+    b.io("base.qcow2", "write -P 0x0b 0 4M")
+    b.create("a.qcow2", 2 * M, opts={"cluster_size": 64 * K}, backing="base.qcow2",
+             backing_fmt="qcow2")
+    return [Io("write -P 1 64k 64k", "write -P 2 1536k 4k"), Snap("-c", "two"),
+            Img("resize", "--shrink", "a.qcow2", "1M"), Io("write -P 3 0 4k"),
+            Snap("-c", "one"), Snap("-a", "two"), Io("write -P 4 1M 4k"), Snap("-a", "one"),
+            Img("resize", "a.qcow2", "3M"), Snap("-a", "two")]
+
+
 @case("names/duplicates", "duplicate names, names that are ids, ids that are names")
 def _(b):
     b.create("a.qcow2", 1 * M)
@@ -236,10 +249,12 @@ def compare(t, image):
     if without_dates(out_q) != without_dates(out_o):
         raise CaseFailure("snapshot lists differ:\nqemu-img's twin:\n%s\nours:\n%s"
                           % (out_q, out_o))
-    rc_ours, out_ours = listing(t, t.o, image, t.binary)
-    if rc_ours != 0 or out_ours != out_o:
-        raise CaseFailure("our snapshot -l (exit %d) differs from qemu-img's on the same "
-                          "image:\nqemu-img:\n%s\nours:\n%s" % (rc_ours, out_o, out_ours))
+    for d, out in ((t.o, out_o), (t.q, out_q)):  # our image, and qemu-img's
+        rc_ours, out_ours = listing(t, d, image, t.binary)
+        if rc_ours != 0 or out_ours != out:
+            raise CaseFailure("our snapshot -l (exit %d) differs from qemu-img's on the same "
+                              "image in %s/:\nqemu-img:\n%s\nours:\n%s"
+                              % (rc_ours, os.path.basename(d), out, out_ours))
     ids_q, size_q = snapshot_ids(t, t.q, image)
     ids_o, size_o = snapshot_ids(t, t.o, image)
     if size_q != size_o:
