@@ -44,11 +44,13 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <set>
 #include <span>
 #include <string>
+#include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
@@ -192,6 +194,40 @@ class Qcow2Image final : public BlockDevice {
   // Errors: InvalidArgument/NotSupported with QEMU's messages (after "<path>: "),
   // I/O errors. REQUIRES: writable image, no request in flight.
   Task<Status> Amend(const AmendOptions& options);
+  // --- internal snapshots (qcow2_snapshot.cc), as QEMU's
+  // block/qcow2-snapshot.c does them, each switched in by one header write:
+  //   create: the active L1 table copied to new clusters; every L2 table and
+  //           data cluster it reaches gets one more reference and loses its
+  //           COPIED flag in the active tables (the next write copies); the
+  //           table with the new entry written to new clusters; all of it
+  //           synced, then the header names the new table; the old one is
+  //           freed after.
+  //   delete: the table without the entry written and the header switched
+  //           first; then the snapshot's references are dropped and COPIED
+  //           flags come back where an active cluster's refcount returns to 1.
+  //   apply:  the snapshot's L1 table copied to new clusters with one more
+  //           reference on everything it reaches (no COPIED flags: all of it
+  //           is shared with the snapshot), synced; then one header write names
+  //           it as the active table with the snapshot's virtual size; then the
+  //           old active tables' references are dropped.
+  // A crash leaves the old or the new state, consistent but for leaks (and
+  // COPIED flags left set on clusters whose extra reference is such a leak,
+  // which `check -r leaks` repairs).
+  // REQUIRES: writable image, no request in flight.
+  // Errors: NotSupported with an external data file (QEMU refuses internal
+  // snapshots there); InvalidArgument when a refcount would overflow (QEMU's
+  // EINVAL) or the table is full (65536 entries); Corruption for a snapshot
+  // L1 table outside the file; I/O errors. Nothing is changed on disk when an
+  // error comes before the header write.
+  //
+  // Creates a snapshot named `entry.name` with `entry`'s date, clocks and
+  // vm-state size; fills in the id (the next free number, as QEMU picks it),
+  // the L1 table and the disk size. Returns the new id.
+  Task<Result<std::string>> CreateSnapshot(Snapshot entry);
+  // Deletes snapshot `index` of snapshots().
+  Task<Status> DeleteSnapshot(size_t index);
+  // Makes the active state snapshot `index`'s (its data and virtual size).
+  Task<Status> ApplySnapshot(size_t index);
 
   const Header& header() const { return header_; }
   const Geometry& geometry() const { return geo_; }
@@ -339,6 +375,38 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> ExpandZeroClusters(uint64_t table);
   // Whether the active L1 maps any compressed cluster.
   Task<Result<bool>> HasCompressedClusters();
+  // --- internal snapshots (qcow2_snapshot.cc) ---
+  Status CheckSnapshotsSupported() const;
+  // Snapshot `index`'s L1 table, validated and read from the file.
+  Task<Result<std::vector<uint64_t>>> ReadSnapshotL1(size_t index);
+  // The host clusters `l1` reaches (its L2 tables and the clusters their
+  // entries reference), each as often as it is referenced.
+  Task<Result<std::vector<uint64_t>>> ClustersReached(std::span<const uint64_t> l1);
+  // One more reference on each of `clusters`, after checking that none
+  // overflows (InvalidArgument, nothing changed).
+  Task<Status> IncrementAll(const std::vector<uint64_t>& clusters);
+  // Sets the COPIED flag of each L1 entry of `l1` and of each entry of the L2
+  // tables it names as QEMU does: iff the cluster's refcount is exactly 1
+  // (`all_shared`: clears them all, without asking the refcounts). L2 changes
+  // stay dirty in the cache; `changed` gets the L1 indexes changed. REQUIRES:
+  // the metadata mutex held.
+  Task<Status> FixCopiedFlags(std::span<uint64_t> l1, bool all_shared,
+                              std::vector<size_t>* changed);
+  // FixCopiedFlags on the active L1 table, its changed entries marked dirty.
+  Task<Status> FixActiveCopiedFlags();
+  // Writes `bytes` at the start of new clusters; returns their offset (0 for
+  // no bytes). REQUIRES: the metadata mutex held.
+  Task<Result<uint64_t>> WriteTableClusters(std::span<const std::byte> bytes);
+  // Drops a reference to each cluster of [offset, offset + bytes) (nothing
+  // for offset 0).
+  void ReleaseRange(uint64_t offset, uint64_t bytes);
+  // Revokes every guest cluster's published mapping (all mappings change).
+  Task<void> RevokeAllMappings();
+  // Writes `table` to new clusters, syncs everything, and switches the header
+  // to it (`update` may change more header fields in the same write); frees
+  // the old table's clusters. REQUIRES: the metadata mutex held.
+  Task<Status> SwitchSnapshotTable(std::vector<Snapshot> table,
+                                   const std::function<void(Header&)>& update);
 
   // --- flush (qcow2_flush.cc) ---
   Task<Status> FlushLocked();

@@ -34,6 +34,7 @@
 #include "tools/measure_command.h"
 #include "tools/rebase_command.h"
 #include "tools/resize_command.h"
+#include "tools/snapshot_command.h"
 
 namespace uq::tools {
 namespace {
@@ -68,6 +69,8 @@ constexpr Verb kVerbs[] = {
     {"amend",
      "Change an image's options in place: compat, lazy refcounts, ... (like qemu-img amend)",
      &MakeAmendCommand},
+    {"snapshot", "List, create, apply or delete internal snapshots (like qemu-img snapshot)",
+     &MakeSnapshotCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},
     {"bench", "Measure read/write IOPS on an image (like qemu-img bench)", &MakeBenchCommand},

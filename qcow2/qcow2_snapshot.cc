@@ -1,0 +1,333 @@
+// Internal snapshots of a Qcow2Image: create, delete, apply (see
+// CreateSnapshot in qcow2_image.h for the order of the writes and what a
+// crash leaves). QEMU's block/qcow2-snapshot.c is the reference for what
+// each operation changes; the order is ours: every change that is not a
+// leak happens in one header write.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+
+#include "base/endian.h"
+#include "qcow2/bitmap_directory.h"
+#include "qcow2/format.h"
+#include "qcow2/qcow2_image.h"
+
+namespace uq::qcow2 {
+
+namespace {
+
+// qemu-img copies the name into QEMUSnapshotInfo's 256-byte buffer.
+constexpr size_t kMaxNameBytes = 255;
+
+uint64_t ClustersFor(uint64_t bytes, uint64_t cluster_size) {
+  return (bytes + cluster_size - 1) / cluster_size;
+}
+
+}  // namespace
+
+Status Qcow2Image::CheckSnapshotsSupported() const {
+  if (data_file_ != nullptr) {
+    // QEMU's qcow2_snapshot_create/goto return -ENOTSUP: a data file's
+    // clusters have no refcounts, so nothing could keep them for a snapshot.
+    return Status::NotSupported(
+        fmt::format("{}: internal snapshots are not supported with an external data file", path()));
+  }
+  return Status::Ok();
+}
+
+Task<Result<std::vector<uint64_t>>> Qcow2Image::ReadSnapshotL1(size_t index) {
+  const Snapshot& sn = snapshots_.at(index);
+  CO_ASSIGN_OR_RETURN(const uint64_t file_size, file_->Size());
+  CO_RETURN_IF_ERROR(ValidateSnapshotL1Table(sn, index, geo_.cluster_size, file_size));
+  std::vector<uint64_t> l1(sn.l1_size);
+  if (l1.empty()) co_return l1;
+  const uint64_t bytes = (uint64_t{sn.l1_size} * 8 + kSectorSize - 1) / kSectorSize * kSectorSize;
+  AlignedBuffer buf(bytes);
+  CO_RETURN_IF_ERROR(co_await file_->ReadZeroPadded(sn.l1_table_offset, buf.span()));
+  for (size_t i = 0; i < l1.size(); i++) l1[i] = LoadBE64(buf.span(), i * 8);
+  co_return l1;
+}
+
+Task<Result<std::vector<uint64_t>>> Qcow2Image::ClustersReached(std::span<const uint64_t> l1) {
+  const uint64_t cs = geo_.cluster_size;
+  const uint64_t slice_bytes = l2_cache_.slice_size();
+  std::vector<uint64_t> clusters;
+  for (size_t i = 0; i < l1.size(); i++) {
+    const uint64_t table = l1[i] & kL1OffsetMask;
+    if (table == 0) continue;
+    if (!geo_.cluster_aligned(table) || table + cs > file_size_) {
+      co_return Status::Corruption(fmt::format(
+          "{}: L1 entry {} points to an L2 table at 0x{:x}, unaligned or past the end of the file",
+          path(), i, table));
+    }
+    clusters.push_back(table / cs);
+    for (uint64_t at = 0; at < cs; at += slice_bytes) {
+      CO_ASSIGN_OR_RETURN(MetadataCache::SliceRef slice, co_await l2_cache_.Get(table + at));
+      for (uint64_t e = 0; e < slice_bytes; e += geo_.l2_entry_bytes) {
+        L2Entry entry;
+        entry.raw = LoadBE64(slice.bytes(), e);
+        if (!entry.compressed() && entry.host_cluster() != 0 &&
+            !geo_.cluster_aligned(entry.host_cluster())) {
+          co_return Status::Corruption(
+              fmt::format("{}: cluster allocation offset 0x{:x} unaligned (L2 offset: 0x{:x})",
+                          path(), entry.host_cluster(), table));
+        }
+        for (uint64_t c : ReferencedClusters(entry)) clusters.push_back(c);
+      }
+    }
+  }
+  co_return clusters;
+}
+
+Task<Status> Qcow2Image::IncrementAll(const std::vector<uint64_t>& clusters) {
+  const uint32_t bits = 1u << header_.refcount_order;
+  const uint64_t max =
+      bits == 64 ? std::numeric_limits<uint64_t>::max() : (uint64_t{1} << bits) - 1;
+  // Sorted, each cluster's references are one run (a compressed host
+  // cluster may be reached many times): 8 bytes per reference, not a map.
+  std::vector<uint64_t> sorted = clusters;
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t i = 0, j; i < sorted.size(); i = j) {
+    for (j = i + 1; j < sorted.size() && sorted[j] == sorted[i]; j++) {
+    }
+    const uint64_t cluster = sorted[i];
+    const uint64_t add = j - i;
+    CO_ASSIGN_OR_RETURN(const uint64_t refcount, co_await refcounts_->Get(cluster));
+    if (refcount > max - add) {
+      // QEMU's update_refcount fails with EINVAL (after changing part of it).
+      co_return Status::InvalidArgument(fmt::format(
+          "{}: the refcount of cluster {} would pass the maximum of {} (refcount_bits={})", path(),
+          cluster, max, bits));
+    }
+  }
+  for (uint64_t c : clusters) CO_RETURN_IF_ERROR(co_await refcounts_->Increment(c));
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::FixCopiedFlags(std::span<uint64_t> l1, bool all_shared,
+                                        std::vector<size_t>* changed) {
+  const uint64_t cs = geo_.cluster_size;
+  const uint64_t slice_bytes = l2_cache_.slice_size();
+  // QEMU's rule (qcow2_update_snapshot_refcount): COPIED iff the refcount is
+  // exactly 1; compressed and host-less entries never have it.
+  auto owned = [&](uint64_t cluster) -> Task<Result<bool>> {
+    if (all_shared) co_return false;
+    CO_ASSIGN_OR_RETURN(const uint64_t refcount, co_await refcounts_->Get(cluster));
+    co_return refcount == 1;
+  };
+  for (size_t i = 0; i < l1.size(); i++) {
+    const uint64_t table = l1[i] & kL1OffsetMask;
+    if (table == 0) continue;
+    for (uint64_t at = 0; at < cs; at += slice_bytes) {
+      // Dirty slices cannot be evicted: write them back in the flush order
+      // when they fill the cache (every state on the way is consistent).
+      if (l2_cache_.mostly_dirty() || refcounts_->blocks_mostly_dirty()) {
+        CO_RETURN_IF_ERROR(co_await FlushLocked());
+      }
+      CO_ASSIGN_OR_RETURN(MetadataCache::SliceRef slice, co_await l2_cache_.Get(table + at));
+      bool dirty = false;
+      for (uint64_t e = 0; e < slice_bytes; e += geo_.l2_entry_bytes) {
+        L2Entry entry;
+        entry.raw = LoadBE64(slice.bytes(), e);
+        bool copied = false;
+        if (!entry.compressed() && entry.host_cluster() != 0) {
+          CO_ASSIGN_OR_RETURN(copied, co_await owned(entry.host_cluster() / cs));
+        }
+        const uint64_t want = copied ? entry.raw | kEntryCopied : entry.raw & ~kEntryCopied;
+        if (want != entry.raw) {
+          StoreBE64(slice.bytes(), e, want);
+          dirty = true;
+        }
+      }
+      if (dirty) l2_cache_.MarkDirty(slice);
+    }
+    CO_ASSIGN_OR_RETURN(const bool copied, co_await owned(table / cs));
+    const uint64_t want = copied ? l1[i] | kEntryCopied : l1[i] & ~kEntryCopied;
+    if (want != l1[i]) {
+      l1[i] = want;
+      if (changed != nullptr) changed->push_back(i);
+    }
+  }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::FixActiveCopiedFlags() {
+  std::vector<size_t> changed;
+  CO_RETURN_IF_ERROR(co_await FixCopiedFlags(l1_, false, &changed));
+  for (size_t i : changed) l1_dirty_chunks_.insert(i * 8 / 4096);
+  co_return Status::Ok();
+}
+
+Task<Result<uint64_t>> Qcow2Image::WriteTableClusters(std::span<const std::byte> bytes) {
+  const uint64_t cs = geo_.cluster_size;
+  if (bytes.empty()) co_return uint64_t{0};
+  const uint64_t clusters = ClustersFor(bytes.size(), cs);
+  CO_ASSIGN_OR_RETURN(const uint64_t offset, co_await refcounts_->Allocate(clusters));
+  for (uint64_t c = 0; c < clusters; c++) metadata_clusters_.insert(offset / cs + c);
+  file_size_ = std::max(file_size_, offset + clusters * cs);
+  AlignedBuffer buf(clusters * cs);
+  std::copy(bytes.begin(), bytes.end(), buf.span().begin());
+  Status written = co_await file_->Write(offset, buf.span());
+  if (!written.ok()) {
+    for (uint64_t c = 0; c < clusters; c++) ReleaseCluster(offset / cs + c);
+    co_return written;
+  }
+  co_return offset;
+}
+
+void Qcow2Image::ReleaseRange(uint64_t offset, uint64_t bytes) {
+  const uint64_t cs = geo_.cluster_size;
+  if (offset == 0 || bytes == 0) return;
+  for (uint64_t c = offset / cs; c <= (offset + bytes - 1) / cs; c++) ReleaseCluster(c);
+}
+
+Task<Status> Qcow2Image::SwitchSnapshotTable(std::vector<Snapshot> table,
+                                             const std::function<void(Header&)>& update) {
+  const std::vector<std::byte> bytes = SerializeSnapshotTable(table);
+  CO_ASSIGN_OR_RETURN(const uint64_t offset, co_await WriteTableClusters(bytes));
+  // The new table, and everything the caller changed before (refcounts,
+  // tables), become stable before the header names the table.
+  Status st = co_await FlushLocked();
+  Header updated = header_;
+  updated.nb_snapshots = static_cast<uint32_t>(table.size());
+  updated.snapshots_offset = offset;
+  if (update) update(updated);
+  if (st.ok()) st = co_await WriteHeader(*file_, updated);
+  if (st.ok()) st = co_await file_->Sync();
+  if (!st.ok()) {
+    ReleaseRange(offset, bytes.size());
+    co_return st;
+  }
+  const uint64_t old_offset = header_.nb_snapshots > 0 ? header_.snapshots_offset : 0;
+  const uint64_t old_bytes = SnapshotTableSize(snapshots_);
+  header_ = std::move(updated);
+  snapshots_ = std::move(table);
+  // Unreferenced on disk now; freed at the next flush.
+  ReleaseRange(old_offset, old_bytes);
+  co_return Status::Ok();
+}
+
+Task<void> Qcow2Image::RevokeAllMappings() {
+  const uint64_t clusters = ClustersFor(size(), geo_.cluster_size);
+  bool pinned = false;
+  for (uint64_t c = 0; c < clusters; c++) pinned |= shared_map_.Revoke(c);
+  if (pinned) co_await WaitUnpinned();
+}
+
+Task<Result<std::string>> Qcow2Image::CreateSnapshot(Snapshot entry) {
+  CO_RETURN_IF_ERROR(CheckWritable(0, 0));
+  CO_RETURN_IF_ERROR(CheckSnapshotsSupported());
+  if (snapshots_.size() >= kMaxSnapshotCount) {
+    co_return Status::NoSpace(fmt::format("{}: the image has the most snapshots qcow2 allows ({})",
+                                          path(), kMaxSnapshotCount),
+                              EFBIG);
+  }
+  // QEMU's find_new_snapshot_id: one past the largest id read as a number.
+  unsigned long id_max = 0;
+  for (const Snapshot& s : snapshots_)
+    id_max = std::max(id_max, std::strtoul(s.id.c_str(), nullptr, 10));
+  entry.id = std::to_string(id_max + 1);
+  if (entry.name.size() > kMaxNameBytes) entry.name.resize(kMaxNameBytes);
+  entry.disk_size = size();
+  std::vector<Snapshot> table = snapshots_;
+  table.push_back(entry);
+  CO_RETURN_IF_ERROR(ValidateSnapshotTableForWrite(table));
+
+  CO_RETURN_IF_ERROR(co_await Flush());
+  auto lock = co_await meta_mutex_.Acquire();
+  CO_ASSIGN_OR_RETURN(const std::vector<uint64_t> reached, co_await ClustersReached(l1_));
+  CO_RETURN_IF_ERROR(co_await IncrementAll(reached));
+  // The snapshot's L1 table: the active one as it is (QEMU copies it with
+  // its COPIED flags, which only the active table's entries mean anything in).
+  std::vector<std::byte> l1_bytes(l1_.size() * 8);
+  for (size_t i = 0; i < l1_.size(); i++) StoreBE64(l1_bytes, i * 8, l1_[i]);
+  CO_ASSIGN_OR_RETURN(const uint64_t l1_offset, co_await WriteTableClusters(l1_bytes));
+  table.back().l1_table_offset = l1_offset;
+  table.back().l1_size = static_cast<uint32_t>(l1_.size());
+  // Everything the active tables reach is shared now: the next write copies.
+  co_await RevokeAllMappings();
+  CO_RETURN_IF_ERROR(co_await FixActiveCopiedFlags());
+  CO_RETURN_IF_ERROR(co_await SwitchSnapshotTable(std::move(table), nullptr));
+  CO_RETURN_IF_ERROR(co_await FlushLocked());
+  co_return entry.id;
+}
+
+Task<Status> Qcow2Image::DeleteSnapshot(size_t index) {
+  CO_RETURN_IF_ERROR(CheckWritable(0, 0));
+  CO_RETURN_IF_ERROR(CheckSnapshotsSupported());
+  CO_RETURN_IF_ERROR(co_await Flush());
+  CO_ASSIGN_OR_RETURN(const std::vector<uint64_t> sn_l1, co_await ReadSnapshotL1(index));
+  auto lock = co_await meta_mutex_.Acquire();
+  CO_ASSIGN_OR_RETURN(const std::vector<uint64_t> reached, co_await ClustersReached(sn_l1));
+  const Snapshot gone = snapshots_[index];
+  std::vector<Snapshot> table = snapshots_;
+  table.erase(table.begin() + static_cast<ptrdiff_t>(index));
+  CO_RETURN_IF_ERROR(co_await SwitchSnapshotTable(std::move(table), nullptr));
+  // The snapshot is gone from disk; what it held is a leak until released.
+  for (uint64_t c : reached) ReleaseCluster(c);
+  ReleaseRange(gone.l1_table_offset, uint64_t{gone.l1_size} * 8);
+  CO_RETURN_IF_ERROR(co_await FlushLocked());
+  // Clusters back to one reference are the active table's own again.
+  CO_RETURN_IF_ERROR(co_await FixActiveCopiedFlags());
+  co_return co_await FlushLocked();
+}
+
+Task<Status> Qcow2Image::ApplySnapshot(size_t index) {
+  CO_RETURN_IF_ERROR(CheckWritable(0, 0));
+  CO_RETURN_IF_ERROR(CheckSnapshotsSupported());
+  if (ActiveBitmapsExtension(header_) != nullptr) {
+    co_return Status::NotSupported(fmt::format("{}: Device has active dirty bitmaps", path()));
+  }
+  const Snapshot sn = snapshots_.at(index);
+  const uint64_t new_size = sn.disk_size.value_or(size());
+  const uint64_t span = geo_.cluster_size * geo_.l2_entries;
+  CO_RETURN_IF_ERROR(co_await Flush());
+  CO_ASSIGN_OR_RETURN(std::vector<uint64_t> new_l1, co_await ReadSnapshotL1(index));
+  // As QEMU: the active table is at least as large as it was and as the
+  // snapshot's, and covers the snapshot's size.
+  const uint64_t entries =
+      std::max({uint64_t{l1_.size()}, uint64_t{new_l1.size()}, (new_size + span - 1) / span});
+  if (entries * 8 > kMaxL1Bytes) {
+    co_return Status::NoSpace(
+        fmt::format("{}: snapshot {} needs an L1 table of {} entries, past QEMU's limit", path(),
+                    sn.id, entries));
+  }
+  new_l1.resize(entries, 0);
+  auto lock = co_await meta_mutex_.Acquire();
+  CO_ASSIGN_OR_RETURN(const std::vector<uint64_t> reached, co_await ClustersReached(new_l1));
+  CO_ASSIGN_OR_RETURN(const std::vector<uint64_t> old_reached, co_await ClustersReached(l1_));
+  CO_RETURN_IF_ERROR(co_await IncrementAll(reached));
+  // Everything the new active table reaches is shared with the snapshot: no
+  // COPIED flags, in its L1 entries or in its L2 tables (written before the
+  // header names them).
+  CO_RETURN_IF_ERROR(co_await FixCopiedFlags(new_l1, true, nullptr));
+  std::vector<std::byte> l1_bytes(new_l1.size() * 8);
+  for (size_t i = 0; i < new_l1.size(); i++) StoreBE64(l1_bytes, i * 8, new_l1[i]);
+  CO_ASSIGN_OR_RETURN(const uint64_t l1_offset, co_await WriteTableClusters(l1_bytes));
+  Status st = co_await FlushLocked();
+  Header updated = header_;
+  updated.l1_table_offset = l1_offset;
+  updated.l1_size = static_cast<uint32_t>(entries);
+  updated.size = new_size;
+  if (st.ok()) st = co_await WriteHeader(*file_, updated);
+  if (st.ok()) st = co_await file_->Sync();
+  if (!st.ok()) {
+    ReleaseRange(l1_offset, l1_bytes.size());
+    co_return st;
+  }
+  co_await RevokeAllMappings();
+  const uint64_t old_offset = header_.l1_table_offset;
+  const uint64_t old_bytes = uint64_t{l1_.size()} * 8;
+  header_ = std::move(updated);
+  l1_ = std::move(new_l1);
+  l1_dirty_chunks_.clear();
+  size_.store(new_size, std::memory_order_release);
+  // The old active tables are unreferenced on disk now.
+  for (uint64_t c : old_reached) ReleaseCluster(c);
+  ReleaseRange(old_offset, old_bytes);
+  co_return co_await FlushLocked();
+}
+
+}  // namespace uq::qcow2
