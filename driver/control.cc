@@ -145,6 +145,12 @@ Status ControlDevice::DeleteDevice(int dev_id) {
   return Run("DEL_DEV", ops_.del_dev, Header(dev_id)).status();
 }
 
+Status ControlDevice::UpdateSize(int dev_id, uint64_t sectors) {
+  ublksrv_ctrl_cmd cmd = Header(dev_id);
+  cmd.data[0] = sectors;
+  return Run("UPDATE_SIZE", UBLK_U_CMD_UPDATE_SIZE, cmd).status();
+}
+
 Result<ublksrv_ctrl_dev_info> ControlDevice::GetInfo(int dev_id) {
   ublksrv_ctrl_dev_info info{};
   ublksrv_ctrl_cmd cmd = Header(dev_id);

@@ -89,6 +89,11 @@ class ControlDevice {
   // DeleteDevice. Either way the device can no longer be found by a new
   // ADD_DEV of the same id until it is freed.
   Status DeleteDeviceNoWait(int dev_id);
+  // Sets a started device's size to `sectors` (512 bytes each): the kernel
+  // changes the disk's capacity and announces it (a uevent with RESIZE=1).
+  // REQUIRES: features() has UBLK_F_UPDATE_SIZE (Linux 6.16+; older kernels
+  // refuse the command). IoError(ENODEV) when the device is not started.
+  Status UpdateSize(int dev_id, uint64_t sectors);
   // Fails with IoError(ENODEV) for an id with no device.
   Result<ublksrv_ctrl_dev_info> GetInfo(int dev_id);
   Result<ublk_params> GetParams(int dev_id);

@@ -20,6 +20,7 @@
 #include <utility>
 
 #include "driver/params.h"
+#include "driver/state_file.h"
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "uring/ring.h"
@@ -56,7 +57,7 @@ uring::RingOptions QueueRingOptions(uint16_t depth, bool hosts_image, uint32_t p
 // Test hook: UBLK_QCOW2_TEST_FAIL_AFTER=<step> makes setup fail right after
 // that step, so that the VM tests can show teardown leaves nothing behind
 // from any point (tests/vm/e2e/08-bad-input.sh). Steps: open_image, add_dev,
-// set_params, open_char, start_queues, start_dev.
+// set_params, open_char, start_queues, start_dev, control_socket.
 Status FailAfter(const char* step) {
   const char* want = std::getenv("UBLK_QCOW2_TEST_FAIL_AFTER");
   if (want == nullptr || std::strcmp(want, step) != 0) return Status::Ok();
@@ -194,7 +195,11 @@ Status Device::Setup(const DeviceOptions& options) {
 
   RETURN_IF_ERROR(control_->StartDevice(info_.dev_id, static_cast<int>(::getpid())));
   RETURN_IF_ERROR(FailAfter("start_dev"));
-  return WaitForBlockNode();
+  RETURN_IF_ERROR(WaitForBlockNode());
+
+  RETURN_IF_ERROR(EnsureStateDir());
+  ASSIGN_OR_RETURN(socket_, ControlSocket::Listen(SocketPath(info_.dev_id), Handlers()));
+  return FailAfter("control_socket");
 }
 
 Status Device::OpenCharDevice() {
@@ -248,8 +253,11 @@ bool Device::WaitForQueues(int timeout_ms) {
       if (left.count() <= 0) return false;
       wait_ms = static_cast<int>(left.count());
     }
-    pollfd fds[2] = {{wake_fd_, POLLIN, 0}, {signal_fd_, POLLIN, 0}};
-    int n = ::poll(fds, signal_fd_ >= 0 ? 2 : 1, wait_ms);
+    // The socket is polled only while serving (Teardown closes it first).
+    pollfd fds[3] = {{wake_fd_, POLLIN, 0},
+                     {signal_fd_, POLLIN, 0},
+                     {socket_ != nullptr ? socket_->fd() : -1, POLLIN, 0}};
+    int n = ::poll(fds, 3, wait_ms);
     if (n < 0 && errno != EINTR) {
       Log(fmt::format("poll: {}", std::strerror(errno)));
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -265,10 +273,12 @@ bool Device::WaitForQueues(int timeout_ms) {
       while (::read(signal_fd_, &si, sizeof(si)) == static_cast<ssize_t>(sizeof(si))) got = true;
       if (got) StopOnce();
     }
+    if (socket_ != nullptr && (fds[2].revents & POLLIN)) socket_->Serve();
   }
 }
 
 void Device::StopOnce() {
+  socket_.reset();  // stopping: no more control requests
   if (stop_sent_ || !added_) return;
   stop_sent_ = true;
   Status status = control_->StopDevice(info_.dev_id);
@@ -278,6 +288,7 @@ void Device::StopOnce() {
 Status Device::Teardown() {
   if (torn_down_) return Status::Ok();
   torn_down_ = true;
+  socket_.reset();  // no control request from here on; the file goes too
 
   bool drained = true;
   if (!workers_.empty() && finished_queues_.load() != workers_.size()) {

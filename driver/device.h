@@ -11,15 +11,17 @@
 //      descriptors and buffers and fetches every tag;
 //   6. START_DEV with this process's pid (the kernel then adds the disk and
 //      reads its partition table through the queues);
-//   7. wait until /dev/ublkbN exists as a block device.
+//   7. wait until /dev/ublkbN exists as a block device;
+//   8. listen on the control socket /run/ublk-qcow2/<id>.sock
+//      (driver/control_socket.h), which Serve() answers: "info" (the size)
+//      and "resize" (Resize() below).
 //
 // Serve() then blocks until the device is stopped, by STOP_DEV from another
 // process (`ublk-qcow2 del`), by SIGTERM/SIGINT/SIGHUP (with
 // handle_signals; Serve issues STOP_DEV itself), or by a queue failing.
-// Teardown: STOP_DEV (the kernel completes in-flight requests, then aborts
-// the pending fetches), wait for every queue to drain, Flush + Close the
-// image on its thread (left clean), end the threads, unmap, close
-// /dev/ublkcN, DEL_DEV.
+// Teardown: close the control socket, STOP_DEV (the kernel completes in-flight requests, then
+// aborts the pending fetches), wait for every queue to drain, Flush + Close the image on its thread
+// (left clean), end the threads, unmap, close /dev/ublkcN, DEL_DEV.
 //
 // If the process dies instead (SIGKILL), the kernel cancels the queues'
 // commands when their rings go away, fails I/O with EIO and removes
@@ -42,6 +44,7 @@
 
 #include "base/status.h"
 #include "driver/control.h"
+#include "driver/control_socket.h"
 #include "driver/image_host.h"
 #include "driver/loop_thread.h"
 #include "driver/queue.h"
@@ -109,13 +112,27 @@ class Device {
 
   // Serves until stopped, then tears down. Returns OK if the image was
   // closed cleanly and the device deleted; otherwise the first error (a
-  // queue's, the image's Close, DEL_DEV's).
+  // queue's, the image's Close, DEL_DEV's). Control socket requests are
+  // answered in between, on this thread.
   Status Serve();
+
+  // Live resize to `new_size` bytes (device_resize.cc). Needs the kernel's
+  // UBLK_F_UPDATE_SIZE (NotSupported naming it, checked before anything
+  // changes). Growing: the image first (Resize + Flush on its thread, with
+  // no request in the engine meanwhile), then UPDATE_SIZE, so the kernel
+  // never sends a request past the image's end. Shrinking (only with
+  // `allow_shrink`; InvalidArgument otherwise): UPDATE_SIZE first, then the
+  // image. If the second step fails the first is undone. The device record's
+  // size follows. REQUIRES: on the control thread, after Create().
+  Status Resize(uint64_t new_size, bool allow_shrink);
 
  private:
   Status Setup(const DeviceOptions& options);
   Status OpenCharDevice();
   Status WaitForBlockNode();
+  ControlHandlers Handlers();
+  // Resize on the image's thread, between engine requests.
+  Status ResizeImage(uint64_t new_size);
   // Waits until every started queue is finished, or `timeout_ms` passes
   // (then false). With `signals`, a signal issues STOP_DEV.
   bool WaitForQueues(int timeout_ms);
@@ -131,6 +148,7 @@ class Device {
   std::unique_ptr<qcow2::BlockDevice> image_;
   std::unique_ptr<ImageHost> host_;
   std::vector<std::unique_ptr<QueueWorker>> workers_;
+  std::unique_ptr<ControlSocket> socket_;
   int char_fd_ = -1;
   int wake_fd_ = -1;
   int signal_fd_ = -1;

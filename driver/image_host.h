@@ -13,6 +13,10 @@
 // here: the queue serves them on its own thread (TryServeHere). See
 // driver/README.md.
 //
+// Work that must not overlap a request in the engine (a live resize) runs
+// through Exclusive(): it waits for the requests in the engine to finish,
+// and requests that arrive meanwhile wait for it.
+//
 // Thread model: Submit() from any LoopThread; everything else on home().
 #ifndef UBLK_QCOW2_DRIVER_IMAGE_HOST_H_
 #define UBLK_QCOW2_DRIVER_IMAGE_HOST_H_
@@ -22,6 +26,8 @@
 #include <functional>
 #include <span>
 
+#include "base/keyed_lock.h"
+#include "base/status.h"
 #include "driver/loop_thread.h"
 #include "driver/ublk_abi.h"
 #include "qcow2/block_device.h"
@@ -39,6 +45,13 @@ class ImageHost {
   void Submit(IoDescriptor request, std::span<std::byte> buffer, LoopThread* reply_to,
               std::function<void(int32_t)> done);
 
+  // Runs `work` on the image when no request is in the engine: it starts
+  // once the requests running now have finished, and requests submitted
+  // meanwhile start after it. Reads and overwrites that queues serve on their
+  // own threads (TryServeHere) go on; the engine revokes a cluster before it
+  // changes its mapping. REQUIRES: on home().
+  Task<Status> Exclusive(std::function<Task<Status>()> work);
+
   LoopThread* home() const { return home_; }
   qcow2::BlockDevice* device() const { return device_; }
   // Requests running on the image now (home thread only).
@@ -51,6 +64,8 @@ class ImageHost {
   LoopThread* home_;
   qcow2::BlockDevice* device_;
   uint64_t in_flight_ = 0;
+  // Key 0: requests hold it shared, Exclusive() exclusive.
+  KeyedLock gate_;
 };
 
 }  // namespace uq::driver

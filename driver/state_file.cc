@@ -22,6 +22,7 @@ std::string StateDir() {
 
 std::string RecordPath(int id) { return fmt::format("{}/{}.json", StateDir(), id); }
 std::string LogPath(int id) { return fmt::format("{}/{}.log", StateDir(), id); }
+std::string SocketPath(int id) { return fmt::format("{}/{}.sock", StateDir(), id); }
 
 std::string RecordToJson(const DeviceRecord& r) {
   nlohmann::ordered_json j;
@@ -109,6 +110,8 @@ Result<std::optional<DeviceRecord>> ReadRecord(int id) {
 }
 
 Status RemoveRecord(int id) {
+  // A daemon that was killed left its socket too: nobody listens there.
+  ::unlink(SocketPath(id).c_str());
   const std::string path = RecordPath(id);
   if (::unlink(path.c_str()) != 0 && errno != ENOENT) return Status::FromErrno(errno, path);
   return Status::Ok();

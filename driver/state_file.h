@@ -5,6 +5,7 @@
 //                                "queues":1,"depth":128,"size":1073741824,
 //                                "read_only":false}
 //   /run/ublk-qcow2/<id>.log    the daemon's stderr
+//   /run/ublk-qcow2/<id>.sock   the daemon's control socket (driver/control_socket.h)
 //
 // The directory can be moved with UBLK_QCOW2_STATE_DIR (tests). A record is
 // written once the device is live (temporary file + rename, so readers see
@@ -39,6 +40,7 @@ struct DeviceRecord {
 std::string StateDir();
 std::string RecordPath(int id);
 std::string LogPath(int id);
+std::string SocketPath(int id);
 
 std::string RecordToJson(const DeviceRecord& record);
 // Corruption naming `origin` if the text is not a record.
@@ -49,7 +51,7 @@ Status EnsureStateDir();
 Status WriteRecord(const DeviceRecord& record);
 // nullopt when there is no record for `id`.
 Result<std::optional<DeviceRecord>> ReadRecord(int id);
-// OK when already gone.
+// Removes the record and a socket left beside it. OK when already gone.
 Status RemoveRecord(int id);
 // Ids with a record file, ascending.
 std::vector<int> RecordIds();

@@ -32,6 +32,12 @@
 #ifndef UBLK_U_CMD_GET_FEATURES
 #define UBLK_U_CMD_GET_FEATURES _IOR('u', 0x13, struct ublksrv_ctrl_cmd)
 #endif
+// UPDATE_SIZE (6.16, with UBLK_F_UPDATE_SIZE): the device's new size in
+// 512-byte sectors in data[0]; the kernel sets dev_sectors and the disk's
+// capacity (ublk_ctrl_set_size in drivers/block/ublk_drv.c). Encoded only.
+#ifndef UBLK_U_CMD_UPDATE_SIZE
+#define UBLK_U_CMD_UPDATE_SIZE _IOWR('u', 0x15, struct ublksrv_ctrl_cmd)
+#endif
 // Feature bits (6.2: unprivileged devices; 6.5: ioctl encoding, user copy;
 // 6.6: zoned).
 #ifndef UBLK_F_UNPRIVILEGED_DEV

@@ -30,6 +30,14 @@ TEST(OpcodesTest, EncodedWithIoctlEncode) {
   EXPECT_EQ(_IOC_TYPE(ops.get_dev_info), static_cast<uint32_t>('u'));
 }
 
+// Only in encoded form: _IOWR('u', 0x15, struct ublksrv_ctrl_cmd), as Linux
+// 7.3's include/uapi/linux/ublk_cmd.h has it; the kernel dispatches on 0x15.
+TEST(OpcodesTest, UpdateSize) {
+  EXPECT_EQ(static_cast<uint32_t>(UBLK_U_CMD_UPDATE_SIZE), 0xc0207515u);
+  EXPECT_EQ(_IOC_NR(UBLK_U_CMD_UPDATE_SIZE), 0x15u);
+  EXPECT_EQ(UBLK_F_UPDATE_SIZE, 1ull << 10);
+}
+
 TEST(FeatureNamesTest, NamesKnownAndUnknownBits) {
   EXPECT_EQ(FeatureNames(0), "");
   EXPECT_EQ(FeatureNames(UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_USER_COPY), "CMD_IOCTL_ENCODE,USER_COPY");

@@ -247,6 +247,65 @@ run 0 "$BIN" bench -q -c 200 -d 4 -i threads --poll-us=100 poll.qcow2 &&
   { grep -q -- '--poll-us ignored: no io_uring' err || fail "bench -i threads --poll-us: $(cat err)"; }
 run 2 "$BIN" bench --poll-us=-5 poll.qcow2
 
+# --- resize -n: the client side of a live resize, against a stand-in daemon ---
+# A Python server on the device's control socket answers "info" with 1 GiB and
+# "resize" with what it was asked (or the error a kernel without UPDATE_SIZE
+# gets), and logs each request: the sizes the CLI computes, its flags and its
+# one-line errors. The real daemon is tested in the VM (tests/vm/e2e/14-live-resize.sh).
+STATE=$(mktemp -d /tmp/cli_state.XXXXXX)
+trap '[[ -n $holder ]] && kill "$holder" 2>/dev/null; rm -rf "$WORK" "$STATE"' EXIT
+fake_daemon() {  # fake_daemon SOCKET LOG REFUSE(0|1): serves until killed
+  python3 - "$@" <<'PY' &
+import json, os, socket, sys
+path, log, refuse = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path); s.listen(4)
+while True:
+    c, _ = s.accept()
+    req = json.loads(c.makefile().readline())
+    with open(log, "a") as f: f.write(json.dumps(req, sort_keys=True) + "\n")
+    if req["verb"] == "info": ans = {"ok": True, "size": 1 << 30}
+    elif refuse: ans = {"error": "device 3: live resize needs UBLK_F_UPDATE_SIZE (Linux 6.16+), which this kernel's ublk does not offer"}
+    else: ans = {"ok": True, "size": req["size"]}
+    c.sendall((json.dumps(ans) + "\n").encode()); c.close()
+PY
+  for _ in $(seq 50); do [[ -S $1 ]] && return; sleep 0.1; done
+}
+export UBLK_QCOW2_STATE_DIR=$STATE
+fake_daemon "$STATE/3.sock" "$STATE/log" 0
+fake=$!
+run 0 "$BIN" resize -n 3 +256M && { [[ $(cat out) == "Image resized." ]] || fail "resize -n: $(cat out)"; }
+run 0 "$BIN" resize -q -n 3 -- -512M
+run 0 "$BIN" resize -n 3 --shrink -512M
+run 0 "$BIN" resize --id=3 2G
+want='{"verb": "info"}
+{"shrink": false, "size": 1342177280, "verb": "resize"}
+{"verb": "info"}
+{"shrink": false, "size": 536870912, "verb": "resize"}
+{"verb": "info"}
+{"shrink": true, "size": 536870912, "verb": "resize"}
+{"verb": "info"}
+{"shrink": false, "size": 2147483648, "verb": "resize"}'
+[[ $(cat "$STATE/log") == "$want" ]] || fail "resize -n sent: $(cat "$STATE/log")"
+: >"$STATE/log"
+run 1 "$BIN" resize -n 3 -2G && expect_one_line_error "ublk device 3: New image size must be positive"
+run 1 "$BIN" resize -n 3 +1X && expect_one_line_error "size"
+[[ -s $STATE/log && $(cat "$STATE/log") != '{"verb": "info"}' ]] && fail "a bad size was sent: $(cat "$STATE/log")"
+kill "$fake"; wait "$fake" 2>/dev/null; rm -f "$STATE/3.sock"
+fake_daemon "$STATE/3.sock" "$STATE/log" 1
+fake=$!
+run 1 "$BIN" resize -n 3 +256M && expect_one_line_error "device 3: live resize needs UBLK_F_UPDATE_SIZE"
+kill "$fake"; wait "$fake" 2>/dev/null
+# The socket file of a daemon that is gone: nobody listens.
+run 1 "$BIN" resize -n 3 +256M && expect_one_line_error "ublk device 3"
+run 1 "$BIN" resize -n 9 +256M && expect_one_line_error "ublk device 9 does not exist"
+run 2 "$BIN" resize -n 3 top.qcow2 +1G && { head -1 err | grep -q "give SIZE, not IMAGE" || fail "resize -n with IMAGE: $(cat err)"; }
+run 2 "$BIN" resize -n 3
+run 2 "$BIN" resize -n 3 --preallocation=full +1G
+run 2 "$BIN" resize -n 3 -f raw +1G
+run 2 "$BIN" resize top.qcow2
+unset UBLK_QCOW2_STATE_DIR
+
 if ((failures > 0)); then
   echo "$failures failure(s)"
   exit 1

@@ -2,10 +2,17 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "driver/control.h"
+#include "driver/control_client.h"
+#include "driver/state_file.h"
 #include "qcow2/bitmap_directory.h"
 #include "qcow2/create/option_list.h"
 #include "qcow2/open_image.h"
@@ -44,23 +51,44 @@ Result<SizeChange> ParseSizeChange(std::string_view text) {
 
 namespace {
 
+// How long `resize -n` waits for the daemon's answer (a grow moves the L1
+// table and syncs; a shrink releases the tail's clusters).
+constexpr int kLiveTimeoutMs = 300'000;
+
 class ResizeCommand final : public Command {
  public:
   void AddFlags(CLI::App& app) override {
-    app.add_option("IMAGE", image_, "The image to resize")->required();
-    app.add_option("SIZE", size_, "New size, or +SIZE / -SIZE relative to the current one")
-        ->required();
+    app.add_option("IMAGE", image_, "The image to resize (not with -n)");
+    app.add_option("SIZE", size_, "New size, or +SIZE / -SIZE relative to the current one");
+    CLI::Option* id =
+        app.add_option("-n,--id", id_, "Resize the running device N (/dev/ublkbN) and its image")
+            ->check(CLI::Range(0, (1 << 20) - 1));
     app.add_flag("--shrink", shrink_, "Allow a smaller size (deletes the data past the new end)");
     app.add_option("--preallocation", preallocation_,
                    "How the grown area is allocated: off, metadata, falloc, full")
-        ->check(CLI::IsMember({"off", "metadata", "falloc", "full"}));
+        ->check(CLI::IsMember({"off", "metadata", "falloc", "full"}))
+        ->excludes(id);
     app.add_option("-f,--format", format_, "IMAGE's format (default: probe)")
-        ->check(CLI::IsMember({"qcow2", "raw"}));
+        ->check(CLI::IsMember({"qcow2", "raw"}))
+        ->excludes(id);
     app.add_flag("-q,--quiet", quiet_, "Print nothing on success");
+    app.callback([this] {
+      if (id_ >= 0) {
+        // `resize -n ID SIZE`: the one positional is the size.
+        if (!image_.empty() && !size_.empty()) {
+          throw CLI::ValidationError("-n ID resizes a device: give SIZE, not IMAGE");
+        }
+        if (size_.empty()) size_ = std::exchange(image_, "");
+        if (size_.empty()) throw CLI::RequiredError("SIZE");
+      } else if (image_.empty() || size_.empty()) {
+        throw CLI::RequiredError(image_.empty() ? "IMAGE" : "SIZE");
+      }
+    });
   }
 
   Status Run() override {
     ASSIGN_OR_RETURN(SizeChange change, ParseSizeChange(size_));
+    if (id_ >= 0) return ResizeLive(change);
     const qcow2::Preallocation prealloc = *qcow2::ParsePreallocation(preallocation_);
     qcow2::ImageOptions options;
     options.env = qcow2::SyncEnv();
@@ -108,7 +136,38 @@ class ResizeCommand final : public Command {
     return BlockOn(device.Resize(*target, prealloc));
   }
 
+  // Through the device's daemon (driver/control_socket.h): "info" for the
+  // current size, then "resize"; the daemon checks and does the rest
+  // (driver::Device::Resize).
+  Status ResizeLive(const SizeChange& change) {
+    const std::string who = fmt::format("ublk device {}", id_);
+    const std::string socket = driver::SocketPath(id_);
+    Result<nlohmann::json> info =
+        driver::CallControlSocket(socket, {{"verb", "info"}}, kLiveTimeoutMs);
+    if (!info.ok()) {
+      if (!info.status().IsNotSupported()) return info.status().WithContext(who);
+      const std::vector<int> ids = driver::KernelDeviceIds();
+      if (std::find(ids.begin(), ids.end(), id_) == ids.end()) {
+        return Status::InvalidArgument(fmt::format("{} does not exist", who));
+      }
+      return Status::NotSupported(
+          fmt::format("{}: no ublk-qcow2 daemon is listening on {}", who, socket));
+    }
+    const auto size = info->find("size");
+    if (size == info->end() || !size->is_number_unsigned()) {
+      return Status::IoError(fmt::format("{}: the daemon's info has no size", who));
+    }
+    Result<uint64_t> target = change.Apply(size->get<uint64_t>());
+    if (!target.ok()) return target.status().WithContext(who);
+    nlohmann::json request = {{"verb", "resize"}, {"size", *target}, {"shrink", shrink_}};
+    Result<nlohmann::json> done = driver::CallControlSocket(socket, request, kLiveTimeoutMs);
+    if (!done.ok()) return done.status();
+    if (!quiet_) std::printf("Image resized.\n");
+    return Status::Ok();
+  }
+
   std::string image_, size_, format_, preallocation_ = "off";
+  int id_ = -1;
   bool shrink_ = false, quiet_ = false;
 };
 

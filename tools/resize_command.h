@@ -3,6 +3,7 @@
 //
 //   ublk-qcow2 resize [--shrink] [--preallocation=off|metadata|falloc|full]
 //                     [-f qcow2|raw] [-q] IMAGE [+|-]SIZE
+//   ublk-qcow2 resize -n ID [--shrink] [-q] [+|-]SIZE
 //
 // SIZE takes qemu-img's suffixes (k, M, G, T, P, E); a leading + or - makes
 // it relative to the current size (a negative SIZE needs no "--": like
@@ -14,6 +15,14 @@
 // The work is the image's own (BlockDevice::Resize; for qcow2 see
 // Qcow2Image::Resize in qcow2/qcow2_image.h for its crash safety); this verb
 // opens the image writable with a writer's lock, resizes it and closes it.
+//
+// With -n ID it resizes a running device instead: it asks the device's
+// daemon on its control socket (/run/ublk-qcow2/ID.sock) for the current
+// size, applies SIZE to it as above, and has the daemon resize the image and
+// the kernel's device (driver::Device::Resize; needs the kernel's
+// UBLK_F_UPDATE_SIZE, Linux 6.16+). Errors: a device that does not exist,
+// one without a daemon, the daemon's refusal (missing kernel feature, a
+// shrink without --shrink, a size the image refuses), one line, exit 1.
 #ifndef UBLK_QCOW2_TOOLS_RESIZE_COMMAND_H_
 #define UBLK_QCOW2_TOOLS_RESIZE_COMMAND_H_
 

@@ -97,13 +97,14 @@ daemon_pid() {  # daemon_pid ID
   sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "/run/ublk-qcow2/$1.json" 2>/dev/null
 }
 
-# The state the tests leave: no device, no daemon, no record.
+# The state the tests leave: no device, no daemon, no record, no control socket.
 no_leftovers() {
   local bad=0
   if compgen -G '/dev/ublkb*' >/dev/null; then echo "block devices left: $(echo /dev/ublkb*)"; bad=1; fi
   if compgen -G '/dev/ublkc*' >/dev/null; then echo "char devices left: $(echo /dev/ublkc*)"; bad=1; fi
   if pgrep -x ublk-qcow2 >/dev/null; then echo "daemons left: $(pgrep -a -x ublk-qcow2)"; bad=1; fi
   if compgen -G '/run/ublk-qcow2/*.json' >/dev/null; then echo "records left: $(echo /run/ublk-qcow2/*.json)"; bad=1; fi
+  if compgen -G '/run/ublk-qcow2/*.sock' >/dev/null; then echo "control sockets left: $(echo /run/ublk-qcow2/*.sock)"; bad=1; fi
   return $bad
 }
 
