@@ -14,7 +14,8 @@
 //   7. wait until /dev/ublkbN exists as a block device;
 //   8. listen on the control socket /run/ublk-qcow2/<id>.sock
 //      (driver/control_socket.h), which Serve() answers: "info" (the size)
-//      and "resize" (Resize() below).
+//      and "resize" (Resize() below), and the snapshot verbs
+//      (device_snapshot.cc).
 //
 // Serve() then blocks until the device is stopped, by STOP_DEV from another
 // process (`ublk-qcow2 del`), by SIGTERM/SIGINT/SIGHUP (with
@@ -49,6 +50,10 @@
 #include "driver/loop_thread.h"
 #include "driver/queue.h"
 #include "qcow2/block_device.h"
+
+namespace uq::qcow2 {
+class Qcow2Image;
+}  // namespace uq::qcow2
 
 namespace uq::driver {
 
@@ -131,6 +136,11 @@ class Device {
   Status OpenCharDevice();
   Status WaitForBlockNode();
   ControlHandlers Handlers();
+  // The live snapshot verbs (device_snapshot.cc).
+  void AddSnapshotHandlers(ControlHandlers& handlers);
+  // The image, if `what` ("list", "create", "delete") may be done to it live;
+  // else InvalidArgument "ublk device N: Could not WHAT snapshot 'NAME': why".
+  Result<qcow2::Qcow2Image*> SnapshotImage(const std::string& what, const std::string& name);
   // Resize on the image's thread, between engine requests.
   Status ResizeImage(uint64_t new_size);
   // Waits until every started queue is finished, or `timeout_ms` passes

@@ -50,6 +50,7 @@ ControlHandlers Device::Handlers() {
     answer["size"] = info_.size;
     return answer;
   };
+  AddSnapshotHandlers(handlers);
   return handlers;
 }
 

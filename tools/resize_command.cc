@@ -10,14 +10,12 @@
 #include <utility>
 #include <vector>
 
-#include "driver/control.h"
-#include "driver/control_client.h"
-#include "driver/state_file.h"
 #include "qcow2/bitmap_directory.h"
 #include "qcow2/create/option_list.h"
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "qcow2/sync_env.h"
+#include "tools/live_device.h"
 
 namespace uq::tools {
 
@@ -50,10 +48,6 @@ Result<SizeChange> ParseSizeChange(std::string_view text) {
 }
 
 namespace {
-
-// How long `resize -n` waits for the daemon's answer (a grow moves the L1
-// table and syncs; a shrink releases the tail's clusters).
-constexpr int kLiveTimeoutMs = 300'000;
 
 class ResizeCommand final : public Command {
  public:
@@ -141,17 +135,9 @@ class ResizeCommand final : public Command {
   // (driver::Device::Resize).
   Status ResizeLive(const SizeChange& change) {
     const std::string who = fmt::format("ublk device {}", id_);
-    const std::string socket = driver::SocketPath(id_);
-    Result<nlohmann::json> info =
-        driver::CallControlSocket(socket, {{"verb", "info"}}, kLiveTimeoutMs);
+    Result<nlohmann::json> info = CallLiveDevice(id_, {{"verb", "info"}});
     if (!info.ok()) {
-      if (!info.status().IsNotSupported()) return info.status().WithContext(who);
-      const std::vector<int> ids = driver::KernelDeviceIds();
-      if (std::find(ids.begin(), ids.end(), id_) == ids.end()) {
-        return Status::InvalidArgument(fmt::format("{} does not exist", who));
-      }
-      return Status::NotSupported(
-          fmt::format("{}: no ublk-qcow2 daemon is listening on {}", who, socket));
+      return info.status().IsIoError() ? info.status().WithContext(who) : info.status();
     }
     const auto size = info->find("size");
     if (size == info->end() || !size->is_number_unsigned()) {
@@ -160,7 +146,7 @@ class ResizeCommand final : public Command {
     Result<uint64_t> target = change.Apply(size->get<uint64_t>());
     if (!target.ok()) return target.status().WithContext(who);
     nlohmann::json request = {{"verb", "resize"}, {"size", *target}, {"shrink", shrink_}};
-    Result<nlohmann::json> done = driver::CallControlSocket(socket, request, kLiveTimeoutMs);
+    Result<nlohmann::json> done = CallLiveDevice(id_, request);
     if (!done.ok()) return done.status();
     if (!quiet_) std::printf("Image resized.\n");
     return Status::Ok();

@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "qcow2/qcow2_image.h"
 #include "qcow2/sync_env.h"
 #include "tools/info_format.h"
+#include "tools/live_device.h"
 
 namespace uq::tools {
 namespace {
@@ -61,6 +63,10 @@ class SnapshotCommand final : public Command {
         ->check(CLI::IsMember({"qcow2", "raw"}));
     app.add_flag("-q,--quiet", quiet_, "Print no progress (there is none)");
     app.add_flag("-U,--force-share", force_share_, "Take no image lock (-l only, as qemu-img)");
+    app.add_option("-n,--id", id_,
+                   "Work on the running device N (/dev/ublkbN) through its daemon, instead of "
+                   "IMAGE: -l, -c and -d; -a is refused")
+        ->check(CLI::Range(0, (1 << 20) - 1));
   }
 
   int usage_exit_code() const override { return kExitError; }  // as qemu-img's
@@ -71,6 +77,7 @@ class SnapshotCommand final : public Command {
     if (actions > 1) {
       return Status::InvalidArgument("Cannot mix '-l', '-a', '-c', '-d'");
     }
+    if (id_ >= 0) return RunLive(actions);
     if (images_.size() != 1) return Status::InvalidArgument("Expecting one image file name");
     image_ = images_[0];
     if (force_share_ && !list_) {
@@ -160,13 +167,70 @@ class SnapshotCommand final : public Command {
 
  private:
   Status List(qcow2::Qcow2Image* image) {
-    // A raw image has no snapshots: qemu-img prints nothing.
-    if (image == nullptr || image->snapshots().empty()) return Status::Ok();
-    std::string out = "Snapshot list:\n" + SnapshotTableHeader() + "\n";
-    for (const qcow2::Snapshot& s : image->snapshots()) {
-      out += SnapshotTableRow(qcow2::ToSnapshotInfo(s, image->size())) + "\n";
+    std::vector<qcow2::SnapshotInfo> rows;
+    if (image != nullptr) {
+      for (const qcow2::Snapshot& s : image->snapshots()) {
+        rows.push_back(qcow2::ToSnapshotInfo(s, image->size()));
+      }
     }
+    PrintTable(rows);
+    return Status::Ok();
+  }
+
+  // qemu-img's table; nothing at all for no snapshots (or a raw image).
+  static void PrintTable(const std::vector<qcow2::SnapshotInfo>& rows) {
+    if (rows.empty()) return;
+    std::string out = "Snapshot list:\n" + SnapshotTableHeader() + "\n";
+    for (const qcow2::SnapshotInfo& row : rows) out += SnapshotTableRow(row) + "\n";
     std::fputs(out.c_str(), stdout);
+  }
+
+  // -n ID: the device's daemon does the work between requests
+  // (driver/device_snapshot.cc), so that the snapshot holds every write
+  // acknowledged before it returns; the device keeps serving.
+  Status RunLive(size_t actions) {
+    if (!images_.empty()) {
+      return Status::InvalidArgument("-n ID and an IMAGE exclude each other");
+    }
+    if (force_share_) return Status::InvalidArgument("-U has no meaning with -n ID");
+    if (actions == 0) return Status::Ok();
+    const std::string who = fmt::format("ublk device {}", id_);
+    if (actions_[2]->count() > 0) {
+      return Status::NotSupported(fmt::format(
+          "{}: Could not apply snapshot '{}': a running device cannot be reverted (its file "
+          "system and page cache would not see the change); del the device, then snapshot -a "
+          "the image",
+          who, apply_));
+    }
+    nlohmann::json request;
+    if (list_) {
+      request = {{"verb", "snapshot-list"}};
+    } else if (actions_[1]->count() > 0) {
+      request = {{"verb", "snapshot-create"}, {"name", create_}};
+    } else {
+      request = {{"verb", "snapshot-delete"}, {"name", delete_}};
+    }
+    ASSIGN_OR_RETURN(nlohmann::json answer, CallLiveDevice(id_, request));
+    if (!list_) return Status::Ok();
+    std::vector<qcow2::SnapshotInfo> rows;
+    try {
+      for (const nlohmann::json& s : answer.at("snapshots")) {
+        qcow2::SnapshotInfo row;
+        row.id = s.at("id").get<std::string>();
+        row.name = s.at("name").get<std::string>();
+        row.vm_state_size = s.at("vm-state-size").get<uint64_t>();
+        row.date_sec = s.at("date-sec").get<uint32_t>();
+        row.date_nsec = s.at("date-nsec").get<uint32_t>();
+        row.vm_clock_nsec = s.at("vm-clock-nsec").get<uint64_t>();
+        row.icount = s.at("icount").get<int64_t>();
+        row.disk_size = s.at("disk-size").get<uint64_t>();
+        rows.push_back(std::move(row));
+      }
+    } catch (const nlohmann::json::exception& e) {
+      return Status::IoError(
+          fmt::format("{}: the daemon's snapshot list is malformed: {}", who, e.what()));
+    }
+    PrintTable(rows);
     return Status::Ok();
   }
 
@@ -191,6 +255,7 @@ class SnapshotCommand final : public Command {
   std::string image_, format_, create_, apply_, delete_;
   std::vector<CLI::Option*> actions_;  // -l, -c, -a, -d
   bool list_ = false, quiet_ = false, force_share_ = false;
+  int id_ = -1;
 };
 
 }  // namespace
