@@ -476,4 +476,18 @@ Task<Status> WriteHeader(File& file, const Header& header) {
   co_return co_await file.Write(0, buf.span());
 }
 
+std::vector<FeatureName> QemuFeatureNames(uint64_t cluster_size) {
+  if (cluster_size <= 4096) return {};
+  return {
+      {kFeatureIncompatible, 0, "dirty bit"},
+      {kFeatureIncompatible, 1, "corrupt bit"},
+      {kFeatureIncompatible, 2, "external data file"},
+      {kFeatureIncompatible, 3, "compression type"},
+      {kFeatureIncompatible, 4, "extended L2 entries"},
+      {kFeatureCompatible, 0, "lazy refcounts"},
+      {kFeatureAutoclear, 0, "bitmaps"},
+      {kFeatureAutoclear, 1, "raw external data"},
+  };
+}
+
 }  // namespace uq::qcow2

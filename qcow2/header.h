@@ -28,6 +28,11 @@ struct FeatureName {
   std::string name;
 };
 
+// The feature name table QEMU writes into a version 3 header: empty for
+// clusters of 4 KiB and less, where QEMU leaves it out to keep room for a
+// backing file name. Used by create and by amend's upgrade.
+std::vector<FeatureName> QemuFeatureNames(uint64_t cluster_size);
+
 struct BitmapsExtension {
   uint32_t nb_bitmaps = 0;
   uint64_t directory_size = 0;

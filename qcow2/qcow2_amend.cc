@@ -32,25 +32,6 @@
 #include "qcow2/qcow2_image.h"
 
 namespace uq::qcow2 {
-namespace {
-
-// The feature name table QEMU writes into a version 3 header; it leaves it
-// out for clusters of 4 KiB and less (as create does).
-std::vector<FeatureName> QemuFeatureNames(uint64_t cluster_size) {
-  if (cluster_size <= 4096) return {};
-  return {
-      {kFeatureIncompatible, 0, "dirty bit"},
-      {kFeatureIncompatible, 1, "corrupt bit"},
-      {kFeatureIncompatible, 2, "external data file"},
-      {kFeatureIncompatible, 3, "compression type"},
-      {kFeatureIncompatible, 4, "extended L2 entries"},
-      {kFeatureCompatible, 0, "lazy refcounts"},
-      {kFeatureAutoclear, 0, "bitmaps"},
-      {kFeatureAutoclear, 1, "raw external data"},
-  };
-}
-
-}  // namespace
 
 Task<Status> Qcow2Image::Amend(const AmendOptions& o) {
   CO_RETURN_IF_ERROR(CheckWritable(0, 0));

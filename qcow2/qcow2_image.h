@@ -400,8 +400,6 @@ class Qcow2Image final : public BlockDevice {
   // Drops a reference to each cluster of [offset, offset + bytes) (nothing
   // for offset 0).
   void ReleaseRange(uint64_t offset, uint64_t bytes);
-  // Revokes every guest cluster's published mapping (all mappings change).
-  Task<void> RevokeAllMappings();
   // Writes `table` to new clusters, syncs everything, and switches the header
   // to it (`update` may change more header fields in the same write); frees
   // the old table's clusters. REQUIRES: the metadata mutex held.

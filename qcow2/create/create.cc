@@ -497,20 +497,7 @@ Task<Status> CreateImage(Env* env, CreateOptions o) {
       h.compression_type = kCompressionZstd;
     }
     if (o.extended_l2) h.incompatible_features |= kIncompatExtendedL2;
-    // QEMU omits the table for clusters of 4 KiB and less, to leave room for
-    // a backing file name.
-    if (o.cluster_size > 4096) {
-      h.feature_names = {
-          {kFeatureIncompatible, 0, "dirty bit"},
-          {kFeatureIncompatible, 1, "corrupt bit"},
-          {kFeatureIncompatible, 2, "external data file"},
-          {kFeatureIncompatible, 3, "compression type"},
-          {kFeatureIncompatible, 4, "extended L2 entries"},
-          {kFeatureCompatible, 0, "lazy refcounts"},
-          {kFeatureAutoclear, 0, "bitmaps"},
-          {kFeatureAutoclear, 1, "raw external data"},
-      };
-    }
+    h.feature_names = QemuFeatureNames(o.cluster_size);
   } else {
     h.header_length = kV2HeaderLength;
   }
