@@ -19,8 +19,8 @@
 #
 # -m latency: fio 4k random reads at depth 1 on the raw file itself, null_blk, loop,
 # ours on the full image and ours on an empty one (zeros, no host I/O), with fio's mean
-# completion latency: where a QD1 request's time goes (docs/benchmarks.md, "What is left
-# is the machine"). Uses the first BIN only.
+# completion latency: where a QD1 request's time goes (docs/benchmarks.md, "Device": QD1
+# is wake-ups). Uses the first BIN only.
 #
 # Environment: BENCH_RUNTIME seconds per job (default 6, after 1 s ramp), VM_*: see
 # tests/vm/run. Copy binaries aside first if a build may replace them meanwhile.
