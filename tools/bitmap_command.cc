@@ -120,7 +120,12 @@ class BitmapCommand final : public Command {
       } else if (op.name == "enable" || op.name == "disable") {
         st = BlockOn(image->EnableBitmap(bitmap, op.name == "enable"));
       } else {
-        if (source == nullptr) {
+        // The target first, as QEMU judges it before the source.
+        Result<std::shared_ptr<const qcow2::DirtyBitmap>> target =
+            BlockOn(image->BitmapContents(bitmap));
+        if (!target.ok()) {
+          st = target.status();
+        } else if (source == nullptr) {
           st = Status::InvalidArgument(fmt::format("Dirty bitmap '{}' not found", op.source));
         } else {
           Result<std::shared_ptr<const qcow2::DirtyBitmap>> bits =
