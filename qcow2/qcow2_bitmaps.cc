@@ -68,9 +68,9 @@ Task<Result<std::vector<uint64_t>>> Qcow2Image::ReadBitmapTable(const BitmapDirE
     if ((table[i] & kTableEntryReserved) || offset % geo_.cluster_size != 0 ||
         (offset != 0 && ((table[i] & kTableEntryAllOnes) ||
                          offset + geo_.cluster_size > std::max(file_size_, grown_end_)))) {
-      co_return Status::Corruption(fmt::format(
-          "{}: bitmap '{}': bitmap table entry {} (0x{:016x}) is invalid", path(), e.name, i,
-          table[i]));
+      co_return Status::Corruption(
+          fmt::format("{}: bitmap '{}': bitmap table entry {} (0x{:016x}) is invalid", path(),
+                      e.name, i, table[i]));
     }
   }
   co_return table;
@@ -78,8 +78,8 @@ Task<Result<std::vector<uint64_t>>> Qcow2Image::ReadBitmapTable(const BitmapDirE
 
 Task<Result<std::shared_ptr<DirtyBitmap>>> Qcow2Image::LoadBitmapBits(const BitmapDirEntry& e) {
   if (e.in_use()) {
-    co_return Status::InvalidArgument(fmt::format(
-        "Bitmap '{}' is inconsistent and cannot be used", e.name));
+    co_return Status::InvalidArgument(
+        fmt::format("Bitmap '{}' is inconsistent and cannot be used", e.name));
   }
   CO_ASSIGN_OR_RETURN(std::vector<uint64_t> table, co_await ReadBitmapTable(e));
   auto bits = std::make_shared<DirtyBitmap>(size(), e.granularity_bits);
@@ -188,8 +188,7 @@ Status Qcow2Image::AddBitmap(const std::string& name, std::optional<uint64_t> gr
   }
   // QEMU's default (bdrv_get_default_bitmap_granularity): the cluster size
   // within 4 KiB..64 KiB.
-  const uint64_t g =
-      granularity.value_or(std::clamp<uint64_t>(geo_.cluster_size, 4096, 65536));
+  const uint64_t g = granularity.value_or(std::clamp<uint64_t>(geo_.cluster_size, 4096, 65536));
   if (g < 512 || (g & (g - 1)) != 0 || g > (uint64_t{1} << kMaxBitmapGranularityBits)) {
     return Status::InvalidArgument("Granularity must be power of 2 and at least 512");
   }
@@ -233,7 +232,8 @@ Status Qcow2Image::AddBitmap(const std::string& name, std::optional<uint64_t> gr
 
 Status Qcow2Image::RemoveBitmap(const std::string& name) {
   TrackedBitmap* b = FindBitmap(name);
-  if (b == nullptr) return Status::InvalidArgument(fmt::format("Dirty bitmap '{}' not found", name));
+  if (b == nullptr)
+    return Status::InvalidArgument(fmt::format("Dirty bitmap '{}' not found", name));
   bitmaps_.erase(bitmaps_.begin() + (b - bitmaps_.data()));
   bitmaps_list_changed_ = true;
   RebuildTracking();
@@ -242,7 +242,8 @@ Status Qcow2Image::RemoveBitmap(const std::string& name) {
 
 Task<Result<Qcow2Image::TrackedBitmap*>> Qcow2Image::UsableBitmap(const std::string& name) {
   TrackedBitmap* b = FindBitmap(name);
-  if (b == nullptr) co_return Status::InvalidArgument(fmt::format("Dirty bitmap '{}' not found", name));
+  if (b == nullptr)
+    co_return Status::InvalidArgument(fmt::format("Dirty bitmap '{}' not found", name));
   if (b->entry.in_use() && !b->entry_is_new) {
     co_return Status::InvalidArgument(
         fmt::format("Bitmap '{}' is inconsistent and cannot be used", name));
@@ -251,7 +252,8 @@ Task<Result<Qcow2Image::TrackedBitmap*>> Qcow2Image::UsableBitmap(const std::str
     const std::string wanted = name;
     CO_ASSIGN_OR_RETURN(std::shared_ptr<DirtyBitmap> bits, co_await LoadBitmapBits(b->entry));
     b = FindBitmap(wanted);  // the list may not change meanwhile, but be safe
-    if (b == nullptr) co_return Status::InvalidArgument(fmt::format("Dirty bitmap '{}' not found", name));
+    if (b == nullptr)
+      co_return Status::InvalidArgument(fmt::format("Dirty bitmap '{}' not found", name));
     b->bits = std::move(bits);
   }
   co_return b;
@@ -353,8 +355,8 @@ Task<Status> Qcow2Image::StoreBitmapsLocked() {
         co_return at.status();
       }
       e.table_offset = *at;
-      e.table_size = static_cast<uint32_t>(
-          std::max<uint64_t>(1, DivRoundUp(b.bits->SerializedBytes(), cs)));
+      e.table_size =
+          static_cast<uint32_t>(std::max<uint64_t>(1, DivRoundUp(b.bits->SerializedBytes(), cs)));
       e.flags &= ~kBitmapInUse;
     }
     entries.push_back(std::move(e));
@@ -377,8 +379,8 @@ Task<Status> Qcow2Image::StoreBitmapsLocked() {
     updated.bitmaps.reset();
     updated.autoclear_features &= ~kAutoclearBitmaps;
   } else {
-    updated.bitmaps = BitmapsExtension{static_cast<uint32_t>(entries.size()), dir.size(),
-                                       dir_offset};
+    updated.bitmaps =
+        BitmapsExtension{static_cast<uint32_t>(entries.size()), dir.size(), dir_offset};
     updated.autoclear_features |= kAutoclearBitmaps;
   }
   if (st.ok()) st = co_await WriteHeader(*file_, updated);

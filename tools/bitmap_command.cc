@@ -37,7 +37,8 @@ class BitmapCommand final : public Command {
     app.add_option("-F", source_format_, "SRC_IMAGE's format")->type_name("FMT");
     app.add_option("-g", granularity_text_, "--add's granularity in bytes (suffixes k, M, G)")
         ->type_name("GRANULARITY");
-    app.add_option("-f,--format", format_, "IMAGE's format")->check(CLI::IsMember({"qcow2", "raw"}));
+    app.add_option("-f,--format", format_, "IMAGE's format")
+        ->check(CLI::IsMember({"qcow2", "raw"}));
     app_ = &app;
   }
 
@@ -52,7 +53,8 @@ class BitmapCommand final : public Command {
       if (o == clear_) ops.push_back({"clear", ""});
       if (o == enable_) ops.push_back({"enable", ""});
       if (o == disable_) ops.push_back({"disable", ""});
-      if (o == merge_ && merge_index < merges_.size()) ops.push_back({"merge", merges_[merge_index++]});
+      if (o == merge_ && merge_index < merges_.size())
+        ops.push_back({"merge", merges_[merge_index++]});
     }
     if (ops.empty()) {
       return Status::InvalidArgument(

@@ -203,8 +203,10 @@ class MapCommand final : public Command {
     if (image == nullptr) {
       co_return Status::NotSupported(fmt::format("{}: only qcow2 images have bitmaps", image_));
     }
-    Result<std::shared_ptr<const qcow2::DirtyBitmap>> bits = co_await image->BitmapContents(bitmap_);
-    if (!bits.ok()) co_return Status::InvalidArgument(fmt::format("{}: {}", image_, bits.status().message()));
+    Result<std::shared_ptr<const qcow2::DirtyBitmap>> bits =
+        co_await image->BitmapContents(bitmap_);
+    if (!bits.ok())
+      co_return Status::InvalidArgument(fmt::format("{}: {}", image_, bits.status().message()));
     const bool json = output_ == "json";
     uint64_t end = device.size();
     if (max_length && start <= end && *max_length < end - start) end = start + *max_length;

@@ -18,8 +18,8 @@ void DirtyBitmap::SetBits(uint64_t first, uint64_t last) {
   for (uint64_t w = first / 64; w <= last / 64; w++) {
     const uint64_t lo = w == first / 64 ? first % 64 : 0;
     const uint64_t hi = w == last / 64 ? last % 64 : 63;
-    const uint64_t mask = (hi == 63 ? ~uint64_t{0} : (uint64_t{1} << (hi + 1)) - 1) &
-                          ~((uint64_t{1} << lo) - 1);
+    const uint64_t mask =
+        (hi == 63 ? ~uint64_t{0} : (uint64_t{1} << (hi + 1)) - 1) & ~((uint64_t{1} << lo) - 1);
     // Most writes hit bits already set: a load is cheaper than a locked or.
     if ((words_[w].load(std::memory_order_relaxed) & mask) != mask) {
       words_[w].fetch_or(mask, std::memory_order_relaxed);
@@ -73,7 +73,8 @@ std::vector<DirtyBitmap::Extent> DirtyBitmap::DirtyExtents() const {
       if (bit >= bits_) break;
       c = ~words_[bit / 64].load(std::memory_order_relaxed);
     }
-    const uint64_t last = bit >= bits_ ? bits_ : std::min(bits_, bit / 64 * 64 + std::countr_zero(c));
+    const uint64_t last =
+        bit >= bits_ ? bits_ : std::min(bits_, bit / 64 * 64 + std::countr_zero(c));
     const uint64_t start = first << granularity_bits_;
     const uint64_t end = std::min(disk_size_, last << granularity_bits_);
     if (!out.empty() && out.back().offset + out.back().length == start) {
