@@ -48,6 +48,11 @@ def bench(offset, count, size, step, pattern):
                       str(offset), "--pattern=%d" % pattern])
 
 
+def convert(*args):
+    """convert ARGS a.qcow2 c.qcow2; on success c.qcow2 replaces a.qcow2."""
+    return ("convert", [str(a) for a in args] + ["a.qcow2", "c.qcow2"])
+
+
 def lifecycle(g, size):
     """Add, write, merge, enable/disable, clear, remove, with writes between."""
     return [
@@ -137,8 +142,25 @@ def _(b):
         bitmap("--enable", "a.qcow2", "b0"),
         bitmap("--add", "--merge", "b0", "a.qcow2", "b2"),
         bench(9 * M, 1, 512, 0, 0x22),
+        convert("--bitmaps", "-O", "qcow2"),  # refused: b0 is inconsistent
         bitmap("--remove", "a.qcow2", "b0"),
+        convert("--bitmaps", "-O", "qcow2"),
         bench(11 * M, 1, 512, 0, 0x23),
+    ])
+
+
+@case("convert/bitmaps", "convert --bitmaps copies names, granularities, flags and bits")
+def _(b):
+    return dict(create={"cluster_size": 4096}, size=32 * M, steps=[
+        bitmap("--add", "-g", "512", "a.qcow2", "fine"),
+        bitmap("--add", "--disable", "-g", "1M", "a.qcow2", "coarse"),
+        bench(M + 512, 5, 1024, 3 * M, 0x31),
+        bitmap("--merge", "fine", "a.qcow2", "coarse"),
+        bench(20 * M, 1, 4096, 0, 0x32),
+        convert("--bitmaps", "-O", "raw"),  # refused: raw has no bitmaps
+        convert("--bitmaps", "-O", "qcow2", "-o", "compat=0.10"),  # refused: v2
+        convert("--bitmaps", "-O", "qcow2", "-o", "cluster_size=64k"),
+        bench(30 * M, 1, 4096, 0, 0x33),  # the copy's enabled bitmap tracks writes
     ])
 
 
@@ -233,6 +255,14 @@ def run_case(c, workdir, log, binary):
         if kind == "bitmap":
             rq = L.run([L.QEMU_IMG, "bitmap"] + args, q, log)
             ro = L.run([binary, "bitmap"] + args, o, log)
+        elif kind == "convert":
+            rq = L.run([L.QEMU_IMG, "convert"] + args, q, log)
+            ro = L.run([binary, "convert"] + args, o, log)
+            for d, r in ((q, rq), (o, ro)):
+                if r.rc == 0:
+                    os.replace(os.path.join(d, "c.qcow2"), os.path.join(d, "a.qcow2"))
+                elif os.path.exists(os.path.join(d, "c.qcow2")):
+                    os.unlink(os.path.join(d, "c.qcow2"))
         else:
             rq = L.run([L.QEMU_IMG, "bench", "-q", "-f", "qcow2"] + args + ["a.qcow2"], q, log)
             ro = L.run([binary, "bench"] + args + ["a.qcow2"], o, log)
