@@ -205,8 +205,12 @@ class MapCommand final : public Command {
     }
     Result<std::shared_ptr<const qcow2::DirtyBitmap>> bits =
         co_await image->BitmapContents(bitmap_);
-    if (!bits.ok())
+    // QEMU's bare messages (not found, inconsistent) get the file's name;
+    // the engine's corruption errors already start with it.
+    if (!bits.ok() && bits.status().IsCorruption()) co_return bits.status();
+    if (!bits.ok()) {
       co_return Status::InvalidArgument(fmt::format("{}: {}", image_, bits.status().message()));
+    }
     const bool json = output_ == "json";
     uint64_t end = device.size();
     if (max_length && start <= end && *max_length < end - start) end = start + *max_length;
