@@ -23,8 +23,10 @@ Usage: bitmap_oracle_test.py BINARY [--group G] [--case SUBSTR]... [--list] [--k
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.dont_write_bytecode = True  # keep the source tree clean
@@ -185,9 +187,9 @@ def info_bitmaps(d, log):
 
 def nbd_map(d, name, log):
     """[(offset, length, dirty)] of bitmap `name` as qemu-nbd serves it."""
-    sock = os.path.join(d, "nbd.sock")
-    if os.path.exists(sock):
-        os.unlink(sock)
+    # A socket path must fit in 108 bytes: Bazel's sandbox paths do not.
+    sockdir = tempfile.mkdtemp(prefix="bm-nbd", dir="/tmp")
+    sock = os.path.join(sockdir, "s")
     proc = subprocess.Popen(["qemu-nbd", "-r", "-k", sock, "-B", name, "-f", "qcow2", "a.qcow2"],
                             cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -204,6 +206,7 @@ def nbd_map(d, name, log):
     finally:
         proc.terminate()
         proc.wait()
+        shutil.rmtree(sockdir, ignore_errors=True)
     out = []
     for line in res.out.splitlines():
         f = line.split()
