@@ -62,9 +62,6 @@ Result<qcow2::Qcow2Image*> Device::SnapshotImage(const std::string& what, const 
   auto* image = dynamic_cast<qcow2::Qcow2Image*>(image_.get());
   if (image == nullptr) return fail("the image is not qcow2");
   if (what != "list" && info_.read_only) return fail("the device is read-only");
-  if (what != "list" && qcow2::ActiveBitmapsExtension(image->header()) != nullptr) {
-    return fail("the image has persistent dirty bitmaps, which ublk-qcow2 does not maintain yet");
-  }
   return image;
 }
 

@@ -104,6 +104,55 @@ TEST_F(AnyThreadTest, ServesOnlyPublishedDataClustersWithTheEnginesBytes) {
   CloseAndCheck();
 }
 
+// Persistent bitmaps: a write from another thread waits for the engine to
+// mark the bitmaps in use on disk (TryAnyThread declines until then), and
+// then sets its bits itself, which the stored bitmap holds.
+TEST_F(AnyThreadTest, WritesHereMarkEnabledBitmaps) {
+  Sh("qemu-img create -f qcow2 img.qcow2 4M");
+  Sh("qemu-io -c 'write -P 0x44 0 2M' img.qcow2");
+  Sh("qemu-img bitmap --add -g 4k img.qcow2 b0");
+  Sh("qemu-img bitmap --add --disable img.qcow2 b1");
+  Open();
+  EngineRead(0, 2 << 20);  // publishes the clusters
+  EXPECT_FALSE(HereWrite(8192, std::vector<std::byte>(4096, std::byte{1})))
+      << "no write here before the bitmaps are in use on disk";
+  // The engine's first write marks them in use (and its own bits).
+  std::vector<std::byte> data(512, std::byte{2});
+  ASSERT_TRUE(BlockOn(img_->Write(0, data, false)).ok());
+  EngineRead(0, 2 << 20);
+  // Writes from another thread, each a 4 KiB granule or part of one.
+  std::vector<std::pair<uint64_t, size_t>> writes = {
+      {100 * 1024, 4096}, {1 << 20, 512}, {(1 << 20) + 65536 + 100, 5000}};
+  for (auto [offset, length] : writes) {
+    std::future<bool> done = std::async(std::launch::async, [&, offset, length] {
+      return HereWrite(offset, std::vector<std::byte>(length, std::byte{3}));
+    });
+    ASSERT_TRUE(done.get()) << "offset " << offset;
+  }
+  auto b0 = BlockOn(img_->BitmapContents("b0"));
+  ASSERT_TRUE(b0.ok());
+  std::vector<std::pair<uint64_t, uint64_t>> got;
+  for (const auto& e : (*b0)->DirtyExtents()) got.emplace_back(e.offset, e.length);
+  const std::vector<std::pair<uint64_t, uint64_t>> want = {
+      {0, 4096}, {100 * 1024, 4096}, {1 << 20, 4096}, {(1 << 20) + 65536, 8192}};
+  EXPECT_EQ(got, want);
+  CloseAndCheck();
+  // Stored, not in use; b1 (disabled) untouched.
+  std::string out;
+  ASSERT_EQ(scratch_->Sh("qemu-img info img.qcow2", &out), 0);
+  EXPECT_EQ(out.find("in-use"), std::string::npos) << out;
+  Open(false);
+  b0 = BlockOn(img_->BitmapContents("b0"));
+  ASSERT_TRUE(b0.ok());
+  got.clear();
+  for (const auto& e : (*b0)->DirtyExtents()) got.emplace_back(e.offset, e.length);
+  EXPECT_EQ(got, want);
+  auto b1 = BlockOn(img_->BitmapContents("b1"));
+  ASSERT_TRUE(b1.ok());
+  EXPECT_FALSE((*b1)->Any());
+  ASSERT_TRUE(BlockOn(img_->Close()).ok());
+}
+
 TEST_F(AnyThreadTest, AMebibyteAtAnyAlignmentIsServedHere) {
   Sh("qemu-img create -f qcow2 img.qcow2 4M");
   Sh("qemu-io -c 'write -P 0x44 0 3M' img.qcow2");

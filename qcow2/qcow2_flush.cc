@@ -39,11 +39,10 @@ Task<Status> Qcow2Image::OpenForWriting() {
     for (const Snapshot& s : snapshots_) add_range(s.l1_table_offset, uint64_t{s.l1_size} * 8);
   }
 
-  // Bitmaps are marked in use rather than dropped: clearing their autoclear
-  // bit would make QEMU ignore the extension, so that every bitmap cluster
-  // became a leak and the bitmaps vanished. Other autoclear features we do not
-  // know: clear them, so that readers know the data they guard may be stale.
-  CO_RETURN_IF_ERROR(co_await MarkBitmapsInUse());
+  // Bitmaps are ours to maintain (qcow2_bitmaps.cc): their autoclear bit
+  // stays. Other autoclear features we do not know: clear them, so that
+  // readers know the data they guard may be stale.
+  CO_RETURN_IF_ERROR(co_await OpenBitmapsForWriting());
   const uint64_t keep = header_.autoclear_features &
                         (kAutoclearDataFileRaw | (header_.bitmaps ? kAutoclearBitmaps : 0));
   if (header_.autoclear_features != keep) {
@@ -54,41 +53,6 @@ Task<Status> Qcow2Image::OpenForWriting() {
     header_ = std::move(updated);
   }
   co_return Status::Ok();
-}
-
-Task<Status> Qcow2Image::MarkBitmapsInUse() {
-  const BitmapsExtension* ext = ActiveBitmapsExtension(header_);
-  if (ext == nullptr) co_return Status::Ok();
-  CO_ASSIGN_OR_RETURN(std::vector<BitmapDirEntry> entries,
-                      co_await ReadBitmapDirectory(*file_, header_));
-  const uint64_t cs = geo_.cluster_size;
-  auto protect = [&](uint64_t offset, uint64_t bytes) {
-    for (uint64_t c = offset / cs; bytes > 0 && c <= (offset + bytes - 1) / cs; c++)
-      metadata_clusters_.insert(c);
-  };
-  protect(ext->directory_offset, ext->directory_size);
-  bool changed = false;
-  for (BitmapDirEntry& e : entries) {
-    protect(e.table_offset, uint64_t{e.table_size} * 8);
-    if (!e.in_use()) {
-      e.flags |= kBitmapInUse;
-      changed = true;
-    }
-  }
-  if (!changed) co_return Status::Ok();
-  std::vector<std::byte> dir = SerializeBitmapDirectory(entries);
-  if (dir.size() != ext->directory_size) {
-    co_return Status::Corruption(fmt::format("{}: the bitmap directory is {} bytes, its entries {}",
-                                             path(), ext->directory_size, dir.size()));
-  }
-  // Whole sectors (O_DIRECT): the directory's cluster holds the rounded-up
-  // tail, which may lie past the end of the file (QEMU writes the directory's
-  // bytes only).
-  AlignedBuffer buf((dir.size() + kSectorSize - 1) / kSectorSize * kSectorSize);
-  CO_RETURN_IF_ERROR(co_await file_->ReadZeroPadded(ext->directory_offset, buf.span()));
-  std::copy(dir.begin(), dir.end(), buf.span().begin());
-  CO_RETURN_IF_ERROR(co_await file_->Write(ext->directory_offset, buf.span()));
-  co_return co_await file_->Sync();
 }
 
 Task<Status> Qcow2Image::MarkCorrupt(std::string why) {
@@ -184,6 +148,9 @@ Task<Status> Qcow2Image::Close() {
   // Nothing may be written from another thread after the last flush.
   co_await RevokeShared();
   Status st = co_await Flush();
+  // The bitmaps, with the bits of every write, back on disk and no longer
+  // in use (a corrupt image, read-only now, leaves them in use).
+  if (st.ok() && writable_ && BitmapsNeedStore()) st = co_await StoreBitmaps();
   closed_ = true;
   if (st.ok() && writable_ && grown_end_ > file_size_) {
     // Give back what was grown ahead and not used: everything referenced

@@ -66,9 +66,7 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts)
   }
   // QEMU loads the bitmap directory on every open and refuses the image when
   // it is broken, reading or writing.
-  if (ActiveBitmapsExtension(h) != nullptr) {
-    CO_RETURN_IF_ERROR((co_await ReadBitmapDirectory(*img->file_, h)).status());
-  }
+  CO_RETURN_IF_ERROR(co_await img->LoadBitmapDirectory());
   if (img->writable_) CO_RETURN_IF_ERROR(co_await img->OpenForWriting());
   co_return std::move(img);
 }
@@ -419,7 +417,15 @@ std::optional<Task<Status>> Qcow2Image::TryAnyThread(bool write, uint64_t offset
   if (count > SharedMap::kMaxPinned) return std::nullopt;
   std::array<uint64_t, SharedMap::kMaxPinned> hosts;
   SharedMap::Pin pin;
+  // Tracked bitmaps: the engine marks them in use on disk before the first
+  // write; after that a write here only sets bits, atomically.
+  if (write && !tracking_.empty() && !bitmaps_marked_in_use_.load(std::memory_order_acquire)) {
+    return std::nullopt;
+  }
   if (!shared_map_.Acquire(first, count, write, hosts.data(), &pin)) return std::nullopt;
+  if (write) {
+    for (const auto& b : tracking_) b->Set(offset, buffer.size());
+  }
   return ServeMapped(write, offset, buffer, std::move(pin), hosts);
 }
 

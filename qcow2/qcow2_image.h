@@ -60,6 +60,8 @@
 #include "base/task.h"
 #include "base/wait_list.h"
 #include "qcow2/amend_options.h"
+#include "qcow2/bitmap_directory.h"
+#include "qcow2/bitmaps/dirty_bitmap.h"
 #include "qcow2/block_device.h"
 #include "qcow2/file.h"
 #include "qcow2/geometry.h"
@@ -86,6 +88,14 @@ struct Qcow2OpenParts {
   // Publish mappings for TryAnyThread (the top of a chain); backing files,
   // which only the engine reads, keep a one-slot SharedMap and publish nothing.
   bool publish = true;
+};
+
+// One persistent dirty bitmap as listed (Qcow2Image::bitmaps()).
+struct BitmapSummary {
+  std::string name;
+  uint64_t granularity = 0;
+  bool enabled = false;  // the "auto" flag
+  bool in_use = false;   // inconsistent: found in use at open
 };
 
 class Qcow2Image final : public BlockDevice {
@@ -228,6 +238,42 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> DeleteSnapshot(size_t index);
   // Makes the active state snapshot `index`'s (its data and virtual size).
   Task<Status> ApplySnapshot(size_t index);
+
+  // --- persistent dirty bitmaps (qcow2_bitmaps.cc) ---
+  // The bitmap directory is read at every open (a broken one fails Open, as
+  // QEMU). Opened for writing, every enabled bitmap not found in use is
+  // loaded and from then on gets the bits of every Write, WriteZeroes and
+  // Discard (guest ranges rounded out to its granularity), including writes
+  // served by TryAnyThread (atomic bit sets; see dirty_bitmap.h). Before the
+  // first such write changes data, those bitmaps are marked in use in the
+  // directory on disk (in place, synced), so a crash from then on leaves them
+  // inconsistent, never wrong. Close() stores them (StoreBitmaps) and clears
+  // the flag. A bitmap found in use is inconsistent: listed, never tracked,
+  // refused by Clear/Enable/Merge/BitmapContents, removable. Disabled
+  // bitmaps are never marked (no write changes them), unlike QEMU, which
+  // marks every bitmap of an image opened read-write.
+  //
+  // The operations of `qemu-img bitmap` change the list in memory; Close()
+  // or StoreBitmaps() writes it. Errors carry QEMU's messages, bare (no path
+  // in front): InvalidArgument "Dirty bitmap 'N' not found", InvalidArgument for
+  // the rest. REQUIRES: writable image, no request in flight.
+  std::vector<BitmapSummary> bitmaps() const;
+  // `granularity`: bytes (a power of two, 512..2 GiB); default the cluster
+  // size within 4..64 KiB, as QEMU's.
+  Status AddBitmap(const std::string& name, std::optional<uint64_t> granularity, bool enabled);
+  Status RemoveBitmap(const std::string& name);
+  Task<Status> ClearBitmap(const std::string& name);
+  Task<Status> EnableBitmap(const std::string& name, bool enabled);
+  // Every granule dirty in `source` becomes dirty in bitmap `name`.
+  Task<Status> MergeBitmap(const std::string& name, const DirtyBitmap& source);
+  // The bits of bitmap `name` (loaded from the file if need be; writable or
+  // not). Reading them while writes run sees some of the newest bits.
+  Task<Result<std::shared_ptr<const DirtyBitmap>>> BitmapContents(const std::string& name);
+  // Writes the bitmaps (bits that changed to new clusters, a new directory),
+  // flushed, then one header write names the new directory (the bitmaps
+  // extension, autoclear bit 0 set; both dropped when no bitmap is left);
+  // old clusters are freed after. A crash leaves the old list or the new.
+  Task<Status> StoreBitmaps();
 
   const Header& header() const { return header_; }
   const Geometry& geometry() const { return geo_; }
@@ -410,11 +456,33 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> FlushLocked();
   Task<Status> WriteL1();
   Task<Status> OpenForWriting();
-  // Marks every persistent bitmap in use (the directory rewritten in place
-  // and synced) and keeps its directory and tables out of the data path: we
-  // do not maintain bitmaps yet, so they become inconsistent, as QEMU marks a
-  // bitmap it will not maintain. Errors: the directory's (ReadBitmapDirectory).
+  // --- persistent dirty bitmaps (qcow2_bitmaps.cc) ---
+  struct TrackedBitmap {
+    BitmapDirEntry entry;               // as it will be stored
+    std::shared_ptr<DirtyBitmap> bits;  // null: not loaded
+    bool changed = false;               // bits changed by an operation
+    bool entry_is_new = false;          // added since the last store
+  };
+  Task<Status> LoadBitmapDirectory();
+  // Keeps the directory, tables and data clusters out of the data path and
+  // loads the bitmaps to track.
+  Task<Status> OpenBitmapsForWriting();
+  TrackedBitmap* FindBitmap(const std::string& name);
+  Task<Result<TrackedBitmap*>> UsableBitmap(const std::string& name);
+  Task<Result<std::vector<uint64_t>>> ReadBitmapTable(const BitmapDirEntry& e);
+  Task<Result<std::shared_ptr<DirtyBitmap>>> LoadBitmapBits(const BitmapDirEntry& e);
+  void RebuildTracking();
+  // Marks the tracked bitmaps for a guest write (the first one marks them in
+  // use on disk first).
+  Task<Status> MarkBitmapsDirty(uint64_t offset, uint64_t length);
+  // The tracked bitmaps marked in use in the directory on disk (rewritten in
+  // place and synced).
   Task<Status> MarkBitmapsInUse();
+  Task<Result<uint64_t>> WriteBitmapData(const DirtyBitmap& bits, std::vector<uint64_t>* written);
+  Task<Status> ReleaseBitmapClusters(const BitmapDirEntry& e);
+  bool BitmapsNeedStore() const;
+  // REQUIRES: the metadata mutex held.
+  Task<Status> StoreBitmapsLocked();
   Task<Status> ReadUnallocated(uint64_t offset, std::span<std::byte> out);
   Task<Result<uint64_t>> BackingZeroPrefix(uint64_t offset, uint64_t length);
   Task<Status> ReadCompressed(const L2Entry& entry, uint64_t offset_in_cluster,
@@ -481,6 +549,18 @@ class Qcow2Image final : public BlockDevice {
   uint64_t grown_end_ = 0;
   std::vector<uint64_t> l1_;
   std::vector<Snapshot> snapshots_;
+  // Bitmaps: the list as it will be stored, the directory as it is on disk,
+  // and the bitmaps writes mark (fixed while requests run: other threads
+  // read it in TryAnyThread).
+  std::vector<TrackedBitmap> bitmaps_;
+  std::vector<BitmapDirEntry> disk_bitmaps_;
+  std::vector<std::shared_ptr<DirtyBitmap>> tracking_;
+  bool bitmaps_list_changed_ = false;
+  bool bitmaps_in_use_on_disk_ = false;
+  // Set once the tracked bitmaps are in use on disk: until then writes from
+  // other threads go through the engine, which marks them first.
+  std::atomic<bool> bitmaps_marked_in_use_{false};
+  AsyncMutex bitmap_mark_mutex_;
   MetadataCache l2_cache_;
   SharedMap shared_map_;
 

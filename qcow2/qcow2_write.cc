@@ -80,6 +80,7 @@ Task<Result<uint64_t>> Qcow2Image::AllocateWholeCluster() {
 
 Task<Status> Qcow2Image::Write(uint64_t offset, std::span<const std::byte> data, bool fua) {
   CO_RETURN_IF_ERROR(CheckWritable(offset, data.size()));
+  if (!tracking_.empty()) CO_RETURN_IF_ERROR(co_await MarkBitmapsDirty(offset, data.size()));
   const uint64_t first = offset - geo_.cluster_offset_in(offset);
   if (data.empty()) co_return Status::Ok();
   if (first + geo_.cluster_size >= offset + data.size()) {
@@ -550,6 +551,7 @@ Task<Status> Qcow2Image::WriteZeroBuffer(uint64_t offset, uint64_t length) {
 
 Task<Status> Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length) {
   CO_RETURN_IF_ERROR(CheckWritable(offset, length));
+  if (!tracking_.empty()) CO_RETURN_IF_ERROR(co_await MarkBitmapsDirty(offset, length));
   // Version 2 has no zero flag, and a raw data file must hold the zeros itself.
   if (header_.version < 3 || header_.data_file_raw()) {
     co_return co_await WriteZeroBuffer(offset, length);
@@ -645,6 +647,8 @@ Task<Status> Qcow2Image::Discard(uint64_t offset, uint64_t length) {
 
 Task<Status> Qcow2Image::DiscardWholeClusters(uint64_t offset, uint64_t length, bool unallocate) {
   CO_RETURN_IF_ERROR(CheckWritable(offset, length));
+  // QEMU marks the whole request, whatever part of it is released.
+  if (!tracking_.empty()) CO_RETURN_IF_ERROR(co_await MarkBitmapsDirty(offset, length));
   const uint64_t cs = geo_.cluster_size;
   uint64_t start = (offset + cs - 1) / cs * cs;
   uint64_t end = offset + length == size() ? size() : (offset + length) / cs * cs;

@@ -100,6 +100,8 @@ class ConvertCommand final : public Command {
                    "blocking syscalls (sync)")
         ->check(CLI::IsMember({"auto", "uring", "sync"}))
         ->capture_default_str();
+    app.add_flag("--bitmaps", options_.bitmaps,
+                 "Copy IMAGE's persistent bitmaps too (-O qcow2, as qemu-img)");
     app.add_flag("-U,--force-share", options_.force_share,
                  "Take no locks on IMAGE and its backing files: read an image another process "
                  "writes (the copy may then be inconsistent)");
@@ -113,6 +115,42 @@ class ConvertCommand final : public Command {
 
 }  // namespace
 
+namespace {
+
+// --bitmaps: what qemu-img refuses before it creates the output.
+Status CheckBitmapsCopyable(const ConvertOptions& options, qcow2::BlockDevice& source) {
+  if (options.target_format != "qcow2") {
+    return Status::NotSupported(
+        fmt::format("Format driver '{}' does not support bitmaps", options.target_format));
+  }
+  auto* image = dynamic_cast<qcow2::Qcow2Image*>(&source);
+  if (image == nullptr) return Status::Ok();
+  // QEMU walks its list newest first: the last inconsistent one is named.
+  const std::vector<qcow2::BitmapSummary> list = image->bitmaps();
+  for (auto it = list.rbegin(); it != list.rend(); ++it) {
+    if (it->in_use) {
+      return Status::InvalidArgument(fmt::format("Cannot copy inconsistent bitmap '{}'", it->name));
+    }
+  }
+  return Status::Ok();
+}
+
+// Each of the source's bitmaps, as it is, into the new image (stored by its Close).
+Status CopyBitmaps(IoContext& io, qcow2::BlockDevice& source, qcow2::Qcow2Image& target) {
+  auto* image = dynamic_cast<qcow2::Qcow2Image*>(&source);
+  if (image == nullptr) return Status::Ok();
+  for (const qcow2::BitmapSummary& b : image->bitmaps()) {
+    ASSIGN_OR_RETURN(std::shared_ptr<const qcow2::DirtyBitmap> bits,
+                     io.Run(image->BitmapContents(b.name)));
+    Status st = target.AddBitmap(b.name, b.granularity, b.enabled);
+    if (st.ok()) st = io.Run(target.MergeBitmap(b.name, *bits));
+    if (!st.ok()) return st.WithContext(target.path());
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
 // convert -O qcow2: create the output like `qemu-img create`, then copy
 // through its write path (compressed with -c).
 Status ConvertToQcow2(const ConvertOptions& options, IoContext& io, qcow2::BlockDevice& source) {
@@ -123,6 +161,9 @@ Status ConvertToQcow2(const ConvertOptions& options, IoContext& io, qcow2::Block
   if (options.compress && create.data_file) {
     return Status::InvalidArgument(
         fmt::format("{}: compression is not possible with an external data file", options.target));
+  }
+  if (options.bitmaps && create.compat != "1.1") {
+    return Status::NotSupported("Format driver 'qcow2' does not support bitmaps");
   }
   RETURN_IF_ERROR(io.Run(qcow2::CreateImage(io.env(), create)));
   qcow2::ImageOptions image_options;
@@ -140,6 +181,7 @@ Status ConvertToQcow2(const ConvertOptions& options, IoContext& io, qcow2::Block
   copy.parallel = options.parallel;
   copy.on_progress = [&meter](uint64_t done, uint64_t total) { meter.Update(done, total); };
   Status copied = io.Run(CopyToQcow2(source, *image, std::move(copy)));
+  if (copied.ok() && options.bitmaps) copied = CopyBitmaps(io, source, *image);
   Status closed = io.Run(target->Close());
   if (!copied.ok()) {
     EndProgressLineOnError(options.progress);
@@ -174,6 +216,13 @@ Status RunConvert(const ConvertOptions& options) {
   ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> source,
                    io->Run(qcow2::OpenImage(options.source, image_options)));
 
+  if (options.bitmaps) {
+    Status st = CheckBitmapsCopyable(options, *source);
+    if (!st.ok()) {
+      (void)io->Run(source->Close());
+      return st;
+    }
+  }
   if (options.target_format == "qcow2") {
     Status converted = ConvertToQcow2(options, *io, *source);
     Status closed = io->Run(source->Close());

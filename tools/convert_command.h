@@ -33,6 +33,10 @@ struct ConvertOptions {
   int parallel = 16;                  // chunks in flight
   std::string io = "auto";            // "auto", "uring" or "sync"
   bool force_share = false;           // -U: no locks on the source chain
+  // --bitmaps: copy IMAGE's persistent bitmaps (names, granularities, enabled
+  // flags, bits) into a qcow2 v3 OUTPUT, as qemu-img does; refused, before
+  // OUTPUT is touched, for raw or v2 output and for a bitmap in use.
+  bool bitmaps = false;
 };
 
 // Does the whole conversion. Errors name the file concerned; on failure

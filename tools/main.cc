@@ -35,6 +35,7 @@
 #include "tools/rebase_command.h"
 #include "tools/resize_command.h"
 #include "tools/snapshot_command.h"
+#include "tools/bitmap_command.h"
 
 namespace uq::tools {
 namespace {
@@ -71,6 +72,9 @@ constexpr Verb kVerbs[] = {
      &MakeAmendCommand},
     {"snapshot", "List, create, apply or delete internal snapshots (like qemu-img snapshot)",
      &MakeSnapshotCommand},
+    {"bitmap", "Add, remove, clear, enable, disable or merge persistent dirty bitmaps (like "
+               "qemu-img bitmap)",
+     &MakeBitmapCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},
     {"bench", "Measure read/write IOPS on an image (like qemu-img bench)", &MakeBenchCommand},

@@ -14,6 +14,17 @@
 // human form lists the data ranges with a host offset only, and fails, as
 // qemu-img does, on data without one (compressed clusters).
 //
+// `map --bitmap NAME` (our extension; qemu-img has none, QEMU serves bitmaps
+// only over NBD as qemu:dirty-bitmap:NAME) prints persistent bitmap NAME's
+// extents instead, so that a backup tool can copy only what changed: human,
+// the dirty ranges only, "Offset          Length" then one line each (hex as
+// qemu-img map's columns); JSON, every range in order, dirty or clean:
+//   [{ "start": 0, "length": 131072, "dirty": true},
+//   { "start": 131072, "length": 1073610752, "dirty": false}]
+// Ranges are whole granules, the last one cut at the disk's end; within
+// --start-offset/--max-length. A missing or inconsistent (in use) bitmap is
+// one error line (QEMU's message), exit 1.
+//
 // Reads only metadata, through SyncEnv; takes a reader's lock on each image
 // unless -U.
 #ifndef UBLK_QCOW2_TOOLS_MAP_COMMAND_H_

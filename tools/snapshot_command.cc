@@ -113,7 +113,6 @@ class SnapshotCommand final : public Command {
       name = create_;
       what = "create";
       if (image == nullptr) return Failed(what, name, Errno(EOPNOTSUPP));
-      if (bitmaps) return BitmapsRefused(what, name);
     } else if (actions_[2]->count() > 0) {
       name = apply_;
       what = "apply";
@@ -129,7 +128,6 @@ class SnapshotCommand final : public Command {
       // qemu-img's bdrv_snapshot_find looks at names only.
       index = FindByName(snapshots, name);
       if (!index) return Failed(what, name, "snapshot not found");
-      if (bitmaps) return BitmapsRefused(what, name);
     }
 
     options.writable = true;
@@ -244,11 +242,6 @@ class SnapshotCommand final : public Command {
   Status Failed(const std::string& what, const std::string& name, const std::string& why) const {
     return Status::InvalidArgument(
         fmt::format("{}: Could not {} snapshot '{}': {}", image_, what, name, why));
-  }
-
-  Status BitmapsRefused(const std::string& what, const std::string& name) const {
-    return Failed(what, name,
-                  "the image has persistent dirty bitmaps, which ublk-qcow2 does not maintain yet");
   }
 
   std::vector<std::string> images_;
