@@ -57,7 +57,7 @@ uring::RingOptions QueueRingOptions(uint16_t depth, bool hosts_image, uint32_t p
 // Test hook: UBLK_QCOW2_TEST_FAIL_AFTER=<step> makes setup fail right after
 // that step, so that the VM tests can show teardown leaves nothing behind
 // from any point (tests/vm/e2e/08-bad-input.sh). Steps: open_image, add_dev,
-// set_params, open_char, start_queues, start_dev, control_socket.
+// set_params, record, open_char, start_queues, start_dev, control_socket.
 Status FailAfter(const char* step) {
   const char* want = std::getenv("UBLK_QCOW2_TEST_FAIL_AFTER");
   if (want == nullptr || std::strcmp(want, step) != 0) return Status::Ok();
