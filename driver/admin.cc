@@ -236,10 +236,12 @@ Result<DeviceStatus> DescribeDevice(ControlDevice& control, int dev_id) {
   }
   s.state = DeviceStateName(info->state);
   s.flags = info->flags;
+  s.recovery = RecoveryModeName(RecoveryModeOf(info->flags));
   s.queues = info->nr_hw_queues;
   s.depth = info->queue_depth;
   if (s.pid <= 0 && info->ublksrv_pid > 0) s.pid = info->ublksrv_pid;
   s.daemon_running = ProcessRunning(s.pid);
+  if (AwaitsRecovery(info->state) && !s.daemon_running) s.state = "awaiting-recovery";
   if (!record.has_value()) {
     Result<ublk_params> params = control.GetParams(dev_id);
     if (params.ok() && (params->types & UBLK_PARAM_TYPE_BASIC)) {
@@ -248,6 +250,45 @@ Result<DeviceStatus> DescribeDevice(ControlDevice& control, int dev_id) {
     }
   }
   return s;
+}
+
+Result<DeviceRecord> PrepareRecover(ControlDevice& control, int dev_id, int timeout_ms) {
+  Result<ublksrv_ctrl_dev_info> info = control.GetInfo(dev_id);
+  if (!info.ok()) {
+    if (IsNoDevice(info.status())) {
+      return Status::InvalidArgument(fmt::format("ublk device {} does not exist", dev_id));
+    }
+    return info.status();
+  }
+  Result<std::optional<DeviceRecord>> record = ReadRecord(dev_id);
+  if (!record.ok()) return record.status();
+  if (!record->has_value()) {
+    return Status::InvalidArgument(fmt::format(
+        "ublk device {}: no record in {} (not added by ublk-qcow2?)", dev_id, StateDir()));
+  }
+  if (!(info->flags & UBLK_F_USER_RECOVERY)) {
+    return Status::InvalidArgument(fmt::format(
+        "ublk device {} was added without user recovery (--recovery=off, or a kernel without "
+        "UBLK_F_USER_RECOVERY): its daemon cannot be replaced",
+        dev_id));
+  }
+  const int pid = (*record)->pid;
+  for (int waited = 0;; waited += 50) {
+    if (IsUblkQcow2Process(pid)) {
+      return Status::Busy(
+          fmt::format("ublk device {} is live: its daemon (pid {}) is running", dev_id, pid));
+    }
+    if (AwaitsRecovery(info->state)) return std::move(**record);
+    if (waited >= timeout_ms) {
+      return Status::Busy(
+          fmt::format("ublk device {} is {} and its daemon (pid {}) is gone, but "
+                      "the kernel has not quiesced it within {} s",
+                      dev_id, DeviceStateName(info->state), pid, timeout_ms / 1000));
+    }
+    ::usleep(50'000);
+    info = control.GetInfo(dev_id);
+    if (!info.ok()) return info.status();
+  }
 }
 
 }  // namespace uq::driver

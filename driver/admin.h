@@ -55,7 +55,11 @@ std::vector<int> KnownDeviceIds();
 struct DeviceStatus {
   int id = -1;
   std::string block_path;
-  std::string state;  // "live", "dead", "quiesced", or "gone" (stale record)
+  // "live", "dead", "quiesced", "fail-io", "gone" (stale record), or
+  // "awaiting-recovery": the device outlived its daemon (user recovery; the
+  // kernel's state quiesced or fail-io, no daemon): `recover -n ID`.
+  std::string state;
+  std::string recovery;  // RecoveryModeName of its flags; "" if unknown
   uint16_t queues = 0;
   uint16_t depth = 0;
   int pid = 0;  // the daemon's, 0 if unknown
@@ -69,6 +73,14 @@ struct DeviceStatus {
 };
 
 Result<DeviceStatus> DescribeDevice(ControlDevice& control, int dev_id);
+
+// For `recover -n ID`: the record of device `dev_id`, once the device waits
+// for a new daemon. Waits up to `timeout_ms` for the kernel to notice a
+// daemon that just died (the state turns from live to quiesced or fail-io).
+// Errors, one line each: no such device (InvalidArgument), no record
+// (NotFound-like InvalidArgument), added without recovery, its daemon still
+// running (Busy "ublk device N is live: its daemon (pid P) is running").
+Result<DeviceRecord> PrepareRecover(ControlDevice& control, int dev_id, int timeout_ms);
 
 // True if `pid` is a running process whose command is ublk-qcow2.
 bool IsUblkQcow2Process(int pid);

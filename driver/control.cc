@@ -122,6 +122,16 @@ Status ControlDevice::StartDevice(int dev_id, int daemon_pid) {
   return Run("START_DEV", ops_.start_dev, cmd).status();
 }
 
+Status ControlDevice::StartUserRecovery(int dev_id) {
+  return Run("START_USER_RECOVERY", ops_.start_user_recovery, Header(dev_id)).status();
+}
+
+Status ControlDevice::EndUserRecovery(int dev_id, int daemon_pid) {
+  ublksrv_ctrl_cmd cmd = Header(dev_id);
+  cmd.data[0] = static_cast<uint64_t>(daemon_pid);
+  return Run("END_USER_RECOVERY", ops_.end_user_recovery, cmd).status();
+}
+
 Status ControlDevice::StopDevice(int dev_id) {
   return Run("STOP_DEV", ops_.stop_dev, Header(dev_id)).status();
 }

@@ -94,6 +94,14 @@ class ControlDevice {
   // REQUIRES: features() has UBLK_F_UPDATE_SIZE (Linux 6.16+; older kernels
   // refuse the command). IoError(ENODEV) when the device is not started.
   Status UpdateSize(int dev_id, uint64_t sectors);
+  // User recovery (device created with UBLK_F_USER_RECOVERY). START: the old
+  // daemon is gone and has released /dev/ublkcN, the device waits
+  // (AwaitsRecovery); IoError(EBUSY) while either is not so yet. Then the new
+  // daemon opens /dev/ublkcN and fetches every tag, and END (blocking until
+  // every queue has fetched them all, as START_DEV does) records
+  // `daemon_pid`, makes the device live and re-issues the queued requests.
+  Status StartUserRecovery(int dev_id);
+  Status EndUserRecovery(int dev_id, int daemon_pid);
   // Fails with IoError(ENODEV) for an id with no device.
   Result<ublksrv_ctrl_dev_info> GetInfo(int dev_id);
   Result<ublk_params> GetParams(int dev_id);

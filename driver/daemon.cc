@@ -26,18 +26,6 @@ void WriteAll(int fd, const std::string& text) {
   }
 }
 
-DeviceRecord RecordFor(const DeviceOptions& options, const DeviceInfo& info) {
-  DeviceRecord record;
-  record.id = info.dev_id;
-  record.image = options.image;
-  record.pid = static_cast<int>(::getpid());
-  record.queues = info.queues;
-  record.depth = info.depth;
-  record.size = info.size;
-  record.read_only = info.read_only;
-  return record;
-}
-
 void Log(const std::string& line) {
   std::string text = "ublk-qcow2: " + line + "\n";
   std::fputs(text.c_str(), stderr);
@@ -64,23 +52,21 @@ void Log(const std::string& line) {
     ::_exit(1);
   }
   const DeviceInfo info = (*device)->info();
-  Status recorded = WriteRecord(RecordFor(options, info));
-  if (!recorded.ok()) {
-    device->reset();  // tears the device down
-    WriteAll(report_fd, "error " + recorded.ToString() + "\n");
-    ::_exit(1);
-  }
-  int log_fd = ::open(LogPath(info.dev_id).c_str(),
-                      O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
+  // A recovering daemon carries on the log of the one it replaces.
+  int log_fd =
+      ::open(LogPath(info.dev_id).c_str(),
+             O_WRONLY | O_CREAT | (info.recovered ? 0 : O_TRUNC) | O_APPEND | O_CLOEXEC, 0644);
   if (log_fd >= 0) {
     ::dup2(log_fd, STDOUT_FILENO);
     ::dup2(log_fd, STDERR_FILENO);
     ::close(log_fd);
   }
   Log(fmt::format(
-      "pid {}: serving {} as {} ({} bytes, {} queue(s) of depth {}{}; kernel features: {})",
-      ::getpid(), options.image, info.block_path, info.size, info.queues, info.depth,
-      info.read_only ? ", read-only" : "", FeatureNames(info.features)));
+      "pid {}: {} {} as {} ({} bytes, {} queue(s) of depth {}{}; recovery: {}; kernel "
+      "features: {})",
+      ::getpid(), info.recovered ? "recovered, serving" : "serving", options.image, info.block_path,
+      info.size, info.queues, info.depth, info.read_only ? ", read-only" : "",
+      RecoveryModeName(RecoveryModeOf(info.flags)), FeatureNames(info.features)));
   WriteAll(report_fd, fmt::format("ready {}\n", info.dev_id));
   ::close(report_fd);
 
@@ -151,7 +137,6 @@ Status ServeInForeground(const DeviceOptions& options,
                          const std::function<void(const DeviceInfo&)>& on_ready) {
   ASSIGN_OR_RETURN(std::unique_ptr<Device> device, Device::Create(options));
   const DeviceInfo info = device->info();
-  RETURN_IF_ERROR(WriteRecord(RecordFor(options, info)));
   // This process logs to its own stderr: a log left by an earlier daemon
   // with this id must not speak for it (`del` reads the last line).
   ::unlink(LogPath(info.dev_id).c_str());

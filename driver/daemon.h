@@ -6,8 +6,8 @@
 // through a pipe: "ready <id>" once /dev/ublkbN exists, or "error <message>"
 // after undoing its partial setup. The caller returns only then, so a
 // successful return means the device is live, and a failed one that nothing
-// is left behind. The daemon writes the device record (driver/state_file.h),
-// serves until the device is stopped (`del`, or SIGTERM/SIGINT/SIGHUP),
+// is left behind. The device record (driver/state_file.h) is written by
+// Device before the device goes live; the daemon serves until the device is stopped (`del`, or SIGTERM/SIGINT/SIGHUP),
 // closes the image cleanly, deletes the device and its record, and exits 0
 // (1 if the image could not be closed cleanly).
 //

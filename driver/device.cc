@@ -57,7 +57,7 @@ uring::RingOptions QueueRingOptions(uint16_t depth, bool hosts_image, uint32_t p
 // Test hook: UBLK_QCOW2_TEST_FAIL_AFTER=<step> makes setup fail right after
 // that step, so that the VM tests can show teardown leaves nothing behind
 // from any point (tests/vm/e2e/08-bad-input.sh). Steps: open_image, add_dev,
-// set_params, open_char, start_queues, start_dev, control_socket.
+// set_params, record, open_char, start_queues, start_dev, control_socket.
 Status FailAfter(const char* step) {
   const char* want = std::getenv("UBLK_QCOW2_TEST_FAIL_AFTER");
   if (want == nullptr || std::strcmp(want, step) != 0) return Status::Ok();
@@ -70,11 +70,42 @@ void Log(const std::string& line) {
   std::fputs(text.c_str(), stderr);
 }
 
+// How long recover waits for the kernel to release the dead daemon's
+// /dev/ublkcN (START_USER_RECOVERY answers EBUSY until then).
+constexpr auto kRecoveryStartTimeout = std::chrono::seconds(10);
+
+DeviceRecord RecordFor(const DeviceOptions& options, const DeviceInfo& info) {
+  DeviceRecord record;
+  record.id = info.dev_id;
+  record.image = options.image;
+  record.pid = static_cast<int>(::getpid());
+  record.queues = info.queues;
+  record.depth = info.depth;
+  record.size = info.size;
+  record.read_only = info.read_only;
+  record.working_dir = options.working_dir;
+  record.direct = options.direct;
+  record.cache_size = options.cache_size;
+  record.preallocate = options.preallocate;
+  record.max_io = info.max_io_buf_bytes;
+  record.poll_us = options.poll_us;
+  record.recovery = RecoveryModeName(RecoveryModeOf(info.flags));
+  return record;
+}
+
 }  // namespace
 
 Result<std::unique_ptr<Device>> Device::Create(const DeviceOptions& options) {
   auto device = std::make_unique<Device>(Key());
   Status status = device->Setup(options);
+  if (!status.ok() && device->abandon_on_failure_) {
+    // The device must keep waiting for a daemon: no STOP_DEV, no DEL_DEV, no
+    // joining threads that hold fetched tags. The caller exits; the kernel
+    // then releases this process's /dev/ublkcN as it did the dead daemon's.
+    Log("recovery failed; the device still waits for a daemon: " + status.ToString());
+    (void)device.release();
+    return status;
+  }
   if (!status.ok()) {
     // Undo what was done; the setup error is the one to report.
     Status teardown = device->Teardown();
@@ -110,6 +141,15 @@ Status Device::Setup(const DeviceOptions& options) {
 
   ASSIGN_OR_RETURN(control_, ControlDevice::Open());
   info_.features = control_->features();
+  uint64_t recovery_flags = 0;
+  if (options.recover) {
+    RETURN_IF_ERROR(AdoptDevice(options));
+    recovery_flags = info_.flags & (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
+                                    UBLK_F_USER_RECOVERY_FAIL_IO);
+  } else {
+    ASSIGN_OR_RETURN(recovery_flags, RecoveryFlags(options.recovery, options.recovery_requested,
+                                                   control_->features()));
+  }
 
   // Queue 0's thread first: the image lives there.
   ASSIGN_OR_RETURN(
@@ -127,6 +167,8 @@ Status Device::Setup(const DeviceOptions& options) {
   image_options.preallocate = options.preallocate;
   image_options.cache_size = options.cache_size;
   image_options.working_dir = options.working_dir;
+  // A daemon that dies must not take acknowledged writes with it.
+  image_options.stable_metadata = recovery_flags != 0;
   const std::string path = options.image;
   using OpenResult = Result<std::unique_ptr<qcow2::BlockDevice>>;
   ASSIGN_OR_RETURN(image_, loops_[0]->RunTask<OpenResult>(
@@ -140,33 +182,56 @@ Status Device::Setup(const DeviceOptions& options) {
   if (auto* qcow2 = dynamic_cast<qcow2::Qcow2Image*>(image_.get())) {
     facts.cluster_size = qcow2->geometry().cluster_size;
   }
+  if (options.recover) {
+    // The kernel keeps the device's size: the image must still have it.
+    ASSIGN_OR_RETURN(ublk_params kept, control_->GetParams(info_.dev_id));
+    const uint64_t device_size = uint64_t{kept.basic.dev_sectors} << 9;
+    if (device_size != facts.size) {
+      return Status::InvalidArgument(fmt::format("{}: the image is {} bytes, the device {} bytes",
+                                                 path, facts.size, device_size));
+    }
+    info_.size = facts.size;
+    info_.cluster_size = facts.cluster_size;
+    info_.read_only = facts.read_only;
+    RETURN_IF_ERROR(WriteRecord(RecordFor(options, info_)));  // this daemon's pid
+    RETURN_IF_ERROR(StartRecovery());
+    abandon_on_failure_ = true;
+  }
   Result<ublk_params> computed = ComputeParams(facts, options.max_io_buf_bytes);
   if (!computed.ok()) return computed.status().WithContext(path);
   ublk_params params = *computed;
 
-  AddRequest request;
-  request.dev_id = options.dev_id;
-  request.queues = options.queues;
-  request.depth = options.depth;
-  request.max_io_buf_bytes = options.max_io_buf_bytes;
-  ASSIGN_OR_RETURN(ublksrv_ctrl_dev_info dev, control_->AddDevice(request));
-  added_ = true;
-  info_.dev_id = static_cast<int>(dev.dev_id);
-  info_.queues = dev.nr_hw_queues;
-  info_.depth = dev.queue_depth;
-  info_.max_io_buf_bytes = dev.max_io_buf_bytes;
-  info_.flags = dev.flags;
-  info_.size = facts.size;
-  info_.cluster_size = facts.cluster_size;
-  info_.read_only = facts.read_only;
-  info_.block_path = BlockDevicePath(info_.dev_id);
-  RETURN_IF_ERROR(FailAfter("add_dev"));
-  if (info_.max_io_buf_bytes != options.max_io_buf_bytes) {
-    // The kernel rounds the buffer size down to a page: recompute.
-    ASSIGN_OR_RETURN(params, ComputeParams(facts, info_.max_io_buf_bytes));
-  }
-  RETURN_IF_ERROR(control_->SetParams(info_.dev_id, params));
-  RETURN_IF_ERROR(FailAfter("set_params"));
+  if (!options.recover) {
+    AddRequest request;
+    request.dev_id = options.dev_id;
+    request.queues = options.queues;
+    request.depth = options.depth;
+    request.max_io_buf_bytes = options.max_io_buf_bytes;
+    request.flags = recovery_flags;
+    ASSIGN_OR_RETURN(ublksrv_ctrl_dev_info dev, control_->AddDevice(request));
+    added_ = true;
+    info_.dev_id = static_cast<int>(dev.dev_id);
+    info_.queues = dev.nr_hw_queues;
+    info_.depth = dev.queue_depth;
+    info_.max_io_buf_bytes = dev.max_io_buf_bytes;
+    info_.flags = dev.flags;
+    info_.size = facts.size;
+    info_.cluster_size = facts.cluster_size;
+    info_.read_only = facts.read_only;
+    info_.block_path = BlockDevicePath(info_.dev_id);
+    RETURN_IF_ERROR(FailAfter("add_dev"));
+    if (info_.max_io_buf_bytes != options.max_io_buf_bytes) {
+      // The kernel rounds the buffer size down to a page: recompute.
+      ASSIGN_OR_RETURN(params, ComputeParams(facts, info_.max_io_buf_bytes));
+    }
+    RETURN_IF_ERROR(control_->SetParams(info_.dev_id, params));
+    RETURN_IF_ERROR(FailAfter("set_params"));
+    // Before the device can go live: a daemon that dies from here on leaves
+    // what `recover` needs.
+    RETURN_IF_ERROR(WriteRecord(RecordFor(options, info_)));
+    recorded_ = true;
+    RETURN_IF_ERROR(FailAfter("record"));
+  }  // !options.recover
   RETURN_IF_ERROR(OpenCharDevice());
   RETURN_IF_ERROR(FailAfter("open_char"));
 
@@ -193,13 +258,51 @@ Status Device::Setup(const DeviceOptions& options) {
   }
   RETURN_IF_ERROR(FailAfter("start_queues"));
 
-  RETURN_IF_ERROR(control_->StartDevice(info_.dev_id, static_cast<int>(::getpid())));
+  if (options.recover) {
+    RETURN_IF_ERROR(control_->EndUserRecovery(info_.dev_id, static_cast<int>(::getpid())));
+    // Live again, ours: a stop from now on deletes it as usual.
+    abandon_on_failure_ = false;
+    added_ = true;
+    info_.recovered = true;
+  } else {
+    RETURN_IF_ERROR(control_->StartDevice(info_.dev_id, static_cast<int>(::getpid())));
+  }
   RETURN_IF_ERROR(FailAfter("start_dev"));
   RETURN_IF_ERROR(WaitForBlockNode());
 
   RETURN_IF_ERROR(EnsureStateDir());
   ASSIGN_OR_RETURN(socket_, ControlSocket::Listen(SocketPath(info_.dev_id), Handlers()));
   return FailAfter("control_socket");
+}
+
+Status Device::AdoptDevice(const DeviceOptions& options) {
+  ASSIGN_OR_RETURN(ublksrv_ctrl_dev_info dev, control_->GetInfo(options.dev_id));
+  if (!(dev.flags & UBLK_F_USER_RECOVERY)) {
+    return Status::InvalidArgument(fmt::format(
+        "ublk device {} was added without user recovery (--recovery=off, or a kernel without "
+        "UBLK_F_USER_RECOVERY)",
+        options.dev_id));
+  }
+  if (!AwaitsRecovery(dev.state)) {
+    return Status::Busy(fmt::format("ublk device {} is {}, not waiting for recovery",
+                                    options.dev_id, DeviceStateName(dev.state)));
+  }
+  info_.dev_id = static_cast<int>(dev.dev_id);
+  info_.queues = dev.nr_hw_queues;
+  info_.depth = dev.queue_depth;
+  info_.max_io_buf_bytes = dev.max_io_buf_bytes;
+  info_.flags = dev.flags;
+  info_.block_path = BlockDevicePath(info_.dev_id);
+  return Status::Ok();
+}
+
+Status Device::StartRecovery() {
+  const auto deadline = Clock::now() + kRecoveryStartTimeout;
+  for (;;) {
+    Status started = control_->StartUserRecovery(info_.dev_id);
+    if (started.error_number() != EBUSY || Clock::now() >= deadline) return started;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
 }
 
 Status Device::OpenCharDevice() {
@@ -345,6 +448,7 @@ Status Device::Teardown() {
     if (!deleted.ok() && result.ok()) result = deleted;
   }
   control_.reset();
+  if (recorded_) (void)RemoveRecord(info_.dev_id);
   if (signal_fd_ >= 0) ::close(signal_fd_);
   if (wake_fd_ >= 0) ::close(wake_fd_);
   signal_fd_ = wake_fd_ = -1;

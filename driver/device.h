@@ -24,10 +24,21 @@
 // aborts the pending fetches), wait for every queue to drain, Flush + Close the image on its thread
 // (left clean), end the threads, unmap, close /dev/ublkcN, DEL_DEV.
 //
+// The device record (driver/state_file.h) is written after ADD_DEV, before
+// START_DEV: a device that went live always has one.
+//
 // If the process dies instead (SIGKILL), the kernel cancels the queues'
-// commands when their rings go away, fails I/O with EIO and removes
-// /dev/ublkbN by itself (no UBLK_F_USER_RECOVERY: that is what Linux 6.12
-// does without it); /dev/ublkcN stays until someone sends DEL_DEV.
+// commands when their rings go away. Without user recovery (recovery kOff)
+// it fails I/O with EIO and removes /dev/ublkbN by itself; /dev/ublkcN stays
+// until someone sends DEL_DEV. With it (the default where the kernel offers
+// it), /dev/ublkbN stays and its I/O waits (kReissue) or fails (kFailIo)
+// until a new daemon recovers the device: Create() with `recover`, which
+// replaces steps 3 and 6 by START_USER_RECOVERY (after the image is open) and
+// END_USER_RECOVERY, takes queues, depth and buffer size from the device, and
+// leaves the device waiting again (abandoning its threads: the caller exits)
+// if anything fails after START_USER_RECOVERY. In recovery mode the image is
+// opened with stable metadata (qcow2/qcow2_image.h), so that nothing
+// acknowledged is lost with the daemon.
 //
 // Thread model: create, serve and destroy on one thread (the control
 // thread), which must not be a LoopThread. With handle_signals, Create()
@@ -80,6 +91,14 @@ struct DeviceOptions {
   // idle queue thread busy-polls its ring before it sleeps.
   uint32_t poll_us = 0;
   bool handle_signals = true;
+  // User recovery (driver/ublk_abi.h); `recovery_requested`: the user asked
+  // for this mode, so a kernel without it is an error rather than kOff.
+  RecoveryMode recovery = RecoveryMode::kReissue;
+  bool recovery_requested = false;
+  // Serve the existing device `dev_id`, waiting for recovery, instead of
+  // adding one (`ublk-qcow2 recover`). queues, depth and max_io_buf_bytes
+  // then come from the device.
+  bool recover = false;
 };
 
 // What was created, as the kernel settled it.
@@ -94,6 +113,7 @@ struct DeviceInfo {
   uint64_t features = 0;  // UBLK_F_* the kernel offers
   uint64_t flags = 0;     // UBLK_F_* in effect for this device
   std::string block_path;
+  bool recovered = false;  // Create() with `recover`
 };
 
 class Device {
@@ -133,6 +153,11 @@ class Device {
 
  private:
   Status Setup(const DeviceOptions& options);
+  // Recover: the device's settings, once it waits for a new daemon.
+  Status AdoptDevice(const DeviceOptions& options);
+  // START_USER_RECOVERY, retried while the old daemon's /dev/ublkcN is
+  // still being released.
+  Status StartRecovery();
   Status OpenCharDevice();
   Status WaitForBlockNode();
   ControlHandlers Handlers();
@@ -162,7 +187,12 @@ class Device {
   int char_fd_ = -1;
   int wake_fd_ = -1;
   int signal_fd_ = -1;
-  bool added_ = false;      // ADD_DEV succeeded: DEL_DEV at the end
+  bool added_ = false;     // ADD_DEV succeeded: DEL_DEV at the end
+  bool recorded_ = false;  // this setup wrote the device record
+  // Recover: START_USER_RECOVERY succeeded and the device is not live yet; a
+  // failure now leaves it waiting for the next recover, which a teardown
+  // (STOP_DEV, DEL_DEV) would not.
+  bool abandon_on_failure_ = false;
   bool stop_sent_ = false;  // STOP_DEV issued
   bool torn_down_ = false;
 

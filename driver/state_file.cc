@@ -33,6 +33,13 @@ std::string RecordToJson(const DeviceRecord& r) {
   j["depth"] = r.depth;
   j["size"] = r.size;
   j["read_only"] = r.read_only;
+  j["working_dir"] = r.working_dir;
+  j["direct"] = r.direct;
+  j["cache_size"] = r.cache_size;
+  j["preallocate"] = r.preallocate;
+  j["max_io"] = r.max_io;
+  j["poll_us"] = r.poll_us;
+  j["recovery"] = r.recovery;
   return j.dump() + "\n";
 }
 
@@ -42,8 +49,9 @@ Result<DeviceRecord> RecordFromJson(const std::string& text, const std::string& 
     return Status::Corruption(fmt::format("{}: not a JSON object", origin));
   }
   DeviceRecord r;
-  auto field = [&](const char* name, auto& out) -> Status {
+  auto field = [&](const char* name, auto& out, bool optional = false) -> Status {
     auto it = j.find(name);
+    if (it == j.end() && optional) return Status::Ok();  // keeps the default
     if (it == j.end()) return Status::Corruption(fmt::format("{}: no \"{}\"", origin, name));
     using T = std::decay_t<decltype(out)>;
     bool ok;
@@ -65,6 +73,13 @@ Result<DeviceRecord> RecordFromJson(const std::string& text, const std::string& 
   RETURN_IF_ERROR(field("depth", r.depth));
   RETURN_IF_ERROR(field("size", r.size));
   RETURN_IF_ERROR(field("read_only", r.read_only));
+  RETURN_IF_ERROR(field("working_dir", r.working_dir, true));
+  RETURN_IF_ERROR(field("direct", r.direct, true));
+  RETURN_IF_ERROR(field("cache_size", r.cache_size, true));
+  RETURN_IF_ERROR(field("preallocate", r.preallocate, true));
+  RETURN_IF_ERROR(field("max_io", r.max_io, true));
+  RETURN_IF_ERROR(field("poll_us", r.poll_us, true));
+  RETURN_IF_ERROR(field("recovery", r.recovery, true));
   return r;
 }
 

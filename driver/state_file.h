@@ -3,13 +3,20 @@
 //
 //   /run/ublk-qcow2/<id>.json   {"id":0,"image":"/abs/a.qcow2","pid":123,
 //                                "queues":1,"depth":128,"size":1073741824,
-//                                "read_only":false}
+//                                "read_only":false,"working_dir":"/root",
+//                                "direct":true,"cache_size":33554432,
+//                                "preallocate":67108864,"max_io":1048576,
+//                                "poll_us":0,"recovery":"reissue"}
 //   /run/ublk-qcow2/<id>.log    the daemon's stderr
 //   /run/ublk-qcow2/<id>.sock   the daemon's control socket (driver/control_socket.h)
 //
 // The directory can be moved with UBLK_QCOW2_STATE_DIR (tests). A record is
-// written once the device is live (temporary file + rename, so readers see
-// all or nothing) and removed when the daemon ends cleanly, or by `del`.
+// written before the device goes live (after ADD_DEV, before START_DEV;
+// temporary file + rename, so readers see all or nothing), the pid updated
+// by each daemon that recovers the device, and removed when the daemon ends
+// cleanly, or by `del`. It holds what `recover` needs to serve the device
+// again as `add` set it up (the fields after read_only; a record without
+// them, from an older version, gets the defaults).
 // The kernel remains the authority on which devices exist; a record whose
 // device is gone is stale.
 //
@@ -34,6 +41,14 @@ struct DeviceRecord {
   uint16_t depth = 0;
   uint64_t size = 0;
   bool read_only = false;
+  // For `recover`: DeviceOptions as `add` set them.
+  std::string working_dir;
+  bool direct = true;
+  uint64_t cache_size = 32ull << 20;
+  uint64_t preallocate = 64ull << 20;
+  uint32_t max_io = 1024 * 1024;
+  uint32_t poll_us = 0;
+  std::string recovery = "off";  // RecoveryModeName
   friend bool operator==(const DeviceRecord&, const DeviceRecord&) = default;
 };
 

@@ -34,6 +34,13 @@ DeviceRecord Sample(int id) {
   r.depth = 64;
   r.size = uint64_t{1} << 40;
   r.read_only = true;
+  r.working_dir = "/root";
+  r.direct = false;
+  r.cache_size = 1 << 20;
+  r.preallocate = 0;
+  r.max_io = 512 << 10;
+  r.poll_us = 50;
+  r.recovery = "fail-io";
   return r;
 }
 
@@ -57,6 +64,24 @@ TEST_F(StateFileTest, MalformedJsonIsCorruption) {
                      .status();
   EXPECT_TRUE(wrong.IsCorruption());
   EXPECT_NE(wrong.ToString().find("f.json"), std::string::npos);
+}
+
+// A record written before the recovery fields existed still reads, with
+// the defaults `add` used then.
+TEST_F(StateFileTest, OlderRecordGetsDefaults) {
+  Result<DeviceRecord> old = RecordFromJson(
+      "{\"id\":1,\"image\":\"/a\",\"pid\":1,\"queues\":1,\"depth\":1,\"size\":512,"
+      "\"read_only\":false}",
+      "f");
+  ASSERT_TRUE(old.ok()) << old.status().ToString();
+  EXPECT_EQ(old->recovery, "off");
+  EXPECT_TRUE(old->direct);
+  EXPECT_EQ(old->max_io, 1024u * 1024);
+  EXPECT_TRUE(RecordFromJson("{\"id\":1,\"image\":\"/a\",\"pid\":1,\"queues\":1,\"depth\":1,"
+                             "\"size\":512,\"read_only\":false,\"max_io\":\"x\"}",
+                             "f")
+                  .status()
+                  .IsCorruption());
 }
 
 TEST_F(StateFileTest, WriteReadListRemove) {

@@ -20,6 +20,8 @@ Opcodes Opcodes::For(uint64_t features) {
         .get_params = UBLK_U_CMD_GET_PARAMS,
         .fetch_req = UBLK_U_IO_FETCH_REQ,
         .commit_and_fetch_req = UBLK_U_IO_COMMIT_AND_FETCH_REQ,
+        .start_user_recovery = UBLK_U_CMD_START_USER_RECOVERY,
+        .end_user_recovery = UBLK_U_CMD_END_USER_RECOVERY,
     };
   }
   return Opcodes{
@@ -32,6 +34,8 @@ Opcodes Opcodes::For(uint64_t features) {
       .get_params = UBLK_CMD_GET_PARAMS,
       .fetch_req = UBLK_IO_FETCH_REQ,
       .commit_and_fetch_req = UBLK_IO_COMMIT_AND_FETCH_REQ,
+      .start_user_recovery = UBLK_CMD_START_USER_RECOVERY,
+      .end_user_recovery = UBLK_CMD_END_USER_RECOVERY,
   };
 }
 
@@ -108,9 +112,54 @@ std::string DeviceStateName(uint16_t state) {
       return "live";
     case UBLK_S_DEV_QUIESCED:
       return "quiesced";
+    case UBLK_S_DEV_FAIL_IO:
+      return "fail-io";
     default:
       return fmt::format("state {}", state);
   }
+}
+
+std::string RecoveryModeName(RecoveryMode mode) {
+  switch (mode) {
+    case RecoveryMode::kReissue:
+      return "reissue";
+    case RecoveryMode::kFailIo:
+      return "fail-io";
+    case RecoveryMode::kOff:
+      break;
+  }
+  return "off";
+}
+
+RecoveryMode RecoveryModeOf(uint64_t flags) {
+  if (!(flags & UBLK_F_USER_RECOVERY)) return RecoveryMode::kOff;
+  if (flags & UBLK_F_USER_RECOVERY_FAIL_IO) return RecoveryMode::kFailIo;
+  // USER_RECOVERY alone (requests the daemon held are failed, the rest
+  // re-issued) is not something `add` asks for; it is recoverable too.
+  return RecoveryMode::kReissue;
+}
+
+Result<uint64_t> RecoveryFlags(RecoveryMode mode, bool requested, uint64_t features) {
+  uint64_t want = 0;
+  const char* name = "";
+  switch (mode) {
+    case RecoveryMode::kOff:
+      return uint64_t{0};
+    case RecoveryMode::kReissue:
+      want = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
+      name = "UBLK_F_USER_RECOVERY_REISSUE (as GET_FEATURES reports it: Linux 6.5+)";
+      break;
+    case RecoveryMode::kFailIo:
+      want = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_FAIL_IO;
+      name = "UBLK_F_USER_RECOVERY_FAIL_IO (Linux 6.13+)";
+      break;
+  }
+  if ((features & want) == want) return want;
+  if (!requested) return uint64_t{0};
+  return Status::NotSupported(
+      fmt::format("--recovery={} needs {}, which this kernel's ublk does "
+                  "not offer",
+                  RecoveryModeName(mode), name));
 }
 
 uint64_t DescriptorAreaSize(uint32_t depth, uint64_t page_size) {

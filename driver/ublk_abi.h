@@ -23,6 +23,8 @@
 #include <string>
 #include <vector>
 
+#include "base/status.h"
+
 // Newer than Debian 12's <linux/ublk_cmd.h> (Linux 6.1): defined here when the
 // system header lacks them, with the values of the kernel's UAPI. Whether the
 // running kernel supports each one is decided from GET_FEATURES, never from
@@ -91,6 +93,18 @@
 #ifndef UBLK_F_IO_DESC_SIZE
 #define UBLK_F_IO_DESC_SIZE (1ULL << 20)  // 7.3
 #endif
+// The state of a device in recovery mode whose server died, with
+// UBLK_F_USER_RECOVERY_FAIL_IO (6.13): I/O fails until a new server recovers it.
+#ifndef UBLK_S_DEV_FAIL_IO
+#define UBLK_S_DEV_FAIL_IO 3
+#endif
+// User recovery (6.0): the legacy numbers are in Debian 12's header; the
+// ioctl-encoded ones (6.5) may not be.
+#ifndef UBLK_U_CMD_START_USER_RECOVERY
+#define UBLK_U_CMD_START_USER_RECOVERY \
+  _IOWR('u', UBLK_CMD_START_USER_RECOVERY, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_END_USER_RECOVERY _IOWR('u', UBLK_CMD_END_USER_RECOVERY, struct ublksrv_ctrl_cmd)
+#endif
 // DEL_DEV_ASYNC (6.9): DEL_DEV without waiting for the last reference to the
 // device to go (a file system still mounted on a force-stopped /dev/ublkbN
 // holds one until it is unmounted). No feature bit announces it.
@@ -146,6 +160,8 @@ struct Opcodes {
   uint32_t get_params;
   uint32_t fetch_req;
   uint32_t commit_and_fetch_req;
+  uint32_t start_user_recovery;
+  uint32_t end_user_recovery;
 
   // The ioctl-encoded set if `features` has UBLK_F_CMD_IOCTL_ENCODE, else
   // the legacy one.
@@ -184,8 +200,32 @@ inline SafeStop SafeStopFor(uint64_t features) {
   return (features & UBLK_F_SAFE_STOP_DEV) ? SafeStop::kTryStopDev : SafeStop::kExclusiveOpen;
 }
 
-// "live", "dead", "quiesced", or "state N".
+// "live", "dead", "quiesced", "fail-io", or "state N".
 std::string DeviceStateName(uint16_t state);
+
+// --- User recovery: the device outlives its daemon ---
+
+// What happens to a device's I/O when its daemon dies (add --recovery):
+//   kReissue: the kernel keeps the device, queues its requests (those the
+//             daemon had taken too) and re-issues them to the daemon that
+//             `recover` starts (UBLK_F_USER_RECOVERY | _REISSUE, Linux 6.0+);
+//   kFailIo:  the device stays, but its I/O fails until `recover`
+//             (UBLK_F_USER_RECOVERY | _FAIL_IO, 6.13+);
+//   kOff:     the kernel fails the I/O and removes the device.
+enum class RecoveryMode { kOff, kReissue, kFailIo };
+// "off", "reissue", "fail-io".
+std::string RecoveryModeName(RecoveryMode mode);
+// The mode of a device created with `flags`.
+RecoveryMode RecoveryModeOf(uint64_t flags);
+// The UBLK_F_* bits that ADD_DEV needs for `mode`, given the kernel's
+// `features` (GET_FEATURES; 0 on kernels without it). A mode the kernel does
+// not offer: NotSupported naming the missing feature if `requested` (the user
+// asked for it), else 0 (kOff: the default falls back quietly).
+Result<uint64_t> RecoveryFlags(RecoveryMode mode, bool requested, uint64_t features);
+// Whether a device in `state` waits for a new daemon (recover -n).
+inline bool AwaitsRecovery(uint16_t state) {
+  return state == UBLK_S_DEV_QUIESCED || state == UBLK_S_DEV_FAIL_IO;
+}
 
 // --- The I/O descriptor area of /dev/ublkcN ---
 

@@ -139,6 +139,7 @@ TEST(DeviceStateNameTest, KnownStates) {
   EXPECT_EQ(DeviceStateName(UBLK_S_DEV_LIVE), "live");
   EXPECT_EQ(DeviceStateName(UBLK_S_DEV_DEAD), "dead");
   EXPECT_EQ(DeviceStateName(UBLK_S_DEV_QUIESCED), "quiesced");
+  EXPECT_EQ(DeviceStateName(UBLK_S_DEV_FAIL_IO), "fail-io");
   EXPECT_EQ(DeviceStateName(9), "state 9");
 }
 
@@ -245,6 +246,35 @@ TEST(ParamsTest, RejectsImpossibleInput) {
       ComputeParams({.size = 4096, .cluster_size = 4 << 20}, 4096).status().IsInvalidArgument());
   EXPECT_TRUE(
       ComputeParams({.size = 4096, .cluster_size = 4096}, 5000).status().IsInvalidArgument());
+}
+
+TEST(RecoveryFlagsTest, FromFeatures) {
+  const uint64_t r = UBLK_F_USER_RECOVERY, re = UBLK_F_USER_RECOVERY_REISSUE,
+                 fi = UBLK_F_USER_RECOVERY_FAIL_IO;
+  // 6.12: recovery and reissue, no fail-io.
+  const uint64_t k612 = r | re | UBLK_F_CMD_IOCTL_ENCODE;
+  EXPECT_EQ(*RecoveryFlags(RecoveryMode::kReissue, false, k612), r | re);
+  EXPECT_EQ(*RecoveryFlags(RecoveryMode::kReissue, true, k612), r | re);
+  EXPECT_EQ(*RecoveryFlags(RecoveryMode::kOff, true, k612), 0u);
+  Result<uint64_t> failio = RecoveryFlags(RecoveryMode::kFailIo, true, k612);
+  ASSERT_TRUE(failio.status().IsNotSupported());
+  EXPECT_NE(failio.status().message().find("USER_RECOVERY_FAIL_IO"), std::string::npos);
+  EXPECT_EQ(*RecoveryFlags(RecoveryMode::kFailIo, true, k612 | fi), r | fi);
+  // No GET_FEATURES: the default falls back to off, a request is refused.
+  EXPECT_EQ(*RecoveryFlags(RecoveryMode::kReissue, false, 0), 0u);
+  EXPECT_TRUE(RecoveryFlags(RecoveryMode::kReissue, true, 0).status().IsNotSupported());
+}
+
+TEST(RecoveryFlagsTest, ModeOfDeviceFlags) {
+  EXPECT_EQ(RecoveryModeOf(UBLK_F_CMD_IOCTL_ENCODE), RecoveryMode::kOff);
+  EXPECT_EQ(RecoveryModeOf(UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE),
+            RecoveryMode::kReissue);
+  EXPECT_EQ(RecoveryModeOf(UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_FAIL_IO),
+            RecoveryMode::kFailIo);
+  EXPECT_EQ(RecoveryModeName(RecoveryMode::kFailIo), "fail-io");
+  EXPECT_TRUE(AwaitsRecovery(UBLK_S_DEV_QUIESCED));
+  EXPECT_TRUE(AwaitsRecovery(UBLK_S_DEV_FAIL_IO));
+  EXPECT_FALSE(AwaitsRecovery(UBLK_S_DEV_LIVE));
 }
 
 TEST(Log2Test, Values) {

@@ -175,6 +175,7 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
   parts.preallocate = options.preallocate;
   parts.env = options.env;
   parts.publish = top;  // backing files are read by the engine only
+  parts.stable_metadata = top && options.stable_metadata;
   CO_ASSIGN_OR_RETURN(std::unique_ptr<Qcow2Image> image,
                       co_await Qcow2Image::Open(std::move(parts)));
   co_return std::unique_ptr<BlockDevice>(std::move(image));

@@ -35,6 +35,10 @@ struct ImageOptions {
   // back. 0: off. A crash leaves the grown tail, which holds nothing and
   // counts for nothing (not a leak). Writable qcow2 images only.
   uint64_t preallocate = 0;
+  // Acknowledge writes that change metadata only once that metadata is in
+  // the file (Qcow2OpenParts::stable_metadata; ublk user recovery). Writable
+  // qcow2 images only; the top of the chain.
+  bool stable_metadata = false;
   // Do not open backing files (info on a broken chain, for instance).
   bool no_backing = false;
   // Take QEMU-compatible image locks (see image_lock.h) on every file of the

@@ -96,6 +96,27 @@ Task<Status> Qcow2Image::Flush() {
   co_return co_await FlushLocked();
 }
 
+bool Qcow2Image::MetadataDirty() const {
+  return refcounts_->blocks_dirty() || refcounts_->table_dirty() || refcounts_->has_deferred() ||
+         l2_cache_.dirty_slices() > 0 || !l1_dirty_chunks_.empty();
+}
+
+Task<Status> Qcow2Image::StabilizeMetadata() {
+  if (!stable_metadata_ || !writable_) co_return Status::Ok();
+  // No flush running (it would hold the mutex) and nothing dirty: whatever
+  // this request changed is in the file already.
+  if (!meta_mutex_.locked() && !MetadataDirty()) co_return Status::Ok();
+  // Our changes are in the caches now; a flush that starts from here on
+  // covers them.
+  const uint64_t ticket = ++stabilize_requests_;
+  auto lock = co_await meta_mutex_.Acquire();
+  if (stabilized_ >= ticket) co_return Status::Ok();  // a flush started after us did it
+  const uint64_t covers = stabilize_requests_;
+  if (MetadataDirty()) CO_RETURN_IF_ERROR(co_await FlushLocked());
+  stabilized_ = std::max(stabilized_, covers);
+  co_return Status::Ok();
+}
+
 Task<Status> Qcow2Image::FlushLocked() {
   auto sync_all = [this]() -> Task<Status> {
     CO_RETURN_IF_ERROR(co_await file_->Sync());

@@ -38,6 +38,7 @@ Qcow2Image::Qcow2Image(Qcow2OpenParts parts)
       writable_(parts.writable),
       preallocate_(parts.preallocate),
       publish_(parts.publish),
+      stable_metadata_(parts.stable_metadata),
       env_(parts.env),
       l2_cache_(file_.get(), std::min(kL2SliceBytes, geo_.cluster_size), parts.cache_size),
       shared_map_(parts.publish ? SharedMapSlots(parts.cache_size) : 1) {}

@@ -21,6 +21,17 @@
 // most what was written since the last completed flush, and leaves the image
 // consistent (leaked clusters at worst).
 //
+// Stable metadata (Qcow2OpenParts::stable_metadata, the device's user
+// recovery mode): a process crash keeps everything written to the file but
+// loses the caches, so a write, write-zeroes or discard that left metadata
+// dirty completes only after a flush has put that metadata in the file
+// (StabilizeMetadata). Requests that finish while a flush runs share the next
+// one (group commit), so QD32 allocating writes cost about one flush per
+// batch rather than one each. The power-loss rules above are unchanged: it is
+// the ordinary flush. A faster design, clusters reserved ahead in batches
+// (refcounts raised and synced before any is handed out, so that only the L2
+// entry must reach the file before the acknowledgement), is a later step.
+//
 // Concurrency: a guest cluster's lock is taken shared by writes into an
 // allocated cluster and exclusive by anything that changes its mapping, so a
 // cluster is never allocated twice; metadata mutations and flushes serialise
@@ -88,6 +99,10 @@ struct Qcow2OpenParts {
   // Publish mappings for TryAnyThread (the top of a chain); backing files,
   // which only the engine reads, keep a one-slot SharedMap and publish nothing.
   bool publish = true;
+  // Acknowledge a request that changed metadata only once that metadata is
+  // in the file (see the file comment): a crash of this process then loses
+  // nothing acknowledged. Costs a flush per batch of allocating writes.
+  bool stable_metadata = false;
 };
 
 // One persistent dirty bitmap as listed (Qcow2Image::bitmaps()).
@@ -454,6 +469,12 @@ class Qcow2Image final : public BlockDevice {
 
   // --- flush (qcow2_flush.cc) ---
   Task<Status> FlushLocked();
+  // Whether any metadata change waits in the caches for a flush.
+  bool MetadataDirty() const;
+  // With stable_metadata: returns once every metadata change made before the
+  // call is in the file, joining a flush that starts after the call or
+  // running one. Without: Ok at once. REQUIRES: the metadata mutex not held.
+  Task<Status> StabilizeMetadata();
   Task<Status> WriteL1();
   Task<Status> OpenForWriting();
   // --- persistent dirty bitmaps (qcow2_bitmaps.cc) ---
@@ -543,6 +564,11 @@ class Qcow2Image final : public BlockDevice {
   bool writable_;
   const uint64_t preallocate_;
   const bool publish_;
+  const bool stable_metadata_;
+  // StabilizeMetadata's group commit: requests numbered in arrival order, and
+  // the highest number a completed flush covers (it started after them).
+  uint64_t stabilize_requests_ = 0;
+  uint64_t stabilized_ = 0;
   Env* const env_;
   uint64_t file_size_ = 0;
   // How far the file has been grown ahead (>= file_size_ once grown).

@@ -97,8 +97,8 @@ Task<Status> Qcow2Image::Write(uint64_t offset, std::span<const std::byte> data,
     }
     CO_RETURN_IF_ERROR(co_await WhenAll(std::move(pieces)));
   }
-  if (fua) CO_RETURN_IF_ERROR(co_await Flush());
-  co_return Status::Ok();
+  if (fua) co_return co_await Flush();
+  co_return co_await StabilizeMetadata();
 }
 
 Task<Status> Qcow2Image::WriteInCluster(uint64_t offset, std::span<const std::byte> data) {
@@ -554,7 +554,8 @@ Task<Status> Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length) {
   if (!tracking_.empty()) CO_RETURN_IF_ERROR(co_await MarkBitmapsDirty(offset, length));
   // Version 2 has no zero flag, and a raw data file must hold the zeros itself.
   if (header_.version < 3 || header_.data_file_raw()) {
-    co_return co_await WriteZeroBuffer(offset, length);
+    CO_RETURN_IF_ERROR(co_await WriteZeroBuffer(offset, length));
+    co_return co_await StabilizeMetadata();
   }
   const uint64_t unit = geo_.subcluster_size;
   for (uint64_t done = 0; done < length;) {
@@ -570,7 +571,7 @@ Task<Status> Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length) {
     if (tail) CO_RETURN_IF_ERROR(co_await ZeroInCluster(pos + head + body, tail, true));
     done += n;
   }
-  co_return Status::Ok();
+  co_return co_await StabilizeMetadata();
 }
 
 Task<Status> Qcow2Image::ZeroInCluster(uint64_t offset, uint64_t length, bool partial) {
@@ -642,7 +643,10 @@ Task<Status> Qcow2Image::ZeroInCluster(uint64_t offset, uint64_t length, bool pa
 
 Task<Status> Qcow2Image::Discard(uint64_t offset, uint64_t length) {
   // Discard is advisory: only whole clusters are released, as QEMU does.
-  co_return co_await DiscardWholeClusters(offset, length, /*unallocate=*/false);
+  CO_RETURN_IF_ERROR(co_await DiscardWholeClusters(offset, length, /*unallocate=*/false));
+  // A discarded range reads as zeros from now on: after a crash of this
+  // process too (a file system may rely on it, e.g. with discard_zeroes).
+  co_return co_await StabilizeMetadata();
 }
 
 Task<Status> Qcow2Image::DiscardWholeClusters(uint64_t offset, uint64_t length, bool unallocate) {

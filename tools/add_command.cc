@@ -72,13 +72,19 @@ class AddCommand final : public Command {
                    "spent while the device is in use (0: off)")
         ->check(CLI::Range(0, 1000000))
         ->capture_default_str();
+    app.add_option("--recovery", options_.recovery,
+                   "When the daemon dies: reissue (I/O waits for 'recover -n N', default where "
+                   "the kernel offers it), fail-io (I/O fails until then; Linux 6.13+), off (I/O "
+                   "fails, the device goes)")
+        ->check(CLI::IsMember({"reissue", "fail-io", "off"}));
     app.add_option("--cache-size", options_.cache_size,
                    "Metadata cache per image of the chain, bytes (K, M, G suffixes)")
         ->transform(CLI::AsSizeValue(false))
         ->capture_default_str();
     app.footer(
         "Prints /dev/ublkbN once the device is live. The daemon logs to\n"
-        "/run/ublk-qcow2/N.log; remove the device with 'ublk-qcow2 del -n N'.");
+        "/run/ublk-qcow2/N.log; remove the device with 'ublk-qcow2 del -n N'.\n"
+        "If the daemon dies, 'ublk-qcow2 recover -n N' starts a new one.");
   }
 
   Status Run() override { return RunAdd(options_); }
@@ -105,9 +111,16 @@ Status RunAdd(const AddOptions& options) {
     direct = false;
   }
   RETURN_IF_ERROR(ValidateImage(options, path, direct));
+  driver::RecoveryMode recovery = driver::RecoveryMode::kReissue;
+  if (options.recovery == "fail-io") recovery = driver::RecoveryMode::kFailIo;
+  if (options.recovery == "off") recovery = driver::RecoveryMode::kOff;
+  const bool recovery_requested = !options.recovery.empty();
   {
-    // Say plainly when the kernel has no ublk, before forking anything.
+    // Say plainly when the kernel has no ublk, or not the recovery asked
+    // for, before forking anything.
     ASSIGN_OR_RETURN(std::unique_ptr<driver::ControlDevice> control, driver::ControlDevice::Open());
+    RETURN_IF_ERROR(
+        driver::RecoveryFlags(recovery, recovery_requested, control->features()).status());
   }
 
   driver::DeviceOptions device;
@@ -126,6 +139,8 @@ Status RunAdd(const AddOptions& options) {
   device.max_io_buf_bytes = static_cast<uint32_t>(options.max_io);
   device.poll_us = options.poll_us;
   device.handle_signals = true;
+  device.recovery = recovery;
+  device.recovery_requested = recovery_requested;
 
   if (options.foreground) {
     bool printed = true;

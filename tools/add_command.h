@@ -2,7 +2,15 @@
 //
 //   ublk-qcow2 add -f IMAGE [-n ID] [-q QUEUES] [-d DEPTH] [--read-only]
 //                  [--foreground] [--cache=none|writeback] [--cache-size=BYTES]
-//                  [--preallocate=BYTES]
+//                  [--preallocate=BYTES] [--recovery=reissue|fail-io|off]
+//
+// --recovery: what the device does when its daemon dies (driver/ublk_abi.h,
+// RecoveryMode): reissue (the default where the kernel offers it: I/O waits
+// for `ublk-qcow2 recover -n N` and the requests in flight are re-issued),
+// fail-io (Linux 6.13+: I/O fails until recover), off (I/O fails and the
+// device goes). Asking for a mode the kernel lacks is an error. With
+// recovery, writes that change metadata are acknowledged once the metadata
+// is in the image file.
 //
 // --cache=none (the default, like qemu-nbd --cache=none) opens the image
 // files with O_DIRECT; writeback goes through the host's page cache. Either
@@ -43,6 +51,7 @@ struct AddOptions {
   uint64_t preallocate = 64ull << 20;
   uint64_t max_io = 1ull << 20;  // bytes; each tag's request buffer
   uint32_t poll_us = 0;          // busy-poll cap of each queue thread, µs
+  std::string recovery;          // "" (default: reissue if offered), reissue, fail-io, off
 };
 
 Status RunAdd(const AddOptions& options);

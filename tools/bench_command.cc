@@ -196,6 +196,9 @@ void AddBenchFlags(CLI::App& app, BenchOptions& options) {
   AddParsed(app, "--preallocate", &options.preallocate, &ParseByteCount, INT64_MAX, "preallocation",
             "Grow the image file this far ahead of allocating writes, as the device does "
             "(default 64M; 0: off)");
+  app.add_flag("--stable-metadata", options.stable_metadata,
+               "Acknowledge writes that change metadata once it is in the file, as a device "
+               "with user recovery (add --recovery) does");
   app.add_option("--poll-us", options.poll_us,
                  "Busy-poll the ring up to this long (microseconds; an adaptive window) before "
                  "sleeping, as add --poll-us (default 0: off)")
@@ -442,6 +445,7 @@ Status RunBench(const BenchOptions& options) {
   image_options.cache_size = options.cache_size;
   image_options.preallocate = options.preallocate;
   image_options.lock = !options.force_share;
+  image_options.stable_metadata = options.stable_metadata;
   ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> device,
                    io->Run(qcow2::OpenImage(options.image, image_options)));
 

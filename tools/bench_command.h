@@ -21,6 +21,9 @@
 //   --cache-size metadata cache bytes per image (ImageOptions::cache_size).
 //   --preallocate grow the image file ahead of allocating writes, as the
 //                device does (ImageOptions::preallocate; default 64M, 0: off).
+//   --stable-metadata acknowledge writes that change metadata once it is in
+//                the file, as a device with user recovery does
+//                (ImageOptions::stable_metadata).
 //   -i threads   blocking syscalls on the calling thread (we have no thread
 //                pool): requests complete one at a time whatever DEPTH says.
 //   -q           leaves out the "Sending ..." lines; results always print.
@@ -67,6 +70,7 @@ struct BenchOptions {
   uint64_t cache_size = 32ull << 20;   // --cache-size
   uint64_t preallocate = 64ull << 20;  // --preallocate (ImageOptions::preallocate)
   uint32_t poll_us = 0;                // --poll-us (RingOptions::spin_us)
+  bool stable_metadata = false;        // --stable-metadata
 };
 
 // qemu's cvtnum(): a decimal byte count with an optional binary suffix,

@@ -43,7 +43,11 @@ class FeaturesCommand final : public Command {
 }  // namespace
 
 std::string RenderFeatures(uint64_t features, bool answered, const std::string& output) {
-  const uint64_t used = driver::AddFlags(features);
+  // What add asks for by default: the opcode encoding and, where offered,
+  // user recovery with re-issue (add --recovery).
+  Result<uint64_t> recovery =
+      driver::RecoveryFlags(driver::RecoveryMode::kReissue, /*requested=*/false, features);
+  const uint64_t used = driver::AddFlags(features) | (recovery.ok() ? *recovery : 0);
   if (output == "json") {
     nlohmann::ordered_json j;
     j["get-features"] = answered;

@@ -23,6 +23,15 @@ TEST(RenderFeaturesTest, HumanTableNamesEveryBit) {
             "bit 40            40   no\n");
 }
 
+// Where the kernel offers user recovery, add asks for it with re-issue.
+TEST(RenderFeaturesTest, RecoveryUsedWhereOffered) {
+  nlohmann::json j = nlohmann::json::parse(RenderFeatures(
+      kSample | UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_USER_RECOVERY_FAIL_IO,
+      true, "json"));
+  EXPECT_EQ(j["used-by-add"],
+            (nlohmann::json{"USER_RECOVERY", "USER_RECOVERY_REISSUE", "CMD_IOCTL_ENCODE"}));
+}
+
 TEST(RenderFeaturesTest, Json) {
   nlohmann::json j = nlohmann::json::parse(RenderFeatures(kSample, true, "json"));
   EXPECT_EQ(j["get-features"], true);

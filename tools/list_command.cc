@@ -47,6 +47,8 @@ std::string RenderDeviceList(const std::vector<driver::DeviceStatus>& devices,
           d.image.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(d.image);
       j["flags"] = d.flags.has_value() ? nlohmann::ordered_json(driver::FlagLabels(*d.flags))
                                        : nlohmann::ordered_json(nullptr);
+      j["recovery"] =
+          d.recovery.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(d.recovery);
       list.push_back(std::move(j));
     }
     return list.dump(4) + "\n";

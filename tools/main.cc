@@ -33,6 +33,7 @@
 #include "tools/map_command.h"
 #include "tools/measure_command.h"
 #include "tools/rebase_command.h"
+#include "tools/recover_command.h"
 #include "tools/resize_command.h"
 #include "tools/snapshot_command.h"
 #include "tools/bitmap_command.h"
@@ -80,6 +81,8 @@ constexpr Verb kVerbs[] = {
     {"bench", "Measure read/write IOPS on an image (like qemu-img bench)", &MakeBenchCommand},
     {"add", "Serve an image as a ublk block device /dev/ublkbN", &MakeAddCommand},
     {"del", "Stop and remove ublk devices (the image is closed cleanly)", &MakeDelCommand},
+    {"recover", "Start a new daemon for a device whose daemon died (user recovery)",
+     &MakeRecoverCommand},
     {"list", "List ublk devices, their state, daemon and image", &MakeListCommand},
     {"features", "Show the ublk features this kernel offers and which ones add uses",
      &MakeFeaturesCommand},

@@ -361,7 +361,8 @@ Status FaultInjectionEnv::SimulateCrash(CrashMode mode, uint64_t seed) {
     std::vector<std::byte> bytes = std::move(model.durable);
     if (mode != CrashMode::kDropAllUnsynced) {
       for (const Change& change : model.unsynced) {
-        if (change.kind == Change::Kind::kTruncate || change.kind == Change::Kind::kExtend) {
+        if (change.kind == Change::Kind::kTruncate || change.kind == Change::Kind::kExtend ||
+            mode == CrashMode::kKeepAll) {
           ApplyChange(bytes, change);
         } else if (mode == CrashMode::kKeepRandomSubset) {
           if (coin()) ApplyChange(bytes, change);

@@ -120,6 +120,10 @@ enum class CrashMode {
   // As kKeepRandomSubset, but the coin is flipped for each 512-byte sector of
   // each change: also tears multi-sector writes.
   kKeepRandomSectors,
+  // Every change that reached the file is kept, in completion order: the
+  // process died, the host did not (the page cache keeps what was written).
+  // A write in flight at the crash point counts as having reached the file.
+  kKeepAll,
 };
 
 class FaultInjectionEnv final : public Env {

@@ -58,7 +58,7 @@ check "no daemon, no record, no char device left" no_leftovers
 # test hook that fails on purpose right after the named step).
 partial_setup() {
   local step out
-  for step in open_image add_dev set_params open_char start_queues start_dev control_socket; do
+  for step in open_image add_dev set_params record open_char start_queues start_dev control_socket; do
     if out=$(UBLK_QCOW2_TEST_FAIL_AFTER=$step "$UQ" add -f "$WORK/good.qcow2" 2>&1); then
       echo "add succeeded despite a failure after $step"
       return 1

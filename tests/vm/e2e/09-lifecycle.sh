@@ -79,7 +79,8 @@ check "--foreground: serves until del, then exits 0" foreground
 
 sigkill() {
   local dev id pid reader rc i
-  dev=$(add_device -f "$a")
+  # Without user recovery: the old behaviour (18-recovery.sh covers recovery).
+  dev=$(add_device -f "$a" --recovery=off)
   id=$(dev_id "$dev")
   pid=$(daemon_pid "$id")
   # A reader busy on the device while the daemon dies: it must fail, not hang.

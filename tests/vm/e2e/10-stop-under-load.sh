@@ -107,7 +107,7 @@ check "del under fio load: fio ends promptly, daemon gone, image clean, fsync'ed
 
 sigkill_under_load() {
   local dev id pid t0 rc
-  dev=$(add_device -f "$img" -d 64)
+  dev=$(add_device -f "$img" -d 64 --recovery=off)  # the kernel removes the device
   id=$(dev_id "$dev")
   pid=$(daemon_pid "$id")
   write_pattern "$dev" 3 $P3

@@ -33,7 +33,8 @@ assert j["unknown"] == [], j["unknown"]
 names = j["features"]
 print("features:", " ".join(names))
 assert len(names) == bin(j["mask"]).count("1"), (names, hex(j["mask"]))
-assert j["used-by-add"] == ["CMD_IOCTL_ENCODE"], j["used-by-add"]
+# add asks for user recovery with re-issue where offered (both rig kernels).
+assert j["used-by-add"] == ["USER_RECOVERY", "USER_RECOVERY_REISSUE", "CMD_IOCTL_ENCODE"], j["used-by-add"]
 # The text table: the same names in the same order; yes only for what add uses.
 rows = [l.split() for l in open(sys.argv[2]).read().splitlines()]
 assert rows[0] == ["FEATURE", "BIT", "USED", "BY", "ADD"], rows[0]
@@ -42,7 +43,7 @@ assert [r[0] for r in rows[1:] if r[2] == "yes"] == j["used-by-add"], rows
 assert all(j["mask"] >> int(r[1]) & 1 for r in rows[1:]), rows
 PY
 }
-check "JSON and table agree, every bit named, add uses CMD_IOCTL_ENCODE" json_consistent
+check "JSON and table agree, every bit named, add uses CMD_IOCTL_ENCODE and user recovery" json_consistent
 
 has() { python3 -c 'import json,sys; sys.exit(sys.argv[2] not in json.load(open(sys.argv[1]))["features"])' "$json" "$1"; }
 
@@ -85,6 +86,8 @@ dev, features = sys.argv[1], set(json.load(open(sys.argv[2]))["features"])
 d = {x["device"]: x for x in json.load(sys.stdin)}[dev]
 print("flags:", " ".join(d["flags"]))
 assert "CMD_IOCTL_ENCODE" in d["flags"], d["flags"]
+assert "USER_RECOVERY" in d["flags"] and "USER_RECOVERY_REISSUE" in d["flags"], d["flags"]
+assert d["recovery"] == "reissue", d["recovery"]
 assert set(d["flags"]) <= features, set(d["flags"]) - features
 ' "$dev" "$json" || return 1
   "$UQ" del -n "$(dev_id "$dev")"

@@ -1,0 +1,65 @@
+#include "tools/recover_command.h"
+
+#include <cstdio>
+#include <string>
+
+#include "driver/admin.h"
+#include "driver/control.h"
+#include "driver/daemon.h"
+
+namespace uq::tools {
+namespace {
+
+// How long recover waits for the kernel to quiesce a device whose daemon has
+// just died (its rings are torn down asynchronously).
+constexpr int kQuiesceWaitMs = 10'000;
+
+class RecoverCommand final : public Command {
+ public:
+  void AddFlags(CLI::App& app) override {
+    app.add_option("-n,--id", options_.id, "The device number N of /dev/ublkbN")
+        ->check(CLI::Range(0, (1 << 20) - 1))
+        ->required();
+    app.footer(
+        "Starts a new daemon for a device whose daemon died (devices added with\n"
+        "--recovery=reissue or fail-io) and prints /dev/ublkbN once it is live again.");
+  }
+
+  Status Run() override { return RunRecover(options_); }
+
+ private:
+  RecoverOptions options_;
+};
+
+}  // namespace
+
+Status RunRecover(const RecoverOptions& options) {
+  driver::DeviceRecord record;
+  {
+    ASSIGN_OR_RETURN(std::unique_ptr<driver::ControlDevice> control, driver::ControlDevice::Open());
+    ASSIGN_OR_RETURN(record, driver::PrepareRecover(*control, options.id, kQuiesceWaitMs));
+  }
+  driver::DeviceOptions device;
+  device.image = record.image;
+  device.working_dir = record.working_dir;
+  device.dev_id = options.id;
+  device.queues = record.queues;
+  device.depth = record.depth;
+  device.max_io_buf_bytes = record.max_io;
+  device.read_only = record.read_only;
+  device.cache_size = record.cache_size;
+  device.direct = record.direct;
+  device.preallocate = record.preallocate;
+  device.poll_us = record.poll_us;
+  device.handle_signals = true;
+  device.recover = true;
+  ASSIGN_OR_RETURN(driver::DeviceInfo info, driver::StartDaemon(device));
+  if (std::fprintf(stdout, "%s\n", info.block_path.c_str()) < 0 || std::fflush(stdout) != 0) {
+    return Status::IoError("standard output: write failed");
+  }
+  return Status::Ok();
+}
+
+std::unique_ptr<Command> MakeRecoverCommand() { return std::make_unique<RecoverCommand>(); }
+
+}  // namespace uq::tools
