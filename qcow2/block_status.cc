@@ -39,7 +39,9 @@ std::optional<RangeStatus> Qcow2Image::SubclusterStatus(const L2Entry& e, uint64
     case SubclusterKind::kInvalid:
       return std::nullopt;
   }
-  if (placed) {
+  // QEMU reports no host offset for an encrypted image's clusters: the bytes
+  // there are ciphertext, no use to a reader of the file.
+  if (placed && luks_ == nullptr) {
     s.has_offset = true;
     s.host_offset = e.host_cluster() + in_cluster;
     s.file = &(has_df ? data_file_ : file_)->path();
@@ -49,8 +51,8 @@ std::optional<RangeStatus> Qcow2Image::SubclusterStatus(const L2Entry& e, uint64
 
 Task<Result<RangeStatus>> Qcow2Image::BlockStatus(uint64_t offset, uint64_t length) {
   if (offset >= size() || length == 0) {
-    co_return Status::InvalidArgument(
-        fmt::format("{}: block status of {} bytes at {} (size {})", path(), length, offset, size()));
+    co_return Status::InvalidArgument(fmt::format("{}: block status of {} bytes at {} (size {})",
+                                                  path(), length, offset, size()));
   }
   // One L2 table at most per answer, and less than 2 GiB (QEMU's driver
   // answers in an int); the caller asks again for the rest. QEMU's splits

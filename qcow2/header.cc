@@ -260,12 +260,16 @@ class HeaderParser {
       }
       return Unsupported("image uses unsupported incompatible feature(s): {}", names);
     }
-    if (h_.crypt_method != kCryptNone && !allow_encrypted_) {
-      return Unsupported("encrypted images ({}) are not supported",
-                         h_.crypt_method == kCryptAes ? "AES"
-                         : h_.crypt_method == kCryptLuks
-                             ? "LUKS"
-                             : fmt::format("method {}", h_.crypt_method));
+    // LUKS images parse (the key is asked for when the image is opened for
+    // I/O: OpenImage); legacy AES and unknown methods are refused unless the
+    // caller only reads metadata (check).
+    if (h_.crypt_method != kCryptNone && h_.crypt_method != kCryptLuks && !allow_encrypted_) {
+      return Unsupported(
+          "encrypted images ({}) are not supported",
+          h_.crypt_method == kCryptAes ? "AES" : fmt::format("method {}", h_.crypt_method));
+    }
+    if (h_.crypt_method == kCryptLuks && !h_.crypto && !allow_encrypted_) {
+      return Corrupt("LUKS-encrypted image without the encryption header extension");
     }
     bool compression_bit = h_.incompatible_features & kIncompatCompression;
     if (compression_bit) {
@@ -335,11 +339,37 @@ class HeaderParser {
       // Entries are at least 40 bytes; ReadSnapshotTable checks each one.
       RETURN_IF_ERROR(CheckTable("snapshot table", h_.snapshots_offset, 40));
     }
-    if (h_.crypto)
+    if (h_.crypto) {
       RETURN_IF_ERROR(CheckTable("encryption header", h_.crypto->offset, h_.crypto->length));
+      RETURN_IF_ERROR(CheckCryptoArea());
+    }
     if (h_.bitmaps && h_.bitmaps->directory_size > 0) {
       RETURN_IF_ERROR(
           CheckTable("bitmap directory", h_.bitmaps->directory_offset, h_.bitmaps->directory_size));
+    }
+    return Status::Ok();
+  }
+
+  // The LUKS area (whose key slots the crypto layer bounds inside it) must not
+  // share bytes with the header cluster or the tables named so far: a key slot
+  // written over an L1 table, or the other way round, would destroy both.
+  Status CheckCryptoArea() {
+    const uint64_t start = h_.crypto->offset, end = start + h_.crypto->length;
+    if (h_.crypto->length == 0) return Corrupt("the encryption header is empty");
+    auto overlaps = [&](uint64_t offset, uint64_t bytes) {
+      return bytes > 0 && start < offset + bytes && offset < end;
+    };
+    const char* what = nullptr;
+    if (overlaps(0, h_.cluster_size())) what = "the header cluster";
+    if (h_.l1_size > 0 && overlaps(h_.l1_table_offset, h_.l1_size * 8ull)) what = "the L1 table";
+    if (overlaps(h_.refcount_table_offset,
+                 uint64_t{h_.refcount_table_clusters} * h_.cluster_size())) {
+      what = "the refcount table";
+    }
+    if (h_.nb_snapshots > 0 && overlaps(h_.snapshots_offset, 40)) what = "the snapshot table";
+    if (what != nullptr) {
+      return Corrupt("encryption header (offset 0x{:x}, {} bytes) overlaps {}", start,
+                     h_.crypto->length, what);
     }
     return Status::Ok();
   }

@@ -163,10 +163,31 @@ TEST(HeaderTest, UnknownIncompatibleBitIsNamed) {
   EXPECT_TRUE(r.status().IsNotSupported());
 }
 
-TEST(HeaderTest, EncryptionRefused) {
+TEST(HeaderTest, LegacyAesRefused) {
+  Header h = ValidHeader();
+  h.crypt_method = kCryptAes;
+  ExpectError(Parse(Bytes(h)), "encrypted images (AES)");
+}
+
+// LUKS parses (the key is asked for at open) but needs its extension, inside
+// the file and clear of the other metadata.
+TEST(HeaderTest, LuksNeedsItsAreaClearOfMetadata) {
   Header h = ValidHeader();
   h.crypt_method = kCryptLuks;
-  ExpectError(Parse(Bytes(h)), "encrypted images (LUKS)");
+  ExpectError(Parse(Bytes(h)), "without the encryption header extension");
+  h.crypto = CryptoExtension{0x40000, 0x1000};
+  auto r = Parse(Bytes(h));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  h.crypto = CryptoExtension{0, 0x1000};
+  ExpectError(Parse(Bytes(h)), "overlaps the header cluster");
+  h.crypto = CryptoExtension{h.l1_table_offset, 0x1000};
+  ExpectError(Parse(Bytes(h)), "overlaps the L1 table");
+  h.crypto = CryptoExtension{h.refcount_table_offset, 0x1000};
+  ExpectError(Parse(Bytes(h)), "overlaps the refcount table");
+  h.crypto = CryptoExtension{0x40000, 0};
+  ExpectError(Parse(Bytes(h)), "encryption header is empty");
+  h.crypto = CryptoExtension{0x40000, kFileSize};
+  ExpectError(Parse(Bytes(h)), "past the end of the file");
 }
 
 TEST(HeaderTest, CompressionTypeMustMatchItsBit) {

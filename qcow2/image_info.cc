@@ -6,6 +6,7 @@
 #include <set>
 
 #include "qcow2/bitmap_directory.h"
+#include "qcow2/crypto/luks_volume.h"
 #include "qcow2/format.h"
 #include "qcow2/header.h"
 #include "qcow2/image_lock.h"
@@ -64,6 +65,14 @@ Task<Result<ImageInfo>> DescribeOne(Env* env, const std::string& path, std::stri
     q.data_file = h.data_file.value_or("");
     q.data_file_raw = h.data_file_raw();
   }
+  if (h.crypt_method == kCryptLuks) {
+    // As qemu-img info: the header is parsed (a broken one fails), no key.
+    CO_ASSIGN_OR_RETURN(crypto::LuksDescription d,
+                        co_await crypto::ReadLuksArea(*file, h.crypto->offset, h.crypto->length,
+                                                      /*names_only=*/true));
+    info.encrypted = true;
+    q.encrypt = ToEncryptInfo(d);
+  }
   info.qcow2 = q;
   if (h.nb_snapshots > 0) {
     CO_ASSIGN_OR_RETURN(std::vector<Snapshot> snapshots,
@@ -81,6 +90,23 @@ Task<Result<ImageInfo>> DescribeOne(Env* env, const std::string& path, std::stri
 }
 
 }  // namespace
+
+EncryptInfo ToEncryptInfo(const crypto::LuksDescription& d) {
+  EncryptInfo e;
+  e.cipher_alg = d.algorithms.cipher_alg;
+  e.cipher_mode = d.algorithms.cipher_mode;
+  e.ivgen_alg = d.algorithms.ivgen_alg;
+  e.ivgen_hash_alg = d.algorithms.ivgen_hash_alg;
+  e.hash_alg = d.algorithms.hash_alg;
+  e.uuid = d.header.uuid;
+  e.payload_offset = uint64_t{d.header.payload_offset} * crypto::kLuksSectorSize;
+  e.master_key_iters = d.header.mk_digest_iterations;
+  for (const crypto::LuksKeySlot& s : d.header.slots) {
+    e.slots.push_back(LuksSlotInfo{s.active, s.iterations,
+                                   uint64_t{s.key_offset} * crypto::kLuksSectorSize, s.stripes});
+  }
+  return e;
+}
 
 Task<Result<std::vector<ImageInfo>>> GetImageInfo(Env* env, std::string path,
                                                   ImageInfoOptions options) {

@@ -10,6 +10,7 @@
 
 #include "base/status.h"
 #include "base/task.h"
+#include "qcow2/crypto/luks_volume.h"
 #include "qcow2/file.h"
 
 namespace uq::qcow2 {
@@ -34,6 +35,30 @@ struct BitmapInfo {
   bool enabled = false;  // the "auto" flag: tracks guest writes
 };
 
+// One LUKS key slot as qemu-img info lists it (iters and stripes only for
+// active slots).
+struct LuksSlotInfo {
+  bool active = false;
+  uint32_t iters = 0;
+  uint64_t key_offset = 0;  // bytes from the start of the LUKS area
+  uint32_t stripes = 0;
+};
+
+// The "encrypt" block of a LUKS-encrypted qcow2 image: read from the LUKS
+// header, no key needed.
+struct EncryptInfo {
+  std::string format = "luks";
+  std::string cipher_alg;      // "aes-256"
+  std::string cipher_mode;     // "xts"
+  std::string ivgen_alg;       // "plain64"
+  std::string ivgen_hash_alg;  // essiv only, else ""
+  std::string hash_alg;        // "sha256"
+  std::string uuid;
+  uint64_t payload_offset = 0;  // bytes
+  uint32_t master_key_iters = 0;
+  std::vector<LuksSlotInfo> slots;
+};
+
 struct Qcow2SpecificInfo {
   std::string compat;            // "0.10" (v2) or "1.1" (v3)
   std::string compression_type;  // "zlib" or "zstd"
@@ -46,6 +71,7 @@ struct Qcow2SpecificInfo {
   // The bitmap directory, in directory order; empty when the image has none
   // (or its bitmaps extension is not in force: see bitmap_directory.h).
   std::vector<BitmapInfo> bitmaps;
+  std::optional<EncryptInfo> encrypt;  // LUKS-encrypted images
 };
 
 struct ImageInfo {
@@ -58,6 +84,7 @@ struct ImageInfo {
   std::optional<std::string> full_backing_filename;  // resolved path
   std::optional<std::string> backing_format;         // from the extension
   bool dirty_flag = false;
+  bool encrypted = false;
   std::optional<Qcow2SpecificInfo> qcow2;
   std::vector<SnapshotInfo> snapshots;
 };
@@ -76,6 +103,9 @@ struct ImageInfoOptions {
 // options.backing_chain one entry per image of the chain, top first.
 // Errors name the file: Busy (locked by a writer), Corruption (header,
 // snapshot table, bitmap directory), NotSupported, IoError.
+// The encrypt block for a LUKS area.
+EncryptInfo ToEncryptInfo(const crypto::LuksDescription& description);
+
 Task<Result<std::vector<ImageInfo>>> GetImageInfo(Env* env, std::string path,
                                                   ImageInfoOptions options);
 

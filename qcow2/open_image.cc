@@ -77,6 +77,19 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenBacking(const std::string& path,
   co_return backing;
 }
 
+// Opens the LUKS area of an encrypted image with the passphrase the options
+// carry (QEMU asks for encrypt.key-secret the same way).
+Task<Result<std::unique_ptr<crypto::LuksVolume>>> UnlockLuks(File& file, const Header& header,
+                                                             const std::string& path,
+                                                             const ImageOptions& options) {
+  if (!options.key) {
+    co_return Status::InvalidArgument(fmt::format(
+        "{}: the image is encrypted (LUKS): its passphrase is needed (--key-file FILE)", path));
+  }
+  co_return co_await crypto::LuksVolume::Unlock(file, header.crypto->offset, header.crypto->length,
+                                                options.key->span());
+}
+
 // Points `header` at the L1 table of the snapshot options.snapshot names
 // (see ImageOptions::snapshot).
 Task<Status> UseSnapshotL1(File& file, Header& header, const std::string& path,
@@ -156,6 +169,9 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
   }
   if (snapshot) CO_RETURN_IF_ERROR(co_await UseSnapshotL1(*file, header, path, options));
   Qcow2OpenParts parts;
+  if (header.crypt_method == kCryptLuks) {
+    CO_ASSIGN_OR_RETURN(parts.luks, co_await UnlockLuks(*file, header, path, options));
+  }
   parts.writable = options.writable;
   if (header.corrupt() && parts.writable) {
     // The spec forbids writing a corrupt image; serve it read-only.

@@ -12,6 +12,7 @@
 #include "base/status.h"
 #include "base/task.h"
 #include "qcow2/block_device.h"
+#include "qcow2/crypto/secret.h"
 #include "qcow2/file.h"
 #include "qcow2/snapshot_table.h"
 
@@ -57,6 +58,10 @@ struct ImageOptions {
   // find snapshot" (InvalidArgument), a snapshot L1 table outside the file
   // (Corruption).
   std::vector<SnapshotRef> snapshot;
+  // The passphrase of LUKS-encrypted images (qcow2 crypt_method 2), tried on
+  // every encrypted image of the chain; null: none given, and opening an
+  // encrypted image fails ("its passphrase is needed"). Never logged.
+  std::shared_ptr<const crypto::SecretBytes> key;
   // Deepest backing chain accepted (a guard on top of loop detection).
   int max_chain_depth = 64;
 };

@@ -93,6 +93,11 @@ Task<Status> Qcow2Image::CheckAmend(const AmendOptions& o) {
   };
   // In QEMU's order (qcow2_amend_options): the option checks, then those of
   // each step.
+  if (luks_ && o.version && *o.version < header_.version) {
+    // Expanding zero clusters writes plain zeros, which an encrypted image
+    // would read as the decryption of zeros.
+    co_return unsupported("downgrading an encrypted image is not supported");
+  }
   if (o.data_file && !header_.has_data_file()) {
     co_return refuse("data-file can only be set for images that use an external data file");
   }

@@ -31,6 +31,7 @@ Task<Status> Qcow2Image::OpenForWriting() {
   };
   add_range(0, 1);
   add_range(header_.l1_table_offset, uint64_t{header_.l1_size} * 8);
+  if (header_.crypto) add_range(header_.crypto->offset, header_.crypto->length);  // LUKS area
   for (uint64_t e : l1_) {
     if (e & kL1OffsetMask) metadata_clusters_.insert((e & kL1OffsetMask) / cs);
   }

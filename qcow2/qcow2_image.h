@@ -74,6 +74,7 @@
 #include "qcow2/bitmap_directory.h"
 #include "qcow2/bitmaps/dirty_bitmap.h"
 #include "qcow2/block_device.h"
+#include "qcow2/crypto/luks_volume.h"
 #include "qcow2/file.h"
 #include "qcow2/geometry.h"
 #include "qcow2/header.h"
@@ -103,6 +104,12 @@ struct Qcow2OpenParts {
   // in the file (see the file comment): a crash of this process then loses
   // nothing acknowledged. Costs a flush per batch of allocating writes.
   bool stable_metadata = false;
+  // The unlocked LUKS area of an encrypted image (header.crypt_method 2):
+  // data clusters are decrypted on reads and encrypted on writes, sector by
+  // sector with their host offset's IV; compressed clusters stay plain, as
+  // QEMU keeps them. Nothing is published for other threads then (they
+  // would bypass the cipher).
+  std::unique_ptr<crypto::LuksVolume> luks;
 };
 
 // One persistent dirty bitmap as listed (Qcow2Image::bitmaps()).
@@ -294,6 +301,8 @@ class Qcow2Image final : public BlockDevice {
   const Geometry& geometry() const { return geo_; }
   const std::vector<Snapshot>& snapshots() const { return snapshots_; }
   BlockDevice* backing() const override { return backing_.get(); }
+  // The image's unlocked LUKS area, or null for a plain image.
+  crypto::LuksVolume* luks() const { return luks_.get(); }
   const MetadataCache& l2_cache() const { return l2_cache_; }
   const SharedMap& shared_map() const { return shared_map_; }
   // Guest writes that went along in another request's allocating write.
@@ -312,6 +321,13 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> ReadInCluster(uint64_t offset, std::span<std::byte> out);
   // The same, for a cluster whose L2 entry the caller already has.
   Task<Status> ReadWithEntry(const L2Entry& entry, uint64_t offset, std::span<std::byte> out);
+  // Encrypted images: reads `out.size()` bytes of data at host byte `host` of
+  // `f` and decrypts them (through a sector-aligned bounce buffer when the
+  // range does not cover whole sectors).
+  Task<Status> ReadDecrypted(File& f, uint64_t host, std::span<std::byte> out);
+  // Encrypts or decrypts whole sectors at host byte `host` in place; large
+  // buffers on a worker (Env::RunOffThread) so the image's thread goes on.
+  Task<Status> RunCipher(bool encrypt, uint64_t host, std::span<std::byte> data);
 
   // --- write path (qcow2_write.cc) ---
   File& data_file() { return data_file_ ? *data_file_ : *file_; }
@@ -381,6 +397,10 @@ class Qcow2Image final : public BlockDevice {
   // when the range ends at the end of the image).
   Task<Status> DiscardWholeClusters(uint64_t offset, uint64_t length, bool unallocate);
   Task<Status> WriteZeroBuffer(uint64_t offset, uint64_t length);
+  // Writes guest data at host byte `host` of the data file (encrypted first
+  // for an encrypted image, with the IVs of its host sectors, so data copied
+  // on write to a new cluster is re-encrypted for its new place).
+  Task<Status> WriteData(uint64_t host, std::span<const std::byte> data);
   // Notes that the file now holds clusters up to `end` and, with
   // preallocation on, grows it ahead when `end` passes what was grown.
   Task<void> ExtendTo(uint64_t end);
@@ -622,6 +642,7 @@ class Qcow2Image final : public BlockDevice {
     std::shared_ptr<const AlignedBuffer> data;
   };
   std::unordered_map<uint64_t, std::shared_ptr<Decompression>> decompressing_;
+  std::unique_ptr<crypto::LuksVolume> luks_;  // encrypted images only
 };
 
 }  // namespace uq::qcow2

@@ -18,6 +18,12 @@ Task<Status> Qcow2Image::Resize(uint64_t new_size, Preallocation prealloc) {
     co_return Status::InvalidArgument(
         fmt::format("{}: the new size must be a multiple of {}", path(), kSectorSize));
   }
+  if (luks_ && prealloc != Preallocation::kOff) {
+    // Preallocated clusters would hold plain zeros that read back as the
+    // decryption of zeros.
+    co_return Status::NotSupported(
+        fmt::format("{}: preallocation is not supported on encrypted images", path()));
+  }
   if (header_.version < 3 && !snapshots_.empty()) {
     co_return Status::NotSupported(
         fmt::format("{}: can't resize a v2 image which has snapshots", path()));

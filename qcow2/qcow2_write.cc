@@ -126,7 +126,7 @@ Task<Status> Qcow2Image::WriteInCluster(uint64_t offset, std::span<const std::by
         Publish(offset, e);
         const uint64_t host = e.host_cluster() + in_cluster;
         CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host, data.size()));
-        co_return co_await data_file().Write(host, data);
+        co_return co_await WriteData(host, data);
       }
       if (geo_.extended_l2 && SubclusterWritable(offset, e)) {
         // The cluster keeps its host cluster; only subcluster bits change, so
@@ -217,7 +217,7 @@ Task<Status> Qcow2Image::SubclusterAllocatingWrite(QueuedWrite* me) {
     // let the next writer of these subclusters in before writing.
     guards.clear();
     CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host + in_cluster, data.size()));
-    co_return co_await data_file().Write(host + in_cluster, data);
+    co_return co_await WriteData(host + in_cluster, data);
   }
   // An end subcluster that is already allocated keeps its other bytes where
   // they are: writing them back from a copy read before could undo an
@@ -355,7 +355,7 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   if (WritableInPlace(old, in_cluster, data.size())) {
     const uint64_t host = old.host_cluster() + in_cluster;
     CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host, data.size()));
-    co_return co_await data_file().Write(host, data);
+    co_return co_await WriteData(host, data);
   }
   if (HasInvalidSubcluster(old)) {
     co_return co_await MarkCorrupt(
@@ -519,7 +519,24 @@ Task<Status> Qcow2Image::WriteWithCow(const L2Entry& old, uint64_t cluster_start
   // More writes may have queued while the copies were read.
   if (read) take();
   overlay(buf.span(), write_start);
-  co_return co_await data_file().Write(host + write_start, buf.span());
+  co_return co_await WriteData(host + write_start, buf.span());
+}
+
+Task<Status> Qcow2Image::WriteData(uint64_t host, std::span<const std::byte> data) {
+  if (!luks_) co_return co_await data_file().Write(host, data);
+  // Encrypted: whole sectors, each with its host sector's IV. A range that
+  // starts or ends inside a sector reads the sector, decrypts it and lays
+  // the data over it (QEMU's block layer does the same read-modify-write for
+  // its 512-byte request alignment; the device only sends whole sectors).
+  const uint64_t start = host & ~(kSectorSize - 1);
+  const uint64_t end = (host + data.size() + kSectorSize - 1) & ~(kSectorSize - 1);
+  AlignedBuffer buf(end - start);
+  if (start != host || end != host + data.size()) {
+    CO_RETURN_IF_ERROR(co_await ReadDecrypted(data_file(), start, buf.span()));
+  }
+  std::memcpy(buf.data() + (host - start), data.data(), data.size());
+  CO_RETURN_IF_ERROR(co_await RunCipher(true, start, buf.span()));
+  co_return co_await data_file().Write(start, buf.span());
 }
 
 Task<void> Qcow2Image::ExtendTo(uint64_t end) {
@@ -702,6 +719,13 @@ Task<Status> Qcow2Image::WriteCompressed(uint64_t offset, std::span<const std::b
   if (data_file_) {
     co_return Status::InvalidArgument(
         path() + ": images with an external data file cannot hold compressed clusters");
+  }
+  if (luks_) {
+    // QEMU's qcow2 would write the compressed cluster unencrypted (its reads
+    // do not decrypt them either), and qemu-img convert refuses -c on an
+    // encrypted target: we refuse rather than put plaintext in the file.
+    co_return Status::NotSupported(path() +
+                                   ": Compression and encryption not supported at the same time");
   }
   if (geo_.cluster_offset_in(offset) != 0 || data.size() > cs ||
       (data.size() < cs && offset + data.size() != size())) {

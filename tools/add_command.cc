@@ -13,6 +13,7 @@
 #include "driver/daemon.h"
 #include "qcow2/open_image.h"
 #include "qcow2/sync_env.h"
+#include "tools/image_key.h"
 #include "tools/io_context.h"
 
 namespace uq::tools {
@@ -23,6 +24,7 @@ namespace {
 Status ValidateImage(const AddOptions& options, const std::string& path, bool direct) {
   ASSIGN_OR_RETURN(std::unique_ptr<IoContext> io, IoContext::Create(IoMode::kAuto));
   qcow2::ImageOptions image_options;
+  image_options.key = ImageKey();
   image_options.env = io->env();
   image_options.writable = !options.read_only;
   image_options.cache_size = options.cache_size;

@@ -12,6 +12,7 @@
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "qcow2/sync_env.h"
+#include "tools/image_key.h"
 
 namespace uq::tools {
 
@@ -229,6 +230,8 @@ class AmendCommand final : public Command {
     }
 
     qcow2::ImageOptions options;
+
+    options.key = ImageKey();
     options.env = qcow2::SyncEnv();
     options.format = format_;
     options.no_backing = true;  // only the header is looked at first

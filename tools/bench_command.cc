@@ -19,6 +19,7 @@
 #include "base/wait_list.h"
 #include "qcow2/block_device.h"
 #include "qcow2/open_image.h"
+#include "tools/image_key.h"
 #include "tools/io_context.h"
 #include "uring/ring.h"
 
@@ -438,6 +439,8 @@ Status RunBench(const BenchOptions& options) {
   const CacheMode cache = ParseCacheMode(options.cache);
 
   qcow2::ImageOptions image_options;
+
+  image_options.key = ImageKey();
   image_options.env = io->env();
   image_options.format = options.format;
   image_options.writable = options.write;

@@ -12,6 +12,7 @@
 #include "qcow2/preallocation.h"
 #include "qcow2/qcow2_image.h"
 #include "tools/commit_copy.h"
+#include "tools/image_key.h"
 
 namespace uq::tools {
 namespace {
@@ -75,6 +76,7 @@ Task<Status> OpenBase(const CommitRequest& r, Chain& chain, const std::string& p
 // Opens IMAGE, the images between it and the base, and the base.
 Task<Status> OpenChain(const CommitRequest& r, Chain& chain) {
   qcow2::ImageOptions options;
+  options.key = ImageKey();
   options.env = r.env;
   options.format = r.format;
   options.writable = true;
@@ -106,6 +108,7 @@ Task<Status> OpenChain(const CommitRequest& r, Chain& chain) {
           fmt::format("{}: backing chain loop or deeper than {} images", r.image, kMaxChainDepth));
     }
     qcow2::ImageOptions next;
+    next.key = ImageKey();
     next.env = r.env;
     next.format = h.backing_format.value_or("");
     next.lock = r.lock;

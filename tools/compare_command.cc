@@ -13,6 +13,7 @@
 #include "qcow2/block_device.h"
 #include "qcow2/open_image.h"
 #include "tools/chain_status.h"
+#include "tools/image_key.h"
 #include "tools/io_context.h"
 #include "tools/progress.h"
 #include "tools/sector_scan.h"
@@ -113,6 +114,7 @@ class CompareCommand final : public Command {
           fmt::format("{}: unknown format '{}' (qcow2 or raw)", side.path, format));
     }
     qcow2::ImageOptions options;
+    options.key = ImageKey();
     options.env = io_->env();
     options.format = format;
     options.lock = !force_share_;

@@ -14,6 +14,7 @@
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "tools/image_copy.h"
+#include "tools/image_key.h"
 #include "tools/io_context.h"
 #include "tools/progress.h"
 #include "tools/qcow2_copy.h"
@@ -167,6 +168,7 @@ Status ConvertToQcow2(const ConvertOptions& options, IoContext& io, qcow2::Block
   }
   RETURN_IF_ERROR(io.Run(qcow2::CreateImage(io.env(), create)));
   qcow2::ImageOptions image_options;
+  image_options.key = ImageKey();
   image_options.env = io.env();
   image_options.format = "qcow2";
   image_options.writable = true;
@@ -210,6 +212,8 @@ Status RunConvert(const ConvertOptions& options) {
   ASSIGN_OR_RETURN(std::unique_ptr<IoContext> io, IoContext::Create(*mode));
 
   qcow2::ImageOptions image_options;
+
+  image_options.key = ImageKey();
   image_options.env = io->env();
   image_options.format = options.source_format;
   image_options.lock = !options.force_share;

@@ -8,6 +8,7 @@
 
 #include "qcow2/open_image.h"
 #include "qcow2/sync_env.h"
+#include "tools/image_key.h"
 #include "tools/info_format.h"
 
 namespace uq::tools {
@@ -16,6 +17,7 @@ namespace {
 // IMAGE read as a plain raw image (-f raw), whatever its contents.
 Task<Result<qcow2::ImageInfo>> DescribeAsRaw(qcow2::Env* env, std::string path, bool lock) {
   qcow2::ImageOptions options;
+  options.key = ImageKey();
   options.env = env;
   options.lock = lock;
   options.format = "raw";

@@ -41,6 +41,31 @@ ordered_json BitmapToJson(const qcow2::BitmapInfo& b) {
   return j;
 }
 
+// The "encrypt" member, in the order qemu-img prints its QDict.
+ordered_json EncryptToJson(const qcow2::EncryptInfo& e) {
+  ordered_json j = ordered_json::object();
+  j["ivgen-alg"] = e.ivgen_alg;
+  j["hash-alg"] = e.hash_alg;
+  j["cipher-alg"] = e.cipher_alg;
+  j["uuid"] = e.uuid;
+  if (!e.ivgen_hash_alg.empty()) j["ivgen-hash-alg"] = e.ivgen_hash_alg;
+  j["format"] = e.format;
+  j["cipher-mode"] = e.cipher_mode;
+  ordered_json slots = ordered_json::array();
+  for (const qcow2::LuksSlotInfo& s : e.slots) {
+    ordered_json slot = ordered_json::object();
+    slot["active"] = s.active;
+    if (s.active) slot["iters"] = s.iters;
+    slot["key-offset"] = s.key_offset;
+    if (s.active) slot["stripes"] = s.stripes;
+    slots.push_back(std::move(slot));
+  }
+  j["slots"] = std::move(slots);
+  j["payload-offset"] = e.payload_offset;
+  j["master-key-iters"] = e.master_key_iters;
+  return j;
+}
+
 // The "data" member of format-specific for a qcow2 image.
 ordered_json Qcow2DataToJson(const qcow2::Qcow2SpecificInfo& q) {
   const bool v3 = q.compat != "0.10";
@@ -54,6 +79,7 @@ ordered_json Qcow2DataToJson(const qcow2::Qcow2SpecificInfo& q) {
     j["bitmaps"] = std::move(list);
   }
   j["refcount-bits"] = q.refcount_bits;
+  if (q.encrypt.has_value()) j["encrypt"] = EncryptToJson(*q.encrypt);
   if (v3 && q.data_file.has_value()) {
     j["data-file"] = *q.data_file;
     j["data-file-raw"] = q.data_file_raw;
@@ -169,6 +195,7 @@ ordered_json ImageInfoToJson(const qcow2::ImageInfo& info) {
   if (has_backing && info.full_backing_filename.has_value()) {
     j["full-backing-filename"] = *info.full_backing_filename;
   }
+  if (info.encrypted) j["encrypted"] = true;
   if (has_backing) j["backing-filename"] = *info.backing_filename;
   j["dirty-flag"] = info.dirty_flag;
   return j;
@@ -210,6 +237,7 @@ std::string FormatInfoHuman(const qcow2::ImageInfo& info) {
   line(fmt::format("file format: {}", info.format));
   line(fmt::format("virtual size: {} ({} bytes)", HumanSize(info.virtual_size), info.virtual_size));
   line(fmt::format("disk size: {}", HumanSize(info.actual_size)));
+  if (info.encrypted) line("encrypted: yes");
   if (info.cluster_size.has_value()) line(fmt::format("cluster_size: {}", *info.cluster_size));
   if (info.dirty_flag) line("cleanly shut down: no");
   if (info.backing_filename.has_value()) {

@@ -28,6 +28,7 @@
 #include "tools/create_command.h"
 #include "tools/del_command.h"
 #include "tools/features_command.h"
+#include "tools/image_key.h"
 #include "tools/info_command.h"
 #include "tools/list_command.h"
 #include "tools/map_command.h"
@@ -48,11 +49,13 @@ struct Verb {
   const char* name;
   const char* summary;
   std::unique_ptr<Command> (*make)();
+  // Opens images, so takes --key-file for encrypted ones (tools/image_key.h).
+  bool opens_images = true;
 };
 
 // Every verb, in the order --help lists them: image verbs, then device verbs.
 constexpr Verb kVerbs[] = {
-    {"create", "Create a qcow2 image (like qemu-img create -f qcow2)", &MakeCreateCommand},
+    {"create", "Create a qcow2 image (like qemu-img create -f qcow2)", &MakeCreateCommand, false},
     {"check", "Check (and repair) an image's reference counts (like qemu-img check)",
      &MakeCheckCommand},
     {"info", "Show an image's format, sizes, backing file and snapshots (like qemu-img info)",
@@ -80,12 +83,12 @@ constexpr Verb kVerbs[] = {
      &MakeConvertCommand},
     {"bench", "Measure read/write IOPS on an image (like qemu-img bench)", &MakeBenchCommand},
     {"add", "Serve an image as a ublk block device /dev/ublkbN", &MakeAddCommand},
-    {"del", "Stop and remove ublk devices (the image is closed cleanly)", &MakeDelCommand},
+    {"del", "Stop and remove ublk devices (the image is closed cleanly)", &MakeDelCommand, false},
     {"recover", "Start a new daemon for a device whose daemon died (user recovery)",
-     &MakeRecoverCommand},
-    {"list", "List ublk devices, their state, daemon and image", &MakeListCommand},
+     &MakeRecoverCommand, false},
+    {"list", "List ublk devices, their state, daemon and image", &MakeListCommand, false},
     {"features", "Show the ublk features this kernel offers and which ones add uses",
-     &MakeFeaturesCommand},
+     &MakeFeaturesCommand, false},
 };
 
 bool IsVerb(std::string_view name) {
@@ -116,6 +119,7 @@ int Main(int argc, char** argv) {
     commands.push_back(verb.make());
     subcommands.push_back(app.add_subcommand(verb.name, verb.summary));
     commands.back()->AddFlags(*subcommands.back());
+    if (verb.opens_images) AddKeyFlags(*subcommands.back());
   }
 
   // CLI11 would call an unknown verb an "unexpected argument"; say it plainly.
@@ -150,6 +154,10 @@ int Main(int argc, char** argv) {
     return kExitUsage;
   }
 
+  if (Status key = LoadImageKey(); !key.ok()) {
+    PrintError(key.ToString());
+    return kExitError;
+  }
   for (size_t i = 0; i < commands.size(); ++i) {
     if (!subcommands[i]->parsed()) continue;
     Status status = commands[i]->Run();

@@ -9,6 +9,7 @@
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "qcow2/sync_env.h"
+#include "tools/image_key.h"
 
 namespace uq::tools {
 
@@ -155,6 +156,7 @@ class MapCommand final : public Command {
   // printed before it.
   Task<Status> Map(uint64_t start, std::optional<uint64_t> max_length, std::string& out) {
     qcow2::ImageOptions options;
+    options.key = ImageKey();
     options.env = qcow2::SyncEnv();
     options.format = format_;
     options.lock = !force_share_;

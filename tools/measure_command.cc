@@ -14,6 +14,7 @@
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "qcow2/sync_env.h"
+#include "tools/image_key.h"
 #include "tools/map_command.h"
 
 namespace uq::tools {
@@ -189,6 +190,7 @@ class MeasureCommand final : public Command {
           fmt::format("{}: format '{}' is not supported (only qcow2 and raw are)", image, format_));
     }
     qcow2::ImageOptions options;
+    options.key = ImageKey();
     options.env = qcow2::SyncEnv();
     options.format = format_;
     options.lock = !force_share_;

@@ -10,6 +10,7 @@
 #include "qcow2/paths.h"
 #include "qcow2/qcow2_image.h"
 #include "tools/chain_differences.h"
+#include "tools/image_key.h"
 
 namespace uq::tools {
 namespace {
@@ -28,6 +29,7 @@ Task<Status> RebaseOpen(const RebaseRequest& r, qcow2::BlockDevice& device,
   if (image == nullptr) co_return ChangeError(r, "Operation not supported");
   if (!r.unsafe && !r.backing.empty()) {
     qcow2::ImageOptions options;
+    options.key = ImageKey();
     options.env = r.env;
     options.format = r.backing_format;
     options.lock = r.lock_new_backing;
@@ -58,6 +60,7 @@ Task<Status> RebaseOpen(const RebaseRequest& r, qcow2::BlockDevice& device,
 Task<Status> RebaseImage(const RebaseRequest& request) {
   if (request.env == nullptr) co_return Status::InvalidArgument("RebaseImage: no Env given");
   qcow2::ImageOptions options;
+  options.key = ImageKey();
   options.env = request.env;
   options.format = request.format;
   options.writable = true;

@@ -15,6 +15,7 @@
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "qcow2/sync_env.h"
+#include "tools/image_key.h"
 #include "tools/live_device.h"
 
 namespace uq::tools {
@@ -85,6 +86,7 @@ class ResizeCommand final : public Command {
     if (id_ >= 0) return ResizeLive(change);
     const qcow2::Preallocation prealloc = *qcow2::ParsePreallocation(preallocation_);
     qcow2::ImageOptions options;
+    options.key = ImageKey();
     options.env = qcow2::SyncEnv();
     options.format = format_;
     // A writable open marks persistent bitmaps in use, and Resize refuses

@@ -16,6 +16,7 @@
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "qcow2/sync_env.h"
+#include "tools/image_key.h"
 #include "tools/info_format.h"
 #include "tools/live_device.h"
 
@@ -85,6 +86,7 @@ class SnapshotCommand final : public Command {
           "Could not open '{}': force-share=on can only be used with read-only images", image_));
     }
     qcow2::ImageOptions options;
+    options.key = ImageKey();
     options.env = qcow2::SyncEnv();
     options.format = format_;
     options.lock = !force_share_;
