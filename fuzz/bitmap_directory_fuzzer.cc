@@ -37,8 +37,8 @@ void OneInput(std::span<const std::byte> input) {
   header.size = fuzz::LoadBE(input, 5, 8);
   header.autoclear_features = 1;  // the bitmaps extension is in force
   const uint64_t file_size = fuzz::LoadBE(input, 13, 3) << header.cluster_bits;
-  const std::span<const std::byte> dir = input.size() > kPreamble ? input.subspan(kPreamble)
-                                                                  : std::span<const std::byte>();
+  const std::span<const std::byte> dir =
+      input.size() > kPreamble ? input.subspan(kPreamble) : std::span<const std::byte>();
   header.bitmaps = BitmapsExtension{.nb_bitmaps = static_cast<uint32_t>(fuzz::LoadBE(input, 1, 4)),
                                     .directory_size = dir.size(),
                                     .directory_offset = header.cluster_size()};

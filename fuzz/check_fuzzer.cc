@@ -30,9 +30,8 @@ void OneInput(std::span<const std::byte> input) {
   mem.SetContents(kPath, input);
   auto file = mem.Open(kPath, OpenOptions{.writable = true});
   FUZZ_REQUIRE(file.ok(), file.status().ToString());
-  const CheckOptions report{.repair = RepairMode::kNone,
-                            .max_memory_bytes = 64 << 20,
-                            .max_messages = 1000};
+  const CheckOptions report{
+      .repair = RepairMode::kNone, .max_memory_bytes = 64 << 20, .max_messages = 1000};
   auto checked = BlockOn(CheckImage(**file, report));
   if (fuzz::Verbose()) {
     std::fprintf(stderr, "check: %s\n",

@@ -14,13 +14,12 @@
 #include <pthread.h>
 
 #include <condition_variable>
-#include <mutex>
-
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <mutex>
 #include <span>
 #include <string>
 
@@ -37,8 +36,8 @@ inline std::span<const std::byte> Bytes(const uint8_t* data, size_t size) {
   std::abort();
 }
 
-#define FUZZ_REQUIRE(cond, what)                                  \
-  do {                                                            \
+#define FUZZ_REQUIRE(cond, what)                                       \
+  do {                                                                 \
     if (!(cond)) ::uq::fuzz::Broken(std::string(#cond ": ") + (what)); \
   } while (0)
 
@@ -51,7 +50,7 @@ inline void OnBigStack(std::function<void()> fn) {
     std::mutex mu;
     std::condition_variable cv;
     std::function<void()>* job = nullptr;  // guarded by mu
-    bool done = false;                      // guarded by mu
+    bool done = false;                     // guarded by mu
     bool started = false;
   };
   static Worker* const worker = [] {

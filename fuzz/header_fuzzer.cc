@@ -67,8 +67,8 @@ void RoundTrip(const Header& header, uint64_t file_size) {
 }
 
 void OneInput(std::span<const std::byte> input) {
-  const std::span<const std::byte> bytes = input.size() > kPreamble ? input.subspan(kPreamble)
-                                                                    : std::span<const std::byte>();
+  const std::span<const std::byte> bytes =
+      input.size() > kPreamble ? input.subspan(kPreamble) : std::span<const std::byte>();
   const uint64_t file_size = std::max<uint64_t>(fuzz::LoadBE(input, 0, 8), bytes.size());
   SpanFile file(bytes, file_size);
   auto header = BlockOn(ReadHeader(file));

@@ -17,11 +17,11 @@
 // and the serialised table reads back as the same entries; the lenient
 // reader of check (ReadSnapshotTableForCheck) keeps every entry the strict
 // reader accepts, the same but for id and name, which it ends at a NUL.
+#include <fmt/format.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <string>
-
-#include <fmt/format.h>
 
 #include "base/task.h"
 #include "fuzz/fuzz_util.h"
@@ -36,14 +36,15 @@ constexpr char kPath[] = "/f/img.qcow2";
 constexpr size_t kPreamble = 8;
 
 std::string Describe(const Snapshot& s) {
-  return fmt::format("l1 {:#x}/{} id '{}' name '{}' date {}.{} clock {} vmstate {} disk {} icount {}",
-                     s.l1_table_offset, s.l1_size, s.id, s.name, s.date_sec, s.date_nsec,
-                     s.vm_clock_nsec, s.vm_state_size, s.disk_size ? *s.disk_size : -1ull,
-                     s.icount ? *s.icount : -2);
+  return fmt::format(
+      "l1 {:#x}/{} id '{}' name '{}' date {}.{} clock {} vmstate {} disk {} icount {}",
+      s.l1_table_offset, s.l1_size, s.id, s.name, s.date_sec, s.date_nsec, s.vm_clock_nsec,
+      s.vm_state_size, s.disk_size ? *s.disk_size : -1ull, s.icount ? *s.icount : -2);
 }
 
 bool Same(const Snapshot& a, const Snapshot& b) {
-  if (fuzz::Verbose()) std::fprintf(stderr, "  %s\n  %s\n", Describe(a).c_str(), Describe(b).c_str());
+  if (fuzz::Verbose())
+    std::fprintf(stderr, "  %s\n  %s\n", Describe(a).c_str(), Describe(b).c_str());
   return a.l1_table_offset == b.l1_table_offset && a.l1_size == b.l1_size && a.id == b.id &&
          a.name == b.name && a.date_sec == b.date_sec && a.date_nsec == b.date_nsec &&
          a.vm_clock_nsec == b.vm_clock_nsec && a.vm_state_size == b.vm_state_size &&
@@ -55,8 +56,8 @@ void OneInput(std::span<const std::byte> input) {
   const uint64_t raw_count = fuzz::LoadBE(input, 1, 3);
   const uint32_t count = raw_count < 0x10000 ? raw_count % 2049 : 65536 + (raw_count & 1);
   const uint64_t offset = fuzz::LoadBE(input, 4, 4);
-  const std::span<const std::byte> image = input.size() > kPreamble ? input.subspan(kPreamble)
-                                                                    : std::span<const std::byte>();
+  const std::span<const std::byte> image =
+      input.size() > kPreamble ? input.subspan(kPreamble) : std::span<const std::byte>();
   testing::MemEnv mem;
   mem.SetContents(kPath, image);
   auto file = mem.Open(kPath, OpenOptions{});
@@ -73,9 +74,9 @@ void OneInput(std::span<const std::byte> input) {
 
   FUZZ_REQUIRE(table->size() == count, "entries read != count");
   if (scan) {
-    FUZZ_REQUIRE(scan->snapshots.size() == count && scan->dropped == 0 &&
-                     scan->extra_data_cut.empty(),
-                 "the check's reader cuts a table the strict reader accepts");
+    FUZZ_REQUIRE(
+        scan->snapshots.size() == count && scan->dropped == 0 && scan->extra_data_cut.empty(),
+        "the check's reader cuts a table the strict reader accepts");
     for (size_t i = 0; i < count; i++) {
       // The check's reader ends id and name at a NUL, as QEMU's C strings do;
       // the strict one keeps the bytes as stored.
