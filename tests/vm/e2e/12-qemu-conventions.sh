@@ -57,7 +57,9 @@ assert not any(e["dirty"] for e in json.load(sys.stdin))'
 
 bitmap_in_use_after_kill() {
   local dev id pid
-  dev=$(add_device -f "$bitmaps") || return 1
+  # Without recovery, so that the kernel removes the device when its daemon
+  # dies (with it, the device would wait for `recover`: 18-recovery).
+  dev=$(add_device -f "$bitmaps" --recovery=off) || return 1
   id=$(dev_id "$dev")
   qemu-io -f raw -t none -c 'write -P 0x24 20M 64k' "$dev" >/dev/null || return 1
   pid=$(daemon_pid "$id") || return 1
