@@ -6,21 +6,13 @@
 #include <string>
 #include <vector>
 
+#include "qcow2/crypto/hex_for_test.h"
+
 namespace uq::qcow2::crypto {
 namespace {
 
 std::span<const std::byte> Bytes(const std::string& s) {
   return std::as_bytes(std::span<const char>(s.data(), s.size()));
-}
-
-std::string Hex(std::span<const std::byte> b) {
-  static const char* d = "0123456789abcdef";
-  std::string out;
-  for (std::byte x : b) {
-    out += d[static_cast<unsigned>(x) >> 4];
-    out += d[static_cast<unsigned>(x) & 15];
-  }
-  return out;
 }
 
 // RFC 6070, test 1 (PBKDF2-HMAC-SHA1).

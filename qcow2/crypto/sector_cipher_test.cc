@@ -6,18 +6,10 @@
 #include <string>
 #include <vector>
 
+#include "qcow2/crypto/hex_for_test.h"
+
 namespace uq::qcow2::crypto {
 namespace {
-
-std::string Hex(std::span<const std::byte> b) {
-  static const char* d = "0123456789abcdef";
-  std::string out;
-  for (std::byte x : b) {
-    out += d[static_cast<unsigned>(x) >> 4];
-    out += d[static_cast<unsigned>(x) & 15];
-  }
-  return out;
-}
 
 Algorithms Algs(const char* alg, const char* mode, const char* ivgen, const char* ivhash = "") {
   auto a = AlgorithmsFromOptions(alg, mode, ivgen, ivhash, "sha256");

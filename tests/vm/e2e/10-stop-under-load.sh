@@ -36,24 +36,6 @@ start_load() {  # start_load DEV LOG; sets load_pid
   load_pid=$!
 }
 
-writes_done() {  # writes_done ID: completed write requests of /dev/ublkbID
-  local s
-  read -r _ _ _ _ s _ <"/sys/block/ublkb$1/stat"
-  echo "$s"
-}
-
-# wait_writes ID N SECONDS: until N more writes than now have completed.
-wait_writes() {
-  local base i
-  base=$(writes_done "$1")
-  for ((i = 0; i < $3 * 10; i++)); do
-    (($(writes_done "$1") >= base + $2)) && return 0
-    sleep 0.1
-  done
-  echo "fewer than $2 writes in $3 s"
-  return 1
-}
-
 # ends_within PID SECONDS: the child PID exits within SECONDS (else it is killed).
 # Sets child_status. A zombie counts as exited (kill -0 would still see it).
 ends_within() {

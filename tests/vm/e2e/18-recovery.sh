@@ -18,24 +18,6 @@ source "$(dirname "$0")/lib.bash"
 M=$((1024 * 1024))
 img=$WORK/r.qcow2
 
-writes_done() {  # writes_done ID: completed write requests of /dev/ublkbID
-  local s
-  read -r _ _ _ _ s _ <"/sys/block/ublkb$1/stat"
-  echo "$s"
-}
-
-# wait_writes ID N SECONDS: until N more writes than now have completed.
-wait_writes() {
-  local base i
-  base=$(writes_done "$1")
-  for ((i = 0; i < $3 * 10; i++)); do
-    (($(writes_done "$1") >= base + $2)) && return 0
-    sleep 0.1
-  done
-  echo "fewer than $2 writes in $3 s"
-  return 1
-}
-
 # kill_and_recover ID DEV: SIGKILL the daemon, see the device wait, recover it.
 kill_and_recover() {
   local id=$1 dev=$2 pid new t0 out

@@ -93,6 +93,24 @@ wait_gone() {
 # dev_id /dev/ublkbN -> N
 dev_id() { echo "${1#/dev/ublkb}"; }
 
+writes_done() {  # writes_done ID: completed write requests of /dev/ublkbID
+  local s
+  read -r _ _ _ _ s _ <"/sys/block/ublkb$1/stat"
+  echo "$s"
+}
+
+# wait_writes ID N SECONDS: until N more writes than now have completed.
+wait_writes() {
+  local base i
+  base=$(writes_done "$1")
+  for ((i = 0; i < $3 * 10; i++)); do
+    (($(writes_done "$1") >= base + $2)) && return 0
+    sleep 0.1
+  done
+  echo "fewer than $2 writes in $3 s"
+  return 1
+}
+
 daemon_pid() {  # daemon_pid ID
   sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "/run/ublk-qcow2/$1.json" 2>/dev/null
 }
