@@ -61,13 +61,8 @@ def create_luks(b, name, size, enc=None, opts=None, backing=None):
     if backing:
         argv += ["-b", backing, "-F", "qcow2" if backing.endswith("qcow2") else "raw"]
     argv += [name, str(size)]
-    for attempt in range(20):
-        try:
-            b.qemu_img(*argv)
-            return name
-        except SetupError:
-            if attempt == 19:
-                raise
+    b.qemu_img_luks_create(*argv)
+    return name
 
 
 def qio(b, img, *cmds, extra=""):

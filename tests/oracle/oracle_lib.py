@@ -188,6 +188,17 @@ class Builder:
     def qemu_img(self, *args):
         return must([QEMU_IMG] + [str(a) for a in args], self.cwd, self.log)
 
+    def qemu_img_luks_create(self, *args, attempts=20):
+        """qemu-img create of a LUKS image, retried: QEMU times PBKDF2 with the
+        thread's CPU clock and gives up ("Unable to get accurate CPU usage")
+        about one time in five on this machine, whatever encrypt.iter-time is."""
+        for attempt in range(attempts):
+            try:
+                return self.qemu_img(*args)
+            except SetupError:
+                if attempt == attempts - 1:
+                    raise
+
     def create(self, name, size, fmt="qcow2", opts=None, backing=None, backing_fmt=None):
         argv = ["create", "-q", "-f", fmt]
         if opts:
