@@ -153,6 +153,41 @@ TEST_F(AnyThreadTest, WritesHereMarkEnabledBitmaps) {
   ASSERT_TRUE(BlockOn(img_->Close()).ok());
 }
 
+// A bitmap added while the image serves (a device's `bitmap -n ID --add`):
+// the change is stored at once, the writes from then on, here and in the
+// engine, set its bits, and they are on disk after the close.
+TEST_F(AnyThreadTest, ABitmapAddedLiveTracksWritesFromThenOn) {
+  Sh("qemu-img create -f qcow2 img.qcow2 4M");
+  Sh("qemu-io -c 'write -P 0x44 0 2M' img.qcow2");
+  Open();
+  EngineRead(0, 2 << 20);
+  ASSERT_TRUE(HereWrite(0, std::vector<std::byte>(4096, std::byte{1}))) << "no bitmap yet";
+  Status st = BlockOn(img_->ChangeBitmapsLive(
+      [this]() -> Task<Status> { co_return img_->AddBitmap("live", 4096, true); }));
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  std::string out;
+  ASSERT_EQ(scratch_->Sh("qemu-img info -U img.qcow2", &out), 0);
+  EXPECT_NE(out.find("name: live"), std::string::npos) << "stored at once: " << out;
+  EXPECT_FALSE(HereWrite(8192, std::vector<std::byte>(4096, std::byte{2})))
+      << "mappings revoked, and no write here before the bitmap is in use on disk";
+  std::vector<std::byte> data(512, std::byte{3});
+  ASSERT_TRUE(BlockOn(img_->Write(1 << 20, data, false)).ok());
+  EngineRead(0, 2 << 20);
+  std::future<bool> here = std::async(std::launch::async, [&] {
+    return HereWrite(200 * 1024, std::vector<std::byte>(4096, std::byte{4}));
+  });
+  ASSERT_TRUE(here.get()) << "published again after the change";
+  const std::vector<std::pair<uint64_t, uint64_t>> want = {{200 * 1024, 4096}, {1 << 20, 4096}};
+  CloseAndCheck();
+  Open(false);
+  auto bits = BlockOn(img_->BitmapContents("live"));
+  ASSERT_TRUE(bits.ok()) << bits.status().ToString();
+  std::vector<std::pair<uint64_t, uint64_t>> got;
+  for (const auto& e : (*bits)->DirtyExtents()) got.emplace_back(e.offset, e.length);
+  EXPECT_EQ(got, want);
+  ASSERT_TRUE(BlockOn(img_->Close()).ok());
+}
+
 TEST_F(AnyThreadTest, AMebibyteAtAnyAlignmentIsServedHere) {
   Sh("qemu-img create -f qcow2 img.qcow2 4M");
   Sh("qemu-io -c 'write -P 0x44 0 3M' img.qcow2");
@@ -227,6 +262,36 @@ TEST_F(AnyThreadTest, SnapshotSharedClustersAreReadOnlyHereUntilCopied) {
   std::string out;
   scratch_->Sh("qemu-img snapshot -a s1 img.qcow2 && qemu-io -c 'read -P 0x11 0 1M' img.qcow2",
                &out);
+  EXPECT_EQ(out.find("fail"), std::string::npos) << "the snapshot kept its data: " << out;
+}
+
+// A snapshot taken while the image serves (`snapshot -n ID -c`) revokes
+// every mapping for the change, but only for it: the engine publishes again
+// afterwards, so requests are served off its thread again.
+TEST_F(AnyThreadTest, ALiveSnapshotDoesNotEndServingHere) {
+  Sh("qemu-img create -f qcow2 img.qcow2 1M");
+  Sh("qemu-io -c 'write -P 0x11 0 1M' img.qcow2");
+  Open();
+  EngineRead(0, 1 << 20);
+  ASSERT_TRUE(HereWrite(0, std::vector<std::byte>(4096, std::byte{0x22})));
+  Snapshot entry;
+  entry.name = "s1";
+  ASSERT_TRUE(BlockOn(img_->CreateSnapshot(entry)).ok());
+  EXPECT_FALSE(HereRead(0, 4096)) << "revoked by the snapshot";
+  std::vector<std::byte> data(4096, std::byte{0x33});
+  ASSERT_TRUE(BlockOn(img_->Write(0, data, false)).ok());  // copies cluster 0
+  EngineRead(0, 1 << 20);
+  std::optional<std::vector<std::byte>> here = HereRead(0, 4096);
+  ASSERT_TRUE(here) << "the copied cluster is served here again";
+  EXPECT_EQ((*here)[0], std::byte{0x33});
+  EXPECT_TRUE(HereWrite(4096, std::vector<std::byte>(4096, std::byte{0x44})));
+  EXPECT_TRUE(HereRead(512 * 1024, 4096)) << "shared clusters serve reads here";
+  CloseAndCheck();
+  std::string out;
+  scratch_->Sh(
+      "qemu-img snapshot -a s1 img.qcow2 && qemu-io -c 'read -P 0x22 0 4k' "
+      "-c 'read -P 0x11 4k 1020k' img.qcow2",
+      &out);
   EXPECT_EQ(out.find("fail"), std::string::npos) << "the snapshot kept its data: " << out;
 }
 

@@ -335,6 +335,14 @@ Task<Status> Qcow2Image::StoreBitmaps() {
   co_return co_await StoreBitmapsLocked();
 }
 
+Task<Status> Qcow2Image::ChangeBitmapsLive(std::function<Task<Status>()> change) {
+  CO_RETURN_IF_ERROR(CheckWritable(0, 0));
+  co_await RevokeShared(SharedMap::After::kPublish);
+  Status changed = co_await change();
+  Status stored = co_await StoreBitmaps();
+  co_return changed.ok() ? stored : changed;
+}
+
 Task<Status> Qcow2Image::StoreBitmapsLocked() {
   if (!BitmapsNeedStore()) co_return Status::Ok();
   const uint64_t cs = geo_.cluster_size;

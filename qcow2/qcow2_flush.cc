@@ -65,7 +65,7 @@ Task<Status> Qcow2Image::MarkCorrupt(Status cause) {
       Status::Corruption(cause.message() + "; the image is marked corrupt and now read-only");
   if (!writable_) co_return error;
   writable_ = false;
-  co_await RevokeShared();  // no more writes from other threads either
+  co_await RevokeShared(SharedMap::After::kStop);  // no more writes from other threads either
   Header updated = header_;
   updated.incompatible_features |= kIncompatCorrupt;
   Status st = co_await WriteHeader(*file_, updated);
@@ -168,7 +168,7 @@ Task<Status> Qcow2Image::FlushLocked() {
 Task<Status> Qcow2Image::Close() {
   if (closed_) co_return Status::Ok();
   // Nothing may be written from another thread after the last flush.
-  co_await RevokeShared();
+  co_await RevokeShared(SharedMap::After::kStop);
   Status st = co_await Flush();
   // The bitmaps, with the bits of every write, back on disk and no longer
   // in use (a corrupt image, read-only now, leaves them in use).

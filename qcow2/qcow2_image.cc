@@ -434,8 +434,8 @@ Task<void> Qcow2Image::RevokeForRemap(uint64_t cluster) {
   if (shared_map_.Revoke(cluster)) co_await WaitUnpinned();
 }
 
-Task<void> Qcow2Image::RevokeShared() {
-  if (shared_map_.RevokeAll()) co_await WaitUnpinned();
+Task<void> Qcow2Image::RevokeShared(SharedMap::After after) {
+  if (shared_map_.RevokeAll(after)) co_await WaitUnpinned();
 }
 
 Task<void> Qcow2Image::WaitUnpinned() {
@@ -458,12 +458,14 @@ std::optional<Task<Status>> Qcow2Image::TryAnyThread(bool write, uint64_t offset
   if (count > SharedMap::kMaxPinned) return std::nullopt;
   std::array<uint64_t, SharedMap::kMaxPinned> hosts;
   SharedMap::Pin pin;
+  if (!shared_map_.Acquire(first, count, write, hosts.data(), &pin)) return std::nullopt;
   // Tracked bitmaps: the engine marks them in use on disk before the first
-  // write; after that a write here only sets bits, atomically.
+  // write; after that a write here only sets bits, atomically. The list is
+  // read only under a pin: a change of it (ChangeBitmapsLive) revokes every
+  // mapping and waits for the pins first.
   if (write && !tracking_.empty() && !bitmaps_marked_in_use_.load(std::memory_order_acquire)) {
     return std::nullopt;
   }
-  if (!shared_map_.Acquire(first, count, write, hosts.data(), &pin)) return std::nullopt;
   if (write) {
     for (const auto& b : tracking_) b->Set(offset, buffer.size());
   }

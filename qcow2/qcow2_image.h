@@ -296,6 +296,15 @@ class Qcow2Image final : public BlockDevice {
   // extension, autoclear bit 0 set; both dropped when no bitmap is left);
   // old clusters are freed after. A crash leaves the old list or the new.
   Task<Status> StoreBitmaps();
+  // Runs `change` (calls of the operations above) on an image that is
+  // serving (a device's `bitmap -n ID`), then stores the bitmaps, so the
+  // change is on disk when this returns, even if `change` failed part way
+  // (the operations before the failure took effect, as qemu-img's do). No
+  // write runs on another thread meanwhile (their mappings are revoked
+  // first), so none sets bits in a list that is changing, and every write
+  // acknowledged before the call is in the stored bits.
+  // REQUIRES: writable image, no request in flight on the image's thread.
+  Task<Status> ChangeBitmapsLive(std::function<Task<Status>()> change);
 
   const Header& header() const { return header_; }
   const Geometry& geometry() const { return geo_; }
@@ -564,8 +573,9 @@ class Qcow2Image final : public BlockDevice {
   Task<KeyedLock::Guard> LockToRemap(uint64_t cluster);
   // LockToRemap's second half, for a caller that already holds the lock.
   Task<void> RevokeForRemap(uint64_t cluster);
-  // Stops all use of the SharedMap and waits for the requests using it.
-  Task<void> RevokeShared();
+  // Revokes every mapping of the SharedMap and waits for the requests using
+  // them; `after` says whether the engine may publish again (see SharedMap).
+  Task<void> RevokeShared(SharedMap::After after);
   // Waits (off this thread, through Env::RunOffThread) until no revoked
   // mapping is in use. An Env whose RunOffThread runs inline must complete
   // TryAnyThread I/O without this thread (SyncEnv does, blocking); UringEnv

@@ -240,7 +240,7 @@ Task<Result<std::string>> Qcow2Image::CreateSnapshot(Snapshot entry) {
   table.back().l1_table_offset = l1_offset;
   table.back().l1_size = static_cast<uint32_t>(l1_.size());
   // Everything the active tables reach is shared now: the next write copies.
-  co_await RevokeShared();
+  co_await RevokeShared(SharedMap::After::kPublish);
   CO_RETURN_IF_ERROR(co_await FixActiveCopiedFlags());
   CO_RETURN_IF_ERROR(co_await SwitchSnapshotTable(std::move(table), nullptr));
   CO_RETURN_IF_ERROR(co_await FlushLocked());
@@ -310,7 +310,7 @@ Task<Status> Qcow2Image::ApplySnapshot(size_t index) {
     ReleaseRange(l1_offset, l1_bytes.size());
     co_return st;
   }
-  co_await RevokeShared();
+  co_await RevokeShared(SharedMap::After::kPublish);
   const uint64_t old_offset = header_.l1_table_offset;
   const uint64_t old_bytes = uint64_t{l1_.size()} * 8;
   header_ = std::move(updated);

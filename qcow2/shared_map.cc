@@ -70,9 +70,9 @@ bool SharedMap::Revoke(uint64_t cluster) {
   return true;
 }
 
-bool SharedMap::RevokeAll() {
+bool SharedMap::RevokeAll(After after) {
   std::lock_guard lock(mu_);
-  disabled_ = true;
+  if (after == After::kStop) disabled_ = true;
   for (Slot& s : slots_) {
     s.key = 0;
     if (s.pins != 0 && !s.revoked) {

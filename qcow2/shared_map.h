@@ -104,9 +104,14 @@ class SharedMap {
   // Removes `cluster`'s mapping. Returns true if requests still hold pins on
   // it: the caller must WaitUnpinned() before changing the mapping.
   bool Revoke(uint64_t cluster);
-  // Removes every mapping and publishes nothing from now on (the image is
-  // closing, or read-only after corruption). Returns true if pins remain.
-  bool RevokeAll();
+  // What RevokeAll leaves behind: kStop publishes nothing from now on (the
+  // image is closing, or read-only after corruption); kPublish lets the
+  // engine publish again as it meets clusters (a snapshot was taken, the
+  // bitmaps changed: the mappings are fine, but no request may run here
+  // across the change).
+  enum class After { kPublish, kStop };
+  // Removes every mapping. Returns true if pins remain.
+  bool RevokeAll(After after);
   // Blocks until no revoked mapping is pinned. The caller runs it off the
   // image's thread (Env::RunOffThread): the pins go away as other threads'
   // I/O completes.

@@ -54,6 +54,21 @@ TEST(SharedMapTest, RevokeOfAnUnpinnedMappingIsImmediate) {
   EXPECT_EQ(map.published(), 0u);
 }
 
+TEST(SharedMapTest, RevokeAllForAChangeLetsTheEnginePublishAgain) {
+  SharedMap map(64);
+  map.Publish(1, kCluster, true);
+  uint64_t host;
+  SharedMap::Pin pin;
+  ASSERT_TRUE(map.Acquire(1, 1, false, &host, &pin));
+  EXPECT_TRUE(map.RevokeAll(SharedMap::After::kPublish));
+  EXPECT_FALSE(map.Acquire(1, 1, false, &host, &pin)) << "revoked";
+  pin.Release();
+  map.WaitUnpinned();
+  map.Publish(2, 2 * kCluster, true);
+  ASSERT_TRUE(map.Acquire(2, 1, false, &host, &pin));
+  EXPECT_EQ(host, 2 * kCluster);
+}
+
 TEST(SharedMapTest, RevokeOfAPinnedMappingWaitsForTheUnpin) {
   SharedMap map(64);
   map.Publish(7, kCluster, true);
@@ -100,7 +115,7 @@ TEST(SharedMapTest, RevokeAllDisablesTheMap) {
   uint64_t host;
   SharedMap::Pin pin;
   ASSERT_TRUE(map.Acquire(1, 1, false, &host, &pin));
-  EXPECT_TRUE(map.RevokeAll());
+  EXPECT_TRUE(map.RevokeAll(SharedMap::After::kStop));
   pin.Release();
   map.WaitUnpinned();
   map.Publish(2, kCluster, true);
