@@ -11,6 +11,7 @@
 #include <cstring>
 #include <string>
 
+#include "driver/log.h"
 #include "driver/state_file.h"
 
 namespace uq::driver {
@@ -24,12 +25,6 @@ void WriteAll(int fd, const std::string& text) {
     if (n <= 0) return;  // the reader is gone; nothing to tell
     done += static_cast<size_t>(n);
   }
-}
-
-void Log(const std::string& line) {
-  std::string text = "ublk-qcow2: " + line + "\n";
-  std::fputs(text.c_str(), stderr);
-  std::fflush(stderr);
 }
 
 // The daemon: creates the device, reports on `report_fd`, serves.

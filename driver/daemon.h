@@ -7,8 +7,8 @@
 // after undoing its partial setup. The caller returns only then, so a
 // successful return means the device is live, and a failed one that nothing
 // is left behind. The device record (driver/state_file.h) is written by
-// Device before the device goes live; the daemon serves until the device is stopped (`del`, or SIGTERM/SIGINT/SIGHUP),
-// closes the image cleanly, deletes the device and its record, and exits 0
+// Device before the device goes live; the daemon serves until the device is stopped (`del`, or
+// SIGTERM/SIGINT/SIGHUP), closes the image cleanly, deletes the device and its record, and exits 0
 // (1 if the image could not be closed cleanly).
 //
 // ServeInForeground() does the same in the calling process: on_ready runs

@@ -19,6 +19,7 @@
 #include <tuple>
 #include <utility>
 
+#include "driver/log.h"
 #include "driver/params.h"
 #include "driver/state_file.h"
 #include "qcow2/open_image.h"
@@ -63,11 +64,6 @@ Status FailAfter(const char* step) {
   if (want == nullptr || std::strcmp(want, step) != 0) return Status::Ok();
   return Status::IoError(
       fmt::format("injected failure after {} (UBLK_QCOW2_TEST_FAIL_AFTER)", step));
-}
-
-void Log(const std::string& line) {
-  std::string text = "ublk-qcow2: " + line + "\n";
-  std::fputs(text.c_str(), stderr);
 }
 
 // How long recover waits for the kernel to release the dead daemon's

@@ -163,6 +163,8 @@ class Device {
   ControlHandlers Handlers();
   // The live snapshot verbs (device_snapshot.cc).
   void AddSnapshotHandlers(ControlHandlers& handlers);
+  // The live bitmap verbs (device_bitmap.cc).
+  void AddBitmapHandlers(ControlHandlers& handlers);
   // The image, if `what` ("list", "create", "delete") may be done to it live;
   // else InvalidArgument "ublk device N: Could not WHAT snapshot 'NAME': why".
   Result<qcow2::Qcow2Image*> SnapshotImage(const std::string& what, const std::string& name);

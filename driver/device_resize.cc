@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "driver/device.h"
+#include "driver/log.h"
 #include "driver/state_file.h"
 #include "driver/ublk_abi.h"
 
@@ -13,12 +14,6 @@ namespace uq::driver {
 namespace {
 
 constexpr uint64_t kSector = 512;
-
-void Log(const std::string& line) {
-  std::string text = "ublk-qcow2: " + line + "\n";
-  std::fputs(text.c_str(), stderr);
-  std::fflush(stderr);
-}
 
 double MillisecondsSince(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
@@ -51,6 +46,7 @@ ControlHandlers Device::Handlers() {
     return answer;
   };
   AddSnapshotHandlers(handlers);
+  AddBitmapHandlers(handlers);
   return handlers;
 }
 

@@ -21,17 +21,13 @@
 #include <vector>
 
 #include "driver/device.h"
+#include "driver/log.h"
 #include "qcow2/bitmap_directory.h"
 #include "qcow2/image_info.h"
 #include "qcow2/qcow2_image.h"
 
 namespace uq::driver {
 namespace {
-
-void Log(const std::string& line) {
-  std::string text = "ublk-qcow2: " + line + "\n";
-  std::fputs(text.c_str(), stderr);
-}
 
 nlohmann::json SnapshotJson(const qcow2::SnapshotInfo& s) {
   return {{"id", s.id},

@@ -6,18 +6,15 @@
 #include <string>
 #include <vector>
 
+#include "qcow2/bitmap_operations.h"
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "qcow2/sync_env.h"
 #include "tools/bench_command.h"
+#include "tools/live_device.h"
 
 namespace uq::tools {
 namespace {
-
-struct Operation {
-  std::string name;    // add, remove, clear, enable, disable, merge
-  std::string source;  // merge's
-};
 
 class BitmapCommand final : public Command {
  public:
@@ -39,22 +36,27 @@ class BitmapCommand final : public Command {
         ->type_name("GRANULARITY");
     app.add_option("-f,--format", format_, "IMAGE's format")
         ->check(CLI::IsMember({"qcow2", "raw"}));
+    app.add_option("-n,--id", id_,
+                   "Work on the running device N (/dev/ublkbN) through its daemon: give only "
+                   "BITMAP, no IMAGE")
+        ->check(CLI::Range(0, (1 << 20) - 1));
     app_ = &app;
   }
 
   int usage_exit_code() const override { return kExitError; }  // as qemu-img's
 
   Status Run() override {
-    std::vector<Operation> ops;
+    using Kind = qcow2::BitmapOperation::Kind;
+    std::vector<qcow2::BitmapOperation> ops;
     size_t merge_index = 0;
     for (CLI::Option* o : app_->parse_order()) {
-      if (o == add_) ops.push_back({"add", ""});
-      if (o == remove_) ops.push_back({"remove", ""});
-      if (o == clear_) ops.push_back({"clear", ""});
-      if (o == enable_) ops.push_back({"enable", ""});
-      if (o == disable_) ops.push_back({"disable", ""});
+      if (o == add_) ops.push_back({Kind::kAdd});
+      if (o == remove_) ops.push_back({Kind::kRemove});
+      if (o == clear_) ops.push_back({Kind::kClear});
+      if (o == enable_) ops.push_back({Kind::kEnable});
+      if (o == disable_) ops.push_back({Kind::kDisable});
       if (o == merge_ && merge_index < merges_.size())
-        ops.push_back({"merge", merges_[merge_index++]});
+        ops.push_back({Kind::kMerge, merges_[merge_index++]});
     }
     if (ops.empty()) {
       return Status::InvalidArgument(
@@ -69,12 +71,17 @@ class BitmapCommand final : public Command {
     if (granularity && add_->count() == 0) {
       return Status::InvalidArgument("granularity only supported with --add");
     }
+    for (qcow2::BitmapOperation& op : ops) {
+      op.granularity = granularity;
+      op.enabled = disable_->count() == 0;
+    }
     if (!source_format_.empty() && source_image_.empty()) {
       return Status::InvalidArgument("-F only supported with -b");
     }
     if (!source_image_.empty() && merges_.empty()) {
       return Status::InvalidArgument("Merge bitmap source file only supported with --merge");
     }
+    if (id_ >= 0) return RunLive(ops);
     if (positionals_.size() < 1) return Status::InvalidArgument("Expecting filename");
     if (positionals_.size() < 2) return Status::InvalidArgument("Expecting bitmap name");
     if (positionals_.size() > 2) {
@@ -110,40 +117,43 @@ class BitmapCommand final : public Command {
     }
 
     Status st;
-    for (const Operation& op : ops) {
-      if (image == nullptr) {
-        st = Status::NotSupported("Operation not supported");
-      } else if (op.name == "add") {
-        st = image->AddBitmap(bitmap, granularity, disable_->count() == 0);
-      } else if (op.name == "remove") {
-        st = image->RemoveBitmap(bitmap);
-      } else if (op.name == "clear") {
-        st = BlockOn(image->ClearBitmap(bitmap));
-      } else if (op.name == "enable" || op.name == "disable") {
-        st = BlockOn(image->EnableBitmap(bitmap, op.name == "enable"));
-      } else {
-        // The target first, as QEMU judges it before the source.
-        Result<std::shared_ptr<const qcow2::DirtyBitmap>> target =
-            BlockOn(image->BitmapContents(bitmap));
-        if (!target.ok()) {
-          st = target.status();
-        } else if (source == nullptr) {
-          st = Status::InvalidArgument(fmt::format("Dirty bitmap '{}' not found", op.source));
-        } else {
-          Result<std::shared_ptr<const qcow2::DirtyBitmap>> bits =
-              BlockOn(source->BitmapContents(op.source));
-          st = bits.ok() ? BlockOn(image->MergeBitmap(bitmap, **bits)) : bits.status();
-        }
-      }
-      if (!st.ok()) {
-        st = Status::InvalidArgument(
-            fmt::format("Operation {} on bitmap {} failed: {}", op.name, bitmap, st.message()));
-        break;
-      }
+    if (image == nullptr) {
+      st = Status::InvalidArgument(
+          fmt::format("Operation {} on bitmap {} failed: Operation not supported",
+                      qcow2::BitmapOperationName(ops[0].kind), bitmap));
+    } else {
+      st = BlockOn(qcow2::RunBitmapOperations(*image, bitmap, ops, source));
     }
     if (source_device) (void)BlockOn(source_device->Close());
     Status closed = BlockOn(device->Close());
     return st.ok() ? closed : st;
+  }
+
+  // -n ID: the device's daemon runs the operations between requests and
+  // stores the bitmaps before it answers (driver/device_bitmap.cc).
+  Status RunLive(const std::vector<qcow2::BitmapOperation>& ops) {
+    if (positionals_.size() > 1) {
+      return Status::InvalidArgument("-n ID and an IMAGE exclude each other");
+    }
+    if (positionals_.empty()) return Status::InvalidArgument("Expecting bitmap name");
+    if (!source_image_.empty()) {
+      return Status::InvalidArgument(
+          fmt::format("ublk device {}: -b SRC_IMAGE cannot be used with -n ID: merge from a "
+                      "bitmap of the device's own image",
+                      id_));
+    }
+    nlohmann::json list = nlohmann::json::array();
+    for (const qcow2::BitmapOperation& op : ops) {
+      nlohmann::json o = {{"op", qcow2::BitmapOperationName(op.kind)}};
+      if (op.kind == qcow2::BitmapOperation::Kind::kMerge) o["source"] = op.source;
+      if (op.kind == qcow2::BitmapOperation::Kind::kAdd) {
+        o["enabled"] = op.enabled;
+        if (op.granularity) o["granularity"] = *op.granularity;
+      }
+      list.push_back(std::move(o));
+    }
+    nlohmann::json request = {{"verb", "bitmap"}, {"name", positionals_[0]}, {"ops", list}};
+    return CallLiveDevice(id_, request).status();
   }
 
  private:
@@ -152,6 +162,7 @@ class BitmapCommand final : public Command {
               *disable_ = nullptr, *merge_ = nullptr;
   std::vector<std::string> positionals_, merges_;
   std::string source_image_, source_format_, granularity_text_, format_;
+  int id_ = -1;
 };
 
 }  // namespace

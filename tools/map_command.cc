@@ -10,6 +10,7 @@
 #include "qcow2/qcow2_image.h"
 #include "qcow2/sync_env.h"
 #include "tools/image_key.h"
+#include "tools/live_device.h"
 
 namespace uq::tools {
 
@@ -115,7 +116,11 @@ std::optional<uint64_t> ParseBytes(const std::string& text) {
 class MapCommand final : public Command {
  public:
   void AddFlags(CLI::App& app) override {
-    app.add_option("IMAGE", image_, "The image to map")->required();
+    app.add_option("IMAGE", image_, "The image to map");
+    // IMAGE is required, unless -n names a running device instead.
+    app.callback([this] {
+      if (image_.empty() && id_ < 0) throw CLI::RequiredError("IMAGE");
+    });
     app.add_option("--output", output_, "Output format")
         ->check(CLI::IsMember({"human", "json"}))
         ->capture_default_str();
@@ -136,6 +141,10 @@ class MapCommand final : public Command {
     app.add_option("--bitmap", bitmap_,
                    "Print the dirty extents of persistent bitmap NAME instead (our extension)")
         ->type_name("NAME");
+    app.add_option("-n,--id", id_,
+                   "With --bitmap: read the bitmap of the running device N (/dev/ublkbN) "
+                   "through its daemon, instead of IMAGE")
+        ->check(CLI::Range(0, (1 << 20) - 1));
   }
 
   Status Run() override {
@@ -144,7 +153,14 @@ class MapCommand final : public Command {
     std::optional<uint64_t> max_length;
     if (!length_text_.empty()) max_length = ParseBytes(length_text_);
     std::string out;
-    Status status = BlockOn(Map(start, max_length, out));
+    Status status;
+    if (id_ >= 0) {
+      if (bitmap_.empty()) return Status::InvalidArgument("-n ID needs --bitmap NAME");
+      if (!image_.empty()) return Status::InvalidArgument("-n ID and an IMAGE exclude each other");
+      status = MapLiveBitmap(start, max_length, out);
+    } else {
+      status = BlockOn(Map(start, max_length, out));
+    }
     if (std::fwrite(out.data(), 1, out.size(), stdout) != out.size() || std::fflush(stdout) != 0) {
       if (status.ok()) return Status::IoError("standard output: write failed");
     }
@@ -213,27 +229,54 @@ class MapCommand final : public Command {
     if (!bits.ok()) {
       co_return Status::InvalidArgument(fmt::format("{}: {}", image_, bits.status().message()));
     }
+    std::vector<std::pair<uint64_t, uint64_t>> dirty;
+    for (const auto& x : (*bits)->DirtyExtents()) dirty.emplace_back(x.offset, x.length);
+    RenderBitmap(dirty, device.size(), start, max_length, out);
+    co_return Status::Ok();
+  }
+
+  // --bitmap with -n ID: the running device's daemon reads the bitmap
+  // (driver/device_bitmap.cc).
+  Status MapLiveBitmap(uint64_t start, std::optional<uint64_t> max_length, std::string& out) {
+    ASSIGN_OR_RETURN(nlohmann::json answer,
+                     CallLiveDevice(id_, {{"verb", "bitmap-extents"}, {"name", bitmap_}}));
+    std::vector<std::pair<uint64_t, uint64_t>> dirty;
+    try {
+      for (const auto& e : answer.at("extents")) {
+        dirty.emplace_back(e.at(0).get<uint64_t>(), e.at(1).get<uint64_t>());
+      }
+      RenderBitmap(dirty, answer.at("size").get<uint64_t>(), start, max_length, out);
+    } catch (const nlohmann::json::exception&) {
+      return Status::IoError(fmt::format("ublk device {}: a malformed bitmap-extents answer", id_));
+    }
+    return Status::Ok();
+  }
+
+  // Renders `dirty` (offset, length in order) of an image of `size` bytes
+  // over [start, start + max_length).
+  void RenderBitmap(const std::vector<std::pair<uint64_t, uint64_t>>& dirty, uint64_t size,
+                    uint64_t start, std::optional<uint64_t> max_length, std::string& out) const {
     const bool json = output_ == "json";
-    uint64_t end = device.size();
+    uint64_t end = size;
     if (max_length && start <= end && *max_length < end - start) end = start + *max_length;
     std::vector<MapEntry> rows;  // data = dirty
-    auto add = [&](uint64_t from, uint64_t to, bool dirty) {
+    auto add = [&](uint64_t from, uint64_t to, bool is_dirty) {
       from = std::max(from, start);
       to = std::min(to, end);
       if (from >= to) return;
       MapEntry e;
       e.start = from;
       e.length = to - from;
-      e.data = dirty;
+      e.data = is_dirty;
       rows.push_back(e);
     };
     uint64_t pos = 0;
-    for (const auto& x : (*bits)->DirtyExtents()) {
-      add(pos, x.offset, false);
-      add(x.offset, x.offset + x.length, true);
-      pos = x.offset + x.length;
+    for (const auto& [offset, length] : dirty) {
+      add(pos, offset, false);
+      add(offset, offset + length, true);
+      pos = offset + length;
     }
-    add(pos, device.size(), false);
+    add(pos, size, false);
     if (json) {
       out += "[";
       for (size_t i = 0; i < rows.size(); i++) {
@@ -247,7 +290,6 @@ class MapCommand final : public Command {
         if (e.data) out += Hex16(e.start) + Hex16(e.length) + "\n";
       }
     }
-    co_return Status::Ok();
   }
 
   Status WithImage(Status status) const {
@@ -261,6 +303,7 @@ class MapCommand final : public Command {
   std::string length_text_;
   std::string format_;
   std::string bitmap_;
+  int id_ = -1;
   bool force_share_ = false;
 };
 
