@@ -149,11 +149,10 @@ Task<Status> Qcow2Image::CheckAmend(const AmendOptions& o) {
       }
     }
     if (ActiveBitmapsExtension(header_) != nullptr) {
-      // QEMU downgrades and leaks the bitmaps' clusters; we do not maintain
-      // bitmaps at all yet.
+      // QEMU downgrades and leaks the bitmaps' clusters; we refuse.
       co_return unsupported(
-          "can't downgrade an image with persistent dirty bitmaps (ublk-qcow2 does not "
-          "maintain bitmaps yet)");
+          "can't downgrade an image with persistent dirty bitmaps (ublk-qcow2 does not amend "
+          "images with bitmaps yet)");
     }
   }
   co_return Status::Ok();

@@ -143,7 +143,7 @@ Task<Status> Qcow2Image::MarkBitmapsDirty(uint64_t offset, uint64_t length) {
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::MarkBitmapsInUse() {
+Task<Status> Qcow2Image::MarkBitmapsInUse(bool every) {
   const BitmapsExtension* ext = ActiveBitmapsExtension(header_);
   if (ext == nullptr) co_return Status::Ok();
   // The directory as it is on disk, with the bitmaps the writes change
@@ -153,8 +153,8 @@ Task<Status> Qcow2Image::MarkBitmapsInUse() {
   bool changed = false;
   for (BitmapDirEntry& e : entries) {
     for (const auto& t : bitmaps_) {
-      if (t.entry.name == e.name && t.bits && t.entry.enabled() && !t.entry.in_use() &&
-          !t.entry_is_new && !e.in_use()) {
+      const bool tracked = t.bits && t.entry.enabled() && !t.entry.in_use();
+      if (t.entry.name == e.name && (tracked || every) && !t.entry_is_new && !e.in_use()) {
         e.flags |= kBitmapInUse;
         changed = true;
       }
@@ -177,6 +177,46 @@ Task<Status> Qcow2Image::MarkBitmapsInUse() {
   CO_RETURN_IF_ERROR(co_await file_->Sync());
   bitmaps_in_use_on_disk_ = true;
   co_return Status::Ok();
+}
+
+// --- resize ---
+
+Task<Status> Qcow2Image::PrepareBitmapsForResize(uint64_t new_size) {
+  if (bitmaps_.empty()) co_return Status::Ok();
+  const uint64_t cs = geo_.cluster_size;
+  for (const TrackedBitmap& b : bitmaps_) {
+    if (b.entry.in_use() && !b.entry_is_new) {
+      // QEMU refuses to open the image for writing at all then.
+      co_return Status::InvalidArgument(
+          fmt::format("{}: Bitmap '{}' is inconsistent and cannot be used", path(), b.entry.name));
+    }
+    const uint64_t bits = DivRoundUp(new_size, b.entry.granularity());
+    if (DivRoundUp(DivRoundUp(bits, 8), cs) * cs > kMaxBitmapBytes) {
+      co_return Status::InvalidArgument(
+          fmt::format("{}: can't resize: bitmap '{}' would pass the limit of {} MiB of bits",
+                      path(), b.entry.name, kMaxBitmapBytes >> 20));
+    }
+  }
+  std::vector<std::string> names;
+  for (const TrackedBitmap& b : bitmaps_) names.push_back(b.entry.name);
+  for (const std::string& name : names) CO_RETURN_IF_ERROR((co_await UsableBitmap(name)).status());
+  CO_RETURN_IF_ERROR(co_await MarkBitmapsInUse(true));
+  bitmaps_marked_in_use_.store(true, std::memory_order_release);
+  co_return Status::Ok();
+}
+
+Task<void> Qcow2Image::ResizeBitmaps(uint64_t new_size) {
+  if (bitmaps_.empty()) co_return;
+  // No write may set bits on another thread while the bitmaps are replaced.
+  co_await RevokeShared(SharedMap::After::kPublish);
+  for (TrackedBitmap& b : bitmaps_) {
+    auto resized = std::make_shared<DirtyBitmap>(new_size, b.entry.granularity_bits);
+    for (const auto& e : b.bits->DirtyExtents()) resized->Set(e.offset, e.length);
+    b.bits = std::move(resized);
+    b.changed = true;
+  }
+  bitmaps_list_changed_ = true;
+  RebuildTracking();
 }
 
 // --- the operations of qemu-img bitmap ---

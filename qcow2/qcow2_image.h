@@ -525,9 +525,19 @@ class Qcow2Image final : public BlockDevice {
   // Marks the tracked bitmaps for a guest write (the first one marks them in
   // use on disk first).
   Task<Status> MarkBitmapsDirty(uint64_t offset, uint64_t length);
-  // The tracked bitmaps marked in use in the directory on disk (rewritten in
-  // place and synced).
-  Task<Status> MarkBitmapsInUse();
+  // The tracked bitmaps (`every`: all bitmaps stored on disk) marked in use
+  // in the directory on disk (rewritten in place and synced).
+  Task<Status> MarkBitmapsInUse(bool every = false);
+  // Resize's two halves for the bitmaps, which follow the virtual size as
+  // QEMU's do. Before: refuses an inconsistent bitmap or one that would grow
+  // past QEMU's limits, loads every bitmap and marks every stored one in use
+  // on disk, so that a crash before the new size is stored leaves them
+  // inconsistent, never with a table too small for the disk (which QEMU
+  // refuses to open). After the header names the new size: the bits follow
+  // it (the new area clean; a shrink keeps a partial last granule), stored
+  // at Close.
+  Task<Status> PrepareBitmapsForResize(uint64_t new_size);
+  Task<void> ResizeBitmaps(uint64_t new_size);
   Task<Result<uint64_t>> WriteBitmapData(const DirtyBitmap& bits, std::vector<uint64_t>* written);
   Task<Status> ReleaseBitmapClusters(const BitmapDirEntry& e);
   bool BitmapsNeedStore() const;

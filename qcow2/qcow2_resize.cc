@@ -28,12 +28,6 @@ Task<Status> Qcow2Image::Resize(uint64_t new_size, Preallocation prealloc) {
     co_return Status::NotSupported(
         fmt::format("{}: can't resize a v2 image which has snapshots", path()));
   }
-  if (ActiveBitmapsExtension(header_) != nullptr) {
-    co_return Status::NotSupported(fmt::format(
-        "{}: can't resize an image with persistent dirty bitmaps (their size follows the "
-        "image's; ublk-qcow2 does not maintain bitmaps yet)",
-        path()));
-  }
   const uint64_t old_size = size();
   if (new_size < old_size && prealloc != Preallocation::kOff) {
     co_return Status::InvalidArgument(
@@ -50,6 +44,7 @@ Task<Status> Qcow2Image::Resize(uint64_t new_size, Preallocation prealloc) {
   if (header_.data_file_raw() && new_size > old_size && prealloc == Preallocation::kOff) {
     prealloc = Preallocation::kMetadata;
   }
+  CO_RETURN_IF_ERROR(co_await PrepareBitmapsForResize(new_size));
   CO_RETURN_IF_ERROR(co_await Flush());
 
   if (new_size < old_size) {
@@ -103,6 +98,7 @@ Task<Status> Qcow2Image::Resize(uint64_t new_size, Preallocation prealloc) {
   if (st.ok()) st = co_await file_->Sync();
   CO_RETURN_IF_ERROR(restore_size(std::move(st)));
   header_ = std::move(updated);
+  co_await ResizeBitmaps(new_size);
   if (new_size < old_size) CO_RETURN_IF_ERROR(co_await TruncateAfterLastCluster());
   co_return Status::Ok();
 }

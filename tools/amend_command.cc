@@ -251,12 +251,11 @@ class AmendCommand final : public Command {
       return Status::Ok();
     }
     ASSIGN_OR_RETURN(qcow2::AmendOptions amend, ParseAmendOptions(list, header, image));
-    // A writable open marks persistent bitmaps in use: refuse first, so that
-    // a refusal changes nothing.
+    // Refused before the writable open, so that a refusal changes nothing.
     if (qcow2::ActiveBitmapsExtension(header) != nullptr) {
       return Status::NotSupported(
           fmt::format("{}: can't amend an image with persistent dirty bitmaps (ublk-qcow2 does not "
-                      "maintain bitmaps yet)",
+                      "amend images with bitmaps yet)",
                       image));
     }
 

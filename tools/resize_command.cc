@@ -10,7 +10,6 @@
 #include <utility>
 #include <vector>
 
-#include "qcow2/bitmap_directory.h"
 #include "qcow2/create/option_list.h"
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
@@ -89,19 +88,6 @@ class ResizeCommand final : public Command {
     options.key = ImageKey();
     options.env = qcow2::SyncEnv();
     options.format = format_;
-    // A writable open marks persistent bitmaps in use, and Resize refuses
-    // them: look first, so that a refusal changes nothing.
-    {
-      ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> device,
-                       BlockOn(qcow2::OpenImage(image_, options)));
-      auto* image = dynamic_cast<qcow2::Qcow2Image*>(device.get());
-      if (image != nullptr && qcow2::ActiveBitmapsExtension(image->header()) != nullptr) {
-        return Status::NotSupported(fmt::format(
-            "{}: can't resize an image with persistent dirty bitmaps (ublk-qcow2 does not "
-            "maintain bitmaps yet)",
-            image_));
-      }
-    }
     options.writable = true;
     ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> device,
                      BlockOn(qcow2::OpenImage(image_, options)));

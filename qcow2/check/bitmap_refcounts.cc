@@ -23,6 +23,7 @@ constexpr uint64_t kBmeMaxPhysSize = 0x20000000;
 constexpr uint32_t kBmeMaxGranularityBits = 31;
 constexpr uint32_t kBmeMinGranularityBits = 9;
 constexpr uint32_t kBmeReservedFlags = 0xfffffffcu;
+constexpr uint32_t kBmeFlagInUse = 1;
 constexpr uint32_t kBmeMaxNameSize = 1023;
 constexpr uint8_t kBmeTypeDirtyTracking = 1;
 constexpr uint64_t kBmeTableEntryReservedMask = 0xff000000000001feull;
@@ -62,8 +63,11 @@ Result<std::vector<BitmapTableRef>> ParseBitmapDirectory(std::span<const std::by
                name_size > kBmeMaxNameSize || type != kBmeTypeDirtyTracking;
     if (!bad) {
       const uint64_t phys_bytes = uint64_t{table_size} * cluster_size;
-      // phys_bytes * 8 <= 2^32 and granularity_bits <= 31: no overflow.
-      bad = phys_bytes > kBmeMaxPhysSize || disk_bytes > ((phys_bytes * 8) << granularity_bits);
+      // phys_bytes * 8 <= 2^32 and granularity_bits <= 31: no overflow. A
+      // bitmap in use may be stale after a resize (as QEMU's check allows): only
+      // a valid one must cover the disk.
+      bad = phys_bytes > kBmeMaxPhysSize ||
+            (!(flags & kBmeFlagInUse) && disk_bytes > ((phys_bytes * 8) << granularity_bits));
     }
     if (bad) {
       return Status::Corruption(fmt::format("bitmap '{}' doesn't satisfy the constraints", name));

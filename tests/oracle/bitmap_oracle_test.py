@@ -55,6 +55,10 @@ def convert(*args):
     return ("convert", [str(a) for a in args] + ["a.qcow2", "c.qcow2"])
 
 
+def resize(*args):
+    return ("resize", [str(a) for a in args])
+
+
 def lifecycle(g, size):
     """Add, write, merge, enable/disable, clear, remove, with writes between."""
     return [
@@ -87,6 +91,24 @@ def errors():
         bitmap("--add", "--remove", "--add", "a.qcow2", "z"),  # add kept, remove, add again
         bitmap("--add", "--add", "a.qcow2", "w"),  # second add fails, first kept
     ]
+
+
+@case("resize/grow_shrink", "resize grows and shrinks the bitmaps (tables too), as qemu-img's")
+def _(b):
+    size = 4 * M
+    return dict(create={"cluster_size": 512}, size=size, steps=[
+        bitmap("--add", "-g", 512, "a.qcow2", "fine"),
+        bitmap("--add", "-g", 64 * K, "a.qcow2", "coarse"),
+        bitmap("--add", "--disable", "-g", 4096, "a.qcow2", "off"),
+        bench(0, 3, 4096, 1 * M + 512, 0x21),
+        bench(size - 9 * K, 1, 9 * K, 0, 0x22),
+        resize("a.qcow2", 5 * size + 1536),  # the 512 B bitmap's table grows
+        bench(size + 4 * K, 2, 4096, 2 * M, 0x23),
+        resize("--shrink", "a.qcow2", 2 * M + 3 * 512),  # a partial last granule
+        bench(2 * M - 1024, 1, 1024, 0, 0x24),
+        resize("a.qcow2", "+1M"),
+        bench(2 * M + 3 * 512, 1, 512, 0, 0x25),
+    ])
 
 
 @case("matrix/g512_c64k", "granularity 512 B on 64 KiB clusters")
@@ -258,6 +280,9 @@ def run_case(c, workdir, log, binary):
         if kind == "bitmap":
             rq = L.run([L.QEMU_IMG, "bitmap"] + args, q, log)
             ro = L.run([binary, "bitmap"] + args, o, log)
+        elif kind == "resize":
+            rq = L.run([L.QEMU_IMG, "resize", "-q"] + args, q, log)
+            ro = L.run([binary, "resize", "-q"] + args, o, log)
         elif kind == "convert":
             rq = L.run([L.QEMU_IMG, "convert"] + args, q, log)
             ro = L.run([binary, "convert"] + args, o, log)

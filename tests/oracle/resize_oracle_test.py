@@ -132,11 +132,12 @@ def _(b):
             Step("--shrink", "a.qcow2", 5 * M + 512, snapshots=("s1", "s2"))]
 
 
-@case("features/bitmaps", "persistent bitmaps: qemu-img resizes them; we refuse (documented)")
+@case("features/bitmaps", "persistent bitmaps follow the size (their bits: bitmap_oracle_test)")
 def _(b):
     b.create("a.qcow2", 4 * M)
     b.qemu_img("bitmap", "--add", "a.qcow2", "b0")
-    return [Step("a.qcow2", "+1M", ours_refuses=True)]
+    b.io("a.qcow2", "write -P 3 1M 64k")
+    return [Step("a.qcow2", "+1M"), Step("--shrink", "a.qcow2", 3 * M)]
 
 
 @case("features/data_file", "external data file: grow, shrink (the data file follows)")
