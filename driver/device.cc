@@ -55,11 +55,19 @@ uring::RingOptions QueueRingOptions(uint16_t depth, bool hosts_image, uint32_t p
   return options;
 }
 
-// Test hook: UBLK_QCOW2_TEST_FAIL_AFTER=<step> makes setup fail right after
+// Test hooks: UBLK_QCOW2_TEST_FAIL_AFTER=<step> makes setup fail right after
 // that step, so that the VM tests can show teardown leaves nothing behind
-// from any point (tests/vm/e2e/08-bad-input.sh). Steps: open_image, add_dev,
-// set_params, record, open_char, start_queues, start_dev, control_socket.
+// from any point (tests/vm/e2e/08-bad-input.sh); UBLK_QCOW2_TEST_HANG_AFTER=
+// <step> makes it hang there for good (only SIGKILL ends it), so that they
+// can show `add` gives up and cleans up (tests/vm/e2e/20-add-timeout.sh).
+// Steps: open_image, add_dev, set_params, record, open_char, start_queues,
+// start_dev, control_socket. Neither does anything unless set.
 Status FailAfter(const char* step) {
+  const char* hang = std::getenv("UBLK_QCOW2_TEST_HANG_AFTER");
+  if (hang != nullptr && std::strcmp(hang, step) == 0) {
+    std::fprintf(stderr, "ublk-qcow2: hanging after %s (UBLK_QCOW2_TEST_HANG_AFTER)\n", step);
+    for (;;) ::pause();
+  }
   const char* want = std::getenv("UBLK_QCOW2_TEST_FAIL_AFTER");
   if (want == nullptr || std::strcmp(want, step) != 0) return Status::Ok();
   return Status::IoError(
@@ -215,6 +223,7 @@ Status Device::Setup(const DeviceOptions& options) {
     info_.cluster_size = facts.cluster_size;
     info_.read_only = facts.read_only;
     info_.block_path = BlockDevicePath(info_.dev_id);
+    if (options.on_added) options.on_added(info_.dev_id);
     RETURN_IF_ERROR(FailAfter("add_dev"));
     if (info_.max_io_buf_bytes != options.max_io_buf_bytes) {
       // The kernel rounds the buffer size down to a page: recompute.

@@ -49,6 +49,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -99,6 +100,10 @@ struct DeviceOptions {
   // adding one (`ublk-qcow2 recover`). queues, depth and max_io_buf_bytes
   // then come from the device.
   bool recover = false;
+  // Called with the new device's id right after ADD_DEV (not on recover),
+  // before any step that could wait: the daemon tells `add` which device to
+  // remove should it give up waiting (driver/daemon.h).
+  std::function<void(int dev_id)> on_added;
 };
 
 // What was created, as the kernel settled it.

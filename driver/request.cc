@@ -56,7 +56,10 @@ Task<int32_t> ServeRequest(qcow2::BlockDevice& device, IoDescriptor r,
     co_return Fail(
         r, Status::IoError(fmt::format("beyond the device's {} bytes", device.size()), EIO));
   }
-  if (changes && device.read_only()) co_return -EROFS;
+  // A device opened read-only refuses changes; one that turned read-only
+  // because its image was found corrupt while serving fails them with the
+  // engine's own error (EIO): the block layer sees failed I/O either way.
+  if (changes && device.read_only() && !device.marked_corrupt()) co_return -EROFS;
   if ((r.op == UBLK_IO_OP_READ || r.op == UBLK_IO_OP_WRITE) && r.length > buffer.size()) {
     co_return Fail(r, Status::InvalidArgument(
                           fmt::format("longer than the {}-byte request buffer", buffer.size())));

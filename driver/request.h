@@ -9,7 +9,8 @@
 //   WRITE_ZEROES  WriteZeroes(offset, length)       0
 //   anything else                                   -EOPNOTSUPP
 // Failures are -errno: the engine's (Status::ToNegativeErrno, -EIO unless
-// it carries one), -EROFS for changes to a read-only device, -EINVAL for a
+// it carries one), -EROFS for changes to a device opened read-only (-EIO
+// once its image was marked corrupt while serving), -EINVAL for a
 // request that does not fit the buffer, -EIO past the end of the device.
 // Never a hang: every path returns.
 //

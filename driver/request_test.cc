@@ -23,6 +23,7 @@ class MemDevice final : public qcow2::BlockDevice {
       : data_(size, std::byte{0}), read_only_(read_only) {}
   uint64_t size() const override { return data_.size(); }
   bool read_only() const override { return read_only_; }
+  bool marked_corrupt() const override { return corrupt_; }
   const std::string& path() const override { return path_; }
 
   Task<Status> Read(uint64_t offset, std::span<std::byte> out) override {
@@ -32,6 +33,7 @@ class MemDevice final : public qcow2::BlockDevice {
   }
   Task<Status> Write(uint64_t offset, std::span<const std::byte> in, bool fua) override {
     if (fail_) co_return *fail_;
+    if (corrupt_) co_return Corrupt();
     std::memcpy(data_.data() + offset, in.data(), in.size());
     last_fua = fua;
     co_return Status::Ok();
@@ -42,15 +44,19 @@ class MemDevice final : public qcow2::BlockDevice {
     co_return Status::Ok();
   }
   Task<Status> Discard(uint64_t offset, uint64_t length) override {
+    if (corrupt_) co_return Corrupt();
     discarded += length;
     co_return Status::Ok();
   }
   Task<Status> WriteZeroes(uint64_t offset, uint64_t length) override {
+    if (corrupt_) co_return Corrupt();
     std::memset(data_.data() + offset, 0, length);
     co_return Status::Ok();
   }
 
   void FailWith(Status s) { fail_ = std::make_unique<Status>(std::move(s)); }
+  // As Qcow2Image::MarkCorrupt leaves an image: read-only, changes fail EIO.
+  void MarkCorrupt() { read_only_ = corrupt_ = true; }
   std::vector<std::byte>& data() { return data_; }
 
   bool last_fua = false;
@@ -61,7 +67,9 @@ class MemDevice final : public qcow2::BlockDevice {
 
  private:
   std::vector<std::byte> data_;
+  static Status Corrupt() { return Status::IoError("mem: marked corrupt", EIO); }
   bool read_only_;
+  bool corrupt_ = false;
   std::string path_ = "mem";
   std::unique_ptr<Status> fail_;
 };
@@ -126,6 +134,19 @@ TEST(ServeRequestTest, BadRequestsFailWithErrno) {
   EXPECT_EQ(Serve(ro, Req(UBLK_IO_OP_DISCARD, 0, 512), buf), -EROFS);
   EXPECT_EQ(Serve(ro, Req(UBLK_IO_OP_READ, 0, 512), buf), 512);
   EXPECT_EQ(Serve(ro, Req(UBLK_IO_OP_FLUSH, 0, 0), buf), 0);
+}
+
+// A device that turned read-only because its image was found corrupt while
+// serving: changes fail as I/O errors (the engine's EIO), not as EROFS, and
+// reads go on.
+TEST(ServeRequestTest, ChangesToADeviceMarkedCorruptFailWithEio) {
+  MemDevice dev(1 << 20);
+  std::vector<std::byte> buf(4096);
+  dev.MarkCorrupt();
+  EXPECT_EQ(Serve(dev, Req(UBLK_IO_OP_WRITE, 0, 512), buf), -EIO);
+  EXPECT_EQ(Serve(dev, Req(UBLK_IO_OP_WRITE_ZEROES, 0, 512), buf), -EIO);
+  EXPECT_EQ(Serve(dev, Req(UBLK_IO_OP_DISCARD, 0, 512), buf), -EIO);
+  EXPECT_EQ(Serve(dev, Req(UBLK_IO_OP_READ, 0, 512), buf), 512);
 }
 
 TEST(ServeRequestTest, EngineErrorsBecomeNegativeErrno) {

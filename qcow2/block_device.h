@@ -59,6 +59,11 @@ class BlockDevice {
   // Virtual size in bytes.
   virtual uint64_t size() const = 0;
   virtual bool read_only() const = 0;
+  // True once the device found its own metadata corrupt while serving and
+  // turned itself read-only (Qcow2Image::MarkCorrupt): from then on every
+  // change fails as failed I/O (EIO), not as a read-only device's refusal,
+  // and reads of what is intact go on.
+  virtual bool marked_corrupt() const { return false; }
   // The file behind the device (for messages).
   virtual const std::string& path() const = 0;
 

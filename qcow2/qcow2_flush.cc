@@ -65,6 +65,7 @@ Task<Status> Qcow2Image::MarkCorrupt(Status cause) {
       Status::Corruption(cause.message() + "; the image is marked corrupt and now read-only");
   if (!writable_) co_return error;
   writable_ = false;
+  corrupted_ = true;
   co_await RevokeShared(SharedMap::After::kStop);  // no more writes from other threads either
   Header updated = header_;
   updated.incompatible_features |= kIncompatCorrupt;
@@ -92,6 +93,7 @@ Task<Status> Qcow2Image::WriteL1() {
 }
 
 Task<Status> Qcow2Image::Flush() {
+  if (corrupted_) co_return co_await FlushMarkedCorrupt();
   if (!writable_) co_return Status::Ok();
   auto lock = co_await meta_mutex_.Acquire();
   co_return co_await FlushLocked();

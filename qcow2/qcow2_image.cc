@@ -88,15 +88,15 @@ Task<Result<L2Entry>> Qcow2Image::LookupEntry(uint64_t offset) {
   if (l1_index >= l1_.size()) co_return L2Entry{};
   const uint64_t l2_offset = l1_[l1_index] & kL1OffsetMask;
   if (l2_offset == 0) co_return L2Entry{};
+  // Broken metadata of this image: no more changes (MarkCorrupt), as QEMU.
   if (!geo_.cluster_aligned(l2_offset)) {
-    co_return Status::Corruption(
-        fmt::format("{}: L1 entry {} points to an L2 table at 0x{:x}, not cluster-aligned", path(),
-                    l1_index, l2_offset));
+    co_return co_await MarkCorrupt(fmt::format(
+        "L1 entry {} points to an L2 table at 0x{:x}, not cluster-aligned", l1_index, l2_offset));
   }
   if (l2_offset > file_size_ || geo_.cluster_size > file_size_ - l2_offset) {
-    co_return Status::Corruption(
-        fmt::format("{}: L1 entry {} points to an L2 table at 0x{:x}, past the end of the file",
-                    path(), l1_index, l2_offset));
+    co_return co_await MarkCorrupt(
+        fmt::format("L1 entry {} points to an L2 table at 0x{:x}, past the end of the file",
+                    l1_index, l2_offset));
   }
   const uint64_t byte_in_table = geo_.l2_index(offset) * geo_.l2_entry_bytes;
   const uint64_t slice_bytes = l2_cache_.slice_size();
@@ -174,8 +174,10 @@ Task<Status> Qcow2Image::ReadWithEntry(const L2Entry& entry, uint64_t offset,
   const bool has_data_file = data_file_ != nullptr;
 
   if (entry.compressed()) {
-    if (has_data_file)
-      co_return CorruptEntry(offset, entry, "is compressed, which external data files forbid");
+    if (has_data_file) {
+      co_return co_await MarkCorrupt(
+          CorruptEntry(offset, entry, "is compressed, which external data files forbid"));
+    }
     co_return co_await ReadCompressed(entry, in_cluster, out);
   }
 
@@ -214,8 +216,8 @@ Task<Status> Qcow2Image::ReadWithEntry(const L2Entry& entry, uint64_t offset,
       }
       case SubclusterKind::kCompressed:  // handled above
       case SubclusterKind::kInvalid:
-        co_return CorruptEntry(offset + done, entry,
-                               "is invalid (unaligned offset or contradictory bitmap)");
+        co_return co_await MarkCorrupt(CorruptEntry(
+            offset + done, entry, "is invalid (unaligned offset or contradictory bitmap)"));
     }
     done += n;
   }

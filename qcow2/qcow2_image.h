@@ -131,6 +131,7 @@ class Qcow2Image final : public BlockDevice {
   // and Resize changes it.
   uint64_t size() const override { return size_.load(std::memory_order_acquire); }
   bool read_only() const override { return !writable_; }
+  bool marked_corrupt() const override { return corrupted_; }
   const std::string& path() const override { return file_->path(); }
   Task<Status> Read(uint64_t offset, std::span<std::byte> out) override;
   Task<Status> Write(uint64_t offset, std::span<const std::byte> data, bool fua) override;
@@ -421,6 +422,11 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> CheckNoOverlap(uint64_t host, uint64_t length);
   // Sets the corrupt bit (the image turns read-only) and returns Corruption:
   // "<path>: <why>; the image is marked corrupt and now read-only".
+  // Called wherever this image's own metadata is found broken (a read or a
+  // write that meets it), as QEMU's fatal corruption is: from then on
+  // writes, write-zeroes and discards fail with EIO (CheckWritable), and so
+  // does a flush while the caches hold metadata that can no longer be
+  // written (FlushMarkedCorrupt); reads of intact clusters are still served.
   Task<Status> MarkCorrupt(std::string why);
   // The same for an error that already names the file (a Corruption from
   // Refcounts): its message, then the same ending.
@@ -498,6 +504,10 @@ class Qcow2Image final : public BlockDevice {
 
   // --- flush (qcow2_flush.cc) ---
   Task<Status> FlushLocked();
+  // Flush() of an image marked corrupt: EIO if metadata is still dirty (it
+  // stays unwritten: the image is corrupt), else a sync of the files, for
+  // data written in place before the corruption was found.
+  Task<Status> FlushMarkedCorrupt();
   // Whether any metadata change waits in the caches for a flush.
   bool MetadataDirty() const;
   // With stable_metadata: returns once every metadata change made before the
@@ -602,6 +612,7 @@ class Qcow2Image final : public BlockDevice {
   Geometry geo_;
   std::atomic<uint64_t> size_;
   bool writable_;
+  bool corrupted_ = false;  // MarkCorrupt turned this writable image read-only
   const uint64_t preallocate_;
   const bool publish_;
   const bool stable_metadata_;

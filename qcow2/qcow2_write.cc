@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 
 #include "base/endian.h"
@@ -24,6 +25,13 @@ uint64_t SubclusterMask(uint32_t first, uint32_t last) {
 }  // namespace
 
 Status Qcow2Image::CheckWritable(uint64_t offset, uint64_t length) const {
+  if (corrupted_ && !closed_) {
+    // Failed I/O, not a read-only device: the image was writable until its
+    // metadata was found broken while serving.
+    return Status::IoError(
+        fmt::format("{}: the image was marked corrupt while serving; changes are refused", path()),
+        EIO);
+  }
   if (!writable_ || closed_) {
     return Status::NotSupported(fmt::format("{}: image is read-only{}", path(),
                                             header_.corrupt() ? " (marked corrupt)" : ""));
@@ -33,6 +41,21 @@ Status Qcow2Image::CheckWritable(uint64_t offset, uint64_t length) const {
                                                path(), length, offset, size()));
   }
   return Status::Ok();
+}
+
+Task<Status> Qcow2Image::FlushMarkedCorrupt() {
+  // Metadata of writes acknowledged before the corruption was found may be
+  // in the caches; writing it into a corrupt image could spread the damage.
+  if (MetadataDirty()) {
+    co_return Status::IoError(
+        fmt::format("{}: the image was marked corrupt while serving; metadata of earlier writes "
+                    "could not be written",
+                    path()),
+        EIO);
+  }
+  CO_RETURN_IF_ERROR(co_await file_->Sync());
+  if (data_file_ != nullptr) CO_RETURN_IF_ERROR(co_await data_file_->Sync());
+  co_return Status::Ok();
 }
 
 bool Qcow2Image::WritableInPlace(const L2Entry& e, uint64_t in_cluster, uint64_t length) const {

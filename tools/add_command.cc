@@ -79,6 +79,11 @@ class AddCommand final : public Command {
                    "the kernel offers it), fail-io (I/O fails until then; Linux 6.13+), off (I/O "
                    "fails, the device goes)")
         ->check(CLI::IsMember({"reissue", "fail-io", "off"}));
+    app.add_option("--timeout", options_.timeout_s,
+                   "Seconds to wait for the daemon to report the device live; then it is "
+                   "killed and the device removed (not with --foreground)")
+        ->check(CLI::Range(1, 3600))
+        ->capture_default_str();
     app.add_option("--cache-size", options_.cache_size,
                    "Metadata cache per image of the chain, bytes (K, M, G suffixes)")
         ->transform(CLI::AsSizeValue(false))
@@ -151,7 +156,8 @@ Status RunAdd(const AddOptions& options) {
     if (!printed) return Status::IoError("standard output: write failed");
     return served;
   }
-  ASSIGN_OR_RETURN(driver::DeviceInfo info, driver::StartDaemon(device));
+  ASSIGN_OR_RETURN(driver::DeviceInfo info,
+                   driver::StartDaemon(device, std::chrono::seconds(options.timeout_s)));
   if (!PrintLine(info.block_path)) return Status::IoError("standard output: write failed");
   return Status::Ok();
 }

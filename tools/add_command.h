@@ -3,6 +3,7 @@
 //   ublk-qcow2 add -f IMAGE [-n ID] [-q QUEUES] [-d DEPTH] [--read-only]
 //                  [--foreground] [--cache=none|writeback] [--cache-size=BYTES]
 //                  [--preallocate=BYTES] [--recovery=reissue|fail-io|off]
+//                  [--timeout=SECONDS]
 //
 // --recovery: what the device does when its daemon dies (driver/ublk_abi.h,
 // RecoveryMode): reissue (the default where the kernel offers it: I/O waits
@@ -24,7 +25,9 @@
 // created. Then, unless --foreground, forks a daemon that creates the device
 // (driver/daemon.h) and prints /dev/ublkbN once the device is live; on
 // failure prints the daemon's error, exit 1, and no device or daemon
-// remains. With --foreground the device is served by this process, which
+// remains. A daemon that has not reported the device live within --timeout
+// seconds (default 30) is killed and its device removed: one error line,
+// exit 1. With --foreground the device is served by this process, which
 // prints /dev/ublkbN when live and returns when the device is stopped
 // (`ublk-qcow2 del`, SIGTERM, SIGINT).
 #ifndef UBLK_QCOW2_TOOLS_ADD_COMMAND_H_
@@ -52,6 +55,7 @@ struct AddOptions {
   uint64_t max_io = 1ull << 20;  // bytes; each tag's request buffer
   uint32_t poll_us = 0;          // busy-poll cap of each queue thread, µs
   std::string recovery;          // "" (default: reissue if offered), reissue, fail-io, off
+  int timeout_s = 30;            // for the daemon's report (not with --foreground)
 };
 
 Status RunAdd(const AddOptions& options);

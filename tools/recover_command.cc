@@ -20,6 +20,8 @@ class RecoverCommand final : public Command {
     app.add_option("-n,--id", options_.id, "The device number N of /dev/ublkbN")
         ->check(CLI::Range(0, (1 << 20) - 1))
         ->required();
+    app.add_flag("--foreground", options_.foreground,
+                 "Serve from this process until the device is deleted or a signal arrives");
     app.footer(
         "Starts a new daemon for a device whose daemon died (devices added with\n"
         "--recovery=reissue or fail-io) and prints /dev/ublkbN once it is live again.");
@@ -53,10 +55,18 @@ Status RunRecover(const RecoverOptions& options) {
   device.poll_us = record.poll_us;
   device.handle_signals = true;
   device.recover = true;
-  ASSIGN_OR_RETURN(driver::DeviceInfo info, driver::StartDaemon(device));
-  if (std::fprintf(stdout, "%s\n", info.block_path.c_str()) < 0 || std::fflush(stdout) != 0) {
-    return Status::IoError("standard output: write failed");
+  auto print = [](const std::string& line) {
+    return std::fprintf(stdout, "%s\n", line.c_str()) >= 0 && std::fflush(stdout) == 0;
+  };
+  if (options.foreground) {
+    bool printed = true;
+    Status served = driver::ServeInForeground(
+        device, [&](const driver::DeviceInfo& info) { printed = print(info.block_path); });
+    if (!printed) return Status::IoError("standard output: write failed");
+    return served;
   }
+  ASSIGN_OR_RETURN(driver::DeviceInfo info, driver::StartDaemon(device));
+  if (!print(info.block_path)) return Status::IoError("standard output: write failed");
   return Status::Ok();
 }
 

@@ -10,9 +10,11 @@
 // lazy-refcounts image is rebuilt, leaked clusters stay leaks), sends
 // START_USER_RECOVERY, fetches every tag, END_USER_RECOVERY, and reports.
 // Prints /dev/ublkbN once the device is live again; the requests that waited
-// are then served. Errors (exit 1, one line, the device left as it was): no
-// such device, no record, added without recovery, its daemon still running
-// ("ublk device N is live: its daemon (pid P) is running"), the image.
+// are then served. With --foreground this process is the daemon, as with
+// `add --foreground` (what the systemd unit runs, systemd/README.md).
+// Errors (exit 1, one line, the device left as it was): no such device, no
+// record, added without recovery, its daemon still running ("ublk device N
+// is live: its daemon (pid P) is running"), the image.
 #ifndef UBLK_QCOW2_TOOLS_RECOVER_COMMAND_H_
 #define UBLK_QCOW2_TOOLS_RECOVER_COMMAND_H_
 
@@ -25,6 +27,7 @@ namespace uq::tools {
 
 struct RecoverOptions {
   int id = -1;
+  bool foreground = false;  // serve from this process, as add --foreground
 };
 
 Status RunRecover(const RecoverOptions& options);
