@@ -76,7 +76,17 @@ uint64_t LuksAreaLength(uint32_t key_bytes) {
 Result<Algorithms> LuksAlgorithms(const LuksFormatOptions& o) {
   const std::string ivgen_hash =
       o.ivgen_alg == "essiv" ? (o.ivgen_hash_alg.empty() ? "sha256" : o.ivgen_hash_alg) : "";
-  return AlgorithmsFromOptions(o.cipher_alg, o.cipher_mode, o.ivgen_alg, ivgen_hash, o.hash_alg);
+  Result<Algorithms> a =
+      AlgorithmsFromOptions(o.cipher_alg, o.cipher_mode, o.ivgen_alg, ivgen_hash, o.hash_alg);
+  if (a.ok()) return a;
+  // The resolver words its errors for a header it read ("create: LUKS
+  // header: ..."); here they are about options, and never corruption.
+  const Status st = a.status();
+  std::string message = st.message();
+  constexpr std::string_view kPrefix = "create: LUKS header: ";
+  if (message.starts_with(kPrefix)) message.erase(0, kPrefix.size());
+  if (st.IsNotSupported()) return Status::NotSupported(std::move(message));
+  return Status::InvalidArgument(std::move(message));
 }
 
 Result<uint64_t> Pbkdf2IterationsPerSecond(const EVP_MD* hash, uint64_t min_cpu_ms) {

@@ -86,7 +86,7 @@ Result<LuksArea> FormatLuks(const LuksFormatOptions& options,
 
 // PBKDF2 iterations per second with `hash` for one output block, timed on
 // this thread's CPU clock for at least `min_cpu_ms`. Errors: IoError.
-Result<uint64_t> Pbkdf2IterationsPerSecond(const EVP_MD* hash, uint64_t min_cpu_ms = 100);
+Result<uint64_t> Pbkdf2IterationsPerSecond(const EVP_MD* hash, uint64_t min_cpu_ms = 50);
 
 }  // namespace uq::qcow2::crypto
 
