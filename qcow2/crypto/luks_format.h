@@ -20,8 +20,8 @@
 // Iterations follow QEMU's rule: PBKDF2 is timed on this thread's CPU clock,
 // the slot gets iter_time of it (at least 1000 iterations), the digest an
 // eighth of that (at least 1000), so QEMU's default of 2000 ms spends about
-// 2 s opening the slot. Counts above kMaxIterations (what our reader accepts)
-// are refused rather than written.
+// 2 s opening the slot. Counts are capped at kMaxIterations (what our
+// reader accepts): we never write an image we cannot open.
 //
 // Key material (passphrase, master key, slot key, split key) lives only in
 // SecretBytes and never enters a message.
@@ -79,8 +79,8 @@ uint64_t LuksAreaLength(uint32_t key_bytes);
 Result<Algorithms> LuksAlgorithms(const LuksFormatOptions& options);
 
 // Builds a new area whose slot 0 opens with `passphrase`. Errors: those of
-// LuksAlgorithms; InvalidArgument when iter_time asks for more than
-// kMaxIterations; IoError when libcrypto (RAND_bytes, PBKDF2) fails.
+// LuksAlgorithms; IoError when libcrypto (RAND_bytes, PBKDF2) fails. An
+// iter_time asking for more than kMaxIterations gets kMaxIterations.
 Result<LuksArea> FormatLuks(const LuksFormatOptions& options,
                             std::span<const std::byte> passphrase);
 

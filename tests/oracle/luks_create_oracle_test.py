@@ -275,6 +275,20 @@ case("reverse/qemu_created_extl2_64k", "qemu-img creates (extended L2), we write
     LT.bench_case(64 * K, {"extended_l2": "on"}, size=2 * K, step=40 * K, count=150))
 
 
+@case("reverse/qemu_default_iter_time", "qemu-img's default iter-time for a 16-byte key "
+      "with sha1 (about 20 million iterations here, above our old 2^24 limit): we read it")
+def _(binary, b):
+    LT.write_key(b)
+    b.qemu_img_luks_create("create", "-q", "-f", "qcow2", "--object", SECRET, "-o",
+                           "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=aes-128,"
+                           "encrypt.cipher-mode=cbc,encrypt.hash-alg=sha1", "a.qcow2", 1 * M)
+    LT.qio(b, "a.qcow2", "write -P 0x3c 4k 64k")
+    LT.expect_same_view(binary, b, "a.qcow2")
+    info = json.loads(LT.ours(binary, b, "info", "--output=json", "a.qcow2").out)
+    return "qemu-img's default: slot 0 %d iterations" % (
+        info["format-specific"]["data"]["encrypt"]["slots"][0]["iters"])
+
+
 # --------------------------------------------------------------------------
 # Errors
 
