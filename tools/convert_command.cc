@@ -159,6 +159,13 @@ Status ConvertToQcow2(const ConvertOptions& options, IoContext& io, qcow2::Block
   create.path = options.target;
   create.size = source.size();
   ASSIGN_OR_RETURN(create, qcow2::ParseCreateOptions(options.create_options, create));
+  std::shared_ptr<const qcow2::crypto::SecretBytes> target_key;
+  if (create.encrypt) {
+    Result<std::shared_ptr<const qcow2::crypto::SecretBytes>> key =
+        NewImageKey(create.encrypt->key_secret);
+    if (!key.ok()) return key.status().WithContext(options.target);
+    create.passphrase = target_key = *key;
+  }
   if (options.compress && create.data_file) {
     return Status::InvalidArgument(
         fmt::format("{}: compression is not possible with an external data file", options.target));
@@ -166,9 +173,14 @@ Status ConvertToQcow2(const ConvertOptions& options, IoContext& io, qcow2::Block
   if (options.bitmaps && create.compat != "1.1") {
     return Status::NotSupported("Format driver 'qcow2' does not support bitmaps");
   }
-  RETURN_IF_ERROR(io.Run(qcow2::CreateImage(io.env(), create)));
+  if (Status st = io.Run(qcow2::CreateImage(io.env(), create)); !st.ok()) {
+    // Name the output, as qemu-img does, unless the message already does.
+    if (st.message().starts_with(options.target + ":")) return st;
+    return st.WithContext(options.target);
+  }
   qcow2::ImageOptions image_options;
-  image_options.key = ImageKey();
+  // The new image opens with the key it was made with.
+  image_options.key = target_key;
   image_options.env = io.env();
   image_options.format = "qcow2";
   image_options.writable = true;

@@ -1,68 +1,104 @@
 #include "tools/image_key.h"
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
+#include <openssl/crypto.h>
 
-#include <cerrno>
+#include <map>
+#include <vector>
+
+#include "tools/secret_object.h"
 
 namespace uq::tools {
 namespace {
 
-// A passphrase longer than this is no passphrase (QEMU's secret objects have
-// no limit; a LUKS passphrase of a megabyte makes no sense and we will not
-// read a device file whole).
-constexpr size_t kMaxKeyFileBytes = 1 << 20;
+using qcow2::crypto::SecretBytes;
 
-std::string& KeyFilePath() {
-  static std::string path;
-  return path;
+struct Flags {
+  std::string key_file;
+  std::string key_secret;
+  std::vector<std::string> objects;
+};
+
+Flags& TheFlags() {
+  static Flags flags;
+  return flags;
 }
 
-std::shared_ptr<const qcow2::crypto::SecretBytes>& Key() {
-  static std::shared_ptr<const qcow2::crypto::SecretBytes> key;
+std::shared_ptr<const SecretBytes>& Key() {
+  static std::shared_ptr<const SecretBytes> key;
   return key;
+}
+
+std::shared_ptr<const SecretBytes>& FileKey() {
+  static std::shared_ptr<const SecretBytes> key;
+  return key;
+}
+
+std::map<std::string, std::shared_ptr<const SecretBytes>>& Secrets() {
+  static std::map<std::string, std::shared_ptr<const SecretBytes>> secrets;
+  return secrets;
+}
+
+Status NoSecret(const std::string& id) {
+  return Status::InvalidArgument("No secret with id '" + id + "'");
 }
 
 }  // namespace
 
 void AddKeyFlags(CLI::App& app) {
-  app.add_option("--key-file", KeyFilePath(),
+  Flags& f = TheFlags();
+  app.add_option("--key-file", f.key_file,
                  "Passphrase of encrypted (LUKS) images: the file's whole content");
+  app.add_option("--object", f.objects,
+                 "qemu-img's secret,id=ID,file=FILE or secret,id=ID,data=STRING "
+                 "(see -o encrypt.key-secret=ID)")
+      ->allow_extra_args(false);
+  app.add_option("--key-secret", f.key_secret,
+                 "The --object secret that opens encrypted images (default: the only one)");
 }
 
 Status LoadImageKey() {
-  const std::string& path = KeyFilePath();
-  if (path.empty()) return Status::Ok();
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Status::FromErrno(errno, path + ": cannot read key file");
-  qcow2::crypto::SecretBytes buf(kMaxKeyFileBytes + 1);
-  size_t got = 0;
-  Status st;
-  while (got < buf.size()) {
-    const ssize_t n = ::read(fd, buf.data() + got, buf.size() - got);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      st = Status::FromErrno(errno, path + ": cannot read key file");
-      break;
+  Flags& f = TheFlags();
+  for (std::string& argument : f.objects) {
+    Result<SecretObject> object = ParseSecretObject(argument);
+    // The argument may hold the secret (data=): wipe it either way.
+    OPENSSL_cleanse(argument.data(), argument.size());
+    if (!object.ok()) return object.status();
+    if (Secrets().contains(object->id)) {
+      return Status::InvalidArgument("attempt to add duplicate property '" + object->id +
+                                     "' to object (type 'container')");
     }
-    if (n == 0) break;
-    got += static_cast<size_t>(n);
+    Secrets()[object->id] = std::make_shared<const SecretBytes>(std::move(object->value));
   }
-  ::close(fd);
-  if (!st.ok()) return st;
-  if (got == 0) return Status::InvalidArgument(path + ": key file is empty");
-  if (got > kMaxKeyFileBytes) {
-    return Status::InvalidArgument(path + ": key file is larger than 1 MiB");
+  if (!f.key_file.empty()) {
+    if (!f.key_secret.empty()) {
+      return Status::InvalidArgument("--key-file and --key-secret name two keys: give one");
+    }
+    ASSIGN_OR_RETURN(SecretBytes key, ReadSecretFile(f.key_file, "key file"));
+    FileKey() = std::make_shared<const SecretBytes>(std::move(key));
+    Key() = FileKey();
+  } else if (!f.key_secret.empty()) {
+    ASSIGN_OR_RETURN(Key(), SecretById(f.key_secret));
+  } else if (Secrets().size() == 1) {
+    Key() = Secrets().begin()->second;
   }
-  Key() = std::make_shared<const qcow2::crypto::SecretBytes>(buf.span().first(got));
   return Status::Ok();
 }
 
-std::shared_ptr<const qcow2::crypto::SecretBytes> ImageKey() { return Key(); }
+std::shared_ptr<const SecretBytes> ImageKey() { return Key(); }
 
-const std::string& ImageKeyFile() { return KeyFilePath(); }
+const std::string& ImageKeyFile() { return TheFlags().key_file; }
 
-void SetImageKey(std::shared_ptr<const qcow2::crypto::SecretBytes> key) { Key() = std::move(key); }
+Result<std::shared_ptr<const SecretBytes>> SecretById(const std::string& id) {
+  auto it = Secrets().find(id);
+  if (it == Secrets().end()) return NoSecret(id);
+  return it->second;
+}
+
+Result<std::shared_ptr<const SecretBytes>> NewImageKey(const std::string& key_secret) {
+  if (!key_secret.empty()) return SecretById(key_secret);
+  return FileKey();
+}
+
+void SetImageKey(std::shared_ptr<const SecretBytes> key) { Key() = std::move(key); }
 
 }  // namespace uq::tools

@@ -1,12 +1,23 @@
 // The passphrase of encrypted (LUKS) images on the command line, declared
-// once for every verb that opens images.
+// once for every verb that opens or creates images.
 //
-// `--key-file FILE`: the passphrase is the file's whole content, byte for
-// byte (no newline stripped), as QEMU's `--object secret,id=ID,file=FILE`
-// reads it. main() declares the flag on each image verb (AddKeyFlags), reads
-// the file once after parsing (LoadImageKey), and every place that builds
-// qcow2::ImageOptions takes ImageKey(). The key lives in wiped memory
-// (crypto::SecretBytes) and never enters a message: errors name the file.
+// Two sources, as ublk-qcow2 and qemu-img spell them:
+//   --key-file FILE   the passphrase is the file's whole content, byte for
+//                     byte (no newline stripped).
+//   --object secret,id=ID,file=FILE | data=STRING [,format=raw|base64]
+//                     qemu-img's secret objects (tools/secret_object.h),
+//                     repeatable; `-o encrypt.key-secret=ID` (create,
+//                     convert -O qcow2) names the one a new encrypted image
+//                     gets.
+// The key that opens existing encrypted images (ImageKey()): --key-file;
+// else the secret --key-secret ID names; else the only --object secret given
+// (with several, --key-secret must pick one). qemu-img would name it with
+// --image-opts ...,encrypt.key-secret=ID, which we do not parse.
+//
+// main() declares the flags on each image verb (AddKeyFlags), reads files
+// and objects once after parsing (LoadImageKey). Keys live in wiped memory
+// (crypto::SecretBytes) and never enter a message: errors name the file or
+// the id.
 //
 // Thread model: set once on the main thread before any verb runs.
 #ifndef UBLK_QCOW2_TOOLS_IMAGE_KEY_H_
@@ -21,18 +32,33 @@
 
 namespace uq::tools {
 
-// Declares --key-file on a verb's subcommand.
+// Declares --key-file, --object and --key-secret on a verb's subcommand.
 void AddKeyFlags(CLI::App& app);
 
-// Reads the file --key-file named, if any. Errors: IoError naming the file
-// ("cannot read key file"), InvalidArgument for an empty or oversized file.
+// Reads the file --key-file named and the --object secrets, if any, and
+// picks the opening key. Errors: IoError naming a file ("cannot read key
+// file"), InvalidArgument for an empty or oversized file, a malformed
+// --object (QEMU's words), a duplicate id ("attempt to add duplicate
+// property 'ID' to object (type 'container')"), --key-secret naming no
+// secret ("No secret with id 'ID'"), --key-file with --key-secret.
 Status LoadImageKey();
 
-// The passphrase LoadImageKey read, or null.
+// The passphrase that opens encrypted images, or null.
 std::shared_ptr<const qcow2::crypto::SecretBytes> ImageKey();
 
 // The key file's path ("" if none): `add` hands it to its daemon.
 const std::string& ImageKeyFile();
+
+// The --object secret with id `id`. Errors: InvalidArgument "No secret with
+// id 'ID'" (QEMU's words).
+Result<std::shared_ptr<const qcow2::crypto::SecretBytes>> SecretById(const std::string& id);
+
+// The passphrase of a new encrypted image: the secret -o
+// encrypt.key-secret=ID names, else --key-file's key (our own spelling), else
+// null (create then says QEMU's "Parameter 'encrypt.key-secret' is required
+// for cipher").
+Result<std::shared_ptr<const qcow2::crypto::SecretBytes>> NewImageKey(
+    const std::string& key_secret);
 
 // Sets the passphrase directly (the daemon, which got it from `add`).
 void SetImageKey(std::shared_ptr<const qcow2::crypto::SecretBytes> key);

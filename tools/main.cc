@@ -55,7 +55,7 @@ struct Verb {
 
 // Every verb, in the order --help lists them: image verbs, then device verbs.
 constexpr Verb kVerbs[] = {
-    {"create", "Create a qcow2 image (like qemu-img create -f qcow2)", &MakeCreateCommand, false},
+    {"create", "Create a qcow2 image (like qemu-img create -f qcow2)", &MakeCreateCommand},
     {"check", "Check (and repair) an image's reference counts (like qemu-img check)",
      &MakeCheckCommand},
     {"info", "Show an image's format, sizes, backing file and snapshots (like qemu-img info)",

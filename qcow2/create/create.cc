@@ -14,6 +14,7 @@
 #include "base/endian.h"
 #include "qcow2/block_device.h"
 #include "qcow2/create/option_list.h"
+#include "qcow2/crypto/luks_format.h"
 #include "qcow2/format.h"
 #include "qcow2/header.h"
 #include "qcow2/open_image.h"
@@ -37,6 +38,73 @@ uint64_t DivRoundUp(uint64_t n, uint64_t d) { return n / d + (n % d != 0); }
 Status BadValue(std::string_view key, std::string_view value) {
   return Status::InvalidArgument(
       fmt::format("Parameter '{}' does not accept value '{}'", key, value));
+}
+
+// QEMU's names (its QAPI enums) for the encrypt.* values; a value outside
+// them is refused as QEMU refuses it, one it has but we cannot make later,
+// as NotSupported (LuksAlgorithms).
+constexpr std::string_view kCipherAlgs[] = {
+    "aes-128",     "aes-192",     "aes-256",     "des",         "3des",
+    "cast5-128",   "serpent-128", "serpent-192", "serpent-256", "twofish-128",
+    "twofish-192", "twofish-256", "sm4"};
+constexpr std::string_view kCipherModes[] = {"ecb", "cbc", "xts", "ctr"};
+constexpr std::string_view kIvGens[] = {"plain", "plain64", "essiv"};
+constexpr std::string_view kHashes[] = {"md5",    "sha1",   "sha224",   "sha256",
+                                        "sha384", "sha512", "ripemd160"};
+
+template <size_t N>
+Status CheckEnum(std::string_view key, const std::string& value,
+                 const std::string_view (&names)[N]) {
+  for (std::string_view n : names) {
+    if (value == n) return Status::Ok();
+  }
+  // QEMU names the key without its "encrypt." prefix here.
+  return BadValue(key.substr(key.find('.') + 1), value);
+}
+
+constexpr char kAliasClash[] =
+    "'encrypt.format' and its alias 'encryption' can't be used at the same time";
+
+Status ApplyEncryptOption(std::string_view key, const std::string& value, CreateOptions& o) {
+  EncryptOptions& e = o.encrypt ? *o.encrypt : o.encrypt.emplace();
+  crypto::LuksFormatOptions& l = e.luks;
+  if (key == "encryption") {
+    // QEMU's old spelling of encrypt.format=aes (legacy AES-CBC).
+    Result<bool> v = ParseOptionBool(key, value);
+    if (!v.ok()) return v.status();
+    if (e.given.contains("encrypt.format")) return Status::InvalidArgument(kAliasClash);
+    e.from_alias = true;
+    e.format = *v ? "aes" : "";
+  } else if (key == "encrypt.format") {
+    if (e.from_alias) return Status::InvalidArgument(kAliasClash);
+    if (value != "luks" && value != "aes") return BadValue("format", value);
+    e.format = value;
+  } else if (key == "encrypt.key-secret") {
+    e.key_secret = value;
+  } else if (key == "encrypt.cipher-alg") {
+    RETURN_IF_ERROR(CheckEnum(key, value, kCipherAlgs));
+    l.cipher_alg = value;
+  } else if (key == "encrypt.cipher-mode") {
+    RETURN_IF_ERROR(CheckEnum(key, value, kCipherModes));
+    l.cipher_mode = value;
+  } else if (key == "encrypt.ivgen-alg") {
+    RETURN_IF_ERROR(CheckEnum(key, value, kIvGens));
+    l.ivgen_alg = value;
+  } else if (key == "encrypt.ivgen-hash-alg") {
+    RETURN_IF_ERROR(CheckEnum(key, value, kHashes));
+    l.ivgen_hash_alg = value;
+  } else if (key == "encrypt.hash-alg") {
+    RETURN_IF_ERROR(CheckEnum(key, value, kHashes));
+    l.hash_alg = value;
+  } else if (key == "encrypt.iter-time") {
+    Result<uint64_t> v = ParseOptionNumber(key, value);
+    if (!v.ok()) return v.status();
+    l.iter_time_ms = *v;
+  } else {
+    return Status::InvalidArgument(fmt::format("Invalid parameter '{}'", key));
+  }
+  e.given[std::string(key)] = value;
+  return Status::Ok();
 }
 
 Status ApplyOption(std::string_view key, const std::string& value, CreateOptions& o) {
@@ -102,16 +170,13 @@ Status ApplyOption(std::string_view key, const std::string& value, CreateOptions
   } else if (key == "backing_fmt") {
     if (value.empty()) return BadValue(key, value);
     o.backing_format = value;
-  } else if (key == "encryption" || key == "nocow") {
-    // Accepted when off; encryption and btrfs NOCOW are not implemented.
+  } else if (key == "nocow") {
+    // Accepted when off; btrfs NOCOW is not implemented.
     Result<bool> v = ParseOptionBool(key, value);
     if (!v.ok()) return v.status();
-    if (*v) {
-      return Status::NotSupported(key == "nocow" ? "option 'nocow' is not supported"
-                                                 : "encrypted images are not supported");
-    }
-  } else if (key.starts_with("encrypt.")) {
-    return Status::NotSupported("encrypted images are not supported");
+    if (*v) return Status::NotSupported("option 'nocow' is not supported");
+  } else if (key == "encryption" || key.starts_with("encrypt.")) {
+    return ApplyEncryptOption(key, value, o);
   } else {
     return Status::InvalidArgument(fmt::format("Invalid parameter '{}'", key));
   }
@@ -139,6 +204,9 @@ struct Layout {
   bool preallocate = false;
   bool data_in_image = false;    // preallocated data clusters live in the image
   uint64_t prealloc_offset = 0;  // first L2 table
+  uint64_t luks_offset = 0;      // the LUKS area (encrypted images)
+  uint64_t luks_bytes = 0;
+  uint64_t luks_clusters = 0;
   uint64_t total_clusters = 0;
   uint64_t file_size = 0;
 
@@ -159,7 +227,8 @@ struct Layout {
 };
 
 Result<Layout> PlanLayout(uint64_t size, uint32_t cluster_size, uint32_t refcount_order,
-                          bool extended_l2, bool preallocate, bool external_data) {
+                          bool extended_l2, bool preallocate, bool external_data,
+                          uint64_t luks_bytes) {
   Layout l;
   l.cluster_size = cluster_size;
   l.cluster_bits = static_cast<uint32_t>(std::countr_zero(cluster_size));
@@ -178,6 +247,9 @@ Result<Layout> PlanLayout(uint64_t size, uint32_t cluster_size, uint32_t refcoun
   if (preallocate) {
     fixed += l.l1_size + (l.data_in_image ? l.guest_clusters : 0);
   }
+  l.luks_bytes = luks_bytes;
+  l.luks_clusters = DivRoundUp(luks_bytes, cluster_size);
+  fixed += l.luks_clusters;
   // The refcount blocks must count every cluster, themselves and the table
   // included: iterate to the fixed point (the counts only grow).
   uint64_t rt = 1, rb = 1;
@@ -208,11 +280,15 @@ Result<Layout> PlanLayout(uint64_t size, uint32_t cluster_size, uint32_t refcoun
   if (preallocate) {
     next += l.l1_size * cs + (l.data_in_image ? l.guest_clusters * cs : 0);
   }
+  // QEMU sets up encryption after sizing the image: the LUKS area takes the
+  // first free clusters after the L1 table and the preallocated ones.
+  l.luks_offset = next;
+  next += l.luks_clusters * cs;
   l.extra_rb_offset = next;
   next += (rb - 1) * cs;
   // QEMU writes the L1 table as l1_size * 8 bytes; when nothing follows it
   // the file ends there, not at a cluster boundary.
-  if (l.l1_size > 0 && !preallocate && rb == 1) {
+  if (l.l1_size > 0 && !preallocate && rb == 1 && l.luks_clusters == 0) {
     l.file_size = l.l1_offset + l.l1_size * 8;
   } else {
     l.file_size = next;
@@ -329,6 +405,18 @@ Task<Status> WriteL2Tables(File& file, const Layout& l) {
   co_return Status::Ok();
 }
 
+// The LUKS area's bytes at its clusters (the rest of its last cluster stays
+// zero, as the truncated file reads).
+Task<Status> WriteLuksArea(File& file, const Layout& l, std::span<const std::byte> area) {
+  const uint64_t cs = l.cluster_size;
+  co_return co_await WriteClusters(file, l.luks_offset, l.luks_clusters, cs,
+                                   [&](uint64_t c, std::span<std::byte> out) {
+                                     const uint64_t at = c * cs;
+                                     const uint64_t n = std::min<uint64_t>(cs, area.size() - at);
+                                     std::memcpy(out.data(), area.data() + at, n);
+                                   });
+}
+
 uint64_t RoundUp512(uint64_t n) { return n + (kSectorSize - n % kSectorSize) % kSectorSize; }
 
 }  // namespace
@@ -408,6 +496,21 @@ Status ValidateCreateOptions(const CreateOptions& o) {
       return Status::InvalidArgument("Expected data file name, got empty string");
     }
   }
+  if (o.encrypt) {
+    const EncryptOptions& e = *o.encrypt;
+    const bool other_keys = std::any_of(e.given.begin(), e.given.end(), [](const auto& kv) {
+      return kv.first.starts_with("encrypt.");
+    });
+    if (e.format.empty() && other_keys) {
+      return Status::InvalidArgument("Parameter 'encrypt.format' is missing");
+    }
+    if (e.format == "aes") {
+      return Status::NotSupported(
+          "creating legacy AES-encrypted images (encrypt.format=aes, encryption=on) is not "
+          "supported; use encrypt.format=luks");
+    }
+    if (e.format == "luks") RETURN_IF_ERROR(crypto::LuksAlgorithms(e.luks).status());
+  }
   if (o.compression_type != "zlib") {
     if (o.compression_type != "zstd") {
       return BadValue("compression_type", o.compression_type);
@@ -475,8 +578,21 @@ Task<Status> CreateImage(Env* env, CreateOptions o) {
   }
   const uint64_t size = RoundUp512(*o.size);
 
+  // The LUKS area: its size is known from the options; its key material
+  // is made (PBKDF2 timing, iter_time of work) only once everything else
+  // is checked, just before the files are touched.
+  const bool luks = o.encrypt && o.encrypt->format == "luks";
+  uint64_t luks_bytes = 0;
+  if (luks) {
+    if (o.passphrase == nullptr) {
+      co_return Status::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher");
+    }
+    CO_ASSIGN_OR_RETURN(crypto::Algorithms algorithms, crypto::LuksAlgorithms(o.encrypt->luks));
+    luks_bytes = crypto::LuksAreaLength(algorithms.key_bytes);
+  }
+
   CO_ASSIGN_OR_RETURN(Layout layout, PlanLayout(size, o.cluster_size, refcount_order, o.extended_l2,
-                                                preallocate, o.data_file.has_value()));
+                                                preallocate, o.data_file.has_value(), luks_bytes));
 
   Header h;
   h.version = v3 ? 3 : 2;
@@ -502,6 +618,10 @@ Task<Status> CreateImage(Env* env, CreateOptions o) {
     h.header_length = kV2HeaderLength;
   }
   if (o.data_file) h.data_file = *o.data_file;
+  if (luks) {
+    h.crypt_method = kCryptLuks;
+    h.crypto = CryptoExtension{layout.luks_offset, layout.luks_bytes};
+  }
   if (o.backing_file) {
     h.backing_file = *o.backing_file;
     h.backing_format = *o.backing_format;
@@ -522,6 +642,16 @@ Task<Status> CreateImage(Env* env, CreateOptions o) {
     }
   }
 
+  std::optional<crypto::LuksArea> luks_area;
+  if (luks) {
+    Result<crypto::LuksArea> area = crypto::FormatLuks(o.encrypt->luks, o.passphrase->span());
+    if (!area.ok()) co_return area.status().WithContext(o.path);
+    if (area->bytes.size() != layout.luks_bytes) {
+      co_return Status::InvalidArgument(fmt::format("{}: LUKS area size mismatch", o.path));
+    }
+    luks_area = std::move(*area);
+  }
+
   // Everything is checked; now create the files.
   OpenOptions create;
   create.writable = true;
@@ -540,6 +670,9 @@ Task<Status> CreateImage(Env* env, CreateOptions o) {
   CO_RETURN_IF_ERROR(co_await WriteL1(*file, layout));
   if (layout.preallocate) {
     CO_RETURN_IF_ERROR(co_await WriteL2Tables(*file, layout));
+  }
+  if (luks_area) {
+    CO_RETURN_IF_ERROR(co_await WriteLuksArea(*file, layout, luks_area->bytes));
   }
   // The header last: until it is there the file is not an image.
   {

@@ -38,15 +38,39 @@
 #define UBLK_QCOW2_QCOW2_CREATE_CREATE_H_
 
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
 
 #include "base/status.h"
 #include "base/task.h"
+#include "qcow2/crypto/luks_format.h"
+#include "qcow2/crypto/secret.h"
 #include "qcow2/file.h"
 
 namespace uq::qcow2 {
+
+// `-o encrypt.*`: a LUKS area inside the image (qcow2 crypt_method 2 and the
+// full disk encryption header extension), laid out as QEMU lays it out:
+// right after the L1 table (and the preallocated clusters), cluster-aligned,
+// payload_offset bytes long (crypto/luks_format.h), zero where nothing is
+// written. QEMU's legacy AES format (encrypt.format=aes, and its old alias
+// encryption=on) is not created: NotSupported.
+struct EncryptOptions {
+  // "luks" or "aes"; empty when only other encrypt.* keys were given
+  // (refused: "Parameter 'encrypt.format' is missing").
+  std::string format;
+  // Given as `encryption=on|off` (QEMU's alias of encrypt.format=aes).
+  bool from_alias = false;
+  crypto::LuksFormatOptions luks;
+  // encrypt.key-secret: the id of the --object secret holding the
+  // passphrase. The caller resolves it into CreateOptions::passphrase.
+  std::string key_secret;
+  // The encrypt.* keys given, as given, for create's "Formatting" line.
+  std::map<std::string, std::string, std::less<>> given;
+};
 
 struct CreateOptions {
   enum class Preallocation { kOff, kMetadata };
@@ -96,19 +120,29 @@ struct CreateOptions {
   // refuses to create an image without a backing format; recording the detected
   // one gives the image it would have made with -F <detected format>.
   std::optional<std::string> backing_format;
+  // Encryption (see EncryptOptions); unset: none.
+  std::optional<EncryptOptions> encrypt;
+  // The passphrase of a new encrypted image ("Parameter 'encrypt.key-secret'
+  // is required for cipher" without one). Never logged.
+  std::shared_ptr<const crypto::SecretBytes> passphrase;
 };
 
 // Parses qemu-img's `-o key=value,key=value` list on top of `base` (later
 // keys win; ",," is a literal comma inside a value). Keys: size, compat,
 // cluster_size, refcount_bits, extended_l2, compression_type, lazy_refcounts,
-// data_file, data_file_raw, preallocation, backing_file, backing_fmt.
+// data_file, data_file_raw, preallocation, backing_file, backing_fmt,
+// encryption, encrypt.format, encrypt.key-secret, encrypt.cipher-alg,
+// encrypt.cipher-mode, encrypt.ivgen-alg, encrypt.ivgen-hash-alg,
+// encrypt.hash-alg, encrypt.iter-time.
 // Sizes take qemu-img's suffixes (512, 64k, 2M, 0x1000, 1.5k); numbers take
 // C prefixes (0x10, 010); booleans are on/off (also yes/no, true/false, y/n).
 // The merged result is validated with ValidateCreateOptions().
 //
 // Errors (InvalidArgument unless noted), worded as qemu-img words them:
 //   "Invalid parameter 'foo'" for an unknown key; a key without '=' or a bad
-//   value names the key; encryption, nocow and preallocation=falloc/full are
+//   value names the key (for encrypt.* QEMU's words: "Parameter 'cipher-alg'
+//   does not accept value 'foo'"); legacy AES encryption, ciphers QEMU has
+//   and libcrypto lacks, nocow and preallocation=falloc/full are
 //   NotSupported.
 Result<CreateOptions> ParseCreateOptions(std::string_view comma_list, CreateOptions base);
 

@@ -606,8 +606,8 @@ TEST(ParseCreateOptionsTest, BadOptionsGiveQemusErrors) {
   ExpectError("preallocation=full", "preallocation mode 'full' is not supported",
               Code::kNotSupported);
   ExpectError("preallocation=falloc", "not supported", Code::kNotSupported);
-  ExpectError("encryption=on", "encrypted images are not supported", Code::kNotSupported);
-  ExpectError("encrypt.format=luks", "encrypted images are not supported", Code::kNotSupported);
+  ExpectError("encryption=on", "legacy AES-encrypted images", Code::kNotSupported);
+  ExpectError("encrypt.format=aes", "legacy AES-encrypted images", Code::kNotSupported);
   ExpectError("compat=0.11", "Invalid compatibility level: '0.11'");
   ExpectError("lazy_refcounts=on,", "Invalid option list");
   ExpectError(",lazy_refcounts=on", "Invalid option list");
