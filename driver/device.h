@@ -61,6 +61,7 @@
 #include "driver/loop_thread.h"
 #include "driver/queue.h"
 #include "qcow2/block_device.h"
+#include "qcow2/crypto/secret.h"
 
 namespace uq::qcow2 {
 class Qcow2Image;
@@ -99,6 +100,10 @@ struct DeviceOptions {
   // adding one (`ublk-qcow2 recover`). queues, depth and max_io_buf_bytes
   // then come from the device.
   bool recover = false;
+  // The passphrase of an encrypted image (ImageOptions::key), from --key-file.
+  // Used only to open the image: the daemon wipes it (Clear) once the device
+  // is live, keeping only the master key, locked in memory (LuksVolume).
+  std::shared_ptr<qcow2::crypto::SecretBytes> key;
 };
 
 // What was created, as the kernel settled it.
@@ -114,6 +119,7 @@ struct DeviceInfo {
   uint64_t flags = 0;     // UBLK_F_* in effect for this device
   std::string block_path;
   bool recovered = false;  // Create() with `recover`
+  bool encrypted = false;  // an image of the chain is encrypted (LUKS)
 };
 
 class Device {

@@ -19,8 +19,8 @@ std::string& KeyFilePath() {
   return path;
 }
 
-std::shared_ptr<const qcow2::crypto::SecretBytes>& Key() {
-  static std::shared_ptr<const qcow2::crypto::SecretBytes> key;
+std::shared_ptr<qcow2::crypto::SecretBytes>& Key() {
+  static std::shared_ptr<qcow2::crypto::SecretBytes> key;
   return key;
 }
 
@@ -55,14 +55,14 @@ Status LoadImageKey() {
   if (got > kMaxKeyFileBytes) {
     return Status::InvalidArgument(path + ": key file is larger than 1 MiB");
   }
-  Key() = std::make_shared<const qcow2::crypto::SecretBytes>(buf.span().first(got));
+  Key() = std::make_shared<qcow2::crypto::SecretBytes>(buf.span().first(got));
   return Status::Ok();
 }
 
 std::shared_ptr<const qcow2::crypto::SecretBytes> ImageKey() { return Key(); }
 
-const std::string& ImageKeyFile() { return KeyFilePath(); }
+std::shared_ptr<qcow2::crypto::SecretBytes> ImageKeyToWipe() { return Key(); }
 
-void SetImageKey(std::shared_ptr<const qcow2::crypto::SecretBytes> key) { Key() = std::move(key); }
+const std::string& ImageKeyFile() { return KeyFilePath(); }
 
 }  // namespace uq::tools

@@ -31,11 +31,12 @@ Status LoadImageKey();
 // The passphrase LoadImageKey read, or null.
 std::shared_ptr<const qcow2::crypto::SecretBytes> ImageKey();
 
-// The key file's path ("" if none): `add` hands it to its daemon.
-const std::string& ImageKeyFile();
+// The same passphrase, for `add` and `recover` to hand to their daemon,
+// which wipes it (SecretBytes::Clear) once the image is open.
+std::shared_ptr<qcow2::crypto::SecretBytes> ImageKeyToWipe();
 
-// Sets the passphrase directly (the daemon, which got it from `add`).
-void SetImageKey(std::shared_ptr<const qcow2::crypto::SecretBytes> key);
+// The key file's path ("" if none).
+const std::string& ImageKeyFile();
 
 }  // namespace uq::tools
 
