@@ -11,7 +11,9 @@
 #  2. a wrong passphrase, and none: exit 1, one line, no device, no record;
 #  3. recovery: the daemon of an encrypted device SIGKILLed; `recover` without --key-file
 #     is one line naming the device, with a wrong one fails and the device still waits;
-#     with the key the device comes back and every byte written before verifies.
+#     with the key the device comes back and every byte written before verifies;
+#  4. a legacy AES image (qemu-img -o encrypt.format=aes) served --read-only reads what QEMU
+#     decrypts; without --read-only: one line, exit 1, no device.
 source "$(dirname "$0")/lib.bash"
 
 M=$((1024 * 1024))
@@ -159,5 +161,23 @@ recovery() {
   cmp "$WORK/data" "$WORK/part"
 }
 check "SIGKILL + recover --key-file: the device comes back with its data" recovery
+# Legacy AES (crypt_method 1): QEMU's system emulators refuse it; we serve it read-only.
+legacy_aes() {
+  local dev aes=$WORK/aes.qcow2 dev_sum raw_sum
+  qemu-img create -q -f qcow2 --object "secret,id=s,file=$key" \
+    -o encrypt.format=aes,encrypt.key-secret=s "$aes" 32M || return 1
+  qemu-io --object "secret,id=s,file=$key" --image-opts "$(image_opts "$aes")" \
+    -c "write -P 0x5a 0 1M" -c "write -P 0x33 5M 300k" >/dev/null || return 1
+  dev=$(add_device --read-only --key-file "$key" -f "$aes") || return 1
+  dev_sum=$(sha256sum <"$dev" | cut -d' ' -f1)
+  "$UQ" del -n "$(dev_id "$dev")" || return 1
+  qemu_decrypt "$aes" "$WORK/aes.raw" || return 1
+  raw_sum=$(sha256sum <"$WORK/aes.raw" | cut -d' ' -f1)
+  echo "read-only device $dev_sum, QEMU's decryption $raw_sum"
+  [[ $dev_sum == "$raw_sum" ]]
+}
+check "legacy AES image served --read-only: the bytes QEMU decrypts" legacy_aes
+expect_error "legacy AES image without --read-only" 1 "$UQ" add --key-file "$key" -f "$WORK/aes.qcow2"
+check "nothing left by the refused AES add" no_device
 check "no device, daemon or record left" no_leftovers
 finish
