@@ -37,6 +37,17 @@ void WriteAll(int fd, const std::string& text) {
   }
 }
 
+// Once the image is open the passphrase has done its work: wipe it, so that
+// only the master key (locked in memory) stays in the process. Say once if
+// the kernel would not lock key material (RLIMIT_MEMLOCK), without any of it.
+void ForgetPassphrase(const DeviceOptions& options) {
+  if (options.key) options.key->Clear();
+  if (qcow2::crypto::LockFailed()) {
+    Log("warning: the image's key could not be locked in memory (mlock refused: "
+        "RLIMIT_MEMLOCK?); it may be written to swap");
+  }
+}
+
 // The daemon: creates the device, reports on `report_fd`, serves.
 [[noreturn]] void DaemonMain(const DeviceOptions& options, int report_fd) {
   ::signal(SIGPIPE, SIG_IGN);
@@ -60,6 +71,7 @@ void WriteAll(int fd, const std::string& text) {
   };
   Result<std::unique_ptr<Device>> device = Device::Create(reporting);
   if (!device.ok()) {
+    if (options.key) options.key->Clear();
     WriteAll(report_fd, "error " + device.status().ToString() + "\n");
     ::_exit(1);
   }
@@ -79,6 +91,7 @@ void WriteAll(int fd, const std::string& text) {
       ::getpid(), info.recovered ? "recovered, serving" : "serving", options.image, info.block_path,
       info.size, info.queues, info.depth, info.read_only ? ", read-only" : "",
       RecoveryModeName(RecoveryModeOf(info.flags)), FeatureNames(info.features)));
+  ForgetPassphrase(options);
   WriteAll(report_fd, fmt::format("ready {}\n", info.dev_id));
   ::close(report_fd);
 
@@ -238,6 +251,7 @@ Status ServeInForeground(const DeviceOptions& options,
   // This process logs to its own stderr: a log left by an earlier daemon
   // with this id must not speak for it (`del` reads the last line).
   ::unlink(LogPath(info.dev_id).c_str());
+  ForgetPassphrase(options);
   on_ready(info);
   // Under systemd (Type=notify) the unit is started once the device is live.
   Status notified = NotifyServiceManager("READY=1");

@@ -94,6 +94,7 @@ DeviceRecord RecordFor(const DeviceOptions& options, const DeviceInfo& info) {
   record.max_io = info.max_io_buf_bytes;
   record.poll_us = options.poll_us;
   record.recovery = RecoveryModeName(RecoveryModeOf(info.flags));
+  record.encrypted = info.encrypted;
   return record;
 }
 
@@ -171,6 +172,7 @@ Status Device::Setup(const DeviceOptions& options) {
   image_options.preallocate = options.preallocate;
   image_options.cache_size = options.cache_size;
   image_options.working_dir = options.working_dir;
+  image_options.key = options.key;
   // A daemon that dies must not take acknowledged writes with it.
   image_options.stable_metadata = recovery_flags != 0;
   const std::string path = options.image;
@@ -185,6 +187,10 @@ Status Device::Setup(const DeviceOptions& options) {
   facts.cluster_size = 4096;
   if (auto* qcow2 = dynamic_cast<qcow2::Qcow2Image*>(image_.get())) {
     facts.cluster_size = qcow2->geometry().cluster_size;
+  }
+  for (const qcow2::BlockDevice* layer = image_.get(); layer != nullptr; layer = layer->backing()) {
+    const auto* qcow2 = dynamic_cast<const qcow2::Qcow2Image*>(layer);
+    if (qcow2 != nullptr && qcow2->luks() != nullptr) info_.encrypted = true;
   }
   if (options.recover) {
     // The kernel keeps the device's size: the image must still have it.

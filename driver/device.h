@@ -62,6 +62,7 @@
 #include "driver/loop_thread.h"
 #include "driver/queue.h"
 #include "qcow2/block_device.h"
+#include "qcow2/crypto/secret.h"
 
 namespace uq::qcow2 {
 class Qcow2Image;
@@ -104,6 +105,10 @@ struct DeviceOptions {
   // before any step that could wait: the daemon tells `add` which device to
   // remove should it give up waiting (driver/daemon.h).
   std::function<void(int dev_id)> on_added;
+  // The passphrase of an encrypted image (ImageOptions::key), from --key-file.
+  // Used only to open the image: the daemon wipes it (Clear) once the device
+  // is live, keeping only the master key, locked in memory (LuksVolume).
+  std::shared_ptr<qcow2::crypto::SecretBytes> key;
 };
 
 // What was created, as the kernel settled it.
@@ -119,6 +124,7 @@ struct DeviceInfo {
   uint64_t flags = 0;     // UBLK_F_* in effect for this device
   std::string block_path;
   bool recovered = false;  // Create() with `recover`
+  bool encrypted = false;  // an image of the chain is encrypted (LUKS)
 };
 
 class Device {

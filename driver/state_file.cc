@@ -40,6 +40,7 @@ std::string RecordToJson(const DeviceRecord& r) {
   j["max_io"] = r.max_io;
   j["poll_us"] = r.poll_us;
   j["recovery"] = r.recovery;
+  j["encrypted"] = r.encrypted;
   return j.dump() + "\n";
 }
 
@@ -80,6 +81,7 @@ Result<DeviceRecord> RecordFromJson(const std::string& text, const std::string& 
   RETURN_IF_ERROR(field("max_io", r.max_io, true));
   RETURN_IF_ERROR(field("poll_us", r.poll_us, true));
   RETURN_IF_ERROR(field("recovery", r.recovery, true));
+  RETURN_IF_ERROR(field("encrypted", r.encrypted, true));
   return r;
 }
 

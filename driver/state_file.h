@@ -6,7 +6,8 @@
 //                                "read_only":false,"working_dir":"/root",
 //                                "direct":true,"cache_size":33554432,
 //                                "preallocate":67108864,"max_io":1048576,
-//                                "poll_us":0,"recovery":"reissue"}
+//                                "poll_us":0,"recovery":"reissue",
+//                                "encrypted":false}
 //   /run/ublk-qcow2/<id>.log    the daemon's stderr
 //   /run/ublk-qcow2/<id>.sock   the daemon's control socket (driver/control_socket.h)
 //
@@ -49,6 +50,9 @@ struct DeviceRecord {
   uint32_t max_io = 1024 * 1024;
   uint32_t poll_us = 0;
   std::string recovery = "off";  // RecoveryModeName
+  // The image (or a backing file) is encrypted: `recover` needs --key-file.
+  // Only this flag: no key material is ever written here.
+  bool encrypted = false;
   friend bool operator==(const DeviceRecord&, const DeviceRecord&) = default;
 };
 

@@ -41,6 +41,7 @@ DeviceRecord Sample(int id) {
   r.max_io = 512 << 10;
   r.poll_us = 50;
   r.recovery = "fail-io";
+  r.encrypted = true;
   return r;
 }
 

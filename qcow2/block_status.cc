@@ -41,7 +41,7 @@ std::optional<RangeStatus> Qcow2Image::SubclusterStatus(const L2Entry& e, uint64
   }
   // QEMU reports no host offset for an encrypted image's clusters: the bytes
   // there are ciphertext, no use to a reader of the file.
-  if (placed && luks_ == nullptr) {
+  if (placed && !encrypted()) {
     s.has_offset = true;
     s.host_offset = e.host_cluster() + in_cluster;
     s.file = &(has_df ? data_file_ : file_)->path();

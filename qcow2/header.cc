@@ -260,13 +260,12 @@ class HeaderParser {
       }
       return Unsupported("image uses unsupported incompatible feature(s): {}", names);
     }
-    // LUKS images parse (the key is asked for when the image is opened for
-    // I/O: OpenImage); legacy AES and unknown methods are refused unless the
-    // caller only reads metadata (check).
-    if (h_.crypt_method != kCryptNone && h_.crypt_method != kCryptLuks && !allow_encrypted_) {
-      return Unsupported(
-          "encrypted images ({}) are not supported",
-          h_.crypt_method == kCryptAes ? "AES" : fmt::format("method {}", h_.crypt_method));
+    // LUKS and legacy AES images parse (the key is asked for when the image
+    // is opened for I/O: OpenImage); unknown methods are refused unless the
+    // caller only reads metadata (check). QEMU: "Unsupported encryption
+    // method N".
+    if (h_.crypt_method > kCryptLuks && !allow_encrypted_) {
+      return Unsupported("Unsupported encryption method {}", h_.crypt_method);
     }
     if (h_.crypt_method == kCryptLuks && !h_.crypto && !allow_encrypted_) {
       return Corrupt("LUKS-encrypted image without the encryption header extension");

@@ -73,6 +73,10 @@ Task<Result<ImageInfo>> DescribeOne(Env* env, const std::string& path, std::stri
     info.encrypted = true;
     q.encrypt = ToEncryptInfo(d);
   }
+  if (h.crypt_method == kCryptAes) {  // qemu-img info: "encrypt": {"format": "aes"}
+    info.encrypted = true;
+    q.encrypt = EncryptInfo{.format = "aes"};
+  }
   info.qcow2 = q;
   if (h.nb_snapshots > 0) {
     CO_ASSIGN_OR_RETURN(std::vector<Snapshot> snapshots,

@@ -7,6 +7,7 @@
 #include "base/aligned_buffer.h"
 #include "base/endian.h"
 #include "qcow2/check/check.h"
+#include "qcow2/crypto/legacy_aes.h"
 #include "qcow2/format.h"
 #include "qcow2/header.h"
 #include "qcow2/image_lock.h"
@@ -90,6 +91,25 @@ Task<Result<std::unique_ptr<crypto::LuksVolume>>> UnlockLuks(File& file, const H
                                                 options.key->span());
 }
 
+// The cipher of a legacy AES image (crypto/legacy_aes.h), which is only ever
+// read: QEMU's system emulators refuse these images altogether and only
+// qemu-img still writes them; we serve them read-only to get the data out.
+Result<std::unique_ptr<crypto::SectorCipher>> LegacyAes(const std::string& path,
+                                                        const ImageOptions& options) {
+  if (options.writable) {
+    return Status::NotSupported(fmt::format(
+        "{}: Use of AES-CBC encrypted qcow2 images is no longer supported for writing (open it "
+        "read-only, or convert it to an unencrypted or LUKS image)",
+        path));
+  }
+  if (!options.key) {
+    return Status::InvalidArgument(fmt::format(
+        "{}: the image is encrypted (AES): its passphrase is needed (--key-file FILE)", path));
+  }
+  ASSIGN_OR_RETURN(crypto::SectorCipher cipher, crypto::LegacyAesCipher(options.key->span()));
+  return std::make_unique<crypto::SectorCipher>(std::move(cipher));
+}
+
 // Points `header` at the L1 table of the snapshot options.snapshot names
 // (see ImageOptions::snapshot).
 Task<Status> UseSnapshotL1(File& file, Header& header, const std::string& path,
@@ -171,6 +191,9 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
   Qcow2OpenParts parts;
   if (header.crypt_method == kCryptLuks) {
     CO_ASSIGN_OR_RETURN(parts.luks, co_await UnlockLuks(*file, header, path, options));
+  }
+  if (header.crypt_method == kCryptAes) {
+    CO_ASSIGN_OR_RETURN(parts.legacy_aes, LegacyAes(path, options));
   }
   parts.writable = options.writable;
   if (header.corrupt() && parts.writable) {

@@ -41,12 +41,13 @@ Qcow2Image::Qcow2Image(Qcow2OpenParts parts)
       size_(header_.size & ~uint64_t{511}),
       writable_(parts.writable),
       preallocate_(parts.preallocate),
-      publish_(parts.publish && parts.luks == nullptr),
+      publish_(parts.publish && parts.luks == nullptr && parts.legacy_aes == nullptr),
       stable_metadata_(parts.stable_metadata),
       env_(parts.env),
       l2_cache_(file_.get(), std::min(kL2SliceBytes, geo_.cluster_size), parts.cache_size),
       shared_map_(parts.publish ? SharedMapSlots(parts.cache_size) : 1),
-      luks_(std::move(parts.luks)) {}
+      luks_(std::move(parts.luks)),
+      legacy_aes_(std::move(parts.legacy_aes)) {}
 
 Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts) {
   if (parts.header.has_data_file() != (parts.data_file != nullptr)) {
@@ -207,8 +208,8 @@ Task<Status> Qcow2Image::ReadWithEntry(const L2Entry& entry, uint64_t offset,
         // Data past the end of the host file reads as zeros, as QEMU does
         // (e.g. a preallocated cluster whose file was later shortened).
         const uint64_t host = entry.host_cluster() + pos_in_cluster;
-        if (luks_) {
-          CO_RETURN_IF_ERROR(co_await ReadDecrypted(f, host, piece));
+        if (encrypted()) {
+          CO_RETURN_IF_ERROR(co_await ReadDecrypted(f, host, offset + done, piece));
         } else {
           CO_RETURN_IF_ERROR(co_await f.ReadZeroPadded(host, piece));
         }
@@ -224,24 +225,34 @@ Task<Status> Qcow2Image::ReadWithEntry(const L2Entry& entry, uint64_t offset,
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::ReadDecrypted(File& f, uint64_t host, std::span<std::byte> out) {
+Task<Status> Qcow2Image::ReadDecrypted(File& f, uint64_t host, uint64_t guest,
+                                       std::span<std::byte> out) {
   const uint64_t start = host & ~(kSectorSize - 1);
   const uint64_t end = (host + out.size() + kSectorSize - 1) & ~(kSectorSize - 1);
   if (start == host && end == host + out.size()) {
     // Past the end of the file QEMU reads zeros and decrypts them: so do we.
     CO_RETURN_IF_ERROR(co_await f.ReadZeroPadded(host, out));
-    co_return co_await RunCipher(false, host, out);
+    co_return co_await RunCipher(false, host, guest, out);
   }
   AlignedBuffer bounce(end - start);
   CO_RETURN_IF_ERROR(co_await f.ReadZeroPadded(start, bounce.span()));
-  CO_RETURN_IF_ERROR(co_await RunCipher(false, start, bounce.span()));
+  // Host and guest offsets agree within a cluster, so both round alike.
+  CO_RETURN_IF_ERROR(co_await RunCipher(false, start, guest - (host - start), bounce.span()));
   std::memcpy(out.data(), bounce.data() + (host - start), out.size());
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::RunCipher(bool encrypt, uint64_t host, std::span<std::byte> data) {
+Task<Status> Qcow2Image::RunCipher(bool encrypt, uint64_t host, uint64_t guest,
+                                   std::span<std::byte> data) {
   Status st;
-  auto run = [&] { st = encrypt ? luks_->Encrypt(host, data) : luks_->Decrypt(host, data); };
+  auto run = [&] {
+    if (legacy_aes_) {
+      st = encrypt ? legacy_aes_->Encrypt(guest / kSectorSize, data)
+                   : legacy_aes_->Decrypt(guest / kSectorSize, data);
+    } else {
+      st = encrypt ? luks_->Encrypt(host, data) : luks_->Decrypt(host, data);
+    }
+  };
   if (env_ != nullptr && data.size() >= kOffloadMinCipherBytes) {
     co_await env_->RunOffThread(run);
   } else {

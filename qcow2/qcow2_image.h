@@ -75,6 +75,7 @@
 #include "qcow2/bitmaps/dirty_bitmap.h"
 #include "qcow2/block_device.h"
 #include "qcow2/crypto/luks_volume.h"
+#include "qcow2/crypto/sector_cipher.h"
 #include "qcow2/file.h"
 #include "qcow2/geometry.h"
 #include "qcow2/header.h"
@@ -110,6 +111,10 @@ struct Qcow2OpenParts {
   // QEMU keeps them. Nothing is published for other threads then (they
   // would bypass the cipher).
   std::unique_ptr<crypto::LuksVolume> luks;
+  // The cipher of a legacy AES-encrypted image (header.crypt_method 1,
+  // crypto/legacy_aes.h): data clusters decrypted on reads with their
+  // *guest* sector's IV. Such an image is opened read-only (OpenImage).
+  std::unique_ptr<crypto::SectorCipher> legacy_aes;
 };
 
 // One persistent dirty bitmap as listed (Qcow2Image::bitmaps()).
@@ -313,6 +318,8 @@ class Qcow2Image final : public BlockDevice {
   BlockDevice* backing() const override { return backing_.get(); }
   // The image's unlocked LUKS area, or null for a plain image.
   crypto::LuksVolume* luks() const { return luks_.get(); }
+  // Data clusters are encrypted (LUKS or legacy AES).
+  bool encrypted() const { return luks_ != nullptr || legacy_aes_ != nullptr; }
   const MetadataCache& l2_cache() const { return l2_cache_; }
   const SharedMap& shared_map() const { return shared_map_; }
   // Guest writes that went along in another request's allocating write.
@@ -332,12 +339,13 @@ class Qcow2Image final : public BlockDevice {
   // The same, for a cluster whose L2 entry the caller already has.
   Task<Status> ReadWithEntry(const L2Entry& entry, uint64_t offset, std::span<std::byte> out);
   // Encrypted images: reads `out.size()` bytes of data at host byte `host` of
-  // `f` and decrypts them (through a sector-aligned bounce buffer when the
-  // range does not cover whole sectors).
-  Task<Status> ReadDecrypted(File& f, uint64_t host, std::span<std::byte> out);
-  // Encrypts or decrypts whole sectors at host byte `host` in place; large
-  // buffers on a worker (Env::RunOffThread) so the image's thread goes on.
-  Task<Status> RunCipher(bool encrypt, uint64_t host, std::span<std::byte> data);
+  // `f`, guest byte `guest`, and decrypts them (through a sector-aligned
+  // bounce buffer when the range does not cover whole sectors).
+  Task<Status> ReadDecrypted(File& f, uint64_t host, uint64_t guest, std::span<std::byte> out);
+  // Encrypts or decrypts whole sectors at host byte `host` (guest byte
+  // `guest`: legacy AES numbers sectors by it, LUKS by the host's) in place;
+  // large buffers on a worker (Env::RunOffThread) so the image's thread goes on.
+  Task<Status> RunCipher(bool encrypt, uint64_t host, uint64_t guest, std::span<std::byte> data);
 
   // --- write path (qcow2_write.cc) ---
   File& data_file() { return data_file_ ? *data_file_ : *file_; }
@@ -673,7 +681,8 @@ class Qcow2Image final : public BlockDevice {
     std::shared_ptr<const AlignedBuffer> data;
   };
   std::unordered_map<uint64_t, std::shared_ptr<Decompression>> decompressing_;
-  std::unique_ptr<crypto::LuksVolume> luks_;  // encrypted images only
+  std::unique_ptr<crypto::LuksVolume> luks_;          // LUKS-encrypted images only
+  std::unique_ptr<crypto::SectorCipher> legacy_aes_;  // legacy AES images only
 };
 
 }  // namespace uq::qcow2

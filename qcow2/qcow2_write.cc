@@ -546,6 +546,7 @@ Task<Status> Qcow2Image::WriteWithCow(const L2Entry& old, uint64_t cluster_start
 }
 
 Task<Status> Qcow2Image::WriteData(uint64_t host, std::span<const std::byte> data) {
+  // (Legacy AES images are never writable: OpenImage refuses them.)
   if (!luks_) co_return co_await data_file().Write(host, data);
   // Encrypted: whole sectors, each with its host sector's IV. A range that
   // starts or ends inside a sector reads the sector, decrypts it and lays
@@ -555,10 +556,10 @@ Task<Status> Qcow2Image::WriteData(uint64_t host, std::span<const std::byte> dat
   const uint64_t end = (host + data.size() + kSectorSize - 1) & ~(kSectorSize - 1);
   AlignedBuffer buf(end - start);
   if (start != host || end != host + data.size()) {
-    CO_RETURN_IF_ERROR(co_await ReadDecrypted(data_file(), start, buf.span()));
+    CO_RETURN_IF_ERROR(co_await ReadDecrypted(data_file(), start, start, buf.span()));
   }
   std::memcpy(buf.data() + (host - start), data.data(), data.size());
-  CO_RETURN_IF_ERROR(co_await RunCipher(true, start, buf.span()));
+  CO_RETURN_IF_ERROR(co_await RunCipher(true, start, start, buf.span()));
   co_return co_await data_file().Write(start, buf.span());
 }
 

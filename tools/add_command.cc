@@ -91,7 +91,9 @@ class AddCommand final : public Command {
     app.footer(
         "Prints /dev/ublkbN once the device is live. The daemon logs to\n"
         "/run/ublk-qcow2/N.log; remove the device with 'ublk-qcow2 del -n N'.\n"
-        "If the daemon dies, 'ublk-qcow2 recover -n N' starts a new one.");
+        "If the daemon dies, 'ublk-qcow2 recover -n N' starts a new one.\n"
+        "An encrypted (LUKS) image needs --key-file FILE: the daemon keeps only the\n"
+        "master key, locked in memory; recover needs --key-file again.");
   }
 
   Status Run() override { return RunAdd(options_); }
@@ -148,6 +150,7 @@ Status RunAdd(const AddOptions& options) {
   device.handle_signals = true;
   device.recovery = recovery;
   device.recovery_requested = recovery_requested;
+  device.key = ImageKeyToWipe();
 
   if (options.foreground) {
     bool printed = true;

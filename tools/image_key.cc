@@ -23,18 +23,20 @@ Flags& TheFlags() {
   return flags;
 }
 
-std::shared_ptr<const SecretBytes>& Key() {
-  static std::shared_ptr<const SecretBytes> key;
+// Not const: `add` and `recover` hand the passphrase to their daemon, which
+// wipes it once the image is open (ImageKeyToWipe).
+std::shared_ptr<SecretBytes>& Key() {
+  static std::shared_ptr<SecretBytes> key;
   return key;
 }
 
-std::shared_ptr<const SecretBytes>& FileKey() {
-  static std::shared_ptr<const SecretBytes> key;
+std::shared_ptr<SecretBytes>& FileKey() {
+  static std::shared_ptr<SecretBytes> key;
   return key;
 }
 
-std::map<std::string, std::shared_ptr<const SecretBytes>>& Secrets() {
-  static std::map<std::string, std::shared_ptr<const SecretBytes>> secrets;
+std::map<std::string, std::shared_ptr<SecretBytes>>& Secrets() {
+  static std::map<std::string, std::shared_ptr<SecretBytes>> secrets;
   return secrets;
 }
 
@@ -67,17 +69,19 @@ Status LoadImageKey() {
       return Status::InvalidArgument("attempt to add duplicate property '" + object->id +
                                      "' to object (type 'container')");
     }
-    Secrets()[object->id] = std::make_shared<const SecretBytes>(std::move(object->value));
+    Secrets()[object->id] = std::make_shared<SecretBytes>(std::move(object->value));
   }
   if (!f.key_file.empty()) {
     if (!f.key_secret.empty()) {
       return Status::InvalidArgument("--key-file and --key-secret name two keys: give one");
     }
     ASSIGN_OR_RETURN(SecretBytes key, ReadSecretFile(f.key_file, "key file"));
-    FileKey() = std::make_shared<const SecretBytes>(std::move(key));
+    FileKey() = std::make_shared<SecretBytes>(std::move(key));
     Key() = FileKey();
   } else if (!f.key_secret.empty()) {
-    ASSIGN_OR_RETURN(Key(), SecretById(f.key_secret));
+    auto it = Secrets().find(f.key_secret);
+    if (it == Secrets().end()) return NoSecret(f.key_secret);
+    Key() = it->second;
   } else if (Secrets().size() == 1) {
     Key() = Secrets().begin()->second;
   }
@@ -85,6 +89,8 @@ Status LoadImageKey() {
 }
 
 std::shared_ptr<const SecretBytes> ImageKey() { return Key(); }
+
+std::shared_ptr<SecretBytes> ImageKeyToWipe() { return Key(); }
 
 const std::string& ImageKeyFile() { return TheFlags().key_file; }
 
@@ -98,7 +104,5 @@ Result<std::shared_ptr<const SecretBytes>> NewImageKey(const std::string& key_se
   if (!key_secret.empty()) return SecretById(key_secret);
   return FileKey();
 }
-
-void SetImageKey(std::shared_ptr<const SecretBytes> key) { Key() = std::move(key); }
 
 }  // namespace uq::tools

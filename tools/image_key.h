@@ -60,8 +60,9 @@ Result<std::shared_ptr<const qcow2::crypto::SecretBytes>> SecretById(const std::
 Result<std::shared_ptr<const qcow2::crypto::SecretBytes>> NewImageKey(
     const std::string& key_secret);
 
-// Sets the passphrase directly (the daemon, which got it from `add`).
-void SetImageKey(std::shared_ptr<const qcow2::crypto::SecretBytes> key);
+// The passphrase ImageKey() returns, for `add` and `recover` to hand to
+// their daemon, which wipes it (SecretBytes::Clear) once the image is open.
+std::shared_ptr<qcow2::crypto::SecretBytes> ImageKeyToWipe();
 
 }  // namespace uq::tools
 

@@ -44,6 +44,10 @@ ordered_json BitmapToJson(const qcow2::BitmapInfo& b) {
 // The "encrypt" member, in the order qemu-img prints its QDict.
 ordered_json EncryptToJson(const qcow2::EncryptInfo& e) {
   ordered_json j = ordered_json::object();
+  if (e.format == "aes") {  // legacy AES: no header, nothing else to show
+    j["format"] = e.format;
+    return j;
+  }
   j["ivgen-alg"] = e.ivgen_alg;
   j["hash-alg"] = e.hash_alg;
   j["cipher-alg"] = e.cipher_alg;

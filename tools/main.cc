@@ -85,7 +85,7 @@ constexpr Verb kVerbs[] = {
     {"add", "Serve an image as a ublk block device /dev/ublkbN", &MakeAddCommand},
     {"del", "Stop and remove ublk devices (the image is closed cleanly)", &MakeDelCommand, false},
     {"recover", "Start a new daemon for a device whose daemon died (user recovery)",
-     &MakeRecoverCommand, false},
+     &MakeRecoverCommand},
     {"list", "List ublk devices, their state, daemon and image", &MakeListCommand, false},
     {"features", "Show the ublk features this kernel offers and which ones add uses",
      &MakeFeaturesCommand, false},

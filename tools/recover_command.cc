@@ -1,11 +1,14 @@
 #include "tools/recover_command.h"
 
+#include <fmt/format.h>
+
 #include <cstdio>
 #include <string>
 
 #include "driver/admin.h"
 #include "driver/control.h"
 #include "driver/daemon.h"
+#include "tools/image_key.h"
 
 namespace uq::tools {
 namespace {
@@ -24,7 +27,9 @@ class RecoverCommand final : public Command {
                  "Serve from this process until the device is deleted or a signal arrives");
     app.footer(
         "Starts a new daemon for a device whose daemon died (devices added with\n"
-        "--recovery=reissue or fail-io) and prints /dev/ublkbN once it is live again.");
+        "--recovery=reissue or fail-io) and prints /dev/ublkbN once it is live again.\n"
+        "An encrypted image needs its passphrase again (--key-file FILE): no daemon\n"
+        "and no file under /run/ublk-qcow2 keeps it.");
   }
 
   Status Run() override { return RunRecover(options_); }
@@ -41,7 +46,14 @@ Status RunRecover(const RecoverOptions& options) {
     ASSIGN_OR_RETURN(std::unique_ptr<driver::ControlDevice> control, driver::ControlDevice::Open());
     ASSIGN_OR_RETURN(record, driver::PrepareRecover(*control, options.id, kQuiesceWaitMs));
   }
+  if (record.encrypted && !ImageKey()) {
+    return Status::InvalidArgument(
+        fmt::format("ublk device {}: {} is encrypted: recover needs its passphrase "
+                    "(--key-file FILE)",
+                    options.id, record.image));
+  }
   driver::DeviceOptions device;
+  device.key = ImageKeyToWipe();
   device.image = record.image;
   device.working_dir = record.working_dir;
   device.dev_id = options.id;

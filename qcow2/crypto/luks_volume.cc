@@ -53,7 +53,9 @@ Task<Result<std::unique_ptr<LuksVolume>>> LuksVolume::Unlock(
     if (key->empty()) continue;
     Result<SectorCipher> cipher = SectorCipher::Create(d.algorithms, key->span());
     if (!cipher.ok()) co_return cipher.status().WithContext(file.path());
-    co_return std::make_unique<LuksVolume>(std::move(d), std::move(*key), std::move(*cipher));
+    auto volume = std::make_unique<LuksVolume>(std::move(d), std::move(*key), std::move(*cipher));
+    (void)volume->LockKey();  // best effort; the daemon warns (crypto::LockFailed)
+    co_return volume;
   }
   co_return Status::InvalidArgument(
       fmt::format("{}: Invalid password, cannot unlock any keyslot", file.path()));

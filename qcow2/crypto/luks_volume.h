@@ -42,7 +42,8 @@ class LuksVolume {
   // Tries `passphrase` on every active key slot in turn. Errors (one line,
   // naming the file, never the passphrase): InvalidArgument "Invalid
   // password, cannot unlock any keyslot" (QEMU's words), those of
-  // ReadLuksArea, I/O errors reading key material.
+  // ReadLuksArea, I/O errors reading key material. The volume's keys are
+  // locked in memory (LockKey; a refusal shows in crypto::LockFailed()).
   static Task<Result<std::unique_ptr<LuksVolume>>> Unlock(File& file, uint64_t area_offset,
                                                           uint64_t area_length,
                                                           std::span<const std::byte> passphrase);
@@ -54,8 +55,12 @@ class LuksVolume {
   Status Encrypt(uint64_t host_offset, std::span<std::byte> data) const;
   Status Decrypt(uint64_t host_offset, std::span<std::byte> data) const;
 
-  // Keeps the master key out of swap (SecretBytes::Lock); best effort.
-  bool LockKey() { return master_key_.Lock(); }
+  // Keeps the master key and the cipher's copies of it out of swap and core
+  // dumps (SecretBytes::Lock); best effort. Unlock() has done it.
+  bool LockKey() {
+    const bool master = master_key_.Lock();
+    return cipher_.LockKeys() && master;
+  }
 
   LuksVolume(LuksDescription description, SecretBytes master_key, SectorCipher cipher)
       : description_(std::move(description)),

@@ -33,6 +33,14 @@ class SectorCipher {
   Status Encrypt(uint64_t first_sector, std::span<std::byte> data) const;
   Status Decrypt(uint64_t first_sector, std::span<std::byte> data) const;
 
+  // Moves its key copies into locked memory (SecretBytes::Lock); best
+  // effort, false if any stayed unlocked. The per-call OpenSSL contexts hold
+  // their key schedules only for the call and OpenSSL wipes them when freed.
+  bool LockKeys() {
+    const bool key = key_.Lock();
+    return essiv_key_.Lock() && key;
+  }
+
  private:
   SectorCipher() = default;
   Status Run(bool encrypt, uint64_t first_sector, std::span<std::byte> data) const;

@@ -381,6 +381,7 @@ DAMAGE = [
     ("digest_iterations", 164, b"\xff\xff\xff\xff", ["iterations"]),
     ("slot0_iterations", 208 + 4, b"\x7f\xff\xff\xff", ["iterations"]),
     ("slot1_stripes", 208 + 48 + 44, b"\x00\x10\x00\x00", ["stripes"]),
+    ("slot0_stripes_zero", 208 + 44, b"\x00\x00\x00\x00", ["stripes"]),
     ("slot2_offset", 208 + 96 + 40, b"\x7f\xff\xff\xff", ["outside the encryption area"]),
     ("slot3_state", 208 + 144, b"\x12\x34\x56\x78", ["neither active nor inactive"]),
     ("cipher", 8, b"serpent\x00", ["cipher 'serpent' is not supported"]),
@@ -424,8 +425,11 @@ def _(binary, b):
 def _(binary, b):
     create_luks(b, "orig.qcow2", 4 * M)
     l1 = L.hdr_get(b.path("orig.qcow2"), "l1_table_offset")
+    area = luks_area(b.path("orig.qcow2"))
     for name, offset, length, words in (("l1", l1, 2 * M, ["overlaps the L1 table"]),
-                                        ("past_end", 1 << 30, 2 * M, ["past the end"])):
+                                        ("past_end", 1 << 30, 2 * M, ["past the end"]),
+                                        ("too_short", area, 4096, ["outside the encryption area"]),
+                                        ("unaligned", area + 1, 2 * M, ["unaligned"])):
         img = "bad-%s.qcow2" % name
 
         def patch(exts, offset=offset, length=length):
@@ -439,6 +443,97 @@ def _(binary, b):
             g.write(f.read())
         L.rewrite_extensions(b.path(img), patch)
         expect_error(binary, b, img, ["info", img], words)
+
+
+# --------------------------------------------------------------------------
+# Legacy AES (crypt_method 1): read-only, as QEMU's system emulators have it
+
+def create_aes(b, name, size, cs=64 * K, key="key", backing=None):
+    """qemu-img create -o encrypt.format=aes (QEMU 7.2 still creates them)."""
+    argv = [L.QEMU_IMG, "create", "-q", "-f", "qcow2", "--object",
+            "secret,id=sec0,file=%s" % key, "-o",
+            "encrypt.format=aes,encrypt.key-secret=sec0,cluster_size=%d" % cs]
+    if backing:
+        argv += ["-b", backing, "-F", "qcow2"]
+    L.must(argv + [name, str(size)], b.cwd, b.log)
+    return name
+
+
+def aes_read_case(cs, key_text=None):
+    def fn(binary, b):
+        write_key(b)
+        if key_text is not None:  # another passphrase: short (zero-padded) or long
+            with open(b.path("key"), "w") as f:
+                f.write(key_text)
+        create_aes(b, "a.qcow2", 16 * M, cs)
+        pattern(b, "a.qcow2", cs, 16 * M)
+        expect_same_view(binary, b, "a.qcow2")
+        expect_same_info(binary, b, "a.qcow2")
+        res = ours(binary, b, "bench", "-c", "16", "--key-file", "key", "a.qcow2")
+        if res.rc != 0:
+            raise CaseFailure("bench (reads) failed: %s" % res.err.strip())
+    return fn
+
+
+case("legacy_aes/cs64k", "AES-CBC image QEMU wrote (a 20-byte passphrase: the key is its "
+     "first 16 bytes): read byte for byte, info as qemu-img's")(aes_read_case(64 * K))
+case("legacy_aes/cs4k_short_key", "4 KiB clusters, a 3-byte passphrase (zero-padded key)")(
+    aes_read_case(4 * K, "abc"))
+case("legacy_aes/cs512", "512-byte clusters: every sector its own cluster")(
+    aes_read_case(512))
+
+
+@case("legacy_aes/plain_over_aes", "a plain overlay over an AES base: the base's data "
+      "decrypted with the guest offsets, the overlay's plain")
+def _(binary, b):
+    write_key(b)
+    create_aes(b, "base.qcow2", 16 * M)
+    pattern(b, "base.qcow2", 64 * K, 16 * M)
+    b.create("top.qcow2", 16 * M, backing="base.qcow2", backing_fmt="qcow2")
+    top = "driver=qcow2,file.filename=top.qcow2,backing.encrypt.key-secret=sec0"
+    L.must([L.QEMU_IO, "--object", SECRET, "--image-opts", "-c",
+            "write -P 0x77 %d 4096" % (3 * 64 * K), top], b.cwd, b.log)
+    L.must([L.QEMU_IMG, "convert", "--object", SECRET, "--image-opts", top, "-O", "raw",
+            "qemu.raw"], b.cwd, b.log)
+    res = ours(binary, b, "convert", "--key-file", "key", "-O", "raw", "top.qcow2", "ours.raw")
+    if res.rc != 0:
+        raise CaseFailure("our convert failed: %s" % res.err.strip())
+    L.compare_raw(b.path("qemu.raw"), b.path("ours.raw"))
+
+
+@case("legacy_aes/wrong_key_garbage", "a wrong passphrase: no check exists, QEMU decrypts to "
+      "garbage and so do we, the same garbage")
+def _(binary, b):
+    write_key(b)
+    create_aes(b, "a.qcow2", 4 * M)
+    qio(b, "a.qcow2", "write -P 0x5a 0 256k")
+    with open(b.path("key"), "w") as f:
+        f.write("WRONG-passphrase")
+    expect_same_view(binary, b, "a.qcow2")
+    with open(b.path("ours.raw"), "rb") as f:
+        if f.read(512) == b"\x5a" * 512:
+            raise CaseFailure("a wrong key read the plaintext")
+
+
+@case("legacy_aes/refusals", "writing an AES image (resize, commit into it, add without "
+      "--read-only) and reading it without a key: one line, exit 1, image unchanged")
+def _(binary, b):
+    write_key(b)
+    create_aes(b, "a.qcow2", 4 * M)
+    qio(b, "a.qcow2", "write -P 0x5a 0 64k")
+    b.create("top.qcow2", 4 * M, backing="a.qcow2", backing_fmt="qcow2")
+    writing = ["AES-CBC encrypted qcow2 images is no longer supported for writing"]
+    expect_error(binary, b, "a.qcow2", ["resize", "--key-file", "key", "a.qcow2", "8M"], writing)
+    expect_error(binary, b, "a.qcow2", ["amend", "--key-file", "key", "-o", "lazy_refcounts=on",
+                                        "a.qcow2"], writing)
+    expect_error(binary, b, "a.qcow2", ["convert", "-O", "raw", "a.qcow2", "x.raw"],
+                 ["encrypted (AES)", "--key-file"])
+    # The check of --read-only comes before any ublk: no device is needed.
+    expect_error(binary, b, "a.qcow2", ["add", "--key-file", "key", "-f", "a.qcow2"], writing)
+    # check needs no key, as qemu-img check.
+    res = ours(binary, b, "check", "a.qcow2")
+    if res.rc != 0:
+        raise CaseFailure("check without a key: exit %s %r" % (res.rc, res.err))
 
 
 def run_case(c, workdir, log, binary):

@@ -200,11 +200,19 @@ def _(b):
     return Expect("bad.qcow2", words=[re.escape(FEATURE_NAME.decode())])
 
 
-@case("encrypted_aes_crypt_method_1", "crypt_method = 1 (legacy AES)")
+@case("encrypted_aes_crypt_method_1", "crypt_method = 1 (legacy AES), no key given: info shows "
+      "it (as qemu-img info), reading it needs the passphrase")
 def _(b):
     p = valid_image(b)
     L.hdr_set(p, "crypt_method", 1)
-    return Expect("bad.qcow2", words=[r"encrypt", r"(not supported|unsupported)"])
+    return Expect("bad.qcow2", info="any", words=[r"encrypted \(AES\)", r"passphrase"])
+
+
+@case("encrypted_method_3", "crypt_method = 3 (no such method)")
+def _(b):
+    p = valid_image(b)
+    L.hdr_set(p, "crypt_method", 3)
+    return Expect("bad.qcow2", words=[r"Unsupported encryption method 3"])
 
 
 @case("encrypted_luks", "a real LUKS-encrypted qcow2 image (crypt_method 2), no key given: "
