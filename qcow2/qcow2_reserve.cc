@@ -13,9 +13,8 @@ namespace uq::qcow2 {
 uint64_t Qcow2Image::ReserveBatch() const {
   // 8 MiB of clusters, at least 16 and at most 256: a refill costs one or two
   // syncs, so at 64 KiB clusters 128 allocating writes share them; a crash
-  // leaks at most that much (check -r leaks frees it). Measured on allocating
-  // 4 KiB writes at QD32 (docs/benchmarks.md): 32 clusters per batch already
-  // reach 0.9x of the figure without stable metadata; 128 gain a few percent.
+  // leaks at most that much (check -r leaks frees it). Fixed, not tuned: see
+  // docs/benchmarks.md for what it gives.
   return std::clamp<uint64_t>((uint64_t{8} << 20) / geo_.cluster_size, 16, 256);
 }
 
