@@ -100,23 +100,55 @@ Task<Status> Qcow2Image::Flush() {
 }
 
 bool Qcow2Image::MetadataDirty() const {
-  return refcounts_->blocks_dirty() || refcounts_->table_dirty() || refcounts_->has_deferred() ||
-         l2_cache_.dirty_slices() > 0 || !l1_dirty_chunks_.empty();
+  return refcounts_->blocks_dirty() || refcounts_->table_dirty() || l2_cache_.dirty_slices() > 0 ||
+         !l1_dirty_chunks_.empty();
 }
 
 Task<Status> Qcow2Image::StabilizeMetadata() {
   if (!stable_metadata_ || !writable_) co_return Status::Ok();
-  // No flush running (it would hold the mutex) and nothing dirty: whatever
+  // No round running (it would hold the mutex) and nothing dirty: whatever
   // this request changed is in the file already.
   if (!meta_mutex_.locked() && !MetadataDirty()) co_return Status::Ok();
-  // Our changes are in the caches now; a flush that starts from here on
+  // Our changes are in the caches now; a round that starts from here on
   // covers them.
   const uint64_t ticket = ++stabilize_requests_;
   auto lock = co_await meta_mutex_.Acquire();
-  if (stabilized_ >= ticket) co_return Status::Ok();  // a flush started after us did it
+  if (stabilized_ >= ticket) co_return Status::Ok();  // a round started after us did it
   const uint64_t covers = stabilize_requests_;
-  if (MetadataDirty()) CO_RETURN_IF_ERROR(co_await FlushLocked());
+  CO_RETURN_IF_ERROR(co_await StabilizeLocked());
   stabilized_ = std::max(stabilized_, covers);
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::StabilizeLocked() {
+  // Every cluster an L2 or L1 entry in the caches names has a stable
+  // refcount: it came from the reserve, or was referenced before. New L2
+  // tables were synced before their L1 entries were set (PrepareL2). So the
+  // entries may reach the file, and the disk, in any order, without a sync:
+  // a power loss finds every entry pointing at a counted cluster (its data
+  // may be old, as for any write not yet flushed). Decrements stay deferred
+  // to the next flush, which syncs the entries that dropped them first.
+  //
+  // Refcounts dirty in memory (a compressed cluster's extra reference, an
+  // allocation outside the reserve) break that premise: flush in full.
+  // So does a long list of deferred decrements, which would hold on to
+  // freed clusters until the guest flushes.
+  if (refcounts_->blocks_dirty() || refcounts_->table_dirty() ||
+      refcounts_->deferred_count() > ReserveBatch()) {
+    co_return co_await FlushLocked();
+  }
+  // Copy-on-write data shown by a new entry (a backing file's bytes around a
+  // small write, say) is not the guest's to lose: it must be on disk before
+  // the entry is, or a power cut would show what the host cluster held before.
+  if (entries_need_data_sync_) {
+    CO_RETURN_IF_ERROR(co_await file_->Sync());
+    if (data_file_) CO_RETURN_IF_ERROR(co_await data_file_->Sync());
+    entries_need_data_sync_ = false;
+  }
+  // One write per dirty slice (concurrent), shared by every request whose
+  // ticket this round covers.
+  if (l2_cache_.dirty_slices() > 0) CO_RETURN_IF_ERROR(co_await l2_cache_.WriteDirty());
+  if (!l1_dirty_chunks_.empty()) CO_RETURN_IF_ERROR(co_await WriteL1());
   co_return Status::Ok();
 }
 
@@ -134,6 +166,7 @@ Task<Status> Qcow2Image::FlushLocked() {
   if (refcounts_->table_dirty()) CO_RETURN_IF_ERROR(co_await refcounts_->WriteTable());
   // 2. Guest data, new L2 tables and all of the above become stable.
   CO_RETURN_IF_ERROR(co_await sync_all());
+  entries_need_data_sync_ = false;
   // 3. L2 entries, now that what they point at is stable.
   if (l2_cache_.dirty_slices() > 0) {
     CO_RETURN_IF_ERROR(co_await l2_cache_.WriteDirty());
@@ -171,6 +204,9 @@ Task<Status> Qcow2Image::Close() {
   if (closed_) co_return Status::Ok();
   // Nothing may be written from another thread after the last flush.
   co_await RevokeShared(SharedMap::After::kStop);
+  // Reserved clusters nothing uses go back to refcount 0 in this flush: a
+  // clean image leaks nothing.
+  if (writable_) ReleaseReserve(/*for_good=*/true);
   Status st = co_await Flush();
   // The bitmaps, with the bits of every write, back on disk and no longer
   // in use (a corrupt image, read-only now, leaves them in use).
@@ -182,6 +218,9 @@ Task<Status> Qcow2Image::Close() {
     const uint64_t used = std::max(file_size_, refcounts_->used_end());
     if (used < grown_end_) st = file_->Truncate(used);
   }
+  // Reserved clusters released above may have grown the file: cut it after
+  // the last cluster in use.
+  if (st.ok() && writable_ && reserve_extended_) st = co_await TruncateAfterLastCluster();
   co_return st;
 }
 

@@ -84,17 +84,29 @@ Task<Status> Qcow2Image::CheckNoOverlap(uint64_t host, uint64_t length) {
   co_return Status::Ok();
 }
 
-Task<Result<uint64_t>> Qcow2Image::AllocateCluster() {
+Task<Result<uint64_t>> Qcow2Image::AllocateCluster(bool* known_zero) {
+  if (known_zero) *known_zero = false;
+  if (Reserving()) {
+    if (reserved_.empty()) {
+      Status st = co_await RefillReserve();
+      if (st.IsCorruption()) co_return co_await MarkCorrupt(st);
+      CO_RETURN_IF_ERROR(st);
+    }
+    const Reserved r = reserved_.front();
+    reserved_.pop_front();
+    if (known_zero) *known_zero = r.zero;
+    co_return r.host;
+  }
   Result<uint64_t> host = co_await refcounts_->Allocate(1);
   if (!host.ok() && host.status().IsCorruption()) co_return co_await MarkCorrupt(host.status());
   co_return host;
 }
 
-Task<Result<uint64_t>> Qcow2Image::AllocateWholeCluster() {
+Task<Result<uint64_t>> Qcow2Image::AllocateWholeCluster(bool* known_zero) {
   uint64_t host;
   {
     auto lock = co_await meta_mutex_.Acquire();
-    CO_ASSIGN_OR_RETURN(host, co_await AllocateCluster());
+    CO_ASSIGN_OR_RETURN(host, co_await AllocateCluster(known_zero));
     file_size_ = std::max(file_size_, host + geo_.cluster_size);
   }
   co_await ExtendTo(host + geo_.cluster_size);
@@ -254,8 +266,9 @@ Task<Status> Qcow2Image::SubclusterAllocatingWrite(QueuedWrite* me) {
                                  : (last + 1) * geo_.subcluster_size;
   CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host + write_start, write_end - write_start));
   std::vector<QueuedWrite*> taken;
+  bool copied = false;
   Status st = co_await WriteWithCow(old, cluster_start, host, write_start, write_end, in_cluster,
-                                    data, &taken);
+                                    data, &taken, &copied);
   if (st.ok()) {
     // Merge our bits into the entry as it is now (other subclusters may have
     // been allocated meanwhile).
@@ -264,6 +277,8 @@ Task<Status> Qcow2Image::SubclusterAllocatingWrite(QueuedWrite* me) {
     if (now.ok()) {
       const uint64_t touched = SubclusterMask(first, last);
       now->bitmap = (now->bitmap | touched) & ~(touched << 32);
+      // Whether the host cluster reads as zeros on disk is not known here.
+      NoteEntryData(copied, false, false);
       st = co_await StoreEntry(offset, *now);
     } else {
       st = now.status();
@@ -284,10 +299,13 @@ Task<Status> Qcow2Image::PrepareL2(uint64_t offset) {
   CO_ASSIGN_OR_RETURN(const uint64_t table, co_await AllocateWholeCluster());
   // A new table is all zeros (every entry unallocated); a table shared with a
   // snapshot is copied. Either way it is written now, before any L1 entry can
-  // name it on disk (the L1 reaches the disk only in Flush, after a sync).
+  // name it on disk (the L1 reaches the disk only after a sync that covers it).
   AlignedBuffer contents(geo_.cluster_size);
   if (old_table != 0) CO_RETURN_IF_ERROR(co_await file_->ReadExact(old_table, contents.span()));
   Status written = co_await file_->Write(table, contents.span());
+  // With stable metadata the L1 entry is written without a sync before the
+  // request is acknowledged: the table it names must be on disk already.
+  if (written.ok() && stable_metadata_) written = co_await file_->Sync();
   auto lock = co_await meta_mutex_.Acquire();
   if (!written.ok()) {
     ReleaseCluster(table / geo_.cluster_size);
@@ -395,12 +413,13 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   if (!reuse) CO_RETURN_IF_ERROR(co_await CheckReferenced(offset, old));
   uint64_t host;
   bool fresh = false;
+  bool host_zero = false;
   if (reuse) {
     host = old.host_cluster();
   } else if (has_df) {
     host = cluster_start;
   } else {
-    CO_ASSIGN_OR_RETURN(host, co_await AllocateWholeCluster());
+    CO_ASSIGN_OR_RETURN(host, co_await AllocateWholeCluster(&host_zero));
     fresh = true;
   }
 
@@ -426,16 +445,18 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   // read as before (backing file, zeros, compressed or shared data).
   Status st;
   std::vector<QueuedWrite*> taken;
+  bool copied = false;
   if (reuse) st = co_await CheckNoOverlap(host + write_start, write_end - write_start);
   if (st.ok()) {
     st = co_await WriteWithCow(old, cluster_start, host, write_start, write_end, in_cluster, data,
-                               &taken);
+                               &taken, &copied);
   }
   {
     auto lock = co_await meta_mutex_.Acquire();
     if (!st.ok()) {
       if (fresh) ReleaseCluster(host / geo_.cluster_size);
     } else {
+      NoteEntryData(copied, ReadsAsZeros(old, write_start, write_end), host_zero);
       st = co_await StoreEntry(offset, updated);
       if (st.ok()) {
         if (!reuse) ReleaseEntry(old);
@@ -481,7 +502,7 @@ Task<Status> Qcow2Image::MapEmptyCluster(uint64_t offset) {
 Task<Status> Qcow2Image::WriteWithCow(const L2Entry& old, uint64_t cluster_start, uint64_t host,
                                       uint64_t write_start, uint64_t write_end, uint64_t in_cluster,
                                       std::span<const std::byte> data,
-                                      std::vector<QueuedWrite*>* taken) {
+                                      std::vector<QueuedWrite*>* taken, bool* copied) {
   const uint64_t tail_at = in_cluster + data.size();
   const uint64_t cluster = geo_.guest_cluster(cluster_start);
   auto take = [&] {
@@ -535,6 +556,7 @@ Task<Status> Qcow2Image::WriteWithCow(const L2Entry& old, uint64_t cluster_start
   bool read = false;
   for (auto [lo, hi] : {uncovered(write_start, in_cluster), uncovered(tail_at, write_end)}) {
     if (lo >= hi) continue;
+    *copied = true;
     CO_RETURN_IF_ERROR(co_await ReadWithEntry(old, cluster_start + lo,
                                               buf.span().subspan(lo - write_start, hi - lo)));
     read = true;

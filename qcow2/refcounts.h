@@ -80,6 +80,7 @@ class Refcounts {
   bool blocks_mostly_dirty() const { return cache_.mostly_dirty(); }
   bool table_dirty() const { return !dirty_table_chunks_.empty(); }
   bool has_deferred() const { return !deferred_.empty(); }
+  size_t deferred_count() const { return deferred_.size(); }
 
   // Whether `cluster` holds the refcount table or a refcount block.
   bool IsRefcountMetadata(uint64_t cluster) const;

@@ -97,12 +97,12 @@ const std::string& ImageKeyFile() { return TheFlags().key_file; }
 Result<std::shared_ptr<const SecretBytes>> SecretById(const std::string& id) {
   auto it = Secrets().find(id);
   if (it == Secrets().end()) return NoSecret(id);
-  return it->second;
+  return std::shared_ptr<const SecretBytes>(it->second);
 }
 
 Result<std::shared_ptr<const SecretBytes>> NewImageKey(const std::string& key_secret) {
   if (!key_secret.empty()) return SecretById(key_secret);
-  return FileKey();
+  return std::shared_ptr<const SecretBytes>(FileKey());
 }
 
 }  // namespace uq::tools
