@@ -15,6 +15,7 @@
 #include "qcow2/sync_env.h"
 #include "tools/image_key.h"
 #include "tools/io_context.h"
+#include "tools/serve_device.h"
 
 namespace uq::tools {
 namespace {
@@ -32,10 +33,6 @@ Status ValidateImage(const AddOptions& options, const std::string& path, bool di
   ASSIGN_OR_RETURN(std::unique_ptr<qcow2::BlockDevice> image,
                    io->Run(qcow2::OpenImage(path, image_options)));
   return io->Run(image->Close());
-}
-
-bool PrintLine(const std::string& line) {
-  return std::fprintf(stdout, "%s\n", line.c_str()) >= 0 && std::fflush(stdout) == 0;
 }
 
 class AddCommand final : public Command {
@@ -152,17 +149,7 @@ Status RunAdd(const AddOptions& options) {
   device.recovery_requested = recovery_requested;
   device.key = ImageKeyToWipe();
 
-  if (options.foreground) {
-    bool printed = true;
-    Status served = driver::ServeInForeground(
-        device, [&](const driver::DeviceInfo& info) { printed = PrintLine(info.block_path); });
-    if (!printed) return Status::IoError("standard output: write failed");
-    return served;
-  }
-  ASSIGN_OR_RETURN(driver::DeviceInfo info,
-                   driver::StartDaemon(device, std::chrono::seconds(options.timeout_s)));
-  if (!PrintLine(info.block_path)) return Status::IoError("standard output: write failed");
-  return Status::Ok();
+  return ServeAndPrintDevice(device, options.foreground, std::chrono::seconds(options.timeout_s));
 }
 
 std::unique_ptr<Command> MakeAddCommand() { return std::make_unique<AddCommand>(); }

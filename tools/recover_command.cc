@@ -9,6 +9,7 @@
 #include "driver/control.h"
 #include "driver/daemon.h"
 #include "tools/image_key.h"
+#include "tools/serve_device.h"
 
 namespace uq::tools {
 namespace {
@@ -67,19 +68,7 @@ Status RunRecover(const RecoverOptions& options) {
   device.poll_us = record.poll_us;
   device.handle_signals = true;
   device.recover = true;
-  auto print = [](const std::string& line) {
-    return std::fprintf(stdout, "%s\n", line.c_str()) >= 0 && std::fflush(stdout) == 0;
-  };
-  if (options.foreground) {
-    bool printed = true;
-    Status served = driver::ServeInForeground(
-        device, [&](const driver::DeviceInfo& info) { printed = print(info.block_path); });
-    if (!printed) return Status::IoError("standard output: write failed");
-    return served;
-  }
-  ASSIGN_OR_RETURN(driver::DeviceInfo info, driver::StartDaemon(device));
-  if (!print(info.block_path)) return Status::IoError("standard output: write failed");
-  return Status::Ok();
+  return ServeAndPrintDevice(device, options.foreground);
 }
 
 std::unique_ptr<Command> MakeRecoverCommand() { return std::make_unique<RecoverCommand>(); }
