@@ -7,7 +7,9 @@
 // must
 //   - pass `qemu-img check` with no corruption (leaks are allowed), and
 //   - have the old or the new version, never another, and
-//   - read as before, in the active view and in every snapshot.
+//   - read as before, in the active view and in every snapshot, and
+//   - at version 3 list the persistent bitmaps it had, at version 2 have no
+//     bitmaps extension (a downgrade drops them).
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -33,6 +35,7 @@ struct AmendCase {
   uint32_t to_version;
   std::vector<std::string> snapshots;
   bool backing = false;
+  std::string bitmaps;  // the bitmaps' names, as BitmapNames prints them
 };
 std::ostream& operator<<(std::ostream& o, const AmendCase& c) { return o << c.name; }
 
@@ -78,6 +81,32 @@ class AmendCrashTest : public ::testing::TestWithParam<AmendCase> {
     EXPECT_EQ(Sh(fmt::format("qemu-img convert -O raw{} {} view.raw", l, image), &out), 0) << out;
     return scratch_->Slurp("view.raw");
   }
+  // The names of the bitmaps qemu-img info lists, one per line, then
+  // "ext" if the header has a bitmaps extension (which version 2 ignores).
+  std::string BitmapNames(const std::string& image) {
+    std::string out;
+    // In parentheses: Sh redirects only the last command of a list.
+    EXPECT_EQ(Sh("(qemu-img info --output=json " + image +
+                     " | python3 -c 'import json,sys; d=json.load(sys.stdin)"
+                     ".get(\"format-specific\",{}).get(\"data\",{}); "
+                     "[print(b[\"name\"]) for b in d.get(\"bitmaps\",[])]' && " +
+                     kHasBitmapsExtension + image + ")",
+                 &out),
+              0)
+        << out;
+    return out;
+  }
+  static constexpr char kHasBitmapsExtension[] = R"PY(python3 -c '
+import struct, sys
+f = open(sys.argv[1], "rb"); h = f.read(4096)
+v, = struct.unpack(">I", h[4:8])
+pos = 72 if v == 2 else struct.unpack(">I", h[100:104])[0]
+while pos + 8 <= len(h):
+    t, n = struct.unpack(">II", h[pos:pos + 8])
+    if t == 0: break
+    if t == 0x23852875: print("ext")
+    pos += 8 + (n + 7) // 8 * 8
+' )PY";
   std::unique_ptr<testing::ScratchDir> scratch_;
   std::string dir_;
 };
@@ -90,6 +119,7 @@ TEST_P(AmendCrashTest, EveryCrashPointLeavesTheOldOrTheNewVersion) {
   for (const std::string& s : c.snapshots) snaps.push_back(View("img.qcow2", s));
   std::string out;
   ASSERT_EQ(Sh("qemu-img check img.qcow2", &out), 0) << out;
+  ASSERT_EQ(BitmapNames("img.qcow2"), c.bitmaps);
 
   auto run = [&](int64_t crash_at, bool* amended) -> uint64_t {
     MemEnv mem;
@@ -128,6 +158,7 @@ TEST_P(AmendCrashTest, EveryCrashPointLeavesTheOldOrTheNewVersion) {
   ASSERT_GT(boundaries, 3u);
   ASSERT_EQ(Sh("qemu-img check after.qcow2", &out), 0) << out;
   ASSERT_EQ(version(), c.to_version);
+  ASSERT_EQ(BitmapNames("after.qcow2"), c.to_version == 2 ? "" : c.bitmaps);
 
   int new_seen = 0;
   for (uint64_t n = 0; n < boundaries; n++) {
@@ -139,6 +170,7 @@ TEST_P(AmendCrashTest, EveryCrashPointLeavesTheOldOrTheNewVersion) {
     const uint32_t v = version();
     ASSERT_TRUE(v == 2 || v == 3) << at << ": version " << v;
     if (v == c.to_version) new_seen++;
+    ASSERT_EQ(BitmapNames("after.qcow2"), v == 2 && c.to_version == 2 ? "" : c.bitmaps) << at;
     ASSERT_TRUE(View("after.qcow2") == active) << at << ": the guest view changed";
     for (size_t i = 0; i < c.snapshots.size(); i++) {
       ASSERT_TRUE(View("after.qcow2", c.snapshots[i]) == snaps[i])
@@ -187,7 +219,18 @@ INSTANTIATE_TEST_SUITE_P(
                       std::string(kStripExtraData),
                   3,
                   {"s1", "s2"}},
-        AmendCase{"upgrade_v2", "qemu-img create -q -f qcow2 -o compat=0.10 img.qcow2 1M", 3}),
+        AmendCase{"upgrade_v2", "qemu-img create -q -f qcow2 -o compat=0.10 img.qcow2 1M", 3},
+        AmendCase{"downgrade_bitmaps_c4k",
+                  "qemu-img create -q -f qcow2 -o cluster_size=4k img.qcow2 1M && " +
+                      ZeroWrites(4096) +
+                      " && qemu-img bitmap --add img.qcow2 b0 && "
+                      "qemu-img bitmap --add -g 512 img.qcow2 b1 && "
+                      "qemu-io -c 'write -P 0x44 100k 20k' -c 'write -z 300k 4k' img.qcow2 "
+                      ">/dev/null",
+                  2,
+                  {},
+                  false,
+                  "b0\nb1\next\n"}),
     [](const ::testing::TestParamInfo<AmendCase>& info) { return info.param.name; });
 
 }  // namespace

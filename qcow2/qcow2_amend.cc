@@ -148,12 +148,6 @@ Task<Status> Qcow2Image::CheckAmend(const AmendOptions& o) {
             "clusters");
       }
     }
-    if (ActiveBitmapsExtension(header_) != nullptr) {
-      // QEMU downgrades and leaks the bitmaps' clusters; we refuse.
-      co_return unsupported(
-          "can't downgrade an image with persistent dirty bitmaps (ublk-qcow2 does not amend "
-          "images with bitmaps yet)");
-    }
   }
   co_return Status::Ok();
 }
@@ -284,7 +278,15 @@ Task<Status> Qcow2Image::DowngradeToV2() {
   updated.compression_type = kCompressionDeflate;
   updated.unknown_fields.clear();
   updated.feature_names.clear();  // QEMU writes no feature table into version 2
-  co_return co_await RewriteHeader(std::move(updated));
+  // Version 2 has no autoclear bits, so it cannot hold persistent bitmaps:
+  // the version-2 header names none, and their clusters are released once
+  // it is stable (a crash between the two leaks them, nothing worse). QEMU
+  // keeps the extension, which version 2 ignores, and leaks the clusters
+  // for good: qemu-img check reports them.
+  CO_ASSIGN_OR_RETURN(const auto bitmap_ranges, co_await BitmapRanges());
+  updated.bitmaps.reset();
+  CO_RETURN_IF_ERROR(co_await RewriteHeader(std::move(updated)));
+  co_return co_await DropBitmaps(bitmap_ranges);
 }
 
 Task<Status> Qcow2Image::ExpandZeroClusters(uint64_t table) {

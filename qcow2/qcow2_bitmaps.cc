@@ -364,6 +364,34 @@ Task<Status> Qcow2Image::ReleaseBitmapClusters(const BitmapDirEntry& e) {
   co_return Status::Ok();
 }
 
+Task<Result<std::vector<std::pair<uint64_t, uint64_t>>>> Qcow2Image::BitmapRanges() {
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  const BitmapsExtension* ext = ActiveBitmapsExtension(header_);
+  if (ext == nullptr) co_return ranges;
+  ranges.emplace_back(ext->directory_offset, ext->directory_size);
+  for (const BitmapDirEntry& e : disk_bitmaps_) {
+    CO_ASSIGN_OR_RETURN(std::vector<uint64_t> table, co_await ReadBitmapTable(e));
+    ranges.emplace_back(e.table_offset, uint64_t{e.table_size} * 8);
+    for (uint64_t t : table) {
+      if (t & kTableEntryOffset) ranges.emplace_back(t & kTableEntryOffset, geo_.cluster_size);
+    }
+  }
+  co_return ranges;
+}
+
+Task<Status> Qcow2Image::DropBitmaps(const std::vector<std::pair<uint64_t, uint64_t>>& ranges) {
+  auto lock = co_await meta_mutex_.Acquire();
+  bitmaps_.clear();
+  disk_bitmaps_.clear();
+  RebuildTracking();
+  bitmaps_list_changed_ = false;
+  bitmaps_in_use_on_disk_ = false;
+  bitmaps_marked_in_use_.store(false, std::memory_order_release);
+  for (const auto& [offset, bytes] : ranges) ReleaseRange(offset, bytes);
+  // The decrements reach the file now rather than at Close.
+  co_return co_await FlushLocked();
+}
+
 bool Qcow2Image::BitmapsNeedStore() const {
   return bitmaps_list_changed_ || bitmaps_in_use_on_disk_;
 }

@@ -621,6 +621,12 @@ class Qcow2Image final : public BlockDevice {
   bool BitmapsNeedStore() const;
   // REQUIRES: the metadata mutex held.
   Task<Status> StoreBitmapsLocked();
+  // Compat downgrade: version 2 cannot hold persistent bitmaps. The
+  // clusters every stored bitmap uses (directory, tables, data), as byte
+  // ranges, read while the header still names them; once a header without
+  // the bitmaps is stable, DropBitmaps releases them and forgets the list.
+  Task<Result<std::vector<std::pair<uint64_t, uint64_t>>>> BitmapRanges();
+  Task<Status> DropBitmaps(const std::vector<std::pair<uint64_t, uint64_t>>& ranges);
   Task<Status> ReadUnallocated(uint64_t offset, std::span<std::byte> out);
   Task<Result<uint64_t>> BackingZeroPrefix(uint64_t offset, uint64_t length);
   Task<Status> ReadCompressed(const L2Entry& entry, uint64_t offset_in_cluster,

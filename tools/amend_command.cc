@@ -7,7 +7,6 @@
 #include <string>
 #include <vector>
 
-#include "qcow2/bitmap_directory.h"
 #include "qcow2/create/option_list.h"
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
@@ -251,13 +250,6 @@ class AmendCommand final : public Command {
       return Status::Ok();
     }
     ASSIGN_OR_RETURN(qcow2::AmendOptions amend, ParseAmendOptions(list, header, image));
-    // Refused before the writable open, so that a refusal changes nothing.
-    if (qcow2::ActiveBitmapsExtension(header) != nullptr) {
-      return Status::NotSupported(
-          fmt::format("{}: can't amend an image with persistent dirty bitmaps (ublk-qcow2 does not "
-                      "amend images with bitmaps yet)",
-                      image));
-    }
 
     // qemu-img amend -p draws its line at 0% and at 100% (then "\r\n"); the
     // steps between depend on QEMU's operations and are left out.

@@ -16,9 +16,15 @@ q/, ours in o/, with the same arguments. After each step:
     -O raw`, and of every internal snapshot) is byte-identical, and
     `qemu-img map --output=json` agrees on every range's flags.
 
+Persistent bitmaps: info must list the same ones, and every consistent
+bitmap must hold the same bits on both twins (`qemu-nbd -B` + `nbdinfo`).
+
 A step may expect a documented divergence: ours refuses where qemu-img goes
-on (persistent bitmaps, which we do not maintain); then ours must fail
-cleanly and change nothing.
+on; then ours must fail cleanly and change nothing. Or, on a compat=0.10
+downgrade of an image with bitmaps, ours drops the bitmaps (version 2 cannot
+hold them) and frees their clusters where qemu-img keeps an extension that
+version 2 ignores and leaks them: then qemu-img's twin may have leaks and a
+bitmaps extension ours has not, and ours must have neither.
 
 Usage: amend_oracle_test.py BINARY [--group G] [--case SUBSTR]... [--list] [--keep]
 """
@@ -45,11 +51,13 @@ class Step:
     """One amend command: its arguments (image last), the snapshots whose
     views to compare, and whether ours refuses what qemu-img does."""
 
-    def __init__(self, *args, image="a.qcow2", snapshots=(), ours_refuses=False):
+    def __init__(self, *args, image="a.qcow2", snapshots=(), ours_refuses=False,
+                 drops_bitmaps=False):
         self.args = [str(a) for a in args] + [image]
         self.image = image
         self.snapshots = snapshots
         self.ours_refuses = ours_refuses
+        self.drops_bitmaps = drops_bitmaps
 
 
 def fill(b, img, cs, size):
@@ -312,11 +320,46 @@ def _(b):
     return [Step("-o", "compat=0.10")]
 
 
-@case("compat/bitmaps", "persistent bitmaps: qemu-img amends; we refuse (documented)")
-def _(b):
-    b.create("a.qcow2", 4 * M)
+def with_bitmaps(b, size, cs):
+    """Data, then an enabled bitmap b0 (QEMU's granularity), a 512 B one b1
+    and a disabled one b2, then writes only the enabled ones see."""
+    fill(b, "a.qcow2", cs, size)
     b.qemu_img("bitmap", "--add", "a.qcow2", "b0")
-    return [Step("-o", "lazy_refcounts=on", ours_refuses=True)]
+    b.qemu_img("bitmap", "--add", "-g", "512", "a.qcow2", "b1")
+    b.qemu_img("bitmap", "--add", "--disable", "a.qcow2", "b2")
+    b.io("a.qcow2", "write -P 0x61 %d %d" % (cs + 512, 3 * cs), "write -z %d %d" % (9 * cs, cs),
+         "write -P 0x62 %d 4096" % (size - 8192), "discard %d %d" % (2 * cs, cs))
+
+
+@case("bitmaps/options", "feature bits, refcount widths and sizes on an image with bitmaps: "
+      "their bits kept (and resized)")
+def _(b):
+    b.create("a.qcow2", 8 * M)
+    with_bitmaps(b, 8 * M, 64 * K)
+    return [Step("-o", "lazy_refcounts=on"), Step("-o", "refcount_bits=64"),
+            Step("-o", "refcount_bits=1"), Step("-o", "size=12M"),
+            Step("-o", "size=5M,lazy_refcounts=off,refcount_bits=16")]
+
+
+@case("bitmaps/small_clusters", "512 B clusters, bitmap tables of many clusters: refcount_bits "
+      "and size, then a downgrade")
+def _(b):
+    b.create("a.qcow2", 4 * M, opts={"cluster_size": 512})
+    with_bitmaps(b, 4 * M, 512)
+    return [Step("-o", "refcount_bits=8"), Step("-o", "size=6M,refcount_bits=16"),
+            Step("-o", "compat=0.10", drops_bitmaps=True)]
+
+
+@case("bitmaps/downgrade", "compat=0.10 drops the bitmaps (QEMU leaks them); an inconsistent "
+      "one too; then an upgrade back")
+def _(b):
+    b.create("a.qcow2", 8 * M, opts={"cluster_size": 4096})
+    with_bitmaps(b, 8 * M, 4096)
+    # b1 in use, as a program that crashed while writing leaves it.
+    entry = L.bitmap_entries(b.path("a.qcow2"))[1]
+    L.write_be(b.path("a.qcow2"), entry + 12, 4, L.read_be(b.path("a.qcow2"), entry + 12, 4) | 1)
+    return [Step("-o", "compat=0.10,size=10M"),  # both refuse: b1 cannot be resized
+            Step("-o", "compat=0.10", drops_bitmaps=True), Step("-o", "compat=1.1,size=10M")]
 
 
 # --------------------------------------------------------------------------
@@ -375,8 +418,14 @@ def info(cwd, log, image):
                                      "vm-clock-nsec", "icount")}
              for s in j.get("snapshots", [])]
     return {"virtual-size": j.get("virtual-size"), "dirty-flag": j.get("dirty-flag"),
-            "backing": j.get("backing-filename"),
+            "backing": j.get("backing-filename"), "bitmaps": data.get("bitmaps"),
             "snapshots": snaps, **{k: data.get(k) for k in INFO_KEYS}}
+
+
+def bitmap_bits(cwd, log, image, bitmaps):
+    """Each consistent bitmap's dirty extents as qemu-nbd serves them."""
+    return {bm["name"]: L.nbd_bitmap_map(cwd, image, bm["name"], log)
+            for bm in bitmaps or [] if "in-use" not in bm["flags"]}
 
 
 def header_shape(path):
@@ -472,8 +521,16 @@ def run_step(binary, workdir, log, qdir, odir, step):
     qi, oi = info(qdir, log, step.image), info(odir, log, step.image)
     if qi != oi:
         raise CaseFailure("%s: qemu-img info differs\nqemu-img %s\nours     %s" % (what, qi, oi))
+    qb = bitmap_bits(qdir, log, step.image, qi["bitmaps"])
+    ob = bitmap_bits(odir, log, step.image, oi["bitmaps"])
+    if qb != ob:
+        raise CaseFailure("%s: bitmap bits differ\nqemu-img %s\nours     %s" % (what, qb, ob))
     qh = header_shape(os.path.join(qdir, step.image))
     oh = header_shape(os.path.join(odir, step.image))
+    if step.drops_bitmaps:
+        if L.EXT_BITMAPS in oh["exts"]:
+            raise CaseFailure("%s: ours kept a bitmaps extension: %s" % (what, oh))
+        qh["exts"] = [t for t in qh["exts"] if t != L.EXT_BITMAPS]
     if qh != oh:
         raise CaseFailure("%s: header differs\nqemu-img %s\nours     %s" % (what, qh, oh))
     qx = snapshot_extra(os.path.join(qdir, step.image))

@@ -23,11 +23,7 @@ Usage: bitmap_oracle_test.py BINARY [--group G] [--case SUBSTR]... [--list] [--k
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 
 sys.dont_write_bytecode = True  # keep the source tree clean
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
@@ -208,32 +204,7 @@ def info_bitmaps(d, log):
 
 
 def nbd_map(d, name, log):
-    """[(offset, length, dirty)] of bitmap `name` as qemu-nbd serves it."""
-    # A socket path must fit in 108 bytes: Bazel's sandbox paths do not.
-    sockdir = tempfile.mkdtemp(prefix="bm-nbd", dir="/tmp")
-    sock = os.path.join(sockdir, "s")
-    proc = subprocess.Popen(["qemu-nbd", "-r", "-k", sock, "-B", name, "-f", "qcow2", "a.qcow2"],
-                            cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        for _ in range(100):
-            if os.path.exists(sock):
-                break
-            if proc.poll() is not None:
-                raise CaseFailure("qemu-nbd -B %s: %s" % (name, proc.stderr.read().decode()))
-            time.sleep(0.05)
-        res = L.run(["nbdinfo", "--map=qemu:dirty-bitmap:" + name, "nbd+unix:///?socket=" + sock],
-                    d, log)
-        if res.rc != 0:
-            raise CaseFailure("nbdinfo on %s: %s" % (d, res.err))
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(sockdir, ignore_errors=True)
-    out = []
-    for line in res.out.splitlines():
-        f = line.split()
-        out.append((int(f[0]), int(f[1]), int(f[2]) == 1))
-    return out
+    return L.nbd_bitmap_map(d, "a.qcow2", name, log)
 
 
 def our_map(binary, d, name, log):

@@ -18,6 +18,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
@@ -350,6 +351,36 @@ def bitmap_entries(path):
                 pos += (24 + extra_size + name_size + 7) & ~7
             return out
     return []
+
+
+def nbd_bitmap_map(d, image, name, log):
+    """[(offset, length, dirty)] of bitmap `name` of qcow2 `image` (in `d`) as
+    `qemu-nbd -B` serves it and `nbdinfo --map=qemu:dirty-bitmap:` reads it."""
+    # A socket path must fit in 108 bytes: Bazel's sandbox paths do not.
+    sockdir = tempfile.mkdtemp(prefix="bm-nbd", dir="/tmp")
+    sock = os.path.join(sockdir, "s")
+    proc = subprocess.Popen(["qemu-nbd", "-r", "-k", sock, "-B", name, "-f", "qcow2", image],
+                            cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            if proc.poll() is not None:
+                raise CaseFailure("qemu-nbd -B %s: %s" % (name, proc.stderr.read().decode()))
+            time.sleep(0.05)
+        res = run(["nbdinfo", "--map=qemu:dirty-bitmap:" + name, "nbd+unix:///?socket=" + sock],
+                  d, log)
+        if res.rc != 0:
+            raise CaseFailure("nbdinfo on %s: %s" % (d, res.err))
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(sockdir, ignore_errors=True)
+    out = []
+    for line in res.out.splitlines():
+        f = line.split()
+        out.append((int(f[0]), int(f[1]), int(f[2]) == 1))
+    return out
 
 
 def snapshot_entries(path):
