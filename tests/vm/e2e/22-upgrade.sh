@@ -8,7 +8,9 @@
 #     finds nothing (exit 0, no leak: every handover closed the image cleanly);
 #  2. a mounted ext4 with a writer copying trees across two upgrades: no error, the
 #     files verify after a remount, e2fsck -fn clean, the image clean;
-#  3. refusals, one line, exit 1, nothing changed: a device added with --recovery=off,
+#  3. an idle --recovery=fail-io device is upgraded too (I/O sent during the handover
+#     would fail: fail-io's meaning);
+#  4. refusals, one line, exit 1, nothing changed: a device added with --recovery=off,
 #     an unknown id, a device whose daemon is gone (recover is what it needs).
 # Elsewhere (6.12): upgrade is one line naming UBLK_F_QUIESCE, exit 1, and the device
 # keeps working with the same daemon.
@@ -121,6 +123,27 @@ assert "QUIESCE" in d["flags"] and "USER_RECOVERY_REISSUE" in d["flags"], d["fla
   }
   check "mounted ext4 with a writer across 2 upgrades: no error, files verify, e2fsck and image clean" ext4_across_upgrades
   cleanup
+
+  fail_io_upgrade() {
+    local dev id
+    qemu-img create -q -f qcow2 "$img" 64M
+    dev=$(add_device -f "$img" --recovery=fail-io) || return 1
+    id=$(dev_id "$dev")
+    dd if=/dev/urandom of="$WORK/p" bs=1M count=4 status=none
+    dd if="$WORK/p" of="$dev" bs=1M oflag=direct conv=fsync status=none
+    upgrade_once "$id" "$dev"
+    "$UQ" list --output=json | python3 -c '
+import json, sys
+d = {x["device"]: x for x in json.load(sys.stdin)}[sys.argv[1]]
+assert d["recovery"] == "fail-io", d
+' "$dev"
+    cmp -n $((4 * M)) "$dev" "$WORK/p"
+    dd if="$WORK/p" of="$dev" bs=1M seek=8 oflag=direct conv=fsync status=none
+    echo "the data reads back, the device takes writes"
+    "$UQ" del -n "$id"
+    qemu-img check "$img"
+  }
+  check "upgrade of a --recovery=fail-io device (idle): new daemon, data intact, image clean" fail_io_upgrade
 
   refuse_recovery_off() {
     local dev id pid rc err
