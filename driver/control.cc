@@ -161,6 +161,12 @@ Status ControlDevice::UpdateSize(int dev_id, uint64_t sectors) {
   return Run("UPDATE_SIZE", UBLK_U_CMD_UPDATE_SIZE, cmd).status();
 }
 
+Status ControlDevice::QuiesceDevice(int dev_id, uint32_t timeout_ms) {
+  ublksrv_ctrl_cmd cmd = Header(dev_id);
+  cmd.data[0] = timeout_ms;
+  return Run("QUIESCE_DEV", UBLK_U_CMD_QUIESCE_DEV, cmd).status();
+}
+
 Result<ublksrv_ctrl_dev_info> ControlDevice::GetInfo(int dev_id) {
   ublksrv_ctrl_dev_info info{};
   ublksrv_ctrl_cmd cmd = Header(dev_id);

@@ -102,6 +102,12 @@ class ControlDevice {
   // `daemon_pid`, makes the device live and re-issues the queued requests.
   Status StartUserRecovery(int dev_id);
   Status EndUserRecovery(int dev_id, int daemon_pid);
+  // QUIESCE_DEV (see driver/ublk_abi.h): the kernel stops handing requests
+  // to the daemon and aborts its idle fetches; waits at most `timeout_ms`
+  // (IoError(EBUSY) then, with new requests already held back). Sent by the
+  // daemon itself, which finishes the requests it holds and exits (upgrade).
+  // REQUIRES: the device was added with UBLK_F_QUIESCE (EOPNOTSUPP if not).
+  Status QuiesceDevice(int dev_id, uint32_t timeout_ms);
   // Fails with IoError(ENODEV) for an id with no device.
   Result<ublksrv_ctrl_dev_info> GetInfo(int dev_id);
   Result<ublk_params> GetParams(int dev_id);

@@ -91,12 +91,22 @@ void ForgetPassphrase(const DeviceOptions& options) {
       ::getpid(), info.recovered ? "recovered, serving" : "serving", options.image, info.block_path,
       info.size, info.queues, info.depth, info.read_only ? ", read-only" : "",
       RecoveryModeName(RecoveryModeOf(info.flags)), FeatureNames(info.features)));
+  if (!info.leak_repair.empty()) Log(info.leak_repair);
   ForgetPassphrase(options);
   WriteAll(report_fd, fmt::format("ready {}\n", info.dev_id));
   ::close(report_fd);
 
   Status served = (*device)->Serve();
+  const bool handed_over = (*device)->handed_over();
   device->reset();
+  if (handed_over) {
+    // upgrade: the device and its record are the next daemon's.
+    Log(served.ok()
+            ? fmt::format("{} handed over to a new daemon; image closed cleanly", info.block_path)
+            : fmt::format("{} handed over to a new daemon: {}", info.block_path,
+                          served.ToString()));
+    ::_exit(served.ok() ? 0 : 1);
+  }
   (void)RemoveRecord(info.dev_id);
   if (served.ok()) {
     Log(fmt::format("{} stopped; image closed cleanly", info.block_path));
@@ -251,14 +261,21 @@ Status ServeInForeground(const DeviceOptions& options,
   // This process logs to its own stderr: a log left by an earlier daemon
   // with this id must not speak for it (`del` reads the last line).
   ::unlink(LogPath(info.dev_id).c_str());
+  if (!info.leak_repair.empty()) Log(info.leak_repair);
   ForgetPassphrase(options);
   on_ready(info);
   // Under systemd (Type=notify) the unit is started once the device is live.
   Status notified = NotifyServiceManager("READY=1");
   if (!notified.ok()) Log("telling the service manager: " + notified.ToString());
   Status served = device->Serve();
+  const bool handed_over = device->handed_over();
   device.reset();
-  (void)RemoveRecord(info.dev_id);
+  if (handed_over) {
+    Log(fmt::format("{} handed over to a new daemon{}", info.block_path,
+                    served.ok() ? "; image closed cleanly" : ": " + served.ToString()));
+  } else {
+    (void)RemoveRecord(info.dev_id);
+  }
   return served;
 }
 

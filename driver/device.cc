@@ -175,6 +175,18 @@ Status Device::Setup(const DeviceOptions& options) {
   image_options.key = options.key;
   // A daemon that dies must not take acknowledged writes with it.
   image_options.stable_metadata = recovery_flags != 0;
+  if (options.recover) {
+    // The daemon before may have died: free what it leaked (its cluster
+    // reserve) before serving. After an upgrade there is nothing to free.
+    image_options.repair_leaks = true;
+    image_options.on_leak_repair = [this](const qcow2::CheckResult& r, double seconds) {
+      // Logged by the daemon once its log is open (driver/daemon.cc).
+      info_.leak_repair = fmt::format(
+          "leak repair on open: {} leaked clusters freed, {} corruptions{}{} in {:.3f} s",
+          r.leaks_fixed, r.corruptions, r.error.empty() ? "" : "; check failed: ", r.error,
+          seconds);
+    };
+  }
   const std::string path = options.image;
   using OpenResult = Result<std::unique_ptr<qcow2::BlockDevice>>;
   ASSIGN_OR_RETURN(image_, loops_[0]->RunTask<OpenResult>(
@@ -427,13 +439,15 @@ Status Device::Teardown() {
     for (size_t q = 0; q < workers_.size(); ++q) {
       QueueWorker* worker = workers_[q].get();
       LoopThread* loop = loops_[q].get();
-      auto [n, here, spin_us, polled, slept] = loop->Call([worker, loop] {
+      auto [n, here, spin_us, polled, slept, left] = loop->Call([worker, loop] {
         uring::Ring& ring = loop->ring();
         return std::tuple(worker->requests(), worker->served_here(), ring.spin_us(),
-                          ring.polled_waits(), ring.slept_waits());
+                          ring.polled_waits(), ring.slept_waits(), worker->left());
       });
       counts += fmt::format("{}queue {}: {} requests ({} on its own thread", q == 0 ? "" : ", ", q,
                             n, here);
+      // Handed over: requests that came too late, which the kernel re-issues.
+      if (left > 0) counts += fmt::format("; {} left to the next daemon", left);
       // With --poll-us: how many waits polling ended without a sleep.
       if (spin_us > 0) {
         counts += fmt::format("; waits: {} polled, {} slept", polled, slept);

@@ -14,8 +14,10 @@
 //   7. wait until /dev/ublkbN exists as a block device;
 //   8. listen on the control socket /run/ublk-qcow2/<id>.sock
 //      (driver/control_socket.h), which Serve() answers: "info" (the size)
-//      and "resize" (Resize() below), and the snapshot verbs
-//      (device_snapshot.cc).
+//      and "resize" (Resize() below), the snapshot verbs
+//      (device_snapshot.cc), the bitmap verbs (device_bitmap.cc) and
+//      "upgrade" (device_upgrade.cc: Serve() then ends in a handover, the
+//      image closed cleanly and the device left waiting for a new daemon).
 //
 // Serve() then blocks until the device is stopped, by STOP_DEV from another
 // process (`ublk-qcow2 del`), by SIGTERM/SIGINT/SIGHUP (with
@@ -125,6 +127,9 @@ struct DeviceInfo {
   std::string block_path;
   bool recovered = false;  // Create() with `recover`
   bool encrypted = false;  // an image of the chain is encrypted (LUKS)
+  // Recover: what the leak repair on open found and freed, one log line for
+  // the daemon to write once its log is set up ("" if none ran).
+  std::string leak_repair;
 };
 
 class Device {
@@ -152,6 +157,11 @@ class Device {
   // answered in between, on this thread.
   Status Serve();
 
+  // Whether the device was handed to a new daemon (the "upgrade" control
+  // verb, device_upgrade.cc): Serve() then closed the image but left the
+  // device and its record for the next daemon. After Serve().
+  bool handed_over() const { return handing_over_; }
+
   // Live resize to `new_size` bytes (device_resize.cc). Needs the kernel's
   // UBLK_F_UPDATE_SIZE (NotSupported naming it, checked before anything
   // changes). Growing: the image first (Resize + Flush on its thread, with
@@ -176,6 +186,11 @@ class Device {
   void AddSnapshotHandlers(ControlHandlers& handlers);
   // The live bitmap verbs (device_bitmap.cc).
   void AddBitmapHandlers(ControlHandlers& handlers);
+  // "upgrade" (device_upgrade.cc).
+  void AddUpgradeHandlers(ControlHandlers& handlers);
+  // Quiesces the device and makes Serve() end in a handover (see
+  // device_upgrade.cc). Errors leave the device served as before.
+  Status HandOver();
   // The image, if `what` ("list", "create", "delete") may be done to it live;
   // else InvalidArgument "ublk device N: Could not WHAT snapshot 'NAME': why".
   Result<qcow2::Qcow2Image*> SnapshotImage(const std::string& what, const std::string& name);
@@ -206,7 +221,9 @@ class Device {
   // failure now leaves it waiting for the next recover, which a teardown
   // (STOP_DEV, DEL_DEV) would not.
   bool abandon_on_failure_ = false;
-  bool stop_sent_ = false;  // STOP_DEV issued
+  bool stop_sent_ = false;              // STOP_DEV issued
+  bool handing_over_ = false;           // HandOver() succeeded
+  bool quiesced_for_handover_ = false;  // ... and QUIESCE_DEV did too
   bool torn_down_ = false;
 
   std::atomic<size_t> finished_queues_{0};

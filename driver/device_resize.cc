@@ -47,6 +47,7 @@ ControlHandlers Device::Handlers() {
   };
   AddSnapshotHandlers(handlers);
   AddBitmapHandlers(handlers);
+  AddUpgradeHandlers(handlers);
   return handlers;
 }
 

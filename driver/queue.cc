@@ -74,6 +74,13 @@ void QueueWorker::Issue(uint16_t tag, IoCommand command, int32_t result) {
   const uint64_t user_data = uring::UserData::ForCommand(
       uring::CommandId{config_.queue, tag, static_cast<uint8_t>(command)});
   PrepUringCmd(loop_->ring().GetSqe(), config_.char_fd, op, cmd, user_data);
+  if (handover_ && command == IoCommand::kCommitAndFetch) {
+    // Not waited for: see the file comment of queue.h.
+    if (state_[tag] == TagState::kServing || state_[tag] == TagState::kFetching) --pending_;
+    state_[tag] = TagState::kReleased;
+    MaybeFinished();
+    return;
+  }
   if (state_[tag] != TagState::kFetching) {
     if (state_[tag] != TagState::kServing) ++pending_;
     state_[tag] = TagState::kFetching;
@@ -83,6 +90,27 @@ void QueueWorker::Issue(uint16_t tag, IoCommand command, int32_t result) {
 void QueueWorker::OnCommandComplete(uint64_t payload, int32_t res, uint32_t) {
   const uring::CommandId id = uring::CommandId::Unpack(payload);
   const uint16_t tag = id.tag;
+  if (handover_ && tag < config_.depth && id.queue == config_.queue &&
+      (state_[tag] == TagState::kReleased || finished_)) {
+    // A released tag: its abort means nothing; a request on it is served
+    // unless this worker is done, when the kernel keeps it for the next
+    // daemon.
+    if (res != UBLK_IO_RES_OK) {
+      if (state_[tag] == TagState::kFetching) {
+        state_[tag] = TagState::kAborted;
+        --pending_;
+      }
+      return;
+    }
+    if (finished_) {
+      ++left_;
+      return;
+    }
+    if (state_[tag] == TagState::kReleased) ++pending_;
+    state_[tag] = TagState::kFetching;
+    OnRequest(tag);
+    return;
+  }
   if (id.queue != config_.queue || tag >= config_.depth || state_[tag] != TagState::kFetching) {
     on_error_(Status::Corruption(
         fmt::format("ublk queue {}: completion for queue {} tag {} in state {}", config_.queue,
@@ -110,6 +138,7 @@ void QueueWorker::OnCommandComplete(uint64_t payload, int32_t res, uint32_t) {
 
 void QueueWorker::OnRequest(uint16_t tag) {
   state_[tag] = TagState::kServing;
+  ++serving_;
   ++requests_;
   const IoDescriptor request = DecodeDescriptor(descriptors_[tag]);
   // Reads and overwrites of clusters whose mapping the engine has published
@@ -126,10 +155,29 @@ void QueueWorker::OnRequest(uint16_t tag) {
 }
 
 void QueueWorker::OnResult(uint16_t tag, int32_t result) {
+  --serving_;
   Issue(tag, IoCommand::kCommitAndFetch, result);
 }
 
+void QueueWorker::BeginHandover() { handover_ = true; }
+
+void QueueWorker::EndHandover(bool quiesced) {
+  handover_ended_ = true;
+  quiesced_ = quiesced;
+  MaybeFinished();
+}
+
+void QueueWorker::AbortHandover() {
+  handover_ = false;
+  for (TagState& state : state_) {
+    if (state != TagState::kReleased) continue;
+    state = TagState::kFetching;
+    ++pending_;
+  }
+}
+
 void QueueWorker::GiveUp(uint16_t tag, Status why) {
+  if (state_[tag] == TagState::kServing) --serving_;
   state_[tag] = TagState::kIdle;
   --pending_;
   on_error_(std::move(why));
@@ -137,7 +185,12 @@ void QueueWorker::GiveUp(uint16_t tag, Status why) {
 }
 
 void QueueWorker::MaybeFinished() {
-  if (!started_ || finished_ || pending_ != 0) return;
+  if (!started_ || finished_) return;
+  // While handing over, never before QUIESCE_DEV has returned: until then
+  // the kernel may still hand a released tag a request.
+  if (handover_ && !handover_ended_) return;
+  const bool done = handover_ended_ && !quiesced_ ? serving_ == 0 : pending_ == 0;
+  if (!done) return;
   finished_ = true;
   on_finished_();
 }

@@ -19,6 +19,18 @@
 // on_finished once. Any other failure of a command (it would leave a tag
 // stuck) is reported through on_error, and the tag is given up.
 //
+// Handing over (upgrade): BeginHandover() before the daemon sends
+// QUIESCE_DEV, EndHandover() after it returns. From BeginHandover on, a
+// tag's COMMIT_AND_FETCH releases it: the worker no longer waits for it
+// (the kernel hands it no new request once QUIESCE_DEV has begun, and keeps
+// its fetch until the ring goes); should a request still arrive on it
+// before the worker is finished, it is served. After EndHandover(true) (the
+// kernel aborted the idle fetches) the worker is finished once every tag
+// fetched before the handover has come back and no request is being
+// served; after EndHandover(false) (QUIESCE_DEV failed, nothing was aborted)
+// once no request is being served. Requests that arrive after that are left
+// alone: the kernel gives them to the next daemon (re-issue).
+//
 // Per-tag state lives in plain arrays indexed by tag: the command's
 // user_data is a CommandId (queue, tag, command), see uring/user_data.h.
 //
@@ -59,6 +71,7 @@ class QueueWorker final : public uring::CommandHandler {
     kFetching,  // a FETCH/COMMIT_AND_FETCH is pending in the kernel
     kServing,   // the request is with the image
     kAborted,   // the kernel said ABORT: the device is stopping
+    kReleased,  // committed while handing over: not waited for
   };
 
   // `on_finished` and `on_error` run on the queue's thread.
@@ -76,10 +89,19 @@ class QueueWorker final : public uring::CommandHandler {
 
   void OnCommandComplete(uint64_t payload, int32_t res, uint32_t flags) override;
 
+  // Handing over to a new daemon (see above); loop thread.
+  void BeginHandover();
+  void EndHandover(bool quiesced);
+  // QUIESCE_DEV was refused: serve on as before (released tags are waited
+  // for again).
+  void AbortHandover();
+
   // Counters, loop thread only: requests, and those of them served on this
   // thread without the image's (TryServeHere).
   uint64_t requests() const { return requests_; }
   uint64_t served_here() const { return served_here_; }
+  // Requests that came after a handover finished (left to the next daemon).
+  uint64_t left() const { return left_; }
 
  private:
   void Issue(uint16_t tag, IoCommand command, int32_t result);
@@ -104,7 +126,12 @@ class QueueWorker final : public uring::CommandHandler {
 
   std::vector<TagState> state_;
   size_t pending_ = 0;  // tags in kFetching or kServing
+  size_t serving_ = 0;  // tags in kServing
   bool started_ = false;
+  bool handover_ = false;        // BeginHandover() came
+  bool handover_ended_ = false;  // EndHandover() came
+  bool quiesced_ = false;        // ... and the kernel aborted the idle fetches
+  uint64_t left_ = 0;            // requests left to the next daemon
   bool finished_ = false;
   uint64_t requests_ = 0;
   uint64_t served_here_ = 0;

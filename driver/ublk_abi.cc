@@ -154,12 +154,34 @@ Result<uint64_t> RecoveryFlags(RecoveryMode mode, bool requested, uint64_t featu
       name = "UBLK_F_USER_RECOVERY_FAIL_IO (Linux 6.13+)";
       break;
   }
-  if ((features & want) == want) return want;
+  if ((features & want) == want) return want | (features & UBLK_F_QUIESCE);
   if (!requested) return uint64_t{0};
   return Status::NotSupported(
       fmt::format("--recovery={} needs {}, which this kernel's ublk does "
                   "not offer",
                   RecoveryModeName(mode), name));
+}
+
+Status CheckUpgrade(uint64_t features, uint64_t device_flags, int dev_id) {
+  if (!(features & UBLK_F_QUIESCE)) {
+    return Status::NotSupported(
+        fmt::format("ublk device {}: upgrade needs UBLK_F_QUIESCE (Linux 6.16+), which this "
+                    "kernel's ublk does not offer",
+                    dev_id));
+  }
+  if (!(device_flags & UBLK_F_USER_RECOVERY)) {
+    return Status::InvalidArgument(
+        fmt::format("ublk device {} was added without user recovery (--recovery=off): its "
+                    "daemon cannot be replaced",
+                    dev_id));
+  }
+  if (!(device_flags & UBLK_F_QUIESCE)) {
+    return Status::InvalidArgument(
+        fmt::format("ublk device {} was added without UBLK_F_QUIESCE (by an older ublk-qcow2): "
+                    "its daemon cannot be replaced live (del and add it again)",
+                    dev_id));
+  }
+  return Status::Ok();
 }
 
 uint64_t DescriptorAreaSize(uint32_t depth, uint64_t page_size) {

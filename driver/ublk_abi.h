@@ -105,6 +105,18 @@
   _IOWR('u', UBLK_CMD_START_USER_RECOVERY, struct ublksrv_ctrl_cmd)
 #define UBLK_U_CMD_END_USER_RECOVERY _IOWR('u', UBLK_CMD_END_USER_RECOVERY, struct ublksrv_ctrl_cmd)
 #endif
+// QUIESCE_DEV (6.16, with UBLK_F_QUIESCE, on a device added with it and
+// with UBLK_F_USER_RECOVERY): data[0] is a timeout in ms (0: none). The
+// kernel stops handing new requests to the daemon (they are requeued; with
+// UBLK_F_USER_RECOVERY_FAIL_IO they fail), waits until each queue has a tag
+// idle in the daemon (EBUSY after the timeout), then completes the idle
+// tags' fetches with UBLK_IO_RES_ABORT; requests the daemon holds are its to
+// finish. Once the daemon has closed /dev/ublkcN the device is QUIESCED (or
+// FAIL_IO), waiting for START_USER_RECOVERY (ublk_ctrl_quiesce_dev in
+// drivers/block/ublk_drv.c). Encoded only.
+#ifndef UBLK_U_CMD_QUIESCE_DEV
+#define UBLK_U_CMD_QUIESCE_DEV _IOWR('u', 0x16, struct ublksrv_ctrl_cmd)
+#endif
 // DEL_DEV_ASYNC (6.9): DEL_DEV without waiting for the last reference to the
 // device to go (a file system still mounted on a force-stopped /dev/ublkbN
 // holds one until it is unmounted). No feature bit announces it.
@@ -218,10 +230,20 @@ std::string RecoveryModeName(RecoveryMode mode);
 // The mode of a device created with `flags`.
 RecoveryMode RecoveryModeOf(uint64_t flags);
 // The UBLK_F_* bits that ADD_DEV needs for `mode`, given the kernel's
-// `features` (GET_FEATURES; 0 on kernels without it). A mode the kernel does
+// `features` (GET_FEATURES; 0 on kernels without it), UBLK_F_QUIESCE
+// included where the kernel offers it and `mode` is not kOff (so that
+// `upgrade` can hand the device to a new daemon). A mode the kernel does
 // not offer: NotSupported naming the missing feature if `requested` (the user
 // asked for it), else 0 (kOff: the default falls back quietly).
 Result<uint64_t> RecoveryFlags(RecoveryMode mode, bool requested, uint64_t features);
+// Whether `upgrade -n ID` can hand device `dev_id` to a new daemon, from the
+// kernel's GET_FEATURES (`features`) and the device's flags (GET_DEV_INFO):
+// the kernel must offer UBLK_F_QUIESCE (NotSupported naming it, Linux
+// 6.16+), the device must have user recovery (InvalidArgument: added with
+// --recovery=off) and must have been added with UBLK_F_QUIESCE
+// (InvalidArgument: by a ublk-qcow2 that did not ask for it). Never from the
+// kernel version.
+Status CheckUpgrade(uint64_t features, uint64_t device_flags, int dev_id);
 // Whether a device in `state` waits for a new daemon (recover -n).
 inline bool AwaitsRecovery(uint16_t state) {
   return state == UBLK_S_DEV_QUIESCED || state == UBLK_S_DEV_FAIL_IO;

@@ -265,6 +265,55 @@ TEST(RecoveryFlagsTest, FromFeatures) {
   EXPECT_TRUE(RecoveryFlags(RecoveryMode::kReissue, true, 0).status().IsNotSupported());
 }
 
+// Where the kernel offers QUIESCE (7.3: 0x1effff), add asks for it with
+// either recovery mode, never without recovery (ADD_DEV refuses that).
+TEST(RecoveryFlagsTest, QuiesceWithRecoveryWhereOffered) {
+  const uint64_t r = UBLK_F_USER_RECOVERY, re = UBLK_F_USER_RECOVERY_REISSUE,
+                 fi = UBLK_F_USER_RECOVERY_FAIL_IO, q = UBLK_F_QUIESCE;
+  const uint64_t k73 = 0x1effff;
+  EXPECT_EQ(*RecoveryFlags(RecoveryMode::kReissue, false, k73), r | re | q);
+  EXPECT_EQ(*RecoveryFlags(RecoveryMode::kFailIo, true, k73), r | fi | q);
+  EXPECT_EQ(*RecoveryFlags(RecoveryMode::kOff, true, k73), 0u);
+  // QUIESCE alone, recovery missing: nothing.
+  EXPECT_EQ(*RecoveryFlags(RecoveryMode::kReissue, false, q | UBLK_F_CMD_IOCTL_ENCODE), 0u);
+}
+
+// QUIESCE_DEV's number is the kernel's (include/uapi/linux/ublk_cmd.h, 6.16).
+TEST(UpgradeTest, QuiesceOpcode) {
+  EXPECT_EQ(_IOC_NR(UBLK_U_CMD_QUIESCE_DEV), 0x16u);
+  EXPECT_EQ(_IOC_TYPE(UBLK_U_CMD_QUIESCE_DEV), 'u');
+  EXPECT_EQ(_IOC_DIR(UBLK_U_CMD_QUIESCE_DEV), _IOC_READ | _IOC_WRITE);
+  EXPECT_EQ(_IOC_SIZE(UBLK_U_CMD_QUIESCE_DEV), sizeof(ublksrv_ctrl_cmd));
+  EXPECT_EQ(UBLK_F_QUIESCE, uint64_t{1} << 12);
+}
+
+// upgrade is gated on GET_FEATURES and the device's flags, with fake masks.
+TEST(UpgradeTest, GatedOnFeaturesAndDeviceFlags) {
+  const uint64_t r = UBLK_F_USER_RECOVERY, re = UBLK_F_USER_RECOVERY_REISSUE,
+                 fi = UBLK_F_USER_RECOVERY_FAIL_IO, q = UBLK_F_QUIESCE;
+  const uint64_t k612 = 0x1fe, k73 = 0x1effff;
+  EXPECT_TRUE(CheckUpgrade(k73, r | re | q | UBLK_F_CMD_IOCTL_ENCODE, 3).ok());
+  EXPECT_TRUE(CheckUpgrade(k73, r | fi | q, 3).ok());
+  EXPECT_TRUE(CheckUpgrade(q, r | re | q, 3).ok());  // the mask decides, nothing else
+  // 6.12 (no QUIESCE), no GET_FEATURES (0), everything but QUIESCE: refused,
+  // naming the flag, whatever the device has.
+  for (uint64_t features : {k612, uint64_t{0}, ~q}) {
+    Status s = CheckUpgrade(features, r | re | q, 3);
+    ASSERT_TRUE(s.IsNotSupported()) << features;
+    EXPECT_NE(s.message().find("UBLK_F_QUIESCE"), std::string::npos) << s.message();
+    EXPECT_NE(s.message().find("6.16"), std::string::npos) << s.message();
+    EXPECT_EQ(s.message().find('\n'), std::string::npos);
+  }
+  // A device without recovery (--recovery=off), or without QUIESCE.
+  Status off = CheckUpgrade(k73, UBLK_F_CMD_IOCTL_ENCODE, 4);
+  ASSERT_TRUE(off.IsInvalidArgument());
+  EXPECT_NE(off.message().find("--recovery=off"), std::string::npos) << off.message();
+  EXPECT_NE(off.message().find("device 4"), std::string::npos) << off.message();
+  Status old = CheckUpgrade(k73, r | re, 4);
+  ASSERT_TRUE(old.IsInvalidArgument());
+  EXPECT_NE(old.message().find("UBLK_F_QUIESCE"), std::string::npos) << old.message();
+}
+
 TEST(RecoveryFlagsTest, ModeOfDeviceFlags) {
   EXPECT_EQ(RecoveryModeOf(UBLK_F_CMD_IOCTL_ENCODE), RecoveryMode::kOff);
   EXPECT_EQ(RecoveryModeOf(UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE),

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <chrono>
 #include <set>
 
 #include "base/aligned_buffer.h"
@@ -186,6 +187,17 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenChainElement(std::string path, st
           "remain{}{})",
           path, repaired.corruptions, repaired.error.empty() ? "" : ": ", repaired.error));
     }
+  }
+  if (top && options.repair_leaks && options.writable && !header.corrupt()) {
+    const auto start = std::chrono::steady_clock::now();
+    CO_ASSIGN_OR_RETURN(CheckResult repaired,
+                        co_await CheckImage(*file, CheckOptions{.repair = RepairMode::kLeaks}));
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (options.on_leak_repair) options.on_leak_repair(repaired, seconds);
+    // The repair may have cleared header bits.
+    CO_ASSIGN_OR_RETURN(header, co_await ReadHeader(*file));
+    CO_RETURN_IF_ERROR(CheckHeaderForIo(header, path));
   }
   if (snapshot) CO_RETURN_IF_ERROR(co_await UseSnapshotL1(*file, header, path, options));
   Qcow2OpenParts parts;

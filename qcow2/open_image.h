@@ -5,6 +5,7 @@
 #define UBLK_QCOW2_QCOW2_OPEN_IMAGE_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -12,6 +13,7 @@
 #include "base/status.h"
 #include "base/task.h"
 #include "qcow2/block_device.h"
+#include "qcow2/check/check.h"
 #include "qcow2/crypto/secret.h"
 #include "qcow2/file.h"
 #include "qcow2/snapshot_table.h"
@@ -40,6 +42,15 @@ struct ImageOptions {
   // the file (Qcow2OpenParts::stable_metadata; ublk user recovery). Writable
   // qcow2 images only; the top of the chain.
   bool stable_metadata = false;
+  // Free leaked clusters before anything else (`recover`: a daemon that died
+  // leaves the unused part of its cluster reserve, and clusters whose refcount
+  // drop it had not written, as leaks): a writable qcow2 top image that is
+  // not corrupt gets `check -r leaks` (CheckImage, RepairMode::kLeaks; crash
+  // safe, qcow2/leak_repair_crash_test.cc) right after its header is read.
+  // A repair that finds corruption or stops early does not fail the open:
+  // what it found goes to on_leak_repair, with the time it took.
+  bool repair_leaks = false;
+  std::function<void(const CheckResult&, double seconds)> on_leak_repair;
   // Do not open backing files (info on a broken chain, for instance).
   bool no_backing = false;
   // Take QEMU-compatible image locks (see image_lock.h) on every file of the

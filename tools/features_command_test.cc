@@ -32,6 +32,19 @@ TEST(RenderFeaturesTest, RecoveryUsedWhereOffered) {
             (nlohmann::json{"USER_RECOVERY", "USER_RECOVERY_REISSUE", "CMD_IOCTL_ENCODE"}));
 }
 
+// Where it also offers QUIESCE (6.16+), add asks for it with recovery, so
+// that `upgrade` can replace the daemon.
+TEST(RenderFeaturesTest, QuiesceUsedWithRecovery) {
+  const uint64_t recovery = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
+  nlohmann::json j =
+      nlohmann::json::parse(RenderFeatures(kSample | recovery | UBLK_F_QUIESCE, true, "json"));
+  EXPECT_EQ(j["used-by-add"], (nlohmann::json{"USER_RECOVERY", "USER_RECOVERY_REISSUE",
+                                              "CMD_IOCTL_ENCODE", "QUIESCE"}));
+  // Without recovery to go with it, QUIESCE is not asked for.
+  j = nlohmann::json::parse(RenderFeatures(kSample | UBLK_F_QUIESCE, true, "json"));
+  EXPECT_EQ(j["used-by-add"], (nlohmann::json{"CMD_IOCTL_ENCODE"}));
+}
+
 TEST(RenderFeaturesTest, Json) {
   nlohmann::json j = nlohmann::json::parse(RenderFeatures(kSample, true, "json"));
   EXPECT_EQ(j["get-features"], true);

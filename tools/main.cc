@@ -35,6 +35,7 @@
 #include "tools/measure_command.h"
 #include "tools/rebase_command.h"
 #include "tools/recover_command.h"
+#include "tools/upgrade_command.h"
 #include "tools/resize_command.h"
 #include "tools/snapshot_command.h"
 #include "tools/bitmap_command.h"
@@ -86,6 +87,8 @@ constexpr Verb kVerbs[] = {
     {"del", "Stop and remove ublk devices (the image is closed cleanly)", &MakeDelCommand, false},
     {"recover", "Start a new daemon for a device whose daemon died (user recovery)",
      &MakeRecoverCommand},
+    {"upgrade", "Hand a live device to a new daemon (this binary) without failing I/O",
+     &MakeUpgradeCommand},
     {"list", "List ublk devices, their state, daemon and image", &MakeListCommand, false},
     {"features", "Show the ublk features this kernel offers and which ones add uses",
      &MakeFeaturesCommand, false},

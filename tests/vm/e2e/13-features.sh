@@ -33,8 +33,12 @@ assert j["unknown"] == [], j["unknown"]
 names = j["features"]
 print("features:", " ".join(names))
 assert len(names) == bin(j["mask"]).count("1"), (names, hex(j["mask"]))
-# add asks for user recovery with re-issue where offered (both rig kernels).
-assert j["used-by-add"] == ["USER_RECOVERY", "USER_RECOVERY_REISSUE", "CMD_IOCTL_ENCODE"], j["used-by-add"]
+# add asks for user recovery with re-issue where offered (both rig kernels), and for
+# QUIESCE (upgrade) where offered (7.3).
+want = ["USER_RECOVERY", "USER_RECOVERY_REISSUE", "CMD_IOCTL_ENCODE"]
+if "QUIESCE" in names:
+    want.append("QUIESCE")
+assert j["used-by-add"] == want, j["used-by-add"]
 # The text table: the same names in the same order; yes only for what add uses.
 rows = [l.split() for l in open(sys.argv[2]).read().splitlines()]
 assert rows[0] == ["FEATURE", "BIT", "USED", "BY", "ADD"], rows[0]

@@ -1,0 +1,212 @@
+#!/bin/bash
+# `upgrade -n ID`: a live device handed to a new daemon without failing any I/O.
+# Where the kernel offers UBLK_F_QUIESCE (GET_FEATURES; the 7.3 VM kernel):
+#  1. fio random 4k writes with crc32c verification (verify_fatal) on the raw device, two
+#     queues, across three upgrades: fio sees no error and verifies every block, the
+#     daemon pid changes each time (the old one gone), `list` shows the device live, the
+#     old daemon logged that it closed the image cleanly; after del `qemu-img check`
+#     finds nothing (exit 0, no leak: every handover closed the image cleanly);
+#  2. a mounted ext4 with a writer copying trees across two upgrades: no error, the
+#     files verify after a remount, e2fsck -fn clean, the image clean;
+#  3. an idle --recovery=fail-io device is upgraded too (I/O sent during the handover
+#     would fail: fail-io's meaning);
+#  4. refusals, one line, exit 1, nothing changed: a device added with --recovery=off,
+#     an unknown id, a device whose daemon is gone (recover is what it needs).
+# Elsewhere (6.12): upgrade is one line naming UBLK_F_QUIESCE, exit 1, and the device
+# keeps working with the same daemon.
+source "$(dirname "$0")/lib.bash"
+
+M=$((1024 * 1024))
+img=$WORK/u.qcow2
+
+has_quiesce=$("$UQ" features --output=json | python3 -c 'import json,sys; print(int("QUIESCE" in json.load(sys.stdin)["features"]))')
+
+# upgrade_once ID DEV: upgrade, see the new daemon serve the live device.
+upgrade_once() {
+  local id=$1 dev=$2 pid new out t0 ms
+  pid=$(daemon_pid "$id")
+  [[ -n $pid && -d /proc/$pid ]] || { echo "no daemon before ($pid)"; return 1; }
+  t0=$(date +%s%N)
+  out=$("$UQ" upgrade -n "$id") || { echo "upgrade failed: $out"; return 1; }
+  ms=$((($(date +%s%N) - t0) / 1000000))
+  [[ $out == "$dev" ]] || { echo "upgrade printed '$out'"; return 1; }
+  new=$(daemon_pid "$id")
+  [[ -n $new && $new != "$pid" && -d /proc/$new ]] || { echo "no new daemon ($new)"; return 1; }
+  [[ ! -d /proc/$pid ]] || { echo "old daemon $pid still there"; return 1; }
+  "$UQ" list | grep -E "^$id +$dev +live " >/dev/null || { "$UQ" list; return 1; }
+  echo "daemon $pid handed $dev over to daemon $new in $ms ms"
+}
+
+if ((has_quiesce)); then
+  fio_across_upgrades() {
+    local dev id fio_pid rc k
+    qemu-img create -q -f qcow2 "$img" 256M
+    dev=$(add_device -f "$img" -q 2) || return 1
+    id=$(dev_id "$dev")
+    "$UQ" list --output=json | python3 -c '
+import json, sys
+d = {x["device"]: x for x in json.load(sys.stdin)}[sys.argv[1]]
+assert "QUIESCE" in d["flags"] and "USER_RECOVERY_REISSUE" in d["flags"], d["flags"]
+' "$dev"
+    fio --name=v --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32 \
+      --rw=randwrite --bs=4k --offset=0 --size=48M --verify=crc32c --verify_fatal=1 \
+      --do_verify=1 --numjobs=1 --output-format=normal >"$WORK/fio.log" 2>&1 &
+    fio_pid=$!
+    for k in 1 2 3; do
+      wait_writes "$id" 400 120 || { kill "$fio_pid"; return 1; }
+      upgrade_once "$id" "$dev" || { kill "$fio_pid"; return 1; }
+    done
+    rc=0
+    wait "$fio_pid" || rc=$?
+    grep -E 'err=|verify|WRITE:|READ:' "$WORK/fio.log" | head -6
+    echo "fio status $rc"
+    ((rc == 0)) && ! grep -qiE 'verify failed|bad magic|crc32c: verify' "$WORK/fio.log"
+    fio --name=v --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32 \
+      --rw=randwrite --bs=4k --offset=0 --size=48M --verify=crc32c --verify_fatal=1 \
+      --verify_only --output-format=terse >/dev/null
+    echo "fio --verify_only passes after the last upgrade"
+    grep -E "quiesced in|handed over|leak repair" "/run/ublk-qcow2/$id.log"
+    (($(grep -c "handed over to a new daemon; image closed cleanly" "/run/ublk-qcow2/$id.log") == 3))
+    # Each new daemon found nothing to repair: the old one closed the image cleanly.
+    (($(grep -c "leak repair on open: 0 leaked clusters freed, 0 corruptions in" \
+      "/run/ublk-qcow2/$id.log") == 3))
+    "$UQ" del -n "$id"
+    qemu-img check "$img"
+  }
+  check "fio crc32c verify across 3 upgrades: no error, new daemon each time, image clean (no leak)" fio_across_upgrades
+  cleanup
+
+  ext4_across_upgrades() {
+    local dev id writer rc k n
+    qemu-img create -q -f qcow2 "$img" 512M
+    dev=$(add_device -f "$img") || return 1
+    id=$(dev_id "$dev")
+    mkfs.ext4 -q "$dev"
+    mount "$dev" "$MNT"
+    make_tree "$WORK/tree"
+    rm -f "$WORK/stop"
+    (
+      set -e
+      i=0
+      while [[ ! -e $WORK/stop ]] || ((i < 3)); do
+        i=$((i + 1))
+        cp -r "$WORK/tree" "$MNT/copy$i"
+        sync -f "$MNT/copy$i/a/b/big"
+      done
+      echo "$i copies written"
+    ) >"$WORK/writer.log" 2>&1 &
+    writer=$!
+    for k in 1 2; do
+      wait_writes "$id" 150 120 || { kill "$writer"; return 1; }
+      upgrade_once "$id" "$dev" || { kill "$writer"; return 1; }
+    done
+    touch "$WORK/stop"
+    rc=0
+    wait "$writer" || rc=$?
+    cat "$WORK/writer.log"
+    echo "writer status $rc"
+    ((rc == 0))
+    umount "$MNT"
+    e2fsck -fn "$dev"
+    mount "$dev" "$MNT"
+    sums_of "$WORK/tree" | awk '{print $1}' >"$WORK/want"
+    n=0
+    for d in "$MNT"/copy*; do
+      sums_of "$d" | awk '{print $1}' | cmp - "$WORK/want"
+      n=$((n + 1))
+    done
+    ((n >= 3))
+    echo "$n copies verify after remount"
+    umount "$MNT"
+    "$UQ" del -n "$id"
+    qemu-img check "$img"
+  }
+  check "mounted ext4 with a writer across 2 upgrades: no error, files verify, e2fsck and image clean" ext4_across_upgrades
+  cleanup
+
+  fail_io_upgrade() {
+    local dev id
+    qemu-img create -q -f qcow2 "$img" 64M
+    dev=$(add_device -f "$img" --recovery=fail-io) || return 1
+    id=$(dev_id "$dev")
+    dd if=/dev/urandom of="$WORK/p" bs=1M count=4 status=none
+    dd if="$WORK/p" of="$dev" bs=1M oflag=direct conv=fsync status=none
+    upgrade_once "$id" "$dev"
+    "$UQ" list --output=json | python3 -c '
+import json, sys
+d = {x["device"]: x for x in json.load(sys.stdin)}[sys.argv[1]]
+assert d["recovery"] == "fail-io", d
+' "$dev"
+    cmp -n $((4 * M)) "$dev" "$WORK/p"
+    dd if="$WORK/p" of="$dev" bs=1M seek=8 oflag=direct conv=fsync status=none
+    echo "the data reads back, the device takes writes"
+    "$UQ" del -n "$id"
+    qemu-img check "$img"
+  }
+  check "upgrade of a --recovery=fail-io device (idle): new daemon, data intact, image clean" fail_io_upgrade
+
+  refuse_recovery_off() {
+    local dev id pid rc err
+    qemu-img create -q -f qcow2 "$img" 64M
+    dev=$(add_device -f "$img" --recovery=off) || return 1
+    id=$(dev_id "$dev")
+    pid=$(daemon_pid "$id")
+    rc=0
+    err=$("$UQ" upgrade -n "$id" 2>&1) || rc=$?
+    echo "upgrade: status $rc: $err"
+    [[ $rc == 1 && $err == "ublk-qcow2: ublk device $id was added without user recovery (--recovery=off)"* ]]
+    [[ $(daemon_pid "$id") == "$pid" && -d /proc/$pid ]]
+    dd if=/dev/urandom of="$WORK/p" bs=1M count=2 status=none
+    dd if="$WORK/p" of="$dev" bs=1M oflag=direct conv=fsync status=none
+    cmp -n $((2 * M)) "$dev" "$WORK/p"
+    echo "the device still works with daemon $pid"
+    "$UQ" del -n "$id"
+    qemu-img check "$img"
+  }
+  check "upgrade of a --recovery=off device: one line, exit 1, nothing changed" refuse_recovery_off
+
+  refuse_no_daemon() {
+    local dev id pid rc err
+    qemu-img create -q -f qcow2 "$img" 64M
+    dev=$(add_device -f "$img") || return 1
+    id=$(dev_id "$dev")
+    pid=$(daemon_pid "$id")
+    kill -KILL "$pid"
+    wait_gone "/proc/$pid" 10
+    rc=0
+    err=$("$UQ" upgrade -n "$id" 2>&1) || rc=$?
+    echo "upgrade: status $rc: $err"
+    [[ $rc == 1 && $err == "ublk-qcow2: ublk device $id is "*"has no running daemon: use recover -n $id" ]]
+    "$UQ" recover -n "$id"
+    "$UQ" del -n "$id"
+    qemu-img check "$img"
+  }
+  check "upgrade of a device whose daemon died: one line naming recover, exit 1" refuse_no_daemon
+else
+  no_quiesce() {
+    local dev id pid rc err
+    qemu-img create -q -f qcow2 "$img" 64M
+    dev=$(add_device -f "$img") || return 1
+    id=$(dev_id "$dev")
+    pid=$(daemon_pid "$id")
+    dd if=/dev/urandom of="$WORK/p" bs=1M count=2 status=none
+    dd if="$WORK/p" of="$dev" bs=1M oflag=direct conv=fsync status=none
+    rc=0
+    err=$("$UQ" upgrade -n "$id" 2>&1) || rc=$?
+    echo "upgrade: status $rc: $err"
+    [[ $rc == 1 && $(grep -c '' <<<"$err") == 1 && $err == "ublk-qcow2: "*"UBLK_F_QUIESCE (Linux 6.16+)"* ]]
+    [[ $(daemon_pid "$id") == "$pid" && -d /proc/$pid ]]
+    "$UQ" list | grep -E "^$id +$dev +live "
+    cmp -n $((2 * M)) "$dev" "$WORK/p"
+    dd if=/dev/urandom of="$WORK/q" bs=1M count=2 status=none
+    dd if="$WORK/q" of="$dev" bs=1M seek=4 oflag=direct conv=fsync status=none
+    cmp -n $((2 * M)) -i 0:$((4 * M)) "$WORK/q" "$dev"
+    echo "the device keeps working with daemon $pid"
+    "$UQ" del -n "$id"
+    qemu-img check "$img"
+  }
+  check "without UBLK_F_QUIESCE (6.12): one line naming it, exit 1, the device keeps working" no_quiesce
+fi
+expect_error "upgrade of a device that does not exist" 1 "$UQ" upgrade -n 77
+check "no device, daemon or record left" no_leftovers
+finish
