@@ -37,9 +37,8 @@ void FillBlock(uint64_t block, uint64_t gen, std::span<uint8_t> out) {
 }
 
 BlockContent Classify(std::span<const uint8_t> data) {
-  if (std::all_of(data.begin(), data.end(), [](uint8_t b) { return b == 0; })) {
-    return {BlockContent::kZero};
-  }
+  static const std::array<uint8_t, kBlockSize> kZeros{};
+  if (std::memcmp(data.data(), kZeros.data(), kBlockSize) == 0) return {BlockContent::kZero};
   if (Get64(data.data()) != kPatternMagic) return {BlockContent::kGarbage};
   const uint64_t block = Get64(data.data() + 8);
   const uint64_t gen = Get64(data.data() + 16);

@@ -6,10 +6,12 @@
 //       entry of the mark named MARK on: every writer mark (m<k>), every FLUSH and FUA
 //       entry, the last entry, and N random entries between them (why: mark, flush, fua,
 //       end, random). <writer mark> is k of the last m<k> at or before the entry, -1 if none.
-//   plr-replay apply --log LOG --target FILE --state STATE --upto ENTRY
+//   plr-replay apply --log LOG --target FILE --state STATE --upto ENTRY [--copy-to COPY]
 //       Applies entries to FILE from where STATE says the previous call stopped (entry 0 when
 //       STATE does not exist) up to and including ENTRY, then records the position in STATE.
-//       FILE starts as the data device was when the log was created (zeros).
+//       FILE starts as the data device was when the log was created (zeros). With --copy-to,
+//       then copies FILE to COPY (holes stay holes): the copy a check may mount and change
+//       while FILE stays the replayed state (one process less per state under TCG).
 //   plr-replay list --log LOG
 //       Every entry: "<entry> <flags> <sector> <nr_sectors> [<mark>]".
 // Exit 0, or 2 with one line naming the problem.
@@ -134,6 +136,32 @@ int PlanMain(int argc, char** argv) {
   return 0;
 }
 
+// Copies `src_fd` to a new file `dst`, data segments only.
+void CopySparse(int src_fd, const std::string& src, const std::string& dst) {
+  const off_t size = ::lseek(src_fd, 0, SEEK_END);
+  if (size < 0) Die(src + ": " + std::strerror(errno));
+  int out = ::open(dst.c_str(), O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600);
+  if (out < 0 || ::ftruncate(out, size) != 0) Die(dst + ": " + std::strerror(errno));
+  std::vector<uint8_t> buf(1 << 20);
+  off_t pos = 0;
+  while (pos < size) {
+    off_t data = ::lseek(src_fd, pos, SEEK_DATA);
+    if (data < 0) break;  // ENXIO: only a hole is left
+    off_t hole = ::lseek(src_fd, data, SEEK_HOLE);
+    if (hole < 0) hole = size;
+    for (off_t at = data; at < hole;) {
+      size_t n = std::min<off_t>(buf.size(), hole - at);
+      ssize_t got = ::pread(src_fd, buf.data(), n, at);
+      if (got <= 0 || ::pwrite(out, buf.data(), got, at) != got) {
+        Die("copying " + src + " to " + dst + ": " + std::strerror(errno));
+      }
+      at += got;
+    }
+    pos = hole;
+  }
+  if (::close(out) != 0) Die(dst + ": " + std::strerror(errno));
+}
+
 int ApplyMain(int argc, char** argv) {
   auto flags = ParseFlags(argc, argv);
   LogReader log = OpenLog(Need(flags, "log"));
@@ -153,7 +181,7 @@ int ApplyMain(int argc, char** argv) {
     Die("entry " + std::to_string(upto) + " is past the log's end (" +
         std::to_string(log.nr_entries()) + " entries)");
   }
-  int fd = ::open(target.c_str(), O_WRONLY | O_CLOEXEC);
+  int fd = ::open(target.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) Die(target + ": " + std::strerror(errno));
   log.Seek(index, offset);
   while (log.next_index() <= upto) {
@@ -163,7 +191,8 @@ int ApplyMain(int argc, char** argv) {
     Status s = log.Apply(**e, fd);
     if (!s.ok()) Die(s.ToString());
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) Die(target + ": " + std::strerror(errno));
+  if (flags.count("copy-to")) CopySparse(fd, target, flags["copy-to"]);
+  if (::close(fd) != 0) Die(target + ": " + std::strerror(errno));
   std::ofstream out(state_path, std::ios::trunc);
   out << log.next_index() << ' ' << log.next_offset() << '\n';
   if (!out.flush()) Die(state_path + ": cannot write");

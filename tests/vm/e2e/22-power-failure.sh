@@ -13,8 +13,8 @@
 # Prints "states N corruptions C lost-flushed-writes L" per case and in total.
 #
 # Cases: UBLK_PLR_CASES (default "ext4:none ext4:writeback xfs:none").
-# Knobs: UBLK_PLR_OPS writer operations per case (default 250), UBLK_PLR_RANDOM random states
-# per case (default 40), UBLK_PLR_SEED, UBLK_PLR_MIN_STATES (the run fails with fewer states
+# Knobs: UBLK_PLR_OPS writer operations per case (default 40), UBLK_PLR_RANDOM random states
+# per case (default 12), UBLK_PLR_SEED, UBLK_PLR_MIN_STATES (the run fails with fewer states
 # checked in total; default 200). Soak: raise UBLK_PLR_OPS and UBLK_PLR_RANDOM.
 source "$(dirname "$0")/lib.bash"
 
@@ -27,8 +27,8 @@ WRITER=$(find_tool "${UBLK_PLR_WRITER:-}" bazel-bin/tests/power/plr-writer)
 REPLAY=$(find_tool "${UBLK_PLR_REPLAY:-}" bazel-bin/tests/power/plr-replay)
 
 CASES=${UBLK_PLR_CASES:-ext4:none ext4:writeback xfs:none}
-OPS=${UBLK_PLR_OPS:-250}
-RANDOM_STATES=${UBLK_PLR_RANDOM:-40}
+OPS=${UBLK_PLR_OPS:-40}
+RANDOM_STATES=${UBLK_PLR_RANDOM:-12}
 SEED=${UBLK_PLR_SEED:-$((RANDOM * 32768 + RANDOM))}
 MIN_STATES=${UBLK_PLR_MIN_STATES:-200}
 DM=plr-$$
@@ -44,12 +44,16 @@ check "tools present" bash -c "[[ -x $WRITER && -x $REPLAY ]] && command -v dmse
 check "kernel has dm-log-writes" bash -c 'dmsetup targets | grep -w log-writes'
 echo "      | seed $SEED, $OPS operations and $RANDOM_STATES random states per case"
 
+data_size() {  # data_size FS: of the data device (mkfs.xfs wants more than 300 MB)
+  if [[ $1 == xfs ]]; then echo 320M; else echo 256M; fi
+}
+
 # record_workload FS CACHE: data and log loop devices -> dm-log-writes -> FS -> image ->
 # device -> writer; leaves $WORK/log.img, $WORK/journal.
 record_workload() {
   local fs=$1 cache=$2 ldata llog dev
   rm -f "$WORK/data.img" "$WORK/log.img"
-  truncate -s 256M "$WORK/data.img"
+  truncate -s "$(data_size "$fs")" "$WORK/data.img"
   truncate -s 2G "$WORK/log.img"
   ldata=$(losetup -f --show "$WORK/data.img") || return 1
   llog=$(losetup -f --show "$WORK/log.img") || return 1
@@ -71,65 +75,77 @@ record_workload() {
   echo "log: $("$REPLAY" list --log "$WORK/log.img" | wc -l) entries, journal: $(grep -c '^[WZD]' "$WORK/journal") operations, $(grep -c '^M' "$WORK/journal") marks"
 }
 
-# check_state FS MARK: the replayed state in $REPLAY_DIR/state.img, checked on a copy.
+# Seconds spent per step (TCG makes every process start count), printed per case.
+declare -A spent
+timed() {  # timed STEP CMD...: runs CMD, adds its wall time (microseconds) to spent[STEP]
+  local step=$1 t0=${EPOCHREALTIME/./} rc
+  shift
+  "$@"
+  rc=$?
+  spent[$step]=$((${spent[$step]:-0} + ${EPOCHREALTIME/./} - t0))
+  return $rc
+}
+
+# check_state FS MARK: the replayed state, checked on its copy $REPLAY_DIR/copy.img.
 # Prints what is wrong; returns 0 if nothing, 1 on corruption, 2 on lost flushed writes.
 check_state() {
   local fs=$1 mark=$2 loop rc=0 out
-  cp --sparse=always "$REPLAY_DIR/state.img" "$REPLAY_DIR/copy.img"
-  loop=$(losetup -f --show "$REPLAY_DIR/copy.img") || return 1
-  if ! out=$(mount -t "$fs" "$loop" "$CHK" 2>&1); then
-    echo "mount failed: $out"
-    losetup -d "$loop"
+  # mount -o loop attaches the copy and umount detaches it (fewer processes under TCG).
+  if ! timed mount mount -t "$fs" -o loop "$REPLAY_DIR/copy.img" "$CHK" 2>"$REPLAY_DIR/err"; then
+    echo "mount failed: $(cat "$REPLAY_DIR/err")"
     return 1
   fi
-  out=$(qemu-img check "$CHK/img.qcow2" 2>&1)
+  timed check qemu-img check "$CHK/img.qcow2" >"$REPLAY_DIR/err" 2>&1
   rc=$?
   if ((rc != 0 && rc != 3)); then
     echo "qemu-img check exit $rc:"
-    echo "$out" | head -n 20
+    head -n 20 "$REPLAY_DIR/err"
+    rc=1
+  elif ! timed convert qemu-img convert -O raw "$CHK/img.qcow2" "$REPLAY_DIR/raw" 2>"$REPLAY_DIR/err"; then
+    echo "qemu-img convert failed: $(cat "$REPLAY_DIR/err")"
     rc=1
   else
-    rc=0
-    if ! out=$(qemu-img convert -O raw "$CHK/img.qcow2" "$REPLAY_DIR/raw" 2>&1); then
-      echo "qemu-img convert failed: $out"
-      rc=1
-    else
-      out=$("$WRITER" verify --journal "$WORK/journal" --raw "$REPLAY_DIR/raw" --mark "$mark")
-      case $? in
-        0) ;;
-        1) echo "$out"; grep -q '^blocks .* corrupt 0$' <<<"$out" && rc=2 || rc=1 ;;
-        *) echo "$out"; rc=1 ;;
-      esac
-    fi
+    timed verify "$WRITER" verify --journal "$WORK/journal" --raw "$REPLAY_DIR/raw" --mark "$mark" \
+      >"$REPLAY_DIR/verify"
+    case $? in
+      0) rc=0 ;;
+      1) cat "$REPLAY_DIR/verify"; grep -q '^blocks .* corrupt 0$' "$REPLAY_DIR/verify" && rc=2 || rc=1 ;;
+      *) cat "$REPLAY_DIR/verify"; rc=1 ;;
+    esac
+    lost_blocks=$(sed -n 's/^blocks [0-9]* lost \([0-9]*\) .*/\1/p' "$REPLAY_DIR/verify")
   fi
-  umount "$CHK"
-  losetup -d "$loop"
-  rm -f "$REPLAY_DIR/raw"
+  timed umount umount "$CHK"
   return $rc
 }
 
 # replay_and_check FS: every planned state of $WORK/log.img.
 replay_and_check() {
-  local fs=$1 entry mark why rc states=0 corrupt=0 lost=0 shown=0 start=$SECONDS
+  local fs=$1 entry mark why rc states=0 corrupt=0 lost=0 start=$SECONDS shown_kind=(0 0 0)
   rm -f "$REPLAY_DIR"/*
-  truncate -s 256M "$REPLAY_DIR/state.img"
+  truncate -s "$(data_size "$fs")" "$REPLAY_DIR/state.img"
   "$REPLAY" plan --log "$WORK/log.img" --start ready --random "$RANDOM_STATES" --seed "$SEED" \
     >"$WORK/plan" || return 1
-  while read -r entry mark why; do
-    "$REPLAY" apply --log "$WORK/log.img" --target "$REPLAY_DIR/state.img" \
-      --state "$REPLAY_DIR/position" --upto "$entry" || return 1
-    out=$(check_state "$fs" "$mark")
+  spent=()
+  while read -r -u 9 entry mark why; do
+    timed apply "$REPLAY" apply --log "$WORK/log.img" --target "$REPLAY_DIR/state.img" \
+      --state "$REPLAY_DIR/position" --upto "$entry" --copy-to "$REPLAY_DIR/copy.img" || return 1
+    lost_blocks=0
+    check_state "$fs" "$mark" >"$WORK/state.out"
     rc=$?
-    lost_blocks=$(sed -n 's/^blocks [0-9]* lost \([0-9]*\) .*/\1/p' <<<"$out")
     states=$((states + 1))
     if ((rc == 1)); then corrupt=$((corrupt + 1)); fi
     lost=$((lost + ${lost_blocks:-0}))
-    if ((rc != 0 && shown < 5)); then
-      shown=$((shown + 1))
+    # The first three of each kind of failure.
+    if ((rc != 0 && shown_kind[rc]++ < 3)); then
       echo "state at entry $entry ($why, last mark m$mark):"
-      echo "$out" | sed 's/^/  /'
+      sed 's/^/  /' "$WORK/state.out"
     fi
-  done <"$WORK/plan"
+  done 9<"$WORK/plan"
+  local step times=
+  for step in apply mount check convert verify umount; do
+    times+=" $step $((${spent[$step]:-0} / 1000000))"
+  done
+  echo "seconds per step:$times"
   echo "states $states corruptions $corrupt lost-flushed-writes $lost ($((SECONDS - start)) s)"
   total_states=$((total_states + states))
   total_corrupt=$((total_corrupt + corrupt))
