@@ -13,8 +13,8 @@
 # Prints "states N corruptions C lost-flushed-writes L" per case and in total.
 #
 # Cases: UBLK_PLR_CASES (default "ext4:none ext4:writeback xfs:none").
-# Knobs: UBLK_PLR_OPS writer operations per case (default 40), UBLK_PLR_RANDOM random states
-# per case (default 12), UBLK_PLR_SEED, UBLK_PLR_MIN_STATES (the run fails with fewer states
+# Knobs: UBLK_PLR_OPS writer operations per case (default 32), UBLK_PLR_RANDOM random states
+# per case (default 10), UBLK_PLR_SEED, UBLK_PLR_MIN_STATES (the run fails with fewer states
 # checked in total; default 200). Soak: raise UBLK_PLR_OPS and UBLK_PLR_RANDOM.
 source "$(dirname "$0")/lib.bash"
 
@@ -27,8 +27,8 @@ WRITER=$(find_tool "${UBLK_PLR_WRITER:-}" bazel-bin/tests/power/plr-writer)
 REPLAY=$(find_tool "${UBLK_PLR_REPLAY:-}" bazel-bin/tests/power/plr-replay)
 
 CASES=${UBLK_PLR_CASES:-ext4:none ext4:writeback xfs:none}
-OPS=${UBLK_PLR_OPS:-40}
-RANDOM_STATES=${UBLK_PLR_RANDOM:-12}
+OPS=${UBLK_PLR_OPS:-32}
+RANDOM_STATES=${UBLK_PLR_RANDOM:-10}
 SEED=${UBLK_PLR_SEED:-$((RANDOM * 32768 + RANDOM))}
 MIN_STATES=${UBLK_PLR_MIN_STATES:-200}
 DM=plr-$$
