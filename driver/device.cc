@@ -218,6 +218,9 @@ Status Device::Setup(const DeviceOptions& options) {
     request.depth = options.depth;
     request.max_io_buf_bytes = options.max_io_buf_bytes;
     request.flags = recovery_flags;
+    ASSIGN_OR_RETURN(uint64_t scan_flags,
+                     PartitionScanFlags(options.no_partition_scan, info_.features));
+    request.flags |= scan_flags;
     ASSIGN_OR_RETURN(ublksrv_ctrl_dev_info dev, control_->AddDevice(request));
     added_ = true;
     info_.dev_id = static_cast<int>(dev.dev_id);

@@ -97,6 +97,9 @@ struct DeviceOptions {
   // for this mode, so a kernel without it is an error rather than kOff.
   RecoveryMode recovery = RecoveryMode::kReissue;
   bool recovery_requested = false;
+  // add --no-partition-scan: ADD_DEV with UBLK_F_NO_AUTO_PART_SCAN, or
+  // NotSupported naming it where the kernel lacks it (PartitionScanFlags).
+  bool no_partition_scan = false;
   // Serve the existing device `dev_id`, waiting for recovery, instead of
   // adding one (`ublk-qcow2 recover`). queues, depth and max_io_buf_bytes
   // then come from the device.

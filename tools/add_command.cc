@@ -81,6 +81,9 @@ class AddCommand final : public Command {
                    "killed and the device removed (not with --foreground)")
         ->check(CLI::Range(1, 3600))
         ->capture_default_str();
+    app.add_flag("--no-partition-scan", options_.no_partition_scan,
+                 "The kernel does not scan the device for partitions when it starts "
+                 "(UBLK_F_NO_AUTO_PART_SCAN, Linux 7.0+; an error where the kernel lacks it)");
     app.add_option("--cache-size", options_.cache_size,
                    "Metadata cache per image of the chain, bytes (K, M, G suffixes)")
         ->transform(CLI::AsSizeValue(false))
@@ -127,6 +130,8 @@ Status RunAdd(const AddOptions& options) {
     ASSIGN_OR_RETURN(std::unique_ptr<driver::ControlDevice> control, driver::ControlDevice::Open());
     RETURN_IF_ERROR(
         driver::RecoveryFlags(recovery, recovery_requested, control->features()).status());
+    RETURN_IF_ERROR(
+        driver::PartitionScanFlags(options.no_partition_scan, control->features()).status());
   }
 
   driver::DeviceOptions device;
@@ -147,6 +152,7 @@ Status RunAdd(const AddOptions& options) {
   device.handle_signals = true;
   device.recovery = recovery;
   device.recovery_requested = recovery_requested;
+  device.no_partition_scan = options.no_partition_scan;
   device.key = ImageKeyToWipe();
 
   return ServeAndPrintDevice(device, options.foreground, std::chrono::seconds(options.timeout_s));

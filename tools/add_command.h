@@ -3,7 +3,11 @@
 //   ublk-qcow2 add -f IMAGE [-n ID] [-q QUEUES] [-d DEPTH] [--read-only]
 //                  [--foreground] [--cache=none|writeback] [--cache-size=BYTES]
 //                  [--preallocate=BYTES] [--recovery=reissue|fail-io|off]
-//                  [--timeout=SECONDS]
+//                  [--timeout=SECONDS] [--no-partition-scan]
+//
+// --no-partition-scan: the kernel reads no partition table when the device
+// starts (UBLK_F_NO_AUTO_PART_SCAN, Linux 7.0+); where GET_FEATURES does not
+// offer it, one error line naming the flag, exit 1, nothing created.
 //
 // --recovery: what the device does when its daemon dies (driver/ublk_abi.h,
 // RecoveryMode): reissue (the default where the kernel offers it: I/O waits
@@ -56,6 +60,7 @@ struct AddOptions {
   uint32_t poll_us = 0;          // busy-poll cap of each queue thread, µs
   std::string recovery;          // "" (default: reissue if offered), reissue, fail-io, off
   int timeout_s = 30;            // for the daemon's report (not with --foreground)
+  bool no_partition_scan = false;  // UBLK_F_NO_AUTO_PART_SCAN (7.0+), else an error
 };
 
 Status RunAdd(const AddOptions& options);
