@@ -33,8 +33,12 @@ assert j["unknown"] == [], j["unknown"]
 names = j["features"]
 print("features:", " ".join(names))
 assert len(names) == bin(j["mask"]).count("1"), (names, hex(j["mask"]))
-# add asks for user recovery with re-issue where offered (both rig kernels).
-assert j["used-by-add"] == ["USER_RECOVERY", "USER_RECOVERY_REISSUE", "CMD_IOCTL_ENCODE"], j["used-by-add"]
+# add asks for user recovery with re-issue where offered (both rig kernels), and for zero
+# copy (AUTO_BUF_REG with USER_COPY) where both are offered (7.3).
+used = ["USER_RECOVERY", "USER_RECOVERY_REISSUE", "CMD_IOCTL_ENCODE"]
+if "AUTO_BUF_REG" in names:
+    used = used[:3] + ["USER_COPY", "AUTO_BUF_REG"]
+assert j["used-by-add"] == used, j["used-by-add"]
 # The text table: the same names in the same order; yes only for what add uses.
 rows = [l.split() for l in open(sys.argv[2]).read().splitlines()]
 assert rows[0] == ["FEATURE", "BIT", "USED", "BY", "ADD"], rows[0]
@@ -43,7 +47,7 @@ assert [r[0] for r in rows[1:] if r[2] == "yes"] == j["used-by-add"], rows
 assert all(j["mask"] >> int(r[1]) & 1 for r in rows[1:]), rows
 PY
 }
-check "JSON and table agree, every bit named, add uses CMD_IOCTL_ENCODE and user recovery" json_consistent
+check "JSON and table agree, every bit named, add uses CMD_IOCTL_ENCODE, user recovery, zero copy where offered" json_consistent
 
 has() { python3 -c 'import json,sys; sys.exit(sys.argv[2] not in json.load(open(sys.argv[1]))["features"])' "$json" "$1"; }
 
