@@ -431,6 +431,7 @@ Status Device::Teardown() {
   }
   if (drained && !workers_.empty()) {
     std::string counts;
+    std::string zero_copied;  // per queue, with zero copy
     for (size_t q = 0; q < workers_.size(); ++q) {
       QueueWorker* worker = workers_[q].get();
       LoopThread* loop = loops_[q].get();
@@ -441,13 +442,15 @@ Status Device::Teardown() {
       });
       counts += fmt::format("{}queue {}: {} requests ({} on its own thread", q == 0 ? "" : ", ", q,
                             n, here);
-      if (UsesZeroCopy(info_.flags)) counts += fmt::format(", {} with zero copy", zc);
+      zero_copied += fmt::format("{}{}", q == 0 ? "" : ", ", zc);
       // With --poll-us: how many waits polling ended without a sleep.
       if (spin_us > 0) {
         counts += fmt::format("; waits: {} polled, {} slept", polled, slept);
       }
       counts += ")";
     }
+    // After the per-queue counts, so that their format stays as it was.
+    if (UsesZeroCopy(info_.flags)) counts += "; with zero copy: " + zero_copied;
     Log(fmt::format("{} served {}", info_.block_path, counts));
   }
   // The other queues' threads first: queue 0's hosts the image.
