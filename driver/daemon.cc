@@ -86,11 +86,12 @@ void ForgetPassphrase(const DeviceOptions& options) {
     ::close(log_fd);
   }
   Log(fmt::format(
-      "pid {}: {} {} as {} ({} bytes, {} queue(s) of depth {}{}; recovery: {}; kernel "
-      "features: {})",
+      "pid {}: {} {} as {} ({} bytes, {} queue(s) of depth {}{}; recovery: {}; zero copy: {}; "
+      "kernel features: {})",
       ::getpid(), info.recovered ? "recovered, serving" : "serving", options.image, info.block_path,
       info.size, info.queues, info.depth, info.read_only ? ", read-only" : "",
-      RecoveryModeName(RecoveryModeOf(info.flags)), FeatureNames(info.features)));
+      RecoveryModeName(RecoveryModeOf(info.flags)), UsesZeroCopy(info.flags) ? "on" : "off",
+      FeatureNames(info.features)));
   if (!info.leak_repair.empty()) Log(info.leak_repair);
   ForgetPassphrase(options);
   WriteAll(report_fd, fmt::format("ready {}\n", info.dev_id));

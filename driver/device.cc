@@ -230,6 +230,11 @@ Status Device::Setup(const DeviceOptions& options) {
     request.depth = options.depth;
     request.max_io_buf_bytes = options.max_io_buf_bytes;
     request.flags = recovery_flags;
+    ASSIGN_OR_RETURN(uint64_t scan_flags,
+                     PartitionScanFlags(options.no_partition_scan, info_.features));
+    request.flags |= scan_flags;
+    ASSIGN_OR_RETURN(uint64_t zero_copy_flags, ZeroCopyFlags(options.zero_copy, info_.features));
+    request.flags |= zero_copy_flags;
     ASSIGN_OR_RETURN(ublksrv_ctrl_dev_info dev, control_->AddDevice(request));
     added_ = true;
     info_.dev_id = static_cast<int>(dev.dev_id);
@@ -273,6 +278,8 @@ Status Device::Setup(const DeviceOptions& options) {
     config.buffer_bytes = info_.max_io_buf_bytes;
     config.char_fd = char_fd_;
     config.ops = ops;
+    // From the device's flags: a recovered device keeps the mode it was added with.
+    config.zero_copy = UsesZeroCopy(info_.flags);
     workers_.push_back(std::make_unique<QueueWorker>(
         config, loops_[q].get(), host_.get(), [this] { OnQueueFinished(); },
         [this](Status s) { OnQueueError(std::move(s)); }));
@@ -436,24 +443,28 @@ Status Device::Teardown() {
   }
   if (drained && !workers_.empty()) {
     std::string counts;
+    std::string zero_copied;  // per queue, with zero copy
     for (size_t q = 0; q < workers_.size(); ++q) {
       QueueWorker* worker = workers_[q].get();
       LoopThread* loop = loops_[q].get();
-      auto [n, here, spin_us, polled, slept, left] = loop->Call([worker, loop] {
+      auto [n, here, zc, spin_us, polled, slept, left] = loop->Call([worker, loop] {
         uring::Ring& ring = loop->ring();
-        return std::tuple(worker->requests(), worker->served_here(), ring.spin_us(),
-                          ring.polled_waits(), ring.slept_waits(), worker->left());
+        return std::tuple(worker->requests(), worker->served_here(), worker->zero_copied(),
+                          ring.spin_us(), ring.polled_waits(), ring.slept_waits(), worker->left());
       });
       counts += fmt::format("{}queue {}: {} requests ({} on its own thread", q == 0 ? "" : ", ", q,
                             n, here);
       // Handed over: requests that came too late, which the kernel re-issues.
       if (left > 0) counts += fmt::format("; {} left to the next daemon", left);
+      zero_copied += fmt::format("{}{}", q == 0 ? "" : ", ", zc);
       // With --poll-us: how many waits polling ended without a sleep.
       if (spin_us > 0) {
         counts += fmt::format("; waits: {} polled, {} slept", polled, slept);
       }
       counts += ")";
     }
+    // After the per-queue counts, so that their format stays as it was.
+    if (UsesZeroCopy(info_.flags)) counts += "; with zero copy: " + zero_copied;
     Log(fmt::format("{} served {}", info_.block_path, counts));
   }
   // The other queues' threads first: queue 0's hosts the image.

@@ -99,6 +99,12 @@ struct DeviceOptions {
   // for this mode, so a kernel without it is an error rather than kOff.
   RecoveryMode recovery = RecoveryMode::kReissue;
   bool recovery_requested = false;
+  // add --no-partition-scan: ADD_DEV with UBLK_F_NO_AUTO_PART_SCAN, or
+  // NotSupported naming it where the kernel lacks it (PartitionScanFlags).
+  bool no_partition_scan = false;
+  // add --zero-copy (ZeroCopyFlags, driver/zero_copy.h): kAuto uses it where
+  // the kernel offers it; kOn fails naming the missing flag elsewhere.
+  ZeroCopyMode zero_copy = ZeroCopyMode::kAuto;
   // Serve the existing device `dev_id`, waiting for recovery, instead of
   // adding one (`ublk-qcow2 recover`). queues, depth and max_io_buf_bytes
   // then come from the device.

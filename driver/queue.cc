@@ -11,6 +11,7 @@
 
 #include "driver/request.h"
 #include "driver/uring_cmd.h"
+#include "driver/zero_copy.h"
 
 namespace uq::driver {
 
@@ -57,6 +58,14 @@ Status QueueWorker::Start() {
   }
   buffers_ = static_cast<std::byte*>(buffers);
 
+  if (config_.zero_copy) {
+    Status table = RegisterBufferTable(loop_->ring(), config_.depth);
+    if (!table.ok()) {
+      MaybeFinished();
+      return table.WithContext(where);
+    }
+  }
+
   loop_->ring().set_command_handler(this);
   for (uint16_t tag = 0; tag < config_.depth; ++tag) Issue(tag, IoCommand::kFetch, 0);
   loop_->ring().SubmitPending();
@@ -68,12 +77,17 @@ void QueueWorker::Issue(uint16_t tag, IoCommand command, int32_t result) {
   cmd.q_id = config_.queue;
   cmd.tag = tag;
   cmd.result = result;
-  cmd.addr = reinterpret_cast<uintptr_t>(Buffer(tag).data());
+  // Zero copy: the command's addr stays 0 (user copy), and the SQE's own
+  // addr says where the kernel registers the request's pages; else addr is
+  // the buffer the kernel copies the data to and from.
+  if (!config_.zero_copy) cmd.addr = reinterpret_cast<uintptr_t>(Buffer(tag).data());
   const uint32_t op =
       command == IoCommand::kFetch ? config_.ops.fetch_req : config_.ops.commit_and_fetch_req;
   const uint64_t user_data = uring::UserData::ForCommand(
       uring::CommandId{config_.queue, tag, static_cast<uint8_t>(command)});
-  PrepUringCmd(loop_->ring().GetSqe(), config_.char_fd, op, cmd, user_data);
+  io_uring_sqe* sqe = loop_->ring().GetSqe();
+  PrepUringCmd(sqe, config_.char_fd, op, cmd, user_data);
+  if (config_.zero_copy) sqe->addr = AutoBufRegAddr(tag);
   if (handover_ && command == IoCommand::kCommitAndFetch) {
     // Not waited for: see the file comment of queue.h.
     if (state_[tag] == TagState::kServing || state_[tag] == TagState::kFetching) --pending_;
@@ -141,6 +155,10 @@ void QueueWorker::OnRequest(uint16_t tag) {
   ++serving_;
   ++requests_;
   const IoDescriptor request = DecodeDescriptor(descriptors_[tag]);
+  if (config_.zero_copy) {
+    OnZeroCopyRequest(tag, request);
+    return;
+  }
   // Reads and overwrites of clusters whose mapping the engine has published
   // run right here, on this queue's ring; the rest go to the image's thread.
   if (std::optional<Task<int32_t>> here = TryServeHere(*host_->device(), request, Buffer(tag))) {
@@ -152,6 +170,56 @@ void QueueWorker::OnRequest(uint16_t tag) {
   }
   host_->Submit(request, Buffer(tag), loop_,
                 [this, tag](int32_t result) { OnResult(tag, result); });
+}
+
+void QueueWorker::OnZeroCopyRequest(uint16_t tag, const IoDescriptor& request) {
+  const bool write = request.op == UBLK_IO_OP_WRITE;
+  const bool data = (write || request.op == UBLK_IO_OP_READ) && request.length > 0;
+  const bool registered = (request.flags & UBLK_IO_F_NEED_REG_BUF) == 0;
+  if (data && registered && !(write && request.fua())) {
+    if (std::optional<qcow2::HostMapping> mapping =
+            host_->device()->TryMapAnyThread(write, request.offset, request.length)) {
+      ++served_here_;
+      ++zero_copied_;
+      Spawn([](QueueWorker* self, uint16_t tag, IoDescriptor request,
+               Task<Status> io) -> Task<void> {
+        Status status = co_await std::move(io);
+        self->OnResult(tag, status.ok() ? static_cast<int32_t>(request.length)
+                                        : FailRequest(request, status));
+      }(this, tag, request,
+                 ServeFixed(loop_->ring(), std::move(*mapping), request, tag, config_.char_fd,
+                            config_.queue, tag)));
+      return;
+    }
+  }
+  // Through the tag's buffer: a write's data is copied out of the request
+  // first, a read's bytes into it once the engine has them.
+  const std::span<std::byte> buffer = Buffer(tag);
+  const bool fits = request.length <= buffer.size();
+  if (data && write && fits) {
+    Status copied =
+        CopyFromRequest(config_.char_fd, config_.queue, tag, buffer.first(request.length));
+    if (!copied.ok()) {
+      OnResult(tag, FailRequest(request, copied));
+      return;
+    }
+  }
+  auto done = [this, tag, request, buffer](int32_t result) {
+    if (request.op == UBLK_IO_OP_READ && result > 0) {
+      Status copied = CopyToRequest(config_.char_fd, config_.queue, tag,
+                                    buffer.first(static_cast<size_t>(result)));
+      if (!copied.ok()) result = FailRequest(request, copied);
+    }
+    OnResult(tag, result);
+  };
+  if (std::optional<Task<int32_t>> here = TryServeHere(*host_->device(), request, buffer)) {
+    ++served_here_;
+    Spawn([](std::function<void(int32_t)> done, Task<int32_t> io) -> Task<void> {
+      done(co_await std::move(io));
+    }(done, std::move(*here)));
+    return;
+  }
+  host_->Submit(request, buffer, loop_, done);
 }
 
 void QueueWorker::OnResult(uint16_t tag, int32_t result) {

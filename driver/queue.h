@@ -12,6 +12,15 @@
 // tag. All SQEs prepared in one loop iteration go to the kernel together in
 // the ring's next Poll().
 //
+// Zero copy (config.zero_copy, driver/zero_copy.h): the kernel copies no
+// data to or from the tag's buffer. Start() gives the ring a buffer table
+// with one entry per tag, where the kernel registers each request's pages
+// (the fetch asks for index = tag). A read or plain write of published
+// clusters moves its data between those pages and the image file with
+// fixed-buffer I/O on this ring (ServeFixed); any other request uses the
+// tag's buffer as without zero copy, its data copied out of the request
+// first (a write) or into it before the commit (a read) through /dev/ublkcN.
+//
 // Stopping: when the device is stopped (STOP_DEV), the kernel completes
 // every pending fetch with UBLK_IO_RES_ABORT (-ENODEV); requests in flight
 // finish first. A tag that gets ABORT is not fetched again. When no tag is
@@ -62,6 +71,9 @@ struct QueueConfig {
   uint32_t buffer_bytes = 0;  // max_io_buf_bytes, a page multiple
   int char_fd = -1;           // /dev/ublkcN, kept open by the caller
   Opcodes ops = Opcodes::For(0);
+  // The device has UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY (UsesZeroCopy):
+  // see driver/zero_copy.h.
+  bool zero_copy = false;
 };
 
 class QueueWorker final : public uring::CommandHandler {
@@ -102,10 +114,14 @@ class QueueWorker final : public uring::CommandHandler {
   uint64_t served_here() const { return served_here_; }
   // Requests that came after a handover finished (left to the next daemon).
   uint64_t left() const { return left_; }
+  // Of those, the ones served with zero copy (ServeFixed).
+  uint64_t zero_copied() const { return zero_copied_; }
 
  private:
   void Issue(uint16_t tag, IoCommand command, int32_t result);
   void OnRequest(uint16_t tag);
+  // A request on a zero-copy device.
+  void OnZeroCopyRequest(uint16_t tag, const IoDescriptor& request);
   void OnResult(uint16_t tag, int32_t result);
   void GiveUp(uint16_t tag, Status why);
   void MaybeFinished();
@@ -135,6 +151,7 @@ class QueueWorker final : public uring::CommandHandler {
   bool finished_ = false;
   uint64_t requests_ = 0;
   uint64_t served_here_ = 0;
+  uint64_t zero_copied_ = 0;
 };
 
 }  // namespace uq::driver

@@ -35,6 +35,10 @@ Task<int32_t> Finish(IoDescriptor r, Task<Status> io) {
 
 }  // namespace
 
+int32_t FailRequest(const IoDescriptor& request, const Status& status) {
+  return Fail(request, status);
+}
+
 std::optional<Task<int32_t>> TryServeHere(qcow2::BlockDevice& device, IoDescriptor r,
                                           std::span<std::byte> buffer) {
   const bool write = r.op == UBLK_IO_OP_WRITE;

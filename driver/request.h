@@ -40,6 +40,10 @@ namespace uq::driver {
 Task<int32_t> ServeRequest(qcow2::BlockDevice& device, IoDescriptor request,
                            std::span<std::byte> buffer);
 
+// The result for a request that failed with `status` (-errno), the failure
+// logged to stderr (the first 100 of the process). Any thread.
+int32_t FailRequest(const IoDescriptor& request, const Status& status);
+
 std::optional<Task<int32_t>> TryServeHere(qcow2::BlockDevice& device, IoDescriptor request,
                                           std::span<std::byte> buffer);
 

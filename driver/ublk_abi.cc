@@ -184,6 +184,25 @@ Status CheckUpgrade(uint64_t features, uint64_t device_flags, int dev_id) {
   return Status::Ok();
 }
 
+Result<uint64_t> PartitionScanFlags(bool no_partition_scan, uint64_t features) {
+  if (!no_partition_scan) return uint64_t{0};
+  if (features & UBLK_F_NO_AUTO_PART_SCAN) return uint64_t{UBLK_F_NO_AUTO_PART_SCAN};
+  return Status::NotSupported(
+      "--no-partition-scan needs UBLK_F_NO_AUTO_PART_SCAN (Linux 7.0+), which this kernel's "
+      "ublk does not offer");
+}
+
+Result<uint64_t> ZeroCopyFlags(ZeroCopyMode mode, uint64_t features) {
+  if (mode == ZeroCopyMode::kOff) return uint64_t{0};
+  if ((features & kZeroCopyFlags) == kZeroCopyFlags) return kZeroCopyFlags;
+  if (mode == ZeroCopyMode::kAuto) return uint64_t{0};
+  const char* missing = (features & UBLK_F_AUTO_BUF_REG) == 0
+                            ? "UBLK_F_AUTO_BUF_REG (Linux 6.16+)"
+                            : "UBLK_F_USER_COPY (Linux 6.5+)";
+  return Status::NotSupported(fmt::format(
+      "--zero-copy=on needs {}, which this kernel's ublk does not offer", missing));
+}
+
 uint64_t DescriptorAreaSize(uint32_t depth, uint64_t page_size) {
   uint64_t bytes = uint64_t{depth} * sizeof(ublksrv_io_desc);
   return (bytes + page_size - 1) / page_size * page_size;

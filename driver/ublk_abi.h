@@ -249,6 +249,28 @@ inline bool AwaitsRecovery(uint16_t state) {
   return state == UBLK_S_DEV_QUIESCED || state == UBLK_S_DEV_FAIL_IO;
 }
 
+// --- Options of `add` that need a newer kernel (gated on GET_FEATURES) ---
+
+// add --no-partition-scan: the kernel does not read a partition table when
+// the device starts (UBLK_F_NO_AUTO_PART_SCAN, 7.0+). The flag for ADD_DEV,
+// 0 without the option; NotSupported naming the flag when the kernel lacks it.
+Result<uint64_t> PartitionScanFlags(bool no_partition_scan, uint64_t features);
+
+// add --zero-copy: the data of reads and writes of plain, allocated clusters
+// goes between the request's pages and the image file as io_uring
+// fixed-buffer I/O, the kernel registering each request's pages in the
+// queue's ring (UBLK_F_AUTO_BUF_REG, 6.16+); requests whose bytes the engine
+// must see reach it through pread/pwrite on /dev/ublkcN (UBLK_F_USER_COPY,
+// 6.5+). Both flags or neither (driver/README.md, "Zero copy").
+//   kAuto: both where the kernel offers both, else neither (the default);
+//   kOn:   both, or NotSupported naming the missing flag;
+//   kOff:  neither (the daemon's buffer, copied by the kernel).
+enum class ZeroCopyMode { kAuto, kOn, kOff };
+inline constexpr uint64_t kZeroCopyFlags = UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY;
+Result<uint64_t> ZeroCopyFlags(ZeroCopyMode mode, uint64_t features);
+// Whether a device created with `flags` is served with zero copy.
+inline bool UsesZeroCopy(uint64_t flags) { return (flags & kZeroCopyFlags) == kZeroCopyFlags; }
+
 // --- The I/O descriptor area of /dev/ublkcN ---
 
 // Bytes the kernel maps for one queue of `depth` tags: the descriptor array

@@ -326,6 +326,46 @@ TEST(RecoveryFlagsTest, ModeOfDeviceFlags) {
   EXPECT_FALSE(AwaitsRecovery(UBLK_S_DEV_LIVE));
 }
 
+// GET_FEATURES as the rig's kernels answer it: 6.1 has none (0), 6.12
+// 0x1fe, 7.3 0x1effff.
+constexpr uint64_t k61 = 0, k612 = 0x1fe, k73 = 0x1effff;
+
+TEST(PartitionScanFlagsTest, OnlyWhereOffered) {
+  for (uint64_t features : {k61, k612, k73}) {
+    EXPECT_EQ(*PartitionScanFlags(false, features), 0u);
+  }
+  EXPECT_EQ(*PartitionScanFlags(true, k73), UBLK_F_NO_AUTO_PART_SCAN);
+  for (uint64_t features : {k61, k612}) {
+    Result<uint64_t> r = PartitionScanFlags(true, features);
+    ASSERT_TRUE(r.status().IsNotSupported());
+    EXPECT_NE(r.status().message().find("UBLK_F_NO_AUTO_PART_SCAN"), std::string::npos);
+  }
+}
+
+TEST(ZeroCopyFlagsTest, AutoOnOff) {
+  const uint64_t zc = UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY;
+  // auto: both flags on 7.3, nothing before (6.12 has USER_COPY alone).
+  EXPECT_EQ(*ZeroCopyFlags(ZeroCopyMode::kAuto, k73), zc);
+  EXPECT_EQ(*ZeroCopyFlags(ZeroCopyMode::kAuto, k612), 0u);
+  EXPECT_EQ(*ZeroCopyFlags(ZeroCopyMode::kAuto, k61), 0u);
+  // off: never.
+  EXPECT_EQ(*ZeroCopyFlags(ZeroCopyMode::kOff, k73), 0u);
+  // on: both, or the missing flag named.
+  EXPECT_EQ(*ZeroCopyFlags(ZeroCopyMode::kOn, k73), zc);
+  for (uint64_t features : {k61, k612}) {
+    Result<uint64_t> r = ZeroCopyFlags(ZeroCopyMode::kOn, features);
+    ASSERT_TRUE(r.status().IsNotSupported());
+    EXPECT_NE(r.status().message().find("UBLK_F_AUTO_BUF_REG"), std::string::npos);
+  }
+  Result<uint64_t> no_user_copy = ZeroCopyFlags(ZeroCopyMode::kOn, k73 & ~UBLK_F_USER_COPY);
+  ASSERT_TRUE(no_user_copy.status().IsNotSupported());
+  EXPECT_NE(no_user_copy.status().message().find("UBLK_F_USER_COPY"), std::string::npos);
+  EXPECT_EQ(*ZeroCopyFlags(ZeroCopyMode::kAuto, k73 & ~UBLK_F_USER_COPY), 0u);
+  EXPECT_TRUE(UsesZeroCopy(zc | UBLK_F_CMD_IOCTL_ENCODE));
+  EXPECT_FALSE(UsesZeroCopy(UBLK_F_USER_COPY));
+  EXPECT_FALSE(UsesZeroCopy(UBLK_F_AUTO_BUF_REG));
+}
+
 TEST(Log2Test, Values) {
   EXPECT_EQ(Log2(1), 0);
   EXPECT_EQ(Log2(512), 9);

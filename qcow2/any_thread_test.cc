@@ -3,6 +3,7 @@
 // would, and that a mapping change waits for such requests on other threads.
 // QEMU is the oracle for the image afterwards.
 #include <fmt/format.h>
+#include <unistd.h>
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -101,6 +102,50 @@ TEST_F(AnyThreadTest, ServesOnlyPublishedDataClustersWithTheEnginesBytes) {
   EXPECT_FALSE(HereRead(640 * 1024, 4096)) << "zero cluster";
   EXPECT_FALSE(HereRead(768 * 1024, 4096)) << "unallocated";
   EXPECT_GE(img_->shared_map().acquired(), 6u);
+  CloseAndCheck();
+}
+
+// TryMapAnyThread: the host runs of a published range (what the ublk driver
+// moves itself with zero copy). The bytes at those runs of the host file are
+// the engine's; clusters back to back in the file make one run; the same
+// ranges qualify as for TryAnyThread; the pin holds the clusters.
+TEST_F(AnyThreadTest, MapsPublishedRangesToHostRuns) {
+  Sh("qemu-img create -f qcow2 img.qcow2 4M");
+  // Clusters 0-3 back to back in the file, then 8 (written before 5, so not
+  // next to 3), then 5.
+  Sh("qemu-io -c 'write -P 0x11 0 256k' -c 'write -c -P 0x33 512k 64k' "
+     "-c 'write -P 0x55 576k 64k' -c 'write -P 0x22 320k 64k' img.qcow2");
+  Open();
+  EXPECT_FALSE(img_->TryMapAnyThread(false, 0, 4096)) << "nothing published yet";
+  const std::vector<std::byte> all = EngineRead(0, 1 << 20);
+  auto host_bytes = [&](const HostMapping& m, uint64_t length) {
+    std::vector<std::byte> out(length);
+    for (const HostMapping::Extent& e : m.runs()) {
+      EXPECT_EQ(::pread(m.file->fd(), out.data() + e.data_offset, e.length,
+                        static_cast<off_t>(e.host_offset)),
+                static_cast<ssize_t>(e.length));
+    }
+    return out;
+  };
+  std::optional<HostMapping> m = img_->TryMapAnyThread(false, 4096, 200 * 1024);
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->count, 1u) << "clusters 0-3 are one run";
+  EXPECT_EQ(m->extents[0].data_offset, 0u);
+  EXPECT_EQ(m->extents[0].length, 200u * 1024);
+  std::vector<std::byte> got = host_bytes(*m, 200 * 1024);
+  EXPECT_TRUE(std::equal(got.begin(), got.end(), all.begin() + 4096));
+  m.reset();
+  // Cluster 9 then nothing published at 10: declined; 5 alone: one run.
+  EXPECT_FALSE(img_->TryMapAnyThread(false, 600 * 1024, 64 * 1024));
+  EXPECT_FALSE(img_->TryMapAnyThread(false, 512 * 1024, 4096)) << "compressed";
+  m = img_->TryMapAnyThread(true, 320 * 1024 + 512, 4096);
+  ASSERT_TRUE(m) << "cluster 5 is writable in place";
+  EXPECT_EQ(m->count, 1u);
+  got = host_bytes(*m, 4096);
+  EXPECT_TRUE(std::equal(got.begin(), got.end(), all.begin() + 320 * 1024 + 512));
+  m.reset();
+  // 192k..384k: clusters 3 (run A), 4 unallocated: declined.
+  EXPECT_FALSE(img_->TryMapAnyThread(false, 192 * 1024, 192 * 1024));
   CloseAndCheck();
 }
 

@@ -14,6 +14,7 @@
 #ifndef UBLK_QCOW2_QCOW2_BLOCK_DEVICE_H_
 #define UBLK_QCOW2_QCOW2_BLOCK_DEVICE_H_
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -22,7 +23,9 @@
 
 #include "base/status.h"
 #include "base/task.h"
+#include "qcow2/file.h"
 #include "qcow2/preallocation.h"
+#include "qcow2/shared_map.h"
 
 namespace uq::qcow2 {
 
@@ -50,6 +53,28 @@ struct RangeStatus {
   uint64_t host_offset = 0;
   // The path of that host file; lives as long as the device.
   const std::string* file = nullptr;
+};
+
+// Where the data of a read or an in-place write lies in the host, for a
+// thread that moves it itself (TryMapAnyThread): the range's bytes are
+// `extents`, in order, back to back in the request's data, each a run of
+// plain clusters (allocated, uncompressed, unencrypted, no subcluster zero
+// or unallocated) at `host_offset` in `file`. Holding the mapping holds the
+// clusters: the engine changes none of them (allocation, copy-on-write,
+// discard, a snapshot) until it is destroyed, so destroy it only once the
+// I/O is done. A read that comes back short (the clusters lie past the end
+// of the host file: preallocated ones) reads zeros for the rest.
+struct HostMapping {
+  struct Extent {
+    uint64_t host_offset = 0;
+    uint64_t data_offset = 0;  // in the request's data
+    uint64_t length = 0;
+  };
+  File* file = nullptr;  // the host file of every extent; lives as long as the device
+  std::array<Extent, SharedMap::kMaxPinned> extents{};
+  size_t count = 0;
+  SharedMap::Pin pin;  // the clusters held
+  std::span<const Extent> runs() const { return {extents.data(), count}; }
 };
 
 class BlockDevice {
@@ -105,6 +130,18 @@ class BlockDevice {
   virtual std::optional<Task<Status>> TryAnyThread(bool write, uint64_t offset,
                                                    std::span<std::byte> buffer) {
     (void)write, (void)offset, (void)buffer;
+    return std::nullopt;
+  }
+  // TryAnyThread without the I/O: the host extents of the range, held for
+  // the caller, who moves the data itself (the ublk driver with zero copy:
+  // between the request's own pages and `file`). Same conditions as
+  // TryAnyThread (a write here is never FUA: the caller syncs nothing);
+  // nullopt when the request must go through the device's thread. A write
+  // through a mapping must be done as TryAnyThread's would be: in place, all
+  // of it, before the mapping is destroyed. Thread-safe as TryAnyThread.
+  virtual std::optional<HostMapping> TryMapAnyThread(bool write, uint64_t offset,
+                                                     uint64_t length) {
+    (void)write, (void)offset, (void)length;
     return std::nullopt;
   }
   // Flushes and leaves the image clean (e.g. clears the dirty bit). The

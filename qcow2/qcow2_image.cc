@@ -464,14 +464,21 @@ Task<void> Qcow2Image::WaitUnpinned() {
 
 std::optional<Task<Status>> Qcow2Image::TryAnyThread(bool write, uint64_t offset,
                                                      std::span<std::byte> buffer) {
+  std::optional<HostMapping> mapping = TryMapAnyThread(write, offset, buffer.size());
+  if (!mapping) return std::nullopt;
+  return ServeMapped(write, buffer, std::move(*mapping));
+}
+
+std::optional<HostMapping> Qcow2Image::TryMapAnyThread(bool write, uint64_t offset,
+                                                       uint64_t length) {
   const uint64_t size = this->size();
-  if (buffer.empty() || offset > size || buffer.size() > size - offset) return std::nullopt;
+  if (length == 0 || offset > size || length > size - offset) return std::nullopt;
   const uint64_t first = geo_.guest_cluster(offset);
-  const uint64_t count = geo_.guest_cluster(offset + buffer.size() - 1) - first + 1;
+  const uint64_t count = geo_.guest_cluster(offset + length - 1) - first + 1;
   if (count > SharedMap::kMaxPinned) return std::nullopt;
   std::array<uint64_t, SharedMap::kMaxPinned> hosts;
-  SharedMap::Pin pin;
-  if (!shared_map_.Acquire(first, count, write, hosts.data(), &pin)) return std::nullopt;
+  HostMapping mapping;
+  if (!shared_map_.Acquire(first, count, write, hosts.data(), &mapping.pin)) return std::nullopt;
   // Tracked bitmaps: the engine marks them in use on disk before the first
   // write; after that a write here only sets bits, atomically. The list is
   // read only under a pin: a change of it (ChangeBitmapsLive) revokes every
@@ -480,36 +487,41 @@ std::optional<Task<Status>> Qcow2Image::TryAnyThread(bool write, uint64_t offset
     return std::nullopt;
   }
   if (write) {
-    for (const auto& b : tracking_) b->Set(offset, buffer.size());
+    for (const auto& b : tracking_) b->Set(offset, length);
   }
-  return ServeMapped(write, offset, buffer, std::move(pin), hosts);
+  // Clusters that lie back to back in the host file make one extent.
+  const uint64_t cs = geo_.cluster_size;
+  mapping.file = &data_file();
+  uint64_t done = 0;
+  for (size_t i = 0; done < length;) {
+    const uint64_t in_cluster = i == 0 ? geo_.cluster_offset_in(offset) : 0;
+    uint64_t n = std::min<uint64_t>(length - done, cs - in_cluster);
+    size_t next = i + 1;
+    while (done + n < length && hosts[next] == hosts[next - 1] + cs) {
+      n += std::min<uint64_t>(length - done - n, cs);
+      ++next;
+    }
+    mapping.extents[mapping.count++] = {hosts[i] + in_cluster, done, n};
+    done += n;
+    i = next;
+  }
+  return mapping;
 }
 
-Task<Status> Qcow2Image::ServeMapped(bool write, uint64_t offset, std::span<std::byte> buffer,
-                                     SharedMap::Pin pin,
-                                     std::array<uint64_t, SharedMap::kMaxPinned> hosts) {
-  // Clusters that lie back to back in the host file go as one I/O.
-  const uint64_t cs = geo_.cluster_size;
-  File& f = data_file();
+Task<Status> Qcow2Image::ServeMapped(bool write, std::span<std::byte> buffer,
+                                     HostMapping mapping) {
+  File& f = *mapping.file;
   auto run_io = [&f, write](uint64_t host, std::span<std::byte> piece) -> Task<Status> {
     // Data past the end of the host file reads as zeros (see ReadWithEntry).
     if (!write) co_return co_await f.ReadZeroPadded(host, piece);
     co_return co_await f.Write(host, piece);
   };
+  if (mapping.count == 1) {
+    co_return co_await run_io(mapping.extents[0].host_offset, buffer);
+  }
   std::vector<Task<Status>> runs;
-  size_t done = 0;
-  for (size_t i = 0; done < buffer.size();) {
-    const uint64_t in_cluster = i == 0 ? geo_.cluster_offset_in(offset) : 0;
-    uint64_t n = std::min<uint64_t>(buffer.size() - done, cs - in_cluster);
-    size_t next = i + 1;
-    while (done + n < buffer.size() && hosts[next] == hosts[next - 1] + cs) {
-      n += std::min<uint64_t>(buffer.size() - done - n, cs);
-      ++next;
-    }
-    if (n == buffer.size()) co_return co_await run_io(hosts[i] + in_cluster, buffer);
-    runs.push_back(run_io(hosts[i] + in_cluster, buffer.subspan(done, n)));
-    done += n;
-    i = next;
+  for (const HostMapping::Extent& e : mapping.runs()) {
+    runs.push_back(run_io(e.host_offset, buffer.subspan(e.data_offset, e.length)));
   }
   co_return co_await WhenAll(std::move(runs));
 }

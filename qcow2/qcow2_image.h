@@ -184,6 +184,10 @@ class Qcow2Image final : public BlockDevice {
   Task<Result<RangeStatus>> BlockStatus(uint64_t offset, uint64_t length) override;
   std::optional<Task<Status>> TryAnyThread(bool write, uint64_t offset,
                                            std::span<std::byte> buffer) override;
+  // The published clusters of the range as host runs (clusters back to back
+  // in the host file make one extent), pinned.
+  std::optional<HostMapping> TryMapAnyThread(bool write, uint64_t offset,
+                                             uint64_t length) override;
 
   // Writes one whole guest cluster compressed with the image's compression
   // type (the last cluster of an image may be short: the rest reads as
@@ -675,9 +679,8 @@ class Qcow2Image final : public BlockDevice {
   // TryAnyThread I/O without this thread (SyncEnv does, blocking); UringEnv
   // has worker threads.
   Task<void> WaitUnpinned();
-  // The I/O of a TryAnyThread request: `hosts` are its clusters' host offsets.
-  Task<Status> ServeMapped(bool write, uint64_t offset, std::span<std::byte> buffer,
-                           SharedMap::Pin pin, std::array<uint64_t, SharedMap::kMaxPinned> hosts);
+  // The I/O of a TryAnyThread request through its mapping.
+  static Task<Status> ServeMapped(bool write, std::span<std::byte> buffer, HostMapping mapping);
 
   std::unique_ptr<File> file_;
   std::unique_ptr<File> data_file_;

@@ -81,6 +81,16 @@ class AddCommand final : public Command {
                    "killed and the device removed (not with --foreground)")
         ->check(CLI::Range(1, 3600))
         ->capture_default_str();
+    app.add_flag("--no-partition-scan", options_.no_partition_scan,
+                 "The kernel does not scan the device for partitions when it starts "
+                 "(UBLK_F_NO_AUTO_PART_SCAN, Linux 7.0+; an error where the kernel lacks it)");
+    app.add_option("--zero-copy", options_.zero_copy,
+                   "Move the data of reads and writes of allocated clusters between the "
+                   "request's pages and the image file, no copy through the daemon: auto (where "
+                   "the kernel offers UBLK_F_AUTO_BUF_REG, Linux 6.16+), on (an error elsewhere), "
+                   "off")
+        ->check(CLI::IsMember({"auto", "on", "off"}))
+        ->capture_default_str();
     app.add_option("--cache-size", options_.cache_size,
                    "Metadata cache per image of the chain, bytes (K, M, G suffixes)")
         ->transform(CLI::AsSizeValue(false))
@@ -121,12 +131,18 @@ Status RunAdd(const AddOptions& options) {
   if (options.recovery == "fail-io") recovery = driver::RecoveryMode::kFailIo;
   if (options.recovery == "off") recovery = driver::RecoveryMode::kOff;
   const bool recovery_requested = !options.recovery.empty();
+  driver::ZeroCopyMode zero_copy = driver::ZeroCopyMode::kAuto;
+  if (options.zero_copy == "on") zero_copy = driver::ZeroCopyMode::kOn;
+  if (options.zero_copy == "off") zero_copy = driver::ZeroCopyMode::kOff;
   {
     // Say plainly when the kernel has no ublk, or not the recovery asked
     // for, before forking anything.
     ASSIGN_OR_RETURN(std::unique_ptr<driver::ControlDevice> control, driver::ControlDevice::Open());
     RETURN_IF_ERROR(
         driver::RecoveryFlags(recovery, recovery_requested, control->features()).status());
+    RETURN_IF_ERROR(
+        driver::PartitionScanFlags(options.no_partition_scan, control->features()).status());
+    RETURN_IF_ERROR(driver::ZeroCopyFlags(zero_copy, control->features()).status());
   }
 
   driver::DeviceOptions device;
@@ -147,6 +163,8 @@ Status RunAdd(const AddOptions& options) {
   device.handle_signals = true;
   device.recovery = recovery;
   device.recovery_requested = recovery_requested;
+  device.no_partition_scan = options.no_partition_scan;
+  device.zero_copy = zero_copy;
   device.key = ImageKeyToWipe();
 
   return ServeAndPrintDevice(device, options.foreground, std::chrono::seconds(options.timeout_s));

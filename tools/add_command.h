@@ -3,7 +3,19 @@
 //   ublk-qcow2 add -f IMAGE [-n ID] [-q QUEUES] [-d DEPTH] [--read-only]
 //                  [--foreground] [--cache=none|writeback] [--cache-size=BYTES]
 //                  [--preallocate=BYTES] [--recovery=reissue|fail-io|off]
-//                  [--timeout=SECONDS]
+//                  [--timeout=SECONDS] [--no-partition-scan]
+//                  [--zero-copy=auto|on|off]
+//
+// --zero-copy: reads and writes of allocated, plain clusters move their data
+// between the request's pages and the image file with io_uring fixed-buffer
+// I/O, no copy through the daemon (UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY,
+// Linux 6.16+; driver/zero_copy.h). auto (the default) uses it where
+// GET_FEATURES offers both flags; on is an error naming the missing flag
+// elsewhere; off never uses it.
+//
+// --no-partition-scan: the kernel reads no partition table when the device
+// starts (UBLK_F_NO_AUTO_PART_SCAN, Linux 7.0+); where GET_FEATURES does not
+// offer it, one error line naming the flag, exit 1, nothing created.
 //
 // --recovery: what the device does when its daemon dies (driver/ublk_abi.h,
 // RecoveryMode): reissue (the default where the kernel offers it: I/O waits
@@ -56,6 +68,8 @@ struct AddOptions {
   uint32_t poll_us = 0;          // busy-poll cap of each queue thread, µs
   std::string recovery;          // "" (default: reissue if offered), reissue, fail-io, off
   int timeout_s = 30;            // for the daemon's report (not with --foreground)
+  bool no_partition_scan = false;  // UBLK_F_NO_AUTO_PART_SCAN (7.0+), else an error
+  std::string zero_copy = "auto";  // auto | on | off (driver/zero_copy.h)
 };
 
 Status RunAdd(const AddOptions& options);

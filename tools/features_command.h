@@ -7,7 +7,7 @@
 // 6.5+) and prints one line per UBLK_F_* flag the kernel offers, named as in
 // <linux/ublk_cmd.h> without the prefix; bits newer than this program are
 // shown as "bit N". The USED BY ADD column says which of them `add` asks for
-// (driver::AddFlags):
+// (driver::AddFlags, the default --recovery and --zero-copy):
 //
 //   FEATURE                 BIT  USED BY ADD
 //   SUPPORT_ZERO_COPY       0    no

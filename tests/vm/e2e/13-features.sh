@@ -33,9 +33,12 @@ assert j["unknown"] == [], j["unknown"]
 names = j["features"]
 print("features:", " ".join(names))
 assert len(names) == bin(j["mask"]).count("1"), (names, hex(j["mask"]))
-# add asks for user recovery with re-issue where offered (both rig kernels), and for
-# QUIESCE (upgrade) where offered (7.3).
+# add asks for user recovery with re-issue where offered (both rig kernels), for zero copy
+# (AUTO_BUF_REG with USER_COPY) where both are offered and for QUIESCE (upgrade) where
+# offered (7.3).
 want = ["USER_RECOVERY", "USER_RECOVERY_REISSUE", "CMD_IOCTL_ENCODE"]
+if "AUTO_BUF_REG" in names:
+    want += ["USER_COPY", "AUTO_BUF_REG"]
 if "QUIESCE" in names:
     want.append("QUIESCE")
 assert j["used-by-add"] == want, j["used-by-add"]
@@ -47,7 +50,7 @@ assert [r[0] for r in rows[1:] if r[2] == "yes"] == j["used-by-add"], rows
 assert all(j["mask"] >> int(r[1]) & 1 for r in rows[1:]), rows
 PY
 }
-check "JSON and table agree, every bit named, add uses CMD_IOCTL_ENCODE and user recovery" json_consistent
+check "JSON and table agree, every bit named, add uses CMD_IOCTL_ENCODE, user recovery, zero copy where offered" json_consistent
 
 has() { python3 -c 'import json,sys; sys.exit(sys.argv[2] not in json.load(open(sys.argv[1]))["features"])' "$json" "$1"; }
 
@@ -97,6 +100,59 @@ assert set(d["flags"]) <= features, set(d["flags"]) - features
   "$UQ" del -n "$(dev_id "$dev")"
 }
 check "list --output=json: the device's flags, named, a subset of the features" device_flags
+
+# add --no-partition-scan (UBLK_F_NO_AUTO_PART_SCAN, 7.0+): an image holding an MBR with
+# one partition. Without the option the kernel finds the partition (/sys/block/ublkbN has
+# ublkbNp1, the scan may come a moment after add returns); with it, no partition appears.
+# On 6.12 the option is refused in one line naming the flag, and nothing is created.
+part_raw=$WORK/part.raw
+part_img=$WORK/part.qcow2
+python3 - "$part_raw" <<'PY'
+import struct, sys
+with open(sys.argv[1], "wb") as f:
+    f.truncate(64 << 20)
+    entry = struct.pack("<B3sB3sII", 0, b"\0\0\0", 0x83, b"\0\0\0", 2048, (64 << 11) - 2048)
+    f.seek(446); f.write(entry); f.seek(510); f.write(b"\x55\xaa")
+PY
+qemu-img convert -q -f raw -O qcow2 "$part_raw" "$part_img"
+partition_seen() {  # partition_seen DEV SECONDS: ublkbNp1 appears within SECONDS
+  local name i
+  name=$(basename "$1")
+  for ((i = 0; i < $2 * 10; i++)); do
+    [[ -e /sys/block/$name/${name}p1 ]] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+scan_default() {
+  local dev
+  dev=$(add_device -f "$part_img") || return 1
+  partition_seen "$dev" 5 || { echo "no ${dev}p1 after 5 s"; "$UQ" del -n "$(dev_id "$dev")"; return 1; }
+  "$UQ" del -n "$(dev_id "$dev")"
+}
+check "add: the kernel scans the partition table (p1 appears)" scan_default
+case $kernel in
+  6.12)
+    expect_error "6.12: add --no-partition-scan refused in one line, exit 1" 1 \
+      "$UQ" add -f "$part_img" --no-partition-scan
+    check "6.12: the error names UBLK_F_NO_AUTO_PART_SCAN" bash -c \
+      "'$UQ' add -f '$part_img' --no-partition-scan 2>&1 | grep -q UBLK_F_NO_AUTO_PART_SCAN"
+    check "6.12: nothing created by the refused add" no_leftovers
+    ;;
+  7.3)
+    no_scan() {
+      local dev
+      dev=$(add_device -f "$part_img" --no-partition-scan) || return 1
+      "$UQ" list --output=json | python3 -c '
+import json, sys
+d = {x["device"]: x for x in json.load(sys.stdin)}[sys.argv[1]]
+assert "NO_AUTO_PART_SCAN" in d["flags"], d["flags"]' "$dev" || { "$UQ" del -n "$(dev_id "$dev")"; return 1; }
+      if partition_seen "$dev" 3; then echo "${dev}p1 appeared"; "$UQ" del -n "$(dev_id "$dev")"; return 1; fi
+      "$UQ" del -n "$(dev_id "$dev")"
+    }
+    check "7.3: add --no-partition-scan: flag in list, no p1" no_scan
+    ;;
+esac
 
 # No ublk: a private /dev without ublk-control (mount namespace), one line, exit 1.
 # shellcheck disable=SC2016  # $0 expands in the inner shell
