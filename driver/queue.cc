@@ -184,11 +184,11 @@ void QueueWorker::OnZeroCopyRequest(uint16_t tag, const IoDescriptor& request) {
       Spawn([](QueueWorker* self, uint16_t tag, IoDescriptor request,
                Task<Status> io) -> Task<void> {
         Status status = co_await std::move(io);
-        self->OnResult(tag, status.ok() ? static_cast<int32_t>(request.length)
-                                        : FailRequest(request, status));
+        self->OnResult(
+            tag, status.ok() ? static_cast<int32_t>(request.length) : FailRequest(request, status));
       }(this, tag, request,
-                 ServeFixed(loop_->ring(), std::move(*mapping), request, tag, config_.char_fd,
-                            config_.queue, tag)));
+                                ServeFixed(loop_->ring(), std::move(*mapping), request, tag,
+                                           config_.char_fd, config_.queue, tag)));
       return;
     }
   }

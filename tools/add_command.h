@@ -69,7 +69,7 @@ struct AddOptions {
   std::string recovery;          // "" (default: reissue if offered), reissue, fail-io, off
   int timeout_s = 30;            // for the daemon's report (not with --foreground)
   bool no_partition_scan = false;  // UBLK_F_NO_AUTO_PART_SCAN (7.0+), else an error
-  std::string zero_copy = "auto";  // auto | on | off (driver/zero_copy.h)
+  std::string zero_copy = "off";  // auto | on | off (driver/zero_copy.h)
 };
 
 Status RunAdd(const AddOptions& options);

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Zero copy (add --zero-copy, issue 20; driver/zero_copy.h). Where GET_FEATURES offers
-# UBLK_F_AUTO_BUF_REG and UBLK_F_USER_COPY (7.3), add uses them by default: reads and
+# UBLK_F_AUTO_BUF_REG and UBLK_F_USER_COPY (7.3), add --zero-copy=auto uses them: reads and
 # writes of allocated plain clusters go between the request's pages and the image file as
 # fixed-buffer I/O, everything else through the engine with user copy. Checked on 7.3:
 # fio crc32c verify with block sizes 4 KiB to 1 MiB on a zero-copy device and with
@@ -117,7 +117,7 @@ engine_paths() {
       qemu-io -f qcow2 -c 'write -P 0x44 4M 1M' "$img" >/dev/null  # some data of its own
       ;;
   esac
-  dev=$(add_device -f "$img") || return 1
+  dev=$(add_device -f "$img" --zero-copy=auto) || return 1
   id=$(dev_id "$dev")
   same_as_qemu "$dev" "$img" || return 1
   same_as_qemu "$dev" "$img" || return 1
