@@ -14,7 +14,7 @@
 #
 # Cases: UBLK_PLR_CASES (default "ext4:none ext4:writeback"; "xfs:none" as well costs about
 # 4 s of TCG per state, so the default suite leaves it to the soak run, docs/power-failure.md).
-# Knobs: UBLK_PLR_OPS writer operations per case (default 32), UBLK_PLR_RANDOM random states
+# Knobs: UBLK_PLR_OPS writer operations per case (default 64), UBLK_PLR_RANDOM random states
 # per case (default 24), UBLK_PLR_SEED, UBLK_PLR_MIN_STATES (the run fails with fewer states
 # checked in total; default 200). Soak: raise UBLK_PLR_OPS and UBLK_PLR_RANDOM.
 # The suite runs it on one kernel (the replay checks the host file system, not ublk):
@@ -30,7 +30,7 @@ WRITER=$(find_tool "${UBLK_PLR_WRITER:-}" bazel-bin/tests/power/plr-writer)
 REPLAY=$(find_tool "${UBLK_PLR_REPLAY:-}" bazel-bin/tests/power/plr-replay)
 
 CASES=${UBLK_PLR_CASES:-ext4:none ext4:writeback}
-OPS=${UBLK_PLR_OPS:-32}
+OPS=${UBLK_PLR_OPS:-64}
 RANDOM_STATES=${UBLK_PLR_RANDOM:-24}
 SEED=${UBLK_PLR_SEED:-$((RANDOM * 32768 + RANDOM))}
 MIN_STATES=${UBLK_PLR_MIN_STATES:-200}

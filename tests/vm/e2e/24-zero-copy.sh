@@ -146,7 +146,7 @@ engine_paths() {
 
 case $kernel in
   7.3)
-    check "7.3: zero copy on by default; fio verify 4k..1M, empty image; qemu-img view verified" \
+    check "7.3: --zero-copy=auto: zero copy used; fio verify 4k..1M, empty image; qemu-img view verified" \
       fio_verify auto empty
     check "7.3: the same on a preallocated image (writes in place from the start)" \
       fio_verify auto prealloc
