@@ -1,11 +1,13 @@
 // plr-replay: replays a dm-log-writes log (log_writes.h) onto a copy of the logged device,
 // incrementally, and picks the crash states the power-failure test checks.
 //
-//   plr-replay plan --log LOG --start MARK [--random N] [--seed S]
+//   plr-replay plan --log LOG --start MARK [--random N] [--at-least M] [--seed S]
 //       One line per state to check, in log order: "<entry> <writer mark> <why>", from the
 //       entry of the mark named MARK on: every writer mark (m<k>), every FLUSH and FUA
 //       entry, the last entry, and N random entries between them (why: mark, flush, fua,
 //       end, random). <writer mark> is k of the last m<k> at or before the entry, -1 if none.
+//       --at-least M adds random entries beyond N until M states are planned (or the log
+//       has no more), so the count does not hang on how many flushes a seed's run made.
 //   plr-replay apply --log LOG --target FILE --state STATE --upto ENTRY [--copy-to COPY]
 //       Applies entries to FILE from where STATE says the previous call stopped (entry 0 when
 //       STATE does not exist) up to and including ENTRY, then records the position in STATE.
@@ -31,31 +33,14 @@
 #include <vector>
 
 #include "tests/power/log_writes.h"
+#include "tests/power/tool_flags.h"
 
 namespace uq::power {
 namespace {
 
-[[noreturn]] void Die(const std::string& message) {
-  std::fprintf(stderr, "plr-replay: %s\n", message.c_str());
-  std::exit(2);
-}
+const char kTool[] = "plr-replay";
 
-std::map<std::string, std::string> ParseFlags(int argc, char** argv) {
-  std::map<std::string, std::string> flags;
-  for (int i = 2; i < argc; i += 2) {
-    if (std::strncmp(argv[i], "--", 2) != 0 || i + 1 >= argc) {
-      Die(std::string("bad argument: ") + argv[i]);
-    }
-    flags[argv[i] + 2] = argv[i + 1];
-  }
-  return flags;
-}
-
-std::string Need(const std::map<std::string, std::string>& flags, const std::string& name) {
-  auto it = flags.find(name);
-  if (it == flags.end()) Die("--" + name + " is required");
-  return it->second;
-}
+[[noreturn]] void Die(const std::string& message) { power::Die(kTool, message); }
 
 LogReader OpenLog(const std::string& path) {
   Result<LogReader> log = LogReader::Open(path);
@@ -84,11 +69,12 @@ int64_t WriterMark(const std::string& name) {
 }
 
 int PlanMain(int argc, char** argv) {
-  auto flags = ParseFlags(argc, argv);
-  LogReader log = OpenLog(Need(flags, "log"));
-  const std::string start_mark = Need(flags, "start");
-  const uint64_t random = flags.count("random") ? std::stoull(flags["random"]) : 0;
-  std::mt19937_64 rng(flags.count("seed") ? std::stoull(flags["seed"]) : 1);
+  const ToolFlags flags(kTool, argc, argv);
+  LogReader log = OpenLog(flags.Need("log"));
+  const std::string start_mark = flags.Need("start");
+  const uint64_t random = flags.Number("random", 0);
+  const uint64_t at_least = flags.Number("at-least", 0);
+  std::mt19937_64 rng(flags.Number("seed", 1));
 
   struct State {
     int64_t mark;
@@ -126,7 +112,9 @@ int PlanMain(int argc, char** argv) {
     }
   }
   std::shuffle(others.begin(), others.end(), rng);
-  for (uint64_t i = 0; i < random && i < others.size(); ++i) {
+  const uint64_t wanted =
+      std::max<uint64_t>(random, at_least > chosen.size() ? at_least - chosen.size() : 0);
+  for (uint64_t i = 0; i < wanted && i < others.size(); ++i) {
     chosen[others[i].first] = {others[i].second, "random"};
   }
   for (const auto& [index, s] : chosen) {
@@ -163,11 +151,11 @@ void CopySparse(int src_fd, const std::string& src, const std::string& dst) {
 }
 
 int ApplyMain(int argc, char** argv) {
-  auto flags = ParseFlags(argc, argv);
-  LogReader log = OpenLog(Need(flags, "log"));
-  const std::string target = Need(flags, "target");
-  const std::string state_path = Need(flags, "state");
-  const uint64_t upto = std::stoull(Need(flags, "upto"));
+  const ToolFlags flags(kTool, argc, argv);
+  LogReader log = OpenLog(flags.Need("log"));
+  const std::string target = flags.Need("target");
+  const std::string state_path = flags.Need("state");
+  const uint64_t upto = flags.NeedNumber("upto");
   uint64_t index = 0, offset = log.sectorsize();
   {
     std::ifstream in(state_path);
@@ -191,7 +179,7 @@ int ApplyMain(int argc, char** argv) {
     Status s = log.Apply(**e, fd);
     if (!s.ok()) Die(s.ToString());
   }
-  if (flags.count("copy-to")) CopySparse(fd, target, flags["copy-to"]);
+  if (flags.Has("copy-to")) CopySparse(fd, target, flags.Get("copy-to", ""));
   if (::close(fd) != 0) Die(target + ": " + std::strerror(errno));
   std::ofstream out(state_path, std::ios::trunc);
   out << log.next_index() << ' ' << log.next_offset() << '\n';
@@ -200,8 +188,8 @@ int ApplyMain(int argc, char** argv) {
 }
 
 int ListMain(int argc, char** argv) {
-  auto flags = ParseFlags(argc, argv);
-  LogReader log = OpenLog(Need(flags, "log"));
+  const ToolFlags flags(kTool, argc, argv);
+  LogReader log = OpenLog(flags.Need("log"));
   ForEach(log, [](const LogEntry& e) {
     std::printf("%llu %llu %llu %llu%s%s\n", static_cast<unsigned long long>(e.index),
                 static_cast<unsigned long long>(e.flags), static_cast<unsigned long long>(e.sector),
@@ -219,9 +207,10 @@ int main(int argc, char** argv) {
   if (verb == "plan") return uq::power::PlanMain(argc, argv);
   if (verb == "apply") return uq::power::ApplyMain(argc, argv);
   if (verb == "list") return uq::power::ListMain(argc, argv);
-  std::fprintf(stderr,
-               "usage: plr-replay plan --log LOG --start MARK [--random N] [--seed S]\n"
-               "       plr-replay apply --log LOG --target FILE --state STATE --upto ENTRY\n"
-               "       plr-replay list --log LOG\n");
+  std::fprintf(
+      stderr,
+      "usage: plr-replay plan --log LOG --start MARK [--random N] [--at-least M] [--seed S]\n"
+      "       plr-replay apply --log LOG --target FILE --state STATE --upto ENTRY\n"
+      "       plr-replay list --log LOG\n");
   return 2;
 }

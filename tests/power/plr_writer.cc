@@ -32,34 +32,15 @@
 
 #include "tests/power/block_pattern.h"
 #include "tests/power/journal.h"
+#include "tests/power/tool_flags.h"
 
 namespace uq::power {
 namespace {
 
-[[noreturn]] void Die(const std::string& message) {
-  std::fprintf(stderr, "plr-writer: %s\n", message.c_str());
-  std::exit(2);
-}
+const char kTool[] = "plr-writer";
 
-[[noreturn]] void DieErrno(const std::string& what) { Die(what + ": " + std::strerror(errno)); }
-
-// --name value pairs.
-std::map<std::string, std::string> ParseFlags(int argc, char** argv) {
-  std::map<std::string, std::string> flags;
-  for (int i = 2; i < argc; i += 2) {
-    if (std::strncmp(argv[i], "--", 2) != 0 || i + 1 >= argc) {
-      Die(std::string("bad argument: ") + argv[i]);
-    }
-    flags[argv[i] + 2] = argv[i + 1];
-  }
-  return flags;
-}
-
-std::string Need(const std::map<std::string, std::string>& flags, const std::string& name) {
-  auto it = flags.find(name);
-  if (it == flags.end()) Die("--" + name + " is required");
-  return it->second;
-}
+[[noreturn]] void Die(const std::string& message) { power::Die(kTool, message); }
+[[noreturn]] void DieErrno(const std::string& what) { power::DieErrno(kTool, what); }
 
 class Writer {
  public:
@@ -183,11 +164,11 @@ class Writer {
 };
 
 int WriteMain(int argc, char** argv) {
-  auto flags = ParseFlags(argc, argv);
-  const std::string dev = Need(flags, "dev");
-  const std::string journal_path = Need(flags, "journal");
-  const uint64_t ops = flags.count("ops") ? std::stoull(flags["ops"]) : 300;
-  const uint64_t seed = flags.count("seed") ? std::stoull(flags["seed"]) : 1;
+  const ToolFlags flags(kTool, argc, argv);
+  const std::string dev = flags.Need("dev");
+  const std::string journal_path = flags.Need("journal");
+  const uint64_t ops = flags.Number("ops", 300);
+  const uint64_t seed = flags.Number("seed", 1);
   int fd = ::open(dev.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
   if (fd < 0) DieErrno(dev);
   uint64_t bytes = 0;
@@ -201,7 +182,7 @@ int WriteMain(int argc, char** argv) {
   if (blocks < 64) Die(dev + ": too small (" + std::to_string(bytes) + " bytes)");
   FILE* journal = std::fopen(journal_path.c_str(), "w");
   if (journal == nullptr) DieErrno(journal_path);
-  Writer w(fd, journal, flags.count("dm") ? flags["dm"] : "", blocks, seed);
+  Writer w(fd, journal, flags.Get("dm", ""), blocks, seed);
   w.Run(ops);
   std::fclose(journal);
   ::close(fd);
@@ -209,11 +190,10 @@ int WriteMain(int argc, char** argv) {
 }
 
 int VerifyMain(int argc, char** argv) {
-  auto flags = ParseFlags(argc, argv);
-  Result<Journal> journal = LoadJournal(Need(flags, "journal"));
+  const ToolFlags flags(kTool, argc, argv);
+  Result<Journal> journal = LoadJournal(flags.Need("journal"));
   if (!journal.ok()) Die(journal.status().ToString());
-  Result<VerifyReport> report =
-      VerifyRaw(*journal, std::stoll(Need(flags, "mark")), Need(flags, "raw"));
+  Result<VerifyReport> report = VerifyRaw(*journal, flags.SignedNumber("mark"), flags.Need("raw"));
   if (!report.ok()) Die(report.status().ToString());
   std::printf("blocks %llu lost %llu corrupt %llu\n",
               static_cast<unsigned long long>(report->blocks_checked),

@@ -16,7 +16,8 @@
 # 4 s of TCG per state, so the default suite leaves it to the soak run, docs/power-failure.md).
 # Knobs: UBLK_PLR_OPS writer operations per case (default 64), UBLK_PLR_RANDOM random states
 # per case (default 24), UBLK_PLR_SEED, UBLK_PLR_MIN_STATES (the run fails with fewer states
-# checked in total; default 200). Soak: raise UBLK_PLR_OPS and UBLK_PLR_RANDOM.
+# checked in total; default 200; each case plans at least its share, topping up with random
+# states). Soak: raise UBLK_PLR_OPS and UBLK_PLR_RANDOM.
 # The suite runs it on one kernel (the replay checks the host file system, not ublk):
 # vm-kernels: 6.12
 source "$(dirname "$0")/lib.bash"
@@ -34,6 +35,10 @@ OPS=${UBLK_PLR_OPS:-64}
 RANDOM_STATES=${UBLK_PLR_RANDOM:-24}
 SEED=${UBLK_PLR_SEED:-$((RANDOM * 32768 + RANDOM))}
 MIN_STATES=${UBLK_PLR_MIN_STATES:-200}
+# Each case plans at least its share of the floor (random states topping up the marks and
+# flushes), so the floor fails only when a log has too few entries, not with an unlucky seed.
+read -r -a case_list <<<"$CASES"
+PER_CASE=$(((MIN_STATES + ${#case_list[@]} - 1) / ${#case_list[@]}))
 DM=plr-$$
 REPLAY_DIR=/tmp/plr   # tmpfs: the replayed device and its per-state copies
 CHK=/mnt/$TEST_NAME-check
@@ -126,8 +131,8 @@ replay_and_check() {
   local fs=$1 entry mark why rc states=0 corrupt=0 lost=0 start=$SECONDS shown_kind=(0 0 0)
   rm -f "$REPLAY_DIR"/*
   truncate -s "$(data_size "$fs")" "$REPLAY_DIR/state.img"
-  "$REPLAY" plan --log "$WORK/log.img" --start ready --random "$RANDOM_STATES" --seed "$SEED" \
-    >"$WORK/plan" || return 1
+  "$REPLAY" plan --log "$WORK/log.img" --start ready --random "$RANDOM_STATES" \
+    --at-least "$PER_CASE" --seed "$SEED" >"$WORK/plan" || return 1
   spent=()
   while read -r -u 9 entry mark why; do
     timed apply "$REPLAY" apply --log "$WORK/log.img" --target "$REPLAY_DIR/state.img" \
