@@ -39,9 +39,8 @@ class AddCommand final : public Command {
  public:
   void AddFlags(CLI::App& app) override {
     app.add_option("-f,--file", options_.image, "The image to serve (qcow2 or raw)")->required();
-    app.add_option("-n,--id", options_.id,
-                   "Device number N for /dev/ublkbN (default: the lowest free)")
-        ->check(CLI::Range(0, (1 << 20) - 1));
+    AddDeviceIdOption(app, options_.id,
+                      "Device number N for /dev/ublkbN (default: the lowest free)");
     app.add_option("-q,--queues", options_.queues, "Hardware queues (at most the CPU count)")
         ->check(CLI::Range(1, 64))
         ->capture_default_str();

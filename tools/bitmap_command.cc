@@ -36,10 +36,9 @@ class BitmapCommand final : public Command {
         ->type_name("GRANULARITY");
     app.add_option("-f,--format", format_, "IMAGE's format")
         ->check(CLI::IsMember({"qcow2", "raw"}));
-    app.add_option("-n,--id", id_,
-                   "Work on the running device N (/dev/ublkbN) through its daemon: give only "
-                   "BITMAP, no IMAGE")
-        ->check(CLI::Range(0, (1 << 20) - 1));
+    AddDeviceIdOption(app, id_,
+                      "Work on the running device N (/dev/ublkbN) through its daemon: give only "
+                      "BITMAP, no IMAGE");
     app_ = &app;
   }
 

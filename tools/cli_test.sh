@@ -82,6 +82,14 @@ run 2 "$BIN" info -f vmdk top.qcow2
 run 2 "$BIN" convert top.qcow2
 run 2 "$BIN" convert -m 0 top.qcow2 x.raw
 [[ -e x.raw ]] && fail "convert with a usage error created its output"
+# Every verb that names a device takes -n 0..2^20-1 (the kernel's ublk limit) and refuses
+# more as a usage error (1 where qemu-img's verb says so), before touching any device.
+for verb in "2 add -f top.qcow2" "2 del" "2 recover" "2 upgrade" "2 resize top.qcow2 +1M" \
+  "1 snapshot -l" "1 bitmap --add b" "2 map --bitmap b"; do
+  # shellcheck disable=SC2086
+  run ${verb%% *} "$BIN" ${verb#* } -n 1048576 &&
+    { grep -q -- "--id: Value 1048576 not in range" err || fail "${verb#* } -n: $(head -1 err)"; }
+done
 
 run 1 "$BIN" info missing.qcow2 && expect_one_line_error missing.qcow2
 run 1 "$BIN" info -f qcow2 base.raw && expect_one_line_error base.raw

@@ -9,6 +9,7 @@
 
 #include <CLI/CLI.hpp>
 #include <memory>
+#include <string>
 
 #include "base/status.h"
 
@@ -47,6 +48,16 @@ class Command {
   // option parser does).
   virtual int usage_exit_code() const { return kExitUsage; }
 };
+
+// The largest ublk device number: the kernel numbers its devices below 1 << 20 (its minor
+// numbers' limit).
+inline constexpr int kMaxDeviceId = (1 << 20) - 1;
+
+// Declares -n/--id, the number N of /dev/ublkbN, bound to `id` and checked against
+// [0, kMaxDeviceId], as every verb that names a device spells it.
+inline CLI::Option* AddDeviceIdOption(CLI::App& app, int& id, const std::string& help) {
+  return app.add_option("-n,--id", id, help)->check(CLI::Range(0, kMaxDeviceId));
+}
 
 }  // namespace uq::tools
 

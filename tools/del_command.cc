@@ -11,8 +11,7 @@ namespace {
 class DelCommand final : public Command {
  public:
   void AddFlags(CLI::App& app) override {
-    CLI::Option* id = app.add_option("-n,--id", options_.id, "The device number N of /dev/ublkbN")
-                          ->check(CLI::Range(0, (1 << 20) - 1));
+    CLI::Option* id = AddDeviceIdOption(app, options_.id, "The device number N of /dev/ublkbN");
     CLI::Option* all = app.add_flag("-a,--all", options_.all, "Every ublk device");
     id->excludes(all);
     app.add_flag("-f,--force", options_.force,

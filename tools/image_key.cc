@@ -1,5 +1,6 @@
 #include "tools/image_key.h"
 
+#include <fmt/format.h>
 #include <openssl/crypto.h>
 
 #include <map>
@@ -103,6 +104,13 @@ Result<std::shared_ptr<const SecretBytes>> SecretById(const std::string& id) {
 Result<std::shared_ptr<const SecretBytes>> NewImageKey(const std::string& key_secret) {
   if (!key_secret.empty()) return SecretById(key_secret);
   return std::shared_ptr<const SecretBytes>(FileKey());
+}
+
+Status NeedKeyForDevice(int id, const std::string& image, bool encrypted, const char* verb) {
+  if (!encrypted || ImageKey()) return Status::Ok();
+  return Status::InvalidArgument(
+      fmt::format("ublk device {}: {} is encrypted: {} needs its passphrase (--key-file FILE)", id,
+                  image, verb));
 }
 
 }  // namespace uq::tools

@@ -60,6 +60,12 @@ Result<std::shared_ptr<const qcow2::crypto::SecretBytes>> SecretById(const std::
 Result<std::shared_ptr<const qcow2::crypto::SecretBytes>> NewImageKey(
     const std::string& key_secret);
 
+// For verbs that start a new daemon for a running device (recover, upgrade): OK unless the
+// device's image is encrypted and no key was given, then InvalidArgument "ublk device ID:
+// IMAGE is encrypted: VERB needs its passphrase (--key-file FILE)". No daemon and no file
+// under /run/ublk-qcow2 keeps the passphrase, so it must come again.
+Status NeedKeyForDevice(int id, const std::string& image, bool encrypted, const char* verb);
+
 // The passphrase ImageKey() returns, for `add` and `recover` to hand to
 // their daemon, which wipes it (SecretBytes::Clear) once the image is open.
 std::shared_ptr<qcow2::crypto::SecretBytes> ImageKeyToWipe();

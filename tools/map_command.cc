@@ -141,10 +141,9 @@ class MapCommand final : public Command {
     app.add_option("--bitmap", bitmap_,
                    "Print the dirty extents of persistent bitmap NAME instead (our extension)")
         ->type_name("NAME");
-    app.add_option("-n,--id", id_,
-                   "With --bitmap: read the bitmap of the running device N (/dev/ublkbN) "
-                   "through its daemon, instead of IMAGE")
-        ->check(CLI::Range(0, (1 << 20) - 1));
+    AddDeviceIdOption(app, id_,
+                      "With --bitmap: read the bitmap of the running device N (/dev/ublkbN) "
+                      "through its daemon, instead of IMAGE");
   }
 
   Status Run() override {

@@ -1,7 +1,5 @@
 #include "tools/recover_command.h"
 
-#include <fmt/format.h>
-
 #include <cstdio>
 #include <string>
 
@@ -21,9 +19,7 @@ constexpr int kQuiesceWaitMs = 10'000;
 class RecoverCommand final : public Command {
  public:
   void AddFlags(CLI::App& app) override {
-    app.add_option("-n,--id", options_.id, "The device number N of /dev/ublkbN")
-        ->check(CLI::Range(0, (1 << 20) - 1))
-        ->required();
+    AddDeviceIdOption(app, options_.id, "The device number N of /dev/ublkbN")->required();
     app.add_flag("--foreground", options_.foreground,
                  "Serve from this process until the device is deleted or a signal arrives");
     app.footer(
@@ -47,12 +43,7 @@ Status RunRecover(const RecoverOptions& options) {
     ASSIGN_OR_RETURN(std::unique_ptr<driver::ControlDevice> control, driver::ControlDevice::Open());
     ASSIGN_OR_RETURN(record, driver::PrepareRecover(*control, options.id, kQuiesceWaitMs));
   }
-  if (record.encrypted && !ImageKey()) {
-    return Status::InvalidArgument(
-        fmt::format("ublk device {}: {} is encrypted: recover needs its passphrase "
-                    "(--key-file FILE)",
-                    options.id, record.image));
-  }
+  RETURN_IF_ERROR(NeedKeyForDevice(options.id, record.image, record.encrypted, "recover"));
   driver::DeviceOptions device;
   device.key = ImageKeyToWipe();
   device.image = record.image;

@@ -55,8 +55,7 @@ class ResizeCommand final : public Command {
     app.add_option("IMAGE", image_, "The image to resize (not with -n)");
     app.add_option("SIZE", size_, "New size, or +SIZE / -SIZE relative to the current one");
     CLI::Option* id =
-        app.add_option("-n,--id", id_, "Resize the running device N (/dev/ublkbN) and its image")
-            ->check(CLI::Range(0, (1 << 20) - 1));
+        AddDeviceIdOption(app, id_, "Resize the running device N (/dev/ublkbN) and its image");
     app.add_flag("--shrink", shrink_, "Allow a smaller size (deletes the data past the new end)");
     app.add_option("--preallocation", preallocation_,
                    "How the grown area is allocated: off, metadata, falloc, full")

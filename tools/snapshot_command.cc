@@ -64,10 +64,9 @@ class SnapshotCommand final : public Command {
         ->check(CLI::IsMember({"qcow2", "raw"}));
     app.add_flag("-q,--quiet", quiet_, "Print no progress (there is none)");
     app.add_flag("-U,--force-share", force_share_, "Take no image lock (-l only, as qemu-img)");
-    app.add_option("-n,--id", id_,
-                   "Work on the running device N (/dev/ublkbN) through its daemon, instead of "
-                   "IMAGE: -l, -c and -d; -a is refused")
-        ->check(CLI::Range(0, (1 << 20) - 1));
+    AddDeviceIdOption(app, id_,
+                      "Work on the running device N (/dev/ublkbN) through its daemon, instead of "
+                      "IMAGE: -l, -c and -d; -a is refused");
   }
 
   int usage_exit_code() const override { return kExitError; }  // as qemu-img's

@@ -31,9 +31,7 @@ constexpr int kOldDaemonExitMs = 120'000;
 class UpgradeCommand final : public Command {
  public:
   void AddFlags(CLI::App& app) override {
-    app.add_option("-n,--id", options_.id, "The device number N of /dev/ublkbN")
-        ->check(CLI::Range(0, (1 << 20) - 1))
-        ->required();
+    AddDeviceIdOption(app, options_.id, "The device number N of /dev/ublkbN")->required();
     app.footer(
         "Hands a live device to a new daemon running this ublk-qcow2 binary, without\n"
         "failing I/O: the old daemon quiesces the device (UBLK_F_QUIESCE, Linux 6.16+),\n"
@@ -99,12 +97,7 @@ Result<int> CheckDevice(int id) {
     return Status::Busy(
         fmt::format("ublk device {} is {}, not live", id, driver::DeviceStateName(info->state)));
   }
-  if (record->encrypted && !ImageKey()) {
-    return Status::InvalidArgument(
-        fmt::format("ublk device {}: {} is encrypted: upgrade needs its passphrase "
-                    "(--key-file FILE)",
-                    id, record->image));
-  }
+  RETURN_IF_ERROR(NeedKeyForDevice(id, record->image, record->encrypted, "upgrade"));
   return record->pid;
 }
 
