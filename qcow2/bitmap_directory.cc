@@ -7,6 +7,7 @@
 #include <string_view>
 #include <utility>
 
+#include "base/aligned_buffer.h"
 #include "base/endian.h"
 #include "qcow2/format.h"
 
@@ -188,6 +189,33 @@ Task<Result<std::vector<BitmapDirEntry>>> ReadBitmapDirectory(File& file, const 
   std::vector<std::byte> bytes(ext->directory_size);
   CO_RETURN_IF_ERROR(co_await file.ReadExact(ext->directory_offset, bytes));
   co_return ParseBitmapDirectory(bytes, header, file_size, path);
+}
+
+Task<Result<std::vector<uint64_t>>> ReadBitmapTable(File& file, const BitmapDirEntry& e,
+                                                    uint64_t cluster_size) {
+  const uint64_t bytes = uint64_t{e.table_size} * 8;
+  AlignedBuffer buf((bytes + kSectorSize - 1) / kSectorSize * kSectorSize);
+  CO_RETURN_IF_ERROR(co_await file.ReadZeroPadded(e.table_offset, buf.span()));
+  std::vector<uint64_t> table(e.table_size);
+  for (size_t i = 0; i < table.size(); i++) {
+    table[i] = LoadBE64(buf.span(), i * 8);
+    const uint64_t offset = table[i] & kBitmapTableEntryOffset;
+    if ((table[i] & kBitmapTableEntryReserved) || offset % cluster_size != 0 ||
+        (offset != 0 && (table[i] & kBitmapTableEntryAllOnes))) {
+      co_return Status::Corruption(
+          fmt::format("{}: bitmap '{}': bitmap table entry {} (0x{:016x}) is invalid", file.path(),
+                      e.name, i, table[i]));
+    }
+  }
+  co_return table;
+}
+
+Task<Status> CheckConsistentBitmapTables(File& file, std::span<const BitmapDirEntry> entries,
+                                         uint64_t cluster_size) {
+  for (const BitmapDirEntry& e : entries) {
+    if (!e.in_use()) CO_RETURN_IF_ERROR((co_await ReadBitmapTable(file, e, cluster_size)).status());
+  }
+  co_return Status::Ok();
 }
 
 }  // namespace uq::qcow2

@@ -113,6 +113,27 @@ std::vector<std::byte> SerializeBitmapDirectory(std::span<const BitmapDirEntry> 
 // the file.
 Task<Result<std::vector<BitmapDirEntry>>> ReadBitmapDirectory(File& file, const Header& header);
 
+// Bitmap table entries (8 bytes, big-endian): the offset of one cluster of the bitmap's
+// serialised bits, or 0, bit 0 then saying whether that cluster's bits are all ones.
+inline constexpr uint64_t kBitmapTableEntryReserved = 0xff000000000001feull;
+inline constexpr uint64_t kBitmapTableEntryOffset = 0x00fffffffffffe00ull;
+inline constexpr uint64_t kBitmapTableEntryAllOnes = 1;
+
+// Reads the bitmap table of `e` (ParseBitmapDirectory checked that it lies in the file and
+// holds at most 2^27 entries) and checks every entry as QEMU's check_table_entry does:
+// reserved bits clear, an offset aligned to `cluster_size`, the all-ones flag only without
+// an offset. Corruption "PATH: bitmap 'NAME': bitmap table entry I (0x...) is invalid";
+// IoError from the file.
+Task<Result<std::vector<uint64_t>>> ReadBitmapTable(File& file, const BitmapDirEntry& e,
+                                                    uint64_t cluster_size);
+
+// What QEMU does on every open, read-only too (it loads every consistent bitmap): the table
+// of each bitmap in `entries` that is not in use read and checked (ReadBitmapTable), so an
+// image QEMU will not open is refused by info and convert as well. Inconsistent bitmaps
+// are never read, by QEMU or by us.
+Task<Status> CheckConsistentBitmapTables(File& file, std::span<const BitmapDirEntry> entries,
+                                         uint64_t cluster_size);
+
 }  // namespace uq::qcow2
 
 #endif  // UBLK_QCOW2_QCOW2_BITMAP_DIRECTORY_H_

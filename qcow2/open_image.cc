@@ -7,6 +7,7 @@
 
 #include "base/aligned_buffer.h"
 #include "base/endian.h"
+#include "qcow2/bitmap_directory.h"
 #include "qcow2/check/check.h"
 #include "qcow2/crypto/legacy_aes.h"
 #include "qcow2/format.h"
@@ -248,6 +249,13 @@ Task<Status> OpenDependencies(File& file, const std::string& path, const ImageOp
     ImageOptions data_options = options;
     data_options.writable = false;  // only opened to see that it can be
     CO_RETURN_IF_ERROR(OpenDataFile(path, *header, data_options).status());
+  }
+  // QEMU's open loads every consistent bitmap; a bad table entry fails it. A directory that
+  // does not parse is the check's to report, as a header that does not parse.
+  Result<std::vector<BitmapDirEntry>> bitmaps = co_await ReadBitmapDirectory(file, *header);
+  if (bitmaps.ok()) {
+    CO_RETURN_IF_ERROR(
+        co_await CheckConsistentBitmapTables(file, *bitmaps, uint64_t{1} << header->cluster_bits));
   }
   if (!header->backing_file.empty() && !options.no_backing) {
     ChainState chain;

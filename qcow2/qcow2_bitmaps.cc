@@ -21,10 +21,6 @@
 namespace uq::qcow2 {
 namespace {
 
-constexpr uint64_t kTableEntryReserved = 0xff000000000001feull;
-constexpr uint64_t kTableEntryOffset = 0x00fffffffffffe00ull;
-constexpr uint64_t kTableEntryAllOnes = 1;
-
 uint64_t DivRoundUp(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
@@ -48,29 +44,23 @@ Task<Status> Qcow2Image::LoadBitmapDirectory() {
   CO_ASSIGN_OR_RETURN(std::vector<BitmapDirEntry> entries,
                       co_await ReadBitmapDirectory(*file_, header_));
   bitmaps_.clear();
+  CO_RETURN_IF_ERROR(co_await CheckConsistentBitmapTables(*file_, entries, geo_.cluster_size));
   for (const BitmapDirEntry& e : entries) bitmaps_.push_back(TrackedBitmap{e, nullptr});
   disk_bitmaps_ = std::move(entries);
   co_return Status::Ok();
 }
 
 Task<Result<std::vector<uint64_t>>> Qcow2Image::ReadBitmapTable(const BitmapDirEntry& e) {
-  // ParseBitmapDirectory checked the table lies in the file and is at most
-  // 2^27 entries (1 GiB).
-  const uint64_t bytes = uint64_t{e.table_size} * 8;
-  AlignedBuffer buf(DivRoundUp(bytes, kSectorSize) * kSectorSize);
-  CO_RETURN_IF_ERROR(co_await file_->ReadZeroPadded(e.table_offset, buf.span()));
-  std::vector<uint64_t> table(e.table_size);
+  CO_ASSIGN_OR_RETURN(std::vector<uint64_t> table,
+                      co_await uq::qcow2::ReadBitmapTable(*file_, e, geo_.cluster_size));
+  // Before we read or free what an entry names: its cluster inside the file (QEMU would
+  // read zeros past the end; check calls such an entry an error).
   for (size_t i = 0; i < table.size(); i++) {
-    table[i] = LoadBE64(buf.span(), i * 8);
-    const uint64_t offset = table[i] & kTableEntryOffset;
-    // QEMU's check_table_entry: reserved bits clear, an offset cluster-aligned
-    // and inside the file, the "all ones" flag only without an offset.
-    if ((table[i] & kTableEntryReserved) || offset % geo_.cluster_size != 0 ||
-        (offset != 0 && ((table[i] & kTableEntryAllOnes) ||
-                         offset + geo_.cluster_size > std::max(file_size_, grown_end_)))) {
-      co_return Status::Corruption(
-          fmt::format("{}: bitmap '{}': bitmap table entry {} (0x{:016x}) is invalid", path(),
-                      e.name, i, table[i]));
+    const uint64_t offset = table[i] & kBitmapTableEntryOffset;
+    if (offset != 0 && offset + geo_.cluster_size > std::max(file_size_, grown_end_)) {
+      co_return Status::Corruption(fmt::format(
+          "{}: bitmap '{}': bitmap table entry {} (0x{:016x}) points past the end of the file",
+          path(), e.name, i, table[i]));
     }
   }
   co_return table;
@@ -88,9 +78,9 @@ Task<Result<std::shared_ptr<DirtyBitmap>>> Qcow2Image::LoadBitmapBits(const Bitm
   AlignedBuffer buf(cs);
   for (size_t i = 0; i < table.size() && i * cs < total; i++) {
     const uint64_t n = std::min(cs, total - i * cs);
-    const uint64_t offset = table[i] & kTableEntryOffset;
+    const uint64_t offset = table[i] & kBitmapTableEntryOffset;
     if (offset == 0) {
-      if (table[i] & kTableEntryAllOnes) bits->SetSerializedOnes(i * cs, n);
+      if (table[i] & kBitmapTableEntryAllOnes) bits->SetSerializedOnes(i * cs, n);
       continue;
     }
     CO_RETURN_IF_ERROR(co_await file_->ReadZeroPadded(offset, buf.span()));
@@ -120,7 +110,8 @@ Task<Status> Qcow2Image::OpenBitmapsForWriting() {
     protect(b.entry.table_offset, uint64_t{b.entry.table_size} * 8);
     CO_ASSIGN_OR_RETURN(std::vector<uint64_t> table, co_await ReadBitmapTable(b.entry));
     for (uint64_t t : table) {
-      if (t & kTableEntryOffset) metadata_clusters_.insert((t & kTableEntryOffset) / cs);
+      if (t & kBitmapTableEntryOffset)
+        metadata_clusters_.insert((t & kBitmapTableEntryOffset) / cs);
     }
     // Enabled, consistent bitmaps follow every write from now on.
     if (b.entry.enabled() && !b.entry.in_use()) {
@@ -358,7 +349,8 @@ Task<Result<uint64_t>> Qcow2Image::WriteBitmapData(const DirtyBitmap& bits,
 Task<Status> Qcow2Image::ReleaseBitmapClusters(const BitmapDirEntry& e) {
   CO_ASSIGN_OR_RETURN(std::vector<uint64_t> table, co_await ReadBitmapTable(e));
   for (uint64_t t : table) {
-    if (t & kTableEntryOffset) ReleaseCluster((t & kTableEntryOffset) / geo_.cluster_size);
+    if (t & kBitmapTableEntryOffset)
+      ReleaseCluster((t & kBitmapTableEntryOffset) / geo_.cluster_size);
   }
   ReleaseRange(e.table_offset, uint64_t{e.table_size} * 8);
   co_return Status::Ok();
@@ -373,7 +365,8 @@ Task<Result<std::vector<std::pair<uint64_t, uint64_t>>>> Qcow2Image::BitmapRange
     CO_ASSIGN_OR_RETURN(std::vector<uint64_t> table, co_await ReadBitmapTable(e));
     ranges.emplace_back(e.table_offset, uint64_t{e.table_size} * 8);
     for (uint64_t t : table) {
-      if (t & kTableEntryOffset) ranges.emplace_back(t & kTableEntryOffset, geo_.cluster_size);
+      if (t & kBitmapTableEntryOffset)
+        ranges.emplace_back(t & kBitmapTableEntryOffset, geo_.cluster_size);
     }
   }
   co_return ranges;

@@ -186,8 +186,7 @@ class Qcow2Image final : public BlockDevice {
                                            std::span<std::byte> buffer) override;
   // The published clusters of the range as host runs (clusters back to back
   // in the host file make one extent), pinned.
-  std::optional<HostMapping> TryMapAnyThread(bool write, uint64_t offset,
-                                             uint64_t length) override;
+  std::optional<HostMapping> TryMapAnyThread(bool write, uint64_t offset, uint64_t length) override;
 
   // Writes one whole guest cluster compressed with the image's compression
   // type (the last cluster of an image may be short: the rest reads as
@@ -595,12 +594,16 @@ class Qcow2Image final : public BlockDevice {
     bool changed = false;               // bits changed by an operation
     bool entry_is_new = false;          // added since the last store
   };
+  // Reads the directory and checks the table of every consistent bitmap
+  // (CheckConsistentBitmapTables): QEMU refuses to open an image with a bad entry there.
   Task<Status> LoadBitmapDirectory();
   // Keeps the directory, tables and data clusters out of the data path and
   // loads the bitmaps to track.
   Task<Status> OpenBitmapsForWriting();
   TrackedBitmap* FindBitmap(const std::string& name);
   Task<Result<TrackedBitmap*>> UsableBitmap(const std::string& name);
+  // The bitmap table, checked as QEMU checks it (bitmap_directory.h) and with every data
+  // cluster inside the file.
   Task<Result<std::vector<uint64_t>>> ReadBitmapTable(const BitmapDirEntry& e);
   Task<Result<std::shared_ptr<DirtyBitmap>>> LoadBitmapBits(const BitmapDirEntry& e);
   void RebuildTracking();
