@@ -1,6 +1,7 @@
 #include "qcow2/crypto/algorithms.h"
 
 #include <fmt/format.h>
+#include <nettle/nettle-meta.h>
 
 #include <array>
 #include <string_view>
@@ -60,35 +61,68 @@ const EVP_CIPHER* AesCipher(CipherMode mode, uint32_t aes_bytes) {
   return nullptr;
 }
 
-// Fills the EVP handles of `a` from its names and key size.
+// nettle's block cipher of `family` with a key of `bytes`, or null.
+const nettle_cipher* NettleCipher(std::string_view family, uint32_t bytes) {
+  if (family == "aes") {
+    return bytes == 16   ? &nettle_aes128
+           : bytes == 24 ? &nettle_aes192
+           : bytes == 32 ? &nettle_aes256
+                         : nullptr;
+  }
+  if (family == "serpent") {
+    return bytes == 16   ? &nettle_serpent128
+           : bytes == 24 ? &nettle_serpent192
+           : bytes == 32 ? &nettle_serpent256
+                         : nullptr;
+  }
+  if (family == "twofish") {
+    return bytes == 16   ? &nettle_twofish128
+           : bytes == 24 ? &nettle_twofish192
+           : bytes == 32 ? &nettle_twofish256
+                         : nullptr;
+  }
+  if (family == "cast5") return bytes == 16 ? &nettle_cast128 : nullptr;
+  return nullptr;
+}
+
+// Fills the cipher handles of `a` from its names and key size.
 Status Complete(Algorithms& a, std::string_view cipher_name) {
-  if (cipher_name != "aes") {
+  if (cipher_name != "aes" && cipher_name != "serpent" && cipher_name != "twofish" &&
+      cipher_name != "cast5") {
     return Status::NotSupported(fmt::format("cipher '{}' is not supported", cipher_name));
   }
+  a.cipher_name = std::string(cipher_name);
   // XTS takes two keys of the cipher's size (an odd size fits neither).
   const bool xts = a.mode == CipherMode::kXts;
-  const uint32_t aes_bytes = !xts ? a.key_bytes : a.key_bytes % 2 == 0 ? a.key_bytes / 2 : 0;
-  a.cipher = AesCipher(a.mode, aes_bytes);
-  if (aes_bytes == 16 || aes_bytes == 24 || aes_bytes == 32) {
-    a.cipher_alg = fmt::format("aes-{}", aes_bytes * 8);
+  const uint32_t bytes = !xts ? a.key_bytes : a.key_bytes % 2 == 0 ? a.key_bytes / 2 : 0;
+  const nettle_cipher* nettle = NettleCipher(cipher_name, bytes);
+  if (nettle == nullptr) {
+    return Status::Corruption(fmt::format("a {}-byte key does not fit cipher {} in {} mode",
+                                          a.key_bytes, cipher_name, a.cipher_mode));
   }
-  if (a.cipher == nullptr) {
-    // AES-192 in XTS: QEMU has it, this libcrypto does not.
-    if (a.mode == CipherMode::kXts && a.key_bytes == 48) {
-      return Status::NotSupported("cipher aes-192 in xts mode is not supported");
-    }
-    return Status::Corruption(fmt::format("a {}-byte key does not fit cipher aes in {} mode",
-                                          a.key_bytes, a.cipher_mode));
+  a.cipher_alg = fmt::format("{}-{}", cipher_name, bytes * 8);
+  a.block_bytes = nettle->block_size;
+  if (xts && a.block_bytes != 16) {
+    // XTS is defined on 16-byte blocks; QEMU refuses CAST5 in XTS too.
+    return Status::NotSupported(
+        fmt::format("cipher {} in xts mode is not supported", a.cipher_alg));
   }
+  // libcrypto where it has it (hardware AES), nettle for the rest.
+  a.cipher = cipher_name == "aes" ? AesCipher(a.mode, bytes) : nullptr;
+  if (a.cipher == nullptr) a.nettle = nettle;
   if (a.ivgen == IvGen::kEssiv) {
-    // The IV cipher is AES keyed by the hash of the master key: its size
-    // picks the AES variant, as QEMU picks it.
-    const int size = EVP_MD_get_size(a.ivgen_hash);
-    a.essiv_cipher = AesCipher(CipherMode::kEcb, static_cast<uint32_t>(size));
-    if (a.essiv_cipher == nullptr) {
+    // The IV cipher is the family's cipher keyed by the hash of the master
+    // key: the hash's size picks the variant, as QEMU (and dm-crypt) pick it.
+    const uint32_t size = static_cast<uint32_t>(EVP_MD_get_size(a.ivgen_hash));
+    if (a.cipher != nullptr) {
+      a.essiv_cipher = AesCipher(CipherMode::kEcb, size);
+    } else {
+      a.essiv_nettle = NettleCipher(cipher_name, size);
+    }
+    if (a.essiv_cipher == nullptr && a.essiv_nettle == nullptr) {
       return Status::NotSupported(
-          fmt::format("essiv with hash '{}' needs an AES key of {} bytes, which does not exist",
-                      a.ivgen_hash_alg, size));
+          fmt::format("essiv with hash '{}' needs a {}-bit {} key, which does not exist",
+                      a.ivgen_hash_alg, size * 8, cipher_name));
     }
   }
   return Status::Ok();
@@ -146,18 +180,22 @@ Result<Algorithms> AlgorithmsFromOptions(const std::string& cipher_alg,
                                          const std::string& ivgen_alg,
                                          const std::string& ivgen_hash_alg,
                                          const std::string& hash_alg) {
-  uint32_t bits = 0;
-  if (cipher_alg == "aes-128") bits = 128;
-  if (cipher_alg == "aes-192") bits = 192;
-  if (cipher_alg == "aes-256") bits = 256;
-  if (bits == 0) {
+  // "family-bits", as QEMU names them (QCryptoCipherAlgorithm).
+  const size_t dash = cipher_alg.rfind('-');
+  const std::string family = dash == std::string::npos ? "" : cipher_alg.substr(0, dash);
+  const std::string bits_text = dash == std::string::npos ? "" : cipher_alg.substr(dash + 1);
+  const uint32_t bits = bits_text == "128"   ? 128
+                        : bits_text == "192" ? 192
+                        : bits_text == "256" ? 256
+                                             : 0;
+  if (bits == 0 || NettleCipher(family, bits / 8) == nullptr) {
     return Status::NotSupported(fmt::format("cipher '{}' is not supported", cipher_alg));
   }
   ASSIGN_OR_RETURN(CipherMode mode, LookupMode(cipher_mode));
   const uint32_t key_bytes = bits / 8 * (mode == CipherMode::kXts ? 2 : 1);
   std::string spec = cipher_mode + "-" + ivgen_alg;
   if (ivgen_alg == "essiv") spec += ":" + ivgen_hash_alg;
-  return ResolveAlgorithms("aes", spec, hash_alg, key_bytes, "create");
+  return ResolveAlgorithms(family, spec, hash_alg, key_bytes, "create");
 }
 
 std::string HeaderModeSpec(const Algorithms& a) {

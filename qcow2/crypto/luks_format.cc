@@ -108,7 +108,7 @@ Result<LuksArea> FormatLuks(const LuksFormatOptions& o, std::span<const std::byt
   ASSIGN_OR_RETURN(area.algorithms, LuksAlgorithms(o));
   const Algorithms& a = area.algorithms;
   LuksHeader& h = area.header;
-  h.cipher_name = "aes";
+  h.cipher_name = a.cipher_name;
   h.cipher_mode = HeaderModeSpec(a);
   h.hash_spec = a.hash_alg;
   h.key_bytes = a.key_bytes;

@@ -10,6 +10,7 @@
 #include <memory>
 
 #include "qcow2/crypto/luks_header.h"
+#include "qcow2/crypto/nettle_sectors.h"
 
 namespace uq::qcow2::crypto {
 namespace {
@@ -36,6 +37,9 @@ void StoreSector(uint64_t sector, size_t width, std::span<unsigned char> iv) {
 
 Result<SectorCipher> SectorCipher::Create(const Algorithms& algorithms,
                                           std::span<const std::byte> key) {
+  if (algorithms.cipher == nullptr && algorithms.nettle == nullptr) {
+    return Status::NotSupported(fmt::format("cipher {} is not supported", algorithms.cipher_alg));
+  }
   if (key.size() != algorithms.key_bytes) {
     return Status::InvalidArgument(fmt::format("a key of {} bytes for a cipher that takes {}",
                                                key.size(), algorithms.key_bytes));
@@ -64,6 +68,9 @@ Status SectorCipher::Decrypt(uint64_t first_sector, std::span<std::byte> data) c
 
 Status SectorCipher::Run(bool encrypt, uint64_t first_sector, std::span<std::byte> data) const {
   const Algorithms& a = algorithms_;
+  if (a.nettle != nullptr) {
+    return NettleSectors(a, key_.span(), essiv_key_.span(), encrypt, first_sector, data);
+  }
   if ((a.mode == CipherMode::kCbc || a.mode == CipherMode::kEcb) && data.size() % 16 != 0) {
     return Status::InvalidArgument(
         fmt::format("{} bytes are not whole cipher blocks", data.size()));

@@ -7,7 +7,7 @@
 // start of the material). A range's last sector may be short (key material
 // is key_bytes * 4000 bytes); CBC and ECB need it to be a multiple of 16.
 //
-// Thread model: const methods build their own OpenSSL contexts per call, so
+// Thread model: const methods build their own cipher contexts per call, so
 // one SectorCipher serves several threads at once (requests decrypted off the
 // queue thread, Env::RunOffThread).
 #ifndef UBLK_QCOW2_QCOW2_CRYPTO_SECTOR_CIPHER_H_
