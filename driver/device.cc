@@ -447,15 +447,18 @@ Status Device::Teardown() {
     for (size_t q = 0; q < workers_.size(); ++q) {
       QueueWorker* worker = workers_[q].get();
       LoopThread* loop = loops_[q].get();
-      auto [n, here, zc, spin_us, polled, slept, left] = loop->Call([worker, loop] {
+      auto [n, here, zc, spin_us, polled, slept, left, not_aborted] = loop->Call([worker, loop] {
         uring::Ring& ring = loop->ring();
         return std::tuple(worker->requests(), worker->served_here(), worker->zero_copied(),
-                          ring.spin_us(), ring.polled_waits(), ring.slept_waits(), worker->left());
+                          ring.spin_us(), ring.polled_waits(), ring.slept_waits(), worker->left(),
+                          worker->not_aborted());
       });
       counts += fmt::format("{}queue {}: {} requests ({} on its own thread", q == 0 ? "" : ", ", q,
                             n, here);
       // Handed over: requests that came too late, which the kernel re-issues.
       if (left > 0) counts += fmt::format("; {} left to the next daemon", left);
+      // Handed over with fetches QUIESCE_DEV did not abort (see queue.h).
+      if (not_aborted > 0) counts += fmt::format("; {} fetches not aborted", not_aborted);
       zero_copied += fmt::format("{}{}", q == 0 ? "" : ", ", zc);
       // With --poll-us: how many waits polling ended without a sleep.
       if (spin_us > 0) {

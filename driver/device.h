@@ -104,7 +104,7 @@ struct DeviceOptions {
   bool no_partition_scan = false;
   // add --zero-copy (ZeroCopyFlags, driver/zero_copy.h): kAuto uses it where
   // the kernel offers it; kOn fails naming the missing flag elsewhere.
-  ZeroCopyMode zero_copy = ZeroCopyMode::kOff;
+  ZeroCopyMode zero_copy = ZeroCopyMode::kAuto;
   // Serve the existing device `dev_id`, waiting for recovery, instead of
   // adding one (`ublk-qcow2 recover`). queues, depth and max_io_buf_bytes
   // then come from the device.

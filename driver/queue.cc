@@ -255,10 +255,15 @@ void QueueWorker::GiveUp(uint16_t tag, Status why) {
 void QueueWorker::MaybeFinished() {
   if (!started_ || finished_) return;
   // While handing over, never before QUIESCE_DEV has returned: until then
-  // the kernel may still hand a released tag a request.
+  // the kernel may still hand a released tag a request. After it, once no
+  // request is being served: a fetch the kernel did not abort is not waited
+  // for (see "Handing over" in queue.h), the ring's teardown cancels it.
   if (handover_ && !handover_ended_) return;
-  const bool done = handover_ended_ && !quiesced_ ? serving_ == 0 : pending_ == 0;
+  const bool done = handover_ended_ ? serving_ == 0 : pending_ == 0;
   if (!done) return;
+  if (handover_ended_) {
+    for (TagState state : state_) not_aborted_ += state == TagState::kFetching ? 1 : 0;
+  }
   finished_ = true;
   on_finished_();
 }

@@ -33,12 +33,18 @@
 // tag's COMMIT_AND_FETCH releases it: the worker no longer waits for it
 // (the kernel hands it no new request once QUIESCE_DEV has begun, and keeps
 // its fetch until the ring goes); should a request still arrive on it
-// before the worker is finished, it is served. After EndHandover(true) (the
-// kernel aborted the idle fetches) the worker is finished once every tag
-// fetched before the handover has come back and no request is being
-// served; after EndHandover(false) (QUIESCE_DEV failed, nothing was aborted)
-// once no request is being served. Requests that arrive after that are left
-// alone: the kernel gives them to the next daemon (re-issue).
+// before the worker is finished, it is served. After EndHandover the worker
+// is finished once no request is being served, whether or not QUIESCE_DEV
+// aborted every idle fetch: it aborts only the fetches whose tag's last
+// request has completed in the kernel, and with zero copy a committed
+// request can complete later than its commit (the kernel completes it when
+// its auto-registered buffer is released, which waits for the fixed-buffer
+// I/O that used it to be freed, after that I/O's completion was seen: from
+// io-wq, a freeing task work). Such a fetch is never aborted; waiting for
+// it hung the handover (7.3). The fetches left are cancelled when the
+// queue's thread and ring go. Requests that arrive after the worker is
+// finished are left alone: the kernel gives them to the next daemon
+// (re-issue).
 //
 // Per-tag state lives in plain arrays indexed by tag: the command's
 // user_data is a CommandId (queue, tag, command), see uring/user_data.h.
@@ -114,6 +120,9 @@ class QueueWorker final : public uring::CommandHandler {
   uint64_t served_here() const { return served_here_; }
   // Requests that came after a handover finished (left to the next daemon).
   uint64_t left() const { return left_; }
+  // Fetches still in the kernel when a handover finished (not aborted by
+  // QUIESCE_DEV, or their abort not yet seen): cancelled with the ring.
+  uint64_t not_aborted() const { return not_aborted_; }
   // Of those, the ones served with zero copy (ServeFixed).
   uint64_t zero_copied() const { return zero_copied_; }
 
@@ -148,6 +157,7 @@ class QueueWorker final : public uring::CommandHandler {
   bool handover_ended_ = false;  // EndHandover() came
   bool quiesced_ = false;        // ... and the kernel aborted the idle fetches
   uint64_t left_ = 0;            // requests left to the next daemon
+  uint64_t not_aborted_ = 0;     // fetches pending when a handover finished
   bool finished_ = false;
   uint64_t requests_ = 0;
   uint64_t served_here_ = 0;

@@ -175,15 +175,6 @@ Status CheckUpgrade(uint64_t features, uint64_t device_flags, int dev_id) {
                     "daemon cannot be replaced",
                     dev_id));
   }
-  if (device_flags & UBLK_F_AUTO_BUF_REG) {
-    // Measured on 7.3: under load the old daemon did not finish its handover
-    // within 120 s (the CLI then kills it and the new one recovers: nothing
-    // lost, but not the clean handover upgrade promises).
-    return Status::NotSupported(
-        fmt::format("ublk device {} uses zero copy (UBLK_F_AUTO_BUF_REG): upgrade cannot hand "
-                    "it over yet (add it with --zero-copy=off)",
-                    dev_id));
-  }
   if (!(device_flags & UBLK_F_QUIESCE)) {
     return Status::InvalidArgument(
         fmt::format("ublk device {} was added without UBLK_F_QUIESCE (by an older ublk-qcow2): "

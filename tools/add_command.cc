@@ -87,7 +87,7 @@ class AddCommand final : public Command {
                    "Move the data of reads and writes of allocated clusters between the "
                    "request's pages and the image file, no copy through the daemon: auto (where "
                    "the kernel offers UBLK_F_AUTO_BUF_REG, Linux 6.16+), on (an error elsewhere), "
-                   "off (the default until `upgrade` can hand a zero-copy device over)")
+                   "off")
         ->check(CLI::IsMember({"auto", "on", "off"}))
         ->capture_default_str();
     app.add_option("--cache-size", options_.cache_size,
@@ -130,8 +130,7 @@ Status RunAdd(const AddOptions& options) {
   if (options.recovery == "fail-io") recovery = driver::RecoveryMode::kFailIo;
   if (options.recovery == "off") recovery = driver::RecoveryMode::kOff;
   const bool recovery_requested = !options.recovery.empty();
-  driver::ZeroCopyMode zero_copy = driver::ZeroCopyMode::kOff;
-  if (options.zero_copy == "auto") zero_copy = driver::ZeroCopyMode::kAuto;
+  driver::ZeroCopyMode zero_copy = driver::ZeroCopyMode::kAuto;
   if (options.zero_copy == "on") zero_copy = driver::ZeroCopyMode::kOn;
   if (options.zero_copy == "off") zero_copy = driver::ZeroCopyMode::kOff;
   {

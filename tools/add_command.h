@@ -64,12 +64,12 @@ struct AddOptions {
   std::string cache = "none";  // none | writeback
   uint64_t cache_size = 32ull << 20;
   uint64_t preallocate = 64ull << 20;
-  uint64_t max_io = 1ull << 20;  // bytes; each tag's request buffer
-  uint32_t poll_us = 0;          // busy-poll cap of each queue thread, µs
-  std::string recovery;          // "" (default: reissue if offered), reissue, fail-io, off
-  int timeout_s = 30;            // for the daemon's report (not with --foreground)
+  uint64_t max_io = 1ull << 20;    // bytes; each tag's request buffer
+  uint32_t poll_us = 0;            // busy-poll cap of each queue thread, µs
+  std::string recovery;            // "" (default: reissue if offered), reissue, fail-io, off
+  int timeout_s = 30;              // for the daemon's report (not with --foreground)
   bool no_partition_scan = false;  // UBLK_F_NO_AUTO_PART_SCAN (7.0+), else an error
-  std::string zero_copy = "off";  // auto | on | off (driver/zero_copy.h)
+  std::string zero_copy = "auto";  // auto | on | off (driver/zero_copy.h)
 };
 
 Status RunAdd(const AddOptions& options);

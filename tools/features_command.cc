@@ -44,11 +44,10 @@ class FeaturesCommand final : public Command {
 
 std::string RenderFeatures(uint64_t features, bool answered, const std::string& output) {
   // What add asks for by default: the opcode encoding and, where offered,
-  // user recovery with re-issue (add --recovery); zero copy only on request
-  // (add --zero-copy=auto|on).
+  // user recovery with re-issue (add --recovery) and zero copy (add --zero-copy).
   Result<uint64_t> recovery =
       driver::RecoveryFlags(driver::RecoveryMode::kReissue, /*requested=*/false, features);
-  Result<uint64_t> zero_copy = driver::ZeroCopyFlags(driver::ZeroCopyMode::kOff, features);
+  Result<uint64_t> zero_copy = driver::ZeroCopyFlags(driver::ZeroCopyMode::kAuto, features);
   const uint64_t used = driver::AddFlags(features) | (recovery.ok() ? *recovery : 0) |
                         (zero_copy.ok() ? *zero_copy : 0);
   if (output == "json") {

@@ -45,6 +45,14 @@ TEST(RenderFeaturesTest, QuiesceUsedWithRecovery) {
   EXPECT_EQ(j["used-by-add"], (nlohmann::json{"CMD_IOCTL_ENCODE"}));
 }
 
+// Where it offers AUTO_BUF_REG and USER_COPY (6.16+), add asks for both by
+// default (--zero-copy=auto); USER_COPY alone is not asked for.
+TEST(RenderFeaturesTest, ZeroCopyUsedWhereOffered) {
+  nlohmann::json j =
+      nlohmann::json::parse(RenderFeatures(kSample | UBLK_F_AUTO_BUF_REG, true, "json"));
+  EXPECT_EQ(j["used-by-add"], (nlohmann::json{"CMD_IOCTL_ENCODE", "USER_COPY", "AUTO_BUF_REG"}));
+}
+
 TEST(RenderFeaturesTest, Json) {
   nlohmann::json j = nlohmann::json::parse(RenderFeatures(kSample, true, "json"));
   EXPECT_EQ(j["get-features"], true);

@@ -33,9 +33,12 @@ assert j["unknown"] == [], j["unknown"]
 names = j["features"]
 print("features:", " ".join(names))
 assert len(names) == bin(j["mask"]).count("1"), (names, hex(j["mask"]))
-# add asks for user recovery with re-issue where offered (both rig kernels) and for QUIESCE
-# (upgrade) where offered (7.3); zero copy only with --zero-copy=auto|on.
+# add asks for user recovery with re-issue where offered (both rig kernels), for zero copy
+# (AUTO_BUF_REG with USER_COPY) where both are offered and for QUIESCE (upgrade) where
+# offered (7.3).
 want = ["USER_RECOVERY", "USER_RECOVERY_REISSUE", "CMD_IOCTL_ENCODE"]
+if "AUTO_BUF_REG" in names:
+    want += ["USER_COPY", "AUTO_BUF_REG"]
 if "QUIESCE" in names:
     want.append("QUIESCE")
 assert j["used-by-add"] == want, j["used-by-add"]
