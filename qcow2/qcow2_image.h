@@ -29,15 +29,19 @@
 // request, or per group of requests completing together, cost 4 syncs and
 // ran allocating 4 KiB writes at QD32 at 0.2-0.5x of the rate without it.
 // Instead (qcow2_reserve.cc):
-//   - clusters are reserved ahead in batches (8 MiB, 16-256 clusters): their
-//     refcounts are raised to 1 and made stable (blocks written, synced, then
+//   - clusters are reserved ahead in batches (8 MiB, 16-256 clusters; each
+//     refill doubles it, up to 64 MiB or 2048 clusters, so that its sync is
+//     shared by more allocations): their refcounts are raised to 1 and made
+//     stable (blocks written, synced, then
 //     the table entries naming new blocks, synced) and the file is extended
 //     past them (a power cut must not leave an entry pointing past its end)
 //     BEFORE any of them is handed out. Every allocation takes one;
 //   - so every cluster an entry in the caches names has a stable refcount,
 //     and an entry may reach the disk at any time: it is written, not
 //     synced, before the acknowledgement. Requests completing together share
-//     one write per dirty L2 slice and L1 chunk (group commit);
+//     one write per run of dirty L2 slices of a table and per L1 chunk
+//     (group commit); the round copies them under the metadata mutex and
+//     writes them after releasing it, so allocations go on meanwhile;
 //   - a new L2 table is synced (zeros, or the copy of a snapshot's table)
 //     before its L1 entry is set: one sync per new table;
 //   - an entry that shows bytes copied on write (a backing file's, a shared
@@ -54,8 +58,8 @@
 //     allocation made outside the reserve) break the premise: the round
 //     flushes in full (the old path, FlushLocked). Device requests never
 //     dirty them; WriteCompressed (convert) and the quiesced operations do.
-// A crash leaks the reserve (`check -r leaks` frees it; qemu-img reports a
-// leak, not corruption); a clean Close gives it back (refcounts to 0, the
+// A crash leaks the reserve, up to 64 MiB (`check -r leaks` frees it;
+// qemu-img reports a leak, not corruption); a clean Close gives it back (refcounts to 0, the
 // file cut after its last cluster in use). The power-loss rules above hold:
 // a flush still syncs data before entries and entries before decrements.
 //
