@@ -73,8 +73,7 @@ class MetadataCache {
   // `table_bytes` (a multiple of slice_size, power of two): the extent one
   // write-back run stays inside (a table's cluster); slice_size or less
   // writes each dirty slice on its own.
-  MetadataCache(File* file, uint64_t slice_size, uint64_t capacity_bytes,
-                uint64_t table_bytes = 0);
+  MetadataCache(File* file, uint64_t slice_size, uint64_t capacity_bytes, uint64_t table_bytes = 0);
   ~MetadataCache();
   MetadataCache(const MetadataCache&) = delete;
   MetadataCache& operator=(const MetadataCache&) = delete;

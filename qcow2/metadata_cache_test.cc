@@ -111,7 +111,6 @@ TEST(MetadataCacheTest, StaysWithinCapacityAndKeepsPinnedSlices) {
   EXPECT_TRUE(cache.TryGet(0));  // the pinned slice survived eviction
 }
 
-
 // A file in memory whose reads and writes complete at once, recording each
 // write. Byte i starts as (i / 4096) & 0xff.
 class RecordingFile final : public File {
@@ -165,10 +164,9 @@ TEST(MetadataCacheTest, WritesDirtySlicesOfATableAsRuns) {
   std::vector<W> writes = file.writes;
   std::sort(writes.begin(), writes.end());
   // [1, 9]; 12 pinned: [15]; table 1: [16], 18 not resident: [19].
-  EXPECT_EQ(writes, (std::vector<W>{{1 * 4096, 9 * 4096},
-                                    {15 * 4096, 4096},
-                                    {16 * 4096, 4096},
-                                    {19 * 4096, 4096}}));
+  EXPECT_EQ(writes,
+            (std::vector<W>{
+                {1 * 4096, 9 * 4096}, {15 * 4096, 4096}, {16 * 4096, 4096}, {19 * 4096, 4096}}));
   EXPECT_EQ(cache.run_writes(), 4u);
   EXPECT_EQ(cache.slices_written(), 7u);
   EXPECT_EQ(cache.dirty_slices(), 0u);

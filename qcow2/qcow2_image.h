@@ -594,7 +594,7 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> StabilizeMetadata();
   // What one round writes once the metadata mutex is released.
   struct L1Writes {
-    std::set<uint64_t> chunks;                              // for a retry
+    std::set<uint64_t> chunks;                               // for a retry
     std::vector<std::pair<uint64_t, AlignedBuffer>> writes;  // offset, bytes
   };
   struct RoundWrites {
