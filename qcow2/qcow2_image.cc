@@ -44,8 +44,7 @@ Qcow2Image::Qcow2Image(Qcow2OpenParts parts)
       publish_(parts.publish && parts.luks == nullptr && parts.legacy_aes == nullptr),
       stable_metadata_(parts.stable_metadata),
       env_(parts.env),
-      l2_cache_(file_.get(), std::min(kL2SliceBytes, geo_.cluster_size), parts.cache_size,
-                geo_.cluster_size),
+      l2_cache_(file_.get(), std::min(kL2SliceBytes, geo_.cluster_size), parts.cache_size),
       shared_map_(parts.publish ? SharedMapSlots(parts.cache_size) : 1),
       luks_(std::move(parts.luks)),
       legacy_aes_(std::move(parts.legacy_aes)) {}
