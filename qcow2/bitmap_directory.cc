@@ -199,9 +199,7 @@ Task<Result<std::vector<uint64_t>>> ReadBitmapTable(File& file, const BitmapDirE
   std::vector<uint64_t> table(e.table_size);
   for (size_t i = 0; i < table.size(); i++) {
     table[i] = LoadBE64(buf.span(), i * 8);
-    const uint64_t offset = table[i] & kBitmapTableEntryOffset;
-    if ((table[i] & kBitmapTableEntryReserved) || offset % cluster_size != 0 ||
-        (offset != 0 && (table[i] & kBitmapTableEntryAllOnes))) {
+    if (!BitmapTableEntryValid(table[i], cluster_size)) {
       co_return Status::Corruption(
           fmt::format("{}: bitmap '{}': bitmap table entry {} (0x{:016x}) is invalid", file.path(),
                       e.name, i, table[i]));

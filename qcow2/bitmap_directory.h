@@ -119,11 +119,17 @@ inline constexpr uint64_t kBitmapTableEntryReserved = 0xff000000000001feull;
 inline constexpr uint64_t kBitmapTableEntryOffset = 0x00fffffffffffe00ull;
 inline constexpr uint64_t kBitmapTableEntryAllOnes = 1;
 
+// QEMU's check_table_entry: reserved bits clear, an offset aligned to `cluster_size`, the
+// all-ones flag only without an offset.
+inline bool BitmapTableEntryValid(uint64_t entry, uint64_t cluster_size) {
+  const uint64_t offset = entry & kBitmapTableEntryOffset;
+  return !(entry & kBitmapTableEntryReserved) && offset % cluster_size == 0 &&
+         !(offset != 0 && (entry & kBitmapTableEntryAllOnes));
+}
+
 // Reads the bitmap table of `e` (ParseBitmapDirectory checked that it lies in the file and
-// holds at most 2^27 entries) and checks every entry as QEMU's check_table_entry does:
-// reserved bits clear, an offset aligned to `cluster_size`, the all-ones flag only without
-// an offset. Corruption "PATH: bitmap 'NAME': bitmap table entry I (0x...) is invalid";
-// IoError from the file.
+// holds at most 2^27 entries) and checks every entry (BitmapTableEntryValid). Corruption "PATH:
+// bitmap 'NAME': bitmap table entry I (0x...) is invalid"; IoError from the file.
 Task<Result<std::vector<uint64_t>>> ReadBitmapTable(File& file, const BitmapDirEntry& e,
                                                     uint64_t cluster_size);
 

@@ -9,6 +9,7 @@
 
 #include "base/aligned_buffer.h"
 #include "base/endian.h"
+#include "qcow2/bitmap_directory.h"
 #include "qcow2/check/check_pass.h"
 #include "qcow2/check/check_util.h"
 #include "qcow2/format.h"
@@ -26,9 +27,6 @@ constexpr uint32_t kBmeReservedFlags = 0xfffffffcu;
 constexpr uint32_t kBmeFlagInUse = 1;
 constexpr uint32_t kBmeMaxNameSize = 1023;
 constexpr uint8_t kBmeTypeDirtyTracking = 1;
-constexpr uint64_t kBmeTableEntryReservedMask = 0xff000000000001feull;
-constexpr uint64_t kBmeTableEntryOffsetMask = 0x00fffffffffffe00ull;
-constexpr uint64_t kBmeTableEntryFlagAllOnes = 1;
 
 }  // namespace
 
@@ -109,16 +107,14 @@ Task<Status> CheckPass::CheckBitmaps() {
     // bitmap_table_load: one bad entry fails the whole table.
     for (uint32_t i = 0; i < t.size; i++) {
       const uint64_t entry = LoadBE64(table.span(), uint64_t{i} * 8);
-      const uint64_t offset = entry & kBmeTableEntryOffsetMask;
-      if ((entry & kBmeTableEntryReservedMask) ||
-          (offset != 0 && ((entry & kBmeTableEntryFlagAllOnes) || (offset & (cs() - 1))))) {
+      if (!BitmapTableEntryValid(entry, cs())) {
         res_.corruptions++;
         co_return Status::Corruption(
             fmt::format("bitmap table at {:#x}: entry {} ({:#x}) is invalid", t.offset, i, entry));
       }
     }
     for (uint32_t i = 0; i < t.size; i++) {
-      const uint64_t offset = LoadBE64(table.span(), uint64_t{i} * 8) & kBmeTableEntryOffsetMask;
+      const uint64_t offset = LoadBE64(table.span(), uint64_t{i} * 8) & kBitmapTableEntryOffset;
       if (offset != 0) CO_RETURN_IF_ERROR(Inc(offset, cs()));
     }
   }
