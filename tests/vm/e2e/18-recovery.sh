@@ -53,10 +53,7 @@ assert d["recovery"] == "reissue", d
 assert "USER_RECOVERY" in d["flags"] and "USER_RECOVERY_REISSUE" in d["flags"], d["flags"]
 ' "$dev"
   grep -q '"recovery":"reissue"' "/run/ublk-qcow2/$id.json"
-  fio --name=v --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32 \
-    --rw=randwrite --bs=4k --offset=0 --size=48M --verify=crc32c --verify_fatal=1 \
-    --do_verify=1 --numjobs=1 --output-format=normal >"$WORK/fio.log" 2>&1 &
-  fio_pid=$!
+  fio_verify_start "$dev" 48M
   for k in 1 2 3; do
     wait_writes "$id" 400 120 || { kill "$fio_pid"; return 1; }
     kill_and_recover "$id" "$dev" || { kill "$fio_pid"; return 1; }
@@ -71,16 +68,7 @@ assert "USER_RECOVERY" in d["flags"] and "USER_RECOVERY_REISSUE" in d["flags"], 
       }
     fi
   done
-  rc=0
-  wait "$fio_pid" || rc=$?
-  grep -E 'err=|verify|WRITE:|READ:' "$WORK/fio.log" | head -6
-  echo "fio status $rc"
-  ((rc == 0)) && ! grep -qiE 'verify failed|bad magic|crc32c: verify' "$WORK/fio.log"
-  # Every block once more, after the last recover, by a second reader.
-  fio --name=v --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32 \
-    --rw=randwrite --bs=4k --offset=0 --size=48M --verify=crc32c --verify_fatal=1 \
-    --verify_only --output-format=terse >/dev/null
-  echo "fio --verify_only passes after the last recover"
+  fio_verify_finish "$dev" 48M "the last recover" || return 1
   # Each recovering daemon freed what the killed one leaked (its cluster reserve) when it
   # opened the image, and del closes it cleanly: no leak, no corruption.
   grep "leak repair on open" "/run/ublk-qcow2/$id.log"

@@ -81,23 +81,12 @@ import json, sys
 d = {x["device"]: x for x in json.load(sys.stdin)}[sys.argv[1]]
 assert "QUIESCE" in d["flags"] and "USER_RECOVERY_REISSUE" in d["flags"], d["flags"]
 ' "$dev"
-    fio --name=v --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32 \
-      --rw=randwrite --bs=4k --offset=0 --size=48M --verify=crc32c --verify_fatal=1 \
-      --do_verify=1 --numjobs=1 --output-format=normal >"$WORK/fio.log" 2>&1 &
-    fio_pid=$!
+    fio_verify_start "$dev" 48M
     for k in 1 2 3; do
       wait_writes "$id" 400 120 || { kill "$fio_pid"; return 1; }
       upgrade_bounded "$id" "$dev" 60 || { kill "$fio_pid"; return 1; }
     done
-    rc=0
-    wait "$fio_pid" || rc=$?
-    grep -E 'err=|verify|WRITE:|READ:' "$WORK/fio.log" | head -6
-    echo "fio status $rc"
-    ((rc == 0)) && ! grep -qiE 'verify failed|bad magic|crc32c: verify' "$WORK/fio.log"
-    fio --name=v --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32 \
-      --rw=randwrite --bs=4k --offset=0 --size=48M --verify=crc32c --verify_fatal=1 \
-      --verify_only --output-format=terse >/dev/null
-    echo "fio --verify_only passes after the last upgrade"
+    fio_verify_finish "$dev" 48M "the last upgrade" || return 1
     grep -E "quiesced in|handed over|leak repair" "/run/ublk-qcow2/$id.log"
     (($(grep -c "handed over to a new daemon; image closed cleanly" "/run/ublk-qcow2/$id.log") == 3))
     # Each new daemon found nothing to repair: the old one closed the image cleanly.
@@ -127,23 +116,12 @@ d = {x["device"]: x for x in json.load(sys.stdin)}[sys.argv[1]]
 assert "AUTO_BUF_REG" in d["flags"] and "USER_COPY" in d["flags"], d["flags"]
 assert "QUIESCE" in d["flags"], d["flags"]
 ' "$dev"
-    fio --name=v --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32 \
-      --rw=randwrite --bs=4k --offset=0 --size=96M --verify=crc32c --verify_fatal=1 \
-      --do_verify=1 --numjobs=1 --output-format=normal >"$WORK/fio.log" 2>&1 &
-    fio_pid=$!
+    fio_verify_start "$dev" 96M
     for ((k = 1; k <= n; k++)); do
       wait_writes "$id" 400 120 || { kill "$fio_pid"; return 1; }
       upgrade_bounded "$id" "$dev" 60 || { kill "$fio_pid"; return 1; }
     done
-    rc=0
-    wait "$fio_pid" || rc=$?
-    grep -E 'err=|verify|WRITE:|READ:' "$WORK/fio.log" | head -6
-    echo "fio status $rc"
-    ((rc == 0)) && ! grep -qiE 'verify failed|bad magic|crc32c: verify' "$WORK/fio.log"
-    fio --name=v --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32 \
-      --rw=randwrite --bs=4k --offset=0 --size=96M --verify=crc32c --verify_fatal=1 \
-      --verify_only --output-format=terse >/dev/null
-    echo "fio --verify_only passes after the last upgrade"
+    fio_verify_finish "$dev" 96M "the last upgrade" || return 1
     grep -E "quiesced in|handed over|served" "$log"
     (($(grep -c "handed over to a new daemon; image closed cleanly" "$log") == n))
     (($(grep -c "leak repair on open: 0 leaked clusters freed, 0 corruptions in" "$log") == n))

@@ -111,6 +111,33 @@ wait_writes() {
   return 1
 }
 
+# fio_verify_start DEV SIZE: crc32c-verified random 4 KiB writes over the first SIZE of DEV,
+# in the background (log in $WORK/fio.log, pid in fio_pid), for a test that changes the
+# device's daemon under them (kill + recover, upgrade). Paced at 600 writes/s: unpaced, a
+# fast device (zero copy on 7.3) finished the writes before the test's last handover and
+# its wait for more writes failed; paced, SIZE sets how long they last (48M: 20 s).
+fio_verify_start() {
+  fio --name=v --filename="$1" --direct=1 --ioengine=io_uring --iodepth=32 \
+    --rw=randwrite --bs=4k --offset=0 --size="$2" --rate_iops=600 --verify=crc32c \
+    --verify_fatal=1 --do_verify=1 --numjobs=1 --output-format=normal >"$WORK/fio.log" 2>&1 &
+  fio_pid=$!
+}
+
+# fio_verify_finish DEV SIZE AFTER: waits for fio_verify_start's fio; passes when it exits 0
+# with no verify error and a second reader (--verify_only) then finds every block, after
+# AFTER (words for the output: "the last upgrade").
+fio_verify_finish() {
+  local rc=0
+  wait "$fio_pid" || rc=$?
+  grep -E 'err=|verify|WRITE:|READ:' "$WORK/fio.log" | head -6
+  echo "fio status $rc"
+  ((rc == 0)) && ! grep -qiE 'verify failed|bad magic|crc32c: verify' "$WORK/fio.log" || return 1
+  fio --name=v --filename="$1" --direct=1 --ioengine=io_uring --iodepth=32 \
+    --rw=randwrite --bs=4k --offset=0 --size="$2" --verify=crc32c --verify_fatal=1 \
+    --verify_only --output-format=terse >/dev/null || return 1
+  echo "fio --verify_only passes after $3"
+}
+
 daemon_pid() {  # daemon_pid ID
   sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "/run/ublk-qcow2/$1.json" 2>/dev/null
 }
