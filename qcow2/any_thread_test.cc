@@ -3,8 +3,8 @@
 // would, and that a mapping change waits for such requests on other threads.
 // QEMU is the oracle for the image afterwards.
 #include <fmt/format.h>
-#include <unistd.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <future>
@@ -14,6 +14,7 @@
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
 #include "qcow2/sync_env.h"
+#include "qcow2/testing/mem_env.h"
 #include "qcow2/testing/scratch_dir.h"
 
 namespace uq::qcow2 {
@@ -403,6 +404,58 @@ TEST_F(AnyThreadTest, ClosedOrReadOnlyImagesServeNoWritesHere) {
   EXPECT_FALSE(HereWrite(0, std::vector<std::byte>(4096, std::byte{0x22}))) << "read-only image";
   ASSERT_TRUE(BlockOn(img_->Close()).ok());
   EXPECT_FALSE(HereRead(0, 4096)) << "closed";
+}
+
+// With stable metadata a write is acknowledged once its L2 entry is in the
+// file, so that a daemon crash keeps it. A write served here is acknowledged
+// without the engine: until the entry of a newly allocated cluster is in the
+// file, the cluster must not be writable here, or a crash would unmap data
+// that was acknowledged (its L2 entry only in the dead daemon's cache).
+TEST_F(AnyThreadTest, StableMetadataPublishesUnwrittenEntriesReadOnly) {
+  Sh("qemu-img create -f qcow2 img.qcow2 4M");
+  testing::MemEnv mem(testing::MemEnvOptions{
+      .completion = testing::MemEnvOptions::Completion::kDeferred, .seed = 7});
+  ASSERT_TRUE(mem.ImportFromHostFile(scratch_->path("img.qcow2"), "/w/img.qcow2").ok());
+  auto opened = BlockOn(
+      OpenImage("/w/img.qcow2",
+                ImageOptions{
+                    .env = &mem, .writable = true, .stable_metadata = true, .working_dir = "/w"}),
+      &mem);
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  dev_ = std::move(*opened);
+  img_ = static_cast<Qcow2Image*>(dev_.get());
+
+  // An allocating write of cluster 1, its I/O completed one step at a time;
+  // after each step, would a write be served here?
+  std::vector<std::byte> data(kCluster, std::byte{0x33});
+  Status written = Status::IoError("not run");
+  bool done = false;
+  Spawn([](BlockDevice* d, std::span<const std::byte> b, Status* out, bool* done) -> Task<void> {
+    *out = co_await d->Write(kCluster, b, false);
+    *done = true;
+  }(dev_.get(), data, &written, &done));
+  std::vector<std::byte> probe(4096, std::byte{0x44});
+  int steps = 0;
+  int served_before_ack = 0;
+  while (!done && mem.Poll()) {
+    steps++;
+    if (img_->TryAnyThread(true, kCluster, probe)) served_before_ack++;  // not run
+  }
+  ASSERT_TRUE(done);
+  ASSERT_TRUE(written.ok()) << written.ToString();
+  EXPECT_GT(steps, 1);
+  EXPECT_EQ(served_before_ack, 0) << "a write was served in a cluster whose entry was not written";
+
+  // Once the entry is in the file, the next lookup publishes it writable.
+  std::vector<std::byte> back(4096);
+  ASSERT_TRUE(BlockOn(img_->Read(kCluster, back), &mem).ok());
+  EXPECT_EQ(back[0], std::byte{0x33});
+  std::optional<Task<Status>> io = img_->TryAnyThread(true, kCluster, probe);
+  ASSERT_TRUE(io) << "published writable once stable";
+  EXPECT_TRUE(BlockOn(std::move(*io), &mem).ok());
+  ASSERT_TRUE(BlockOn(img_->Close(), &mem).ok());
+  dev_.reset();
+  img_ = nullptr;
 }
 
 }  // namespace

@@ -149,6 +149,9 @@ Task<Status> Qcow2Image::StabilizeLocked() {
   // ticket this round covers.
   if (l2_cache_.dirty_slices() > 0) CO_RETURN_IF_ERROR(co_await l2_cache_.WriteDirty());
   if (!l1_dirty_chunks_.empty()) CO_RETURN_IF_ERROR(co_await WriteL1());
+  // Every entry stored so far is in the file (StoreEntry runs under the
+  // mutex this round holds).
+  unstable_clusters_.clear();
   co_return Status::Ok();
 }
 
@@ -177,6 +180,7 @@ Task<Status> Qcow2Image::FlushLocked() {
     CO_RETURN_IF_ERROR(co_await WriteL1());
     CO_RETURN_IF_ERROR(co_await file_->Sync());
   }
+  unstable_clusters_.clear();  // every cached entry is in the file
   // 5. References dropped by entries now gone from disk.
   if (refcounts_->has_deferred()) {
     CO_ASSIGN_OR_RETURN(std::vector<uint64_t> freed,

@@ -409,18 +409,19 @@ void Qcow2Image::PublishSlice(const MetadataCache::SliceRef& slice, uint64_t fir
     if (geo_.extended_l2) e.bitmap = LoadBE64(bytes, i * geo_.l2_entry_bytes + 8);
     uint64_t host;
     bool writable;
-    if (Publishable(e, &host, &writable)) batch.Publish(cluster, host, writable);
+    if (Publishable(cluster, e, &host, &writable)) batch.Publish(cluster, host, writable);
   }
 }
 
 void Qcow2Image::Publish(uint64_t offset, const L2Entry& e) {
   uint64_t host;
   bool writable;
-  if (Publishable(e, &host, &writable))
-    shared_map_.Publish(geo_.guest_cluster(offset), host, writable);
+  const uint64_t cluster = geo_.guest_cluster(offset);
+  if (Publishable(cluster, e, &host, &writable)) shared_map_.Publish(cluster, host, writable);
 }
 
-bool Qcow2Image::Publishable(const L2Entry& e, uint64_t* host, bool* writable) const {
+bool Qcow2Image::Publishable(uint64_t cluster, const L2Entry& e, uint64_t* host,
+                             bool* writable) const {
   const bool has_df = data_file_ != nullptr;
   if (!publish_ || e.compressed() || !e.has_host_cluster(has_df)) return false;
   if (geo_.extended_l2) {
@@ -434,6 +435,7 @@ bool Qcow2Image::Publishable(const L2Entry& e, uint64_t* host, bool* writable) c
   // image alone, and (in the image file) not one of its metadata clusters.
   *writable = writable_ && !closed_ && e.copied();
   if (*writable && !has_df) *writable = !IsMetadataCluster(*host / geo_.cluster_size);
+  if (*writable && !unstable_clusters_.empty()) *writable = !unstable_clusters_.contains(cluster);
   return true;
 }
 
@@ -508,8 +510,7 @@ std::optional<HostMapping> Qcow2Image::TryMapAnyThread(bool write, uint64_t offs
   return mapping;
 }
 
-Task<Status> Qcow2Image::ServeMapped(bool write, std::span<std::byte> buffer,
-                                     HostMapping mapping) {
+Task<Status> Qcow2Image::ServeMapped(bool write, std::span<std::byte> buffer, HostMapping mapping) {
   File& f = *mapping.file;
   auto run_io = [&f, write](uint64_t host, std::span<std::byte> piece) -> Task<Status> {
     // Data past the end of the host file reads as zeros (see ReadWithEntry).

@@ -660,13 +660,14 @@ class Qcow2Image final : public BlockDevice {
   // REQUIRES: `entry` is current (no suspension since it was looked up) and
   // the cluster's lock is held, or the image is read-only.
   void Publish(uint64_t offset, const L2Entry& entry);
-  // Whether `entry` maps its whole cluster to data, and where (writable: as
-  // the engine's own in-place write would find it). Decided once, when
+  // Whether `entry` maps its whole guest `cluster` to data, and where
+  // (writable: as the engine's own in-place write would find it, and, with
+  // stable metadata, with the entry in the file). Decided once, when
   // published: new metadata (L2 tables, refcount blocks) only ever comes from
   // clusters with refcount 0, which no valid mapping points at, so a later
   // overlap could only come from an image whose refcounts already under-count
   // a mapped cluster (a corruption `check` reports).
-  bool Publishable(const L2Entry& entry, uint64_t* host, bool* writable) const;
+  bool Publishable(uint64_t cluster, const L2Entry& entry, uint64_t* host, bool* writable) const;
   // Publishes every cluster of a freshly loaded L2 slice that no request
   // holds or waits for; `first_cluster` is the guest cluster of its first entry.
   void PublishSlice(const MetadataCache::SliceRef& slice, uint64_t first_cluster);
@@ -710,6 +711,13 @@ class Qcow2Image final : public BlockDevice {
   // An entry in the L2 cache shows data written since the last sync that was
   // not there before (copy-on-write): the next round syncs before writing it.
   bool entries_need_data_sync_ = false;
+  // Guest clusters whose entry changed in the L2 cache and is not in the file
+  // yet (stable metadata only). They are published read-only: a write served
+  // on another thread is acknowledged without the engine, so it must not land
+  // in a cluster that a daemon crash would unmap. Emptied once a round or a
+  // flush has written every cached entry; the next lookup publishes them
+  // writable again.
+  std::unordered_set<uint64_t> unstable_clusters_;
   bool reserve_released_ = false;  // Close: no more reserving
   bool reserve_extended_ = false;  // a refill grew the file (Close cuts it back)
   Env* const env_;

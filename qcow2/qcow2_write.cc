@@ -342,6 +342,7 @@ Task<Status> Qcow2Image::StoreEntry(uint64_t offset, const L2Entry& entry) {
   StoreBE64(slice.bytes(), at, entry.raw);
   if (geo_.extended_l2) StoreBE64(slice.bytes(), at + 8, entry.bitmap);
   l2_cache_.MarkDirty(slice);
+  if (stable_metadata_) unstable_clusters_.insert(geo_.guest_cluster(offset));
   co_return Status::Ok();
 }
 
