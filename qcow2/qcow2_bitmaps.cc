@@ -44,8 +44,16 @@ Task<Status> Qcow2Image::LoadBitmapDirectory() {
   CO_ASSIGN_OR_RETURN(std::vector<BitmapDirEntry> entries,
                       co_await ReadBitmapDirectory(*file_, header_));
   bitmaps_.clear();
-  CO_RETURN_IF_ERROR(co_await CheckConsistentBitmapTables(*file_, entries, geo_.cluster_size));
-  for (const BitmapDirEntry& e : entries) bitmaps_.push_back(TrackedBitmap{e, nullptr});
+  std::vector<TrackedBitmap> tracked;
+  for (const BitmapDirEntry& e : entries) {
+    TrackedBitmap& t = tracked.emplace_back(TrackedBitmap{e, nullptr});
+    // CheckConsistentBitmapTables, keeping what it reads for OpenBitmapsForWriting.
+    if (!e.in_use()) {
+      CO_ASSIGN_OR_RETURN(t.table_at_open,
+                          co_await uq::qcow2::ReadBitmapTable(*file_, e, geo_.cluster_size));
+    }
+  }
+  bitmaps_ = std::move(tracked);
   disk_bitmaps_ = std::move(entries);
   co_return Status::Ok();
 }
@@ -53,25 +61,37 @@ Task<Status> Qcow2Image::LoadBitmapDirectory() {
 Task<Result<std::vector<uint64_t>>> Qcow2Image::ReadBitmapTable(const BitmapDirEntry& e) {
   CO_ASSIGN_OR_RETURN(std::vector<uint64_t> table,
                       co_await uq::qcow2::ReadBitmapTable(*file_, e, geo_.cluster_size));
+  CO_RETURN_IF_ERROR(CheckBitmapTableInFile(e, table));
+  co_return table;
+}
+
+Status Qcow2Image::CheckBitmapTableInFile(const BitmapDirEntry& e,
+                                          std::span<const uint64_t> table) const {
   // Before we read or free what an entry names: its cluster inside the file (QEMU would
   // read zeros past the end; check calls such an entry an error).
   for (size_t i = 0; i < table.size(); i++) {
     const uint64_t offset = table[i] & kBitmapTableEntryOffset;
     if (offset != 0 && offset + geo_.cluster_size > std::max(file_size_, grown_end_)) {
-      co_return Status::Corruption(fmt::format(
+      return Status::Corruption(fmt::format(
           "{}: bitmap '{}': bitmap table entry {} (0x{:016x}) points past the end of the file",
           path(), e.name, i, table[i]));
     }
   }
-  co_return table;
+  return Status::Ok();
 }
 
-Task<Result<std::shared_ptr<DirtyBitmap>>> Qcow2Image::LoadBitmapBits(const BitmapDirEntry& e) {
+Task<Result<std::shared_ptr<DirtyBitmap>>> Qcow2Image::LoadBitmapBits(
+    const BitmapDirEntry& e, const std::vector<uint64_t>* given) {
   if (e.in_use()) {
     co_return Status::InvalidArgument(
         fmt::format("Bitmap '{}' is inconsistent and cannot be used", e.name));
   }
-  CO_ASSIGN_OR_RETURN(std::vector<uint64_t> table, co_await ReadBitmapTable(e));
+  std::vector<uint64_t> read;
+  if (given == nullptr) {
+    CO_ASSIGN_OR_RETURN(read, co_await ReadBitmapTable(e));
+    given = &read;
+  }
+  const std::vector<uint64_t>& table = *given;
   auto bits = std::make_shared<DirtyBitmap>(size(), e.granularity_bits);
   const uint64_t cs = geo_.cluster_size;
   const uint64_t total = bits->SerializedBytes();
@@ -108,14 +128,22 @@ Task<Status> Qcow2Image::OpenBitmapsForWriting() {
   }
   for (TrackedBitmap& b : bitmaps_) {
     protect(b.entry.table_offset, uint64_t{b.entry.table_size} * 8);
-    CO_ASSIGN_OR_RETURN(std::vector<uint64_t> table, co_await ReadBitmapTable(b.entry));
+    // Each table read once: the open read the consistent ones already.
+    std::vector<uint64_t> table;
+    if (b.table_at_open) {
+      table = std::move(*b.table_at_open);
+      b.table_at_open.reset();
+      CO_RETURN_IF_ERROR(CheckBitmapTableInFile(b.entry, table));
+    } else {
+      CO_ASSIGN_OR_RETURN(table, co_await ReadBitmapTable(b.entry));
+    }
     for (uint64_t t : table) {
       if (t & kBitmapTableEntryOffset)
         metadata_clusters_.insert((t & kBitmapTableEntryOffset) / cs);
     }
     // Enabled, consistent bitmaps follow every write from now on.
     if (b.entry.enabled() && !b.entry.in_use()) {
-      CO_ASSIGN_OR_RETURN(b.bits, co_await LoadBitmapBits(b.entry));
+      CO_ASSIGN_OR_RETURN(b.bits, co_await LoadBitmapBits(b.entry, &table));
     }
   }
   RebuildTracking();

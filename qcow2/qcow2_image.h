@@ -593,9 +593,14 @@ class Qcow2Image final : public BlockDevice {
     std::shared_ptr<DirtyBitmap> bits;  // null: not loaded
     bool changed = false;               // bits changed by an operation
     bool entry_is_new = false;          // added since the last store
+    // The table as the open read and checked it (consistent bitmaps), for
+    // OpenBitmapsForWriting to use instead of reading it again; emptied once
+    // the open is done.
+    std::optional<std::vector<uint64_t>> table_at_open;
   };
   // Reads the directory and checks the table of every consistent bitmap
-  // (CheckConsistentBitmapTables): QEMU refuses to open an image with a bad entry there.
+  // (as CheckConsistentBitmapTables does): QEMU refuses to open an image with a bad entry
+  // there. The tables read are kept in table_at_open.
   Task<Status> LoadBitmapDirectory();
   // Keeps the directory, tables and data clusters out of the data path and
   // loads the bitmaps to track.
@@ -605,7 +610,11 @@ class Qcow2Image final : public BlockDevice {
   // The bitmap table, checked as QEMU checks it (bitmap_directory.h) and with every data
   // cluster inside the file.
   Task<Result<std::vector<uint64_t>>> ReadBitmapTable(const BitmapDirEntry& e);
-  Task<Result<std::shared_ptr<DirtyBitmap>>> LoadBitmapBits(const BitmapDirEntry& e);
+  // ReadBitmapTable's own check, of a table already read and checked as QEMU checks it.
+  Status CheckBitmapTableInFile(const BitmapDirEntry& e, std::span<const uint64_t> table) const;
+  // `table`: e's table, already read (ReadBitmapTable); null: read it here.
+  Task<Result<std::shared_ptr<DirtyBitmap>>> LoadBitmapBits(
+      const BitmapDirEntry& e, const std::vector<uint64_t>* table = nullptr);
   void RebuildTracking();
   // Marks the tracked bitmaps for a guest write (the first one marks them in
   // use on disk first).

@@ -13,6 +13,8 @@
 #include <iterator>
 #include <random>
 
+#include "qcow2/bitmap_directory.h"
+#include "qcow2/header.h"
 #include "qcow2/open_image.h"
 #include "qcow2/sync_env.h"
 #include "qcow2/testing/mem_env.h"
@@ -188,6 +190,56 @@ TEST_F(Qcow2ImageTest, L2CacheLoadsEachSliceOnce) {
   }
   // 1024 clusters = 8 KiB of L2 entries = two 4 KiB slices, each read once.
   EXPECT_EQ(img->l2_cache().loads(), 2u);
+}
+
+// QEMU's open reads the table of every consistent bitmap; a writable open also needs each
+// table to protect its clusters and load the bits. One read of each table serves all three.
+TEST_F(Qcow2ImageTest, WritableOpenReadsEachBitmapTableOnce) {
+  Run("qemu-img create -f qcow2 a.qcow2 64M");
+  Run("qemu-io -c 'write -P 1 0 1M' a.qcow2");
+  Run("qemu-img bitmap --add a.qcow2 b0 && qemu-img bitmap --add a.qcow2 b1");
+  Run("qemu-img bitmap --add --disable a.qcow2 off");
+  testing::MemEnv mem;
+  ASSERT_TRUE(mem.ImportFromHostFile(P("a.qcow2"), "/a.qcow2").ok());
+  testing::RecordingEnv env(&mem);
+  std::vector<BitmapDirEntry> dir;
+  {
+    auto file = env.Open("/a.qcow2", OpenOptions{});
+    ASSERT_TRUE(file.ok()) << file.status().ToString();
+    auto header = BlockOn(ReadHeader(**file));
+    ASSERT_TRUE(header.ok()) << header.status().ToString();
+    auto read = BlockOn(ReadBitmapDirectory(**file, *header));
+    ASSERT_TRUE(read.ok()) << read.status().ToString();
+    dir = std::move(*read);
+  }
+  ASSERT_EQ(dir.size(), 3u);
+  env.reads.clear();
+  auto opened =
+      BlockOn(OpenImage("/a.qcow2", ImageOptions{.env = &env, .writable = true, .lock = false}));
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  for (const BitmapDirEntry& e : dir) {
+    const auto table_reads = std::count_if(env.reads.begin(), env.reads.end(),
+                                           [&](auto& r) { return r.offset == e.table_offset; });
+    EXPECT_EQ(table_reads, 1) << "bitmap " << e.name;
+  }
+  // And the bits were loaded from it: a write marks the enabled bitmaps, and QEMU finds
+  // the image clean and the written range dirty in both, not in the disabled one.
+  std::vector<std::byte> data(65536, std::byte{2});
+  ASSERT_TRUE(BlockOn((*opened)->Write(8 << 20, data, false)).ok());
+  ASSERT_TRUE(BlockOn((*opened)->Close()).ok());
+  const std::vector<std::byte> bytes = mem.Contents("/a.qcow2");
+  std::ofstream(P("after.qcow2"), std::ios::binary)
+      .write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+  Run("qemu-img check after.qcow2");
+  for (const char* name : {"b0", "b1", "off"}) {
+    std::string out;
+    scratch_->Sh(fmt::format("nbdinfo --map=qemu:dirty-bitmap:{} -- "
+                             "[ qemu-nbd -r -f qcow2 -B {} after.qcow2 ] | grep dirty",
+                             name, name),
+                 &out);
+    const bool dirty = out.find("8388608       65536    1  dirty") != std::string::npos;
+    EXPECT_EQ(dirty, std::string(name) != "off") << name << ": " << out;
+  }
 }
 
 }  // namespace
