@@ -14,7 +14,6 @@
 #include "qcow2/bitmap_directory.h"
 #include "qcow2/check/check_pass.h"
 #include "qcow2/check/check_util.h"
-#include "qcow2/format.h"
 
 namespace uq::qcow2::check_internal {
 
