@@ -35,11 +35,11 @@ Status Corrupt(const std::string& path, fmt::format_string<Args...> f, Args&&...
       fmt::format("{}: bitmap directory: {}", path, fmt::format(f, std::forward<Args>(args)...)));
 }
 
-// QEMU's constraints on one entry (its check_dir_entry), then the spec's on
-// the table's place in the file. `disk_bytes` is the virtual size in whole
-// sectors, the length QEMU compares a bitmap's coverage with.
+// QEMU's constraints on one entry (its check_dir_entry), then, with kOpen, the
+// spec's on the table's place in the file. `disk_bytes` is the virtual size in
+// whole sectors, the length QEMU compares a bitmap's coverage with.
 Status CheckEntry(const BitmapDirEntry& e, const Header& header, uint64_t disk_bytes,
-                  uint64_t file_size, const std::string& path) {
+                  uint64_t file_size, const std::string& path, BitmapDirectoryRules rules) {
   const uint64_t cluster = header.cluster_size();
   auto bad = [&](std::string_view why) {
     return Corrupt(path, "bitmap '{}' doesn't satisfy the constraints: {}", e.name, why);
@@ -75,6 +75,7 @@ Status CheckEntry(const BitmapDirEntry& e, const Header& header, uint64_t disk_b
   if (!e.in_use() && disk_bytes > ((bitmap_bytes * 8) << e.granularity_bits)) {
     return bad("its table is too small for the virtual disk");
   }
+  if (rules == BitmapDirectoryRules::kQemu) return Status::Ok();
   // The spec's rules that QEMU checks only when it reads the table.
   const uint64_t table_bytes = uint64_t{e.table_size} * 8;
   if (e.table_offset > file_size || table_bytes > file_size - e.table_offset) {
@@ -95,7 +96,8 @@ const BitmapsExtension* ActiveBitmapsExtension(const Header& header) {
 
 Result<std::vector<BitmapDirEntry>> ParseBitmapDirectory(std::span<const std::byte> bytes,
                                                          const Header& header, uint64_t file_size,
-                                                         const std::string& path) {
+                                                         const std::string& path,
+                                                         BitmapDirectoryRules rules) {
   const BitmapsExtension* ext = ActiveBitmapsExtension(header);
   assert(ext != nullptr);
   const uint64_t disk_bytes = header.size & ~uint64_t{511};
@@ -134,10 +136,12 @@ Result<std::vector<BitmapDirEntry>> ParseBitmapDirectory(std::span<const std::by
       return Corrupt(path, "bitmap {}: name of {} bytes (at most {})", entries.size(), name_size,
                      kMaxBitmapNameSize);
     }
-    RETURN_IF_ERROR(CheckEntry(e, header, disk_bytes, file_size, path));
-    if (name.empty()) return Corrupt(path, "bitmap {} has an empty name", entries.size());
-    if (!names.insert(name).second) {
-      return Corrupt(path, "two bitmaps are named '{}'", e.name);
+    RETURN_IF_ERROR(CheckEntry(e, header, disk_bytes, file_size, path, rules));
+    if (rules == BitmapDirectoryRules::kOpen) {
+      if (name.empty()) return Corrupt(path, "bitmap {} has an empty name", entries.size());
+      if (!names.insert(name).second) {
+        return Corrupt(path, "two bitmaps are named '{}'", e.name);
+      }
     }
     entries.push_back(std::move(e));
     pos += size;
@@ -171,7 +175,8 @@ std::vector<std::byte> SerializeBitmapDirectory(std::span<const BitmapDirEntry> 
   return out;
 }
 
-Task<Result<std::vector<BitmapDirEntry>>> ReadBitmapDirectory(File& file, const Header& header) {
+Task<Result<std::vector<BitmapDirEntry>>> ReadBitmapDirectory(File& file, const Header& header,
+                                                              BitmapDirectoryRules rules) {
   const BitmapsExtension* ext = ActiveBitmapsExtension(header);
   if (ext == nullptr) co_return std::vector<BitmapDirEntry>{};
   const std::string& path = file.path();
@@ -188,7 +193,7 @@ Task<Result<std::vector<BitmapDirEntry>>> ReadBitmapDirectory(File& file, const 
   }
   std::vector<std::byte> bytes(ext->directory_size);
   CO_RETURN_IF_ERROR(co_await file.ReadExact(ext->directory_offset, bytes));
-  co_return ParseBitmapDirectory(bytes, header, file_size, path);
+  co_return ParseBitmapDirectory(bytes, header, file_size, path, rules);
 }
 
 Task<Result<std::vector<uint64_t>>> ReadBitmapTable(File& file, const BitmapDirEntry& e,

@@ -17,8 +17,10 @@
 //                                          NUL-terminated), zero padding to 8
 //
 // Parsing applies QEMU 7.2's rules (qcow2-bitmap.c) so that we refuse what it
-// refuses, plus the spec's own "must"s QEMU leaves to later steps (a non-empty
-// name, names unique, the bitmap table inside the file). Nothing is allocated
+// refuses, plus (BitmapDirectoryRules::kOpen) the spec's own "must"s QEMU leaves
+// to later steps (a non-empty name, names unique, the bitmap table inside the
+// file). The check (qcow2/check) applies QEMU's alone, as qemu-img check does,
+// and reports what follows from the rest. Nothing is allocated
 // from a field before it is checked: the directory is read only once its size
 // is within QEMU's limit (64 MiB less 64 KiB).
 //
@@ -73,6 +75,17 @@ struct BitmapDirEntry {
   bool enabled() const { return flags & kBitmapAuto; }
 };
 
+// Which rules ParseBitmapDirectory applies.
+enum class BitmapDirectoryRules {
+  // QEMU's and the spec's: what the engine (open, info, convert) accepts.
+  kOpen,
+  // QEMU 7.2's alone (bitmap_list_load, check_dir_entry): what qemu-img check
+  // accepts. An empty or repeated name passes, and a bitmap table outside the
+  // file is left to the check, which counts its clusters as references past
+  // the end of the file (its bytes read as zeros, as in QEMU).
+  kQemu,
+};
+
 // The header's bitmaps extension if it is in force (present and the autoclear
 // "bitmaps" bit set), else nullptr: QEMU ignores the extension without that bit.
 const BitmapsExtension* ActiveBitmapsExtension(const Header& header);
@@ -90,13 +103,14 @@ const BitmapsExtension* ActiveBitmapsExtension(const Header& header);
 //   kMaxBitmapBytes, granularity_bits outside 9..31, a reserved flag set,
 //   type other than 1, name longer than 1023 bytes;
 //   a bitmap not in use whose table is too small to cover the virtual disk;
+// and, with BitmapDirectoryRules::kOpen only, when:
 //   the name is empty or repeats an earlier one (the spec forbids both);
 //   the bitmap table lies (partly) outside the file.
 // NotSupported when an entry has extra data (as QEMU 7.2).
 // Entries come back in directory order.
-Result<std::vector<BitmapDirEntry>> ParseBitmapDirectory(std::span<const std::byte> bytes,
-                                                         const Header& header, uint64_t file_size,
-                                                         const std::string& path);
+Result<std::vector<BitmapDirEntry>> ParseBitmapDirectory(
+    std::span<const std::byte> bytes, const Header& header, uint64_t file_size,
+    const std::string& path, BitmapDirectoryRules rules = BitmapDirectoryRules::kOpen);
 
 // The directory's bytes: each entry followed by zero padding to 8 bytes, so
 // that the result's size is what the extension's directory_size must say.
@@ -106,12 +120,14 @@ Result<std::vector<BitmapDirEntry>> ParseBitmapDirectory(std::span<const std::by
 // as zeros).
 std::vector<std::byte> SerializeBitmapDirectory(std::span<const BitmapDirEntry> entries);
 
-// Reads and parses the directory `header` names in `file`. An empty list when
-// the extension is absent or not in force. Errors: as ParseBitmapDirectory;
-// Corruption if the directory size is 0 or above kMaxBitmapDirectorySize or
-// the directory is not inside the file (checked before reading); IoError from
-// the file.
-Task<Result<std::vector<BitmapDirEntry>>> ReadBitmapDirectory(File& file, const Header& header);
+// Reads and parses (with `rules`) the directory `header` names in `file`. An
+// empty list when the extension is absent or not in force. Errors: as
+// ParseBitmapDirectory; Corruption if the directory size is 0 or above
+// kMaxBitmapDirectorySize or the directory is not inside the file (checked
+// before reading; ParseHeader refuses such a header already); IoError from the
+// file.
+Task<Result<std::vector<BitmapDirEntry>>> ReadBitmapDirectory(
+    File& file, const Header& header, BitmapDirectoryRules rules = BitmapDirectoryRules::kOpen);
 
 // Bitmap table entries (8 bytes, big-endian): the offset of one cluster of the bitmap's
 // serialised bits, or 0, bit 0 then saying whether that cluster's bits are all ones.
@@ -127,9 +143,11 @@ inline bool BitmapTableEntryValid(uint64_t entry, uint64_t cluster_size) {
          !(offset != 0 && (entry & kBitmapTableEntryAllOnes));
 }
 
-// Reads the bitmap table of `e` (ParseBitmapDirectory checked that it lies in the file and
-// holds at most 2^27 entries) and checks every entry (BitmapTableEntryValid). Corruption "PATH:
-// bitmap 'NAME': bitmap table entry I (0x...) is invalid"; IoError from the file.
+// Reads the bitmap table of `e` (an entry ParseBitmapDirectory returned: at most 2^20 entries,
+// since they name at most kMaxBitmapBytes of 512-byte clusters; bytes past the end of the file
+// read as zeros, as in QEMU) and checks every entry (BitmapTableEntryValid), as QEMU's
+// bitmap_table_load. Corruption "PATH: bitmap 'NAME': bitmap table entry I (0x...) is
+// invalid"; IoError from the file.
 Task<Result<std::vector<uint64_t>>> ReadBitmapTable(File& file, const BitmapDirEntry& e,
                                                     uint64_t cluster_size);
 

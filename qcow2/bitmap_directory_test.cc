@@ -164,6 +164,25 @@ TEST(BitmapDirectoryTest, BitmapTablePlace) {
   ExpectCorrupt(Parse(bytes, 1, kFileSize - 8), "outside the file");
 }
 
+// QEMU's rules alone (what qemu-img check applies): an empty or repeated name
+// and a table outside the file pass; QEMU's own constraints still refuse.
+TEST(BitmapDirectoryTest, QemuRulesLeaveTheSpecsMustsOut) {
+  auto parse = [](const std::vector<BitmapDirEntry>& entries) {
+    Bytes bytes = SerializeBitmapDirectory(entries);
+    return ParseBitmapDirectory(bytes, HeaderFor(bytes, static_cast<uint32_t>(entries.size())),
+                                kFileSize, kPath, BitmapDirectoryRules::kQemu);
+  };
+  Result<std::vector<BitmapDirEntry>> r =
+      parse({Entry(""), Entry("a", 16, 2, 6 * kCluster), Entry("a", 16, 2, 100 * kCluster)});
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  ASSERT_EQ(r->size(), 3u);
+  EXPECT_EQ((*r)[0].name, "");
+  EXPECT_EQ((*r)[2].table_offset, 100 * kCluster);
+  ExpectCorrupt(parse({Entry("x", 16, 2, 5 * kCluster + 512)}), "not cluster-aligned");
+  ExpectCorrupt(parse({Entry("x", 8)}), "granularity_bits 8");
+  ExpectCorrupt(parse({Entry(std::string(1024, 'n'))}), "name of 1024 bytes");
+}
+
 // One 64 KiB cluster of bitmap at 512-byte granularity covers 256 MiB; a disk
 // bigger than that needs a bigger table, unless the bitmap is in use (QEMU:
 // possibly stale after a resize).

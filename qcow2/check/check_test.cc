@@ -166,6 +166,12 @@ class CheckTest : public ::testing::Test {
     return q;
   }
 
+  Result<Header> HeaderOf(const std::string& image) {
+    auto file = SyncEnv()->Open(P(image), OpenOptions{});
+    if (!file.ok()) return file.status();
+    return BlockOn(ReadHeader(**file));
+  }
+
   Result<CheckResult> Mine(const std::string& image, RepairMode mode = RepairMode::kNone) {
     auto file = SyncEnv()->Open(P(image), OpenOptions{.writable = mode != RepairMode::kNone});
     if (!file.ok()) return file.status();
@@ -838,10 +844,7 @@ TEST_F(CheckTest, BrokenBitmapDirectory) {
   Sh(Create("", "16M") + " && qemu-img bitmap --add img.qcow2 b0");
   {
     Patcher p(P("img.qcow2"));
-    Result<Header> h = [&] {
-      auto file = SyncEnv()->Open(P("img.qcow2"), OpenOptions{});
-      return BlockOn(ReadHeader(**file));
-    }();
+    Result<Header> h = HeaderOf("img.qcow2");
     ASSERT_TRUE(h.ok() && h->bitmaps);
     std::byte bad_type[1] = {std::byte{7}};
     p.Write(h->bitmaps->directory_offset + 16, bad_type);
@@ -862,10 +865,7 @@ TEST_F(CheckTest, BitmapInUseWithATableTooSmallForTheDisk) {
      " && qemu-img bitmap --add -g 512 img.qcow2 b0 && qemu-img resize img.qcow2 5M");
   {
     Patcher p(P("img.qcow2"));
-    Result<Header> h = [&] {
-      auto file = SyncEnv()->Open(P("img.qcow2"), OpenOptions{});
-      return BlockOn(ReadHeader(**file));
-    }();
+    Result<Header> h = HeaderOf("img.qcow2");
     ASSERT_TRUE(h.ok() && h->bitmaps);
     // table_size 1 (512 bytes: 2 MiB of disk at 512 B a bit), flags in use | auto.
     std::byte entry[8] = {std::byte{0}, std::byte{0}, std::byte{0}, std::byte{1},
@@ -878,6 +878,73 @@ TEST_F(CheckTest, BitmapInUseWithATableTooSmallForTheDisk) {
   EXPECT_EQ(q.rc, 0) << q.out << q.err;
   EXPECT_EQ(CheckExitCode(*r), q.rc) << r->error;
   EXPECT_TRUE(r->error.empty()) << r->error;
+}
+
+// Bitmap tables as QEMU's check reads them: every table, in use or not, with
+// QEMU's rules. b0 is in use (inconsistent, so QEMU's open never reads its
+// table) if `in_use`, its table entry 0 is `entry` if given; with
+// `table_past_eof`, b0's table lies past the end of the file (reads as zeros;
+// its cluster counts as a reference beyond the end).
+class BitmapTableCheckTest : public CheckTest {
+ protected:
+  void MakeImage(std::optional<uint64_t> entry, bool in_use, bool table_past_eof = false) {
+    Sh(Create("", "4M") + " && " + Io("-c 'write -P 1 0 256k'") +
+       " && qemu-img bitmap --add img.qcow2 b0 && " + Io("-c 'write -P 2 1M 64k'") +
+       " && qemu-img bitmap --add img.qcow2 b1");
+    Patcher p(P("img.qcow2"));
+    Result<Header> h = HeaderOf("img.qcow2");
+    ASSERT_TRUE(h.ok() && h->bitmaps);
+    const uint64_t dir = h->bitmaps->directory_offset;
+    if (entry) p.SetU64(p.U64(dir), *entry);
+    if (in_use) {
+      std::byte flags[4];
+      StoreBE32(flags, 0, 3);  // in_use | auto
+      p.Write(dir + 12, flags);
+    }
+    if (table_past_eof) p.SetU64(dir, 100 << 20);
+  }
+
+  // Exit code, every stderr line and the failure, as qemu-img check's.
+  void ExpectSameAsQemu() {
+    QemuCheck q = Qemu("img.qcow2");
+    Result<CheckResult> r = Mine("img.qcow2");
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ(CheckExitCode(*r), q.rc) << q.err;
+    std::string mine;
+    for (const std::string& m : r->messages) mine += m + "\n";
+    if (!r->error.empty()) mine += "Check failed: " + r->error + "\n";
+    std::string theirs;
+    std::istringstream in(q.err);
+    for (std::string line; std::getline(in, line);) {
+      theirs += (line.rfind("qemu-img: ", 0) == 0 ? line.substr(10) : line) + "\n";
+    }
+    EXPECT_EQ(mine, theirs);
+  }
+};
+
+// QEMU's check fails the whole check with -EINVAL on a bad entry in any table.
+TEST_F(BitmapTableCheckTest, BadEntryInABitmapInUseFailsTheCheckAsQemu) {
+  for (uint64_t bad : {uint64_t{0x2}, uint64_t{0x10000 + 512}, uint64_t{0x10000 | 1}}) {
+    SCOPED_TRACE(bad);
+    MakeImage(bad, /*in_use=*/true);
+    ExpectSameAsQemu();
+    Result<CheckResult> r = Mine("img.qcow2");
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->error, "Invalid argument");
+  }
+}
+
+TEST_F(BitmapTableCheckTest, ValidEntriesInABitmapInUseAreCounted) {
+  MakeImage(std::nullopt, /*in_use=*/true);
+  ExpectSameAsQemu();
+  EXPECT_EQ(Qemu("img.qcow2").rc, 0);
+}
+
+// The engine's open refuses a table outside the file; the check counts it, as QEMU's.
+TEST_F(BitmapTableCheckTest, TablePastTheEndOfTheFileIsAReferenceNotAFailure) {
+  MakeImage(std::nullopt, /*in_use=*/false, /*table_past_eof=*/true);
+  ExpectSameAsQemu();
+  EXPECT_EQ(Qemu("img.qcow2").rc, 2);
 }
 
 // The same check and repair through an Env whose operations complete later
