@@ -86,8 +86,9 @@ Task<Result<std::unique_ptr<crypto::LuksVolume>>> UnlockLuks(File& file, const H
                                                              const std::string& path,
                                                              const ImageOptions& options) {
   if (!options.key) {
-    co_return Status::InvalidArgument(fmt::format(
-        "{}: the image is encrypted (LUKS): its passphrase is needed (--key-file FILE)", path));
+    co_return Status::InvalidArgument(
+        fmt::format("{}: the image is encrypted (LUKS): its passphrase is needed: {}", path,
+                    crypto::kKeyFlagsHint));
   }
   co_return co_await crypto::LuksVolume::Unlock(file, header.crypto->offset, header.crypto->length,
                                                 options.key->span());
@@ -105,8 +106,9 @@ Result<std::unique_ptr<crypto::SectorCipher>> LegacyAes(const std::string& path,
         path));
   }
   if (!options.key) {
-    return Status::InvalidArgument(fmt::format(
-        "{}: the image is encrypted (AES): its passphrase is needed (--key-file FILE)", path));
+    return Status::InvalidArgument(
+        fmt::format("{}: the image is encrypted (AES): its passphrase is needed: {}", path,
+                    crypto::kKeyFlagsHint));
   }
   ASSIGN_OR_RETURN(crypto::SectorCipher cipher, crypto::LegacyAesCipher(options.key->span()));
   return std::make_unique<crypto::SectorCipher>(std::move(cipher));

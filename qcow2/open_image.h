@@ -71,7 +71,8 @@ struct ImageOptions {
   std::vector<SnapshotRef> snapshot;
   // The passphrase of LUKS-encrypted images (qcow2 crypt_method 2), tried on
   // every encrypted image of the chain; null: none given, and opening an
-  // encrypted image fails ("its passphrase is needed"). Never logged.
+  // encrypted image fails ("its passphrase is needed: " and
+  // crypto::kKeyFlagsHint). Never logged.
   std::shared_ptr<const crypto::SecretBytes> key;
   // Deepest backing chain accepted (a guard on top of loop detection).
   int max_chain_depth = 64;

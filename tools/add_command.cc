@@ -98,8 +98,9 @@ class AddCommand final : public Command {
         "Prints /dev/ublkbN once the device is live. The daemon logs to\n"
         "/run/ublk-qcow2/N.log; remove the device with 'ublk-qcow2 del -n N'.\n"
         "If the daemon dies, 'ublk-qcow2 recover -n N' starts a new one.\n"
-        "An encrypted (LUKS) image needs --key-file FILE: the daemon keeps only the\n"
-        "master key, locked in memory; recover needs --key-file again.");
+        "An encrypted (LUKS) image needs its passphrase: --key-file FILE, or --object\n"
+        "secret,id=ID,file=FILE. The daemon keeps only the master key, locked in\n"
+        "memory; recover needs the passphrase again.");
   }
 
   Status Run() override { return RunAdd(options_); }

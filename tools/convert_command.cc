@@ -158,7 +158,11 @@ Status ConvertToQcow2(const ConvertOptions& options, IoContext& io, qcow2::Block
   qcow2::CreateOptions create;
   create.path = options.target;
   create.size = source.size();
-  ASSIGN_OR_RETURN(create, qcow2::ParseCreateOptions(options.create_options, create));
+  // Option errors name the output, as qemu-img's ("y.qcow2: error while
+  // converting qcow2: ...") and our create's do.
+  Result<qcow2::CreateOptions> parsed = qcow2::ParseCreateOptions(options.create_options, create);
+  if (!parsed.ok()) return parsed.status().WithContext(options.target);
+  create = std::move(parsed).value();
   std::shared_ptr<const qcow2::crypto::SecretBytes> target_key;
   if (create.encrypt) {
     Result<std::shared_ptr<const qcow2::crypto::SecretBytes>> key =

@@ -109,8 +109,8 @@ Result<std::shared_ptr<const SecretBytes>> NewImageKey(const std::string& key_se
 Status NeedKeyForDevice(int id, const std::string& image, bool encrypted, const char* verb) {
   if (!encrypted || ImageKey()) return Status::Ok();
   return Status::InvalidArgument(
-      fmt::format("ublk device {}: {} is encrypted: {} needs its passphrase (--key-file FILE)", id,
-                  image, verb));
+      fmt::format("ublk device {}: {} is encrypted: {} needs its passphrase: {}", id, image, verb,
+                  qcow2::crypto::kKeyFlagsHint));
 }
 
 }  // namespace uq::tools

@@ -62,8 +62,9 @@ Result<std::shared_ptr<const qcow2::crypto::SecretBytes>> NewImageKey(
 
 // For verbs that start a new daemon for a running device (recover, upgrade): OK unless the
 // device's image is encrypted and no key was given, then InvalidArgument "ublk device ID:
-// IMAGE is encrypted: VERB needs its passphrase (--key-file FILE)". No daemon and no file
-// under /run/ublk-qcow2 keeps the passphrase, so it must come again.
+// IMAGE is encrypted: VERB needs its passphrase: give --key-file FILE, or --object ..."
+// (qcow2::crypto::kKeyFlagsHint). No daemon and no file under /run/ublk-qcow2 keeps the passphrase,
+// so it must come again.
 Status NeedKeyForDevice(int id, const std::string& image, bool encrypted, const char* verb);
 
 // The passphrase ImageKey() returns, for `add` and `recover` to hand to

@@ -25,8 +25,8 @@ class RecoverCommand final : public Command {
     app.footer(
         "Starts a new daemon for a device whose daemon died (devices added with\n"
         "--recovery=reissue or fail-io) and prints /dev/ublkbN once it is live again.\n"
-        "An encrypted image needs its passphrase again (--key-file FILE): no daemon\n"
-        "and no file under /run/ublk-qcow2 keeps it.");
+        "An encrypted image needs its passphrase again (--key-file FILE, or --object\n"
+        "secret,id=ID,file=FILE): no daemon and no file under /run/ublk-qcow2 keeps it.");
   }
 
   Status Run() override { return RunRecover(options_); }

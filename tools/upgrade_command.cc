@@ -38,7 +38,8 @@ class UpgradeCommand final : public Command {
         "finishes what it holds, closes the image cleanly and exits; the new one\n"
         "recovers the device. Devices added with --recovery=reissue (the default) or\n"
         "fail-io (whose I/O fails during the handover). Prints /dev/ublkbN once live.\n"
-        "An encrypted image needs its passphrase again (--key-file FILE).");
+        "An encrypted image needs its passphrase again (--key-file FILE, or --object\n"
+        "secret,id=ID,file=FILE).");
   }
 
   Status Run() override { return RunUpgrade(options_); }

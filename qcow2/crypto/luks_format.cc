@@ -78,7 +78,20 @@ Result<Algorithms> LuksAlgorithms(const LuksFormatOptions& o) {
       o.ivgen_alg == "essiv" ? (o.ivgen_hash_alg.empty() ? "sha256" : o.ivgen_hash_alg) : "";
   Result<Algorithms> a =
       AlgorithmsFromOptions(o.cipher_alg, o.cipher_mode, o.ivgen_alg, ivgen_hash, o.hash_alg);
-  if (a.ok()) return a;
+  if (a.ok()) {
+    // QEMU 7.2 encrypts a slot's split key (key_bytes * 4000) in 512-byte
+    // sectors and asserts it is whole ones: a 24-byte key (a 192-bit cipher
+    // outside XTS) has 96000 bytes, so qemu-img create aborts on it, and
+    // qemu-img and qemu-io abort opening such an image with its key. We make
+    // no image QEMU cannot open.
+    if (uint64_t{a->key_bytes} * kLuksStripes % kLuksSectorSize != 0) {
+      return Status::NotSupported(fmt::format(
+          "cipher {} in {} mode is not supported: QEMU aborts on its {}-byte LUKS key "
+          "({} stripes are not whole {}-byte sectors); use xts or a 128- or 256-bit key",
+          a->cipher_alg, a->cipher_mode, a->key_bytes, kLuksStripes, kLuksSectorSize));
+    }
+    return a;
+  }
   // The resolver words its errors for a header it read ("create: LUKS
   // header: ..."); here they are about options, and never corruption.
   const Status st = a.status();

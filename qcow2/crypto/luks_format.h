@@ -74,8 +74,9 @@ struct LuksArea {
 uint64_t LuksAreaLength(uint32_t key_bytes);
 
 // Resolves and checks the options (cipher, mode, ivgen, hashes) alone.
-// Errors: NotSupported naming what libcrypto or LUKS lacks (e.g. "cipher
-// 'twofish-256' is not supported", aes-192 in xts mode).
+// Errors: NotSupported naming what we or QEMU lack (e.g. "cipher 'sm4' is
+// not supported", cast5-128 in xts mode, and a 192-bit cipher outside xts,
+// whose key QEMU 7.2 aborts on).
 Result<Algorithms> LuksAlgorithms(const LuksFormatOptions& options);
 
 // Builds a new area whose slot 0 opens with `passphrase`. Errors: those of

@@ -366,6 +366,12 @@ def expect_error(binary, b, img, argv, words):
         raise CaseFailure("%s changed the image" % " ".join(argv))
 
 
+# The one line that asks for a key names every way to give it.
+KEY_NEEDED = ("a.qcow2: the image is encrypted (LUKS): its passphrase is needed: give --key-file "
+              "FILE, or --object secret,id=ID,file=FILE (and --key-secret ID to pick one of "
+              "several)")
+
+
 @case("errors/keys", "wrong passphrase, no key, an empty or missing key file")
 def _(binary, b):
     create_luks(b, "a.qcow2", 4 * M)
@@ -378,7 +384,11 @@ def _(binary, b):
             ["a.qcow2", "a.qcow2"] if verb[0] == "compare" else ["a.qcow2"])
         expect_error(binary, b, "a.qcow2", verb + ["--key-file", "wrong"] + tail,
                      ["Invalid password"])
-        expect_error(binary, b, "a.qcow2", verb + tail, ["encrypted", "--key-file"])
+        expect_error(binary, b, "a.qcow2", verb + tail, [KEY_NEEDED])
+    # add opens the image before it touches ublk: no device is needed. Two
+    # secrets and no --key-secret to pick one: no key either.
+    for keys in ([], ["--object", "secret,id=s1,file=key", "--object", "secret,id=s2,data=x"]):
+        expect_error(binary, b, "a.qcow2", ["add"] + keys + ["-f", "a.qcow2"], [KEY_NEEDED])
     res = ours(binary, b, "convert", "--key-file", "empty", "-O", "raw", "a.qcow2", "x.raw")
     if res.rc != 1 or "empty" not in res.err:
         raise CaseFailure("empty key file: exit %s %r" % (res.rc, res.err))
@@ -553,7 +563,7 @@ def _(binary, b):
     expect_error(binary, b, "a.qcow2", ["amend", "--key-file", "key", "-o", "lazy_refcounts=on",
                                         "a.qcow2"], writing)
     expect_error(binary, b, "a.qcow2", ["convert", "-O", "raw", "a.qcow2", "x.raw"],
-                 ["encrypted (AES)", "--key-file"])
+                 [KEY_NEEDED.replace("LUKS", "AES")])
     # The check of --read-only comes before any ublk: no device is needed.
     expect_error(binary, b, "a.qcow2", ["add", "--key-file", "key", "-f", "a.qcow2"], writing)
     # check needs no key, as qemu-img check.
