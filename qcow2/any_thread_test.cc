@@ -426,7 +426,8 @@ TEST_F(AnyThreadTest, StableMetadataPublishesUnwrittenEntriesReadOnly) {
   img_ = static_cast<Qcow2Image*>(dev_.get());
 
   // An allocating write of cluster 1, its I/O completed one step at a time;
-  // after each step, would a write be served here?
+  // after each step, would a write be served here? (Rounds write entries
+  // after releasing the metadata mutex, so lookups run meanwhile.)
   std::vector<std::byte> data(kCluster, std::byte{0x33});
   Status written = Status::IoError("not run");
   bool done = false;
@@ -435,13 +436,28 @@ TEST_F(AnyThreadTest, StableMetadataPublishesUnwrittenEntriesReadOnly) {
     *done = true;
   }(dev_.get(), data, &written, &done));
   std::vector<std::byte> probe(4096, std::byte{0x44});
+  // Engine reads of the cluster all along: each lookup publishes it again,
+  // also while the round that writes its entry is in flight.
+  std::vector<std::byte> seen(4096);
+  bool reading = false;
   int steps = 0;
   int served_before_ack = 0;
-  while (!done && mem.Poll()) {
+  while (!done) {
+    if (!reading) {
+      reading = true;
+      Spawn([](Qcow2Image* img, std::span<std::byte> out, bool* reading) -> Task<void> {
+        (void)co_await img->Read(kCluster, out);
+        *reading = false;
+      }(img_, seen, &reading));
+    }
+    if (!mem.Poll()) break;
     steps++;
     if (img_->TryAnyThread(true, kCluster, probe)) served_before_ack++;  // not run
   }
+  while (reading && mem.Poll()) {
+  }
   ASSERT_TRUE(done);
+  ASSERT_FALSE(reading);
   ASSERT_TRUE(written.ok()) << written.ToString();
   EXPECT_GT(steps, 1);
   EXPECT_EQ(served_before_ack, 0) << "a write was served in a cluster whose entry was not written";

@@ -32,10 +32,12 @@ void MetadataCache::SliceRef::Release() {
 std::span<std::byte> MetadataCache::SliceRef::bytes() const { return slice_->span(); }
 uint64_t MetadataCache::SliceRef::offset() const { return slice_->offset; }
 
-MetadataCache::MetadataCache(File* file, uint64_t slice_size, uint64_t capacity_bytes)
+MetadataCache::MetadataCache(File* file, uint64_t slice_size, uint64_t capacity_bytes,
+                             uint64_t table_bytes)
     : file_(file),
       slice_size_(slice_size),
       capacity_slices_(std::max<uint64_t>(capacity_bytes / slice_size, 4)),
+      table_bytes_(std::max(table_bytes, slice_size)),
       pool_(std::make_shared<SlicePool>(slice_size)) {}
 
 MetadataCache::~MetadataCache() {
@@ -182,17 +184,73 @@ void MetadataCache::Redirty(const std::vector<DirtySlice>& slices) {
   for (const DirtySlice& d : slices) MarkDirty(d.ref);
 }
 
-Task<Status> MetadataCache::WriteDirty() {
-  std::vector<DirtySlice> dirty = TakeDirty();
+// Past this much clean data between two dirty slices (possible in tables
+// of large clusters) a second write is cheaper than rewriting it.
+constexpr uint64_t kMaxGapBytes = 64 << 10;
+
+bool MetadataCache::CleanAndIdle(uint64_t offset) const {
+  auto it = map_.find(offset);
+  if (it == map_.end()) return false;
+  const Slice& s = *it->second;
+  return !s.loading && !s.dirty && s.pins == 0;
+}
+
+std::vector<MetadataCache::Run> MetadataCache::MakeRuns(const std::vector<DirtySlice>& dirty) {
+  std::vector<Run> runs;
+  for (size_t i = 0, j; i < dirty.size(); i = j) {
+    // Extend the run to the next dirty slice of the same table while every
+    // slice in between may be rewritten from the cache.
+    const uint64_t first = dirty[i].ref.offset();
+    const uint64_t table = first / table_bytes_;
+    uint64_t end = first + slice_size_;
+    for (j = i + 1; j < dirty.size(); j++) {
+      const uint64_t next = dirty[j].ref.offset();
+      if (next / table_bytes_ != table || next - end > kMaxGapBytes) break;
+      bool bridged = true;
+      for (uint64_t o = end; o < next && bridged; o += slice_size_) bridged = CleanAndIdle(o);
+      if (!bridged) break;
+      end = next + slice_size_;
+    }
+    Run run{first, AlignedBuffer(end - first)};
+    size_t k = i;
+    for (uint64_t o = first; o < end; o += slice_size_) {
+      std::byte* to = run.bytes.data() + (o - first);
+      if (k < j && dirty[k].ref.offset() == o) {
+        std::memcpy(to, dirty[k].copy.data(), slice_size_);
+        k++;
+      } else {
+        std::memcpy(to, map_.at(o)->data, slice_size_);  // clean: what the file holds
+      }
+    }
+    runs.push_back(std::move(run));
+  }
+  return runs;
+}
+
+MetadataCache::Batch MetadataCache::TakeBatch() {
+  Batch batch;
+  batch.dirty = TakeDirty();
+  batch.runs = MakeRuns(batch.dirty);
+  run_writes_ += batch.runs.size();
+  slices_written_ += batch.dirty.size();
+  return batch;
+}
+
+Task<Status> MetadataCache::WriteBatch(Batch& batch) {
   std::vector<Task<Status>> writes;
-  writes.reserve(dirty.size());
-  for (DirtySlice& d : dirty)
-    writes.push_back([](File* f, DirtySlice* d) -> Task<Status> {
-      co_return co_await f->Write(d->ref.offset(), d->copy.span());
-    }(file_, &d));
+  writes.reserve(batch.runs.size());
+  for (Run& r : batch.runs)
+    writes.push_back([](File* f, Run* r) -> Task<Status> {
+      co_return co_await f->Write(r->offset, r->bytes.span());
+    }(file_, &r));
   Status st = co_await WhenAll(std::move(writes));
-  if (!st.ok()) Redirty(dirty);
+  if (!st.ok()) Redirty(batch.dirty);
   co_return st;
+}
+
+Task<Status> MetadataCache::WriteDirty() {
+  Batch batch = TakeBatch();
+  co_return co_await WriteBatch(batch);
 }
 
 }  // namespace uq::qcow2

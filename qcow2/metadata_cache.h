@@ -12,6 +12,17 @@
 // The slice size is fixed per cache (min(cluster size, 4 KiB) for L2), so a
 // 2 MiB-cluster image does not pull 2 MiB into memory for one lookup.
 //
+// Write-back in runs: WriteDirty() writes dirty slices of one table (a
+// `table_bytes`-aligned extent, one cluster) that lie close together as one
+// write, passing through the clean slices between them. A clean slice that
+// is resident, loaded and unpinned holds what the file holds (it was read
+// from there, or written there since its last change, and every change to a
+// slice's bytes happens through a SliceRef and is marked dirty before that
+// ref goes), so rewriting it changes nothing on disk, also when a crash
+// tears the write. A gap slice that is not resident (or loading, or pinned)
+// splits the run. With O_DIRECT each write is a disk write: 32 scattered
+// slices of two 64 KiB L2 tables become 2 writes instead of 32.
+//
 // Thread model: single event loop; not thread-safe.
 #ifndef UBLK_QCOW2_QCOW2_METADATA_CACHE_H_
 #define UBLK_QCOW2_QCOW2_METADATA_CACHE_H_
@@ -59,7 +70,10 @@ class MetadataCache {
   };
 
   // `file` must outlive the cache. `slice_size` is a power of two.
-  MetadataCache(File* file, uint64_t slice_size, uint64_t capacity_bytes);
+  // `table_bytes` (a multiple of slice_size, power of two): the extent one
+  // write-back run stays inside (a table's cluster); slice_size or less
+  // writes each dirty slice on its own.
+  MetadataCache(File* file, uint64_t slice_size, uint64_t capacity_bytes, uint64_t table_bytes = 0);
   ~MetadataCache();
   MetadataCache(const MetadataCache&) = delete;
   MetadataCache& operator=(const MetadataCache&) = delete;
@@ -98,8 +112,31 @@ class MetadataCache {
   // caller hands the slices back with Redirty().
   std::vector<DirtySlice> TakeDirty();
   void Redirty(const std::vector<DirtySlice>& slices);
-  // Writes every dirty slice (concurrently) and returns once all are written.
+  // Writes every dirty slice (runs of them as one write each, see the file
+  // comment; the runs concurrently) and returns once all are written. On
+  // failure the slices taken are dirty again. REQUIRES: no Batch of this
+  // cache being written (two writes of one slice in flight could land in
+  // either order).
   Task<Status> WriteDirty();
+  // WriteDirty in two halves, for an owner that takes the slices under its
+  // lock and writes them after releasing it. The slices taken stay pinned
+  // (never evicted, so never reloaded from the file) until written.
+  struct Run {
+    uint64_t offset;
+    AlignedBuffer bytes;
+  };
+  struct Batch {
+    std::vector<DirtySlice> dirty;
+    std::vector<Run> runs;
+  };
+  // Takes every dirty slice, marks it clean and makes the runs (no I/O).
+  Batch TakeBatch();
+  // Writes the runs; on failure the batch's slices are dirty again.
+  // REQUIRES: no other Batch taken since `batch` was, until this returns.
+  Task<Status> WriteBatch(Batch& batch);
+  // The writes WriteDirty() issued, and the dirty slices they carried.
+  uint64_t run_writes() const { return run_writes_; }
+  uint64_t slices_written() const { return slices_written_; }
   size_t dirty_slices() const { return dirty_count_; }
   // True once dirty slices fill half the capacity. Dirty slices cannot be
   // evicted, so past this point the owner should write them back (in its
@@ -137,16 +174,24 @@ class MetadataCache {
   };
   void Touch(Slice& s);
   void EvictIfOverCapacity();
+  // Groups `dirty` (sorted by offset) into runs, copying clean gap slices'
+  // bytes now, before any suspension can change them.
+  std::vector<Run> MakeRuns(const std::vector<DirtySlice>& dirty);
+  // Whether the slice at `offset` may be rewritten from the cache as a gap.
+  bool CleanAndIdle(uint64_t offset) const;
 
   File* file_;
   uint64_t slice_size_;
   uint64_t capacity_slices_;
+  uint64_t table_bytes_;
   std::shared_ptr<SlicePool> pool_;
   std::unordered_map<uint64_t, std::shared_ptr<Slice>> map_;
   std::list<uint64_t> lru_;  // front = most recently used
   size_t dirty_count_ = 0;
   uint64_t loads_ = 0;
   uint64_t hits_ = 0;
+  uint64_t run_writes_ = 0;
+  uint64_t slices_written_ = 0;
 };
 
 }  // namespace uq::qcow2

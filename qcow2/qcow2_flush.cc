@@ -75,21 +75,33 @@ Task<Status> Qcow2Image::MarkCorrupt(Status cause) {
   co_return error;
 }
 
-Task<Status> Qcow2Image::WriteL1() {
-  std::set<uint64_t> chunks;
-  chunks.swap(l1_dirty_chunks_);
-  for (uint64_t chunk : chunks) {
+Qcow2Image::L1Writes Qcow2Image::TakeL1Writes() {
+  L1Writes out;
+  out.chunks.swap(l1_dirty_chunks_);
+  for (uint64_t chunk : out.chunks) {
     const uint64_t first = chunk * 512;  // 4 KiB of entries
     const uint64_t count = std::min<uint64_t>(512, l1_.size() - first);
     AlignedBuffer buf(count * 8);
     for (uint64_t i = 0; i < count; i++) StoreBE64(buf.span(), i * 8, l1_[first + i]);
-    Status st = co_await file_->Write(header_.l1_table_offset + first * 8, buf.span());
+    out.writes.emplace_back(header_.l1_table_offset + first * 8, std::move(buf));
+  }
+  return out;
+}
+
+Task<Status> Qcow2Image::WriteL1Chunks(L1Writes& l1) {
+  for (auto& [offset, buf] : l1.writes) {
+    Status st = co_await file_->Write(offset, buf.span());
     if (!st.ok()) {
-      l1_dirty_chunks_.insert(chunks.begin(), chunks.end());
+      l1_dirty_chunks_.insert(l1.chunks.begin(), l1.chunks.end());
       co_return st;
     }
   }
   co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::WriteL1() {
+  L1Writes l1 = TakeL1Writes();
+  co_return co_await WriteL1Chunks(l1);
 }
 
 Task<Status> Qcow2Image::Flush() {
@@ -106,21 +118,42 @@ bool Qcow2Image::MetadataDirty() const {
 
 Task<Status> Qcow2Image::StabilizeMetadata() {
   if (!stable_metadata_ || !writable_) co_return Status::Ok();
-  // No round running (it would hold the mutex) and nothing dirty: whatever
-  // this request changed is in the file already.
-  if (!meta_mutex_.locked() && !MetadataDirty()) co_return Status::Ok();
+  // No round running (it would hold round_mutex_, a flush meta_mutex_) and
+  // nothing dirty: whatever this request changed is in the file already.
+  if (!round_mutex_.locked() && !meta_mutex_.locked() && !MetadataDirty()) co_return Status::Ok();
   // Our changes are in the caches now; a round that starts from here on
   // covers them.
   const uint64_t ticket = ++stabilize_requests_;
-  auto lock = co_await meta_mutex_.Acquire();
+  auto round = co_await round_mutex_.Acquire();
   if (stabilized_ >= ticket) co_return Status::Ok();  // a round started after us did it
-  const uint64_t covers = stabilize_requests_;
-  CO_RETURN_IF_ERROR(co_await StabilizeLocked());
+  RoundWrites writes;
+  uint64_t covers;
+  {
+    auto lock = co_await meta_mutex_.Acquire();
+    covers = stabilize_requests_;
+    CO_ASSIGN_OR_RETURN(writes, co_await StabilizeLocked());
+    // The writes go out after the mutex is released: allocations and new
+    // entries carry on meanwhile (they reach the next round).
+    round_io_ = true;
+  }
+  Status st = co_await WriteRound(writes);
+  // The clusters whose entries this round wrote may be published writable
+  // from now on; on failure they wait for the next round.
+  if (!st.ok()) unstable_clusters_.merge(writing_clusters_);
+  writing_clusters_.clear();
+  round_io_ = false;
+  round_io_done_.NotifyAll();
+  CO_RETURN_IF_ERROR(st);
   stabilized_ = std::max(stabilized_, covers);
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::StabilizeLocked() {
+Task<void> Qcow2Image::WaitRoundWrites() {
+  while (round_io_) co_await round_io_done_.Wait();
+}
+
+Task<Result<Qcow2Image::RoundWrites>> Qcow2Image::StabilizeLocked() {
+  RoundWrites writes;
   // Every cluster an L2 or L1 entry in the caches names has a stable
   // refcount: it came from the reserve, or was referenced before. New L2
   // tables were synced before their L1 entries were set (PrepareL2). So the
@@ -135,27 +168,52 @@ Task<Status> Qcow2Image::StabilizeLocked() {
   // freed clusters until the guest flushes.
   if (refcounts_->blocks_dirty() || refcounts_->table_dirty() ||
       refcounts_->deferred_count() > ReserveBatch()) {
-    co_return co_await FlushLocked();
+    CO_RETURN_IF_ERROR(co_await FlushLocked());
+    co_return std::move(writes);
   }
   // Copy-on-write data shown by a new entry (a backing file's bytes around a
   // small write, say) is not the guest's to lose: it must be on disk before
-  // the entry is, or a power cut would show what the host cluster held before.
-  if (entries_need_data_sync_) {
-    CO_RETURN_IF_ERROR(co_await file_->Sync());
-    if (data_file_) CO_RETURN_IF_ERROR(co_await data_file_->Sync());
-    entries_need_data_sync_ = false;
+  // the entry is, or a power cut would show what the host cluster held
+  // before. Every such data write completed before its entry was stored,
+  // so a sync started by WriteRound covers it.
+  writes.sync_first = entries_need_data_sync_;
+  entries_need_data_sync_ = false;
+  // Copies of the dirty slices (in runs) and L1 chunks, taken now: the
+  // requests whose ticket this round covers made their changes before.
+  writes.l2 = l2_cache_.TakeBatch();
+  writes.l1 = TakeL1Writes();
+  // Their clusters stay read-only for other threads until these copies are
+  // in the file; entries stored meanwhile start a new set.
+  writing_clusters_.swap(unstable_clusters_);
+  co_return std::move(writes);
+}
+
+Task<Status> Qcow2Image::WriteRound(RoundWrites& writes) {
+  if (writes.sync_first) {
+    Status st = co_await file_->Sync();
+    if (st.ok() && data_file_) st = co_await data_file_->Sync();
+    if (!st.ok()) {
+      entries_need_data_sync_ = true;
+      l2_cache_.Redirty(writes.l2.dirty);
+      l1_dirty_chunks_.insert(writes.l1.chunks.begin(), writes.l1.chunks.end());
+      co_return st;
+    }
   }
-  // One write per dirty slice (concurrent), shared by every request whose
-  // ticket this round covers.
-  if (l2_cache_.dirty_slices() > 0) CO_RETURN_IF_ERROR(co_await l2_cache_.WriteDirty());
-  if (!l1_dirty_chunks_.empty()) CO_RETURN_IF_ERROR(co_await WriteL1());
-  // Every entry stored so far is in the file (StoreEntry runs under the
-  // mutex this round holds).
-  unstable_clusters_.clear();
-  co_return Status::Ok();
+  // One write per run of dirty slices (concurrent), shared by every request
+  // whose ticket this round covers.
+  Status st = co_await l2_cache_.WriteBatch(writes.l2);
+  if (!st.ok()) {
+    l1_dirty_chunks_.insert(writes.l1.chunks.begin(), writes.l1.chunks.end());
+    co_return st;
+  }
+  co_return co_await WriteL1Chunks(writes.l1);
 }
 
 Task<Status> Qcow2Image::FlushLocked() {
+  // A round's entry writes still in flight: they must land before anything
+  // here (a later copy of the same slice, a sync meant to cover them, a
+  // decrement whose dropping entry they carry).
+  co_await WaitRoundWrites();
   auto sync_all = [this]() -> Task<Status> {
     CO_RETURN_IF_ERROR(co_await file_->Sync());
     if (data_file_) CO_RETURN_IF_ERROR(co_await data_file_->Sync());

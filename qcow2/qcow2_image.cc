@@ -44,7 +44,8 @@ Qcow2Image::Qcow2Image(Qcow2OpenParts parts)
       publish_(parts.publish && parts.luks == nullptr && parts.legacy_aes == nullptr),
       stable_metadata_(parts.stable_metadata),
       env_(parts.env),
-      l2_cache_(file_.get(), std::min(kL2SliceBytes, geo_.cluster_size), parts.cache_size),
+      l2_cache_(file_.get(), std::min(kL2SliceBytes, geo_.cluster_size), parts.cache_size,
+                geo_.cluster_size),
       shared_map_(parts.publish ? SharedMapSlots(parts.cache_size) : 1),
       luks_(std::move(parts.luks)),
       legacy_aes_(std::move(parts.legacy_aes)) {}
@@ -436,7 +437,9 @@ bool Qcow2Image::Publishable(uint64_t cluster, const L2Entry& e, uint64_t* host,
   // image alone, and (in the image file) not one of its metadata clusters.
   *writable = writable_ && !closed_ && e.copied();
   if (*writable && !has_df) *writable = !IsMetadataCluster(*host / geo_.cluster_size);
-  if (*writable && !unstable_clusters_.empty()) *writable = !unstable_clusters_.contains(cluster);
+  if (*writable && !(unstable_clusters_.empty() && writing_clusters_.empty())) {
+    *writable = !unstable_clusters_.contains(cluster) && !writing_clusters_.contains(cluster);
+  }
   return true;
 }
 

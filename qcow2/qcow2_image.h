@@ -29,15 +29,19 @@
 // request, or per group of requests completing together, cost 4 syncs and
 // ran allocating 4 KiB writes at QD32 at 0.2-0.5x of the rate without it.
 // Instead (qcow2_reserve.cc):
-//   - clusters are reserved ahead in batches (8 MiB, 16-256 clusters): their
-//     refcounts are raised to 1 and made stable (blocks written, synced, then
+//   - clusters are reserved ahead in batches (8 MiB, 16-256 clusters; each
+//     refill doubles it, up to 64 MiB or 2048 clusters, so that its sync is
+//     shared by more allocations): their refcounts are raised to 1 and made
+//     stable (blocks written, synced, then
 //     the table entries naming new blocks, synced) and the file is extended
 //     past them (a power cut must not leave an entry pointing past its end)
 //     BEFORE any of them is handed out. Every allocation takes one;
 //   - so every cluster an entry in the caches names has a stable refcount,
 //     and an entry may reach the disk at any time: it is written, not
 //     synced, before the acknowledgement. Requests completing together share
-//     one write per dirty L2 slice and L1 chunk (group commit);
+//     one write per run of dirty L2 slices of a table and per L1 chunk
+//     (group commit); the round copies them under the metadata mutex and
+//     writes them after releasing it, so allocations go on meanwhile;
 //   - a new L2 table is synced (zeros, or the copy of a snapshot's table)
 //     before its L1 entry is set: one sync per new table;
 //   - an entry that shows bytes copied on write (a backing file's, a shared
@@ -54,8 +58,8 @@
 //     allocation made outside the reserve) break the premise: the round
 //     flushes in full (the old path, FlushLocked). Device requests never
 //     dirty them; WriteCompressed (convert) and the quiesced operations do.
-// A crash leaks the reserve (`check -r leaks` frees it; qemu-img reports a
-// leak, not corruption); a clean Close gives it back (refcounts to 0, the
+// A crash leaks the reserve, up to 64 MiB (`check -r leaks` frees it;
+// qemu-img reports a leak, not corruption); a clean Close gives it back (refcounts to 0, the
 // file cut after its last cluster in use). The power-loss rules above hold:
 // a flush still syncs data before entries and entries before decrements.
 //
@@ -556,8 +560,10 @@ class Qcow2Image final : public BlockDevice {
   // --- cluster reserve (qcow2_reserve.cc; stable metadata only) ---
   // Whether allocations come from the reserve.
   bool Reserving() const { return stable_metadata_ && !reserve_released_; }
-  // How many clusters one refill reserves.
+  // How many clusters the first refill reserves (8 MiB); later ones double
+  // up to MaxReserveBatch() (64 MiB), see reserve_batch_.
   uint64_t ReserveBatch() const;
+  uint64_t MaxReserveBatch() const;
   // Raises the refcounts of a batch of free clusters to 1 and makes them
   // stable (refcount blocks written, synced; the table entries naming new
   // blocks written and synced after them), then puts the clusters in
@@ -579,12 +585,37 @@ class Qcow2Image final : public BlockDevice {
   bool MetadataDirty() const;
   // With stable_metadata: returns once every metadata change made before the
   // call is in the file, joining a round that starts after the call or
-  // running one. A round writes the dirty L2 slices and L1 chunks (no sync)
-  // when the refcounts are clean; a full flush otherwise. Without: Ok at
-  // once. REQUIRES: the metadata mutex not held.
+  // running one. A round takes copies of the dirty L2 slices and L1 chunks
+  // under the metadata mutex and writes them (no sync) after releasing it,
+  // so allocations go on meanwhile, when the refcounts are clean; it
+  // flushes in full otherwise. Rounds run one at a time (round_mutex_).
+  // Clusters with entries not yet in the file are published read-only
+  // (unstable_clusters_, writing_clusters_).
+  // Without: Ok at once. REQUIRES: the metadata mutex not held.
   Task<Status> StabilizeMetadata();
-  // One round of StabilizeMetadata. REQUIRES: the metadata mutex held.
-  Task<Status> StabilizeLocked();
+  // What one round writes once the metadata mutex is released.
+  struct L1Writes {
+    std::set<uint64_t> chunks;                               // for a retry
+    std::vector<std::pair<uint64_t, AlignedBuffer>> writes;  // offset, bytes
+  };
+  struct RoundWrites {
+    bool sync_first = false;  // entries showing copied data: sync it first
+    MetadataCache::Batch l2;
+    L1Writes l1;
+  };
+  // The locked half of a round: a full flush (nothing left to write), or
+  // the copies to write. REQUIRES: the metadata mutex held, no round
+  // writing (round_mutex_ held).
+  Task<Result<RoundWrites>> StabilizeLocked();
+  // The unlocked half: writes them; on failure they are dirty again.
+  Task<Status> WriteRound(RoundWrites& writes);
+  // Returns once no round's writes are in flight. Whatever writes metadata
+  // (FlushLocked) waits first: two writes of one slice in flight could land
+  // in either order.
+  Task<void> WaitRoundWrites();
+  // Copies the dirty L1 chunks (and marks them clean), then writes them.
+  L1Writes TakeL1Writes();
+  Task<Status> WriteL1Chunks(L1Writes& l1);
   Task<Status> WriteL1();
   Task<Status> OpenForWriting();
   // --- persistent dirty bitmaps (qcow2_bitmaps.cc) ---
@@ -710,6 +741,13 @@ class Qcow2Image final : public BlockDevice {
   // the highest number a completed round covers (it started after them).
   uint64_t stabilize_requests_ = 0;
   uint64_t stabilized_ = 0;
+  // Held by a round from its ticket check to its last write; taken before
+  // meta_mutex_, never while holding it.
+  AsyncMutex round_mutex_;
+  // A round's writes are in flight (meta_mutex_ released); FlushLocked
+  // waits on round_io_done_.
+  bool round_io_ = false;
+  WaitList round_io_done_;
   // Clusters whose refcount 1 is stable and that nothing references yet,
   // handed out in ascending order (stable metadata only).
   struct Reserved {
@@ -717,6 +755,8 @@ class Qcow2Image final : public BlockDevice {
     bool zero;  // past the end of the file when reserved: reads as zeros on disk
   };
   std::deque<Reserved> reserved_;
+  // Clusters the next refill reserves (0: ReserveBatch()).
+  uint64_t reserve_batch_ = 0;
   // An entry in the L2 cache shows data written since the last sync that was
   // not there before (copy-on-write): the next round syncs before writing it.
   bool entries_need_data_sync_ = false;
@@ -727,6 +767,10 @@ class Qcow2Image final : public BlockDevice {
   // flush has written every cached entry; the next lookup publishes them
   // writable again.
   std::unordered_set<uint64_t> unstable_clusters_;
+  // The unstable clusters whose entries the round in flight writes (taken
+  // from unstable_clusters_ under the mutex): still read-only for other
+  // threads until its writes complete.
+  std::unordered_set<uint64_t> writing_clusters_;
   bool reserve_released_ = false;  // Close: no more reserving
   bool reserve_extended_ = false;  // a refill grew the file (Close cuts it back)
   Env* const env_;

@@ -13,14 +13,23 @@ namespace uq::qcow2 {
 uint64_t Qcow2Image::ReserveBatch() const {
   // 8 MiB of clusters, at least 16 and at most 256: a refill costs one or two
   // syncs, so at 64 KiB clusters 128 allocating writes share them; a crash
-  // leaks at most that much (check -r leaks frees it). Fixed, not tuned: see
-  // docs/benchmarks.md for what it gives.
+  // leaks what is reserved (check -r leaks frees it).
   return std::clamp<uint64_t>((uint64_t{8} << 20) / geo_.cluster_size, 16, 256);
+}
+
+uint64_t Qcow2Image::MaxReserveBatch() const {
+  // 64 MiB, at most 2048 clusters: what a crash may leak, and how much the
+  // file grows (sparse) ahead of the data.
+  return std::max(ReserveBatch(),
+                  std::clamp<uint64_t>((uint64_t{64} << 20) / geo_.cluster_size, 16, 2048));
 }
 
 Task<Status> Qcow2Image::RefillReserve() {
   const uint64_t cs = geo_.cluster_size;
-  const uint64_t want = ReserveBatch();
+  // Each refill drained the one before: allocations keep coming, so the
+  // next batch doubles (up to MaxReserveBatch) and the sync is shared by
+  // more of them.
+  const uint64_t want = reserve_batch_ != 0 ? reserve_batch_ : ReserveBatch();
   std::vector<uint64_t> got;
   got.reserve(want);
   Status st;
@@ -71,6 +80,7 @@ Task<Status> Qcow2Image::RefillReserve() {
     co_return st;
   }
   for (uint64_t host : got) reserved_.push_back(Reserved{host, host >= file_end});
+  reserve_batch_ = std::min(want * 2, MaxReserveBatch());
   co_return Status::Ok();
 }
 

@@ -22,7 +22,7 @@ Refcounts::Refcounts(File* file, Header* header, uint64_t cache_bytes)
       order_(header->refcount_order),
       entries_per_block_(RefcountEntriesPerBlock(header->cluster_bits, header->refcount_order)),
       entries_per_slice_(std::min(kSliceBytes, cluster_size_) * 8 >> header->refcount_order),
-      cache_(file, std::min(kSliceBytes, cluster_size_), cache_bytes) {}
+      cache_(file, std::min(kSliceBytes, cluster_size_), cache_bytes, cluster_size_) {}
 
 Status Refcounts::Corrupt(std::string what) const {
   return Status::Corruption(fmt::format("{}: {}", file_->path(), what));
