@@ -302,7 +302,8 @@ def _(binary, b):
     LT.write_key(b)
     b.qemu_img_luks_create("create", "-q", "-f", "qcow2", "--object", SECRET, "-o",
                            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=aes-128,"
-                           "encrypt.cipher-mode=cbc,encrypt.hash-alg=sha1", "a.qcow2", 1 * M)
+                           "encrypt.cipher-mode=cbc,encrypt.hash-alg=sha1", "a.qcow2", 1 * M,
+                           attempts=200)
     LT.qio(b, "a.qcow2", "write -P 0x3c 4k 64k")
     LT.expect_same_view(binary, b, "a.qcow2")
     info = json.loads(LT.ours(binary, b, "info", "--output=json", "a.qcow2").out)

@@ -189,10 +189,15 @@ class Builder:
     def qemu_img(self, *args):
         return must([QEMU_IMG] + [str(a) for a in args], self.cwd, self.log)
 
-    def qemu_img_luks_create(self, *args, attempts=20):
-        """qemu-img create of a LUKS image, retried: QEMU times PBKDF2 with the
-        thread's CPU clock and gives up ("Unable to get accurate CPU usage")
-        about one time in five on this machine, whatever encrypt.iter-time is."""
+    def qemu_img_luks_create(self, *args, attempts=60):
+        """qemu-img create of a LUKS image, retried: QEMU 7.2 (Debian) times PBKDF2
+        with the thread's CPU clock, whose resolution is the scheduler tick, and gives
+        up ("Unable to get accurate CPU usage") when its first probe, 2^15 iterations,
+        took no measurable time: with a fast hash (sha1, sha256) on a fast machine one
+        attempt in two or more fails (sha1: 10 of 30 with iter-time=10 on an idle
+        machine, 20 of 20 with the default under CI's load), whatever
+        encrypt.iter-time is. A failure comes quickly (the probe is the first thing
+        qemu-img does), so many attempts cost little."""
         for attempt in range(attempts):
             try:
                 return self.qemu_img(*args)
