@@ -80,52 +80,7 @@ assert "USER_RECOVERY" in d["flags"] and "USER_RECOVERY_REISSUE" in d["flags"], 
 check "fio crc32c verify across 3 SIGKILL + recover: no error, every block verifies, image clean" fio_across_kills
 cleanup
 
-ext4_across_kills() {
-  local dev id writer rc k
-  qemu-img create -q -f qcow2 "$img" 512M
-  dev=$(add_device -f "$img") || return 1
-  id=$(dev_id "$dev")
-  mkfs.ext4 -q "$dev"
-  mount "$dev" "$MNT"
-  make_tree "$WORK/tree"
-  # Copies until told to stop (at least 3), each synced.
-  rm -f "$WORK/stop"
-  (
-    set -e
-    i=0
-    while [[ ! -e $WORK/stop ]] || ((i < 3)); do
-      i=$((i + 1))
-      cp -r "$WORK/tree" "$MNT/copy$i"
-      sync -f "$MNT/copy$i/a/b/big"
-    done
-    echo "$i copies written"
-  ) >"$WORK/writer.log" 2>&1 &
-  writer=$!
-  for k in 1 2 3; do
-    wait_writes "$id" 150 120 || { kill "$writer"; return 1; }
-    kill_and_recover "$id" "$dev" || { kill "$writer"; return 1; }
-  done
-  touch "$WORK/stop"
-  rc=0
-  wait "$writer" || rc=$?
-  cat "$WORK/writer.log"
-  echo "writer status $rc"
-  ((rc == 0))
-  umount "$MNT"
-  e2fsck -fn "$dev"
-  mount "$dev" "$MNT"
-  sums_of "$WORK/tree" | awk '{print $1}' >"$WORK/want"
-  n=0
-  for d in "$MNT"/copy*; do
-    sums_of "$d" | awk '{print $1}' | cmp - "$WORK/want"
-    n=$((n + 1))
-  done
-  ((n >= 3))
-  echo "$n copies verify after remount"
-  umount "$MNT"
-  "$UQ" del -n "$id"
-  qemu-img check "$img"  # leaks freed by the recovering opens: clean
-}
+ext4_across_kills() { ext4_writer_across "$img" 3 kill_and_recover; }
 check "ext4 with a writer across 3 SIGKILL + recover: no error, files verify, e2fsck and image clean (no leak)" ext4_across_kills
 cleanup  # whatever a failed check left, so that the next ones start clean
 

@@ -141,51 +141,7 @@ sys.exit(0 if "AUTO_BUF_REG" in f and "USER_COPY" in f else 1)'; then
     cleanup
   fi
 
-  ext4_across_upgrades() {
-    local dev id writer rc k n
-    qemu-img create -q -f qcow2 "$img" 512M
-    dev=$(add_device -f "$img") || return 1
-    id=$(dev_id "$dev")
-    mkfs.ext4 -q "$dev"
-    mount "$dev" "$MNT"
-    make_tree "$WORK/tree"
-    rm -f "$WORK/stop"
-    (
-      set -e
-      i=0
-      while [[ ! -e $WORK/stop ]] || ((i < 3)); do
-        i=$((i + 1))
-        cp -r "$WORK/tree" "$MNT/copy$i"
-        sync -f "$MNT/copy$i/a/b/big"
-      done
-      echo "$i copies written"
-    ) >"$WORK/writer.log" 2>&1 &
-    writer=$!
-    for k in 1 2; do
-      wait_writes "$id" 150 120 || { kill "$writer"; return 1; }
-      upgrade_once "$id" "$dev" || { kill "$writer"; return 1; }
-    done
-    touch "$WORK/stop"
-    rc=0
-    wait "$writer" || rc=$?
-    cat "$WORK/writer.log"
-    echo "writer status $rc"
-    ((rc == 0))
-    umount "$MNT"
-    e2fsck -fn "$dev"
-    mount "$dev" "$MNT"
-    sums_of "$WORK/tree" | awk '{print $1}' >"$WORK/want"
-    n=0
-    for d in "$MNT"/copy*; do
-      sums_of "$d" | awk '{print $1}' | cmp - "$WORK/want"
-      n=$((n + 1))
-    done
-    ((n >= 3))
-    echo "$n copies verify after remount"
-    umount "$MNT"
-    "$UQ" del -n "$id"
-    qemu-img check "$img"
-  }
+  ext4_across_upgrades() { ext4_writer_across "$img" 2 upgrade_once; }
   check "mounted ext4 with a writer across 2 upgrades: no error, files verify, e2fsck and image clean" ext4_across_upgrades
   cleanup
 

@@ -138,6 +138,59 @@ fio_verify_finish() {
   echo "fio --verify_only passes after $3"
 }
 
+# ext4_writer_across IMAGE N CHANGE: a new 512M IMAGE on a device, ext4 on it, mounted, and
+# a writer copying a tree of files into it (each copy synced) while `CHANGE ID DEV` (the
+# test's daemon change: kill_and_recover, upgrade_once) runs N times, each after 150 more
+# writes. Passes when the writer saw no error, e2fsck finds nothing, every copy (at least 3)
+# verifies after a remount, and after `del` qemu-img check finds the image clean (no leak).
+# Runs under check (errexit).
+ext4_writer_across() {
+  local img=$1 changes=$2 change=$3 dev id writer rc k n
+  qemu-img create -q -f qcow2 "$img" 512M
+  dev=$(add_device -f "$img") || return 1
+  id=$(dev_id "$dev")
+  mkfs.ext4 -q "$dev"
+  mount "$dev" "$MNT"
+  make_tree "$WORK/tree"
+  # Copies until told to stop (at least 3), each synced.
+  rm -f "$WORK/stop"
+  (
+    set -e
+    i=0
+    while [[ ! -e $WORK/stop ]] || ((i < 3)); do
+      i=$((i + 1))
+      cp -r "$WORK/tree" "$MNT/copy$i"
+      sync -f "$MNT/copy$i/a/b/big"
+    done
+    echo "$i copies written"
+  ) >"$WORK/writer.log" 2>&1 &
+  writer=$!
+  for ((k = 0; k < changes; k++)); do
+    wait_writes "$id" 150 120 || { kill "$writer"; return 1; }
+    "$change" "$id" "$dev" || { kill "$writer"; return 1; }
+  done
+  touch "$WORK/stop"
+  rc=0
+  wait "$writer" || rc=$?
+  cat "$WORK/writer.log"
+  echo "writer status $rc"
+  ((rc == 0))
+  umount "$MNT"
+  e2fsck -fn "$dev"
+  mount "$dev" "$MNT"
+  sums_of "$WORK/tree" | awk '{print $1}' >"$WORK/want"
+  n=0
+  for d in "$MNT"/copy*; do
+    sums_of "$d" | awk '{print $1}' | cmp - "$WORK/want"
+    n=$((n + 1))
+  done
+  ((n >= 3))
+  echo "$n copies verify after remount"
+  umount "$MNT"
+  "$UQ" del -n "$id"
+  qemu-img check "$img"
+}
+
 daemon_pid() {  # daemon_pid ID
   sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "/run/ublk-qcow2/$1.json" 2>/dev/null
 }
