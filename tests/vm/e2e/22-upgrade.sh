@@ -13,7 +13,10 @@
 #  2. a mounted ext4 with a writer copying trees across two upgrades: no error, the
 #     files verify after a remount, e2fsck -fn clean, the image clean;
 #  3. an idle --recovery=fail-io device is upgraded too (I/O sent during the handover
-#     would fail: fail-io's meaning);
+#     would fail: fail-io's meaning); and one under I/O: a writer of 64 KiB chunks, each
+#     synced, across the upgrade: writes may fail during the handover, but every chunk
+#     whose write succeeded reads back, the writer goes on through the new daemon, and
+#     the image is clean;
 #  4. refusals, one line, exit 1, nothing changed: a device added with --recovery=off,
 #     an unknown id, a device whose daemon is gone (recover is what it needs).
 # Elsewhere (6.12): upgrade is one line naming UBLK_F_QUIESCE, exit 1, and the device
@@ -165,6 +168,54 @@ assert d["recovery"] == "fail-io", d
     qemu-img check "$img"
   }
   check "upgrade of a --recovery=fail-io device (idle): new daemon, data intact, image clean" fail_io_upgrade
+
+  fail_io_upgrade_under_io() {
+    local dev id writer ok failed
+    qemu-img create -q -f qcow2 "$img" 128M
+    dev=$(add_device -f "$img" --recovery=fail-io) || return 1
+    id=$(dev_id "$dev")
+    dd if=/dev/urandom of="$WORK/p" bs=1M count=64 status=none
+    # Chunk i (64 KiB of the pattern at offset i * 64 KiB) written once, synced; its
+    # result logged.
+    rm -f "$WORK/stop"
+    (
+      i=0
+      while [[ ! -e $WORK/stop ]] && ((i < 1024)); do
+        if dd if="$WORK/p" of="$dev" bs=64k skip=$i seek=$i count=1 oflag=direct \
+          conv=fsync,notrunc status=none 2>/dev/null; then
+          echo "$i ok"
+        else
+          echo "$i failed"
+        fi
+        i=$((i + 1))
+      done
+    ) >"$WORK/chunks" &
+    writer=$!
+    wait_writes "$id" 40 120 || { kill "$writer"; return 1; }
+    upgrade_once "$id" "$dev" || { kill "$writer"; return 1; }
+    wait_writes "$id" 40 120 || { kill "$writer"; return 1; }  # through the new daemon
+    touch "$WORK/stop"
+    wait "$writer"
+    ok=$(grep -c ' ok$' "$WORK/chunks")
+    failed=$(grep -c ' failed$' "$WORK/chunks" || true)
+    echo "$ok chunks written, $failed failed (sent during the handover)"
+    ((ok >= 30))
+    dd if="$dev" of="$WORK/back" bs=1M count=64 iflag=direct status=none
+    python3 - "$WORK/chunks" "$WORK/p" "$WORK/back" <<'PY'
+import sys
+want, got = open(sys.argv[2], "rb").read(), open(sys.argv[3], "rb").read()
+for line in open(sys.argv[1]):
+    i, status = line.split()
+    at = int(i) * 65536
+    if status == "ok" and got[at:at + 65536] != want[at:at + 65536]:
+        sys.exit("chunk %s was acknowledged but reads back different" % i)
+print("every acknowledged chunk reads back")
+PY
+    "$UQ" del -n "$id"
+    qemu-img check "$img"
+  }
+  check "upgrade of a --recovery=fail-io device under writes: acknowledged writes read back, writes go on, image clean" fail_io_upgrade_under_io
+  cleanup
 
   refuse_recovery_off() {
     local dev id pid rc err
