@@ -213,12 +213,15 @@ Task<Result<std::vector<uint64_t>>> ReadBitmapTable(File& file, const BitmapDirE
   co_return table;
 }
 
-Task<Status> CheckConsistentBitmapTables(File& file, std::span<const BitmapDirEntry> entries,
-                                         uint64_t cluster_size) {
-  for (const BitmapDirEntry& e : entries) {
-    if (!e.in_use()) CO_RETURN_IF_ERROR((co_await ReadBitmapTable(file, e, cluster_size)).status());
+Task<Result<std::vector<std::optional<std::vector<uint64_t>>>>> ReadConsistentBitmapTables(
+    File& file, std::span<const BitmapDirEntry> entries, uint64_t cluster_size) {
+  std::vector<std::optional<std::vector<uint64_t>>> tables(entries.size());
+  for (size_t i = 0; i < entries.size(); i++) {
+    if (!entries[i].in_use()) {
+      CO_ASSIGN_OR_RETURN(tables[i], co_await ReadBitmapTable(file, entries[i], cluster_size));
+    }
   }
-  co_return Status::Ok();
+  co_return tables;
 }
 
 }  // namespace uq::qcow2

@@ -31,6 +31,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -154,9 +155,10 @@ Task<Result<std::vector<uint64_t>>> ReadBitmapTable(File& file, const BitmapDirE
 // What QEMU does on every open, read-only too (it loads every consistent bitmap): the table
 // of each bitmap in `entries` that is not in use read and checked (ReadBitmapTable), so an
 // image QEMU will not open is refused by info and convert as well. Inconsistent bitmaps
-// are never read, by QEMU or by us.
-Task<Status> CheckConsistentBitmapTables(File& file, std::span<const BitmapDirEntry> entries,
-                                         uint64_t cluster_size);
+// are never read, by QEMU or by us. Returns them, one per entry (nullopt for a bitmap in
+// use), for a caller that goes on to use them.
+Task<Result<std::vector<std::optional<std::vector<uint64_t>>>>> ReadConsistentBitmapTables(
+    File& file, std::span<const BitmapDirEntry> entries, uint64_t cluster_size);
 
 }  // namespace uq::qcow2
 

@@ -257,7 +257,8 @@ Task<Status> OpenDependencies(File& file, const std::string& path, const ImageOp
   Result<std::vector<BitmapDirEntry>> bitmaps = co_await ReadBitmapDirectory(file, *header);
   if (bitmaps.ok()) {
     CO_RETURN_IF_ERROR(
-        co_await CheckConsistentBitmapTables(file, *bitmaps, uint64_t{1} << header->cluster_bits));
+        (co_await ReadConsistentBitmapTables(file, *bitmaps, uint64_t{1} << header->cluster_bits))
+            .status());
   }
   if (!header->backing_file.empty() && !options.no_backing) {
     ChainState chain;

@@ -86,7 +86,7 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenImage(std::string path, ImageOpti
 // Opens, as OpenImage(path, options) would, the files the qcow2 image in
 // `file` (opened from `path`) depends on: its external data file and its
 // whole backing chain; and checks the tables of its consistent bitmaps
-// (CheckConsistentBitmapTables); then closes them. qemu-img check opens the image
+// (ReadConsistentBitmapTables); then closes them. qemu-img check opens the image
 // this way before checking it, and fails (exit 1) when one of them cannot
 // be opened; `ublk-qcow2 check` uses this to do the same.
 // Errors: those of OpenImage for the data file and the backing chain. A

@@ -44,16 +44,12 @@ Task<Status> Qcow2Image::LoadBitmapDirectory() {
   CO_ASSIGN_OR_RETURN(std::vector<BitmapDirEntry> entries,
                       co_await ReadBitmapDirectory(*file_, header_));
   bitmaps_.clear();
-  std::vector<TrackedBitmap> tracked;
-  for (const BitmapDirEntry& e : entries) {
-    TrackedBitmap& t = tracked.emplace_back(TrackedBitmap{e, nullptr});
-    // CheckConsistentBitmapTables, keeping what it reads for OpenBitmapsForWriting.
-    if (!e.in_use()) {
-      CO_ASSIGN_OR_RETURN(t.table_at_open,
-                          co_await uq::qcow2::ReadBitmapTable(*file_, e, geo_.cluster_size));
-    }
+  CO_ASSIGN_OR_RETURN(auto tables,
+                      co_await ReadConsistentBitmapTables(*file_, entries, geo_.cluster_size));
+  for (size_t i = 0; i < entries.size(); i++) {
+    TrackedBitmap& t = bitmaps_.emplace_back(TrackedBitmap{entries[i], nullptr});
+    if (writable_) t.table_at_open = std::move(tables[i]);
   }
-  bitmaps_ = std::move(tracked);
   disk_bitmaps_ = std::move(entries);
   co_return Status::Ok();
 }

@@ -76,7 +76,6 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts)
   // it is broken, reading or writing.
   CO_RETURN_IF_ERROR(co_await img->LoadBitmapDirectory());
   if (img->writable_) CO_RETURN_IF_ERROR(co_await img->OpenForWriting());
-  for (TrackedBitmap& b : img->bitmaps_) b.table_at_open.reset();  // read-only: not needed
   co_return std::move(img);
 }
 

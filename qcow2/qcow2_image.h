@@ -624,14 +624,14 @@ class Qcow2Image final : public BlockDevice {
     std::shared_ptr<DirtyBitmap> bits;  // null: not loaded
     bool changed = false;               // bits changed by an operation
     bool entry_is_new = false;          // added since the last store
-    // The table as the open read and checked it (consistent bitmaps), for
-    // OpenBitmapsForWriting to use instead of reading it again; emptied once
-    // the open is done.
+    // A writable open: the table as the open read and checked it (consistent
+    // bitmaps), for OpenBitmapsForWriting to use instead of reading it again,
+    // which empties it.
     std::optional<std::vector<uint64_t>> table_at_open;
   };
   // Reads the directory and checks the table of every consistent bitmap
-  // (as CheckConsistentBitmapTables does): QEMU refuses to open an image with a bad entry
-  // there. The tables read are kept in table_at_open.
+  // (ReadConsistentBitmapTables): QEMU refuses to open an image with a bad entry
+  // there. A writable open keeps the tables read in table_at_open.
   Task<Status> LoadBitmapDirectory();
   // Keeps the directory, tables and data clusters out of the data path and
   // loads the bitmaps to track.

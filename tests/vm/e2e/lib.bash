@@ -145,7 +145,7 @@ fio_verify_finish() {
 # verifies after a remount, and after `del` qemu-img check finds the image clean (no leak).
 # Runs under check (errexit).
 ext4_writer_across() {
-  local img=$1 changes=$2 change=$3 dev id writer rc k n
+  local img=$1 changes=$2 change=$3 dev id writer rc k n d
   qemu-img create -q -f qcow2 "$img" 512M
   dev=$(add_device -f "$img") || return 1
   id=$(dev_id "$dev")
