@@ -60,6 +60,19 @@ class ScratchDir {
   bool ok_ = false;
 };
 
+// The shell words that run qemu-img for a LUKS create. QEMU 7.2 times PBKDF2 with a CPU clock
+// that often does not move on tick-accounted kernels and then gives up ("Unable to get accurate
+// CPU usage"); a test whose BUILD rule puts //tests/qemu:libprecise_thread_cpu.so in its data and
+// its runfiles path in $QEMU_PRELOAD gets qemu-img with that library preloaded, which gives the
+// probe the exact clock. Without it, plain qemu-img (callers retry).
+inline std::string QemuImgForLuks() {
+  const char* preload = std::getenv("QEMU_PRELOAD");
+  const char* runfiles = std::getenv("TEST_SRCDIR");
+  const char* workspace = std::getenv("TEST_WORKSPACE");
+  if (!preload || !runfiles || !workspace) return "qemu-img";
+  return fmt::format("LD_PRELOAD='{}/{}/{}' qemu-img", runfiles, workspace, preload);
+}
+
 }  // namespace uq::qcow2::testing
 
 #endif  // UBLK_QCOW2_QCOW2_TESTING_SCRATCH_DIR_H_

@@ -16,8 +16,8 @@ written by qemu-io through `--object secret --image-opts`. Then:
     hostile iteration count: one stderr line naming the file, exit 1, the
     passphrase in no message, the image unchanged.
 
-QEMU's PBKDF2 timing probe fails about one create in five on this machine
-("Unable to get accurate CPU usage"): creation is retried up to 20 times.
+QEMU's PBKDF2 timing probe needs an exact CPU clock ("Unable to get accurate CPU
+usage" otherwise): oracle_lib preloads one into qemu-img (tests/qemu/).
 
 Usage: luks_oracle_test.py BINARY [--group G] [--case SUBSTR]... [--list] [--keep]
 """

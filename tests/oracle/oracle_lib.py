@@ -86,6 +86,22 @@ def _decode(b):
     return b.decode("utf-8", "replace")
 
 
+def _qemu_img_env():
+    """The environment qemu-img runs in: with //tests/qemu:libprecise_thread_cpu.so preloaded
+    when the BUILD rule passes its runfiles path in $QEMU_PRELOAD (oracle.bzl does), so QEMU's
+    PBKDF2 timing probe of a LUKS create reads an exact CPU clock instead of failing on a tick-
+    accounted one ("Unable to get accurate CPU usage"; see precise_thread_cpu.c)."""
+    preload = os.environ.get("QEMU_PRELOAD")
+    runfiles = os.environ.get("TEST_SRCDIR")
+    workspace = os.environ.get("TEST_WORKSPACE")
+    if not (preload and runfiles and workspace):
+        return None
+    return dict(os.environ, LD_PRELOAD=os.path.join(runfiles, workspace, preload))
+
+
+QEMU_IMG_ENV = _qemu_img_env()
+
+
 def run(argv, cwd, log, timeout=60, watch=None, max_alloc=None, stdin=subprocess.DEVNULL):
     """Runs argv; returns a Result.  Never raises for a non-zero exit.
 
@@ -94,8 +110,9 @@ def run(argv, cwd, log, timeout=60, watch=None, max_alloc=None, stdin=subprocess
     keeps a non-sparse convert of a 1 TiB image from filling the disk.
     """
     start = time.monotonic()
+    env = QEMU_IMG_ENV if os.path.basename(str(argv[0])) == "qemu-img" else None
     proc = subprocess.Popen(argv, cwd=cwd, stdin=stdin, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True, env=env)
     killed_reason = None
     timed_out = False
     if watch is None:
@@ -190,14 +207,13 @@ class Builder:
         return must([QEMU_IMG] + [str(a) for a in args], self.cwd, self.log)
 
     def qemu_img_luks_create(self, *args, attempts=60):
-        """qemu-img create of a LUKS image, retried: QEMU 7.2 (Debian) times PBKDF2
-        with the thread's CPU clock, whose resolution is the scheduler tick, and gives
-        up ("Unable to get accurate CPU usage") when its first probe, 2^15 iterations,
-        took no measurable time: with a fast hash (sha1, sha256) on a fast machine one
-        attempt in two or more fails (sha1: 10 of 30 with iter-time=10 on an idle
-        machine, 20 of 20 with the default under CI's load), whatever
-        encrypt.iter-time is. A failure comes quickly (the probe is the first thing
-        qemu-img does), so many attempts cost little."""
+        """qemu-img create of a LUKS image. QEMU 7.2 (Debian) times PBKDF2 with the
+        thread's user time from getrusage, which tick-accounted kernels often leave
+        unmoved across its first probe (2^15 iterations, about 6 ms): it then gives up
+        ("Unable to get accurate CPU usage"; 22 of 30 creates on the CI machine).
+        run() preloads the exact clock into qemu-img under Bazel (QEMU_IMG_ENV); the
+        retries are for runs without it. A failure comes quickly (the probe is the
+        first thing qemu-img does), so many attempts cost little."""
         for attempt in range(attempts):
             try:
                 return self.qemu_img(*args)
