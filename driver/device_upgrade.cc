@@ -90,8 +90,7 @@ Status Device::HandOver() {
   recorded_ = false;
   for (size_t q = 0; q < workers_.size(); ++q) {
     QueueWorker* worker = workers_[q].get();
-    const bool ok = quiesced.ok();
-    loops_[q]->Call([worker, ok] { worker->EndHandover(ok); });
+    loops_[q]->Call([worker] { worker->EndHandover(); });
   }
   return Status::Ok();
 }

@@ -229,9 +229,8 @@ void QueueWorker::OnResult(uint16_t tag, int32_t result) {
 
 void QueueWorker::BeginHandover() { handover_ = true; }
 
-void QueueWorker::EndHandover(bool quiesced) {
+void QueueWorker::EndHandover() {
   handover_ended_ = true;
-  quiesced_ = quiesced;
   MaybeFinished();
 }
 

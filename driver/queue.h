@@ -109,7 +109,8 @@ class QueueWorker final : public uring::CommandHandler {
 
   // Handing over to a new daemon (see above); loop thread.
   void BeginHandover();
-  void EndHandover(bool quiesced);
+  // After QUIESCE_DEV returned, or gave up: the worker behaves the same either way (see above).
+  void EndHandover();
   // QUIESCE_DEV was refused: serve on as before (released tags are waited
   // for again).
   void AbortHandover();
@@ -155,7 +156,6 @@ class QueueWorker final : public uring::CommandHandler {
   bool started_ = false;
   bool handover_ = false;        // BeginHandover() came
   bool handover_ended_ = false;  // EndHandover() came
-  bool quiesced_ = false;        // ... and the kernel aborted the idle fetches
   uint64_t left_ = 0;            // requests left to the next daemon
   uint64_t not_aborted_ = 0;     // fetches pending when a handover finished
   bool finished_ = false;

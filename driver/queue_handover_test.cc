@@ -260,7 +260,7 @@ TEST_F(QueueHandoverTest, CommitDuringHandoverReleasesTheTag) {
   EXPECT_EQ(requests(), 2u);
   EXPECT_EQ(Issued(), std::vector<CommandId>{Commit(0)});
 
-  OnLoop([this] { worker_->EndHandover(/*quiesced=*/true); });
+  OnLoop([this] { worker_->EndHandover(); });  // QUIESCE_DEV returned
   EXPECT_EQ(finished(), 1);
   EXPECT_EQ(not_aborted(), 0u) << "tag 0's fetch was released, not left unaborted";
 
@@ -271,7 +271,7 @@ TEST_F(QueueHandoverTest, CommitDuringHandoverReleasesTheTag) {
   EXPECT_EQ(Issued(), std::vector<CommandId>{});
 }
 
-// Case 2: after EndHandover(quiesced=true) the worker is done as soon as the
+// Case 2: after a QUIESCE_DEV that returned, the worker is done as soon as the
 // requests it serves are committed, though a fetch is still outstanding
 // (QUIESCE_DEV does not abort a fetch whose tag's request is still started
 // in the kernel: zero copy's late completion, queue.h).
@@ -282,7 +282,7 @@ TEST_F(QueueHandoverTest, QuiescedHandoverEndsOnceNothingIsServed) {
   Request(1);
   EXPECT_EQ(requests(), 2u);
   Abort(2);  // tag 3's fetch is never aborted
-  OnLoop([this] { worker_->EndHandover(/*quiesced=*/true); });
+  OnLoop([this] { worker_->EndHandover(); });  // QUIESCE_DEV returned
   EXPECT_EQ(finished(), 0) << "two requests are being served";
 
   ASSERT_TRUE(FinishOneRequest());
@@ -300,7 +300,7 @@ TEST_F(QueueHandoverTest, QuiescedHandoverEndsOnceNothingIsServed) {
   EXPECT_EQ(Issued(), std::vector<CommandId>{});
 }
 
-// Case 3: EndHandover(quiesced=false) (QUIESCE_DEV timed out or was
+// Case 3: EndHandover after a QUIESCE_DEV that timed out or was
 // interrupted: new requests are held back but no fetch was aborted) ends the
 // same way, once nothing is served, not when the fetches come back: none of
 // them may ever be aborted (device_upgrade.cc).
@@ -308,7 +308,7 @@ TEST_F(QueueHandoverTest, UnquiescedHandoverEndsOnceNothingIsServed) {
   HoldFlushes();
   OnLoop([this] { worker_->BeginHandover(); });
   Request(2);
-  OnLoop([this] { worker_->EndHandover(/*quiesced=*/false); });
+  OnLoop([this] { worker_->EndHandover(); });  // QUIESCE_DEV gave up
   EXPECT_EQ(finished(), 0) << "tag 2's request is being served";
   ASSERT_TRUE(FinishOneRequest());
   EXPECT_EQ(Issued(), std::vector<CommandId>{Commit(2)});

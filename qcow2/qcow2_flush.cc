@@ -189,24 +189,23 @@ Task<Result<Qcow2Image::RoundWrites>> Qcow2Image::StabilizeLocked() {
 }
 
 Task<Status> Qcow2Image::WriteRound(RoundWrites& writes) {
+  Status st = Status::Ok();
   if (writes.sync_first) {
-    Status st = co_await file_->Sync();
+    st = co_await file_->Sync();
     if (st.ok() && data_file_) st = co_await data_file_->Sync();
     if (!st.ok()) {
       entries_need_data_sync_ = true;
       l2_cache_.Redirty(writes.l2.dirty);
-      l1_dirty_chunks_.insert(writes.l1.chunks.begin(), writes.l1.chunks.end());
-      co_return st;
     }
   }
   // One write per run of dirty slices (concurrent), shared by every request
-  // whose ticket this round covers.
-  Status st = co_await l2_cache_.WriteBatch(writes.l2);
-  if (!st.ok()) {
-    l1_dirty_chunks_.insert(writes.l1.chunks.begin(), writes.l1.chunks.end());
-    co_return st;
-  }
-  co_return co_await WriteL1Chunks(writes.l1);
+  // whose ticket this round covers. A failed batch redirties its slices.
+  if (st.ok()) st = co_await l2_cache_.WriteBatch(writes.l2);
+  // The L1 chunks go out last (WriteL1Chunks requeues them if they fail);
+  // after an earlier failure they wait for the next round or flush.
+  if (st.ok()) co_return co_await WriteL1Chunks(writes.l1);
+  l1_dirty_chunks_.insert(writes.l1.chunks.begin(), writes.l1.chunks.end());
+  co_return st;
 }
 
 Task<Status> Qcow2Image::FlushLocked() {

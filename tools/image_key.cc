@@ -93,8 +93,6 @@ std::shared_ptr<const SecretBytes> ImageKey() { return Key(); }
 
 std::shared_ptr<SecretBytes> ImageKeyToWipe() { return Key(); }
 
-const std::string& ImageKeyFile() { return TheFlags().key_file; }
-
 Result<std::shared_ptr<const SecretBytes>> SecretById(const std::string& id) {
   auto it = Secrets().find(id);
   if (it == Secrets().end()) return NoSecret(id);

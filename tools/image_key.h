@@ -46,9 +46,6 @@ Status LoadImageKey();
 // The passphrase that opens encrypted images, or null.
 std::shared_ptr<const qcow2::crypto::SecretBytes> ImageKey();
 
-// The key file's path ("" if none): `add` hands it to its daemon.
-const std::string& ImageKeyFile();
-
 // The --object secret with id `id`. Errors: InvalidArgument "No secret with
 // id 'ID'" (QEMU's words).
 Result<std::shared_ptr<const qcow2::crypto::SecretBytes>> SecretById(const std::string& id);
