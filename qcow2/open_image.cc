@@ -252,8 +252,13 @@ Task<Status> OpenDependencies(File& file, const std::string& path, const ImageOp
     data_options.writable = false;  // only opened to see that it can be
     CO_RETURN_IF_ERROR(OpenDataFile(path, *header, data_options).status());
   }
-  // QEMU's open loads every consistent bitmap; a bad table entry fails it. A directory that
-  // does not parse is the check's to report, as a header that does not parse.
+  // QEMU's open refuses a directory that breaks its own rules (bitmap_list_load), so
+  // qemu-img check fails before any report (exit 1, no JSON). What only the spec forbids (an
+  // empty or repeated name, a table past the end of the file) QEMU opens, and the check
+  // reports it.
+  CO_RETURN_IF_ERROR(
+      (co_await ReadBitmapDirectory(file, *header, BitmapDirectoryRules::kQemu)).status());
+  // QEMU's open loads every consistent bitmap; a bad table entry fails it.
   Result<std::vector<BitmapDirEntry>> bitmaps = co_await ReadBitmapDirectory(file, *header);
   if (bitmaps.ok()) {
     CO_RETURN_IF_ERROR(

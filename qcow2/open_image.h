@@ -89,8 +89,10 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenImage(std::string path, ImageOpti
 // (ReadConsistentBitmapTables); then closes them. qemu-img check opens the image
 // this way before checking it, and fails (exit 1) when one of them cannot
 // be opened; `ublk-qcow2 check` uses this to do the same.
-// Errors: those of OpenImage for the data file and the backing chain. A
-// header that does not parse is not an error here (the check reports it).
+// Errors: those of OpenImage for the data file and the backing chain; a
+// bitmap directory that breaks QEMU's rules (ReadBitmapDirectory with
+// BitmapDirectoryRules::kQemu; QEMU's open refuses it too). A header that
+// does not parse is not an error here (the check reports it).
 Task<Status> OpenDependencies(File& file, const std::string& path, const ImageOptions& options);
 
 // True if the first bytes of `file` carry the qcow2 magic.

@@ -25,8 +25,9 @@ Task<Status> CheckPass::CheckBitmaps() {
   if (ext == nullptr) co_return Status::Ok();
   CO_RETURN_IF_ERROR(Inc(ext->directory_offset, ext->directory_size));
   // qemu-img cannot open an image whose directory breaks QEMU's rules (its
-  // bitmap_list_load refuses it on open too); ours opens it for the check,
-  // which fails with the parser's reason.
+  // bitmap_list_load refuses it), and neither does `ublk-qcow2 check`
+  // (OpenDependencies); a caller of CheckImage alone gets the parser's reason
+  // as the check's failure.
   Result<std::vector<BitmapDirEntry>> entries =
       co_await ReadBitmapDirectory(file_, h_, BitmapDirectoryRules::kQemu);
   if (!entries.ok()) {

@@ -246,6 +246,26 @@ def _(b):
     return Expect("img.qcow2", same_state=False, repair_lines=False)
 
 
+def bad_directory_case(name, field, width, value, doc):
+    """b0's directory entry with `field` (offset in the entry, `width` bytes) set to `value`,
+    breaking QEMU's rules: qemu-img cannot open the image to check it (exit 1, one line, no
+    report on stdout)."""
+    def fn(b):
+        p, entry = b.path("img.qcow2"), bitmap_image(b)
+        L.write_be(p, entry + field, width, value)
+        return Expect("img.qcow2", open_error=["doesn't satisfy the constraints"])
+    CASES.append(Case("bitmap/directory_" + name, "bitmap", fn, doc))
+
+
+bad_directory_case("granularity_out_of_range", 17, 1, 40,
+                   "granularity_bits 40: Could not open (Bitmap 'b0' doesn't satisfy the "
+                   "constraints), exit 1")
+bad_directory_case("type_not_dirty_tracking", 16, 1, 2,
+                   "type 2: Could not open, exit 1")
+bad_directory_case("reserved_flag", 12, 4, 1 << 5,
+                   "a reserved flag bit: Could not open, exit 1")
+
+
 # --------------------------------------------------------------------------
 
 
@@ -273,6 +293,9 @@ def compare_check(label, image, args, binary, b, log, exp, problems):
                 not any(n in ours[0] for n in exp.open_error):
             problems.append("%s: want one stderr line 'ublk-qcow2: ...' naming %s, got %r"
                             % (label, exp.open_error, o.err[:400]))
+        if o.out != q.out:  # qemu-img prints no report for an image it cannot open
+            problems.append("%s: stdout differs:\n  qemu-img %r\n  ours     %r"
+                            % (label, q.out, o.out))
     else:
         theirs = stderr_lines(q.err, True)
         if ours != theirs:
