@@ -18,15 +18,12 @@
 
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
-#include "qcow2/testing/fault_injection_env.h"
-#include "qcow2/testing/mem_env.h"
-#include "qcow2/testing/scratch_dir.h"
+#include "qcow2/testing/crash_harness.h"
 
 namespace uq::qcow2 {
 namespace {
 
-using testing::CrashMode;
-using testing::FaultInjectionEnv;
+using testing::CrashRun;
 using testing::MemEnv;
 
 struct AmendCase {
@@ -66,20 +63,13 @@ f.seek(off); f.write(out + b'\0' * (len(data[:pos]) - len(out)))
 EOF
 true)PY";
 
-class AmendCrashTest : public ::testing::TestWithParam<AmendCase> {
+class AmendCrashTest : public testing::CrashFixture<AmendCase> {
  protected:
-  void SetUp() override {
-    scratch_ = std::make_unique<testing::ScratchDir>("amend-crash-" + GetParam().name);
-    ASSERT_TRUE(scratch_->ok());
-    dir_ = scratch_->dir();
-  }
-  int Sh(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
+  AmendCrashTest() : CrashFixture("amend-crash-") {}
   // The guest view of after.qcow2 (or of one of its snapshots).
   std::vector<std::byte> View(const std::string& image, const std::string& snapshot = "") {
-    std::string out;
-    const std::string l = snapshot.empty() ? "" : " -l snapshot.name=" + snapshot;
-    EXPECT_EQ(Sh(fmt::format("qemu-img convert -O raw{} {} view.raw", l, image), &out), 0) << out;
-    return scratch_->Slurp("view.raw");
+    return testing::RawView(
+        *scratch_, snapshot.empty() ? image : "-l snapshot.name=" + snapshot + " " + image);
   }
   // The names of the bitmaps qemu-img info lists, one per line, then
   // "ext" if the header has a bitmaps extension (which version 2 ignores).
@@ -107,8 +97,6 @@ while pos + 8 <= len(h):
     if t == 0x23852875: print("ext")
     pos += 8 + (n + 7) // 8 * 8
 ' )PY";
-  std::unique_ptr<testing::ScratchDir> scratch_;
-  std::string dir_;
 };
 
 TEST_P(AmendCrashTest, EveryCrashPointLeavesTheOldOrTheNewVersion) {
@@ -123,15 +111,11 @@ TEST_P(AmendCrashTest, EveryCrashPointLeavesTheOldOrTheNewVersion) {
 
   auto run = [&](int64_t crash_at, bool* amended) -> uint64_t {
     MemEnv mem;
-    EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/img.qcow2", "/w/img.qcow2").ok());
-    if (c.backing) {
-      EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/base.qcow2", "/w/base.qcow2").ok());
-    }
-    FaultInjectionEnv env(&mem);
-    if (crash_at >= 0) env.CrashAtOperation(static_cast<uint64_t>(crash_at));
+    testing::ImportImage(mem, dir_ + "/img.qcow2", "/w/img.qcow2");
+    if (c.backing) testing::ImportImage(mem, dir_ + "/base.qcow2", "/w/base.qcow2");
+    CrashRun crash(&mem, crash_at);
     *amended = false;
-    auto opened = BlockOn(OpenImage(
-        "/w/img.qcow2", ImageOptions{.env = &env, .writable = true, .working_dir = "/w"}));
+    auto opened = testing::OpenWritableImage(crash.env());
     if (opened.ok()) {
       std::unique_ptr<BlockDevice> dev = std::move(*opened);
       auto* image = dynamic_cast<Qcow2Image*>(dev.get());
@@ -140,11 +124,8 @@ TEST_P(AmendCrashTest, EveryCrashPointLeavesTheOldOrTheNewVersion) {
       if (st.ok()) st = BlockOn(dev->Close());
       if (crash_at < 0) EXPECT_TRUE(st.ok()) << st.ToString();
     }
-    const uint64_t count = env.operation_count();
-    if (crash_at >= 0) {
-      EXPECT_TRUE(env.SimulateCrash(static_cast<CrashMode>(crash_at % 3), crash_at).ok());
-    }
-    EXPECT_TRUE(mem.ExportToHostFile("/w/img.qcow2", dir_ + "/after.qcow2").ok());
+    const uint64_t count = crash.Finish();
+    testing::ExportImage(mem, "/w/img.qcow2", dir_ + "/after.qcow2");
     return count;
   };
   auto version = [&]() {
@@ -163,10 +144,8 @@ TEST_P(AmendCrashTest, EveryCrashPointLeavesTheOldOrTheNewVersion) {
   int new_seen = 0;
   for (uint64_t n = 0; n < boundaries; n++) {
     run(static_cast<int64_t>(n), &amended);
-    const std::string at = fmt::format("crash at boundary {} (mode {})", n, n % 3);
-    int status = Sh("qemu-img check after.qcow2", &out);
-    ASSERT_TRUE(status == 0 || status == 3) << at << ": qemu-img check exit " << status << "\n"
-                                            << out;
+    const std::string at = testing::CrashPoint(n);
+    ASSERT_TRUE(testing::QemuCheckPasses(*scratch_, "after.qcow2")) << at;
     const uint32_t v = version();
     ASSERT_TRUE(v == 2 || v == 3) << at << ": version " << v;
     if (v == c.to_version) new_seen++;

@@ -30,15 +30,12 @@
 #include "qcow2/check/check.h"
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
-#include "qcow2/testing/fault_injection_env.h"
-#include "qcow2/testing/mem_env.h"
-#include "qcow2/testing/scratch_dir.h"
+#include "qcow2/testing/crash_harness.h"
 
 namespace uq::qcow2 {
 namespace {
 
-using testing::CrashMode;
-using testing::FaultInjectionEnv;
+using testing::CrashRun;
 using testing::MemEnv;
 
 enum class Op { kOps, kWrites, kGrow, kShrink };
@@ -84,21 +81,14 @@ Result<State> ReadState(MemEnv& mem, std::vector<std::byte>* data) {
   return s;
 }
 
-class BitmapCrashTest : public ::testing::TestWithParam<BitmapCase> {
+class BitmapCrashTest : public testing::CrashFixture<BitmapCase> {
  protected:
-  void SetUp() override {
-    scratch_ = std::make_unique<testing::ScratchDir>("bitmap-crash-" + GetParam().name);
-    ASSERT_TRUE(scratch_->ok());
-    dir_ = scratch_->dir();
-  }
-  int Sh(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
-  std::unique_ptr<testing::ScratchDir> scratch_;
-  std::string dir_;
+  BitmapCrashTest() : CrashFixture("bitmap-crash-") {}
 };
 
 TEST_P(BitmapCrashTest, EveryCrashPointLeavesTheOldOrTheNewBitmaps) {
   const BitmapCase& c = GetParam();
-  ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} img.qcow2 {}", c.create, c.size)), 0);
+  ASSERT_TRUE(testing::MakeImage(*scratch_, c.create, c.size));
   ASSERT_EQ(Sh(fmt::format("qemu-img bitmap --add -g {} img.qcow2 b0", c.granularity)), 0);
   ASSERT_EQ(Sh("qemu-img bitmap --add --disable -g 64k img.qcow2 b1"), 0);
   ASSERT_EQ(Sh(fmt::format("qemu-io -c 'write -P 0x11 0 100000' -c 'write -P 0x12 {} 8192' "
@@ -133,13 +123,11 @@ TEST_P(BitmapCrashTest, EveryCrashPointLeavesTheOldOrTheNewBitmaps) {
   const uint64_t new_size = c.op == Op::kGrow ? c.size * 5 + 3 * 512 : c.size / 2 + 7 * 512;
   uint64_t opened_at = 0;
   auto run = [&](int64_t crash_at, MemEnv& mem, bool* done) -> uint64_t {
-    EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/img.qcow2", "/w/img.qcow2").ok());
-    FaultInjectionEnv env(&mem);
-    if (crash_at >= 0) env.CrashAtOperation(static_cast<uint64_t>(crash_at));
+    testing::ImportImage(mem, dir_ + "/img.qcow2", "/w/img.qcow2");
+    CrashRun crash(&mem, crash_at);
     *done = false;
-    auto opened = BlockOn(OpenImage(
-        "/w/img.qcow2", ImageOptions{.env = &env, .writable = true, .working_dir = "/w"}));
-    if (crash_at < 0) opened_at = env.operation_count();
+    auto opened = testing::OpenWritableImage(crash.env());
+    if (crash_at < 0) opened_at = crash.env().operation_count();
     if (opened.ok()) {
       std::unique_ptr<BlockDevice> dev = std::move(*opened);
       auto* image = dynamic_cast<Qcow2Image*>(dev.get());
@@ -172,11 +160,7 @@ TEST_P(BitmapCrashTest, EveryCrashPointLeavesTheOldOrTheNewBitmaps) {
       *done = st.ok();
       if (crash_at < 0) EXPECT_TRUE(st.ok()) << st.ToString();
     }
-    const uint64_t count = env.operation_count();
-    if (crash_at >= 0) {
-      EXPECT_TRUE(env.SimulateCrash(static_cast<CrashMode>(crash_at % 3), crash_at).ok());
-    }
-    return count;
+    return crash.Finish();
   };
 
   // The state after a run without a crash is the new one.
@@ -194,8 +178,7 @@ TEST_P(BitmapCrashTest, EveryCrashPointLeavesTheOldOrTheNewBitmaps) {
     EXPECT_EQ(data.size(), IsResize(c.op) ? new_size : c.size);
     if (c.op != Op::kGrow) EXPECT_NE(new_state, old_state);
     ASSERT_TRUE(mem.ExportToHostFile("/w/img.qcow2", dir_ + "/after.qcow2").ok());
-    std::string out;
-    EXPECT_EQ(Sh("qemu-img check after.qcow2", &out), 0) << out;
+    EXPECT_TRUE(testing::QemuCheckPasses(*scratch_, "after.qcow2", /*leaks_allowed=*/false));
   }
   if (c.op == Op::kOps) {
     EXPECT_EQ(new_state.count("b1"), 0u);
@@ -222,18 +205,8 @@ TEST_P(BitmapCrashTest, EveryCrashPointLeavesTheOldOrTheNewBitmaps) {
     MemEnv mem;
     bool done = false;
     run(static_cast<int64_t>(n), mem, &done);
-    const std::string at = fmt::format("crash at boundary {} (mode {})", n, n % 3);
-    {
-      auto file = mem.Open("/w/img.qcow2", OpenOptions{});
-      ASSERT_TRUE(file.ok()) << at;
-      Result<CheckResult> r = BlockOn(CheckImage(**file));
-      ASSERT_TRUE(r.ok()) << at << ": " << r.status().ToString();
-      std::string all;
-      for (const std::string& l : r->messages) all += l + "\n";
-      EXPECT_TRUE(r->error.empty() && r->check_errors == 0 && r->corruptions == 0)
-          << at << " " << r->error << "\n"
-          << all;
-    }
+    const std::string at = testing::CrashPoint(n);
+    EXPECT_TRUE(testing::EngineCheckPasses(mem, "/w/img.qcow2")) << at;
     std::vector<std::byte> data;
     Result<State> got = ReadState(mem, &data);
     ASSERT_TRUE(got.ok()) << at << ": " << got.status().ToString();

@@ -17,37 +17,23 @@
 // workloads, so more crash points, in the same time.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
 #include <cstdlib>
-#include <fstream>
-#include <iterator>
-#include <optional>
 #include <random>
 #include <sstream>
 
-#include "qcow2/check/check.h"
 #include "qcow2/crypto/secret.h"
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
-#include "qcow2/testing/fault_injection_env.h"
-#include "qcow2/testing/mem_env.h"
-#include "qcow2/testing/scratch_dir.h"
+#include "qcow2/testing/crash_harness.h"
 
 namespace uq::qcow2 {
 namespace {
 
-using testing::CrashMode;
-using testing::FaultInjectionEnv;
+using testing::CrashRun;
 using testing::MemEnv;
 using testing::MemEnvOptions;
-
-struct Op {
-  enum Kind { kWrite, kZero, kDiscard, kFlush } kind;
-  uint64_t offset = 0, length = 0;
-  uint8_t pattern = 0;
-  int batch = -1;  // writes of one batch (>= 0) are in flight together
-};
+using testing::Op;
 
 struct CrashCase {
   std::string name;
@@ -137,24 +123,9 @@ std::vector<Op> MakeWorkload(const CrashCase& c, uint64_t cluster) {
   return ops;
 }
 
-// The bytes a write op writes.
-std::vector<std::byte> PatternOf(const Op& op) {
-  std::vector<std::byte> data(op.length);
-  for (uint64_t i = 0; i < op.length; i++) data[i] = std::byte(op.pattern + i);
-  return data;
-}
-
-class CrashTest : public ::testing::TestWithParam<CrashCase> {
+class CrashTest : public testing::CrashFixture<CrashCase> {
  protected:
-  void SetUp() override {
-    scratch_ = std::make_unique<testing::ScratchDir>("crash-" + GetParam().name);
-    ASSERT_TRUE(scratch_->ok());
-    dir_ = scratch_->dir();
-  }
-  int Sh(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
-  std::vector<std::byte> Slurp(const std::string& name) { return scratch_->Slurp(name); }
-  std::unique_ptr<testing::ScratchDir> scratch_;
-  std::string dir_;
+  CrashTest() : CrashFixture("crash-") {}
 };
 
 // The model of what the image must hold.
@@ -167,11 +138,7 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
   const CrashCase& c = GetParam();
   // The starting images, made by QEMU.
   if (c.backing) {
-    ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 base.qcow2 {}", c.size)), 0);
-    ASSERT_EQ(Sh(fmt::format("qemu-io -c 'write -P 0xb1 0 {}' base.qcow2", c.size / 2)), 0);
-    ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} -b base.qcow2 -F qcow2 img.qcow2 {}",
-                             c.create, c.size)),
-              0);
+    ASSERT_TRUE(testing::MakeBackedImage(*scratch_, c.create, c.size, c.size, c.size / 2));
   } else if (c.compressed) {
     ASSERT_EQ(Sh(fmt::format("qemu-img create -f raw src.raw {}", c.size)), 0);
     ASSERT_EQ(Sh(fmt::format("qemu-io -f raw -c 'write -P 0x3c 0 {}' src.raw", c.size * 3 / 4)), 0);
@@ -183,7 +150,7 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
                              testing::QemuImgForLuks(), kPassphrase, c.create, c.size)),
               0);
   } else {
-    ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} img.qcow2 {}", c.create, c.size)), 0);
+    ASSERT_TRUE(testing::MakeImage(*scratch_, c.create, c.size));
   }
   // How qemu-img names an image: with the secret for an encrypted one.
   auto qemu_image = [&](const std::string& file) {
@@ -213,9 +180,7 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
   const bool data_file = Sh("test -e img.data") == 0;
   if (data_file) ASSERT_EQ(Sh("cp img.data img.data.orig"), 0);
   const std::vector<std::byte> start = Slurp("start.raw");
-  std::string info;
-  Sh("qemu-img info img.qcow2 | grep cluster_size", &info);
-  const uint64_t cluster = std::stoull(info.substr(info.find(':') + 1));
+  const uint64_t cluster = testing::ClusterSizeOf(*scratch_, "img.qcow2");
   const bool v3 = c.create.find("compat=0.10") == std::string::npos;
   const std::vector<Op> ops = MakeWorkload(c, cluster);
 
@@ -223,23 +188,19 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
   // in the run without a crash.
   uint64_t served_here = 0, taken_along = 0;
   // Runs the workload on a fresh copy of the images; crash_at < 0: no crash.
-  const MemEnvOptions mem_options =
-      c.concurrency > 1
-          ? MemEnvOptions{.completion = MemEnvOptions::Completion::kDeferred, .seed = 17}
-          : MemEnvOptions{};
+  const MemEnvOptions mem_options = testing::DeferredIf(c.concurrency > 1, 17);
   // Leaves the images in `mem`; exports them to the scratch directory if
   // `export_files`.
   auto run = [&](int64_t crash_at, Model* model, MemEnv& mem, bool export_files) -> uint64_t {
     EventLoop* loop = c.concurrency > 1 ? &mem : nullptr;
-    EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/img.qcow2", "/w/img.qcow2").ok());
-    if (c.backing) EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/base.qcow2", "/w/base.qcow2").ok());
-    if (data_file) EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/img.data.orig", "/w/img.data").ok());
-    FaultInjectionEnv env(&mem);
-    if (crash_at >= 0) env.CrashAtOperation(static_cast<uint64_t>(crash_at));
+    testing::ImportImage(mem, dir_ + "/img.qcow2", "/w/img.qcow2");
+    if (c.backing) testing::ImportImage(mem, dir_ + "/base.qcow2", "/w/base.qcow2");
+    if (data_file) testing::ImportImage(mem, dir_ + "/img.data.orig", "/w/img.data");
+    CrashRun crash(&mem, crash_at);
     model->current = model->durable = start;
     model->unsure.assign(start.size(), false);
     auto opened =
-        BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &env,
+        BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &crash.env(),
                                                        .writable = true,
                                                        .cache_size = c.cache_size,
                                                        .preallocate = c.preallocate,
@@ -257,30 +218,18 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
         }
         if (op.batch >= 0) {
           // The whole batch at once; the model takes each write that succeeded.
-          size_t end = at;
-          while (end < ops.size() && ops[end].batch == op.batch) end++;
-          std::vector<std::vector<std::byte>> data(end - at);
-          std::vector<Status> results(end - at, Status::IoError("not run"));
-          size_t done = 0;
+          const size_t end = testing::BatchEnd(ops, at);
           for (size_t k = at; k < end; k++) {
             const Op& w = ops[k];
             for (uint64_t i = w.offset; i < w.offset + w.length; i++) model->unsure[i] = true;
-            data[k - at] = PatternOf(w);
-            Spawn([](BlockDevice* d, uint64_t off, std::span<const std::byte> b, Status* out,
-                     size_t* done) -> Task<void> {
-              *out = co_await d->Write(off, b, false);
-              ++*done;
-            }(dev.get(), w.offset, data[k - at], &results[k - at], &done));
           }
-          while (done < end - at && mem.Poll()) {
-          }
-          EXPECT_EQ(done, end - at) << "a write of the batch never completed";
+          const testing::BatchResults batch = testing::RunBatch(*dev, mem, ops, at, end);
           for (size_t k = at; k < end; k++) {
-            if (results[k - at].ok()) {
-              std::copy(data[k - at].begin(), data[k - at].end(),
+            if (batch.results[k - at].ok()) {
+              std::copy(batch.data[k - at].begin(), batch.data[k - at].end(),
                         model->current.begin() + ops[k].offset);
             } else if (st.ok()) {
-              st = results[k - at];
+              st = batch.results[k - at];
             }
           }
           at = end - 1;
@@ -292,15 +241,10 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
         }
         switch (op.kind) {
           case Op::kWrite: {
-            std::vector<std::byte> data = PatternOf(op);
+            std::vector<std::byte> data = testing::PatternOf(op);
             // As the device does: published clusters are written in place
             // without the engine (TryAnyThread), the rest by the engine.
-            if (std::optional<Task<Status>> here = dev->TryAnyThread(true, op.offset, data)) {
-              st = BlockOn(std::move(*here), loop);
-              ++served_here;
-            } else {
-              st = BlockOn(dev->Write(op.offset, data, false), loop);
-            }
+            st = testing::WriteAsDevice(*dev, op.offset, data, loop, &served_here);
             if (st.ok()) std::copy(data.begin(), data.end(), model->current.begin() + op.offset);
             break;
           }
@@ -310,10 +254,7 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
             break;
           case Op::kDiscard: {
             st = BlockOn(dev->Discard(op.offset, op.length), loop);
-            uint64_t s = (op.offset + cluster - 1) / cluster * cluster;
-            uint64_t e = op.offset + op.length == c.size
-                             ? c.size
-                             : (op.offset + op.length) / cluster * cluster;
+            const auto [s, e] = testing::DiscardedRange(op, cluster, c.size);
             if (st.ok() && v3) {
               for (uint64_t i = s; i < e; i++) model->current[i] = std::byte{0};
             }
@@ -342,13 +283,10 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
         EXPECT_TRUE(BlockOn(dev->Close(), loop).ok());
       }
     }
-    uint64_t count = env.operation_count();
-    if (crash_at >= 0) {
-      EXPECT_TRUE(env.SimulateCrash(static_cast<CrashMode>(crash_at % 3), crash_at).ok());
-    }
+    const uint64_t count = crash.Finish();
     if (export_files) {
-      EXPECT_TRUE(mem.ExportToHostFile("/w/img.qcow2", dir_ + "/after.qcow2").ok());
-      if (data_file) EXPECT_TRUE(mem.ExportToHostFile("/w/img.data", dir_ + "/img.data").ok());
+      testing::ExportImage(mem, "/w/img.qcow2", dir_ + "/after.qcow2");
+      if (data_file) testing::ExportImage(mem, "/w/img.data", dir_ + "/img.data");
     }
     return count;
   };
@@ -389,17 +327,7 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
   // The engine's check and a read of the whole disk, on the in-memory files.
   auto check_in_process = [&](MemEnv& mem, const std::string& at) {
     EventLoop* loop = c.concurrency > 1 ? &mem : nullptr;
-    {
-      auto file = mem.Open("/w/img.qcow2", OpenOptions{});
-      ASSERT_TRUE(file.ok()) << at;
-      Result<CheckResult> r = BlockOn(CheckImage(**file), loop);
-      ASSERT_TRUE(r.ok()) << at << ": " << r.status().ToString();
-      std::string all;
-      for (const std::string& l : r->messages) all += l + "\n";
-      ASSERT_TRUE(r->error.empty() && r->check_errors == 0 && r->corruptions == 0)
-          << at << ": check: " << r->error << "\n"
-          << all;
-    }
+    ASSERT_TRUE(testing::EngineCheckPasses(mem, "/w/img.qcow2", loop)) << at;
     auto opened = BlockOn(
         OpenImage("/w/img.qcow2", ImageOptions{.env = &mem, .working_dir = "/w", .key = key}),
         loop);
@@ -419,16 +347,14 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
     const bool qemu = n % qemu_every == 0 || n + 1 == boundaries;
     MemEnv mem(mem_options);
     run(static_cast<int64_t>(n), &model, mem, qemu);
-    check_in_process(mem, fmt::format("crash at boundary {} (mode {})", n, n % 3));
+    check_in_process(mem, testing::CrashPoint(n));
     if (HasFatalFailure()) return;
     checked++;
     if (!qemu) continue;
     by_qemu++;
+    ASSERT_TRUE(testing::QemuCheckPasses(*scratch_, qemu_image("after.qcow2")))
+        << testing::CrashPoint(n);
     std::string out;
-    int status = Sh("qemu-img check " + qemu_image("after.qcow2"), &out);
-    ASSERT_TRUE(status == 0 || status == 3) << "crash at boundary " << n << " (mode " << n % 3
-                                            << "): qemu-img check exit " << status << "\n"
-                                            << out;
     ASSERT_EQ(
         Sh(fmt::format("qemu-img convert {} -O raw after.raw", qemu_image("after.qcow2")), &out), 0)
         << out;
@@ -437,7 +363,7 @@ TEST_P(CrashTest, EveryCrashPointLeavesAConsistentImage) {
     for (uint64_t i = 0; i < got.size(); i++) {
       if (model.unsure[i]) continue;
       ASSERT_EQ(got[i], model.durable[i])
-          << "crash at boundary " << n << " (mode " << n % 3 << "): flushed byte " << i << " lost";
+          << testing::CrashPoint(n) << ": flushed byte " << i << " lost";
     }
   }
   RecordProperty("crash_points", checked);

@@ -26,14 +26,11 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
-#include <optional>
 #include <random>
 
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
-#include "qcow2/testing/fault_injection_env.h"
-#include "qcow2/testing/mem_env.h"
-#include "qcow2/testing/scratch_dir.h"
+#include "qcow2/testing/crash_harness.h"
 
 namespace uq::qcow2 {
 namespace {
@@ -41,14 +38,7 @@ namespace {
 using testing::CrashMode;
 using testing::FaultInjectionEnv;
 using testing::MemEnv;
-using testing::MemEnvOptions;
-
-struct Op {
-  enum Kind { kWrite, kZero, kDiscard, kFlush } kind;
-  uint64_t offset = 0, length = 0;
-  uint8_t pattern = 0;
-  int batch = -1;  // writes of one batch (>= 0) are in flight together
-};
+using testing::Op;
 
 struct RecoveryCase {
   std::string name;
@@ -98,12 +88,6 @@ std::vector<Op> MakeWorkload(const RecoveryCase& c, uint64_t cluster) {
   return ops;
 }
 
-std::vector<std::byte> PatternOf(const Op& op) {
-  std::vector<std::byte> data(op.length);
-  for (uint64_t i = 0; i < op.length; i++) data[i] = std::byte(op.pattern + i);
-  return data;
-}
-
 // What the image must hold after a process crash, and after a power cut.
 struct Model {
   std::vector<std::byte> acknowledged;
@@ -112,45 +96,35 @@ struct Model {
   std::vector<bool> since_flush;   // touched by a request started after it
 };
 
-class RecoveryCrashTest : public ::testing::TestWithParam<RecoveryCase> {
+class RecoveryCrashTest : public testing::CrashFixture<RecoveryCase> {
  protected:
+  RecoveryCrashTest() : CrashFixture("recovery-") {}
   void SetUp() override {
-    scratch_ = std::make_unique<testing::ScratchDir>("recovery-" + GetParam().name);
-    ASSERT_TRUE(scratch_->ok());
-    dir_ = scratch_->dir();
+    CrashFixture::SetUp();
+    if (HasFatalFailure()) return;
     const RecoveryCase& c = GetParam();
     if (c.backing) {
-      ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 base.qcow2 {}", c.size)), 0);
-      ASSERT_EQ(Sh(fmt::format("qemu-io -c 'write -P 0xb1 0 {}' base.qcow2", c.size / 2)), 0);
-      ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} -b base.qcow2 -F qcow2 img.qcow2 {}",
-                               c.create, c.size)),
-                0);
+      ASSERT_TRUE(testing::MakeBackedImage(*scratch_, c.create, c.size, c.size, c.size / 2));
     } else {
-      ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} img.qcow2 {}", c.create, c.size)), 0);
+      ASSERT_TRUE(testing::MakeImage(*scratch_, c.create, c.size));
       // Some clusters allocated already: overwrites and copy-on-write too.
       ASSERT_EQ(Sh(fmt::format("qemu-io -c 'write -P 0x21 0 {}' img.qcow2", c.size / 4)), 0);
     }
     ASSERT_EQ(Sh("qemu-img convert -O raw img.qcow2 start.raw"), 0);
     start_ = scratch_->Slurp("start.raw");
-    std::string info;
-    Sh("qemu-img info img.qcow2 | grep cluster_size", &info);
-    cluster_ = std::stoull(info.substr(info.find(':') + 1));
+    cluster_ = testing::ClusterSizeOf(*scratch_, "img.qcow2");
     v3_ = c.create.find("compat=0.10") == std::string::npos;
   }
-  int Sh(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
-
   // Runs the workload on fresh copies of the images (crash_at < 0: no crash),
   // leaves the image as `mode` makes it in after.qcow2. Returns the number of
   // boundaries crossed.
   uint64_t Run(const std::vector<Op>& ops, bool stable, int64_t crash_at, CrashMode mode,
                Model* model, bool close = false) {
     const RecoveryCase& c = GetParam();
-    MemEnv mem(c.concurrency > 1
-                   ? MemEnvOptions{.completion = MemEnvOptions::Completion::kDeferred, .seed = 23}
-                   : MemEnvOptions{});
+    MemEnv mem(testing::DeferredIf(c.concurrency > 1, 23));
     EventLoop* loop = c.concurrency > 1 ? &mem : nullptr;
-    EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/img.qcow2", "/w/img.qcow2").ok());
-    if (c.backing) EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/base.qcow2", "/w/base.qcow2").ok());
+    testing::ImportImage(mem, dir_ + "/img.qcow2", "/w/img.qcow2");
+    if (c.backing) testing::ImportImage(mem, dir_ + "/base.qcow2", "/w/base.qcow2");
     FaultInjectionEnv env(&mem);
     if (crash_at >= 0) env.CrashAtOperation(static_cast<uint64_t>(crash_at));
     model->acknowledged = start_;
@@ -171,9 +145,7 @@ class RecoveryCrashTest : public ::testing::TestWithParam<RecoveryCase> {
     };
     // What a discard makes of the guest bytes it acknowledges.
     auto discarded = [&](const Op& op) {
-      const uint64_t cs = cluster_;
-      uint64_t s = (op.offset + cs - 1) / cs * cs;
-      uint64_t e = op.offset + op.length == c.size ? c.size : (op.offset + op.length) / cs * cs;
+      const auto [s, e] = testing::DiscardedRange(op, cluster_, c.size);
       for (uint64_t i = s; i < e; i++) {
         model->acknowledged[i] =
             !v3_ && c.backing && i < c.size / 2 ? std::byte{0xb1} : std::byte{0};
@@ -185,26 +157,12 @@ class RecoveryCrashTest : public ::testing::TestWithParam<RecoveryCase> {
       for (size_t at = 0; at < ops.size() && !stopped; at++) {
         const Op& op = ops[at];
         if (op.batch >= 0) {
-          size_t end = at;
-          while (end < ops.size() && ops[end].batch == op.batch) end++;
-          std::vector<std::vector<std::byte>> data(end - at);
-          std::vector<Status> results(end - at, Status::IoError("not run"));
-          size_t done = 0;
+          const size_t end = testing::BatchEnd(ops, at);
+          for (size_t k = at; k < end; k++) touch(ops[k]);
+          const testing::BatchResults batch = testing::RunBatch(*dev, mem, ops, at, end);
           for (size_t k = at; k < end; k++) {
-            touch(ops[k]);
-            data[k - at] = PatternOf(ops[k]);
-            Spawn([](BlockDevice* d, uint64_t off, std::span<const std::byte> b, Status* out,
-                     size_t* done) -> Task<void> {
-              *out = co_await d->Write(off, b, false);
-              ++*done;
-            }(dev.get(), ops[k].offset, data[k - at], &results[k - at], &done));
-          }
-          while (done < end - at && mem.Poll()) {
-          }
-          EXPECT_EQ(done, end - at) << "a write of the batch never completed";
-          for (size_t k = at; k < end; k++) {
-            if (results[k - at].ok()) {
-              std::copy(data[k - at].begin(), data[k - at].end(),
+            if (batch.results[k - at].ok()) {
+              std::copy(batch.data[k - at].begin(), batch.data[k - at].end(),
                         model->acknowledged.begin() + ops[k].offset);
             } else {
               fail(ops[k]);
@@ -218,13 +176,9 @@ class RecoveryCrashTest : public ::testing::TestWithParam<RecoveryCase> {
         touch(op);
         switch (op.kind) {
           case Op::kWrite: {
-            std::vector<std::byte> data = PatternOf(op);
+            std::vector<std::byte> data = testing::PatternOf(op);
             // As the device does: published clusters are written in place.
-            if (std::optional<Task<Status>> here = dev->TryAnyThread(true, op.offset, data)) {
-              st = BlockOn(std::move(*here), loop);
-            } else {
-              st = BlockOn(dev->Write(op.offset, data, false), loop);
-            }
+            st = testing::WriteAsDevice(*dev, op.offset, data, loop);
             if (st.ok())
               std::copy(data.begin(), data.end(), model->acknowledged.begin() + op.offset);
             break;
@@ -262,17 +216,15 @@ class RecoveryCrashTest : public ::testing::TestWithParam<RecoveryCase> {
     }
     const uint64_t count = env.operation_count();
     EXPECT_TRUE(env.SimulateCrash(mode, crash_at < 0 ? 1 : static_cast<uint64_t>(crash_at)).ok());
-    EXPECT_TRUE(mem.ExportToHostFile("/w/img.qcow2", dir_ + "/after.qcow2").ok());
+    testing::ExportImage(mem, "/w/img.qcow2", dir_ + "/after.qcow2");
     return count;
   }
 
   // After a process crash: consistent, and every acknowledged byte there.
   // Returns the first lost byte's offset, or -1.
   int64_t CheckKept(const Model& model, const std::string& what) {
+    EXPECT_TRUE(testing::QemuCheckPasses(*scratch_, "after.qcow2")) << what;
     std::string out;
-    int status = Sh("qemu-img check after.qcow2", &out);
-    EXPECT_TRUE(status == 0 || status == 3) << what << ": qemu-img check exit " << status << "\n"
-                                            << out;
     EXPECT_EQ(Sh("qemu-img convert -O raw after.qcow2 after.raw", &out), 0) << what << out;
     std::vector<std::byte> got = scratch_->Slurp("after.raw");
     EXPECT_EQ(got.size(), start_.size());
@@ -285,11 +237,11 @@ class RecoveryCrashTest : public ::testing::TestWithParam<RecoveryCase> {
   // After a power cut: consistent, and what the last flush covered there.
   // Returns the first lost byte's offset, or -1.
   int64_t CheckFlushed(const Model& model, const std::string& what) {
+    const ::testing::AssertionResult consistent =
+        testing::QemuCheckPasses(*scratch_, "after.qcow2");
+    EXPECT_TRUE(consistent) << what;
+    if (!consistent) return 0;
     std::string out;
-    int status = Sh("qemu-img check after.qcow2", &out);
-    EXPECT_TRUE(status == 0 || status == 3) << what << ": qemu-img check exit " << status << "\n"
-                                            << out;
-    if (status != 0 && status != 3) return 0;
     EXPECT_EQ(Sh("qemu-img convert -O raw after.qcow2 after.raw", &out), 0) << what << out;
     std::vector<std::byte> got = scratch_->Slurp("after.raw");
     EXPECT_EQ(got.size(), start_.size());
@@ -299,8 +251,6 @@ class RecoveryCrashTest : public ::testing::TestWithParam<RecoveryCase> {
     return -1;
   }
 
-  std::unique_ptr<testing::ScratchDir> scratch_;
-  std::string dir_;
   std::vector<std::byte> start_;
   uint64_t cluster_ = 0;
   bool v3_ = true;

@@ -18,16 +18,16 @@
 #include "qcow2/check/check.h"
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
-#include "qcow2/testing/fault_injection_env.h"
-#include "qcow2/testing/mem_env.h"
-#include "qcow2/testing/scratch_dir.h"
+#include "qcow2/testing/crash_harness.h"
 
 namespace uq::qcow2 {
 namespace {
 
 using testing::CrashMode;
+using testing::CrashRun;
 using testing::FaultInjectionEnv;
 using testing::MemEnv;
+using testing::Write;
 
 struct WidthCase {
   std::string name;
@@ -39,14 +39,19 @@ struct WidthCase {
 };
 std::ostream& operator<<(std::ostream& o, const WidthCase& c) { return o << c.name; }
 
-class RefcountWidthCrashTest : public ::testing::TestWithParam<WidthCase> {
+class RefcountWidthCrashTest : public testing::CrashFixture<WidthCase> {
  protected:
-  void SetUp() override {
-    scratch_ = std::make_unique<testing::ScratchDir>("refcount-width-crash-" + GetParam().name);
-    ASSERT_TRUE(scratch_->ok());
-    dir_ = scratch_->dir();
+  RefcountWidthCrashTest() : CrashFixture("refcount-width-crash-") {}
+  // img.qcow2 as QEMU makes it for the case, and its guest view in start.raw.
+  void MakeStartingImage() {
+    const WidthCase& c = GetParam();
+    ASSERT_TRUE(testing::MakeImage(*scratch_, c.create, c.size));
+    for (const std::string& cmd : c.qemu_io) {
+      ASSERT_EQ(Sh(fmt::format("qemu-io -c '{}' img.qcow2", cmd)), 0) << cmd;
+    }
+    if (c.snapshot) ASSERT_EQ(Sh("qemu-img snapshot -c before img.qcow2"), 0);
+    ASSERT_EQ(Sh("qemu-img convert -O raw img.qcow2 start.raw"), 0);
   }
-  int Sh(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
   // The refcount-bits qemu-img info shows for after.qcow2 (0: none found).
   int InfoBits() { return InfoBitsOf("after.qcow2"); }
   int InfoBitsOf(const std::string& name) {
@@ -56,31 +61,18 @@ class RefcountWidthCrashTest : public ::testing::TestWithParam<WidthCase> {
     const size_t at = out.find(key);
     return at == std::string::npos ? 0 : std::atoi(out.c_str() + at + key.size());
   }
-  std::unique_ptr<testing::ScratchDir> scratch_;
-  std::string dir_;
 };
 
 // The writes before the change (new clusters, and one into the snapshot's).
-struct Write {
-  uint64_t offset, length;
-  uint8_t pattern;
-};
 std::vector<Write> Writes(const WidthCase& c) {
   return {{4096, 5000, 0x11}, {c.size / 3, 70000, 0x22}, {c.size - 9000, 9000, 0x33}};
 }
 
 TEST_P(RefcountWidthCrashTest, EveryCrashPointLeavesTheOldOrTheNewWidth) {
   const WidthCase& c = GetParam();
-  ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} img.qcow2 {}", c.create, c.size)), 0);
-  for (const std::string& cmd : c.qemu_io) {
-    ASSERT_EQ(Sh(fmt::format("qemu-io -c '{}' img.qcow2", cmd)), 0) << cmd;
-  }
-  if (c.snapshot) ASSERT_EQ(Sh("qemu-img snapshot -c before img.qcow2"), 0);
-  ASSERT_EQ(Sh("qemu-img convert -O raw img.qcow2 start.raw"), 0);
+  ASSERT_NO_FATAL_FAILURE(MakeStartingImage());
   std::vector<std::byte> flushed = scratch_->Slurp("start.raw");
-  for (const Write& w : Writes(c)) {
-    std::fill_n(flushed.begin() + w.offset, w.length, std::byte{w.pattern});
-  }
+  testing::ApplyWrites(flushed, Writes(c));
   std::string info;
   ASSERT_EQ(Sh("qemu-img info --output=json img.qcow2", &info), 0);
   const int old_bits = [&] {
@@ -95,43 +87,31 @@ TEST_P(RefcountWidthCrashTest, EveryCrashPointLeavesTheOldOrTheNewWidth) {
   uint64_t flushed_at = 0;  // boundaries crossed when the flush completed
   auto run = [&](int64_t crash_at, CrashMode mode, bool* changed) -> uint64_t {
     MemEnv mem;
-    EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/img.qcow2", "/w/img.qcow2").ok());
-    FaultInjectionEnv env(&mem);
-    if (crash_at >= 0) env.CrashAtOperation(static_cast<uint64_t>(crash_at));
+    testing::ImportImage(mem, dir_ + "/img.qcow2", "/w/img.qcow2");
+    CrashRun crash(&mem, crash_at);
     *changed = false;
-    auto opened = BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &env, .writable = true}));
+    auto opened =
+        BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &crash.env(), .writable = true}));
     if (opened.ok()) {
       std::unique_ptr<BlockDevice> dev = std::move(*opened);
-      Status st;
-      for (const Write& w : Writes(c)) {
-        std::vector<std::byte> data(w.length, std::byte{w.pattern});
-        if (st.ok()) st = BlockOn(dev->Write(w.offset, data, false));
-      }
-      if (st.ok()) st = BlockOn(dev->Flush());
-      if (crash_at < 0) flushed_at = env.operation_count();
+      Status st = testing::WriteAndFlush(*dev, Writes(c));
+      if (crash_at < 0) flushed_at = crash.env().operation_count();
       if (st.ok()) st = BlockOn(dynamic_cast<Qcow2Image&>(*dev).SetRefcountBits(c.bits));
       *changed = st.ok();
       if (st.ok()) st = BlockOn(dev->Close());
       if (crash_at < 0) EXPECT_TRUE(st.ok()) << st.ToString();
     }
-    const uint64_t count = env.operation_count();
-    if (crash_at >= 0) {
-      EXPECT_TRUE(env.SimulateCrash(mode, crash_at).ok());
-    }
-    auto file = mem.Open("/w/img.qcow2", OpenOptions{});
-    EXPECT_TRUE(file.ok());
-    if (file.ok()) {
-      auto checked = BlockOn(CheckImage(**file));
-      EXPECT_TRUE(checked.ok()) << checked.status().ToString();
-      if (checked.ok()) {
-        EXPECT_EQ(checked->corruptions, 0u) << "crash at " << crash_at;
-        if (crash_at >= static_cast<int64_t>(flushed_at)) {
-          EXPECT_EQ(checked->leaks, 0u) << "crash at " << crash_at;
-        }
-        EXPECT_TRUE(checked->error.empty()) << "crash at " << crash_at << ": " << checked->error;
+    const uint64_t count = crash.Finish(mode);
+    Result<CheckResult> checked = testing::CheckInMemory(mem, "/w/img.qcow2");
+    EXPECT_TRUE(checked.ok()) << checked.status().ToString();
+    if (checked.ok()) {
+      EXPECT_EQ(checked->corruptions, 0u) << "crash at " << crash_at;
+      if (crash_at >= static_cast<int64_t>(flushed_at)) {
+        EXPECT_EQ(checked->leaks, 0u) << "crash at " << crash_at;
       }
+      EXPECT_TRUE(checked->error.empty()) << "crash at " << crash_at << ": " << checked->error;
     }
-    EXPECT_TRUE(mem.ExportToHostFile("/w/img.qcow2", dir_ + "/after.qcow2").ok());
+    testing::ExportImage(mem, "/w/img.qcow2", dir_ + "/after.qcow2");
     return count;
   };
 
@@ -156,17 +136,14 @@ TEST_P(RefcountWidthCrashTest, EveryCrashPointLeavesTheOldOrTheNewWidth) {
   for (auto [n, mode] : points) {
     run(static_cast<int64_t>(n), static_cast<CrashMode>(mode), &changed);
     if (HasFailure()) FAIL() << "engine check after a crash at boundary " << n << " mode " << mode;
-    const std::string at = fmt::format("crash at boundary {} (mode {})", n, mode);
-    std::string out;
-    int status = Sh("qemu-img check after.qcow2", &out);
+    const std::string at = testing::CrashPoint(n, mode);
     // Once the writes are flushed, the width change leaks nothing: before
     // the switch its clusters lie past the old end with refcount 0 (qemu-img
     // check counts neither corruption nor leak there), after it the old
     // structures have refcount 0 under the new ones.
     const bool flushed_before = n >= flushed_at;
-    ASSERT_TRUE(status == 0 || (status == 3 && !flushed_before))
-        << at << ": qemu-img check exit " << status << "\n"
-        << out;
+    ASSERT_TRUE(testing::QemuCheckPasses(*scratch_, "after.qcow2", !flushed_before)) << at;
+    std::string out;
     const int bits = InfoBits();
     ASSERT_TRUE(bits == old_bits || bits == c.bits) << at << ": refcount-bits " << bits;
     if (bits == c.bits) new_width_seen++;
@@ -197,12 +174,7 @@ TEST_P(RefcountWidthCrashTest, EveryCrashPointLeavesTheOldOrTheNewWidth) {
 // new width and every byte written.
 TEST_P(RefcountWidthCrashTest, AnIoErrorLeavesAUsableImage) {
   const WidthCase& c = GetParam();
-  ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} img.qcow2 {}", c.create, c.size)), 0);
-  for (const std::string& cmd : c.qemu_io) {
-    ASSERT_EQ(Sh(fmt::format("qemu-io -c '{}' img.qcow2", cmd)), 0) << cmd;
-  }
-  if (c.snapshot) ASSERT_EQ(Sh("qemu-img snapshot -c before img.qcow2"), 0);
-  ASSERT_EQ(Sh("qemu-img convert -O raw img.qcow2 start.raw"), 0);
+  ASSERT_NO_FATAL_FAILURE(MakeStartingImage());
   const std::vector<std::byte> start = scratch_->Slurp("start.raw");
   constexpr uint32_t kOps = testing::Fault::kWrite | testing::Fault::kSync |
                             testing::Fault::kDiscard | testing::Fault::kTruncate;
@@ -212,7 +184,7 @@ TEST_P(RefcountWidthCrashTest, AnIoErrorLeavesAUsableImage) {
   // fail_at < 0: no error; returns the operations SetRefcountBits did.
   auto run = [&](int64_t fail_at, int* failed, int* still_writable) -> uint64_t {
     MemEnv mem;
-    EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/img.qcow2", "/w/img.qcow2").ok());
+    testing::ImportImage(mem, dir_ + "/img.qcow2", "/w/img.qcow2");
     FaultInjectionEnv env(&mem);
     auto opened = BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &env, .writable = true}));
     EXPECT_TRUE(opened.ok()) << opened.status().ToString();
@@ -234,7 +206,7 @@ TEST_P(RefcountWidthCrashTest, AnIoErrorLeavesAUsableImage) {
       std::copy(later.begin(), later.end(), want.begin() + later_at);
     }
     EXPECT_TRUE(BlockOn(dev->Close()).ok());
-    EXPECT_TRUE(mem.ExportToHostFile("/w/img.qcow2", dir_ + "/after.qcow2").ok());
+    testing::ExportImage(mem, "/w/img.qcow2", dir_ + "/after.qcow2");
     std::string out;
     EXPECT_EQ(Sh("qemu-img check after.qcow2", &out), 0) << "error at " << fail_at << "\n" << out;
     EXPECT_EQ(Sh("qemu-img convert -O raw after.qcow2 after.raw"), 0);

@@ -18,16 +18,14 @@
 
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
-#include "qcow2/testing/fault_injection_env.h"
-#include "qcow2/testing/mem_env.h"
-#include "qcow2/testing/scratch_dir.h"
+#include "qcow2/testing/crash_harness.h"
 
 namespace uq::qcow2 {
 namespace {
 
-using testing::CrashMode;
-using testing::FaultInjectionEnv;
+using testing::CrashRun;
 using testing::MemEnv;
+using testing::Write;
 
 struct ResizeCase {
   std::string name;
@@ -40,24 +38,13 @@ struct ResizeCase {
 };
 std::ostream& operator<<(std::ostream& o, const ResizeCase& c) { return o << c.name; }
 
-class ResizeCrashTest : public ::testing::TestWithParam<ResizeCase> {
+class ResizeCrashTest : public testing::CrashFixture<ResizeCase> {
  protected:
-  void SetUp() override {
-    scratch_ = std::make_unique<testing::ScratchDir>("resize-crash-" + GetParam().name);
-    ASSERT_TRUE(scratch_->ok());
-    dir_ = scratch_->dir();
-  }
-  int Sh(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
-  std::unique_ptr<testing::ScratchDir> scratch_;
-  std::string dir_;
+  ResizeCrashTest() : CrashFixture("resize-crash-") {}
 };
 
 // The writes before the resize: spread over the image, the last one
 // reaching into the part a shrink cuts.
-struct Write {
-  uint64_t offset, length;
-  uint8_t pattern;
-};
 std::vector<Write> Writes(const ResizeCase& c) {
   return {{0, 5000, 0x11},
           {c.size / 3, 70000, 0x22},
@@ -68,13 +55,9 @@ std::vector<Write> Writes(const ResizeCase& c) {
 TEST_P(ResizeCrashTest, EveryCrashPointLeavesTheOldOrTheNewImage) {
   const ResizeCase& c = GetParam();
   if (c.longer_backing) {
-    ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 base.qcow2 {}", 2 * c.size)), 0);
-    ASSERT_EQ(Sh(fmt::format("qemu-io -c 'write -P 0xb1 0 {}' base.qcow2", 2 * c.size)), 0);
-    ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} -b base.qcow2 -F qcow2 img.qcow2 {}",
-                             c.create, c.size)),
-              0);
+    ASSERT_TRUE(testing::MakeBackedImage(*scratch_, c.create, c.size, 2 * c.size, 2 * c.size));
   } else {
-    ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} img.qcow2 {}", c.create, c.size)), 0);
+    ASSERT_TRUE(testing::MakeImage(*scratch_, c.create, c.size));
   }
   if (c.snapshot) {
     ASSERT_EQ(Sh(fmt::format("qemu-io -c 'write -P 0x21 0 {}' img.qcow2", c.size / 2)), 0);
@@ -82,42 +65,28 @@ TEST_P(ResizeCrashTest, EveryCrashPointLeavesTheOldOrTheNewImage) {
   }
   ASSERT_EQ(Sh("qemu-img convert -O raw img.qcow2 start.raw"), 0);
   std::vector<std::byte> flushed = scratch_->Slurp("start.raw");
-  for (const Write& w : Writes(c)) {
-    std::fill_n(flushed.begin() + w.offset, w.length, std::byte{w.pattern});
-  }
+  testing::ApplyWrites(flushed, Writes(c));
 
   // Runs the whole job on fresh copies; returns the boundaries crossed.
   uint64_t flushed_at = 0;  // boundaries crossed when the flush completed
   auto run = [&](int64_t crash_at, bool* resized) -> uint64_t {
     MemEnv mem;
-    EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/img.qcow2", "/w/img.qcow2").ok());
-    if (c.longer_backing) {
-      EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/base.qcow2", "/w/base.qcow2").ok());
-    }
-    FaultInjectionEnv env(&mem);
-    if (crash_at >= 0) env.CrashAtOperation(static_cast<uint64_t>(crash_at));
+    testing::ImportImage(mem, dir_ + "/img.qcow2", "/w/img.qcow2");
+    if (c.longer_backing) testing::ImportImage(mem, dir_ + "/base.qcow2", "/w/base.qcow2");
+    CrashRun crash(&mem, crash_at);
     *resized = false;
-    auto opened = BlockOn(OpenImage(
-        "/w/img.qcow2", ImageOptions{.env = &env, .writable = true, .working_dir = "/w"}));
+    auto opened = testing::OpenWritableImage(crash.env());
     if (opened.ok()) {
       std::unique_ptr<BlockDevice> dev = std::move(*opened);
-      Status st;
-      for (const Write& w : Writes(c)) {
-        std::vector<std::byte> data(w.length, std::byte{w.pattern});
-        if (st.ok()) st = BlockOn(dev->Write(w.offset, data, false));
-      }
-      if (st.ok()) st = BlockOn(dev->Flush());
-      if (crash_at < 0) flushed_at = env.operation_count();
+      Status st = testing::WriteAndFlush(*dev, Writes(c));
+      if (crash_at < 0) flushed_at = crash.env().operation_count();
       if (st.ok()) st = BlockOn(dev->Resize(c.new_size, c.prealloc));
       *resized = st.ok();
       if (st.ok()) st = BlockOn(dev->Close());
       if (crash_at < 0) EXPECT_TRUE(st.ok()) << st.ToString();
     }
-    const uint64_t count = env.operation_count();
-    if (crash_at >= 0) {
-      EXPECT_TRUE(env.SimulateCrash(static_cast<CrashMode>(crash_at % 3), crash_at).ok());
-    }
-    EXPECT_TRUE(mem.ExportToHostFile("/w/img.qcow2", dir_ + "/after.qcow2").ok());
+    const uint64_t count = crash.Finish();
+    testing::ExportImage(mem, "/w/img.qcow2", dir_ + "/after.qcow2");
     return count;
   };
 
@@ -131,11 +100,9 @@ TEST_P(ResizeCrashTest, EveryCrashPointLeavesTheOldOrTheNewImage) {
   int new_size_seen = 0;
   for (uint64_t n = 0; n < boundaries; n++) {
     run(static_cast<int64_t>(n), &resized);
-    const std::string at = fmt::format("crash at boundary {} (mode {})", n, n % 3);
+    const std::string at = testing::CrashPoint(n);
+    ASSERT_TRUE(testing::QemuCheckPasses(*scratch_, "after.qcow2")) << at;
     std::string out;
-    int status = Sh("qemu-img check after.qcow2", &out);
-    ASSERT_TRUE(status == 0 || status == 3) << at << ": qemu-img check exit " << status << "\n"
-                                            << out;
     ASSERT_EQ(Sh("qemu-img convert -O raw after.qcow2 after.raw", &out), 0) << at << out;
     std::vector<std::byte> got = scratch_->Slurp("after.raw");
     ASSERT_TRUE(got.size() == c.size || got.size() == c.new_size)

@@ -31,16 +31,14 @@
 #include "qcow2/format.h"
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
-#include "qcow2/testing/fault_injection_env.h"
-#include "qcow2/testing/mem_env.h"
-#include "qcow2/testing/scratch_dir.h"
+#include "qcow2/testing/crash_harness.h"
 
 namespace uq::qcow2 {
 namespace {
 
-using testing::CrashMode;
-using testing::FaultInjectionEnv;
+using testing::CrashRun;
 using testing::MemEnv;
+using testing::Write;
 
 enum class Op { kCreate, kDelete, kApply };
 
@@ -54,23 +52,12 @@ struct SnapshotCase {
 };
 std::ostream& operator<<(std::ostream& o, const SnapshotCase& c) { return o << c.name; }
 
-class SnapshotCrashTest : public ::testing::TestWithParam<SnapshotCase> {
+class SnapshotCrashTest : public testing::CrashFixture<SnapshotCase> {
  protected:
-  void SetUp() override {
-    scratch_ = std::make_unique<testing::ScratchDir>("snapshot-crash-" + GetParam().name);
-    ASSERT_TRUE(scratch_->ok());
-    dir_ = scratch_->dir();
-  }
-  int Sh(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
-  std::unique_ptr<testing::ScratchDir> scratch_;
-  std::string dir_;
+  SnapshotCrashTest() : CrashFixture("snapshot-crash-") {}
 };
 
 // The writes of our run, before the operation (flushed).
-struct Write {
-  uint64_t offset, length;
-  uint8_t pattern;
-};
 std::vector<Write> Writes(const SnapshotCase& c) {
   return {{4096, 6000, 0x41}, {c.size / 2 + 512, 70000, 0x42}, {c.size - 5000, 5000, 0x43}};
 }
@@ -116,7 +103,7 @@ std::string JudgeCheck(const CheckResult& r, uint64_t cluster_size) {
 
 TEST_P(SnapshotCrashTest, EveryCrashPointLeavesTheOldOrTheNewState) {
   const SnapshotCase& c = GetParam();
-  ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} img.qcow2 {}", c.create, c.size)), 0);
+  ASSERT_TRUE(testing::MakeImage(*scratch_, c.create, c.size));
   ASSERT_EQ(Sh(fmt::format("qemu-io -c 'write -P 0x11 0 {}' -c 'write -P 0x12 {} 8192' {} "
                            "img.qcow2",
                            c.size / 2, c.size - 16384, c.setup)),
@@ -135,9 +122,7 @@ TEST_P(SnapshotCrashTest, EveryCrashPointLeavesTheOldOrTheNewState) {
   views["a"] = scratch_->Slurp("a.raw");
   views["b"] = scratch_->Slurp("b.raw");
   std::vector<std::byte> active = scratch_->Slurp("start.raw");
-  for (const Write& w : Writes(c)) {
-    std::fill_n(active.begin() + w.offset, w.length, std::byte{w.pattern});
-  }
+  testing::ApplyWrites(active, Writes(c));
   views["new"] = active;  // what a created snapshot holds
   const std::vector<std::string> old_list = {"a", "b"};
   std::vector<std::string> new_list = old_list;
@@ -148,23 +133,16 @@ TEST_P(SnapshotCrashTest, EveryCrashPointLeavesTheOldOrTheNewState) {
 
   uint64_t flushed_at = 0;
   auto run = [&](int64_t crash_at, MemEnv& mem, bool* done) -> uint64_t {
-    EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/img.qcow2", "/w/img.qcow2").ok());
-    FaultInjectionEnv env(&mem);
-    if (crash_at >= 0) env.CrashAtOperation(static_cast<uint64_t>(crash_at));
+    testing::ImportImage(mem, dir_ + "/img.qcow2", "/w/img.qcow2");
+    CrashRun crash(&mem, crash_at);
     *done = false;
-    auto opened = BlockOn(OpenImage(
-        "/w/img.qcow2", ImageOptions{.env = &env, .writable = true, .working_dir = "/w"}));
+    auto opened = testing::OpenWritableImage(crash.env());
     if (opened.ok()) {
       std::unique_ptr<BlockDevice> dev = std::move(*opened);
       auto* image = dynamic_cast<Qcow2Image*>(dev.get());
       EXPECT_NE(image, nullptr);
-      Status st;
-      for (const Write& w : Writes(c)) {
-        std::vector<std::byte> data(w.length, std::byte{w.pattern});
-        if (st.ok()) st = BlockOn(dev->Write(w.offset, data, false));
-      }
-      if (st.ok()) st = BlockOn(dev->Flush());
-      if (crash_at < 0) flushed_at = env.operation_count();
+      Status st = testing::WriteAndFlush(*dev, Writes(c));
+      if (crash_at < 0) flushed_at = crash.env().operation_count();
       if (st.ok()) {
         switch (c.op) {
           case Op::kCreate: {
@@ -186,11 +164,8 @@ TEST_P(SnapshotCrashTest, EveryCrashPointLeavesTheOldOrTheNewState) {
       if (st.ok()) st = BlockOn(dev->Close());
       if (crash_at < 0) EXPECT_TRUE(st.ok()) << st.ToString();
     }
-    const uint64_t count = env.operation_count();
-    if (crash_at >= 0) {
-      EXPECT_TRUE(env.SimulateCrash(static_cast<CrashMode>(crash_at % 3), crash_at).ok());
-    }
-    EXPECT_TRUE(mem.ExportToHostFile("/w/img.qcow2", dir_ + "/after.qcow2").ok());
+    const uint64_t count = crash.Finish();
+    testing::ExportImage(mem, "/w/img.qcow2", dir_ + "/after.qcow2");
     return count;
   };
 
@@ -199,16 +174,10 @@ TEST_P(SnapshotCrashTest, EveryCrashPointLeavesTheOldOrTheNewState) {
   auto judge = [&](MemEnv& mem, const std::string& at, bool data_flushed) -> bool {
     bool is_new = false;
     {
-      auto file = mem.Open("/w/img.qcow2", OpenOptions{});
-      EXPECT_TRUE(file.ok()) << at;
-      if (!file.ok()) return false;
-      Result<CheckResult> r = BlockOn(CheckImage(**file));
+      Result<CheckResult> r = testing::CheckInMemory(mem, "/w/img.qcow2");
       EXPECT_TRUE(r.ok()) << at << ": " << r.status().ToString();
       if (!r.ok()) return false;
-      std::string why = JudgeCheck(*r, c.cluster_size);
-      std::string all;
-      for (const std::string& l : r->messages) all += l + "\n";
-      EXPECT_EQ(why, "") << at << "\n" << all;
+      EXPECT_EQ(JudgeCheck(*r, c.cluster_size), "") << at << "\n" << testing::CheckMessages(*r);
     }
     auto opened = BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &mem, .lock = false}));
     EXPECT_TRUE(opened.ok()) << at << ": " << opened.status().ToString();
@@ -262,7 +231,7 @@ TEST_P(SnapshotCrashTest, EveryCrashPointLeavesTheOldOrTheNewState) {
   for (uint64_t n = flushed_at - 1; n < boundaries; n++) {
     MemEnv mem;
     run(static_cast<int64_t>(n), mem, &done);
-    const std::string at = fmt::format("crash at boundary {} (mode {})", n, n % 3);
+    const std::string at = testing::CrashPoint(n);
     if (judge(mem, at, n >= flushed_at)) new_seen++;
     if (HasFailure()) break;
   }

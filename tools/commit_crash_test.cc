@@ -20,18 +20,13 @@
 #include <string>
 #include <vector>
 
-#include "qcow2/testing/fault_injection_env.h"
-#include "qcow2/testing/mem_env.h"
-#include "qcow2/testing/scratch_dir.h"
+#include "qcow2/testing/crash_harness.h"
 #include "tools/commit_image.h"
 
 namespace uq::tools {
 namespace {
 
-using qcow2::testing::CrashMode;
-using qcow2::testing::FaultInjectionEnv;
-using qcow2::testing::MemEnv;
-using qcow2::testing::ScratchDir;
+namespace harness = qcow2::testing;
 
 struct CommitCrashCase {
   std::string name;
@@ -44,20 +39,12 @@ std::ostream& operator<<(std::ostream& o, const CommitCrashCase& c) { return o <
 constexpr uint64_t kSize = 1 << 20;
 constexpr uint64_t kSector = 512;
 
-class CommitCrashTest : public ::testing::TestWithParam<CommitCrashCase> {
+class CommitCrashTest : public harness::CrashFixture<CommitCrashCase> {
  protected:
-  void SetUp() override {
-    scratch_ = std::make_unique<ScratchDir>("commit-crash-" + GetParam().name);
-    ASSERT_TRUE(scratch_->ok());
-  }
-  int Sh(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
+  CommitCrashTest() : CrashFixture("commit-crash-") {}
   std::vector<std::byte> View(const std::string& image, const std::string& format) {
-    std::string out;
-    EXPECT_EQ(Sh(fmt::format("qemu-img convert -f {} -O raw {} view.raw", format, image), &out), 0)
-        << out;
-    return scratch_->Slurp("view.raw");
+    return harness::RawView(*scratch_, fmt::format("-f {} {}", format, image));
   }
-  std::unique_ptr<ScratchDir> scratch_;
 };
 
 TEST_P(CommitCrashTest, EveryCrashPointLeavesOldOrCommittedData) {
@@ -81,22 +68,18 @@ TEST_P(CommitCrashTest, EveryCrashPointLeavesOldOrCommittedData) {
 
   // Commits copies of the images; crash_at < 0: no crash. Leaves them in after/.
   auto run = [&](int64_t crash_at) -> uint64_t {
-    MemEnv mem;
-    EXPECT_TRUE(mem.ImportFromHostFile(scratch_->path("top.qcow2"), "/w/top.qcow2").ok());
-    EXPECT_TRUE(mem.ImportFromHostFile(scratch_->path(base), "/w/" + base).ok());
-    FaultInjectionEnv env(&mem);
-    if (crash_at >= 0) env.CrashAtOperation(static_cast<uint64_t>(crash_at));
+    harness::MemEnv mem;
+    harness::ImportImage(mem, scratch_->path("top.qcow2"), "/w/top.qcow2");
+    harness::ImportImage(mem, scratch_->path(base), "/w/" + base);
+    harness::CrashRun crash(&mem, crash_at);
     CommitRequest request;
-    request.env = &env;
+    request.env = &crash.env();
     request.image = "/w/top.qcow2";
     Status st = BlockOn(CommitImage(request));
     if (crash_at < 0) EXPECT_TRUE(st.ok()) << st.ToString();
-    const uint64_t count = env.operation_count();
-    if (crash_at >= 0) {
-      EXPECT_TRUE(env.SimulateCrash(static_cast<CrashMode>(crash_at % 3), crash_at).ok());
-    }
-    EXPECT_TRUE(mem.ExportToHostFile("/w/top.qcow2", scratch_->path("after/top.qcow2")).ok());
-    EXPECT_TRUE(mem.ExportToHostFile("/w/" + base, scratch_->path("after/" + base)).ok());
+    const uint64_t count = crash.Finish();
+    harness::ExportImage(mem, "/w/top.qcow2", scratch_->path("after/top.qcow2"));
+    harness::ExportImage(mem, "/w/" + base, scratch_->path("after/" + base));
     return count;
   };
 
@@ -111,13 +94,10 @@ TEST_P(CommitCrashTest, EveryCrashPointLeavesOldOrCommittedData) {
 
   for (uint64_t n = 0; n < boundaries; n++) {
     run(static_cast<int64_t>(n));
-    const std::string where = fmt::format("crash at boundary {} (mode {})", n, n % 3);
-    std::string out;
-    int status = Sh("qemu-img check after/top.qcow2", &out);
-    ASSERT_TRUE(status == 0 || status == 3) << where << ": overlay check exit " << status << out;
+    const std::string where = harness::CrashPoint(n);
+    ASSERT_TRUE(harness::QemuCheckPasses(*scratch_, "after/top.qcow2")) << where << ": the overlay";
     if (c.base_format == "qcow2") {
-      status = Sh("qemu-img check after/" + base, &out);
-      ASSERT_TRUE(status == 0 || status == 3) << where << ": base check exit " << status << out;
+      ASSERT_TRUE(harness::QemuCheckPasses(*scratch_, "after/" + base)) << where << ": the base";
     }
     ASSERT_EQ(View("after/top.qcow2", "qcow2"), top_before) << where << ": the overlay changed";
     const std::vector<std::byte> got = View("after/" + base, c.base_format);
