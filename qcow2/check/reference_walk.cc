@@ -153,11 +153,15 @@ Task<Status> CheckPass::CheckL2(uint64_t l2_offset, AlignedBuffer& buf, int flag
     co_return s;
   }
   std::span<std::byte> table = buf.span();
+  // An entry of zeros (and a zero bitmap) is unallocated with nothing to
+  // check or count; a table of nothing else is skipped whole.
+  if (AllZero(table)) co_return Status::Ok();
   const uint32_t esz = g_.l2_entry_bytes;
   uint64_t next_contiguous_offset = 0;
   for (uint64_t i = 0; i < g_.l2_entries; i++) {
     uint64_t entry = LoadBE64(table, i * esz);
     const uint64_t bitmap = g_.extended_l2 ? LoadBE64(table, i * esz + 8) : 0;
+    if (entry == 0 && bitmap == 0) continue;
     const ClusterType type = TypeOf(entry);
     if (type != ClusterType::kCompressed && (entry & kL2StdReservedMask)) {
       Msg("ERROR found l2 entry with reserved bits set: {:x}", entry);
