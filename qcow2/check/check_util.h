@@ -32,9 +32,8 @@ inline Status Errno(int err) { return Status::IoError(std::strerror(err), err); 
 // that lies past the end of the file) without visiting its entries one by
 // one.
 inline bool AllZero(std::span<const std::byte> bytes) {
-  return bytes.empty() ||
-         (bytes[0] == std::byte{0} &&
-          std::memcmp(bytes.data(), bytes.data() + 1, bytes.size() - 1) == 0);
+  return bytes.empty() || (bytes[0] == std::byte{0} &&
+                           std::memcmp(bytes.data(), bytes.data() + 1, bytes.size() - 1) == 0);
 }
 
 inline uint64_t DivRoundUp(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
