@@ -18,8 +18,14 @@ namespace {
 
 constexpr uint64_t kMaxSnapshotL1Bytes = 32ull << 20;  // QEMU's QCOW_MAX_L1_SIZE
 constexpr uint32_t kMaxStringSize = 0xffff;            // id_str_size, name_size: 16 bits
-// Entries are read through a window of this many bytes (or one entry, if
-// larger), so a table of many small entries costs few reads.
+// Entries are read through a window (or one entry, if larger) that starts at
+// kFirstReadChunk bytes and doubles with each refill up to kReadChunk: a table
+// of many small entries costs few reads (a 64 MiB one, 7 more than with
+// 256 KiB windows throughout), and a table of a few entries, the common case,
+// costs a 4 KiB buffer rather than a 256 KiB one, which matters where a
+// buffer that size is expensive (ASan maps and unmaps each one; check's
+// reader, with no limit, always filled a whole window).
+constexpr size_t kFirstReadChunk = 4 << 10;
 constexpr size_t kReadChunk = 256 << 10;
 
 // Offsets of the fixed part's fields.
@@ -62,7 +68,9 @@ class TableReader {
   Task<Result<std::span<const std::byte>>> Get(uint64_t pos, size_t n) {
     assert(pos <= limit_ && n <= limit_ - pos);
     if (std::optional<std::span<const std::byte>> hit = Peek(pos, n)) co_return *hit;
-    uint64_t len = std::min<uint64_t>(std::max(n, kReadChunk), limit_ - pos);
+    uint64_t len = std::min<uint64_t>(std::max(n, chunk_), limit_ - pos);
+    chunk_ = std::min(chunk_ * 2, kReadChunk);
+    window_.clear();  // nothing of the old window is kept: resize need not copy it
     window_.resize(len);
     start_ = pos;
     // (Not a conditional expression: GCC mishandles co_await inside one.)
@@ -85,6 +93,7 @@ class TableReader {
   const bool zero_past_eof_;
   std::vector<std::byte> window_;
   uint64_t start_ = 0;
+  size_t chunk_ = kFirstReadChunk;  // the next refill's size (unless one entry needs more)
 };
 
 // An entry's fixed part: the fields it sets in a Snapshot, and the sizes of

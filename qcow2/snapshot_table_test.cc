@@ -283,6 +283,38 @@ TEST(SnapshotTableTest, CountThatCannotFitInTheFile) {
   ExpectCorruption(r, {"cannot hold 1 snapshots"});
 }
 
+// A table of a few entries costs a small read, not a 256 KiB window, through
+// both readers (a big buffer per open is what made the fuzz targets slow);
+// a big table still costs few reads (the window doubles up to 256 KiB).
+TEST(SnapshotTableTest, WindowGrowsFromSmall) {
+  const std::vector<Snapshot> table = VariedTable();
+  Bytes bytes = SerializeSnapshotTable(table);
+  ASSERT_LT(bytes.size(), 4096u);
+  Fixture fx(FileWithTable(bytes, 0x20000, 0x70000));
+  ASSERT_TRUE(fx.Read(0x20000, table.size()).ok());
+  EXPECT_EQ(fx.file->reads(), 1);
+  EXPECT_LE(fx.file->largest_read(), 4096u);
+
+  // check's reader, which has no limit but the count.
+  Fixture fx2(FileWithTable(bytes, 0x20000, 0x70000));
+  Result<SnapshotTableScan> scan =
+      BlockOn(ReadSnapshotTableForCheck(*fx2.file, 0x20000, table.size()));
+  ASSERT_TRUE(scan.ok()) << scan.status().ToString();
+  EXPECT_EQ(scan->snapshots.size(), table.size());
+  EXPECT_EQ(fx2.file->reads(), 1);
+  EXPECT_LE(fx2.file->largest_read(), 4096u);
+
+  // 65536 entries of zeros past the end of the file (2.5 MiB): windows of
+  // 4, 8, ... 256 KiB, then 256 KiB each: 16 reads (11 with 256 KiB
+  // windows throughout).
+  Fixture fx3(Bytes(512));
+  scan = BlockOn(ReadSnapshotTableForCheck(*fx3.file, 0, kMaxSnapshotCount));
+  ASSERT_TRUE(scan.ok()) << scan.status().ToString();
+  EXPECT_EQ(scan->snapshots.size(), kMaxSnapshotCount);
+  EXPECT_LE(fx3.file->largest_read(), 256u << 10);
+  EXPECT_LE(fx3.file->reads(), 16);
+}
+
 TEST(SnapshotTableTest, HugeExtraDataSize) {
   Bytes table = SerializeSnapshotTable(VariedTable());
   // Entry 0 is 40 + 0 + 1 + 3 = 44 bytes; entry 1 starts at 48.

@@ -61,10 +61,14 @@ Task<Status> CheckPass::CheckOflagCopied() {
       res_.check_errors++;
       co_return s;
     }
+    // Only allocated entries are looked at: a zero entry is unallocated,
+    // and a table of zeros has none.
+    if (AllZero(l2.span())) continue;
     uint64_t l2_dirty = 0;
     for (uint64_t j = 0; j < g_.l2_entries; j++) {
       const uint64_t at = j * g_.l2_entry_bytes;
       const uint64_t l2_entry = LoadBE64(l2.span(), at);
+      if (l2_entry == 0) continue;
       const ClusterType type = TypeOf(l2_entry);
       if (type != ClusterType::kNormal && type != ClusterType::kZeroAlloc) continue;
       uint64_t data_refcount = 1;  // data file clusters always have refcount 1
