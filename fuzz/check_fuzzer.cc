@@ -32,9 +32,8 @@ constexpr char kPath[] = "/f/img.qcow2";
 // buffer. Nothing carries over: the input replaces the file's bytes and size,
 // and the check makes no other file (required after each input).
 testing::MemEnv& KeptEnv() {
-  static testing::MemEnv* const mem =  // kept for the process
-      new testing::MemEnv(testing::MemEnvOptions{.max_file_size = 64 << 20});
-  return *mem;
+  static testing::MemEnv mem(testing::MemEnvOptions{.max_file_size = 64 << 20});
+  return mem;
 }
 
 void OneInput(std::span<const std::byte> input) {

@@ -16,6 +16,7 @@
 // inside the range asked; a range ZeroPrefix calls zero reads as zeros.
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -50,8 +51,8 @@ constexpr uint64_t kDataRawSize = 256 << 10;
 // read-only (a MemEnv write through such a handle fails), and OneInput
 // requires afterwards that no file appeared or changed size.
 testing::MemEnv& KeptEnv() {
-  static testing::MemEnv* const mem = [] {
-    auto* m = new testing::MemEnv(testing::MemEnvOptions{.max_file_size = 64 << 20});  // kept
+  static const std::unique_ptr<testing::MemEnv> mem = [] {
+    auto m = std::make_unique<testing::MemEnv>(testing::MemEnvOptions{.max_file_size = 64 << 20});
     m->SetContents("/f/base.raw", Pattern(kBaseRawSize, 3));
     m->SetContents("/f/data.raw", Pattern(kDataRawSize, 5));
     return m;

@@ -23,7 +23,7 @@ def oracle_test(name, script, binary, groups = [], tags = [], size = "medium", t
         args = args,
         data = [script, "oracle_lib.py", binary, "//tests/qemu:libprecise_thread_cpu.so"] +
                extra_data,
-        # qemu_img_luks_create preloads it into qemu-img (see tests/qemu/precise_thread_cpu.c).
+        # run() in oracle_lib.py preloads it into every qemu-img it starts (see tests/qemu/precise_thread_cpu.c).
         env = {"QEMU_PRELOAD": "$(rootpath //tests/qemu:libprecise_thread_cpu.so)"},
         size = size,
         timeout = timeout,

@@ -210,7 +210,7 @@ class Builder:
         """qemu-img create of a LUKS image. QEMU 7.2 (Debian) times PBKDF2 with the
         thread's user time from getrusage, which tick-accounted kernels often leave
         unmoved across its first probe (2^15 iterations, about 6 ms): it then gives up
-        ("Unable to get accurate CPU usage"; 22 of 30 creates on the CI machine).
+        ("Unable to get accurate CPU usage"; 22 of 30 creates on this development machine).
         run() preloads the exact clock into qemu-img under Bazel (QEMU_IMG_ENV); the
         retries are for runs without it. A failure comes quickly (the probe is the
         first thing qemu-img does), so many attempts cost little."""

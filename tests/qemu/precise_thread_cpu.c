@@ -4,7 +4,7 @@
 // Why: QEMU 7.2 picks a LUKS key slot's PBKDF2 iteration count by timing 2^15 iterations with
 // the calling thread's user time from getrusage(RUSAGE_THREAD), and gives up ("Unable to get
 // accurate CPU usage") when that time did not move. Where the kernel accounts user and system
-// time by scheduler ticks, a 6 ms probe often sees no tick: on the CI machine 22 of 30
+// time by scheduler ticks, a 6 ms probe often sees no tick: on this development machine 22 of 30
 // `qemu-img create -o encrypt.format=luks` failed so, and no number of retries makes a test
 // certain. CLOCK_THREAD_CPUTIME_ID is the same thread's CPU time, kept exactly, so the probe
 // measures what it means to measure; the image format is untouched (only the iteration count,
