@@ -437,7 +437,7 @@ bool Qcow2Image::Publishable(uint64_t cluster, const L2Entry& e, uint64_t* host,
   *writable = writable_ && !closed_ && e.copied();
   if (*writable && !has_df) *writable = !IsMetadataCluster(*host / geo_.cluster_size);
   if (*writable && !(unstable_clusters_.empty() && writing_clusters_.empty())) {
-    *writable = !unstable_clusters_.contains(cluster) && !writing_clusters_.contains(cluster);
+    *writable = EntryInFile(cluster);
   }
   return true;
 }

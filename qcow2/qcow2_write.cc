@@ -22,6 +22,13 @@ uint64_t SubclusterMask(uint32_t first, uint32_t last) {
   return ((uint64_t{1} << (last + 1)) - 1) & ~((uint64_t{1} << first) - 1);
 }
 
+// Runs `task`, keeping its status in `*out` (for WhenAll, which keeps only
+// the first error, where the caller needs each one).
+Task<Status> KeepStatus(Task<Status> task, Status* out) {
+  *out = co_await std::move(task);
+  co_return Status::Ok();
+}
+
 }  // namespace
 
 Status Qcow2Image::CheckWritable(uint64_t offset, uint64_t length) const {
@@ -118,25 +125,36 @@ Task<Status> Qcow2Image::Write(uint64_t offset, std::span<const std::byte> data,
   if (!tracking_.empty()) CO_RETURN_IF_ERROR(co_await MarkBitmapsDirty(offset, data.size()));
   const uint64_t first = offset - geo_.cluster_offset_in(offset);
   if (data.empty()) co_return Status::Ok();
+  // Whether each cluster's metadata is known to be in the file already (an
+  // allocation that wrote its entry beside its data); if all are, no round
+  // needs to be waited for.
+  bool all_stabilized = false;
   if (first + geo_.cluster_size >= offset + data.size()) {
-    CO_RETURN_IF_ERROR(co_await WriteInCluster(offset, data));
+    CO_RETURN_IF_ERROR(co_await WriteInCluster(offset, data, &all_stabilized));
   } else {
     // Clusters are independent: write them concurrently.
     std::vector<Task<Status>> pieces;
-    for (size_t done = 0; done < data.size();) {
+    const uint64_t count =
+        (offset + data.size() - first + geo_.cluster_size - 1) / geo_.cluster_size;
+    auto stabilized = std::make_unique<bool[]>(count);  // false
+    for (size_t done = 0, i = 0; done < data.size(); i++) {
       uint64_t pos = offset + done;
       size_t n =
           std::min<uint64_t>(data.size() - done, geo_.cluster_size - geo_.cluster_offset_in(pos));
-      pieces.push_back(WriteInCluster(pos, data.subspan(done, n)));
+      pieces.push_back(WriteInCluster(pos, data.subspan(done, n), &stabilized[i]));
       done += n;
     }
     CO_RETURN_IF_ERROR(co_await WhenAll(std::move(pieces)));
+    all_stabilized =
+        std::all_of(stabilized.get(), stabilized.get() + count, [](bool b) { return b; });
   }
   if (fua) co_return co_await Flush();
+  if (all_stabilized) co_return Status::Ok();
   co_return co_await StabilizeMetadata();
 }
 
-Task<Status> Qcow2Image::WriteInCluster(uint64_t offset, std::span<const std::byte> data) {
+Task<Status> Qcow2Image::WriteInCluster(uint64_t offset, std::span<const std::byte> data,
+                                        bool* stabilized) {
   const uint64_t cluster = geo_.guest_cluster(offset);
   const uint64_t in_cluster = geo_.cluster_offset_in(offset);
   // While it waits for a lock, the request allocating this cluster may take
@@ -159,9 +177,14 @@ Task<Status> Qcow2Image::WriteInCluster(uint64_t offset, std::span<const std::by
       CO_ASSIGN_OR_RETURN(L2Entry e, std::move(looked));
       if (WritableInPlace(e, in_cluster, data.size())) {
         Publish(offset, e);
+        // An entry in the file stays there while our shared lock is held (a
+        // remap takes the exclusive one): this write then needs no round.
+        const bool entry_in_file = EntryInFile(cluster);
         const uint64_t host = e.host_cluster() + in_cluster;
         CO_RETURN_IF_ERROR(co_await CheckNoOverlap(host, data.size()));
-        co_return co_await WriteData(host, data);
+        CO_RETURN_IF_ERROR(co_await WriteData(host, data));
+        if (entry_in_file) *stabilized = true;
+        co_return Status::Ok();
       }
       if (geo_.extended_l2 && SubclusterWritable(offset, e)) {
         // The cluster keeps its host cluster; only subcluster bits change, so
@@ -189,7 +212,7 @@ Task<Status> Qcow2Image::WriteInCluster(uint64_t offset, std::span<const std::by
       CO_RETURN_IF_ERROR(co_await MapEmptyCluster(offset));
       continue;
     }
-    co_return co_await AllocatingWrite(offset, data);
+    co_return co_await AllocatingWrite(offset, data, stabilized);
   }
 }
 
@@ -389,7 +412,8 @@ Task<Status> Qcow2Image::CheckReferenced(uint64_t offset, const L2Entry& e) {
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::byte> data) {
+Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::byte> data,
+                                         bool* stabilized) {
   CO_RETURN_IF_ERROR(co_await PrepareL2(offset));
   CO_ASSIGN_OR_RETURN(L2Entry old, co_await LookupEntry(offset));
   const uint64_t in_cluster = geo_.cluster_offset_in(offset);
@@ -447,6 +471,10 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   Status st;
   std::vector<QueuedWrite*> taken;
   bool copied = false;
+  if (EntryMayPrecedeData(fresh, host_zero, old, write_start, write_end)) {
+    co_return co_await EntryBesideDataWrite(offset, old, updated, host, write_start, write_end,
+                                            data, stabilized);
+  }
   if (reuse) st = co_await CheckNoOverlap(host + write_start, write_end - write_start);
   if (st.ok()) {
     st = co_await WriteWithCow(old, cluster_start, host, write_start, write_end, in_cluster, data,
@@ -466,6 +494,62 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
     }
   }
   QueuedWrites::Finish(taken, st);  // after the mutex: they may go on to take it
+  co_return st;
+}
+
+bool Qcow2Image::EntryMayPrecedeData(bool fresh, bool host_zero, const L2Entry& old,
+                                     uint64_t write_start, uint64_t write_end) const {
+  // Only where the file shows the same with the entry and without the data:
+  // a new cluster that reads as zeros on disk (it lay past the end of the
+  // file when reserved) in place of zeros. Not encrypted: zeros on disk
+  // decrypt to noise.
+  return stable_metadata_ && fresh && host_zero && !encrypted() &&
+         ReadsAsZeros(old, write_start, write_end);
+}
+
+Task<Status> Qcow2Image::EntryBesideDataWrite(uint64_t offset, const L2Entry& old,
+                                              const L2Entry& updated, uint64_t host,
+                                              uint64_t write_start, uint64_t write_end,
+                                              std::span<const std::byte> data, bool* stabilized) {
+  const uint64_t in_cluster = geo_.cluster_offset_in(offset);
+  const uint64_t cluster_start = offset - in_cluster;
+  {
+    auto lock = co_await meta_mutex_.Acquire();
+    Status st = co_await StoreEntry(offset, updated);
+    if (!st.ok()) {
+      ReleaseCluster(host / geo_.cluster_size);
+      co_return st;
+    }
+  }
+  // The data write and the round that puts the entry in the file, side by
+  // side: a daemon crash between them finds the entry naming zeros, which
+  // is what the cluster read before, and the request was not acknowledged.
+  // Other threads cannot write into the cluster meanwhile: its exclusive
+  // lock keeps it unpublished (PublishSlice skips locked clusters).
+  Status data_st, round_st;
+  std::vector<QueuedWrite*> taken;
+  bool copied = false;
+  std::vector<Task<Status>> both;
+  both.push_back(KeepStatus(WriteWithCow(old, cluster_start, host, write_start, write_end,
+                                         in_cluster, data, &taken, &copied),
+                            &data_st));
+  both.push_back(KeepStatus(StabilizeMetadata(), &round_st));
+  co_await WhenAll(std::move(both));
+  const Status st = data_st.ok() ? round_st : data_st;
+  {
+    auto lock = co_await meta_mutex_.Acquire();
+    if (data_st.ok()) {
+      ReleaseEntry(old);
+      Publish(offset, updated);  // current: this cluster's exclusive lock is held
+    } else if ((co_await StoreEntry(offset, old)).ok()) {
+      // The cluster shows what it did before; the new cluster goes back at
+      // the next flush, which writes the old entry first. (Had the undo
+      // failed, the entry would stay, naming a counted cluster.)
+      ReleaseCluster(host / geo_.cluster_size);
+    }
+  }
+  QueuedWrites::Finish(taken, st);  // after the mutex: they may go on to take it
+  if (st.ok()) *stabilized = true;
   co_return st;
 }
 

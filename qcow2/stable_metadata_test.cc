@@ -1,0 +1,223 @@
+// Stable metadata (the device's user recovery mode, qcow2_image.h): what an
+// acknowledgement waits for. A write may return only once everything needed
+// to read it back after a daemon crash is in the file, and should wait for
+// nothing more:
+//   - a new cluster that replaces zeros and reads as zeros on disk gets its
+//     entry written beside its data (EntryBesideDataWrite), not after it;
+//   - a write in place into a cluster whose entry is in the file waits for
+//     no round, even while another request's round is in flight.
+// A GateEnv holds the writes a test names until it lets them go, on top of a
+// synchronous MemEnv, so each case is one fixed order of events.
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <vector>
+
+#include "base/endian.h"
+#include "qcow2/format.h"
+#include "qcow2/open_image.h"
+#include "qcow2/qcow2_image.h"
+#include "qcow2/testing/mem_env.h"
+#include "qcow2/testing/scratch_dir.h"
+
+namespace uq::qcow2 {
+namespace {
+
+constexpr uint64_t kCluster = 65536;
+
+// Writes for which `hold` answers true wait (started on the base file only at
+// Release) while the gate is closed. The base must complete synchronously.
+class GateEnv final : public Env {
+ public:
+  explicit GateEnv(Env* base) : base_(base) {}
+  Result<std::unique_ptr<File>> Open(const std::string& path, const OpenOptions& options) override {
+    ASSIGN_OR_RETURN(std::unique_ptr<File> f, base_->Open(path, options));
+    return std::unique_ptr<File>(std::make_unique<GatedFile>(std::move(f), this));
+  }
+  bool Exists(const std::string& path) override { return base_->Exists(path); }
+
+  std::function<bool(const IoRequest&)> hold;
+  size_t held() const { return held_.size(); }
+  // Starts every held write and resumes its waiter.
+  void Release() {
+    std::vector<std::pair<File*, IoRequest*>> now;
+    now.swap(held_);
+    hold = nullptr;
+    for (auto [file, req] : now) {
+      EXPECT_TRUE(file->Start(*req)) << "the base Env must complete synchronously";
+      req->waiter.resume();
+    }
+  }
+
+ private:
+  class GatedFile final : public File {
+   public:
+    GatedFile(std::unique_ptr<File> base, GateEnv* env) : base_(std::move(base)), env_(env) {}
+    bool Start(IoRequest& req) override {
+      if (req.op == IoRequest::Op::kWrite && env_->hold && env_->hold(req)) {
+        env_->held_.emplace_back(base_.get(), &req);
+        return false;
+      }
+      return base_->Start(req);
+    }
+    Result<uint64_t> Size() override { return base_->Size(); }
+    Status Truncate(uint64_t size) override { return base_->Truncate(size); }
+    const std::string& path() const override { return base_->path(); }
+
+   private:
+    std::unique_ptr<File> base_;
+    GateEnv* env_;
+  };
+
+  Env* base_;
+  std::vector<std::pair<File*, IoRequest*>> held_;
+};
+
+class StableMetadataTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    scratch_ = std::make_unique<testing::ScratchDir>(
+        std::string("stable-") + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    ASSERT_TRUE(scratch_->ok());
+  }
+  // Opens a new 4 MiB image with stable metadata, with a backing file (which
+  // makes copy-on-write read it) or without.
+  void OpenNew(bool backing) {
+    std::string out;
+    ASSERT_EQ(scratch_->Sh("qemu-img create -q -f qcow2 base.qcow2 4M", &out), 0) << out;
+    ASSERT_EQ(scratch_->Sh(backing ? "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 img.qcow2"
+                                   : "qemu-img create -q -f qcow2 img.qcow2 4M",
+                           &out),
+              0)
+        << out;
+    ASSERT_TRUE(mem_.ImportFromHostFile(scratch_->path("img.qcow2"), kPath).ok());
+    ASSERT_TRUE(mem_.ImportFromHostFile(scratch_->path("base.qcow2"), "/w/base.qcow2").ok());
+    auto opened = BlockOn(OpenImage(
+        kPath, ImageOptions{
+                   .env = &gate_, .writable = true, .stable_metadata = true, .working_dir = "/w"}));
+    ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+    dev_ = std::move(*opened);
+  }
+  void TearDown() override {
+    if (dev_) EXPECT_TRUE(BlockOn(dev_->Close()).ok());
+  }
+  // Starts a write of `byte` over [offset, offset + length); *done once it
+  // returns, with its status in *st.
+  void StartWrite(uint64_t offset, uint64_t length, uint8_t byte, Status* st, bool* done) {
+    data_.emplace_back(length, std::byte{byte});
+    Spawn([](BlockDevice* d, uint64_t at, std::span<const std::byte> b, Status* st,
+             bool* done) -> Task<void> {
+      *st = co_await d->Write(at, b, false);
+      *done = true;
+    }(dev_.get(), offset, data_.back(), st, done));
+  }
+  // Where the L2 table of guest cluster 0 lies in the file (0: none yet).
+  uint64_t L2TableInFile() {
+    std::vector<std::byte> file = mem_.Contents(kPath);
+    return LoadBE64(file, LoadBE64(file, 40)) & kL1OffsetMask;
+  }
+  // The L2 entry of guest cluster `n` (< 8192) as the file holds it.
+  uint64_t EntryInFile(uint64_t n) {
+    const uint64_t l2 = L2TableInFile();
+    return l2 == 0 ? 0 : LoadBE64(mem_.Contents(kPath), l2 + 8 * n);
+  }
+
+  static constexpr const char* kPath = "/w/img.qcow2";
+  std::unique_ptr<testing::ScratchDir> scratch_;
+  testing::MemEnv mem_;
+  GateEnv gate_{&mem_};
+  std::unique_ptr<BlockDevice> dev_;
+  std::vector<std::vector<std::byte>> data_;
+};
+
+TEST_F(StableMetadataTest, NewClusterEntryIsWrittenBesideItsData) {
+  ASSERT_NO_FATAL_FAILURE(OpenNew(false));
+  // Cluster 0 first: its L2 table exists from then on.
+  Status first;
+  bool first_done = false;
+  StartWrite(0, kCluster, 0x11, &first, &first_done);
+  ASSERT_TRUE(first_done && first.ok()) << first.ToString();
+  const uint64_t l2 = L2TableInFile();
+  ASSERT_NE(l2, 0u);
+  ASSERT_NE(EntryInFile(0), 0u);
+
+  // Hold every write but the L2 table's: cluster 1's data waits, and its
+  // entry must reach the file meanwhile (after the data, it never would).
+  gate_.hold = [l2](const IoRequest& r) { return r.offset >= l2 + kCluster || r.offset < l2; };
+  Status second;
+  bool second_done = false;
+  StartWrite(kCluster + 4096, 4096, 0x22, &second, &second_done);
+  EXPECT_EQ(gate_.held(), 1u) << "the data write";
+  EXPECT_FALSE(second_done) << "acknowledged before its data was written";
+  EXPECT_NE(EntryInFile(1), 0u) << "the entry waited for the data";
+  gate_.Release();
+  ASSERT_TRUE(second_done && second.ok()) << second.ToString();
+
+  std::vector<std::byte> back(2 * kCluster);
+  ASSERT_TRUE(BlockOn(dev_->Read(0, back)).ok());
+  for (uint64_t i = 0; i < back.size(); i++) {
+    const std::byte want = i < kCluster                                  ? std::byte{0x11}
+                           : i >= kCluster + 4096 && i < kCluster + 8192 ? std::byte{0x22}
+                                                                         : std::byte{0};
+    ASSERT_EQ(back[i], want) << "byte " << i;
+  }
+}
+
+TEST_F(StableMetadataTest, InPlaceWriteWaitsForNoRound) {
+  ASSERT_NO_FATAL_FAILURE(OpenNew(false));
+  Status first;
+  bool first_done = false;
+  StartWrite(0, kCluster, 0x11, &first, &first_done);
+  ASSERT_TRUE(first_done && first.ok()) << first.ToString();
+  const uint64_t l2 = L2TableInFile();
+  ASSERT_NE(l2, 0u);
+
+  // Cluster 1's round is held at its L2 write...
+  gate_.hold = [l2](const IoRequest& r) { return r.offset < l2 + kCluster && r.offset >= l2; };
+  Status alloc;
+  bool alloc_done = false;
+  StartWrite(kCluster, 4096, 0x22, &alloc, &alloc_done);
+  EXPECT_EQ(gate_.held(), 1u) << "the round's write of the L2 table";
+  EXPECT_FALSE(alloc_done) << "acknowledged before its entry was in the file";
+  // ...while a write into cluster 0, whose entry is in the file, completes
+  // on its own data write.
+  Status in_place;
+  bool in_place_done = false;
+  StartWrite(4096, 4096, 0x33, &in_place, &in_place_done);
+  EXPECT_TRUE(in_place_done) << "an in-place write waited for another request's round";
+  EXPECT_TRUE(in_place.ok()) << in_place.ToString();
+  gate_.Release();
+  ASSERT_TRUE(alloc_done && alloc.ok()) << alloc.ToString();
+}
+
+// ...but one into a cluster whose entry is not in the file yet waits for
+// the round that writes it: a daemon crash before then would unmap it.
+TEST_F(StableMetadataTest, InPlaceWriteIntoUnwrittenEntryWaitsForItsRound) {
+  // With a backing file, the new cluster's entry is written after its data,
+  // and the cluster lock is released before that round.
+  ASSERT_NO_FATAL_FAILURE(OpenNew(true));
+  Status first;
+  bool first_done = false;
+  StartWrite(0, kCluster, 0x11, &first, &first_done);
+  ASSERT_TRUE(first_done && first.ok()) << first.ToString();
+  const uint64_t l2 = L2TableInFile();
+  ASSERT_NE(l2, 0u);
+
+  gate_.hold = [l2](const IoRequest& r) { return r.offset < l2 + kCluster && r.offset >= l2; };
+  Status alloc;
+  bool alloc_done = false;
+  StartWrite(kCluster, 4096, 0x22, &alloc, &alloc_done);
+  EXPECT_EQ(gate_.held(), 1u) << "the round's write of the L2 table";
+  Status in_place;
+  bool in_place_done = false;
+  StartWrite(kCluster + 8192, 4096, 0x33, &in_place, &in_place_done);
+  EXPECT_FALSE(alloc_done) << "acknowledged before its entry was in the file";
+  EXPECT_FALSE(in_place_done) << "a write into a cluster a crash would unmap was acknowledged";
+  gate_.Release();
+  ASSERT_TRUE(alloc_done && alloc.ok()) << alloc.ToString();
+  ASSERT_TRUE(in_place_done && in_place.ok()) << in_place.ToString();
+  EXPECT_NE(EntryInFile(1), 0u);
+}
+
+}  // namespace
+}  // namespace uq::qcow2
