@@ -30,10 +30,11 @@ job() {
     jq -r ".jobs[0].$key | \"\(.iops | floor) clat_us=\(.clat_ns.mean / 1000 | floor)\""
 }
 
-# ours BIN IMAGE NAME ROUND: one fio run on a device serving IMAGE, with the daemon's CPU.
+# ours BIN IMAGE NAME ROUND [ADD_FLAG...]: one fio run on a device serving IMAGE, with the
+# daemon's CPU.
 ours() {
   local bin=$1 image=$2 name=$3 round=$4 dev pid t0 t1 result
-  dev=$("$bin" add -f "$image" -q 1)
+  dev=$("$bin" add -f "$image" -q 1 "${@:5}")
   pid=$(bench_daemon_pid "$bin" "$dev")
   # (no process substitution: the guest has no /dev/fd)
   t0=$(awk '{print $14, $15}' "/proc/$pid/stat")
@@ -54,6 +55,22 @@ if [[ ${AB_MODE:-full} == latency ]]; then
     echo "RESULT round $round loop $(job "$loop")"
     ours "$1" /scratch/full.qcow2 ours-full "$round"
     ours "$1" /scratch/empty.qcow2 ours-empty "$round"
+  done
+  exit 0
+fi
+if [[ ${AB_MODE:-full} == alloc ]]; then
+  # Writes into a new empty image, with recovery (the default: metadata in the file before
+  # the acknowledgement) and without; the first write to a cluster allocates it.
+  for ((round = 1; round <= rounds; round++)); do
+    for bin in "$@"; do
+      for recovery in reissue off; do
+        rm -f alloc.qcow2
+        qemu-img create -q -f qcow2 alloc.qcow2 512M
+        ours "$bin" /scratch/alloc.qcow2 "$(basename "$bin")-recovery-$recovery" "$round" \
+          --recovery="$recovery"
+        qemu-img check -q alloc.qcow2 || echo "RESULT round $round check-failed $recovery"
+      done
+    done
   done
   exit 0
 fi

@@ -10,7 +10,9 @@
 #   -b  fio --bs (default 4k)      -q  fio --iodepth (default 1)
 #   -R  fio --rate_iops (default: as fast as it goes)
 #   -n  rounds (default 3)         -m  full (default): a 512 MiB image of random data;
-#                                      latency: the QD1 breakdown instead (see below)
+#                                      latency: the QD1 breakdown instead (see below);
+#                                      alloc: -r writes into a new empty 512 MiB image per
+#                                      run, each BIN with --recovery=reissue and =off
 # Each BIN is served with `add -q 1` (defaults otherwise) on a copy-free qcow2 image of
 # 512 MiB of random data (64 KiB clusters); loop is `losetup --direct-io=on` on the raw
 # file it was converted from. Prints one line per round and target:
@@ -36,12 +38,12 @@ while getopts "r:b:q:R:n:m:" opt; do
     R) rate=$OPTARG ;;
     n) rounds=$OPTARG ;;
     m) mode=$OPTARG ;;
-    *) sed -n '2,26p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,28p' "$0" >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
 if (($# == 0)); then
-  sed -n '2,26p' "$0" >&2
+  sed -n '2,28p' "$0" >&2
   exit 2
 fi
 bins=()

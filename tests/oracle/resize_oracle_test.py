@@ -15,8 +15,7 @@ ours in o/, with the same arguments. After each step:
     offsets may differ: the clusters are placed by different allocators).
 
 A step may expect a documented divergence: ours fails where qemu-img
-succeeds (persistent bitmaps, which we do not maintain); then ours must
-fail cleanly and change nothing.
+succeeds; then ours must fail cleanly and change nothing.
 
 Usage: resize_oracle_test.py BINARY [--group G] [--case SUBSTR]... [--list] [--keep]
 """
