@@ -3,9 +3,11 @@
 // an access outside its files.
 //
 // Each base image is made by qemu-img/qemu-io (data, compressed, zero and
-// unallocated clusters; several geometries; one with an internal snapshot) and then, for each of a
+// unallocated clusters; several geometries; one with an internal snapshot, one with persistent
+// bitmaps and a snapshot) and then, for each of a
 // fixed set of seeds, damaged in memory: a few header fields or metadata words (L1, L2, refcount
-// table and blocks, which sit in the first clusters of these small images) get "interesting" values
+// table and blocks, which sit in the first clusters of these small images; the snapshot table,
+// bitmap directory and bitmap tables, wherever they lie) get "interesting" values
 // (0, all ones, one past the end of the file, huge or unaligned offsets, flag bits) or random
 // bytes. The damaged copy then goes through everything a user could do to it: open read-only and
 // read all of it, check, open writable, write, flush, read back, close. Whatever fails must fail
@@ -87,7 +89,46 @@ const Base kBases[] = {
     {"snap-64k", "-o cluster_size=64k",
      "-c 'write -P 0x11 0 192k' -c 'write -c -P 0x22 1M 64k' -c 'write -P 0x33 7M 4k'", 65536,
      "qemu-img snapshot -c s1 IMG && qemu-io -f qcow2 -c 'write -P 0x55 64k 64k' IMG"},
+    // Persistent bitmaps (a directory and bitmap tables, stored at close past
+    // the first clusters) and a snapshot taken after them.
+    {"bitmaps-4k", "-o cluster_size=4k", "-c 'write -P 0x11 0 64k' -c 'write -P 0x33 7M 4k'", 4096,
+     "qemu-img bitmap --add IMG b0 && qemu-io -f qcow2 -c 'write -P 0x22 1M 8k' IMG && "
+     "qemu-img bitmap --add -g 512 IMG b1 && qemu-io -f qcow2 -c 'write -P 0x44 2M 4k' IMG && "
+     "qemu-img snapshot -c s1 IMG"},
 };
+
+// Where the snapshot table and the bitmap directory and tables of `image` lie
+// (as its header says; a cluster from each offset), so that damage reaches
+// them wherever the image put them.
+std::vector<std::pair<uint64_t, uint64_t>> TableRegions(const std::vector<std::byte>& image,
+                                                        uint64_t cluster) {
+  std::vector<std::pair<uint64_t, uint64_t>> regions;
+  const uint64_t size = image.size();
+  auto add = [&](uint64_t offset) {
+    if (offset != 0 && offset % 8 == 0 && offset < size) {
+      regions.emplace_back(offset, std::min(size, offset + cluster));
+    }
+  };
+  if (LoadBE32(image, 60) != 0) add(LoadBE64(image, 64));  // nb_snapshots, snapshots_offset
+  if (LoadBE32(image, 4) < 3) return regions;
+  // Header extensions, from header_length: the bitmaps extension (0x23852875)
+  // names the directory, whose entries name the tables.
+  for (uint64_t at = LoadBE32(image, 100); at + 8 <= std::min<uint64_t>(size, cluster);) {
+    const uint32_t type = LoadBE32(image, at), length = LoadBE32(image, at + 4);
+    if (type == 0) break;
+    if (type == 0x23852875 && length >= 24 && at + 32 <= size) {
+      const uint64_t dir = LoadBE64(image, at + 24), dir_size = LoadBE64(image, at + 16);
+      add(dir);
+      for (uint64_t e = dir; e + 24 <= std::min(size, dir + dir_size);) {
+        add(LoadBE64(image, e));  // the bitmap table
+        const uint64_t name = LoadBE16(image, e + 18), extra = LoadBE32(image, e + 12 + 8);
+        e += (24 + extra + name + 7) / 8 * 8;
+      }
+    }
+    at += 8 + (uint64_t{length} + 7) / 8 * 8;
+  }
+  return regions;
+}
 
 uint64_t Interesting(std::mt19937_64& rng, uint64_t file_size, uint64_t cluster) {
   const uint64_t choices[] = {
@@ -128,9 +169,10 @@ void PutBigEndian(std::vector<std::byte>& bytes, uint64_t at, uint64_t value, in
   }
 }
 
-// A damaged copy of `image`.
-// `log`, if not null, gets a line per damage.
+// A damaged copy of `image`; `tables` are regions (TableRegions) that metadata
+// words are also taken from. `log`, if not null, gets a line per damage.
 std::vector<std::byte> Damage(std::vector<std::byte> image, uint64_t cluster, uint64_t seed,
+                              const std::vector<std::pair<uint64_t, uint64_t>>& tables,
                               std::string* log = nullptr) {
   std::mt19937_64 rng(seed);
   const uint64_t size = image.size();
@@ -147,7 +189,15 @@ std::vector<std::byte> Damage(std::vector<std::byte> image, uint64_t cluster, ui
       case 1:
       case 2: {  // a 64-bit metadata word (L1/L2 entry, refcount table entry)
         uint64_t at = (rng() % (meta_end / 8)) * 8;
-        PutBigEndian(image, at, Interesting(rng, size, cluster), 8, log);
+        // Half of them, where the image has any, in a snapshot table or a
+        // bitmap directory or table; 32-bit fields there too.
+        int width = 8;
+        if (!tables.empty() && rng() % 2 == 0) {
+          const auto [from, to] = tables[rng() % tables.size()];
+          width = rng() % 2 ? 8 : 4;
+          at = from + (rng() % ((to - from) / width)) * width;
+        }
+        PutBigEndian(image, at, Interesting(rng, size, cluster), width, log);
         break;
       }
       case 3: {  // a refcount or 16-bit field
@@ -310,6 +360,9 @@ TEST_P(MutationTest, DamagedImagesFailCleanly) {
   // The undamaged image must work all the way (or the test proves nothing).
   EXPECT_EQ(OnBigStack([&] { return Exercise(image, false); }),
             "ro-read(0 failed) checked rw-wrote(3/3)");
+  const std::vector<std::pair<uint64_t, uint64_t>> tables = TableRegions(image, base.cluster);
+  std::printf("%s: %zu table regions damaged besides the first clusters\n", base.name,
+              tables.size());
 
   const char* only = std::getenv("MUTATION_CASE");
   const char* seeds_env = std::getenv("MUTATION_SEEDS");
@@ -322,7 +375,7 @@ TEST_P(MutationTest, DamagedImagesFailCleanly) {
     SCOPED_TRACE(id);
     std::string damages;
     std::vector<std::byte> damaged =
-        Damage(image, base.cluster, 1000003 * seed + 17, trace ? &damages : nullptr);
+        Damage(image, base.cluster, 1000003 * seed + 17, tables, trace ? &damages : nullptr);
     if (trace) std::fprintf(stderr, "case %s\n%s", id.c_str(), damages.c_str());
     const std::string summary = OnBigStack([&] { return Exercise(damaged, trace); });
     if (trace) std::fprintf(stderr, "  -> %s\n", summary.c_str());
