@@ -80,15 +80,19 @@ Task<Result<std::unique_ptr<BlockDevice>>> OpenBacking(const std::string& path,
   co_return backing;
 }
 
+// ": " and the caller's hint on how to give a passphrase, or nothing.
+std::string KeyHint(const ImageOptions& options) {
+  return options.key_hint.empty() ? std::string() : fmt::format(": {}", options.key_hint);
+}
+
 // Opens the LUKS area of an encrypted image with the passphrase the options
 // carry (QEMU asks for encrypt.key-secret the same way).
 Task<Result<std::unique_ptr<crypto::LuksVolume>>> UnlockLuks(File& file, const Header& header,
                                                              const std::string& path,
                                                              const ImageOptions& options) {
   if (!options.key) {
-    co_return Status::InvalidArgument(
-        fmt::format("{}: the image is encrypted (LUKS): its passphrase is needed: {}", path,
-                    crypto::kKeyFlagsHint));
+    co_return Status::InvalidArgument(fmt::format(
+        "{}: the image is encrypted (LUKS): its passphrase is needed{}", path, KeyHint(options)));
   }
   co_return co_await crypto::LuksVolume::Unlock(file, header.crypto->offset, header.crypto->length,
                                                 options.key->span());
@@ -106,9 +110,8 @@ Result<std::unique_ptr<crypto::SectorCipher>> LegacyAes(const std::string& path,
         path));
   }
   if (!options.key) {
-    return Status::InvalidArgument(
-        fmt::format("{}: the image is encrypted (AES): its passphrase is needed: {}", path,
-                    crypto::kKeyFlagsHint));
+    return Status::InvalidArgument(fmt::format(
+        "{}: the image is encrypted (AES): its passphrase is needed{}", path, KeyHint(options)));
   }
   ASSIGN_OR_RETURN(crypto::SectorCipher cipher, crypto::LegacyAesCipher(options.key->span()));
   return std::make_unique<crypto::SectorCipher>(std::move(cipher));

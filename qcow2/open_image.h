@@ -71,9 +71,12 @@ struct ImageOptions {
   std::vector<SnapshotRef> snapshot;
   // The passphrase of LUKS-encrypted images (qcow2 crypt_method 2), tried on
   // every encrypted image of the chain; null: none given, and opening an
-  // encrypted image fails ("its passphrase is needed: " and
-  // crypto::kKeyFlagsHint). Never logged.
+  // encrypted image fails ("its passphrase is needed", then ": " and
+  // key_hint if set). Never logged.
   std::shared_ptr<const crypto::SecretBytes> key;
+  // How the caller's user gives a passphrase (the command line's flags, say),
+  // for that error: the engine knows no front end.
+  std::string_view key_hint;
   // Deepest backing chain accepted (a guard on top of loop detection).
   int max_chain_depth = 64;
 };

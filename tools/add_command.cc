@@ -25,7 +25,7 @@ namespace {
 Status ValidateImage(const AddOptions& options, const std::string& path, bool direct) {
   ASSIGN_OR_RETURN(std::unique_ptr<IoContext> io, IoContext::Create(IoMode::kAuto));
   qcow2::ImageOptions image_options;
-  image_options.key = ImageKey();
+  UseImageKey(image_options);
   image_options.env = io->env();
   image_options.writable = !options.read_only;
   image_options.cache_size = options.cache_size;

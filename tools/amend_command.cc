@@ -230,7 +230,7 @@ class AmendCommand final : public Command {
 
     qcow2::ImageOptions options;
 
-    options.key = ImageKey();
+    UseImageKey(options);
     options.env = qcow2::SyncEnv();
     options.format = format_;
     options.no_backing = true;  // only the header is looked at first

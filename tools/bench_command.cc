@@ -440,7 +440,7 @@ Status RunBench(const BenchOptions& options) {
 
   qcow2::ImageOptions image_options;
 
-  image_options.key = ImageKey();
+  UseImageKey(image_options);
   image_options.env = io->env();
   image_options.format = options.format;
   image_options.writable = options.write;

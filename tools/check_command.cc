@@ -58,7 +58,7 @@ class CheckCommand final : public Command {
     // qemu-img check opens the image whole before checking: a backing file
     // or data file that cannot be opened fails it (exit 1).
     qcow2::ImageOptions dependencies;
-    dependencies.key = ImageKey();
+    UseImageKey(dependencies);
     dependencies.env = qcow2::SyncEnv();
     dependencies.lock = !force_share_;
     RETURN_IF_ERROR(BlockOn(qcow2::OpenDependencies(*file, image_, dependencies)));

@@ -76,7 +76,7 @@ Task<Status> OpenBase(const CommitRequest& r, Chain& chain, const std::string& p
 // Opens IMAGE, the images between it and the base, and the base.
 Task<Status> OpenChain(const CommitRequest& r, Chain& chain) {
   qcow2::ImageOptions options;
-  options.key = ImageKey();
+  UseImageKey(options);
   options.env = r.env;
   options.format = r.format;
   options.writable = true;
@@ -108,7 +108,7 @@ Task<Status> OpenChain(const CommitRequest& r, Chain& chain) {
           fmt::format("{}: backing chain loop or deeper than {} images", r.image, kMaxChainDepth));
     }
     qcow2::ImageOptions next;
-    next.key = ImageKey();
+    UseImageKey(next);
     next.env = r.env;
     next.format = h.backing_format.value_or("");
     next.lock = r.lock;

@@ -114,7 +114,7 @@ class CompareCommand final : public Command {
           fmt::format("{}: unknown format '{}' (qcow2 or raw)", side.path, format));
     }
     qcow2::ImageOptions options;
-    options.key = ImageKey();
+    UseImageKey(options);
     options.env = io_->env();
     options.format = format;
     options.lock = !force_share_;

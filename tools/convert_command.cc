@@ -229,7 +229,7 @@ Status RunConvert(const ConvertOptions& options) {
 
   qcow2::ImageOptions image_options;
 
-  image_options.key = ImageKey();
+  UseImageKey(image_options);
   image_options.env = io->env();
   image_options.format = options.source_format;
   image_options.lock = !options.force_share;

@@ -104,11 +104,16 @@ Result<std::shared_ptr<const SecretBytes>> NewImageKey(const std::string& key_se
   return std::shared_ptr<const SecretBytes>(FileKey());
 }
 
+void UseImageKey(qcow2::ImageOptions& options) {
+  options.key = ImageKey();
+  options.key_hint = kKeyFlagsHint;
+}
+
 Status NeedKeyForDevice(int id, const std::string& image, bool encrypted, const char* verb) {
   if (!encrypted || ImageKey()) return Status::Ok();
   return Status::InvalidArgument(
       fmt::format("ublk device {}: {} is encrypted: {} needs its passphrase: {}", id, image, verb,
-                  qcow2::crypto::kKeyFlagsHint));
+                  kKeyFlagsHint));
 }
 
 }  // namespace uq::tools

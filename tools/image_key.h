@@ -26,9 +26,11 @@
 #include <CLI/CLI.hpp>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "base/status.h"
 #include "qcow2/crypto/secret.h"
+#include "qcow2/open_image.h"
 
 namespace uq::tools {
 
@@ -60,9 +62,18 @@ Result<std::shared_ptr<const qcow2::crypto::SecretBytes>> NewImageKey(
 // For verbs that start a new daemon for a running device (recover, upgrade): OK unless the
 // device's image is encrypted and no key was given, then InvalidArgument "ublk device ID:
 // IMAGE is encrypted: VERB needs its passphrase: give --key-file FILE, or --object ..."
-// (qcow2::crypto::kKeyFlagsHint). No daemon and no file under /run/ublk-qcow2 keeps the passphrase,
+// (kKeyFlagsHint). No daemon and no file under /run/ublk-qcow2 keeps the passphrase,
 // so it must come again.
 Status NeedKeyForDevice(int id, const std::string& image, bool encrypted, const char* verb);
+
+// How the command line gives the passphrase of an encrypted image: every verb that opens
+// images takes these flags, and each message asking for a key names them all.
+inline constexpr std::string_view kKeyFlagsHint =
+    "give --key-file FILE, or --object secret,id=ID,file=FILE (and --key-secret ID to pick one "
+    "of several)";
+
+// Gives `options` the key that opens existing images (ImageKey()) and the hint above.
+void UseImageKey(qcow2::ImageOptions& options);
 
 // The passphrase ImageKey() returns, for `add` and `recover` to hand to
 // their daemon, which wipes it (SecretBytes::Clear) once the image is open.

@@ -17,7 +17,7 @@ namespace {
 // IMAGE read as a plain raw image (-f raw), whatever its contents.
 Task<Result<qcow2::ImageInfo>> DescribeAsRaw(qcow2::Env* env, std::string path, bool lock) {
   qcow2::ImageOptions options;
-  options.key = ImageKey();
+  UseImageKey(options);
   options.env = env;
   options.lock = lock;
   options.format = "raw";

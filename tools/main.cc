@@ -20,6 +20,7 @@
 #include "tools/add_command.h"
 #include "tools/amend_command.h"
 #include "tools/bench_command.h"
+#include "tools/bitmap_command.h"
 #include "tools/check_command.h"
 #include "tools/command.h"
 #include "tools/commit_command.h"
@@ -35,10 +36,9 @@
 #include "tools/measure_command.h"
 #include "tools/rebase_command.h"
 #include "tools/recover_command.h"
-#include "tools/upgrade_command.h"
 #include "tools/resize_command.h"
 #include "tools/snapshot_command.h"
-#include "tools/bitmap_command.h"
+#include "tools/upgrade_command.h"
 
 namespace uq::tools {
 namespace {
@@ -77,8 +77,9 @@ constexpr Verb kVerbs[] = {
      &MakeAmendCommand},
     {"snapshot", "List, create, apply or delete internal snapshots (like qemu-img snapshot)",
      &MakeSnapshotCommand},
-    {"bitmap", "Add, remove, clear, enable, disable or merge persistent dirty bitmaps (like "
-               "qemu-img bitmap)",
+    {"bitmap",
+     "Add, remove, clear, enable, disable or merge persistent dirty bitmaps (like "
+     "qemu-img bitmap)",
      &MakeBitmapCommand},
     {"convert", "Copy an image (backing chain included) into a raw or qcow2 file",
      &MakeConvertCommand},

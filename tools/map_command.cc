@@ -171,7 +171,7 @@ class MapCommand final : public Command {
   // printed before it.
   Task<Status> Map(uint64_t start, std::optional<uint64_t> max_length, std::string& out) {
     qcow2::ImageOptions options;
-    options.key = ImageKey();
+    UseImageKey(options);
     options.env = qcow2::SyncEnv();
     options.format = format_;
     options.lock = !force_share_;

@@ -190,7 +190,7 @@ class MeasureCommand final : public Command {
           fmt::format("{}: format '{}' is not supported (only qcow2 and raw are)", image, format_));
     }
     qcow2::ImageOptions options;
-    options.key = ImageKey();
+    UseImageKey(options);
     options.env = qcow2::SyncEnv();
     options.format = format_;
     options.lock = !force_share_;

@@ -29,7 +29,7 @@ Task<Status> RebaseOpen(const RebaseRequest& r, qcow2::BlockDevice& device,
   if (image == nullptr) co_return ChangeError(r, "Operation not supported");
   if (!r.unsafe && !r.backing.empty()) {
     qcow2::ImageOptions options;
-    options.key = ImageKey();
+    UseImageKey(options);
     options.env = r.env;
     options.format = r.backing_format;
     options.lock = r.lock_new_backing;
@@ -60,7 +60,7 @@ Task<Status> RebaseOpen(const RebaseRequest& r, qcow2::BlockDevice& device,
 Task<Status> RebaseImage(const RebaseRequest& request) {
   if (request.env == nullptr) co_return Status::InvalidArgument("RebaseImage: no Env given");
   qcow2::ImageOptions options;
-  options.key = ImageKey();
+  UseImageKey(options);
   options.env = request.env;
   options.format = request.format;
   options.writable = true;

@@ -84,7 +84,7 @@ class ResizeCommand final : public Command {
     if (id_ >= 0) return ResizeLive(change);
     const qcow2::Preallocation prealloc = *qcow2::ParsePreallocation(preallocation_);
     qcow2::ImageOptions options;
-    options.key = ImageKey();
+    UseImageKey(options);
     options.env = qcow2::SyncEnv();
     options.format = format_;
     options.writable = true;

@@ -85,7 +85,7 @@ class SnapshotCommand final : public Command {
           "Could not open '{}': force-share=on can only be used with read-only images", image_));
     }
     qcow2::ImageOptions options;
-    options.key = ImageKey();
+    UseImageKey(options);
     options.env = qcow2::SyncEnv();
     options.format = format_;
     options.lock = !force_share_;

@@ -23,13 +23,6 @@
 
 namespace uq::qcow2::crypto {
 
-// How ublk-qcow2's command line gives the passphrase of an encrypted image
-// (tools/image_key.h): every verb that opens images takes these flags, and
-// each message asking for a key names them all.
-inline constexpr std::string_view kKeyFlagsHint =
-    "give --key-file FILE, or --object secret,id=ID,file=FILE (and --key-secret ID to pick one "
-    "of several)";
-
 class SecretBytes {
  public:
   SecretBytes() = default;
