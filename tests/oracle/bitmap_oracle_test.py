@@ -2,7 +2,8 @@
 """`ublk-qcow2 bitmap`, bitmap maintenance and `map --bitmap` against QEMU 7.2
 on twin images.
 
-Each case creates an image (qemu-img create) and copies it to q/ and o/.
+Each case creates an image (qemu-img create) and copies it (with its external
+data file, if any) to q/ and o/.
 Steps run on both copies: `bitmap ARGS` (qemu-img bitmap in q/, ours in o/,
 same arguments), and writes (qemu-img bench -w in q/, our bench -w in o/,
 same offsets, sizes and pattern: our engine tracks them). After every step:
@@ -140,6 +141,18 @@ def _(b):
                 backing="base.qcow2")
 
 
+@case("matrix/g64k_datafile", "granularity 64 KiB, an external data file (data_file=a.data)")
+def _(b):
+    return dict(create={"data_file": "a.data"}, size=64 * M, steps=lifecycle(64 * K, 64 * M))
+
+
+@case("matrix/g4k_datafile_raw", "granularity 4 KiB, a raw external data file "
+      "(data_file=a.data, data_file_raw=on)")
+def _(b):
+    return dict(create={"data_file": "a.data", "data_file_raw": "on"}, size=64 * M,
+                steps=lifecycle(4096, 64 * M))
+
+
 @case("errors/messages", "qemu-img's messages and exit statuses for bad operations")
 def _(b):
     return dict(create={}, size=64 * M, steps=errors())
@@ -245,7 +258,7 @@ def run_case(c, workdir, log, binary):
     for d in (q, o):
         os.makedirs(d)
         L.must(["cp", "-a"] + [os.path.join(workdir, f) for f in os.listdir(workdir)
-                                if f.endswith(".qcow2")] + [d], workdir, log)
+                                if f.endswith((".qcow2", ".data"))] + [d], workdir, log)
     steps = 0
     for kind, args in spec["steps"]:
         if kind == "bitmap":

@@ -111,6 +111,50 @@ def _(b):
     return Spec("top.qcow2", [], base=(base, None))
 
 
+for bits in (1, 64):
+    def make(bits):
+        @case("refcounts/r%d" % bits, "refcount_bits=%d in the overlay and in the base" % bits)
+        def _(b):
+            opts = {"refcount_bits": bits}
+            base = over_base(b, 4 * K, 8 * M, base_opts=opts, top_opts=opts)
+            return Spec("top.qcow2", [], base=(base, None))
+    make(bits)
+
+
+@case("datafile/overlay", "an overlay with an external data file (data_file=top.data) over a "
+      "qcow2 base")
+def _(b):
+    base = over_base(b, 64 * K, 8 * M, top_opts={"data_file": "top.data"})
+    return Spec("top.qcow2", [], base=(base, None))
+
+
+@case("datafile/overlay_d", "-d: an overlay with an external data file keeps its clusters")
+def _(b):
+    base = over_base(b, 64 * K, 8 * M, top_opts={"data_file": "top.data"})
+    return Spec("top.qcow2", ["-d"], base=(base, None))
+
+
+@case("datafile/base", "a base with an external data file (data_file=base.data)")
+def _(b):
+    base = over_base(b, 64 * K, 8 * M, base_opts={"data_file": "base.data"})
+    return Spec("top.qcow2", [], base=(base, None))
+
+
+@case("datafile/base_raw", "a base with a raw external data file (data_file_raw=on): zeros "
+      "written into the data file too")
+def _(b):
+    base = over_base(b, 64 * K, 8 * M, base_opts={"data_file": "base.data",
+                                                   "data_file_raw": "on"})
+    return Spec("top.qcow2", [], base=(base, None))
+
+
+@case("datafile/both", "overlay and base each with an external data file, -b BASE")
+def _(b):
+    base = over_base(b, 4 * K, 8 * M, base_opts={"data_file": "base.data"},
+                     top_opts={"data_file": "top.data"})
+    return Spec("top.qcow2", ["-b", base], base=(base, None))
+
+
 @case("keep/d", "-d: the overlay keeps its clusters")
 def _(b):
     base = over_base(b, 64 * K, 8 * M)

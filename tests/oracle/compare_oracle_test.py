@@ -238,6 +238,51 @@ def _(b):
             ["bad.qcow2", "d.qcow2"], ["n.qcow2", "bad.qcow2"]]
 
 
+@case("layout/refcounts", "refcount_bits=1 and 64 copies against the refcount_bits=16 source "
+      "and each other, with one byte differing; images written at widths 1 and 64 (4 KiB "
+      "clusters, their own noise) against each other")
+def _(b):
+    base_image(b, "a.qcow2")
+    for bits in (1, 64):
+        copy(b, "a.qcow2", "r%d.qcow2" % bits, args=["-o", "refcount_bits=%d" % bits])
+        base_image(b, "n%d.qcow2" % bits, opts={"refcount_bits": bits, "cluster_size": 4 * K})
+    copy(b, "r1.qcow2", "r1bad.qcow2", args=["-o", "refcount_bits=1"])
+    flip(b, "r1bad.qcow2", 1100 * K)
+    copy(b, "r64.qcow2", "r64bad.qcow2", args=["-o", "refcount_bits=64"])
+    flip(b, "r64bad.qcow2", 3 * M + 511)
+    return [["a.qcow2", "r1.qcow2"], ["r64.qcow2", "a.qcow2"], ["r1.qcow2", "r64.qcow2"],
+            ["-s", "r1.qcow2", "r64.qcow2"], ["-s", "a.qcow2", "r64.qcow2"],
+            ["n1.qcow2", "n64.qcow2"], ["-s", "n1.qcow2", "n64.qcow2"],
+            ["a.qcow2", "r1bad.qcow2"], ["r1bad.qcow2", "r64.qcow2"], ["r64bad.qcow2", "a.qcow2"],
+            ["-s", "r64bad.qcow2", "r1.qcow2"]]
+
+
+@case("layout/snapshots", "an image with internal snapshots (the active layer is compared): "
+      "against its flat copy, each snapshot's copy, a copy with one byte differing")
+def _(b):
+    base_image(b, "s.qcow2")
+    b.snapshot("s.qcow2", "s1")
+    b.io("s.qcow2", "write -P 0x44 64k 64k", "write -z 1M 64k", "discard 2M 64k",
+         "write -P 0x45 5M 4k")
+    b.snapshot("s.qcow2", "s2")
+    b.io("s.qcow2", "write -P 0x46 %d 512" % (1088 * K + 512))
+    copy(b, "s.qcow2", "flat.qcow2")
+    copy(b, "s.qcow2", "flat.raw", fmt="raw")
+    for snap in ("s1", "s2"):
+        copy(b, "s.qcow2", "%s.qcow2" % snap, args=["-l", "snapshot.name=%s" % snap])
+    copy(b, "s.qcow2", "bad.qcow2")
+    flip(b, "bad.qcow2", 64 * K + 100)
+    b.create("t.qcow2", 8 * M, backing="s.qcow2", backing_fmt="qcow2")
+    b.snapshot("t.qcow2", "t1")
+    b.io("t.qcow2", "write -P 0x47 3M 64k")
+    copy(b, "t.qcow2", "tflat.qcow2")
+    return [["s.qcow2", "flat.qcow2"], ["-s", "s.qcow2", "flat.qcow2"], ["flat.raw", "s.qcow2"],
+            ["s.qcow2", "s1.qcow2"], ["s2.qcow2", "s.qcow2"], ["-s", "s.qcow2", "s2.qcow2"],
+            ["s1.qcow2", "s2.qcow2"], ["s.qcow2", "bad.qcow2"], ["-s", "bad.qcow2", "s.qcow2"],
+            ["s.qcow2", "s.qcow2"], ["t.qcow2", "tflat.qcow2"], ["t.qcow2", "s.qcow2"],
+            ["-s", "t.qcow2", "tflat.qcow2"]]
+
+
 @case("layout/cluster_sizes", "the same contents with 512 B, 4 KiB, 64 KiB, 2 MiB clusters and "
       "extended L2")
 def _(b):

@@ -72,6 +72,22 @@ for cs in (512, 4 * K, 64 * K, 2 * M):
     make(cs)
 
 
+for bits in (1, 64):
+    def make(bits):
+        @case("refcounts/r%d" % bits, "refcount_bits=%d: data, zero (with and without a place), "
+              "discard, a far write; 512 B and 64 KiB clusters" % bits)
+        def _(b):
+            out = []
+            for cs in (512, 64 * K):
+                name = "r%d_cs%d.qcow2" % (bits, cs)
+                size = max(16 * M, 40 * cs)
+                b.create(name, size, opts={"cluster_size": cs, "refcount_bits": bits})
+                pattern_writes(b, name, cs, size)
+                out.append((name, []))
+            return out
+    make(bits)
+
+
 @case("clusters/v2", "compat=0.10: no zero flag (write -z allocates zeros or leaves unallocated)")
 def _(b):
     b.create("a.qcow2", 16 * M, opts={"compat": "0.10"})

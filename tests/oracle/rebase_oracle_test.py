@@ -34,10 +34,13 @@ CASES = []
 class Spec:
     """Rebase `image` with `args`; `safe`: the guest view must not change."""
 
-    def __init__(self, image, args, safe=True):
+    def __init__(self, image, args, safe=True, snapshots=()):
         self.image = image
         self.args = list(args)
         self.safe = safe
+        # Internal snapshots of `image`: each one's view (read through the
+        # backing file the header names after the rebase) must be the twin's.
+        self.snapshots = list(snapshots)
 
 
 case = L.case_registry(CASES)
@@ -115,6 +118,51 @@ def _(b):
     b.create("top.qcow2", 4 * M, backing="old.qcow2", backing_fmt="qcow2")
     b.io("top.qcow2", "write -z 0 512k", "write -z -u 3M 64k")
     return Spec("top.qcow2", ["-b", "new.raw", "-F", "raw"])
+
+
+for bits in (1, 64):
+    def make(bits):
+        @case("refcounts/r%d" % bits, "refcount_bits=%d overlay and bases: safe rebase" % bits)
+        def _(b):
+            two_bases(b, 4 * K, 4 * M, opts={"refcount_bits": bits})
+            return Spec("top.qcow2", ["-b", "new.qcow2", "-F", "qcow2"])
+    make(bits)
+
+
+def snapshotted_top(b):
+    """two_bases, then two internal snapshots of top.qcow2 with writes
+    between them and after (the snapshots share clusters with the active
+    layer and map clusters it no longer does)."""
+    two_bases(b, 64 * K, 4 * M)
+    b.snapshot("top.qcow2", "s1")
+    b.io("top.qcow2", "write -P 0x51 %d %d" % (64 * K, 64 * K), "write -z %d %d" % (20 * 64 * K,
+                                                                                  64 * K))
+    b.snapshot("top.qcow2", "s2")
+    b.io("top.qcow2", "write -P 0x52 %d %d" % (2 * 64 * K, 2 * 64 * K),
+         "discard %d %d" % (64 * K, 64 * K))
+    return ["s1", "s2"]
+
+
+@case("snapshots/safe", "an overlay with two internal snapshots, safe rebase: the active "
+      "layer keeps its view; each snapshot reads as qemu-img's twin's")
+def _(b):
+    snaps = snapshotted_top(b)
+    return Spec("top.qcow2", ["-b", "new.qcow2", "-F", "qcow2"], snapshots=snaps)
+
+
+@case("snapshots/unsafe", "an overlay with two internal snapshots, -u: only the header "
+      "changes; each snapshot reads as qemu-img's twin's")
+def _(b):
+    snaps = snapshotted_top(b)
+    return Spec("top.qcow2", ["-u", "-b", "new.qcow2", "-F", "qcow2"], safe=False,
+                snapshots=snaps)
+
+
+@case("snapshots/remove", "an overlay with two internal snapshots, -b \"\": the old "
+      "backing file's data copied into the active layer only")
+def _(b):
+    snaps = snapshotted_top(b)
+    return Spec("top.qcow2", ["-b", ""], snapshots=snaps)
 
 
 @case("chain/depth3_onto_raw_base", "raw base, qcow2 mid, qcow2 top: rebase top onto the "
@@ -341,8 +389,17 @@ def run_case(c, workdir, log, binary):
     a_q, a_o = t.alloc(t.q, spec.image), t.alloc(t.o, spec.image)
     if a_q != a_o:
         raise CaseFailure("allocation differs:\n  qemu-img %s\n  ours     %s" % (a_q, a_o))
+    for name in spec.snapshots:
+        views = []
+        for d in (t.q, t.o):
+            out = os.path.join(t.views, "snap-%s-%s.raw" % (os.path.basename(d), name))
+            L.must([L.QEMU_IMG, "convert", "-l", "snapshot.name=%s" % name, "-O", "raw",
+                    spec.image, out], d, t.log, timeout=TW.TIMEOUT)
+            views.append(out)
+        t.same_view("snapshot %s, ours against qemu-img's twin" % name, views[0], views[1])
     t.check_clean(t.o, spec.image)
-    return "rebased like qemu-img"
+    return "rebased like qemu-img" + (" (%d snapshot views equal)" % len(spec.snapshots)
+                                      if spec.snapshots else "")
 
 
 if __name__ == "__main__":
