@@ -534,7 +534,7 @@ Task<Status> Qcow2Image::EntryBesideDataWrite(uint64_t offset, const L2Entry& ol
                                          in_cluster, data, &taken, &copied),
                             &data_st));
   both.push_back(KeepStatus(StabilizeMetadata(), &round_st));
-  co_await WhenAll(std::move(both));
+  (void)co_await WhenAll(std::move(both));  // each status is kept above
   const Status st = data_st.ok() ? round_st : data_st;
   {
     auto lock = co_await meta_mutex_.Acquire();
