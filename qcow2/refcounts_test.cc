@@ -11,6 +11,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "qcow2/header.h"
 #include "qcow2/open_image.h"
@@ -138,6 +139,38 @@ TEST_F(RefcountsTest, ResizeWithAnL1LongerThanABlockRange) {
   EXPECT_NE(out.find("3221225472 bytes"), std::string::npos) << out;
   // The data written before is still there.
   ASSERT_EQ(scratch_->Sh("qemu-io -c 'read -P 0x5a 1M 64k' -c 'read -P 0 2M 64k' after.qcow2 "
+                         "| grep -q 'verification failed'"),
+            1);
+}
+
+// With 64-bit refcounts a 512 B cluster block covers 64 clusters and the
+// starting one-cluster table 64 ranges: the 4352-cluster L1 of a 9G image
+// needs 70 new blocks, more than the table has entries, so the table grows
+// first (past the ranges the run takes), then the run is laid out.
+TEST_F(RefcountsTest, LongRunBeyondTheTableGrowsItFirst) {
+  ASSERT_EQ(scratch_->Sh("qemu-img create -f qcow2 -o cluster_size=512,refcount_bits=64 "
+                         "img.qcow2 1M"),
+            0);
+  ASSERT_EQ(scratch_->Sh("qemu-io -c 'write -P 0x5a 0 100k' img.qcow2"), 0);
+  testing::MemEnv mem;
+  testing::ImportImage(mem, scratch_->path("img.qcow2"), "/w/img.qcow2");
+  auto dev = testing::OpenWritableImage(mem);
+  ASSERT_TRUE(dev.ok()) << dev.status().ToString();
+  Status st = BlockOn((*dev)->Resize(9ull << 30, Preallocation::kOff));
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  st = BlockOn((*dev)->Resize(18ull << 30, Preallocation::kOff));
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_TRUE(BlockOn((*dev)->Close()).ok());
+  testing::ExportImage(mem, "/w/img.qcow2", scratch_->path("after.qcow2"));
+  EXPECT_EQ(QemuLeaks("after.qcow2"), 0u);
+  ASSERT_TRUE(testing::QemuCheckPasses(*scratch_, "after.qcow2", /*leaks_allowed=*/false));
+  // refcount_table_clusters (header bytes 56..59, big-endian) grew past 1.
+  const std::vector<std::byte> bytes = scratch_->Slurp("after.qcow2");
+  ASSERT_GT(bytes.size(), 60u);
+  uint32_t table_clusters = 0;
+  for (int i = 56; i < 60; i++) table_clusters = table_clusters << 8 | uint8_t(bytes[i]);
+  EXPECT_GT(table_clusters, 1u);
+  ASSERT_EQ(scratch_->Sh("qemu-io -c 'read -P 0x5a 0 100k' -c 'read -P 0 17G 64k' after.qcow2 "
                          "| grep -q 'verification failed'"),
             1);
 }
