@@ -178,6 +178,11 @@ Task<Status> Refcounts::WriteTable() {
 }
 
 Task<Result<uint64_t>> Refcounts::Allocate(uint64_t count) {
+  // A fresh range holds its own block in its first cluster, so it has only
+  // E-1 free clusters in a row: the scan below, which makes blocks as it
+  // goes, would never find a longer run there (it would grow the file
+  // forever). Such runs get ranges of their own.
+  if (count >= entries_per_block_) co_return co_await AllocateLongRun(count);
   uint64_t cluster = free_hint_;
   uint64_t run_start = 0, run = 0;
   bool hint_settled = false;
@@ -208,6 +213,78 @@ Task<Result<uint64_t>> Refcounts::Allocate(uint64_t count) {
     cache_.MarkDirty(loc.slice);
   }
   co_return run_start* cluster_size_;
+}
+
+Task<Result<uint64_t>> Refcounts::AllocateLongRun(uint64_t count) {
+  const uint64_t E = entries_per_block_;
+  // First the ranges that already have blocks: freed space may hold the run.
+  // Ranges without a block break a run (their block would land inside it).
+  uint64_t covered_end = 0;  // one past the last range with a block
+  for (uint64_t bi = table_.size(); bi > 0; bi--) {
+    if ((table_[bi - 1] & kRefcountTableOffsetMask) != 0) {
+      covered_end = bi;
+      break;
+    }
+  }
+  uint64_t run_start = 0, run = 0;
+  for (uint64_t cluster = free_hint_; cluster < covered_end * E && run < count;) {
+    const uint64_t bi = cluster / E;
+    if ((table_[bi] & kRefcountTableOffsetMask) == 0) {
+      run = 0;
+      cluster = (bi + 1) * E;
+      continue;
+    }
+    CO_ASSIGN_OR_RETURN(Location loc, co_await Locate(cluster));
+    for (uint64_t i = loc.index; i < entries_per_slice_ && run < count; i++, cluster++) {
+      if (GetRefcount(loc.slice.bytes(), i, order_) != 0) {
+        run = 0;
+        continue;
+      }
+      CO_RETURN_IF_ERROR(CheckFree(cluster));
+      if (run == 0) run_start = cluster;
+      run++;
+    }
+  }
+  if (run == count) {
+    for (uint64_t c = run_start; c < run_start + count; c++) {
+      CO_ASSIGN_OR_RETURN(Location loc, co_await Locate(c));
+      SetRefcount(loc.slice.bytes(), loc.index, order_, 1);
+      cache_.MarkDirty(loc.slice);
+    }
+    used_end_ = std::max(used_end_, (run_start + count) * cluster_size_);
+    co_return run_start* cluster_size_;
+  }
+
+  // Past everything in use: ranges [first, first + blocks) have no block, so
+  // every cluster in them is free. Their blocks go first, then the run; the
+  // blocks count themselves and the run (the layout GrowTable uses).
+  const uint64_t blocks = (count + E - 2) / (E - 1);  // blocks + count <= blocks * E
+  const uint64_t used_clusters = (used_end_ + cluster_size_ - 1) / cluster_size_;
+  const uint64_t first = std::max(covered_end, (used_clusters + E - 1) / E);
+  // GrowTable puts its own blocks and table past the ranges it must cover
+  // (from `first + blocks`), so ours stay free and without blocks.
+  if (first + blocks > table_.size()) CO_RETURN_IF_ERROR(co_await GrowTable(first + blocks - 1));
+  const uint64_t start = first * E;  // cluster index
+  const uint64_t total = blocks + count;
+  for (uint64_t c = start; c < start + total; c++) CO_RETURN_IF_ERROR(CheckFree(c));
+  AlignedBuffer block_buf(blocks * cluster_size_);
+  for (uint64_t c = start; c < start + total; c++) {
+    const uint64_t j = (c - start) / E;  // block describing cluster c
+    SetRefcount(block_buf.span().subspan(j * cluster_size_, cluster_size_), c % E, order_, 1);
+  }
+  // The blocks reach the disk (synced) before the table entries naming them,
+  // which are only marked dirty here: Flush syncs before WriteTable only when
+  // cached blocks are dirty, so these writes bypassing the cache sync now.
+  CO_RETURN_IF_ERROR(co_await file_->Write(start * cluster_size_, block_buf.span()));
+  CO_RETURN_IF_ERROR(co_await file_->Sync());
+  for (uint64_t j = 0; j < blocks; j++) {
+    table_[first + j] = (start + j) * cluster_size_;
+    block_clusters_.insert(start + j);
+    dirty_table_chunks_.insert((first + j) * 8 / kTableChunkBytes);
+  }
+  used_end_ = std::max(used_end_, (start + total) * cluster_size_);
+  const uint64_t run_offset = (start + blocks) * cluster_size_;
+  co_return run_offset;
 }
 
 Task<Status> Refcounts::Increment(uint64_t cluster) {

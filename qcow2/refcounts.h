@@ -19,6 +19,10 @@
 // because a range without a block has only zero refcounts. When the table is
 // full it is moved to a fresh range, with the blocks describing it, and the
 // header switched to it after both are on disk (QEMU's 8 MiB limit holds).
+// A run of E clusters or more cannot fit beside a self-describing block, so
+// it is taken from free space in ranges that have blocks, or else from fresh
+// ranges past everything in use: their blocks first (written and synced
+// before the table names them), then the run.
 //
 // Thread model: one event loop; callers serialise mutations (the image's
 // metadata mutex).
@@ -97,6 +101,10 @@ class Refcounts {
   // The slice holding `cluster`'s entry; REQUIRES its block exists.
   Task<Result<Location>> Locate(uint64_t cluster);
   Task<Status> EnsureBlock(uint64_t block_index);
+  // Allocate for runs of at least entries_per_block_ clusters: a free run in
+  // the ranges that have blocks, else fresh ranges past everything in use,
+  // their blocks first and the run right after them.
+  Task<Result<uint64_t>> AllocateLongRun(uint64_t count);
   Task<Status> GrowTable(uint64_t block_index);
   Status Corrupt(std::string what) const;
 

@@ -95,6 +95,14 @@ for cs in (512, 4 * K, 64 * K, 2 * M):
             return cycle(b, cs, size)
     make(cs)
 
+@case("clusters/long_l1", "512 B clusters, 1G: the snapshot's L1 copy (512 clusters) is longer "
+      "than one refcount block's range (256 clusters)")
+def _(b):
+    b.create("a.qcow2", 1 << 30, opts={"cluster_size": 512})
+    return [fill(b, 512, 1 << 30, 0x10), Snap("-c", "s1"), fill(b, 512, 1 << 30, 0x20),
+            Snap("-c", "s2"), Snap("-a", "s1"), Snap("-d", "s2"), Snap("-c", "s3")]
+
+
 for bits in (1, 16, 64):
     def make(bits):
         @case("refcounts/r%d" % bits, "refcount_bits=%d (1: a shared cluster overflows)" % bits)
