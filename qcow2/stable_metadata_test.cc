@@ -111,6 +111,21 @@ class StableMetadataTest : public ::testing::Test {
       *done = true;
     }(dev_.get(), offset, data_.back(), st, done));
   }
+  // Writes all of guest cluster 0 (0x11), which makes its L2 table; *l2:
+  // where that table lies in the file.
+  void WriteFirstCluster(uint64_t* l2) {
+    Status st;
+    bool done = false;
+    StartWrite(0, kCluster, 0x11, &st, &done);
+    ASSERT_TRUE(done && st.ok()) << st.ToString();
+    *l2 = L2TableInFile();
+    ASSERT_NE(*l2, 0u);
+    ASSERT_NE(EntryInFile(0), 0u);
+  }
+  // Whether `r` writes into the L2 table at `l2`.
+  static bool InTable(const IoRequest& r, uint64_t l2) {
+    return r.offset >= l2 && r.offset < l2 + kCluster;
+  }
   // Where the L2 table of guest cluster 0 lies in the file (0: none yet).
   uint64_t L2TableInFile() {
     std::vector<std::byte> file = mem_.Contents(kPath);
@@ -133,17 +148,12 @@ class StableMetadataTest : public ::testing::Test {
 TEST_F(StableMetadataTest, NewClusterEntryIsWrittenBesideItsData) {
   ASSERT_NO_FATAL_FAILURE(OpenNew(false));
   // Cluster 0 first: its L2 table exists from then on.
-  Status first;
-  bool first_done = false;
-  StartWrite(0, kCluster, 0x11, &first, &first_done);
-  ASSERT_TRUE(first_done && first.ok()) << first.ToString();
-  const uint64_t l2 = L2TableInFile();
-  ASSERT_NE(l2, 0u);
-  ASSERT_NE(EntryInFile(0), 0u);
+  uint64_t l2 = 0;
+  ASSERT_NO_FATAL_FAILURE(WriteFirstCluster(&l2));
 
   // Hold every write but the L2 table's: cluster 1's data waits, and its
   // entry must reach the file meanwhile (after the data, it never would).
-  gate_.hold = [l2](const IoRequest& r) { return r.offset >= l2 + kCluster || r.offset < l2; };
+  gate_.hold = [l2](const IoRequest& r) { return !InTable(r, l2); };
   Status second;
   bool second_done = false;
   StartWrite(kCluster + 4096, 4096, 0x22, &second, &second_done);
@@ -165,15 +175,11 @@ TEST_F(StableMetadataTest, NewClusterEntryIsWrittenBesideItsData) {
 
 TEST_F(StableMetadataTest, InPlaceWriteWaitsForNoRound) {
   ASSERT_NO_FATAL_FAILURE(OpenNew(false));
-  Status first;
-  bool first_done = false;
-  StartWrite(0, kCluster, 0x11, &first, &first_done);
-  ASSERT_TRUE(first_done && first.ok()) << first.ToString();
-  const uint64_t l2 = L2TableInFile();
-  ASSERT_NE(l2, 0u);
+  uint64_t l2 = 0;
+  ASSERT_NO_FATAL_FAILURE(WriteFirstCluster(&l2));
 
   // Cluster 1's round is held at its L2 write...
-  gate_.hold = [l2](const IoRequest& r) { return r.offset < l2 + kCluster && r.offset >= l2; };
+  gate_.hold = [l2](const IoRequest& r) { return InTable(r, l2); };
   Status alloc;
   bool alloc_done = false;
   StartWrite(kCluster, 4096, 0x22, &alloc, &alloc_done);
@@ -196,14 +202,10 @@ TEST_F(StableMetadataTest, InPlaceWriteIntoUnwrittenEntryWaitsForItsRound) {
   // With a backing file, the new cluster's entry is written after its data,
   // and the cluster lock is released before that round.
   ASSERT_NO_FATAL_FAILURE(OpenNew(true));
-  Status first;
-  bool first_done = false;
-  StartWrite(0, kCluster, 0x11, &first, &first_done);
-  ASSERT_TRUE(first_done && first.ok()) << first.ToString();
-  const uint64_t l2 = L2TableInFile();
-  ASSERT_NE(l2, 0u);
+  uint64_t l2 = 0;
+  ASSERT_NO_FATAL_FAILURE(WriteFirstCluster(&l2));
 
-  gate_.hold = [l2](const IoRequest& r) { return r.offset < l2 + kCluster && r.offset >= l2; };
+  gate_.hold = [l2](const IoRequest& r) { return InTable(r, l2); };
   Status alloc;
   bool alloc_done = false;
   StartWrite(kCluster, 4096, 0x22, &alloc, &alloc_done);
