@@ -37,7 +37,8 @@ Task<Status> Qcow2Image::Resize(uint64_t new_size, Preallocation prealloc) {
   const uint64_t l1_entries = (new_size + span - 1) / span;
   if (l1_entries * 8 > kMaxL1Bytes) {
     co_return Status::NoSpace(
-        fmt::format("{}: failed to grow the L1 table: {} entries pass QEMU's limit of {} MiB",
+        fmt::format("{}: Failed to grow the L1 table: File too large ({} entries would pass "
+                    "QEMU's limit of {} MiB)",
                     path(), l1_entries, kMaxL1Bytes >> 20));
   }
   // A raw data file must read as the image does: its new area is mapped 1:1.
