@@ -1,7 +1,7 @@
 #!/bin/bash
 # The guest half of bench/device-ab.sh (see there); runs inside tests/vm/run.
 #   device-ab-in-vm.sh BIN...   with AB_RW, AB_BS, AB_QD, AB_ROUNDS, AB_MODE, AB_RUNTIME,
-#                               AB_RATE
+#                               AB_RATE, AB_CLUSTER
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=bench/lib.bash
@@ -65,7 +65,7 @@ if [[ ${AB_MODE:-full} == alloc ]]; then
     for bin in "$@"; do
       for recovery in reissue off; do
         rm -f alloc.qcow2
-        qemu-img create -q -f qcow2 alloc.qcow2 512M
+        qemu-img create -q -f qcow2 -o cluster_size="${AB_CLUSTER:-64k}" alloc.qcow2 512M
         ours "$bin" /scratch/alloc.qcow2 "$(basename "$bin")-recovery-$recovery" "$round" \
           --recovery="$recovery"
         qemu-img check -q alloc.qcow2 || echo "RESULT round $round check-failed $recovery"

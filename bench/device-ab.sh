@@ -13,6 +13,7 @@
 #                                      latency: the QD1 breakdown instead (see below);
 #                                      alloc: -r writes into a new empty 512 MiB image per
 #                                      run, each BIN with --recovery=reissue and =off
+#   -C  alloc's cluster size (default 64k; 4k makes most of a run's writes allocate)
 # Each BIN is served with `add -q 1` (defaults otherwise) on a copy-free qcow2 image of
 # 512 MiB of random data (64 KiB clusters); loop is `losetup --direct-io=on` on the raw
 # file it was converted from. Prints one line per round and target:
@@ -29,8 +30,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-rw=randread bs=4k qd=1 rounds=3 mode=full rate=
-while getopts "r:b:q:R:n:m:" opt; do
+rw=randread bs=4k qd=1 rounds=3 mode=full rate= cluster=64k
+while getopts "r:b:q:R:n:m:C:" opt; do
   case $opt in
     r) rw=$OPTARG ;;
     b) bs=$OPTARG ;;
@@ -38,12 +39,13 @@ while getopts "r:b:q:R:n:m:" opt; do
     R) rate=$OPTARG ;;
     n) rounds=$OPTARG ;;
     m) mode=$OPTARG ;;
-    *) sed -n '2,28p' "$0" >&2; exit 2 ;;
+    C) cluster=$OPTARG ;;
+    *) sed -n '2,29p' "$0" >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
 if (($# == 0)); then
-  sed -n '2,28p' "$0" >&2
+  sed -n '2,29p' "$0" >&2
   exit 2
 fi
 bins=()
@@ -53,7 +55,7 @@ for b in "$@"; do
 done
 
 VM_ENV_AB_RW=$rw VM_ENV_AB_BS=$bs VM_ENV_AB_QD=$qd VM_ENV_AB_ROUNDS=$rounds VM_ENV_AB_RATE=$rate \
-  VM_ENV_AB_MODE=$mode VM_ENV_AB_RUNTIME=${BENCH_RUNTIME:-6} \
+  VM_ENV_AB_MODE=$mode VM_ENV_AB_RUNTIME=${BENCH_RUNTIME:-6} VM_ENV_AB_CLUSTER=$cluster \
   "$ROOT/tests/vm/run" "$ROOT/bench/device-ab-in-vm.sh" "${bins[@]}" |
   tee /dev/stderr | grep -a '^RESULT' | awk '
     { key = $4; v[key] = v[key] (v[key] == "" ? "" : " / ") $5; if (!(key in seen)) { seen[key] = 1; order[++n] = key } }
