@@ -398,12 +398,12 @@ class Qcow2Image final : public BlockDevice {
     return !unstable_clusters_.contains(cluster) && !writing_clusters_.contains(cluster);
   }
   // With stable metadata, whether a new cluster's entry may reach the file
-  // before its data: the cluster is `fresh` from the reserve and `host_zero`
-  // (reads as zeros on disk), the image is not encrypted, and the window
+  // before its data: the cluster came from the reserve reading as zeros
+  // (`host_zero`, AllocateCluster's known_zero) and the window
   // [write_start, write_end) read as zeros before (`old`). A daemon crash
   // between the two then shows zeros where zeros were, and a power cut as
   // well (the entry is on disk, the unflushed data not).
-  bool EntryMayPrecedeData(bool fresh, bool host_zero, const L2Entry& old, uint64_t write_start,
+  bool EntryMayPrecedeData(bool host_zero, const L2Entry& old, uint64_t write_start,
                            uint64_t write_end) const;
   // The allocating write of such a cluster: stores `updated` (naming `host`)
   // first, then writes the window with WriteWithCow while a round
@@ -451,7 +451,8 @@ class Qcow2Image final : public BlockDevice {
   // With stable metadata: a new entry whose data must be synced before the
   // entry is written (StabilizeLocked then syncs first), unless the bytes
   // copied around the guest's were zeros on a host cluster known to read as
-  // zeros on disk already. REQUIRES: the metadata mutex held.
+  // zeros already (`host_zero`: AllocateCluster's known_zero). REQUIRES: the
+  // metadata mutex held.
   void NoteEntryData(bool copied, bool copied_zeros, bool host_zero);
   // Makes the L2 table for `offset` exist and belong to the active L1 only.
   Task<Status> PrepareL2(uint64_t offset);
@@ -511,8 +512,9 @@ class Qcow2Image final : public BlockDevice {
   // reserve, refilled first if empty). A refcount structure the allocator
   // finds broken (a free-looking cluster that holds metadata, for one) marks
   // the image corrupt: writing on would destroy what it holds.
-  // `known_zero` (if given) tells whether the cluster reads as zeros on disk
-  // (a reserved cluster that lay past the end of the file).
+  // `known_zero` (if given) tells whether the cluster reads as zeros to the
+  // guest: a reserved cluster that lay past the end of the file, in an image
+  // that is not encrypted (zeros on disk decrypt to noise).
   // REQUIRES: the metadata mutex held.
   Task<Result<uint64_t>> AllocateCluster(bool* known_zero = nullptr);
   // AllocateCluster under the metadata mutex, for a cluster of its own (a

@@ -92,10 +92,9 @@ void Qcow2Image::ReleaseReserve(bool for_good) {
 }
 
 void Qcow2Image::NoteEntryData(bool copied, bool copied_zeros, bool host_zero) {
-  // Zeros copied into an encrypted cluster are ciphertext on disk: a cluster
-  // reading as zeros there shows noise to the guest, so they need the sync.
-  const bool same_on_disk = copied_zeros && host_zero && !encrypted();
-  if (stable_metadata_ && copied && !same_on_disk) entries_need_data_sync_ = true;
+  // (host_zero is false for an encrypted image: its copied zeros are
+  // ciphertext on disk, which must be there before the entry.)
+  if (stable_metadata_ && copied && !(copied_zeros && host_zero)) entries_need_data_sync_ = true;
 }
 
 }  // namespace uq::qcow2

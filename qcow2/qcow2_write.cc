@@ -101,7 +101,8 @@ Task<Result<uint64_t>> Qcow2Image::AllocateCluster(bool* known_zero) {
     }
     const Reserved r = reserved_.front();
     reserved_.pop_front();
-    if (known_zero) *known_zero = r.zero;
+    // Zeros on disk decrypt to noise: only a plain image reads them as zeros.
+    if (known_zero) *known_zero = r.zero && !encrypted();
     co_return r.host;
   }
   Result<uint64_t> host = co_await refcounts_->Allocate(1);
@@ -471,7 +472,7 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   Status st;
   std::vector<QueuedWrite*> taken;
   bool copied = false;
-  if (EntryMayPrecedeData(fresh, host_zero, old, write_start, write_end)) {
+  if (EntryMayPrecedeData(host_zero, old, write_start, write_end)) {
     co_return co_await EntryBesideDataWrite(offset, old, updated, host, write_start, write_end,
                                             data, stabilized);
   }
@@ -497,14 +498,12 @@ Task<Status> Qcow2Image::AllocatingWrite(uint64_t offset, std::span<const std::b
   co_return st;
 }
 
-bool Qcow2Image::EntryMayPrecedeData(bool fresh, bool host_zero, const L2Entry& old,
-                                     uint64_t write_start, uint64_t write_end) const {
+bool Qcow2Image::EntryMayPrecedeData(bool host_zero, const L2Entry& old, uint64_t write_start,
+                                     uint64_t write_end) const {
   // Only where the file shows the same with the entry and without the data:
-  // a new cluster that reads as zeros on disk (it lay past the end of the
-  // file when reserved) in place of zeros. Not encrypted: zeros on disk
-  // decrypt to noise.
-  return stable_metadata_ && fresh && host_zero && !encrypted() &&
-         ReadsAsZeros(old, write_start, write_end);
+  // a new cluster from the reserve that reads as zeros (it lay past the end
+  // of the file when reserved, in a plain image) in place of zeros.
+  return stable_metadata_ && host_zero && ReadsAsZeros(old, write_start, write_end);
 }
 
 Task<Status> Qcow2Image::EntryBesideDataWrite(uint64_t offset, const L2Entry& old,
