@@ -129,11 +129,7 @@ Task<Status> Refcounts::GrowTable(uint64_t needed_bi) {
   const uint64_t start = first_range * E;  // cluster index
   const uint64_t total = blocks + table_clusters;
   for (uint64_t c = start; c < start + total; c++) CO_RETURN_IF_ERROR(CheckFree(c));
-  AlignedBuffer block_buf(blocks * cluster_size_);
-  for (uint64_t c = start; c < start + total; c++) {
-    uint64_t j = (c - start) / E;  // block describing cluster c
-    SetRefcount(block_buf.span().subspan(j * cluster_size_, cluster_size_), c % E, order_, 1);
-  }
+  AlignedBuffer block_buf = SelfCountingBlocks(start, blocks, total);
   std::vector<uint64_t> table = table_;
   table.resize(new_entries, 0);
   for (uint64_t j = 0; j < blocks; j++) table[first_range + j] = (start + j) * cluster_size_;
@@ -206,13 +202,28 @@ Task<Result<uint64_t>> Refcounts::Allocate(uint64_t count) {
     }
   }
   if (free_hint_ == run_start) free_hint_ = run_start + count;
-  used_end_ = std::max(used_end_, (run_start + count) * cluster_size_);
-  for (uint64_t c = run_start; c < run_start + count; c++) {
+  CO_RETURN_IF_ERROR(co_await MarkAllocated(run_start, count));
+  co_return run_start* cluster_size_;
+}
+
+Task<Status> Refcounts::MarkAllocated(uint64_t start, uint64_t count) {
+  used_end_ = std::max(used_end_, (start + count) * cluster_size_);
+  for (uint64_t c = start; c < start + count; c++) {
     CO_ASSIGN_OR_RETURN(Location loc, co_await Locate(c));
     SetRefcount(loc.slice.bytes(), loc.index, order_, 1);
     cache_.MarkDirty(loc.slice);
   }
-  co_return run_start* cluster_size_;
+  co_return Status::Ok();
+}
+
+AlignedBuffer Refcounts::SelfCountingBlocks(uint64_t start, uint64_t blocks, uint64_t total) const {
+  const uint64_t E = entries_per_block_;
+  AlignedBuffer buf(blocks * cluster_size_);
+  for (uint64_t c = start; c < start + total; c++) {
+    const uint64_t j = (c - start) / E;  // block describing cluster c
+    SetRefcount(buf.span().subspan(j * cluster_size_, cluster_size_), c % E, order_, 1);
+  }
+  return buf;
 }
 
 Task<Result<uint64_t>> Refcounts::AllocateLongRun(uint64_t count) {
@@ -246,12 +257,7 @@ Task<Result<uint64_t>> Refcounts::AllocateLongRun(uint64_t count) {
     }
   }
   if (run == count) {
-    for (uint64_t c = run_start; c < run_start + count; c++) {
-      CO_ASSIGN_OR_RETURN(Location loc, co_await Locate(c));
-      SetRefcount(loc.slice.bytes(), loc.index, order_, 1);
-      cache_.MarkDirty(loc.slice);
-    }
-    used_end_ = std::max(used_end_, (run_start + count) * cluster_size_);
+    CO_RETURN_IF_ERROR(co_await MarkAllocated(run_start, count));
     co_return run_start* cluster_size_;
   }
 
@@ -267,11 +273,7 @@ Task<Result<uint64_t>> Refcounts::AllocateLongRun(uint64_t count) {
   const uint64_t start = first * E;  // cluster index
   const uint64_t total = blocks + count;
   for (uint64_t c = start; c < start + total; c++) CO_RETURN_IF_ERROR(CheckFree(c));
-  AlignedBuffer block_buf(blocks * cluster_size_);
-  for (uint64_t c = start; c < start + total; c++) {
-    const uint64_t j = (c - start) / E;  // block describing cluster c
-    SetRefcount(block_buf.span().subspan(j * cluster_size_, cluster_size_), c % E, order_, 1);
-  }
+  AlignedBuffer block_buf = SelfCountingBlocks(start, blocks, total);
   // The blocks reach the disk (synced) before the table entries naming them,
   // which are only marked dirty here: Flush syncs before WriteTable only when
   // cached blocks are dirty, so these writes bypassing the cache sync now.

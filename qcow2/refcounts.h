@@ -35,6 +35,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "base/aligned_buffer.h"
 #include "base/status.h"
 #include "base/task.h"
 #include "qcow2/file.h"
@@ -105,6 +106,13 @@ class Refcounts {
   // the ranges that have blocks, else fresh ranges past everything in use,
   // their blocks first and the run right after them.
   Task<Result<uint64_t>> AllocateLongRun(uint64_t count);
+  // Raises the refcounts of clusters [start, start + count), all free and
+  // with blocks, to 1 (in the cache, dirty).
+  Task<Status> MarkAllocated(uint64_t start, uint64_t count);
+  // The `blocks` refcount blocks of a fresh layout from cluster `start` (a
+  // multiple of entries_per_block_): blocks first, then what they describe,
+  // `total` clusters in all (the blocks included), each with refcount 1.
+  AlignedBuffer SelfCountingBlocks(uint64_t start, uint64_t blocks, uint64_t total) const;
   Task<Status> GrowTable(uint64_t block_index);
   Status Corrupt(std::string what) const;
 
