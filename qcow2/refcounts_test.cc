@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "base/endian.h"
 #include "qcow2/header.h"
 #include "qcow2/open_image.h"
 #include "qcow2/qcow2_image.h"
@@ -167,9 +168,7 @@ TEST_F(RefcountsTest, LongRunBeyondTheTableGrowsItFirst) {
   // refcount_table_clusters (header bytes 56..59, big-endian) grew past 1.
   const std::vector<std::byte> bytes = scratch_->Slurp("after.qcow2");
   ASSERT_GT(bytes.size(), 60u);
-  uint32_t table_clusters = 0;
-  for (int i = 56; i < 60; i++) table_clusters = table_clusters << 8 | uint8_t(bytes[i]);
-  EXPECT_GT(table_clusters, 1u);
+  EXPECT_GT(LoadBE32(bytes, 56), 1u);
   ASSERT_EQ(scratch_->Sh("qemu-io -c 'read -P 0x5a 0 100k' -c 'read -P 0 17G 64k' after.qcow2 "
                          "| grep -q 'verification failed'"),
             1);
