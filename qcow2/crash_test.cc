@@ -420,6 +420,10 @@ INSTANTIATE_TEST_SUITE_P(
                   32ull << 20, 1, false, false, true},
         CrashCase{"stable_c64k_batches_backing", "", 2 << 20, true, false, 16, false, 0,
                   32ull << 20, 8, false, false, true},
+        // Grown ahead: later reserve batches lie inside the file, in
+        // fallocated space whose zeros let entries go beside their data.
+        CrashCase{"stable_c1k_preallocate_batches", "-o cluster_size=1k", 1 << 20, false, false, 16,
+                  false, 256 << 10, 32ull << 20, 4, false, false, true},
         // Zeros copied around a small write are not zeros on disk once
         // encrypted: a new cluster's entry must wait for their sync.
         CrashCase{"stable_luks_c4k_batches",

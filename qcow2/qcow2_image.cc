@@ -58,6 +58,7 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::Open(Qcow2OpenParts parts)
   auto img = std::make_unique<Qcow2Image>(std::move(parts));
   CO_ASSIGN_OR_RETURN(img->file_size_, img->file_->Size());
   img->grown_end_ = img->file_size_;
+  img->zero_from_ = img->file_size_;
 
   // The active L1 table (size and placement validated by ParseHeader).
   const Header& h = img->header_;

@@ -779,7 +779,7 @@ class Qcow2Image final : public BlockDevice {
   // handed out in ascending order (stable metadata only).
   struct Reserved {
     uint64_t host;
-    bool zero;  // past the end of the file when reserved: reads as zeros on disk
+    bool zero;  // at or past zero_from_ when reserved: reads as zeros on disk
   };
   std::deque<Reserved> reserved_;
   // Clusters the next refill reserves (0: ReserveBatch()).
@@ -804,6 +804,12 @@ class Qcow2Image final : public BlockDevice {
   uint64_t file_size_ = 0;
   // How far the file has been grown ahead (>= file_size_ once grown).
   uint64_t grown_end_ = 0;
+  // From here on the file has held nothing but zeros: its size at open,
+  // raised past every cluster put to use before each refill. Space grown
+  // ahead (ExtendTo's fallocate, a refill's end sector) lies past it and
+  // reads as zeros; a cluster below it may hold what a dead daemon or an
+  // earlier owner left, whatever its refcount says now.
+  uint64_t zero_from_ = 0;
   std::vector<uint64_t> l1_;
   std::vector<Snapshot> snapshots_;
   // Bitmaps: the list as it will be stored, the directory as it is on disk,

@@ -263,6 +263,8 @@ Task<Status> Qcow2Image::SetRefcountBits(int bits) {
     co_return loaded;
   }
   fresh->set_in_use([this](uint64_t c) { return metadata_clusters_.count(c) != 0; });
+  // The fresh object's used_end() starts over: keep what the old one saw.
+  zero_from_ = std::max(zero_from_, refcounts_->used_end());
   refcounts_ = std::move(fresh);
 
   // The old structures are free now; give their space back to the host (a

@@ -30,6 +30,10 @@ Task<Status> Qcow2Image::RefillReserve() {
   // next batch doubles (up to MaxReserveBatch) and the sync is shared by
   // more of them.
   const uint64_t want = reserve_batch_ != 0 ? reserve_batch_ : ReserveBatch();
+  // What reads as zeros on disk: past everything used so far, not past the
+  // end of the file, which preallocation (ExtendTo) keeps ahead of it.
+  zero_from_ = std::max({zero_from_, file_size_, refcounts_->used_end()});
+  const uint64_t zero_from = zero_from_;
   std::vector<uint64_t> got;
   got.reserve(want);
   Status st;
@@ -79,7 +83,7 @@ Task<Status> Qcow2Image::RefillReserve() {
     for (uint64_t host : got) refcounts_->DeferDecrement(host / cs);
     co_return st;
   }
-  for (uint64_t host : got) reserved_.push_back(Reserved{host, host >= file_end});
+  for (uint64_t host : got) reserved_.push_back(Reserved{host, host >= zero_from});
   reserve_batch_ = std::min(want * 2, MaxReserveBatch());
   co_return Status::Ok();
 }

@@ -52,6 +52,12 @@ struct RecoveryCase {
   // a file system that cannot punch holes: the reserve then hands out freed
   // clusters that still hold old data.
   bool discard_first = false;
+  // ImageOptions::preallocate: the file is grown ahead, so later reserve
+  // batches lie inside it, in space that reads as zeros.
+  uint64_t preallocate = 0;
+  // > 0: the workload starts with one write of this many bytes at the
+  // middle, which drains the reserve's first batch in a few boundaries.
+  uint64_t first_write = 0;
 };
 std::ostream& operator<<(std::ostream& o, const RecoveryCase& c) { return o << c.name; }
 
@@ -64,6 +70,13 @@ std::vector<Op> MakeWorkload(const RecoveryCase& c, uint64_t cluster) {
     discard.length = c.size / 4;
     ops.push_back(discard);
     ops.push_back(Op{Op::kFlush});
+  }
+  if (c.first_write > 0) {
+    Op big{Op::kWrite};
+    big.length = std::min(c.first_write, c.size / 2);
+    big.offset = c.size / 2;
+    big.pattern = 0x5a;
+    ops.push_back(big);
   }
   for (int i = 0, batch = 0; i < c.ops; i++) {
     uint64_t r = pick(10);
@@ -151,6 +164,7 @@ class RecoveryCrashTest : public testing::CrashFixture<RecoveryCase> {
     auto opened = BlockOn(OpenImage("/w/img.qcow2", ImageOptions{.env = &env,
                                                                  .writable = true,
                                                                  .cache_size = c.cache_size,
+                                                                 .preallocate = c.preallocate,
                                                                  .stable_metadata = stable,
                                                                  .working_dir = "/w"}),
                           loop);
@@ -328,7 +342,12 @@ INSTANTIATE_TEST_SUITE_P(
         RecoveryCase{"c512_tiny_cache", "-o cluster_size=512", 1 << 20, false, 30, 1, 2048},
         RecoveryCase{"c64k_batches", "", 2 << 20, false, 16, 8},
         RecoveryCase{"c4k_reused_clusters", "-o cluster_size=4k", 1 << 20, false, 30, 4,
-                     32ull << 20, true}),
+                     32ull << 20, true},
+        // Grown ahead: the reserve's later batches lie inside the file, in
+        // space that reads as zeros, and have their entries written beside
+        // their data.
+        RecoveryCase{"c512_preallocate", "-o cluster_size=512", 1 << 20, false, 12, 4, 32ull << 20,
+                     false, 256 << 10, 136 << 10}),
     [](const ::testing::TestParamInfo<RecoveryCase>& info) { return info.param.name; });
 
 }  // namespace

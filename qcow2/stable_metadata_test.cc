@@ -80,21 +80,25 @@ class StableMetadataTest : public ::testing::Test {
         std::string("stable-") + ::testing::UnitTest::GetInstance()->current_test_info()->name());
     ASSERT_TRUE(scratch_->ok());
   }
-  // Opens a new 4 MiB image with stable metadata, with a backing file (which
-  // makes copy-on-write read it) or without.
-  void OpenNew(bool backing) {
+  // Opens a new image of `size` with stable metadata, with a backing file
+  // (which makes copy-on-write read it) or without, growing the file
+  // `preallocate` bytes ahead of need (ImageOptions::preallocate).
+  void OpenNew(bool backing, uint64_t size = 4 << 20, uint64_t preallocate = 0) {
     std::string out;
-    ASSERT_EQ(scratch_->Sh("qemu-img create -q -f qcow2 base.qcow2 4M", &out), 0) << out;
+    const std::string sz = std::to_string(size);
+    ASSERT_EQ(scratch_->Sh("qemu-img create -q -f qcow2 base.qcow2 " + sz, &out), 0) << out;
     ASSERT_EQ(scratch_->Sh(backing ? "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 img.qcow2"
-                                   : "qemu-img create -q -f qcow2 img.qcow2 4M",
+                                   : "qemu-img create -q -f qcow2 img.qcow2 " + sz,
                            &out),
               0)
         << out;
     ASSERT_TRUE(mem_.ImportFromHostFile(scratch_->path("img.qcow2"), kPath).ok());
     ASSERT_TRUE(mem_.ImportFromHostFile(scratch_->path("base.qcow2"), "/w/base.qcow2").ok());
-    auto opened = BlockOn(OpenImage(
-        kPath, ImageOptions{
-                   .env = &gate_, .writable = true, .stable_metadata = true, .working_dir = "/w"}));
+    auto opened = BlockOn(OpenImage(kPath, ImageOptions{.env = &gate_,
+                                                        .writable = true,
+                                                        .preallocate = preallocate,
+                                                        .stable_metadata = true,
+                                                        .working_dir = "/w"}));
     ASSERT_TRUE(opened.ok()) << opened.status().ToString();
     dev_ = std::move(*opened);
   }
@@ -137,6 +141,32 @@ class StableMetadataTest : public ::testing::Test {
     return l2 == 0 ? 0 : LoadBE64(mem_.Contents(kPath), l2 + 8 * n);
   }
 
+  // Writes 4 KiB of 0x22 at 4 KiB into guest cluster `n` (the clusters
+  // before it hold 0x11, the L2 table of all is the one at `l2`) with every
+  // write held but the L2 table's: the data waits, and the entry must reach
+  // the file meanwhile (after the data, it never would). Then reads back.
+  void ExpectEntryBesideData(uint64_t n, uint64_t l2) {
+    gate_.hold = [l2](const IoRequest& r) { return !InTable(r, l2); };
+    Status st;
+    bool done = false;
+    StartWrite(n * kCluster + 4096, 4096, 0x22, &st, &done);
+    EXPECT_EQ(gate_.held(), 1u) << "the data write";
+    EXPECT_FALSE(done) << "acknowledged before its data was written";
+    EXPECT_NE(EntryInFile(n), 0u) << "the entry waited for the data";
+    gate_.Release();
+    ASSERT_TRUE(done && st.ok()) << st.ToString();
+
+    std::vector<std::byte> back((n + 1) * kCluster);
+    ASSERT_TRUE(BlockOn(dev_->Read(0, back)).ok());
+    for (uint64_t i = 0; i < back.size(); i++) {
+      const uint64_t at = i - n * kCluster;
+      const std::byte want = i < n * kCluster          ? std::byte{0x11}
+                             : at >= 4096 && at < 8192 ? std::byte{0x22}
+                                                       : std::byte{0};
+      ASSERT_EQ(back[i], want) << "byte " << i;
+    }
+  }
+
   static constexpr const char* kPath = "/w/img.qcow2";
   std::unique_ptr<testing::ScratchDir> scratch_;
   testing::MemEnv mem_;
@@ -150,29 +180,30 @@ TEST_F(StableMetadataTest, NewClusterEntryIsWrittenBesideItsData) {
   // Cluster 0 first: its L2 table exists from then on.
   uint64_t l2 = 0;
   ASSERT_NO_FATAL_FAILURE(WriteFirstCluster(&l2));
-
-  // Hold every write but the L2 table's: cluster 1's data waits, and its
-  // entry must reach the file meanwhile (after the data, it never would).
-  gate_.hold = [l2](const IoRequest& r) { return !InTable(r, l2); };
-  Status second;
-  bool second_done = false;
-  StartWrite(kCluster + 4096, 4096, 0x22, &second, &second_done);
-  EXPECT_EQ(gate_.held(), 1u) << "the data write";
-  EXPECT_FALSE(second_done) << "acknowledged before its data was written";
-  EXPECT_NE(EntryInFile(1), 0u) << "the entry waited for the data";
-  gate_.Release();
-  ASSERT_TRUE(second_done && second.ok()) << second.ToString();
-
-  std::vector<std::byte> back(2 * kCluster);
-  ASSERT_TRUE(BlockOn(dev_->Read(0, back)).ok());
-  for (uint64_t i = 0; i < back.size(); i++) {
-    const std::byte want = i < kCluster                                  ? std::byte{0x11}
-                           : i >= kCluster + 4096 && i < kCluster + 8192 ? std::byte{0x22}
-                                                                         : std::byte{0};
-    ASSERT_EQ(back[i], want) << "byte " << i;
-  }
+  ASSERT_NO_FATAL_FAILURE(ExpectEntryBesideData(1, l2));
 }
 
+// Preallocation grows the file ahead of the clusters in use (fallocate, which
+// reads as zeros): the reserve's later batches lie inside the file, and still
+// read as zeros on disk, which is what lets the entry go first.
+TEST_F(StableMetadataTest, PreallocatedClusterEntryIsWrittenBesideItsData) {
+  ASSERT_NO_FATAL_FAILURE(OpenNew(false, 32 << 20, 64 << 20));
+  uint64_t l2 = 0;
+  ASSERT_NO_FATAL_FAILURE(WriteFirstCluster(&l2));
+  // Past the first refill's 128 clusters (8 MiB): what follows came from a
+  // refill made after the file was grown 64 MiB ahead.
+  constexpr uint64_t kFilled = 160;
+  for (uint64_t n = 1; n < kFilled; n++) {
+    Status st;
+    bool done = false;
+    StartWrite(n * kCluster, kCluster, 0x11, &st, &done);
+    ASSERT_TRUE(done && st.ok()) << st.ToString();
+  }
+  const uint64_t file_before = mem_.Contents(kPath).size();
+  ASSERT_NO_FATAL_FAILURE(ExpectEntryBesideData(kFilled, l2));
+  const uint64_t host = EntryInFile(kFilled) & kL2OffsetMask;
+  EXPECT_LT(host + kCluster, file_before) << "the cluster was not inside the grown file";
+}
 TEST_F(StableMetadataTest, InPlaceWriteWaitsForNoRound) {
   ASSERT_NO_FATAL_FAILURE(OpenNew(false));
   uint64_t l2 = 0;
