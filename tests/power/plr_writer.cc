@@ -13,6 +13,12 @@
 //       writer mark is m<K>; -1 before the first) against the journal. Prints one line
 //       "blocks N lost L corrupt C" (and examples); exit 0 if both are 0, 1 if not, 2 on
 //       bad usage or input.
+//   plr-writer files --dir DIR --journal FILE [--ops N] [--seed S] [--dm NAME]
+//       The file workload (file_workload.h) in DIR, a mounted file system on the device:
+//       files replaced atomically or unlinked, some directory fsyncs, a mark after each.
+//   plr-writer verify-files --journal FILE --dir DIR --mark K
+//       Checks the files in DIR (the file system of a replayed state, mounted) against the
+//       journal. Prints "files N lost L corrupt C" (and examples); exits as verify does.
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
@@ -31,6 +37,7 @@
 #include <vector>
 
 #include "tests/power/block_pattern.h"
+#include "tests/power/file_workload.h"
 #include "tests/power/journal.h"
 #include "tests/power/tool_flags.h"
 
@@ -41,6 +48,23 @@ const char kTool[] = "plr-writer";
 
 [[noreturn]] void Die(const std::string& message) { power::Die(kTool, message); }
 [[noreturn]] void DieErrno(const std::string& what) { power::DieErrno(kTool, what); }
+
+// `dmsetup message DM 0 mark m<k>` (nothing without a DM name: unit runs).
+void DmMark(const std::string& dm_name, uint64_t k) {
+  if (dm_name.empty()) return;
+  const std::string name = "m" + std::to_string(k);
+  pid_t pid = ::fork();
+  if (pid < 0) DieErrno("fork");
+  if (pid == 0) {
+    ::execlp("dmsetup", "dmsetup", "message", dm_name.c_str(), "0", "mark", name.c_str(),
+             static_cast<char*>(nullptr));
+    std::_Exit(127);
+  }
+  int status = 0;
+  if (::waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    Die("dmsetup message " + dm_name + " 0 mark " + name + " failed");
+  }
+}
 
 class Writer {
  public:
@@ -132,20 +156,7 @@ class Writer {
 
   // Puts mark m<k> in the log (after the acknowledged flush or DSYNC write), then records it.
   void Mark(uint64_t dsync_gen) {
-    const std::string name = "m" + std::to_string(marks_);
-    if (!dm_name_.empty()) {
-      pid_t pid = ::fork();
-      if (pid < 0) DieErrno("fork");
-      if (pid == 0) {
-        ::execlp("dmsetup", "dmsetup", "message", dm_name_.c_str(), "0", "mark", name.c_str(),
-                 static_cast<char*>(nullptr));
-        std::_Exit(127);
-      }
-      int status = 0;
-      if (::waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-        Die("dmsetup message " + dm_name_ + " 0 mark " + name + " failed");
-      }
-    }
+    DmMark(dm_name_, marks_);
     std::fprintf(journal_, "M %llu %llu\n", static_cast<unsigned long long>(marks_),
                  static_cast<unsigned long long>(dsync_gen));
     std::fflush(journal_);
@@ -203,6 +214,32 @@ int VerifyMain(int argc, char** argv) {
   return report->lost == 0 && report->corrupt == 0 ? 0 : 1;
 }
 
+int FilesMain(int argc, char** argv) {
+  const ToolFlags flags(kTool, argc, argv);
+  const std::string dm = flags.Get("dm", "");
+  Status st = RunFileWorkload(flags.Need("dir"), flags.Need("journal"), flags.Number("ops", 100),
+                              flags.Number("seed", 1), [&](uint64_t k) {
+                                DmMark(dm, k);
+                                return Status::Ok();
+                              });
+  if (!st.ok()) Die(st.ToString());
+  return 0;
+}
+
+int VerifyFilesMain(int argc, char** argv) {
+  const ToolFlags flags(kTool, argc, argv);
+  Result<FileJournal> journal = LoadFileJournal(flags.Need("journal"));
+  if (!journal.ok()) Die(journal.status().ToString());
+  Result<FileReport> report = VerifyFiles(*journal, flags.SignedNumber("mark"), flags.Need("dir"));
+  if (!report.ok()) Die(report.status().ToString());
+  std::printf("files %llu lost %llu corrupt %llu\n",
+              static_cast<unsigned long long>(report->files_checked),
+              static_cast<unsigned long long>(report->lost),
+              static_cast<unsigned long long>(report->corrupt));
+  for (const std::string& e : report->examples) std::printf("  %s\n", e.c_str());
+  return report->lost == 0 && report->corrupt == 0 ? 0 : 1;
+}
+
 }  // namespace
 }  // namespace uq::power
 
@@ -210,8 +247,12 @@ int main(int argc, char** argv) {
   const std::string verb = argc > 1 ? argv[1] : "";
   if (verb == "write") return uq::power::WriteMain(argc, argv);
   if (verb == "verify") return uq::power::VerifyMain(argc, argv);
+  if (verb == "files") return uq::power::FilesMain(argc, argv);
+  if (verb == "verify-files") return uq::power::VerifyFilesMain(argc, argv);
   std::fprintf(stderr,
                "usage: plr-writer write --dev DEV --journal FILE [--ops N] [--seed S] [--dm NAME]\n"
-               "       plr-writer verify --journal FILE --raw RAW --mark K\n");
+               "       plr-writer verify --journal FILE --raw RAW --mark K\n"
+               "       plr-writer files --dir DIR --journal FILE [--ops N] [--seed S] [--dm NAME]\n"
+               "       plr-writer verify-files --journal FILE --dir DIR --mark K\n");
   return 2;
 }
