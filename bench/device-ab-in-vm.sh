@@ -33,8 +33,10 @@ job() {
 # ours BIN IMAGE NAME ROUND [ADD_FLAG...]: one fio run on a device serving IMAGE, with the
 # daemon's CPU.
 ours() {
-  local bin=$1 image=$2 name=$3 round=$4 dev pid t0 t1 result
-  dev=$("$bin" add -f "$image" -q 1 "${@:5}")
+  local bin=${1%%,*} image=$2 name=$3 round=$4 dev pid t0 t1 result flags=()
+  # BIN,FLAG,FLAG: the target's own add flags (device-ab.sh)
+  [[ $1 == *,* ]] && IFS=, read -r -a flags <<<"${1#*,}"
+  dev=$("$bin" add -f "$image" -q 1 "${flags[@]}" "${@:5}")
   pid=$(bench_daemon_pid "$bin" "$dev")
   # (no process substitution: the guest has no /dev/fd)
   t0=$(awk '{print $14, $15}' "/proc/$pid/stat")
@@ -66,7 +68,7 @@ if [[ ${AB_MODE:-full} == alloc ]]; then
       for recovery in reissue off; do
         rm -f alloc.qcow2
         qemu-img create -q -f qcow2 -o cluster_size="${AB_CLUSTER:-64k}" alloc.qcow2 512M
-        ours "$bin" /scratch/alloc.qcow2 "$(basename "$bin")-recovery-$recovery" "$round" \
+        ours "$bin" /scratch/alloc.qcow2 "$(basename "$bin" | sed 's/,--/,/g')-recovery-$recovery" "$round" \
           --recovery="$recovery"
         qemu-img check -q alloc.qcow2 || echo "RESULT round $round check-failed $recovery"
       done
@@ -77,6 +79,6 @@ fi
 for ((round = 1; round <= rounds; round++)); do
   echo "RESULT round $round loop $(job "$loop")"
   for bin in "$@"; do
-    ours "$bin" /scratch/full.qcow2 "$(basename "$bin")" "$round"
+    ours "$bin" /scratch/full.qcow2 "$(basename "$bin" | sed 's/,--/,/g')" "$round"
   done
 done

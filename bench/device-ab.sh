@@ -4,7 +4,7 @@
 # change: under TCG only comparisons within one boot mean anything, and the spread of the
 # rounds shows the noise.
 #
-#   bench/device-ab.sh [-r RW] [-b BS] [-q QD] [-R IOPS] [-n ROUNDS] [-m MODE] BIN...
+#   bench/device-ab.sh [-r RW] [-b BS] [-q QD] [-R IOPS] [-n ROUNDS] [-m MODE] BIN[,FLAG...]...
 #
 #   -r  fio --rw: randread (default), randwrite, read, write
 #   -b  fio --bs (default 4k)      -q  fio --iodepth (default 1)
@@ -14,7 +14,8 @@
 #                                      alloc: -r writes into a new empty 512 MiB image per
 #                                      run, each BIN with --recovery=reissue and =off
 #   -C  alloc's cluster size (default 64k; 4k makes most of a run's writes allocate)
-# Each BIN is served with `add -q 1` (defaults otherwise) on a copy-free qcow2 image of
+# Each BIN is served with `add -q 1` and its FLAGs (`add` flags, e.g. ,--nthreads=2; the
+# target's name shows them), defaults otherwise, on a copy-free qcow2 image of
 # 512 MiB of random data (64 KiB clusters); loop is `losetup --direct-io=on` on the raw
 # file it was converted from. Prints one line per round and target:
 #   RESULT round N TARGET IOPS [utime=TICKS stime=TICKS]   (daemon CPU, USER_HZ 100)
@@ -50,8 +51,10 @@ if (($# == 0)); then
 fi
 bins=()
 for b in "$@"; do
-  [[ -x $b ]] || { echo "device-ab: $b is not an executable" >&2; exit 2; }
-  bins+=("$(cd "$(dirname "$b")" && pwd)/$(basename "$b")")
+  # BIN[,ADD_FLAG...]: add flags of this target, e.g. /var/tmp/bins/after,--nthreads=2
+  path=${b%%,*}
+  [[ -x $path ]] || { echo "device-ab: $path is not an executable" >&2; exit 2; }
+  bins+=("$(cd "$(dirname "$path")" && pwd)/$(basename "$path")${b#"$path"}")
 done
 
 VM_ENV_AB_RW=$rw VM_ENV_AB_BS=$bs VM_ENV_AB_QD=$qd VM_ENV_AB_ROUNDS=$rounds VM_ENV_AB_RATE=$rate \

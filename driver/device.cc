@@ -28,7 +28,13 @@
 #include "uring/uring_env.h"
 
 namespace uq::driver {
+
 namespace {
+// Lane `lane` of queue `queue`: "3", or "3.1" with several lanes per queue;
+// its thread is "ublk-q" and that, the log counts "queue " and that.
+std::string WorkerName(unsigned queue, unsigned lane, unsigned lanes) {
+  return lanes > 1 ? fmt::format("{}.{}", queue, lane) : fmt::format("{}", queue);
+}
 
 using Clock = std::chrono::steady_clock;
 
@@ -235,6 +241,9 @@ Status Device::Setup(const DeviceOptions& options) {
     request.flags |= scan_flags;
     ASSIGN_OR_RETURN(uint64_t zero_copy_flags, ZeroCopyFlags(options.zero_copy, info_.features));
     request.flags |= zero_copy_flags;
+    ASSIGN_OR_RETURN(uint64_t per_io_flags,
+                     PerIoDaemonFlags(options.threads_per_queue, info_.features));
+    request.flags |= per_io_flags;
     ASSIGN_OR_RETURN(ublksrv_ctrl_dev_info dev, control_->AddDevice(request));
     added_ = true;
     info_.dev_id = static_cast<int>(dev.dev_id);
@@ -264,16 +273,24 @@ Status Device::Setup(const DeviceOptions& options) {
   RETURN_IF_ERROR(FailAfter("open_char"));
 
   host_ = std::make_unique<ImageHost>(loops_[0].get(), image_.get());
-  for (uint16_t q = 1; q < info_.queues; ++q) {
+  // Worker w serves lane w % lanes of queue w / lanes, on loops_[w].
+  const uint16_t lanes = (info_.flags & UBLK_F_PER_IO_DAEMON) != 0
+                             ? std::max<uint16_t>(options.threads_per_queue, 1)
+                             : 1;
+  info_.threads_per_queue = lanes;
+  const unsigned worker_count = unsigned{info_.queues} * lanes;
+  for (unsigned w = 1; w < worker_count; ++w) {
     ASSIGN_OR_RETURN(std::unique_ptr<LoopThread> loop,
-                     LoopThread::Start(fmt::format("ublk-q{}", q),
+                     LoopThread::Start("ublk-q" + WorkerName(w / lanes, w % lanes, lanes),
                                        QueueRingOptions(info_.depth, false, options.poll_us)));
     loops_.push_back(std::move(loop));
   }
   const Opcodes ops = Opcodes::For(info_.flags | (control_->features() & UBLK_F_CMD_IOCTL_ENCODE));
-  for (uint16_t q = 0; q < info_.queues; ++q) {
+  for (unsigned q = 0; q < worker_count; ++q) {
     QueueConfig config;
-    config.queue = q;
+    config.queue = static_cast<uint16_t>(q / lanes);
+    config.tag_stride = lanes;
+    config.tag_lane = static_cast<uint16_t>(q % lanes);
     config.depth = info_.depth;
     config.buffer_bytes = info_.max_io_buf_bytes;
     config.char_fd = char_fd_;
@@ -453,8 +470,9 @@ Status Device::Teardown() {
                           ring.spin_us(), ring.polled_waits(), ring.slept_waits(), worker->left(),
                           worker->not_aborted());
       });
-      counts += fmt::format("{}queue {}: {} requests ({} on its own thread", q == 0 ? "" : ", ", q,
-                            n, here);
+      const uint16_t lanes = std::max<uint16_t>(info_.threads_per_queue, 1);
+      counts += fmt::format("{}queue {}: {} requests ({} on its own thread", q == 0 ? "" : ", ",
+                            WorkerName(q / lanes, q % lanes, lanes), n, here);
       // Handed over: requests that came too late, which the kernel re-issues.
       if (left > 0) counts += fmt::format("; {} left to the next daemon", left);
       // Handed over with fetches QUIESCE_DEV did not abort (see queue.h).

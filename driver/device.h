@@ -80,6 +80,11 @@ struct DeviceOptions {
   int dev_id = -1;  // -1: the kernel picks
   uint16_t queues = 1;
   uint16_t depth = 128;
+  // Threads serving each queue (add --nthreads / --queues): above 1, each
+  // fetches every Nth tag of its queue, with UBLK_F_PER_IO_DAEMON
+  // (PerIoDaemonFlags). A recovered device is served with one per queue,
+  // which the flag allows too.
+  uint16_t threads_per_queue = 1;
   // Largest request, and the buffer each tag gets (lazily touched). 1 MiB
   // rather than 512 KiB: a 1 MiB write is one request instead of two
   // (docs/benchmarks.md, "What is left is the machine").
@@ -123,6 +128,7 @@ struct DeviceOptions {
 struct DeviceInfo {
   int dev_id = -1;
   uint16_t queues = 0;
+  uint16_t threads_per_queue = 1;  // lanes per queue (DeviceOptions::threads_per_queue)
   uint16_t depth = 0;
   uint32_t max_io_buf_bytes = 0;
   uint64_t size = 0;

@@ -67,7 +67,9 @@ Status QueueWorker::Start() {
   }
 
   loop_->ring().set_command_handler(this);
-  for (uint16_t tag = 0; tag < config_.depth; ++tag) Issue(tag, IoCommand::kFetch, 0);
+  for (uint16_t tag = config_.tag_lane; tag < config_.depth; tag += config_.tag_stride) {
+    Issue(tag, IoCommand::kFetch, 0);
+  }
   loop_->ring().SubmitPending();
   return Status::Ok();
 }

@@ -49,9 +49,11 @@
 // Per-tag state lives in plain arrays indexed by tag: the command's
 // user_data is a CommandId (queue, tag, command), see uring/user_data.h.
 //
-// Thread model: everything runs on the queue's LoopThread, the one task that
-// issues this queue's commands (the kernel requires a single task per
-// queue). Construct and destroy it from any thread while the loop is idle.
+// Thread model: everything runs on the worker's LoopThread, the one task that
+// issues its tags' commands (the kernel requires a single task per queue,
+// or with UBLK_F_PER_IO_DAEMON per tag: then a queue may have several
+// workers, each with its own lane of tags, QueueConfig::tag_stride). Construct and destroy it from
+// any thread while the loop is idle.
 #ifndef UBLK_QCOW2_DRIVER_QUEUE_H_
 #define UBLK_QCOW2_DRIVER_QUEUE_H_
 
@@ -80,6 +82,11 @@ struct QueueConfig {
   // The device has UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY (UsesZeroCopy):
   // see driver/zero_copy.h.
   bool zero_copy = false;
+  // This worker fetches the tags t with t % tag_stride == tag_lane; the
+  // queue's other lanes are other workers on other threads (the device has
+  // UBLK_F_PER_IO_DAEMON, see DeviceOptions::threads_per_queue).
+  uint16_t tag_stride = 1;
+  uint16_t tag_lane = 0;
 };
 
 class QueueWorker final : public uring::CommandHandler {

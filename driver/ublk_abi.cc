@@ -192,6 +192,14 @@ Result<uint64_t> PartitionScanFlags(bool no_partition_scan, uint64_t features) {
       "ublk does not offer");
 }
 
+Result<uint64_t> PerIoDaemonFlags(unsigned threads_per_queue, uint64_t features) {
+  if (threads_per_queue <= 1) return uint64_t{0};
+  if (features & UBLK_F_PER_IO_DAEMON) return uint64_t{UBLK_F_PER_IO_DAEMON};
+  return Status::NotSupported(
+      "--nthreads above --queues needs UBLK_F_PER_IO_DAEMON (Linux 6.16+), which this kernel's "
+      "ublk does not offer");
+}
+
 Result<uint64_t> ZeroCopyFlags(ZeroCopyMode mode, uint64_t features) {
   if (mode == ZeroCopyMode::kOff) return uint64_t{0};
   if ((features & kZeroCopyFlags) == kZeroCopyFlags) return kZeroCopyFlags;

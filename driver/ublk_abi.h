@@ -256,6 +256,13 @@ inline bool AwaitsRecovery(uint16_t state) {
 // 0 without the option; NotSupported naming the flag when the kernel lacks it.
 Result<uint64_t> PartitionScanFlags(bool no_partition_scan, uint64_t features);
 
+// add --nthreads above --queues: each queue served by several threads, each
+// fetching (and so serving) every Nth tag, which the kernel allows only with
+// UBLK_F_PER_IO_DAEMON (6.16+): without it one task must issue all of a
+// queue's commands. The flag for ADD_DEV, 0 for one thread per queue;
+// NotSupported naming the flag when the kernel lacks it.
+Result<uint64_t> PerIoDaemonFlags(unsigned threads_per_queue, uint64_t features);
+
 // add --zero-copy: the data of reads and writes of plain, allocated clusters
 // goes between the request's pages and the image file as io_uring
 // fixed-buffer I/O, the kernel registering each request's pages in the

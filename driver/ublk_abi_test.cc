@@ -345,6 +345,16 @@ TEST(PartitionScanFlagsTest, OnlyWhereOffered) {
   }
 }
 
+TEST(PerIoDaemonFlagsTest, OnlyForMoreThreadsThanQueuesWhereOffered) {
+  for (uint64_t features : {k61, k612, k73}) EXPECT_EQ(*PerIoDaemonFlags(1, features), 0u);
+  EXPECT_EQ(*PerIoDaemonFlags(2, k73), UBLK_F_PER_IO_DAEMON);
+  for (uint64_t features : {k61, k612}) {
+    Result<uint64_t> r = PerIoDaemonFlags(2, features);
+    ASSERT_TRUE(r.status().IsNotSupported());
+    EXPECT_NE(r.status().message().find("UBLK_F_PER_IO_DAEMON"), std::string::npos);
+  }
+}
+
 TEST(ZeroCopyFlagsTest, AutoOnOff) {
   const uint64_t zc = UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY;
   // auto: both flags on 7.3, nothing before (6.12 has USER_COPY alone).

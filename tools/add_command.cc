@@ -35,6 +35,11 @@ Status ValidateImage(const AddOptions& options, const std::string& path, bool di
   return io->Run(image->Close());
 }
 
+// Threads per queue from --nthreads (0: one per queue).
+unsigned ThreadsPerQueue(const AddOptions& options) {
+  return options.nthreads <= 0 ? 1 : static_cast<unsigned>(options.nthreads / options.queues);
+}
+
 class AddCommand final : public Command {
  public:
   void AddFlags(CLI::App& app) override {
@@ -44,6 +49,11 @@ class AddCommand final : public Command {
     app.add_option("-q,--queues", options_.queues, "Hardware queues (at most the CPU count)")
         ->check(CLI::Range(1, 64))
         ->capture_default_str();
+    app.add_option("--nthreads", options_.nthreads,
+                   "Threads serving the queues: a multiple of --queues; above it each queue's "
+                   "tags are shared among its threads (needs UBLK_F_PER_IO_DAEMON; default: "
+                   "one per queue)")
+        ->check(CLI::Range(1, 256));
     app.add_option("-d,--depth", options_.depth, "Requests in flight per queue")
         ->check(CLI::Range(1, UBLK_MAX_QUEUE_DEPTH))
         ->capture_default_str();
@@ -112,6 +122,11 @@ class AddCommand final : public Command {
 }  // namespace
 
 Status RunAdd(const AddOptions& options) {
+  if (options.nthreads > 0 &&
+      (options.nthreads < options.queues || options.nthreads % options.queues != 0)) {
+    return Status::InvalidArgument(fmt::format("--nthreads {} must be a multiple of --queues {}",
+                                               options.nthreads, options.queues));
+  }
   char resolved[PATH_MAX];
   if (::realpath(options.image.c_str(), resolved) == nullptr) {
     return Status::FromErrno(errno, options.image);
@@ -143,6 +158,8 @@ Status RunAdd(const AddOptions& options) {
     RETURN_IF_ERROR(
         driver::PartitionScanFlags(options.no_partition_scan, control->features()).status());
     RETURN_IF_ERROR(driver::ZeroCopyFlags(zero_copy, control->features()).status());
+    RETURN_IF_ERROR(
+        driver::PerIoDaemonFlags(ThreadsPerQueue(options), control->features()).status());
   }
 
   driver::DeviceOptions device;
@@ -153,6 +170,7 @@ Status RunAdd(const AddOptions& options) {
   }
   device.dev_id = options.id;
   device.queues = static_cast<uint16_t>(options.queues);
+  device.threads_per_queue = static_cast<uint16_t>(ThreadsPerQueue(options));
   device.depth = static_cast<uint16_t>(options.depth);
   device.read_only = options.read_only;
   device.cache_size = options.cache_size;

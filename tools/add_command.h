@@ -58,6 +58,7 @@ struct AddOptions {
   std::string image;
   int id = -1;  // -1: the kernel picks
   int queues = 1;
+  int nthreads = 0;  // 0: one per queue; a multiple of queues (PER_IO_DAEMON above it)
   int depth = 128;
   bool read_only = false;
   bool foreground = false;
