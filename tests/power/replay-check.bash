@@ -30,6 +30,36 @@ plr_timed() {  # plr_timed STEP CMD...: runs CMD, adds its wall time (microsecon
   return $rc
 }
 
+# plr_mount FS OPTIONS IMAGE DIR: mounts IMAGE through a loop device of its own. Not
+# `mount -o loop`: that reuses a loop device still attached to the same file (the one the
+# previous state's umount is detaching, asynchronously), whose page cache holds the
+# previous state's blocks, and the file system then reads those (seen on the host: files
+# showing generations long replaced). A new device, detached synchronously, never does.
+plr_mount() {
+  local fs=$1 opts=$2 image=$3 dir=$4 dev
+  dev=$(losetup -f --show "$image") || return 1
+  if ! mount -t "$fs" ${opts:+-o "$opts"} "$dev" "$dir"; then
+    losetup -d "$dev"
+    return 1
+  fi
+}
+plr_umount() {  # plr_umount DIR
+  local dev
+  dev=$(findmnt -n -o SOURCE --target "$1") || return 1
+  umount "$1" && losetup -d "$dev"
+}
+
+# plr_verdict STATUS UNIT REPORT: plr-writer verify's (or verify-files') exit STATUS and its
+# REPORT ("UNIT N lost L corrupt C") as plr_check_state's result; sets plr_lost_blocks.
+plr_verdict() {
+  local status=$1 unit=$2 report=$3
+  plr_lost_blocks=$(sed -n "s/^$unit [0-9]* lost \([0-9]*\) .*/\1/p" "$report")
+  ((status == 0)) && return 0
+  cat "$report"
+  ((status == 1)) && grep -q "^$unit .* corrupt 0\$" "$report" && return 2
+  return 1
+}
+
 # plr_check_state FS JOURNAL MARK DIR: the replayed state on DIR/copy.img. Prints what is
 # wrong; returns 0 if nothing, 1 on corruption, 2 on lost flushed writes only (their block
 # count in plr_lost_blocks).
@@ -37,11 +67,10 @@ plr_check_state() {
   local fs=$1 journal=$2 mark=$3 dir=$4 rc=0
   local mnt=$dir/mnt
   plr_lost_blocks=0
-  # mount -o loop attaches the copy and umount detaches it (fewer processes under TCG).
   # nouuid: parallel checkers mount copies of one XFS at once.
-  local opts=loop
-  [[ $fs == xfs ]] && opts+=,nouuid
-  if ! plr_timed mount mount -t "$fs" -o "$opts" "$dir/copy.img" "$mnt" 2>"$dir/err"; then
+  local opts=
+  [[ $fs == xfs ]] && opts=nouuid
+  if ! plr_timed mount plr_mount "$fs" "$opts" "$dir/copy.img" "$mnt" 2>"$dir/err"; then
     echo "mount failed: $(cat "$dir/err")"
     return 1
   fi
@@ -57,7 +86,8 @@ plr_check_state() {
   elif [[ ${PLR_WORKLOAD:-blocks} == files ]]; then
     # The device held ext4: it must mount (replaying its own journal), and its files be as
     # the marks allow.
-    if ! plr_timed mount mount -t ext4 -o loop "$dir/raw" "$dir/inner" 2>"$dir/err"; then
+    rc=0
+    if ! plr_timed mount plr_mount ext4 "" "$dir/raw" "$dir/inner" 2>"$dir/err"; then
       # Before the writer's first mark even mkfs may not be durable yet.
       if ((mark >= 0)); then
         echo "the device's ext4 does not mount: $(cat "$dir/err")"
@@ -66,25 +96,17 @@ plr_check_state() {
     else
       plr_timed verify "$PLR_WRITER" verify-files --journal "$journal" --dir "$dir/inner" \
         --mark "$mark" >"$dir/verify"
-      case $? in
-        0) rc=0 ;;
-        1) cat "$dir/verify"; grep -q '^files .* corrupt 0$' "$dir/verify" && rc=2 || rc=1 ;;
-        *) cat "$dir/verify"; rc=1 ;;
-      esac
-      plr_lost_blocks=$(sed -n 's/^files [0-9]* lost \([0-9]*\) .*/\1/p' "$dir/verify")
-      plr_timed umount umount "$dir/inner"
+      plr_verdict $? files "$dir/verify"
+      rc=$?
+      plr_timed umount plr_umount "$dir/inner"
     fi
   else
     plr_timed verify "$PLR_WRITER" verify --journal "$journal" --raw "$dir/raw" --mark "$mark" \
       >"$dir/verify"
-    case $? in
-      0) rc=0 ;;
-      1) cat "$dir/verify"; grep -q '^blocks .* corrupt 0$' "$dir/verify" && rc=2 || rc=1 ;;
-      *) cat "$dir/verify"; rc=1 ;;
-    esac
-    plr_lost_blocks=$(sed -n 's/^blocks [0-9]* lost \([0-9]*\) .*/\1/p' "$dir/verify")
+    plr_verdict $? blocks "$dir/verify"
+    rc=$?
   fi
-  plr_timed umount umount "$mnt"
+  plr_timed umount plr_umount "$mnt"
   return $rc
 }
 
