@@ -103,6 +103,8 @@ class ConvertCommand final : public Command {
         ->capture_default_str();
     app.add_flag("--bitmaps", options_.bitmaps,
                  "Copy IMAGE's persistent bitmaps too (-O qcow2, as qemu-img)");
+    app.add_flag("--skip-broken-bitmaps", options_.skip_broken_bitmaps,
+                 "With --bitmaps: leave out bitmaps in use (inconsistent) instead of failing");
     app.add_flag("-U,--force-share", options_.force_share,
                  "Take no locks on IMAGE and its backing files: read an image another process "
                  "writes (the copy may then be inconsistent)");
@@ -129,18 +131,24 @@ Status CheckBitmapsCopyable(const ConvertOptions& options, qcow2::BlockDevice& s
   // QEMU walks its list newest first: the last inconsistent one is named.
   const std::vector<qcow2::BitmapSummary> list = image->bitmaps();
   for (auto it = list.rbegin(); it != list.rend(); ++it) {
-    if (it->in_use) {
+    if (it->in_use && !options.skip_broken_bitmaps) {
       return Status::InvalidArgument(fmt::format("Cannot copy inconsistent bitmap '{}'", it->name));
     }
   }
   return Status::Ok();
 }
 
-// Each of the source's bitmaps, as it is, into the new image (stored by its Close).
+// Each of the source's bitmaps, as it is, into the new image (stored by its
+// Close); one in use only with --skip-broken-bitmaps, which leaves it out.
 Status CopyBitmaps(IoContext& io, qcow2::BlockDevice& source, qcow2::Qcow2Image& target) {
   auto* image = dynamic_cast<qcow2::Qcow2Image*>(&source);
   if (image == nullptr) return Status::Ok();
   for (const qcow2::BitmapSummary& b : image->bitmaps()) {
+    if (b.in_use) {
+      std::fprintf(stderr, "ublk-qcow2: warning: Skipping inconsistent bitmap '%s'\n",
+                   b.name.c_str());
+      continue;
+    }
     ASSIGN_OR_RETURN(std::shared_ptr<const qcow2::DirtyBitmap> bits,
                      io.Run(image->BitmapContents(b.name)));
     Status st = target.AddBitmap(b.name, b.granularity, b.enabled);
@@ -210,6 +218,9 @@ Status ConvertToQcow2(const ConvertOptions& options, IoContext& io, qcow2::Block
 }
 
 Status RunConvert(const ConvertOptions& options) {
+  if (options.skip_broken_bitmaps && !options.bitmaps) {
+    return Status::InvalidArgument("Use of --skip-broken-bitmaps requires --bitmaps");
+  }
   if (options.compress && options.target_format != "qcow2") {
     return Status::InvalidArgument("convert -c needs -O qcow2");
   }

@@ -37,6 +37,9 @@ struct ConvertOptions {
   // flags, bits) into a qcow2 v3 OUTPUT, as qemu-img does; refused, before
   // OUTPUT is touched, for raw or v2 output and for a bitmap in use.
   bool bitmaps = false;
+  // --skip-broken-bitmaps (with --bitmaps): a bitmap in use is left out, with
+  // a warning on stderr, instead of refusing the conversion (qemu-img's).
+  bool skip_broken_bitmaps = false;
 };
 
 // Does the whole conversion. Errors name the file concerned; on failure

@@ -182,6 +182,28 @@ def _(b):
     ])
 
 
+@case("convert/skip_broken", "convert --bitmaps --skip-broken-bitmaps leaves out the bitmaps "
+      "in use and copies the rest; without --bitmaps it is refused")
+def _(b):
+    b.create("a.qcow2", 32 * M)
+    for name in ("b0", "b1", "b2"):
+        b.qemu_img("bitmap", "--add", "a.qcow2", name)
+    b.io("a.qcow2", "write -P 1 0 100k")
+    # b0 and b2 in use, as a program that crashed while writing leaves them.
+    entries = L.bitmap_entries(b.path("a.qcow2"))
+    for entry in (entries[0], entries[2]):
+        L.write_be(b.path("a.qcow2"), entry + 12, 4,
+                   L.read_be(b.path("a.qcow2"), entry + 12, 4) | 1)
+    return dict(create=None, size=32 * M, steps=[
+        bench(3 * M, 2, 4096, 1 * M, 0x41),
+        convert("--skip-broken-bitmaps", "-O", "qcow2"),  # refused: needs --bitmaps
+        convert("--bitmaps", "--skip-broken-bitmaps", "-O", "raw"),  # refused: raw
+        convert("--bitmaps", "-O", "qcow2"),  # refused: b2 is inconsistent
+        convert("--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2"),  # b1 only
+        bench(9 * M, 1, 512, 0, 0x42),  # the copy's b1 tracks it
+    ])
+
+
 @case("convert/bitmaps", "convert --bitmaps copies names, granularities, flags and bits")
 def _(b):
     return dict(create={"cluster_size": 4096}, size=32 * M, steps=[
