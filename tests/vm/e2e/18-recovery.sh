@@ -107,7 +107,8 @@ del_waiting() {
 }
 check "del of a device waiting for recovery" del_waiting
 
-has_fail_io=$("$UQ" features --output=json | python3 -c 'import json,sys; print(int("USER_RECOVERY_FAIL_IO" in json.load(sys.stdin)["features"]))')
+has_fail_io=0
+kernel_has USER_RECOVERY_FAIL_IO && has_fail_io=1
 if ((has_fail_io)); then
   fail_io() {
     local dev id pid rc t0

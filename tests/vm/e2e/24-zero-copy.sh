@@ -15,14 +15,6 @@ source "$(dirname "$0")/lib.bash"
 kernel=$(uname -r | cut -d. -f1,2)
 echo "kernel $kernel"
 
-# list_has DEV FLAG: the device's flags (list --output=json) name FLAG.
-list_has() {
-  "$UQ" list --output=json | python3 -c '
-import json, sys
-d = {x["device"]: x for x in json.load(sys.stdin)}[sys.argv[1]]
-sys.exit(0 if sys.argv[2] in d["flags"] else 1)' "$1" "$2"
-}
-
 # zero_copied LOG: the requests the daemon served with zero copy (summed over queues),
 # from the line it logs at del ("...; with zero copy: N0, N1"); "" when it logged none
 # (zero copy off).

@@ -8,12 +8,6 @@
 # left. Either way --nthreads that is not a multiple of --queues is an error.
 source "$(dirname "$0")/lib.bash"
 
-kernel_has() {  # kernel_has FLAG: features --output=json names it
-  "$UQ" features --output=json | python3 -c '
-import json, sys
-sys.exit(0 if sys.argv[1] in json.load(sys.stdin)["features"] else 1)' "$1"
-}
-
 # lane_requests LOG: "N0 N1 ..." requests per lane from the del line
 # ("served queue 0.0: N requests (...), queue 0.1: M requests (...)").
 lane_requests() {
@@ -39,10 +33,7 @@ two_lanes() {  # two_lanes ZERO_COPY
 
 serve_two_lanes() {  # serve_two_lanes DEV NAME: the flag, two queue threads, fio verify
   local dev=$1 threads
-  "$UQ" list --output=json | python3 -c '
-import json, sys
-d = {x["device"]: x for x in json.load(sys.stdin)}[sys.argv[1]]
-sys.exit(0 if "PER_IO_DAEMON" in d["flags"] else 1)' "$dev" || { echo "no PER_IO_DAEMON flag"; return 1; }
+  list_has "$dev" PER_IO_DAEMON || { echo "no PER_IO_DAEMON flag"; return 1; }
   # Lane 0 runs on queue 0's thread (ublk-q0, made first: the image lives there).
   threads=$(ps -T -p "$(daemon_pid "$(dev_id "$dev")")" -o comm= | tr '\n' ' ')
   [[ " $threads " == *" ublk-q0 "* && " $threads " == *" ublk-q0.1 "* ]] ||

@@ -191,6 +191,21 @@ ext4_writer_across() {
   qemu-img check "$img"
 }
 
+# list_has DEV FLAG: the device's flags (list --output=json) name UBLK_F_FLAG.
+list_has() {
+  "$UQ" list --output=json | python3 -c '
+import json, sys
+d = {x["device"]: x for x in json.load(sys.stdin)}[sys.argv[1]]
+sys.exit(0 if sys.argv[2] in d["flags"] else 1)' "$1" "$2"
+}
+
+# kernel_has FLAG: this kernel's ublk offers UBLK_F_FLAG (features --output=json).
+kernel_has() {
+  "$UQ" features --output=json | python3 -c '
+import json, sys
+sys.exit(0 if sys.argv[1] in json.load(sys.stdin)["features"] else 1)' "$1"
+}
+
 daemon_pid() {  # daemon_pid ID
   sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "/run/ublk-qcow2/$1.json" 2>/dev/null
 }
