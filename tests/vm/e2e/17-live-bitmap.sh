@@ -85,6 +85,38 @@ live_disable_clear_merge() {
 }
 check "bitmap -n --disable/--clear/--merge/--remove/--enable under writes" live_disable_clear_merge
 
+# Discards and write-zeroes dirty a bitmap as writes do, in QEMU too: the same requests on
+# the device (blkdiscard, blkdiscard -z: BLKZEROOUT) and through qemu-io on a twin image,
+# then the bits compared as qemu-nbd serves them. Ranges inside and across 4 KiB granules,
+# over data and over unallocated clusters.
+zero_discard_twin() {
+  local ours=$WORK/zd.qcow2 twin=$WORK/zd-qemu.qcow2 dev2 id2 K=1024
+  qemu-img create -q -f qcow2 -o cluster_size=64k "$ours" 64M
+  qemu-io -c "write -P 7 0 32M" "$ours" >/dev/null
+  qemu-img bitmap --add -g 4k "$ours" zd
+  cp "$ours" "$twin"
+  dev2=$(add_device -f "$ours") || return 1
+  id2=$(dev_id "$dev2")
+  blkdiscard -o $((1 * MiB)) -l $((1 * MiB)) "$dev2"
+  blkdiscard -o $((5 * MiB + 64 * K)) -l $((192 * K)) "$dev2"
+  blkdiscard -o $((7 * MiB + 4 * K + 512)) -l $((20 * K)) "$dev2"
+  blkdiscard -z -o $((9 * MiB + 4 * K)) -l $((60 * K)) "$dev2"
+  blkdiscard -z -o $((40 * MiB)) -l $((2 * MiB)) "$dev2"
+  dirty "$id2" zd >"$WORK/zd.live"
+  "$UQ" del -n "$id2" || return 1
+  qemu-io -c "discard $((1 * MiB)) $((1 * MiB))" -c "discard $((5 * MiB + 64 * K)) $((192 * K))" \
+    -c "discard $((7 * MiB + 4 * K + 512)) $((20 * K))" \
+    -c "write -z $((9 * MiB + 4 * K)) $((60 * K))" -c "write -z $((40 * MiB)) $((2 * MiB))" \
+    "$twin" >/dev/null || return 1
+  nbd_dirty "$twin" zd >"$WORK/zd.qemu"
+  nbd_dirty "$ours" zd >"$WORK/zd.ours"
+  echo "qemu: $(tr '\n' ' ' <"$WORK/zd.qemu")"
+  [[ -s $WORK/zd.qemu ]] || { echo "QEMU's bitmap is empty"; return 1; }
+  diff "$WORK/zd.qemu" "$WORK/zd.ours" && diff "$WORK/zd.ours" "$WORK/zd.live" &&
+    qemu_img_check "$ours"
+}
+check "discards and write-zeroes dirty the bitmap as in QEMU (twin)" zero_discard_twin
+
 expect_error "bitmap -n --remove of a missing bitmap: one line" 1 \
   "$UQ" bitmap -n "$id" --remove nosuch
 expect_error "bitmap -n --add of an existing bitmap: one line" 1 "$UQ" bitmap -n "$id" --add live
