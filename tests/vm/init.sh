@@ -131,6 +131,8 @@ cd "$repo_root"
 # Remember how many kernel warnings boot produced, to show only the command's own below.
 dmesg_levels=emerg,alert,crit,err,warn
 boot_warnings=$(dmesg --level=$dmesg_levels 2>/dev/null | wc -l || echo 0)
+# tests/vm/run boots again when the VM dies before this line (a boot-time panic).
+log "command started"
 set +e
 # A clean environment (the command script exports what the host passed through);
 # stdin is /dev/null so a command waiting for input fails instead of hanging.
