@@ -19,6 +19,7 @@
 #include "qcow2/qcow2_image.h"
 #include "qcow2/testing/mem_env.h"
 #include "qcow2/testing/scratch_dir.h"
+#include "qcow2/testing/wrapping_env.h"
 
 namespace uq::qcow2 {
 namespace {
@@ -27,14 +28,9 @@ constexpr uint64_t kCluster = 65536;
 
 // Writes for which `hold` answers true wait (started on the base file only at
 // Release) while the gate is closed. The base must complete synchronously.
-class GateEnv final : public Env {
+class GateEnv final : public testing::WrappingEnv {
  public:
-  explicit GateEnv(Env* base) : base_(base) {}
-  Result<std::unique_ptr<File>> Open(const std::string& path, const OpenOptions& options) override {
-    ASSIGN_OR_RETURN(std::unique_ptr<File> f, base_->Open(path, options));
-    return std::unique_ptr<File>(std::make_unique<GatedFile>(std::move(f), this));
-  }
-  bool Exists(const std::string& path) override { return base_->Exists(path); }
+  explicit GateEnv(Env* base) : WrappingEnv(base) {}
 
   std::function<bool(const IoRequest&)> hold;
   size_t held() const { return held_.size(); }
@@ -50,26 +46,14 @@ class GateEnv final : public Env {
   }
 
  private:
-  class GatedFile final : public File {
-   public:
-    GatedFile(std::unique_ptr<File> base, GateEnv* env) : base_(std::move(base)), env_(env) {}
-    bool Start(IoRequest& req) override {
-      if (req.op == IoRequest::Op::kWrite && env_->hold && env_->hold(req)) {
-        env_->held_.emplace_back(base_.get(), &req);
-        return false;
-      }
-      return base_->Start(req);
+  bool StartOn(File& base, IoRequest& req) override {
+    if (req.op == IoRequest::Op::kWrite && hold && hold(req)) {
+      held_.emplace_back(&base, &req);
+      return false;
     }
-    Result<uint64_t> Size() override { return base_->Size(); }
-    Status Truncate(uint64_t size) override { return base_->Truncate(size); }
-    const std::string& path() const override { return base_->path(); }
+    return base.Start(req);
+  }
 
-   private:
-    std::unique_ptr<File> base_;
-    GateEnv* env_;
-  };
-
-  Env* base_;
   std::vector<std::pair<File*, IoRequest*>> held_;
 };
 

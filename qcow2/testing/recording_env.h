@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "base/status.h"
 #include "qcow2/file.h"
+#include "qcow2/testing/wrapping_env.h"
 
 namespace uq::qcow2::testing {
 
@@ -23,14 +23,9 @@ struct IoRecord {
   uint64_t length;
 };
 
-class RecordingEnv final : public Env {
+class RecordingEnv final : public WrappingEnv {
  public:
-  explicit RecordingEnv(Env* base) : base_(base) {}
-  Result<std::unique_ptr<File>> Open(const std::string& path, const OpenOptions& options) override {
-    ASSIGN_OR_RETURN(std::unique_ptr<File> f, base_->Open(path, options));
-    return std::unique_ptr<File>(std::make_unique<RecordingFile>(std::move(f), this));
-  }
-  bool Exists(const std::string& path) override { return base_->Exists(path); }
+  explicit RecordingEnv(Env* base) : WrappingEnv(base) {}
 
   // The writes (of any file) that touch [offset, offset + length).
   std::vector<IoRecord> WritesTouching(uint64_t offset, uint64_t length) const {
@@ -53,25 +48,11 @@ class RecordingEnv final : public Env {
   std::vector<IoRecord> reads;
 
  private:
-  class RecordingFile final : public File {
-   public:
-    RecordingFile(std::unique_ptr<File> base, RecordingEnv* env)
-        : base_(std::move(base)), env_(env) {}
-    bool Start(IoRequest& req) override {
-      if (req.op == IoRequest::Op::kWrite) env_->writes.push_back({path(), req.offset, req.length});
-      if (req.op == IoRequest::Op::kRead) env_->reads.push_back({path(), req.offset, req.length});
-      return base_->Start(req);
-    }
-    Result<uint64_t> Size() override { return base_->Size(); }
-    Status Truncate(uint64_t size) override { return base_->Truncate(size); }
-    const std::string& path() const override { return base_->path(); }
-
-   private:
-    std::unique_ptr<File> base_;
-    RecordingEnv* env_;
-  };
-
-  Env* base_;
+  bool StartOn(File& base, IoRequest& req) override {
+    if (req.op == IoRequest::Op::kWrite) writes.push_back({base.path(), req.offset, req.length});
+    if (req.op == IoRequest::Op::kRead) reads.push_back({base.path(), req.offset, req.length});
+    return base.Start(req);
+  }
 };
 
 }  // namespace uq::qcow2::testing
