@@ -16,7 +16,11 @@
 #   nbd       qemu-nbd --cache=none --aio=io_uring -f qcow2 -c /dev/nbd0 nbd-none.qcow2
 #   loop-buf  losetup --direct-io=off loop-buf.raw        (page cache: like our daemon)
 #   nbd-wb    qemu-nbd --cache=writeback --aio=io_uring -f qcow2 -c /dev/nbd1 nbd-wb.qcow2
-# (the last two only with BENCH_BUFFERED=1). Then one fio run per row
+# (the last two only with BENCH_BUFFERED=1), and with BENCH_ENCRYPTED=1 (issue 18) a LUKS
+# copy of the same bytes (qemu-img's default cipher, aes-256-xts-plain64, iter-time=10):
+#   ours-enc  ublk-qcow2 add -f ours-enc.qcow2 --key-file KEY -q 1
+#   nbd-enc   qemu-nbd --cache=none --aio=io_uring --object secret... -c /dev/nbd2 nbd-enc.qcow2
+# Then one fio run per row
 # (fio io_uring, direct=1, time_based; each target is a stonewalled job, the order
 # rotates from row to row), all rows BENCH_REPEAT times over (rounds after the first
 # record their row as ID~ROUND and rotate the order once more). Around each job, fio's exec_prerun/exec_postrun call this
@@ -33,7 +37,7 @@
 # Environment (bench/device.sh passes these): BENCH_BIN (the ublk-qcow2 binary, a host
 # path), BENCH_RUNTIME (s, default 8), BENCH_RAMP (s, default 2), BENCH_DATA_MB (1024),
 # BENCH_BUFFERED (0), BENCH_POLL_US (500; 0 leaves out ours1p), BENCH_ROWS (row ids to run, default all: see ROWS below),
-# BENCH_REPEAT (rounds over all rows, default 1),
+# BENCH_REPEAT (rounds over all rows, default 1), BENCH_ENCRYPTED (0; 1 adds the LUKS pair),
 # BENCH_ENGINE (1: afterwards, `ublk-qcow2 bench` on ours1.qcow2 for the 4k random rows,
 # buffered and O_DIRECT: the engine's own cost, no ublk), BENCH_ENGINE_COUNT (requests
 # at QD32, default 100000; a tenth at QD1).
@@ -101,6 +105,7 @@ RUNTIME=${BENCH_RUNTIME:-8}
 RAMP=${BENCH_RAMP:-2}
 DATA_MB=${BENCH_DATA_MB:-1024}
 BUFFERED=${BENCH_BUFFERED:-0}
+ENCRYPTED=${BENCH_ENCRYPTED:-0}
 POLL_US=${BENCH_POLL_US:-500}
 ENGINE=${BENCH_ENGINE:-1}
 REPEAT=${BENCH_REPEAT:-1}
@@ -143,14 +148,15 @@ declare -A DEV PID
 TARGETS=(ours1 ours2 loop nbd)
 ((BUFFERED)) && TARGETS+=(loop-buf nbd-wb)
 ((POLL_US > 0)) && TARGETS+=(ours1p)
+((ENCRYPTED)) && TARGETS+=(ours-enc nbd-enc)
 
 # shellcheck disable=SC2317  # reached through the EXIT trap
 cleanup() {
   set +e
-  for t in ours1 ours2 ours1p; do
+  for t in ours1 ours2 ours1p ours-enc; do
     [[ -n ${DEV[$t]:-} ]] && "$BIN" del -n "${DEV[$t]#/dev/ublkb}" >/dev/null 2>&1
   done
-  for t in nbd nbd-wb; do [[ -n ${DEV[$t]:-} ]] && qemu-nbd -d "${DEV[$t]}" >/dev/null 2>&1; done
+  for t in nbd nbd-wb nbd-enc; do [[ -n ${DEV[$t]:-} ]] && qemu-nbd -d "${DEV[$t]}" >/dev/null 2>&1; done
   for t in loop loop-buf; do [[ -n ${DEV[$t]:-} ]] && losetup -d "${DEV[$t]}" 2>/dev/null; done
   return 0
 }
@@ -186,6 +192,16 @@ copies=(ours2.qcow2 nbd-none.qcow2)
 ((BUFFERED)) && copies+=(nbd-wb.qcow2)
 ((POLL_US > 0)) && copies+=(ours1p.qcow2)
 for c in "${copies[@]}"; do dd if=ours1.qcow2 of="$c" bs=4M iflag=direct oflag=direct status=none; done
+if ((ENCRYPTED)); then
+  printf 'bench-passphrase' >key
+  for ((i = 0; i < 20; i++)); do  # QEMU's PBKDF2 CPU-time probe fails now and then
+    qemu-img convert -t none -T none -W -f raw -O qcow2 --object secret,id=s,file=key \
+      -o cluster_size=65536,encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10 \
+      loop-dio.raw ours-enc.qcow2 && break
+  done
+  [[ -f ours-enc.qcow2 ]] || die "qemu-img could not make the LUKS image"
+  dd if=ours-enc.qcow2 of=nbd-enc.qcow2 bs=4M iflag=direct oflag=direct status=none
+fi
 ((BUFFERED)) && dd if=loop-dio.raw of=loop-buf.raw bs=4M iflag=direct oflag=direct status=none
 sync
 meta prep_images_s $((SECONDS - s))
@@ -205,6 +221,16 @@ PID[ours2]=$(daemon_pid "${DEV[ours2]}")
 if ((POLL_US > 0)); then
   DEV[ours1p]=$("$BIN" add -f "$W/ours1p.qcow2" -q 1 --poll-us="$POLL_US")
   PID[ours1p]=$(daemon_pid "${DEV[ours1p]}")
+fi
+if ((ENCRYPTED)); then
+  [[ -b /dev/nbd2 ]] || die "/dev/nbd2 missing"
+  DEV[ours-enc]=$("$BIN" add -f "$W/ours-enc.qcow2" -q 1 --key-file "$W/key")
+  PID[ours-enc]=$(daemon_pid "${DEV[ours-enc]}")
+  qemu-nbd --cache=none --aio=io_uring --object "secret,id=s,file=$W/key" --image-opts \
+    --pid-file="$W/nbd-enc.pid" -c /dev/nbd2 \
+    "driver=qcow2,file.filename=$W/nbd-enc.qcow2,encrypt.key-secret=s"
+  DEV[nbd-enc]=/dev/nbd2
+  PID[nbd-enc]=$(<"$W/nbd-enc.pid")
 fi
 DEV[loop]=$(losetup --direct-io=on --show -f "$W/loop-dio.raw")
 PID[loop]=-
@@ -288,11 +314,11 @@ for ((k = 0; k < REPEAT; k++)); do
 done
 
 # Peak memory once more, then the daemons' own account of their queues.
-for t in ours1 ours2 ours1p nbd nbd-wb; do
+for t in ours1 ours2 ours1p ours-enc nbd nbd-wb nbd-enc; do
   [[ -n ${PID[$t]:-} && -r /proc/${PID[$t]}/status ]] || continue
   meta "final_mem_$t" "$(grep -E '^Vm(HWM|RSS)' /proc/"${PID[$t]}"/status | tr -s ' \t' ' ' | paste -sd' ')"
 done
-for t in ours1 ours2 ours1p; do
+for t in ours1 ours2 ours1p ours-enc; do
   [[ -n ${DEV[$t]:-} ]] || continue
   id=${DEV[$t]#/dev/ublkb}
   "$BIN" del -n "$id"

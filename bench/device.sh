@@ -25,6 +25,8 @@
 #                   0 leaves it out)
 #                   (page-cache baselines, like for like with `add --cache=writeback`);
 #                   0 (default): only the four targets of the issue
+#   BENCH_ENCRYPTED 1: also a LUKS image (qemu-img's default cipher) served by ours and by
+#                   qemu-nbd, and a table of the two (issue 18)
 #   BENCH_ROWS      row ids to run (default all: rr4k1 rr4k32 rw4k1 rw4k32 sr1m4 sw1m4)
 #   BENCH_REPEAT    rounds over all rows (default 1); with more, every figure is the
 #                   median over the rounds and every ratio the median of the ratios
@@ -86,7 +88,8 @@ for key, value in meta.items():
 # Request buffer per tag of `ublk-qcow2 add` (its --max-io default), for the memory bound.
 BUFFER_MIB = 1.0
 NAMES = {"ours1": "ours 1q", "ours2": "ours 2q", "ours1p": "ours 1q poll", "loop": "loop (dio)", "nbd": "qemu-nbd (none)",
-         "loop-buf": "loop (buffered)", "nbd-wb": "qemu-nbd (writeback)"}
+         "loop-buf": "loop (buffered)", "nbd-wb": "qemu-nbd (writeback)",
+         "ours-enc": "ours 1q LUKS", "nbd-enc": "qemu-nbd LUKS (none)"}
 TICK_US = 10000  # USER_HZ = 100
 
 def median(xs):
@@ -252,6 +255,22 @@ for rid, rw, bs, qd, label in rows:
     vals += [f"{v:.0f}" if v else "NaN", f"{d['vm_us']:.1f}" if d else "NaN"]
     dat.append(f'"{label} QD{qd}" ' + " ".join(vals))
 w("")
+encrypted = "ours-enc" in targets
+if encrypted:
+    w("### Encrypted: a LUKS copy of the image (aes-256-xts-plain64, QEMU's default)")
+    w("")
+    w("ours = `add --key-file KEY -q 1`; qemu-nbd = `--cache=none --aio=io_uring --object secret "
+      "--image-opts`. The last column is what encryption costs ours (against ours 1q on the plain "
+      "image).")
+    w("")
+    w("| workload | QD | " + NAMES["ours-enc"] + " | " + NAMES["nbd-enc"] +
+      " | ours LUKS / qemu-nbd LUKS | ours LUKS / ours plain |")
+    w("|---|---:|---:|---:|---:|---:|")
+    for rid, rw, bs, qd, label in rows:
+        w(f"| {label} | {qd} | {cell(rid, 'ours-enc')} | {cell(rid, 'nbd-enc')} | "
+          f"{fmt_ratio(rratio(rid, 'ours-enc', 'nbd-enc'))} | "
+          f"{fmt_ratio(rratio(rid, 'ours-enc', 'ours1'))} |")
+    w("")
 if repeat > 1:
     w("### Rounds: every round's ratios, in the order the rounds ran")
     w("")
@@ -268,7 +287,8 @@ w("Serving process = `utime+stime` of the ublk-qcow2 daemon (all its threads) or
   "from /proc/PID/stat; loop has none (kernel threads). Whole VM = busy time of both vCPUs "
   "(/proc/stat): fio, kernel, server. In parentheses: cores busy.")
 w("")
-srv_t = [t for t in ("ours1", "ours2", "ours1p", "nbd", "nbd-wb") if t in targets]
+srv_t = [t for t in ("ours1", "ours2", "ours1p", "ours-enc", "nbd", "nbd-wb", "nbd-enc")
+         if t in targets]
 hdr = ["workload", "QD"] + [f"server: {NAMES[t]}" for t in srv_t] + [f"VM: {NAMES[t]}" for t in targets]
 w("| " + " | ".join(hdr) + " |")
 w("|---|---:|" + "---:|" * (len(hdr) - 2))
@@ -310,7 +330,8 @@ if repeat > 1:
     w("Later rounds only add to it (the peak over all rounds is under Targets): blk-mq hands "
       "out every tag in time, and each tag's buffer is touched as far as its largest request.")
     w("")
-mem_t = [t for t in ("ours1", "ours2", "ours1p", "nbd", "nbd-wb") if t in targets]
+mem_t = [t for t in ("ours1", "ours2", "ours1p", "ours-enc", "nbd", "nbd-wb", "nbd-enc")
+         if t in targets]
 w("| after row | " + " | ".join(NAMES[t] for t in mem_t) + " |")
 w("|---|" + "---:|" * len(mem_t))
 for rid, rw, bs, qd, label in rows:
@@ -468,7 +489,7 @@ log "host load average $load_start; booting the VM"
 export VM_TIMEOUT=${VM_TIMEOUT:-1800}
 export VM_SCRATCH_SIZE=${VM_SCRATCH_SIZE:-10G}
 export VM_ENV_BENCH_BIN=$work/bin/ublk-qcow2
-for v in BENCH_RUNTIME BENCH_RAMP BENCH_DATA_MB BENCH_BUFFERED BENCH_POLL_US BENCH_ROWS BENCH_REPEAT BENCH_ENGINE BENCH_ENGINE_COUNT; do
+for v in BENCH_RUNTIME BENCH_RAMP BENCH_DATA_MB BENCH_BUFFERED BENCH_POLL_US BENCH_ROWS BENCH_REPEAT BENCH_ENGINE BENCH_ENGINE_COUNT BENCH_ENCRYPTED; do
   [[ -n ${!v:-} ]] && export "VM_ENV_$v=${!v}"
 done
 vm_start=$(date +%s)
