@@ -180,6 +180,15 @@ std::vector<MetadataCache::DirtySlice> MetadataCache::TakeDirty() {
   return out;
 }
 
+std::vector<uint64_t> MetadataCache::DirtyOffsets() const {
+  std::vector<uint64_t> out;
+  out.reserve(dirty_count_);
+  for (const auto& [offset, s] : map_) {
+    if (s->dirty) out.push_back(offset);
+  }
+  return out;
+}
+
 void MetadataCache::Redirty(const std::vector<DirtySlice>& slices) {
   for (const DirtySlice& d : slices) MarkDirty(d.ref);
 }

@@ -138,6 +138,8 @@ class MetadataCache {
   uint64_t run_writes() const { return run_writes_; }
   uint64_t slices_written() const { return slices_written_; }
   size_t dirty_slices() const { return dirty_count_; }
+  // The offsets of the dirty slices, in no order (no I/O, nothing changed).
+  std::vector<uint64_t> DirtyOffsets() const;
   // True once dirty slices fill half the capacity. Dirty slices cannot be
   // evicted, so past this point the owner should write them back (in its
   // crash-safe order) or the cache outgrows its bound and every insertion

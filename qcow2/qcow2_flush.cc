@@ -246,19 +246,24 @@ Task<Status> Qcow2Image::FlushLocked() {
     // may pick one and must not take it for metadata (Refcounts::set_in_use).
     for (uint64_t c : freed) metadata_clusters_.erase(c);
     CO_RETURN_IF_ERROR(co_await refcounts_->WriteBlocks());
-    const uint64_t cs = geo_.cluster_size;
-    for (uint64_t c : freed) l2_cache_.Invalidate(c * cs, cs);
-    // Give the space back to the host, a run of adjacent clusters at a time
-    // (dropping a snapshot frees thousands); a failure only costs space.
-    std::sort(freed.begin(), freed.end());
-    for (size_t i = 0, j; i < freed.size(); i = j) {
-      for (j = i + 1; j < freed.size() && freed[j] == freed[j - 1] + 1; j++) {
-      }
-      (void)co_await file_->Discard(freed[i] * cs, (j - i) * cs);
-    }
+    co_await ForgetFreed(std::move(freed));
     CO_RETURN_IF_ERROR(co_await file_->Sync());
   }
   co_return Status::Ok();
+}
+
+Task<void> Qcow2Image::ForgetFreed(std::vector<uint64_t> freed) {
+  for (uint64_t c : freed) metadata_clusters_.erase(c);
+  const uint64_t cs = geo_.cluster_size;
+  for (uint64_t c : freed) l2_cache_.Invalidate(c * cs, cs);
+  // Give the space back to the host, a run of adjacent clusters at a time
+  // (dropping a snapshot frees thousands); a failure only costs space.
+  std::sort(freed.begin(), freed.end());
+  for (size_t i = 0, j; i < freed.size(); i = j) {
+    for (j = i + 1; j < freed.size() && freed[j] == freed[j - 1] + 1; j++) {
+    }
+    (void)co_await file_->Discard(freed[i] * cs, (j - i) * cs);
+  }
 }
 
 Task<Status> Qcow2Image::Close() {

@@ -269,23 +269,28 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> Amend(const AmendOptions& options);
   // --- internal snapshots (qcow2_snapshot.cc), as QEMU's
   // block/qcow2-snapshot.c does them, each switched in by one header write:
-  //   create: the active L1 table copied to new clusters; every L2 table and
-  //           data cluster it reaches gets one more reference and loses its
-  //           COPIED flag in the active tables (the next write copies); the
-  //           table with the new entry written to new clusters; all of it
-  //           synced, then the header names the new table; the old one is
-  //           freed after.
-  //   delete: the table without the entry written and the header switched
-  //           first; then the snapshot's references are dropped and COPIED
-  //           flags come back where an active cluster's refcount returns to 1.
+  //   create: the snapshot keeps the active L1 table where it is; the active
+  //           state gets a new L1 table naming copies of the L2 tables that
+  //           had COPIED entries (flags cleared: their data is shared now)
+  //           and the other L2 tables, shared; every data cluster gets one
+  //           more reference.
+  //   delete: the snapshot's references are dropped, and the active L2
+  //           tables whose COPIED flags change (a refcount back to 1) are
+  //           copied with the flags set, named by a new active L1 table.
+  //   Both write every new table to new clusters and the refcount changes
+  //   beside the blocks in use (Refcounts' shadow commit), sync, and switch
+  //   the header to the new L1 table, snapshot table and refcount table in
+  //   one write: nothing the old state uses is written before, so a crash
+  //   leaves the old state or the new, with at most leaks (the new clusters
+  //   before the switch, the old structures after it, until the flush that
+  //   frees them). QEMU clears or sets the flags in place, which a crash
+  //   leaves out of step with the refcounts (`qemu-img check` errors).
   //   apply:  the snapshot's L1 table copied to new clusters with one more
   //           reference on everything it reaches (no COPIED flags: all of it
   //           is shared with the snapshot), synced; then one header write names
   //           it as the active table with the snapshot's virtual size; then the
-  //           old active tables' references are dropped.
-  // A crash leaves the old or the new state, consistent but for leaks (and
-  // COPIED flags left set on clusters whose extra reference is such a leak,
-  // which `check -r leaks` repairs).
+  //           old active tables' references are dropped. Every state on the
+  //           way is consistent but for leaks.
   // REQUIRES: writable image, no request in flight.
   // Errors: NotSupported with an external data file (QEMU refuses internal
   // snapshots there); InvalidArgument when a refcount would overflow (QEMU's
@@ -560,6 +565,9 @@ class Qcow2Image final : public BlockDevice {
   // The host clusters `l1` reaches (its L2 tables and the clusters their
   // entries reference), each as often as it is referenced.
   Task<Result<std::vector<uint64_t>>> ClustersReached(std::span<const uint64_t> l1);
+  // InvalidArgument if one more reference on each of `clusters` would
+  // overflow a refcount (nothing changed).
+  Task<Status> CheckIncrements(const std::vector<uint64_t>& clusters);
   // One more reference on each of `clusters`, after checking that none
   // overflows (InvalidArgument, nothing changed).
   Task<Status> IncrementAll(const std::vector<uint64_t>& clusters);
@@ -570,19 +578,41 @@ class Qcow2Image final : public BlockDevice {
   // the metadata mutex held.
   Task<Status> FixCopiedFlags(std::span<uint64_t> l1, bool all_shared,
                               std::vector<size_t>* changed);
-  // FixCopiedFlags on the active L1 table, its changed entries marked dirty.
-  Task<Status> FixActiveCopiedFlags();
   // Writes `bytes` at the start of new clusters; returns their offset (0 for
   // no bytes). REQUIRES: the metadata mutex held.
   Task<Result<uint64_t>> WriteTableClusters(std::span<const std::byte> bytes);
   // Drops a reference to each cluster of [offset, offset + bytes) (nothing
   // for offset 0).
   void ReleaseRange(uint64_t offset, uint64_t bytes);
-  // Writes `table` to new clusters, syncs everything, and switches the header
-  // to it (`update` may change more header fields in the same write); frees
-  // the old table's clusters. REQUIRES: the metadata mutex held.
-  Task<Status> SwitchSnapshotTable(std::vector<Snapshot> table,
-                                   const std::function<void(Header&)>& update);
+  // Corruption unless `table`, named by L1 entry `index`, is a cluster inside
+  // the file.
+  Status CheckL2TableOffset(size_t index, uint64_t table) const;
+  // Corruption for a standard entry (of the L2 table at `table`) whose host
+  // offset is not cluster-aligned.
+  Status CheckEntryAlignment(const L2Entry& entry, uint64_t table) const;
+  // The L2 table at `table`, whole, read through the cache.
+  Task<Result<AlignedBuffer>> ReadL2Table(uint64_t table);
+  // How many clusters a snapshot change over the active table `l1` with a
+  // snapshot table of `table_bytes` may allocate (Refcounts::BeginShadow).
+  uint64_t ShadowReach(std::span<const uint64_t> l1, uint64_t table_bytes) const;
+  // Runs `change` as a shadow commit of the refcounts (after a flush):
+  // nothing it frees is reused before the switch, and on failure the
+  // refcounts forget it and the tables it made (`made`, their clusters) are
+  // no longer metadata. REQUIRES: the metadata mutex held.
+  Task<Status> RunSnapshotChange(
+      std::span<const uint64_t> reach_l1, uint64_t table_bytes,
+      const std::function<Task<Status>(std::vector<uint64_t>* made)>& change);
+  // The end of a snapshot change, inside RunSnapshotChange: drops one
+  // reference to each of `release`, writes `new_l1` and `table` to new
+  // clusters and the refcount changes beside the blocks in use, syncs, and
+  // switches the header to all of them in one write.
+  Task<Status> CommitSnapshotChange(std::vector<uint64_t> new_l1, std::vector<Snapshot> table,
+                                    const std::vector<uint64_t>& release,
+                                    std::vector<uint64_t>* made);
+
+  // Clusters just freed on disk: no longer metadata, out of the L2 cache, and
+  // given back to the host (a failure to punch only costs space).
+  Task<void> ForgetFreed(std::vector<uint64_t> freed);
 
   // --- cluster reserve (qcow2_reserve.cc; stable metadata only) ---
   // Whether allocations come from the reserve.

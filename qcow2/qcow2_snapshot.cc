@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
+#include <unordered_map>
 
 #include "base/endian.h"
 #include "qcow2/bitmap_directory.h"
@@ -23,6 +24,14 @@ constexpr size_t kMaxNameBytes = 255;
 
 uint64_t ClustersFor(uint64_t bytes, uint64_t cluster_size) {
   return (bytes + cluster_size - 1) / cluster_size;
+}
+
+// Adds the clusters of a table of `bytes` written at `offset` (0: none) to
+// `made`.
+void NoteMade(uint64_t offset, uint64_t bytes, uint64_t cluster_size, std::vector<uint64_t>* made) {
+  if (offset == 0) return;
+  for (uint64_t c = 0; c < ClustersFor(bytes, cluster_size); c++)
+    made->push_back(offset / cluster_size + c);
 }
 
 }  // namespace
@@ -57,23 +66,14 @@ Task<Result<std::vector<uint64_t>>> Qcow2Image::ClustersReached(std::span<const 
   for (size_t i = 0; i < l1.size(); i++) {
     const uint64_t table = l1[i] & kL1OffsetMask;
     if (table == 0) continue;
-    if (!geo_.cluster_aligned(table) || table + cs > file_size_) {
-      co_return Status::Corruption(fmt::format(
-          "{}: L1 entry {} points to an L2 table at 0x{:x}, unaligned or past the end of the file",
-          path(), i, table));
-    }
+    CO_RETURN_IF_ERROR(CheckL2TableOffset(i, table));
     clusters.push_back(table / cs);
     for (uint64_t at = 0; at < cs; at += slice_bytes) {
       CO_ASSIGN_OR_RETURN(MetadataCache::SliceRef slice, co_await l2_cache_.Get(table + at));
       for (uint64_t e = 0; e < slice_bytes; e += geo_.l2_entry_bytes) {
         L2Entry entry;
         entry.raw = LoadBE64(slice.bytes(), e);
-        if (!entry.compressed() && entry.host_cluster() != 0 &&
-            !geo_.cluster_aligned(entry.host_cluster())) {
-          co_return Status::Corruption(
-              fmt::format("{}: cluster allocation offset 0x{:x} unaligned (L2 offset: 0x{:x})",
-                          path(), entry.host_cluster(), table));
-        }
+        CO_RETURN_IF_ERROR(CheckEntryAlignment(entry, table));
         for (uint64_t c : ReferencedClusters(entry)) clusters.push_back(c);
       }
     }
@@ -81,7 +81,7 @@ Task<Result<std::vector<uint64_t>>> Qcow2Image::ClustersReached(std::span<const 
   co_return clusters;
 }
 
-Task<Status> Qcow2Image::IncrementAll(const std::vector<uint64_t>& clusters) {
+Task<Status> Qcow2Image::CheckIncrements(const std::vector<uint64_t>& clusters) {
   const uint32_t bits = 1u << header_.refcount_order;
   const uint64_t max =
       bits == 64 ? std::numeric_limits<uint64_t>::max() : (uint64_t{1} << bits) - 1;
@@ -102,6 +102,11 @@ Task<Status> Qcow2Image::IncrementAll(const std::vector<uint64_t>& clusters) {
           cluster, max, bits));
     }
   }
+  co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::IncrementAll(const std::vector<uint64_t>& clusters) {
+  CO_RETURN_IF_ERROR(co_await CheckIncrements(clusters));
   for (uint64_t c : clusters) CO_RETURN_IF_ERROR(co_await refcounts_->Increment(c));
   co_return Status::Ok();
 }
@@ -153,13 +158,6 @@ Task<Status> Qcow2Image::FixCopiedFlags(std::span<uint64_t> l1, bool all_shared,
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::FixActiveCopiedFlags() {
-  std::vector<size_t> changed;
-  CO_RETURN_IF_ERROR(co_await FixCopiedFlags(l1_, false, &changed));
-  for (size_t i : changed) l1_dirty_chunks_.insert(i * 8 / 4096);
-  co_return Status::Ok();
-}
-
 Task<Result<uint64_t>> Qcow2Image::WriteTableClusters(std::span<const std::byte> bytes) {
   const uint64_t cs = geo_.cluster_size;
   if (bytes.empty()) co_return uint64_t{0};
@@ -183,30 +181,94 @@ void Qcow2Image::ReleaseRange(uint64_t offset, uint64_t bytes) {
   for (uint64_t c = offset / cs; c <= (offset + bytes - 1) / cs; c++) ReleaseCluster(c);
 }
 
-Task<Status> Qcow2Image::SwitchSnapshotTable(std::vector<Snapshot> table,
-                                             const std::function<void(Header&)>& update) {
-  const std::vector<std::byte> bytes = SerializeSnapshotTable(table);
-  CO_ASSIGN_OR_RETURN(const uint64_t offset, co_await WriteTableClusters(bytes));
-  // The new table, and everything the caller changed before (refcounts,
-  // tables), become stable before the header names the table.
-  Status st = co_await FlushLocked();
-  Header updated = header_;
-  updated.nb_snapshots = static_cast<uint32_t>(table.size());
-  updated.snapshots_offset = offset;
-  if (update) update(updated);
-  if (st.ok()) st = co_await WriteHeader(*file_, updated);
-  if (st.ok()) st = co_await file_->Sync();
-  if (!st.ok()) {
-    ReleaseRange(offset, bytes.size());
-    co_return st;
+Status Qcow2Image::CheckL2TableOffset(size_t index, uint64_t table) const {
+  if (!geo_.cluster_aligned(table) || table + geo_.cluster_size > file_size_) {
+    return Status::Corruption(fmt::format(
+        "{}: L1 entry {} points to an L2 table at 0x{:x}, unaligned or past the end of the file",
+        path(), index, table));
   }
-  const uint64_t old_offset = header_.nb_snapshots > 0 ? header_.snapshots_offset : 0;
-  const uint64_t old_bytes = SnapshotTableSize(snapshots_);
+  return Status::Ok();
+}
+
+Status Qcow2Image::CheckEntryAlignment(const L2Entry& entry, uint64_t table) const {
+  if (!entry.compressed() && entry.host_cluster() != 0 &&
+      !geo_.cluster_aligned(entry.host_cluster())) {
+    return Status::Corruption(
+        fmt::format("{}: cluster allocation offset 0x{:x} unaligned (L2 offset: 0x{:x})", path(),
+                    entry.host_cluster(), table));
+  }
+  return Status::Ok();
+}
+
+Task<Result<AlignedBuffer>> Qcow2Image::ReadL2Table(uint64_t table) {
+  const uint64_t slice_bytes = l2_cache_.slice_size();
+  AlignedBuffer buf(geo_.cluster_size);
+  for (uint64_t at = 0; at < geo_.cluster_size; at += slice_bytes) {
+    CO_ASSIGN_OR_RETURN(MetadataCache::SliceRef slice, co_await l2_cache_.Get(table + at));
+    std::copy(slice.bytes().begin(), slice.bytes().end(), buf.span().begin() + at);
+  }
+  co_return buf;
+}
+
+uint64_t Qcow2Image::ShadowReach(std::span<const uint64_t> l1, uint64_t table_bytes) const {
+  const uint64_t cs = geo_.cluster_size;
+  uint64_t tables = 0;
+  for (uint64_t e : l1) tables += (e & kL1OffsetMask) != 0 ? 1 : 0;
+  uint64_t blocks = 0;
+  for (uint64_t e : refcounts_->table()) blocks += (e & kRefcountTableOffsetMask) != 0 ? 1 : 0;
+  return tables + ClustersFor(l1.size() * 8, cs) + ClustersFor(table_bytes, cs) +
+         header_.refcount_table_clusters + blocks + 16;
+}
+
+Task<Status> Qcow2Image::CommitSnapshotChange(std::vector<uint64_t> new_l1,
+                                              std::vector<Snapshot> table,
+                                              const std::vector<uint64_t>& release,
+                                              std::vector<uint64_t>* made) {
+  for (uint64_t c : release) ReleaseCluster(c);
+  CO_ASSIGN_OR_RETURN(std::vector<uint64_t> freed, co_await refcounts_->ApplyDeferredDecrements());
+  std::vector<std::byte> l1_bytes(new_l1.size() * 8);
+  for (size_t i = 0; i < new_l1.size(); i++) StoreBE64(l1_bytes, i * 8, new_l1[i]);
+  CO_ASSIGN_OR_RETURN(const uint64_t l1_offset, co_await WriteTableClusters(l1_bytes));
+  NoteMade(l1_offset, l1_bytes.size(), geo_.cluster_size, made);
+  const std::vector<std::byte> table_bytes = SerializeSnapshotTable(table);
+  CO_ASSIGN_OR_RETURN(const uint64_t table_offset, co_await WriteTableClusters(table_bytes));
+  NoteMade(table_offset, table_bytes.size(), geo_.cluster_size, made);
+  CO_ASSIGN_OR_RETURN(const uint64_t refcount_table, co_await refcounts_->WriteShadow());
+  // Everything the new header names is stable before it does.
+  CO_RETURN_IF_ERROR(co_await file_->Sync());
+  Header updated = header_;
+  updated.l1_table_offset = l1_offset;
+  updated.l1_size = static_cast<uint32_t>(new_l1.size());
+  updated.nb_snapshots = static_cast<uint32_t>(table.size());
+  updated.snapshots_offset = table_offset;
+  updated.refcount_table_offset = refcount_table;
+  CO_RETURN_IF_ERROR(co_await WriteHeader(*file_, updated));
+  CO_RETURN_IF_ERROR(co_await file_->Sync());
+  const uint64_t old_refcount_table = header_.refcount_table_offset;
   header_ = std::move(updated);
+  refcounts_->AdoptShadow(old_refcount_table, header_.refcount_table_clusters);
+  file_size_ = std::max(file_size_, refcounts_->used_end());
+  l1_ = std::move(new_l1);
+  l1_dirty_chunks_.clear();
   snapshots_ = std::move(table);
-  // Unreferenced on disk now; freed at the next flush.
-  ReleaseRange(old_offset, old_bytes);
+  co_await ForgetFreed(std::move(freed));
   co_return Status::Ok();
+}
+
+Task<Status> Qcow2Image::RunSnapshotChange(
+    std::span<const uint64_t> reach_l1, uint64_t table_bytes,
+    const std::function<Task<Status>(std::vector<uint64_t>* made)>& change) {
+  CO_RETURN_IF_ERROR(co_await FlushLocked());
+  const uint64_t end = std::max(file_size_, refcounts_->used_end());
+  CO_RETURN_IF_ERROR(co_await refcounts_->BeginShadow(end, ShadowReach(reach_l1, table_bytes)));
+  std::vector<uint64_t> made;  // the clusters of the tables written for the change
+  Status st = co_await change(&made);
+  if (!st.ok()) {
+    // Nothing on disk names what was made; in memory it is forgotten too.
+    refcounts_->AbandonShadow();
+    for (uint64_t c : made) metadata_clusters_.erase(c);
+  }
+  co_return st;
 }
 
 Task<Result<std::string>> Qcow2Image::CreateSnapshot(Snapshot entry) {
@@ -230,19 +292,66 @@ Task<Result<std::string>> Qcow2Image::CreateSnapshot(Snapshot entry) {
 
   CO_RETURN_IF_ERROR(co_await Flush());
   auto lock = co_await meta_mutex_.Acquire();
-  CO_ASSIGN_OR_RETURN(const std::vector<uint64_t> reached, co_await ClustersReached(l1_));
-  CO_RETURN_IF_ERROR(co_await IncrementAll(reached));
-  // The snapshot's L1 table: the active one as it is (QEMU copies it with
-  // its COPIED flags, which only the active table's entries mean anything in).
-  std::vector<std::byte> l1_bytes(l1_.size() * 8);
-  for (size_t i = 0; i < l1_.size(); i++) StoreBE64(l1_bytes, i * 8, l1_[i]);
-  CO_ASSIGN_OR_RETURN(const uint64_t l1_offset, co_await WriteTableClusters(l1_bytes));
-  table.back().l1_table_offset = l1_offset;
-  table.back().l1_size = static_cast<uint32_t>(l1_.size());
-  // Everything the active tables reach is shared now: the next write copies.
+  // Everything the active tables reach is shared from the switch on: writes
+  // in place from other threads stop now (the next write copies).
   co_await RevokeShared(SharedMap::After::kPublish);
-  CO_RETURN_IF_ERROR(co_await FixActiveCopiedFlags());
-  CO_RETURN_IF_ERROR(co_await SwitchSnapshotTable(std::move(table), nullptr));
+  // The snapshot keeps the active L1 table where it is, with the L2 tables
+  // it names; the active state moves to a new L1 table. An L2 table with
+  // COPIED entries is copied for it with the flags cleared (its data is
+  // shared now); one without is shared (one more reference). Data clusters
+  // get one more reference each. QEMU clears the flags in place, which a
+  // crash between its refcount and L2 writes leaves out of step; here
+  // nothing the old state uses is written before the header switch.
+  table.back().l1_table_offset = header_.l1_table_offset;
+  table.back().l1_size = static_cast<uint32_t>(l1_.size());
+  std::vector<uint64_t> release;
+  if (header_.nb_snapshots > 0) {
+    const uint64_t cs = geo_.cluster_size;
+    const uint64_t first = header_.snapshots_offset / cs;
+    for (uint64_t c = 0; c < ClustersFor(SnapshotTableSize(snapshots_), cs); c++)
+      release.push_back(first + c);
+  }
+  const uint64_t table_bytes = SerializeSnapshotTable(table).size();
+  // Refused before anything is written, as QEMU refuses it: a refcount that
+  // would overflow (QEMU adds a reference to every L2 table too), an L2
+  // table outside the file, an unaligned entry.
+  {
+    CO_ASSIGN_OR_RETURN(const std::vector<uint64_t> reached, co_await ClustersReached(l1_));
+    CO_RETURN_IF_ERROR(co_await CheckIncrements(reached));
+  }
+  CO_RETURN_IF_ERROR(co_await RunSnapshotChange(
+      l1_, table_bytes, [&](std::vector<uint64_t>* made) -> Task<Status> {
+        const uint64_t cs = geo_.cluster_size;
+        std::vector<uint64_t> new_l1 = l1_;
+        std::vector<uint64_t> increments;
+        for (size_t i = 0; i < l1_.size(); i++) {
+          const uint64_t t = l1_[i] & kL1OffsetMask;
+          if (t == 0) continue;
+          CO_RETURN_IF_ERROR(CheckL2TableOffset(i, t));
+          CO_ASSIGN_OR_RETURN(AlignedBuffer l2, co_await ReadL2Table(t));
+          bool changed = false;
+          for (uint64_t e = 0; e < cs; e += geo_.l2_entry_bytes) {
+            L2Entry entry;
+            entry.raw = LoadBE64(l2.span(), e);
+            CO_RETURN_IF_ERROR(CheckEntryAlignment(entry, t));
+            for (uint64_t c : ReferencedClusters(entry)) increments.push_back(c);
+            if (entry.copied()) {
+              StoreBE64(l2.span(), e, entry.raw & ~kEntryCopied);
+              changed = true;
+            }
+          }
+          if (changed) {
+            CO_ASSIGN_OR_RETURN(const uint64_t copy, co_await WriteTableClusters(l2.span()));
+            NoteMade(copy, cs, cs, made);
+            new_l1[i] = copy | kEntryCopied;
+          } else {
+            increments.push_back(t / cs);
+            new_l1[i] = t;
+          }
+        }
+        CO_RETURN_IF_ERROR(co_await IncrementAll(increments));
+        co_return co_await CommitSnapshotChange(std::move(new_l1), std::move(table), release, made);
+      }));
   CO_RETURN_IF_ERROR(co_await FlushLocked());
   co_return entry.id;
 }
@@ -253,17 +362,72 @@ Task<Status> Qcow2Image::DeleteSnapshot(size_t index) {
   CO_RETURN_IF_ERROR(co_await Flush());
   CO_ASSIGN_OR_RETURN(const std::vector<uint64_t> sn_l1, co_await ReadSnapshotL1(index));
   auto lock = co_await meta_mutex_.Acquire();
-  CO_ASSIGN_OR_RETURN(const std::vector<uint64_t> reached, co_await ClustersReached(sn_l1));
+  const uint64_t cs = geo_.cluster_size;
+  CO_ASSIGN_OR_RETURN(std::vector<uint64_t> release, co_await ClustersReached(sn_l1));
   const Snapshot gone = snapshots_[index];
+  for (uint64_t c = 0; c < ClustersFor(uint64_t{gone.l1_size} * 8, cs); c++)
+    release.push_back(gone.l1_table_offset / cs + c);
+  for (uint64_t c = 0; c < ClustersFor(SnapshotTableSize(snapshots_), cs); c++)
+    release.push_back(header_.snapshots_offset / cs + c);
+  // The active L1 table moves too (its COPIED flags change in the switch).
+  for (uint64_t c = 0; c < ClustersFor(l1_.size() * 8, cs); c++)
+    release.push_back(header_.l1_table_offset / cs + c);
   std::vector<Snapshot> table = snapshots_;
   table.erase(table.begin() + static_cast<ptrdiff_t>(index));
-  CO_RETURN_IF_ERROR(co_await SwitchSnapshotTable(std::move(table), nullptr));
-  // The snapshot is gone from disk; what it held is a leak until released.
-  for (uint64_t c : reached) ReleaseCluster(c);
-  ReleaseRange(gone.l1_table_offset, uint64_t{gone.l1_size} * 8);
-  CO_RETURN_IF_ERROR(co_await FlushLocked());
-  // Clusters back to one reference are the active table's own again.
-  CO_RETURN_IF_ERROR(co_await FixActiveCopiedFlags());
+  const uint64_t table_bytes = SerializeSnapshotTable(table).size();
+  // Clusters whose refcount returns to 1 are the active table's own again:
+  // COPIED flags come back in the same header switch that drops the
+  // references, so the active L2 tables that change are copied (and the
+  // copies are the active table's own).
+  CO_RETURN_IF_ERROR(co_await RunSnapshotChange(
+      l1_, table_bytes, [&](std::vector<uint64_t>* made) -> Task<Status> {
+        std::unordered_map<uint64_t, uint64_t> drops;
+        for (uint64_t c : release) drops[c]++;
+        auto refcount_after = [&](uint64_t cluster) -> Task<Result<uint64_t>> {
+          CO_ASSIGN_OR_RETURN(const uint64_t rc, co_await refcounts_->Get(cluster));
+          auto it = drops.find(cluster);
+          const uint64_t drop = it == drops.end() ? 0 : it->second;
+          if (drop > rc) {
+            co_return co_await MarkCorrupt(fmt::format(
+                "snapshot {} references cluster {} more often than its refcount {} says", gone.id,
+                cluster, rc));
+          }
+          co_return rc - drop;
+        };
+        std::vector<uint64_t> new_l1 = l1_;
+        std::vector<uint64_t> moved_tables;
+        for (size_t i = 0; i < l1_.size(); i++) {
+          const uint64_t t = l1_[i] & kL1OffsetMask;
+          if (t == 0) continue;
+          CO_RETURN_IF_ERROR(CheckL2TableOffset(i, t));
+          CO_ASSIGN_OR_RETURN(AlignedBuffer l2, co_await ReadL2Table(t));
+          bool changed = false;
+          for (uint64_t e = 0; e < cs; e += geo_.l2_entry_bytes) {
+            L2Entry entry;
+            entry.raw = LoadBE64(l2.span(), e);
+            if (entry.compressed() || entry.host_cluster() == 0) continue;
+            CO_ASSIGN_OR_RETURN(const uint64_t rc,
+                                co_await refcount_after(entry.host_cluster() / cs));
+            const uint64_t want = rc == 1 ? entry.raw | kEntryCopied : entry.raw & ~kEntryCopied;
+            if (want != entry.raw) {
+              StoreBE64(l2.span(), e, want);
+              changed = true;
+            }
+          }
+          if (changed) {
+            CO_ASSIGN_OR_RETURN(const uint64_t copy, co_await WriteTableClusters(l2.span()));
+            NoteMade(copy, cs, cs, made);
+            new_l1[i] = copy | kEntryCopied;
+            moved_tables.push_back(t / cs);
+          } else {
+            CO_ASSIGN_OR_RETURN(const uint64_t rc, co_await refcount_after(t / cs));
+            new_l1[i] = rc == 1 ? t | kEntryCopied : t;
+          }
+        }
+        std::vector<uint64_t> all = release;
+        all.insert(all.end(), moved_tables.begin(), moved_tables.end());
+        co_return co_await CommitSnapshotChange(std::move(new_l1), std::move(table), all, made);
+      }));
   co_return co_await FlushLocked();
 }
 

@@ -103,6 +103,11 @@ Task<Status> Refcounts::EnsureBlock(uint64_t bi) {
 }
 
 Task<Status> Refcounts::GrowTable(uint64_t needed_bi) {
+  if (shadow_) {
+    // BeginShadow grows the table for what the commit may allocate.
+    co_return Status::NoSpace(fmt::format(
+        "{}: the refcount table would have to move during a snapshot operation", file_->path()));
+  }
   // What the new table will reference must be on disk before it is.
   CO_RETURN_IF_ERROR(co_await WriteBlocks());
   CO_RETURN_IF_ERROR(co_await file_->Sync());
@@ -188,7 +193,7 @@ Task<Result<uint64_t>> Refcounts::Allocate(uint64_t count) {
     CO_ASSIGN_OR_RETURN(Location loc, co_await Locate(cluster));
     // Scan the rest of this slice without further lookups.
     for (uint64_t i = loc.index; i < entries_per_slice_ && run < count; i++, cluster++) {
-      if (GetRefcount(loc.slice.bytes(), i, order_) == 0) {
+      if (GetRefcount(loc.slice.bytes(), i, order_) == 0 && !Fenced(cluster)) {
         CO_RETURN_IF_ERROR(CheckFree(cluster));
         if (run == 0) run_start = cluster;
         run++;
@@ -247,7 +252,7 @@ Task<Result<uint64_t>> Refcounts::AllocateLongRun(uint64_t count) {
     }
     CO_ASSIGN_OR_RETURN(Location loc, co_await Locate(cluster));
     for (uint64_t i = loc.index; i < entries_per_slice_ && run < count; i++, cluster++) {
-      if (GetRefcount(loc.slice.bytes(), i, order_) != 0) {
+      if (GetRefcount(loc.slice.bytes(), i, order_) != 0 || Fenced(cluster)) {
         run = 0;
         continue;
       }
@@ -325,7 +330,14 @@ Task<Result<std::vector<uint64_t>>> Refcounts::ApplyDeferredDecrements() {
     cache_.MarkDirty(loc->slice);
     if (rc == 1) {
       freed.push_back(cluster);
-      free_hint_ = std::min(free_hint_, cluster);
+      // During a shadow commit the cluster is free only once the header
+      // switches: no allocation may take it before (see BeginShadow).
+      if (shadow_) {
+        shadow_->lowest_freed = std::min(shadow_->lowest_freed, cluster);
+        shadow_->freed.insert(cluster);
+      } else {
+        free_hint_ = std::min(free_hint_, cluster);
+      }
     }
   }
   co_return freed;

@@ -24,6 +24,17 @@
 // ranges past everything in use: their blocks first (written and synced
 // before the table names them), then the run.
 //
+// Shadow commits (snapshot create and delete): refcount changes that must
+// become true together with other metadata, in one header write. Between
+// BeginShadow and AdoptShadow nothing the on-disk table names is written:
+// WriteShadow copies every changed block to a new cluster and writes a new
+// table naming the copies (blocks made meanwhile, in ranges the old table
+// has no block for, are written in place: nothing on disk names them). The
+// caller's header write switches to the new table; a crash before it leaves
+// the old refcounts as they were (the new clusters are unreferenced). Clusters
+// the commit frees are not handed out before AdoptShadow: until the switch
+// the old state still uses them.
+//
 // Thread model: one event loop; callers serialise mutations (the image's
 // metadata mutex).
 #ifndef UBLK_QCOW2_QCOW2_REFCOUNTS_H_
@@ -31,6 +42,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <set>
 #include <unordered_set>
 #include <vector>
@@ -87,6 +99,26 @@ class Refcounts {
   bool has_deferred() const { return !deferred_.empty(); }
   size_t deferred_count() const { return deferred_.size(); }
 
+  // Starts a shadow commit. `end` (bytes): the end of everything the image
+  // uses; `reach`: how many clusters the caller and WriteShadow may allocate
+  // meanwhile. The table is grown first if it could not describe them past
+  // `end` (it cannot move during the commit). REQUIRES: nothing dirty, no
+  // deferred decrement (a flush just done).
+  Task<Status> BeginShadow(uint64_t end, uint64_t reach);
+  // Writes the changes made since BeginShadow as described above (the caller
+  // syncs). Returns the new table's offset; it has refcount_table_clusters
+  // clusters. Reads from then on see the new blocks.
+  Task<Result<uint64_t>> WriteShadow();
+  // After the header names the new table (`*header` already updated): the
+  // old table and the blocks that were copied are dropped (deferred
+  // decrements, applied at the next flush).
+  void AdoptShadow(uint64_t old_table_offset, uint32_t old_table_clusters);
+  // On failure before the header write: the changes of the commit are
+  // forgotten (the blocks on disk are read again); clusters made for it in
+  // fresh ranges stay counted, as leaks.
+  void AbandonShadow();
+  bool in_shadow() const { return shadow_.has_value(); }
+
   // Whether `cluster` holds the refcount table or a refcount block.
   bool IsRefcountMetadata(uint64_t cluster) const;
   uint64_t entries_per_block() const { return entries_per_block_; }
@@ -115,6 +147,23 @@ class Refcounts {
   AlignedBuffer SelfCountingBlocks(uint64_t start, uint64_t blocks, uint64_t total) const;
   Task<Status> GrowTable(uint64_t block_index);
   Status Corrupt(std::string what) const;
+  // Forgets the cached slices of the shadow's on-disk blocks (dirty or not).
+  void DropShadowSlices();
+
+  // Whether a free-looking cluster may not be handed out: the commit freed
+  // it, and the disk's state still uses it.
+  bool Fenced(uint64_t cluster) const { return shadow_ && shadow_->freed.count(cluster) != 0; }
+
+  struct Shadow {
+    uint64_t saved_free_hint;
+    uint64_t lowest_freed;  // the lowest cluster freed during the commit
+    std::unordered_set<uint64_t> freed;
+    std::vector<uint64_t> base_table;  // the table as the disk has it
+    // Block index -> new offset, for the on-disk blocks WriteShadow copied.
+    std::vector<std::pair<uint64_t, uint64_t>> moved;
+    uint64_t table_offset = 0;  // the new table, once written
+  };
+  std::optional<Shadow> shadow_;
 
   File* file_;
   Header* header_;
