@@ -189,5 +189,42 @@ TEST_F(RefcountsShadowTest, AnAbandonedCommitLeavesTheRefcountsAsTheDiskHasThem)
   EXPECT_EQ(Get(view, data), 2u);
 }
 
+TEST_F(RefcountsShadowTest, TheTableGrowsBeforeTheCommitNotDuringIt) {
+  const uint64_t cs = header_.cluster_size();
+  auto mine = BlockOn(rc_->Allocate(1));
+  ASSERT_TRUE(mine.ok());
+  ASSERT_TRUE(Flush().ok());
+  const uint64_t entries = rc_->table().size();
+  const uint64_t grown_from = header_.refcount_table_offset;
+  // More than the table can describe past the end of the file: it moves now
+  // (a header write of its own), before any change of the commit.
+  const uint64_t reach = entries * rc_->entries_per_block();
+  ASSERT_TRUE(BlockOn(rc_->BeginShadow(FileBytes().size(), reach)).ok());
+  EXPECT_GT(rc_->table().size(), entries);
+  EXPECT_NE(header_.refcount_table_offset, grown_from);
+  auto on_disk = BlockOn(ReadHeader(*file_));
+  ASSERT_TRUE(on_disk.ok());
+  EXPECT_EQ(on_disk->refcount_table_offset, header_.refcount_table_offset);
+  ASSERT_TRUE(BlockOn(rc_->Increment(*mine / cs)).ok());
+  auto table_offset = BlockOn(rc_->WriteShadow());
+  ASSERT_TRUE(table_offset.ok()) << table_offset.status().ToString();
+  ASSERT_TRUE(SyncFile().ok());
+  const uint64_t old_offset = header_.refcount_table_offset;
+  header_.refcount_table_offset = *table_offset;
+  ASSERT_TRUE(BlockOn(WriteHeader(*file_, header_)).ok());
+  rc_->AdoptShadow(old_offset, header_.refcount_table_clusters);
+  ASSERT_TRUE(BlockOn(rc_->ApplyDeferredDecrements()).ok());
+  ASSERT_TRUE(Flush().ok());
+  Refcounts view(file_.get(), &header_, 1 << 20);
+  ASSERT_TRUE(BlockOn(view.Load()).ok());
+  EXPECT_EQ(Get(view, *mine / cs), 2u);
+  EXPECT_EQ(Get(view, grown_from / cs), 0u) << "the table before the growth is freed";
+  testing::ExportImage(mem_, "/w/img.qcow2", scratch_->path("after.qcow2"));
+  std::string out;
+  const int st = scratch_->Sh("qemu-img check after.qcow2", &out);
+  EXPECT_TRUE(st == 0 || st == 3) << out;
+  EXPECT_EQ(out.find("ERROR"), std::string::npos) << out;
+}
+
 }  // namespace
 }  // namespace uq::qcow2
