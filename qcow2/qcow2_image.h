@@ -602,6 +602,14 @@ class Qcow2Image final : public BlockDevice {
   Task<Status> RunSnapshotChange(
       std::span<const uint64_t> reach_l1, uint64_t table_bytes,
       const std::function<Task<Status>(std::vector<uint64_t>* made)>& change);
+  // For each L2 table the active L1 table names (index, offset): reads it,
+  // lets `rewrite` change its entries (true: some changed), writes a changed
+  // table to new clusters (noted in `made`), and calls `place` with the
+  // copy's offset (0: unchanged).
+  Task<Status> CopyRewrittenL2Tables(
+      const std::function<Task<Result<bool>>(uint64_t table, std::span<std::byte> l2)>& rewrite,
+      const std::function<Task<Status>(size_t index, uint64_t table, uint64_t copy)>& place,
+      std::vector<uint64_t>* made);
   // The end of a snapshot change, inside RunSnapshotChange: drops one
   // reference to each of `release`, writes `new_l1` and `table` to new
   // clusters and the refcount changes beside the blocks in use, syncs, and

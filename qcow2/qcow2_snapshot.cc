@@ -220,6 +220,27 @@ uint64_t Qcow2Image::ShadowReach(std::span<const uint64_t> l1, uint64_t table_by
          header_.refcount_table_clusters + blocks + 16;
 }
 
+Task<Status> Qcow2Image::CopyRewrittenL2Tables(
+    const std::function<Task<Result<bool>>(uint64_t table, std::span<std::byte> l2)>& rewrite,
+    const std::function<Task<Status>(size_t index, uint64_t table, uint64_t copy)>& place,
+    std::vector<uint64_t>* made) {
+  const uint64_t cs = geo_.cluster_size;
+  for (size_t i = 0; i < l1_.size(); i++) {
+    const uint64_t t = l1_[i] & kL1OffsetMask;
+    if (t == 0) continue;
+    CO_RETURN_IF_ERROR(CheckL2TableOffset(i, t));
+    CO_ASSIGN_OR_RETURN(AlignedBuffer l2, co_await ReadL2Table(t));
+    CO_ASSIGN_OR_RETURN(const bool changed, co_await rewrite(t, l2.span()));
+    uint64_t copy = 0;
+    if (changed) {
+      CO_ASSIGN_OR_RETURN(copy, co_await WriteTableClusters(l2.span()));
+      NoteMade(copy, cs, cs, made);
+    }
+    CO_RETURN_IF_ERROR(co_await place(i, t, copy));
+  }
+  co_return Status::Ok();
+}
+
 Task<Status> Qcow2Image::CommitSnapshotChange(std::vector<uint64_t> new_l1,
                                               std::vector<Snapshot> table,
                                               const std::vector<uint64_t>& release,
@@ -324,31 +345,26 @@ Task<Result<std::string>> Qcow2Image::CreateSnapshot(Snapshot entry) {
         const uint64_t cs = geo_.cluster_size;
         std::vector<uint64_t> new_l1 = l1_;
         std::vector<uint64_t> increments;
-        for (size_t i = 0; i < l1_.size(); i++) {
-          const uint64_t t = l1_[i] & kL1OffsetMask;
-          if (t == 0) continue;
-          CO_RETURN_IF_ERROR(CheckL2TableOffset(i, t));
-          CO_ASSIGN_OR_RETURN(AlignedBuffer l2, co_await ReadL2Table(t));
+        auto rewrite = [&](uint64_t t, std::span<std::byte> l2) -> Task<Result<bool>> {
           bool changed = false;
           for (uint64_t e = 0; e < cs; e += geo_.l2_entry_bytes) {
             L2Entry entry;
-            entry.raw = LoadBE64(l2.span(), e);
+            entry.raw = LoadBE64(l2, e);
             CO_RETURN_IF_ERROR(CheckEntryAlignment(entry, t));
             for (uint64_t c : ReferencedClusters(entry)) increments.push_back(c);
             if (entry.copied()) {
-              StoreBE64(l2.span(), e, entry.raw & ~kEntryCopied);
+              StoreBE64(l2, e, entry.raw & ~kEntryCopied);
               changed = true;
             }
           }
-          if (changed) {
-            CO_ASSIGN_OR_RETURN(const uint64_t copy, co_await WriteTableClusters(l2.span()));
-            NoteMade(copy, cs, cs, made);
-            new_l1[i] = copy | kEntryCopied;
-          } else {
-            increments.push_back(t / cs);
-            new_l1[i] = t;
-          }
-        }
+          co_return changed;
+        };
+        auto place = [&](size_t i, uint64_t t, uint64_t copy) -> Task<Status> {
+          if (copy == 0) increments.push_back(t / cs);
+          new_l1[i] = copy != 0 ? copy | kEntryCopied : t;
+          co_return Status::Ok();
+        };
+        CO_RETURN_IF_ERROR(co_await CopyRewrittenL2Tables(rewrite, place, made));
         CO_RETURN_IF_ERROR(co_await IncrementAll(increments));
         co_return co_await CommitSnapshotChange(std::move(new_l1), std::move(table), release, made);
       }));
@@ -396,34 +412,33 @@ Task<Status> Qcow2Image::DeleteSnapshot(size_t index) {
         };
         std::vector<uint64_t> new_l1 = l1_;
         std::vector<uint64_t> moved_tables;
-        for (size_t i = 0; i < l1_.size(); i++) {
-          const uint64_t t = l1_[i] & kL1OffsetMask;
-          if (t == 0) continue;
-          CO_RETURN_IF_ERROR(CheckL2TableOffset(i, t));
-          CO_ASSIGN_OR_RETURN(AlignedBuffer l2, co_await ReadL2Table(t));
+        auto rewrite = [&](uint64_t, std::span<std::byte> l2) -> Task<Result<bool>> {
           bool changed = false;
           for (uint64_t e = 0; e < cs; e += geo_.l2_entry_bytes) {
             L2Entry entry;
-            entry.raw = LoadBE64(l2.span(), e);
+            entry.raw = LoadBE64(l2, e);
             if (entry.compressed() || entry.host_cluster() == 0) continue;
             CO_ASSIGN_OR_RETURN(const uint64_t rc,
                                 co_await refcount_after(entry.host_cluster() / cs));
             const uint64_t want = rc == 1 ? entry.raw | kEntryCopied : entry.raw & ~kEntryCopied;
             if (want != entry.raw) {
-              StoreBE64(l2.span(), e, want);
+              StoreBE64(l2, e, want);
               changed = true;
             }
           }
-          if (changed) {
-            CO_ASSIGN_OR_RETURN(const uint64_t copy, co_await WriteTableClusters(l2.span()));
-            NoteMade(copy, cs, cs, made);
+          co_return changed;
+        };
+        auto place = [&](size_t i, uint64_t t, uint64_t copy) -> Task<Status> {
+          if (copy != 0) {
             new_l1[i] = copy | kEntryCopied;
             moved_tables.push_back(t / cs);
-          } else {
-            CO_ASSIGN_OR_RETURN(const uint64_t rc, co_await refcount_after(t / cs));
-            new_l1[i] = rc == 1 ? t | kEntryCopied : t;
+            co_return Status::Ok();
           }
-        }
+          CO_ASSIGN_OR_RETURN(const uint64_t rc, co_await refcount_after(t / cs));
+          new_l1[i] = rc == 1 ? t | kEntryCopied : t;
+          co_return Status::Ok();
+        };
+        CO_RETURN_IF_ERROR(co_await CopyRewrittenL2Tables(rewrite, place, made));
         std::vector<uint64_t> all = release;
         all.insert(all.end(), moved_tables.begin(), moved_tables.end());
         co_return co_await CommitSnapshotChange(std::move(new_l1), std::move(table), all, made);
