@@ -461,6 +461,8 @@ Status Device::Teardown() {
   if (drained && !workers_.empty()) {
     std::string counts;
     std::string zero_copied;  // per queue, with zero copy
+    // One lane at least: the names below divide by it.
+    const uint16_t lanes = std::max<uint16_t>(info_.threads_per_queue, 1);
     for (size_t q = 0; q < workers_.size(); ++q) {
       QueueWorker* worker = workers_[q].get();
       LoopThread* loop = loops_[q].get();
@@ -470,7 +472,6 @@ Status Device::Teardown() {
                           ring.spin_us(), ring.polled_waits(), ring.slept_waits(), worker->left(),
                           worker->not_aborted());
       });
-      const uint16_t lanes = std::max<uint16_t>(info_.threads_per_queue, 1);
       counts += fmt::format("{}queue {}: {} requests ({} on its own thread", q == 0 ? "" : ", ",
                             WorkerName(q / lanes, q % lanes, lanes), n, here);
       // Handed over: requests that came too late, which the kernel re-issues.
