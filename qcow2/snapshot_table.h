@@ -30,6 +30,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -87,10 +88,74 @@ struct Snapshot {
 Task<Result<std::vector<Snapshot>>> ReadSnapshotTable(File& file, uint64_t offset, uint32_t count,
                                                       uint64_t file_size, int version);
 
+struct SnapshotTableScan;
+
+// The entries of a table as check's reader keeps them: each entry's numeric
+// fields in a small record, its extra data, id and name in one shared byte
+// pool. Why not a std::vector<Snapshot>: a check reads the table once per
+// pass, and a damaged image may claim 65536 entries (of zeros, past the end
+// of the file); as Snapshots (two strings, a vector and two optionals each)
+// that was 10 MiB built and torn down per pass, plus a heap allocation per
+// entry with extra data, most of a pass's time under the fuzzer's ASan. A
+// check needs the L1 fields of every entry but a whole Snapshot only to
+// rewrite the table (operator[], ToVector).
+class PackedSnapshotTable {
+ public:
+  // The `count` entries SerializeSnapshotTable wrote into `bytes` (as a
+  // table just written would read back; no limit is checked).
+  // REQUIRES: `bytes` begins with what SerializeSnapshotTable returned for
+  // `count` entries.
+  static PackedSnapshotTable FromSerialized(std::span<const std::byte> bytes, size_t count);
+
+  size_t size() const { return entries_.size(); }
+  bool empty() const { return entries_.empty(); }
+  uint64_t l1_table_offset(size_t i) const { return entries_[i].l1_table_offset; }
+  uint32_t l1_size(size_t i) const { return entries_[i].l1_size; }
+  std::string_view id(size_t i) const { return Chars(entries_[i].id_at(), entries_[i].id_size); }
+  std::string_view name(size_t i) const {
+    return Chars(entries_[i].name_at(), entries_[i].name_size);
+  }
+  size_t extra_data_size(size_t i) const { return entries_[i].extra_size; }
+  // Entry `i` as a Snapshot (made on each call).
+  Snapshot operator[](size_t i) const;
+  std::vector<Snapshot> ToVector() const;
+
+ private:
+  friend Task<Result<SnapshotTableScan>> ReadSnapshotTableForCheck(File& file, uint64_t offset,
+                                                                   uint32_t count);
+  struct Entry {
+    uint64_t l1_table_offset = 0;
+    uint64_t vm_clock_nsec = 0;
+    uint32_t l1_size = 0;
+    uint32_t date_sec = 0;
+    uint32_t date_nsec = 0;
+    uint32_t vm_state_size32 = 0;
+    uint32_t at = 0;          // in pool_: extra data, id, name (all < 64 MiB + one entry)
+    uint16_t extra_size = 0;  // <= 1024
+    uint16_t id_size = 0;
+    uint16_t name_size = 0;
+    uint64_t id_at() const { return uint64_t{at} + extra_size; }
+    uint64_t name_at() const { return id_at() + id_size; }
+  };
+  // Appends an entry from its fixed part as stored (its sizes are not used).
+  Entry& Begin(std::span<const std::byte> fixed);
+  // Appends `bytes` to the last entry's extra data, id or name.
+  void AddExtra(std::span<const std::byte> bytes);
+  void AddId(std::span<const std::byte> bytes);
+  void AddName(std::span<const std::byte> bytes);
+  void PopBack();
+  std::string_view Chars(uint64_t at, size_t n) const {
+    return {reinterpret_cast<const char*>(pool_.data()) + at, n};
+  }
+
+  std::vector<Entry> entries_;
+  std::vector<std::byte> pool_;
+};
+
 // What ReadSnapshotTableForCheck found.
 struct SnapshotTableScan {
   // The entries kept, in table order.
-  std::vector<Snapshot> snapshots;
+  PackedSnapshotTable snapshots;
   // Bytes from the table's offset to the end of the last entry kept, as the
   // entries lie in the file (cut extra data counts whole): what the table
   // occupies, which the check owes a refcount. QEMU's snapshots_size.
@@ -157,6 +222,8 @@ Status ValidateSnapshotL1Table(const Snapshot& snapshot, size_t index, uint64_t 
 // (16 bytes: vm_state_size and disk_size). QEMU reads such entries and
 // `qemu-img check -r all` rewrites them with disk_size filled in.
 bool HasIncompleteExtraData(const Snapshot& snapshot, int version);
+// The same for an entry with `extra_data_size` bytes of extra data.
+bool HasIncompleteExtraData(size_t extra_data_size, int version);
 
 // Names a snapshot as qemu-img's -l does: by id, by name, or by both (every
 // field given must match).

@@ -202,7 +202,7 @@ class CheckPass {
   Geometry g_;
   std::optional<RefcountArray> imrt_;
   std::optional<StoredRefcounts> stored_;
-  std::vector<Snapshot> snapshots_;
+  PackedSnapshotTable snapshots_;
   uint64_t snapshots_size_ = 0;
   uint64_t snapshot_corruptions_ = 0;
   uint64_t snapshot_fixed_ = 0;  // snapshots dropped from the table (repaired)

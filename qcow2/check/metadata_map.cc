@@ -51,10 +51,14 @@ Task<Status> CheckPass::BuildMetadataMap() {
     map_.AddFixed(h_.snapshots_offset >> cb(), clusters_of(h_.snapshots_offset, snapshots_size_),
                   "the snapshot table");
   }
-  for (const Snapshot& sn : snapshots_) {
-    map_.AddSnapshotL1(sn.l1_table_offset >> cb(),
-                       clusters_of(sn.l1_table_offset, sn.l1_size * 8ull),
-                       fmt::format("the L1 table of snapshot {}", sn.id));
+  for (size_t i = 0; i < snapshots_.size(); i++) {
+    // The map keeps no empty range: its label is made only for a range kept
+    // (a table of 65536 snapshots of zeros made 65536 labels per pass).
+    const uint64_t l1_offset = snapshots_.l1_table_offset(i);
+    const uint64_t clusters = clusters_of(l1_offset, snapshots_.l1_size(i) * 8ull);
+    if (clusters == 0) continue;
+    map_.AddSnapshotL1(l1_offset >> cb(), clusters,
+                       fmt::format("the L1 table of snapshot {}", snapshots_.id(i)));
   }
   if (h_.crypto) {
     map_.AddFixed(h_.crypto->offset >> cb(), clusters_of(h_.crypto->offset, h_.crypto->length),

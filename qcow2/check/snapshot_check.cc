@@ -86,7 +86,7 @@ Task<Status> CheckPass::ReadSnapshots() {
   snapshots_ = std::move(scan->snapshots);
   snapshots_size_ = scan->size_on_disk;
   for (size_t i = 0; i < snapshots_.size(); i++) {
-    if (HasIncompleteExtraData(snapshots_[i], static_cast<int>(h_.version))) {
+    if (HasIncompleteExtraData(snapshots_.extra_data_size(i), static_cast<int>(h_.version))) {
       snapshot_corruptions_++;
       Msg("{} snapshot table entry {} is incomplete", repair ? "Repairing" : "ERROR", i);
     }
@@ -118,7 +118,7 @@ Task<Status> CheckPass::FixSnapshotTable() {
 }
 
 Task<Status> CheckPass::RewriteSnapshotTable() {
-  std::vector<Snapshot> snapshots = snapshots_;
+  std::vector<Snapshot> snapshots = snapshots_.ToVector();
   const uint64_t disk_size = h_.size / kSectorSize * kSectorSize;
   for (Snapshot& sn : snapshots) {
     if (!sn.disk_size) sn.disk_size = disk_size;
@@ -126,6 +126,7 @@ Task<Status> CheckPass::RewriteSnapshotTable() {
   }
   CO_RETURN_IF_ERROR(ValidateSnapshotTableForWrite(snapshots));
   std::vector<std::byte> bytes = SerializeSnapshotTable(snapshots);
+  const uint64_t table_size = bytes.size();  // SnapshotTableSize(snapshots)
   const uint64_t clusters = DivRoundUp(bytes.size(), cs());
   uint64_t first_free = 0;
   CO_ASSIGN_OR_RETURN(uint64_t offset, AllocClusters(clusters, &first_free));
@@ -146,8 +147,8 @@ Task<Status> CheckPass::RewriteSnapshotTable() {
   // Free the old table.
   if (snapshots_size_ == 0) {
     h_.snapshots_offset = offset;
-    snapshots_ = std::move(snapshots);
-    snapshots_size_ = SnapshotTableSize(snapshots_);
+    snapshots_ = PackedSnapshotTable::FromSerialized(bytes, snapshots.size());
+    snapshots_size_ = table_size;
     co_return Status::Ok();
   }
   const uint64_t old_first = h_.snapshots_offset >> cb();
@@ -162,8 +163,8 @@ Task<Status> CheckPass::RewriteSnapshotTable() {
   CO_RETURN_IF_ERROR(co_await file_.Sync());
   co_await DiscardFreed();
   h_.snapshots_offset = offset;
-  snapshots_ = std::move(snapshots);
-  snapshots_size_ = SnapshotTableSize(snapshots_);
+  snapshots_ = PackedSnapshotTable::FromSerialized(bytes, snapshots.size());
+  snapshots_size_ = table_size;
   co_return Status::Ok();
 }
 
