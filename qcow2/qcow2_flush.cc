@@ -246,14 +246,13 @@ Task<Status> Qcow2Image::FlushLocked() {
     // may pick one and must not take it for metadata (Refcounts::set_in_use).
     for (uint64_t c : freed) metadata_clusters_.erase(c);
     CO_RETURN_IF_ERROR(co_await refcounts_->WriteBlocks());
-    co_await ForgetFreed(std::move(freed));
+    co_await ReturnFreed(std::move(freed));
     CO_RETURN_IF_ERROR(co_await file_->Sync());
   }
   co_return Status::Ok();
 }
 
-Task<void> Qcow2Image::ForgetFreed(std::vector<uint64_t> freed) {
-  for (uint64_t c : freed) metadata_clusters_.erase(c);
+Task<void> Qcow2Image::ReturnFreed(std::vector<uint64_t> freed) {
   const uint64_t cs = geo_.cluster_size;
   for (uint64_t c : freed) l2_cache_.Invalidate(c * cs, cs);
   // Give the space back to the host, a run of adjacent clusters at a time

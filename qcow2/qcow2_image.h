@@ -571,13 +571,10 @@ class Qcow2Image final : public BlockDevice {
   // One more reference on each of `clusters`, after checking that none
   // overflows (InvalidArgument, nothing changed).
   Task<Status> IncrementAll(const std::vector<uint64_t>& clusters);
-  // Sets the COPIED flag of each L1 entry of `l1` and of each entry of the L2
-  // tables it names as QEMU does: iff the cluster's refcount is exactly 1
-  // (`all_shared`: clears them all, without asking the refcounts). L2 changes
-  // stay dirty in the cache; `changed` gets the L1 indexes changed. REQUIRES:
-  // the metadata mutex held.
-  Task<Status> FixCopiedFlags(std::span<uint64_t> l1, bool all_shared,
-                              std::vector<size_t>* changed);
+  // Clears the COPIED flag of each L1 entry of `l1` and of each entry of the
+  // L2 tables it names (all of it is shared). L2 changes stay dirty in the
+  // cache. REQUIRES: the metadata mutex held.
+  Task<Status> ClearCopiedFlags(std::span<uint64_t> l1);
   // Writes `bytes` at the start of new clusters; returns their offset (0 for
   // no bytes). REQUIRES: the metadata mutex held.
   Task<Result<uint64_t>> WriteTableClusters(std::span<const std::byte> bytes);
@@ -587,21 +584,17 @@ class Qcow2Image final : public BlockDevice {
   // Corruption unless `table`, named by L1 entry `index`, is a cluster inside
   // the file.
   Status CheckL2TableOffset(size_t index, uint64_t table) const;
-  // Corruption for a standard entry (of the L2 table at `table`) whose host
-  // offset is not cluster-aligned.
-  Status CheckEntryAlignment(const L2Entry& entry, uint64_t table) const;
   // The L2 table at `table`, whole, read through the cache.
   Task<Result<AlignedBuffer>> ReadL2Table(uint64_t table);
-  // How many clusters a snapshot change over the active table `l1` with a
+  // How many clusters a snapshot change over the active tables with a
   // snapshot table of `table_bytes` may allocate (Refcounts::BeginShadow).
-  uint64_t ShadowReach(std::span<const uint64_t> l1, uint64_t table_bytes) const;
+  uint64_t ShadowReach(uint64_t table_bytes) const;
   // Runs `change` as a shadow commit of the refcounts (after a flush):
   // nothing it frees is reused before the switch, and on failure the
   // refcounts forget it and the tables it made (`made`, their clusters) are
   // no longer metadata. REQUIRES: the metadata mutex held.
   Task<Status> RunSnapshotChange(
-      std::span<const uint64_t> reach_l1, uint64_t table_bytes,
-      const std::function<Task<Status>(std::vector<uint64_t>* made)>& change);
+      uint64_t table_bytes, const std::function<Task<Status>(std::vector<uint64_t>* made)>& change);
   // For each L2 table the active L1 table names (index, offset): reads it,
   // lets `rewrite` change its entries (true: some changed), writes a changed
   // table to new clusters (noted in `made`), and calls `place` with the
@@ -618,9 +611,10 @@ class Qcow2Image final : public BlockDevice {
                                     const std::vector<uint64_t>& release,
                                     std::vector<uint64_t>* made);
 
-  // Clusters just freed on disk: no longer metadata, out of the L2 cache, and
-  // given back to the host (a failure to punch only costs space).
-  Task<void> ForgetFreed(std::vector<uint64_t> freed);
+  // Clusters just freed on disk (and already dropped from metadata_clusters_,
+  // which must happen before the caller's next suspension): out of the L2
+  // cache, and given back to the host (a failure to punch only costs space).
+  Task<void> ReturnFreed(std::vector<uint64_t> freed);
 
   // --- cluster reserve (qcow2_reserve.cc; stable metadata only) ---
   // Whether allocations come from the reserve.

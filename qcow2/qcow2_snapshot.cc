@@ -26,12 +26,12 @@ uint64_t ClustersFor(uint64_t bytes, uint64_t cluster_size) {
   return (bytes + cluster_size - 1) / cluster_size;
 }
 
-// Adds the clusters of a table of `bytes` written at `offset` (0: none) to
-// `made`.
-void NoteMade(uint64_t offset, uint64_t bytes, uint64_t cluster_size, std::vector<uint64_t>* made) {
+// Appends the clusters of a table of `bytes` at `offset` (0: none) to `out`.
+void AppendClusters(uint64_t offset, uint64_t bytes, uint64_t cluster_size,
+                    std::vector<uint64_t>* out) {
   if (offset == 0) return;
   for (uint64_t c = 0; c < ClustersFor(bytes, cluster_size); c++)
-    made->push_back(offset / cluster_size + c);
+    out->push_back(offset / cluster_size + c);
 }
 
 }  // namespace
@@ -73,7 +73,12 @@ Task<Result<std::vector<uint64_t>>> Qcow2Image::ClustersReached(std::span<const 
       for (uint64_t e = 0; e < slice_bytes; e += geo_.l2_entry_bytes) {
         L2Entry entry;
         entry.raw = LoadBE64(slice.bytes(), e);
-        CO_RETURN_IF_ERROR(CheckEntryAlignment(entry, table));
+        if (!entry.compressed() && entry.host_cluster() != 0 &&
+            !geo_.cluster_aligned(entry.host_cluster())) {
+          co_return Status::Corruption(
+              fmt::format("{}: cluster allocation offset 0x{:x} unaligned (L2 offset: 0x{:x})",
+                          path(), entry.host_cluster(), table));
+        }
         for (uint64_t c : ReferencedClusters(entry)) clusters.push_back(c);
       }
     }
@@ -111,17 +116,9 @@ Task<Status> Qcow2Image::IncrementAll(const std::vector<uint64_t>& clusters) {
   co_return Status::Ok();
 }
 
-Task<Status> Qcow2Image::FixCopiedFlags(std::span<uint64_t> l1, bool all_shared,
-                                        std::vector<size_t>* changed) {
+Task<Status> Qcow2Image::ClearCopiedFlags(std::span<uint64_t> l1) {
   const uint64_t cs = geo_.cluster_size;
   const uint64_t slice_bytes = l2_cache_.slice_size();
-  // QEMU's rule (qcow2_update_snapshot_refcount): COPIED iff the refcount is
-  // exactly 1; compressed and host-less entries never have it.
-  auto owned = [&](uint64_t cluster) -> Task<Result<bool>> {
-    if (all_shared) co_return false;
-    CO_ASSIGN_OR_RETURN(const uint64_t refcount, co_await refcounts_->Get(cluster));
-    co_return refcount == 1;
-  };
   for (size_t i = 0; i < l1.size(); i++) {
     const uint64_t table = l1[i] & kL1OffsetMask;
     if (table == 0) continue;
@@ -134,26 +131,15 @@ Task<Status> Qcow2Image::FixCopiedFlags(std::span<uint64_t> l1, bool all_shared,
       CO_ASSIGN_OR_RETURN(MetadataCache::SliceRef slice, co_await l2_cache_.Get(table + at));
       bool dirty = false;
       for (uint64_t e = 0; e < slice_bytes; e += geo_.l2_entry_bytes) {
-        L2Entry entry;
-        entry.raw = LoadBE64(slice.bytes(), e);
-        bool copied = false;
-        if (!entry.compressed() && entry.host_cluster() != 0) {
-          CO_ASSIGN_OR_RETURN(copied, co_await owned(entry.host_cluster() / cs));
-        }
-        const uint64_t want = copied ? entry.raw | kEntryCopied : entry.raw & ~kEntryCopied;
-        if (want != entry.raw) {
-          StoreBE64(slice.bytes(), e, want);
+        const uint64_t raw = LoadBE64(slice.bytes(), e);
+        if (raw & kEntryCopied) {
+          StoreBE64(slice.bytes(), e, raw & ~kEntryCopied);
           dirty = true;
         }
       }
       if (dirty) l2_cache_.MarkDirty(slice);
     }
-    CO_ASSIGN_OR_RETURN(const bool copied, co_await owned(table / cs));
-    const uint64_t want = copied ? l1[i] | kEntryCopied : l1[i] & ~kEntryCopied;
-    if (want != l1[i]) {
-      l1[i] = want;
-      if (changed != nullptr) changed->push_back(i);
-    }
+    l1[i] &= ~kEntryCopied;
   }
   co_return Status::Ok();
 }
@@ -190,16 +176,6 @@ Status Qcow2Image::CheckL2TableOffset(size_t index, uint64_t table) const {
   return Status::Ok();
 }
 
-Status Qcow2Image::CheckEntryAlignment(const L2Entry& entry, uint64_t table) const {
-  if (!entry.compressed() && entry.host_cluster() != 0 &&
-      !geo_.cluster_aligned(entry.host_cluster())) {
-    return Status::Corruption(
-        fmt::format("{}: cluster allocation offset 0x{:x} unaligned (L2 offset: 0x{:x})", path(),
-                    entry.host_cluster(), table));
-  }
-  return Status::Ok();
-}
-
 Task<Result<AlignedBuffer>> Qcow2Image::ReadL2Table(uint64_t table) {
   const uint64_t slice_bytes = l2_cache_.slice_size();
   AlignedBuffer buf(geo_.cluster_size);
@@ -210,13 +186,13 @@ Task<Result<AlignedBuffer>> Qcow2Image::ReadL2Table(uint64_t table) {
   co_return buf;
 }
 
-uint64_t Qcow2Image::ShadowReach(std::span<const uint64_t> l1, uint64_t table_bytes) const {
+uint64_t Qcow2Image::ShadowReach(uint64_t table_bytes) const {
   const uint64_t cs = geo_.cluster_size;
   uint64_t tables = 0;
-  for (uint64_t e : l1) tables += (e & kL1OffsetMask) != 0 ? 1 : 0;
+  for (uint64_t e : l1_) tables += (e & kL1OffsetMask) != 0 ? 1 : 0;
   uint64_t blocks = 0;
   for (uint64_t e : refcounts_->table()) blocks += (e & kRefcountTableOffsetMask) != 0 ? 1 : 0;
-  return tables + ClustersFor(l1.size() * 8, cs) + ClustersFor(table_bytes, cs) +
+  return tables + ClustersFor(l1_.size() * 8, cs) + ClustersFor(table_bytes, cs) +
          header_.refcount_table_clusters + blocks + 16;
 }
 
@@ -234,7 +210,7 @@ Task<Status> Qcow2Image::CopyRewrittenL2Tables(
     uint64_t copy = 0;
     if (changed) {
       CO_ASSIGN_OR_RETURN(copy, co_await WriteTableClusters(l2.span()));
-      NoteMade(copy, cs, cs, made);
+      AppendClusters(copy, cs, cs, made);
     }
     CO_RETURN_IF_ERROR(co_await place(i, t, copy));
   }
@@ -250,10 +226,10 @@ Task<Status> Qcow2Image::CommitSnapshotChange(std::vector<uint64_t> new_l1,
   std::vector<std::byte> l1_bytes(new_l1.size() * 8);
   for (size_t i = 0; i < new_l1.size(); i++) StoreBE64(l1_bytes, i * 8, new_l1[i]);
   CO_ASSIGN_OR_RETURN(const uint64_t l1_offset, co_await WriteTableClusters(l1_bytes));
-  NoteMade(l1_offset, l1_bytes.size(), geo_.cluster_size, made);
+  AppendClusters(l1_offset, l1_bytes.size(), geo_.cluster_size, made);
   const std::vector<std::byte> table_bytes = SerializeSnapshotTable(table);
   CO_ASSIGN_OR_RETURN(const uint64_t table_offset, co_await WriteTableClusters(table_bytes));
-  NoteMade(table_offset, table_bytes.size(), geo_.cluster_size, made);
+  AppendClusters(table_offset, table_bytes.size(), geo_.cluster_size, made);
   CO_ASSIGN_OR_RETURN(const uint64_t refcount_table, co_await refcounts_->WriteShadow());
   // Everything the new header names is stable before it does.
   CO_RETURN_IF_ERROR(co_await file_->Sync());
@@ -272,16 +248,16 @@ Task<Status> Qcow2Image::CommitSnapshotChange(std::vector<uint64_t> new_l1,
   l1_ = std::move(new_l1);
   l1_dirty_chunks_.clear();
   snapshots_ = std::move(table);
-  co_await ForgetFreed(std::move(freed));
+  for (uint64_t c : freed) metadata_clusters_.erase(c);
+  co_await ReturnFreed(std::move(freed));
   co_return Status::Ok();
 }
 
 Task<Status> Qcow2Image::RunSnapshotChange(
-    std::span<const uint64_t> reach_l1, uint64_t table_bytes,
-    const std::function<Task<Status>(std::vector<uint64_t>* made)>& change) {
+    uint64_t table_bytes, const std::function<Task<Status>(std::vector<uint64_t>* made)>& change) {
   CO_RETURN_IF_ERROR(co_await FlushLocked());
   const uint64_t end = std::max(file_size_, refcounts_->used_end());
-  CO_RETURN_IF_ERROR(co_await refcounts_->BeginShadow(end, ShadowReach(reach_l1, table_bytes)));
+  CO_RETURN_IF_ERROR(co_await refcounts_->BeginShadow(end, ShadowReach(table_bytes)));
   std::vector<uint64_t> made;  // the clusters of the tables written for the change
   Status st = co_await change(&made);
   if (!st.ok()) {
@@ -325,23 +301,20 @@ Task<Result<std::string>> Qcow2Image::CreateSnapshot(Snapshot entry) {
   // nothing the old state uses is written before the header switch.
   table.back().l1_table_offset = header_.l1_table_offset;
   table.back().l1_size = static_cast<uint32_t>(l1_.size());
-  std::vector<uint64_t> release;
-  if (header_.nb_snapshots > 0) {
-    const uint64_t cs = geo_.cluster_size;
-    const uint64_t first = header_.snapshots_offset / cs;
-    for (uint64_t c = 0; c < ClustersFor(SnapshotTableSize(snapshots_), cs); c++)
-      release.push_back(first + c);
-  }
+  std::vector<uint64_t> release;  // the old snapshot table
+  AppendClusters(header_.nb_snapshots > 0 ? header_.snapshots_offset : 0,
+                 SnapshotTableSize(snapshots_), geo_.cluster_size, &release);
   const uint64_t table_bytes = SerializeSnapshotTable(table).size();
   // Refused before anything is written, as QEMU refuses it: a refcount that
   // would overflow (QEMU adds a reference to every L2 table too), an L2
-  // table outside the file, an unaligned entry.
+  // table outside the file, an unaligned entry. The metadata mutex keeps the
+  // tables as checked until the change below.
   {
     CO_ASSIGN_OR_RETURN(const std::vector<uint64_t> reached, co_await ClustersReached(l1_));
     CO_RETURN_IF_ERROR(co_await CheckIncrements(reached));
   }
-  CO_RETURN_IF_ERROR(co_await RunSnapshotChange(
-      l1_, table_bytes, [&](std::vector<uint64_t>* made) -> Task<Status> {
+  CO_RETURN_IF_ERROR(
+      co_await RunSnapshotChange(table_bytes, [&](std::vector<uint64_t>* made) -> Task<Status> {
         const uint64_t cs = geo_.cluster_size;
         std::vector<uint64_t> new_l1 = l1_;
         std::vector<uint64_t> increments;
@@ -350,7 +323,6 @@ Task<Result<std::string>> Qcow2Image::CreateSnapshot(Snapshot entry) {
           for (uint64_t e = 0; e < cs; e += geo_.l2_entry_bytes) {
             L2Entry entry;
             entry.raw = LoadBE64(l2, e);
-            CO_RETURN_IF_ERROR(CheckEntryAlignment(entry, t));
             for (uint64_t c : ReferencedClusters(entry)) increments.push_back(c);
             if (entry.copied()) {
               StoreBE64(l2, e, entry.raw & ~kEntryCopied);
@@ -365,7 +337,8 @@ Task<Result<std::string>> Qcow2Image::CreateSnapshot(Snapshot entry) {
           co_return Status::Ok();
         };
         CO_RETURN_IF_ERROR(co_await CopyRewrittenL2Tables(rewrite, place, made));
-        CO_RETURN_IF_ERROR(co_await IncrementAll(increments));
+        // Checked above (CheckIncrements on all of it, the L2 tables too).
+        for (uint64_t c : increments) CO_RETURN_IF_ERROR(co_await refcounts_->Increment(c));
         co_return co_await CommitSnapshotChange(std::move(new_l1), std::move(table), release, made);
       }));
   CO_RETURN_IF_ERROR(co_await FlushLocked());
@@ -381,13 +354,10 @@ Task<Status> Qcow2Image::DeleteSnapshot(size_t index) {
   const uint64_t cs = geo_.cluster_size;
   CO_ASSIGN_OR_RETURN(std::vector<uint64_t> release, co_await ClustersReached(sn_l1));
   const Snapshot gone = snapshots_[index];
-  for (uint64_t c = 0; c < ClustersFor(uint64_t{gone.l1_size} * 8, cs); c++)
-    release.push_back(gone.l1_table_offset / cs + c);
-  for (uint64_t c = 0; c < ClustersFor(SnapshotTableSize(snapshots_), cs); c++)
-    release.push_back(header_.snapshots_offset / cs + c);
+  AppendClusters(gone.l1_table_offset, uint64_t{gone.l1_size} * 8, cs, &release);
+  AppendClusters(header_.snapshots_offset, SnapshotTableSize(snapshots_), cs, &release);
   // The active L1 table moves too (its COPIED flags change in the switch).
-  for (uint64_t c = 0; c < ClustersFor(l1_.size() * 8, cs); c++)
-    release.push_back(header_.l1_table_offset / cs + c);
+  AppendClusters(header_.l1_table_offset, l1_.size() * 8, cs, &release);
   std::vector<Snapshot> table = snapshots_;
   table.erase(table.begin() + static_cast<ptrdiff_t>(index));
   const uint64_t table_bytes = SerializeSnapshotTable(table).size();
@@ -395,8 +365,8 @@ Task<Status> Qcow2Image::DeleteSnapshot(size_t index) {
   // COPIED flags come back in the same header switch that drops the
   // references, so the active L2 tables that change are copied (and the
   // copies are the active table's own).
-  CO_RETURN_IF_ERROR(co_await RunSnapshotChange(
-      l1_, table_bytes, [&](std::vector<uint64_t>* made) -> Task<Status> {
+  CO_RETURN_IF_ERROR(
+      co_await RunSnapshotChange(table_bytes, [&](std::vector<uint64_t>* made) -> Task<Status> {
         std::unordered_map<uint64_t, uint64_t> drops;
         for (uint64_t c : release) drops[c]++;
         auto refcount_after = [&](uint64_t cluster) -> Task<Result<uint64_t>> {
@@ -474,7 +444,7 @@ Task<Status> Qcow2Image::ApplySnapshot(size_t index) {
   // Everything the new active table reaches is shared with the snapshot: no
   // COPIED flags, in its L1 entries or in its L2 tables (written before the
   // header names them).
-  CO_RETURN_IF_ERROR(co_await FixCopiedFlags(new_l1, true, nullptr));
+  CO_RETURN_IF_ERROR(co_await ClearCopiedFlags(new_l1));
   std::vector<std::byte> l1_bytes(new_l1.size() * 8);
   for (size_t i = 0; i < new_l1.size(); i++) StoreBE64(l1_bytes, i * 8, new_l1[i]);
   CO_ASSIGN_OR_RETURN(const uint64_t l1_offset, co_await WriteTableClusters(l1_bytes));

@@ -156,12 +156,12 @@ class Refcounts {
 
   struct Shadow {
     uint64_t saved_free_hint;
-    uint64_t lowest_freed;  // the lowest cluster freed during the commit
+    // free_hint_ after the commit: the saved hint, lowered by what it freed.
+    uint64_t lowest_freed;
     std::unordered_set<uint64_t> freed;
-    std::vector<uint64_t> base_table;  // the table as the disk has it
-    // Block index -> new offset, for the on-disk blocks WriteShadow copied.
-    std::vector<std::pair<uint64_t, uint64_t>> moved;
-    uint64_t table_offset = 0;  // the new table, once written
+    // The table as the disk has it; where table_ differs, WriteShadow
+    // copied the block.
+    std::vector<uint64_t> base_table;
   };
   std::optional<Shadow> shadow_;
 

@@ -74,7 +74,6 @@ Task<Result<uint64_t>> Refcounts::WriteShadow() {
       std::memcpy(buf.data() + s, ref.bytes().data(), slice);
     }
     CO_RETURN_IF_ERROR(co_await file_->Write(at, buf.span()));
-    sh.moved.emplace_back(bi, at);
   }
   // From here on the copies are the blocks: the old ones' slices are
   // forgotten (never written), and what else is dirty belongs to blocks made
@@ -88,7 +87,6 @@ Task<Result<uint64_t>> Refcounts::WriteShadow() {
   AlignedBuffer table_buf(uint64_t{header_->refcount_table_clusters} * cs);
   for (uint64_t i = 0; i < table_.size(); i++) StoreBE64(table_buf.span(), i * 8, table_[i]);
   CO_RETURN_IF_ERROR(co_await file_->Write(table_offset, table_buf.span()));
-  sh.table_offset = table_offset;
   co_return table_offset;
 }
 
@@ -110,8 +108,10 @@ void Refcounts::DropShadowSlices() {
 
 void Refcounts::AdoptShadow(uint64_t old_table_offset, uint32_t old_table_clusters) {
   Shadow& sh = *shadow_;
-  for (const auto& [bi, at] : sh.moved) {
+  // The blocks WriteShadow copied: the table names the copies now.
+  for (uint64_t bi = 0; bi < sh.base_table.size(); bi++) {
     const uint64_t old = sh.base_table[bi] & kRefcountTableOffsetMask;
+    if (old == 0 || old == (table_[bi] & kRefcountTableOffsetMask)) continue;
     block_clusters_.erase(old / cluster_size_);
     DeferDecrement(old / cluster_size_);
   }
@@ -120,7 +120,7 @@ void Refcounts::AdoptShadow(uint64_t old_table_offset, uint32_t old_table_cluste
   }
   // The whole table was written in its new place.
   dirty_table_chunks_.clear();
-  free_hint_ = std::min(sh.saved_free_hint, sh.lowest_freed);
+  free_hint_ = sh.lowest_freed;
   shadow_.reset();
 }
 
