@@ -119,15 +119,29 @@ FixedPart ParseSizes(std::span<const std::byte> fixed) {
           .extra_size = LoadBE32(fixed, kOffExtraDataSize)};
 }
 
-// Sets the fields of `s` that the fixed part holds, in place (a Snapshot is
-// not cheap to move).
+SnapshotFixedFields ParseFixedFields(std::span<const std::byte> fixed) {
+  return {.l1_table_offset = LoadBE64(fixed, kOffL1TableOffset),
+          .vm_clock_nsec = LoadBE64(fixed, kOffVmClockNsec),
+          .l1_size = LoadBE32(fixed, kOffL1Size),
+          .date_sec = LoadBE32(fixed, kOffDateSec),
+          .date_nsec = LoadBE32(fixed, kOffDateNsec),
+          .vm_state_size32 = LoadBE32(fixed, kOffVmStateSize32)};
+}
+
+// Sets the fields of `s` that `f` holds, in place (a Snapshot is not cheap
+// to move).
+void SetFixedFields(const SnapshotFixedFields& f, Snapshot& s) {
+  s.l1_table_offset = f.l1_table_offset;
+  s.l1_size = f.l1_size;
+  s.date_sec = f.date_sec;
+  s.date_nsec = f.date_nsec;
+  s.vm_clock_nsec = f.vm_clock_nsec;
+  s.vm_state_size = f.vm_state_size32;
+}
+
+// Sets the fields of `s` that the fixed part holds.
 FixedPart ParseFixedPart(std::span<const std::byte> fixed, Snapshot& s) {
-  s.l1_table_offset = LoadBE64(fixed, kOffL1TableOffset);
-  s.l1_size = LoadBE32(fixed, kOffL1Size);
-  s.date_sec = LoadBE32(fixed, kOffDateSec);
-  s.date_nsec = LoadBE32(fixed, kOffDateNsec);
-  s.vm_clock_nsec = LoadBE64(fixed, kOffVmClockNsec);
-  s.vm_state_size = LoadBE32(fixed, kOffVmStateSize32);
+  SetFixedFields(ParseFixedFields(fixed), s);
   return ParseSizes(fixed);
 }
 
@@ -317,12 +331,7 @@ Task<Result<SnapshotTableScan>> ReadSnapshotTableForCheck(File& file, uint64_t o
 
 PackedSnapshotTable::Entry& PackedSnapshotTable::Begin(std::span<const std::byte> fixed) {
   Entry& e = entries_.emplace_back();
-  e.l1_table_offset = LoadBE64(fixed, kOffL1TableOffset);
-  e.l1_size = LoadBE32(fixed, kOffL1Size);
-  e.date_sec = LoadBE32(fixed, kOffDateSec);
-  e.date_nsec = LoadBE32(fixed, kOffDateNsec);
-  e.vm_clock_nsec = LoadBE64(fixed, kOffVmClockNsec);
-  e.vm_state_size32 = LoadBE32(fixed, kOffVmStateSize32);
+  e.fixed = ParseFixedFields(fixed);
   e.at = static_cast<uint32_t>(pool_.size());
   return e;
 }
@@ -381,12 +390,7 @@ PackedSnapshotTable PackedSnapshotTable::FromSerialized(std::span<const std::byt
 Snapshot PackedSnapshotTable::operator[](size_t i) const {
   const Entry& e = entries_[i];
   Snapshot s;
-  s.l1_table_offset = e.l1_table_offset;
-  s.l1_size = e.l1_size;
-  s.date_sec = e.date_sec;
-  s.date_nsec = e.date_nsec;
-  s.vm_clock_nsec = e.vm_clock_nsec;
-  s.vm_state_size = e.vm_state_size32;
+  SetFixedFields(e.fixed, s);
   SetExtraData(s, std::span<const std::byte>(pool_).subspan(e.at, e.extra_size));
   s.id = id(i);
   s.name = name(i);

@@ -90,6 +90,17 @@ Task<Result<std::vector<Snapshot>>> ReadSnapshotTable(File& file, uint64_t offse
 
 struct SnapshotTableScan;
 
+// The numeric fields of an entry's fixed part, as stored (the Snapshot
+// fields of the same names; vm_state_size32 is the 32-bit one).
+struct SnapshotFixedFields {
+  uint64_t l1_table_offset = 0;
+  uint64_t vm_clock_nsec = 0;
+  uint32_t l1_size = 0;
+  uint32_t date_sec = 0;
+  uint32_t date_nsec = 0;
+  uint32_t vm_state_size32 = 0;
+};
+
 // The entries of a table as check's reader keeps them: each entry's numeric
 // fields in a small record, its extra data, id and name in one shared byte
 // pool. Why not a std::vector<Snapshot>: a check reads the table once per
@@ -109,8 +120,8 @@ class PackedSnapshotTable {
 
   size_t size() const { return entries_.size(); }
   bool empty() const { return entries_.empty(); }
-  uint64_t l1_table_offset(size_t i) const { return entries_[i].l1_table_offset; }
-  uint32_t l1_size(size_t i) const { return entries_[i].l1_size; }
+  uint64_t l1_table_offset(size_t i) const { return entries_[i].fixed.l1_table_offset; }
+  uint32_t l1_size(size_t i) const { return entries_[i].fixed.l1_size; }
   std::string_view id(size_t i) const { return Chars(entries_[i].id_at(), entries_[i].id_size); }
   std::string_view name(size_t i) const {
     return Chars(entries_[i].name_at(), entries_[i].name_size);
@@ -124,12 +135,7 @@ class PackedSnapshotTable {
   friend Task<Result<SnapshotTableScan>> ReadSnapshotTableForCheck(File& file, uint64_t offset,
                                                                    uint32_t count);
   struct Entry {
-    uint64_t l1_table_offset = 0;
-    uint64_t vm_clock_nsec = 0;
-    uint32_t l1_size = 0;
-    uint32_t date_sec = 0;
-    uint32_t date_nsec = 0;
-    uint32_t vm_state_size32 = 0;
+    SnapshotFixedFields fixed;
     uint32_t at = 0;          // in pool_: extra data, id, name (all < 64 MiB + one entry)
     uint16_t extra_size = 0;  // <= 1024
     uint16_t id_size = 0;
