@@ -15,17 +15,18 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <string>
+#include <vector>
+
 #include "qcow2/check/check.h"
 #include "qcow2/open_image.h"
-#include "qcow2/testing/fault_injection_env.h"
-#include "qcow2/testing/mem_env.h"
-#include "qcow2/testing/scratch_dir.h"
+#include "qcow2/testing/crash_harness.h"
 
 namespace uq::qcow2 {
 namespace {
 
 using testing::CrashMode;
-using testing::FaultInjectionEnv;
+using testing::CrashRun;
 using testing::MemEnv;
 
 struct LeakCase {
@@ -35,32 +36,31 @@ struct LeakCase {
 };
 std::ostream& operator<<(std::ostream& o, const LeakCase& c) { return o << c.name; }
 
-class LeakRepairCrashTest : public ::testing::TestWithParam<LeakCase> {
+class LeakRepairCrashTest : public testing::CrashFixture<LeakCase> {
  protected:
+  LeakRepairCrashTest() : CrashFixture("leak-repair-") {}
   void SetUp() override {
+    CrashFixture::SetUp();
+    if (HasFatalFailure()) return;
     const LeakCase& c = GetParam();
-    scratch_ = std::make_unique<testing::ScratchDir>("leak-repair-" + c.name);
-    ASSERT_TRUE(scratch_->ok());
-    dir_ = scratch_->dir();
-    ASSERT_EQ(Sh(fmt::format("qemu-img create -f qcow2 {} img.qcow2 {}", c.create, c.size)), 0);
+    ASSERT_TRUE(testing::MakeImage(*scratch_, c.create, c.size));
     ASSERT_EQ(Sh(fmt::format("qemu-io -c 'write -P 0x21 0 {}' img.qcow2", c.size / 4)), 0);
     MakeLeaky();
     std::string out;
     ASSERT_EQ(Sh("qemu-img check leaky.qcow2", &out), 3) << "the workload left no leak:\n" << out;
-    ASSERT_EQ(Sh("qemu-img convert -O raw leaky.qcow2 leaky.raw"), 0);
-    guest_ = scratch_->Slurp("leaky.raw");
+    guest_ = testing::RawView(*scratch_, "leaky.qcow2");
   }
-  int Sh(const std::string& cmd, std::string* out = nullptr) { return scratch_->Sh(cmd, out); }
 
   // Serves img.qcow2 with stable metadata, then the process dies: leaky.qcow2.
   void MakeLeaky() {
     const uint64_t size = GetParam().size;
     MemEnv mem;
-    ASSERT_TRUE(mem.ImportFromHostFile(dir_ + "/img.qcow2", "/w/img.qcow2").ok());
-    FaultInjectionEnv env(&mem);
+    testing::ImportImage(mem, dir_ + "/img.qcow2", "/w/img.qcow2");
+    CrashRun crash(&mem, -1);
     {
-      auto opened = BlockOn(OpenImage(
-          "/w/img.qcow2", ImageOptions{.env = &env, .writable = true, .stable_metadata = true}));
+      auto opened = BlockOn(
+          OpenImage("/w/img.qcow2",
+                    ImageOptions{.env = &crash.env(), .writable = true, .stable_metadata = true}));
       ASSERT_TRUE(opened.ok()) << opened.status().ToString();
       std::unique_ptr<BlockDevice> dev = std::move(*opened);
       std::vector<std::byte> data(12345, std::byte{0x5a});
@@ -69,10 +69,10 @@ class LeakRepairCrashTest : public ::testing::TestWithParam<LeakCase> {
       }
       ASSERT_TRUE(BlockOn(dev->WriteZeroes(size / 2, 65536)).ok());
       ASSERT_TRUE(BlockOn(dev->Discard(0, size / 8)).ok());
-      env.CrashAtOperation(env.operation_count());  // the daemon dies here
+      crash.Die();  // the daemon dies here
     }
-    ASSERT_TRUE(env.SimulateCrash(CrashMode::kKeepAll).ok());
-    ASSERT_TRUE(mem.ExportToHostFile("/w/img.qcow2", dir_ + "/leaky.qcow2").ok());
+    crash.Finish(CrashMode::kKeepAll);
+    testing::ExportImage(mem, "/w/img.qcow2", dir_ + "/leaky.qcow2");
   }
 
   // Repairs leaky.qcow2 with a crash at boundary `crash_at` (< 0: none),
@@ -80,37 +80,33 @@ class LeakRepairCrashTest : public ::testing::TestWithParam<LeakCase> {
   // boundaries crossed and, through `result`, what the repair said.
   uint64_t Repair(int64_t crash_at, CrashMode mode, CheckResult* result = nullptr) {
     MemEnv mem;
-    EXPECT_TRUE(mem.ImportFromHostFile(dir_ + "/leaky.qcow2", "/w/img.qcow2").ok());
-    FaultInjectionEnv env(&mem);
-    if (crash_at >= 0) env.CrashAtOperation(static_cast<uint64_t>(crash_at));
+    testing::ImportImage(mem, dir_ + "/leaky.qcow2", "/w/img.qcow2");
+    CrashRun crash(&mem, crash_at);
     {
-      auto file = env.Open("/w/img.qcow2", OpenOptions{.writable = true});
+      auto file = crash.env().Open("/w/img.qcow2", OpenOptions{.writable = true});
       EXPECT_TRUE(file.ok());
       if (file.ok()) {
         Result<CheckResult> r =
             BlockOn(CheckImage(**file, CheckOptions{.repair = RepairMode::kLeaks}));
         if (result != nullptr && r.ok()) *result = *r;
       }
-      if (crash_at < 0) env.CrashAtOperation(env.operation_count());
+      crash.Die();
     }
-    const uint64_t count = env.operation_count();
-    EXPECT_TRUE(env.SimulateCrash(mode, crash_at < 0 ? 1 : static_cast<uint64_t>(crash_at)).ok());
-    EXPECT_TRUE(mem.ExportToHostFile("/w/img.qcow2", dir_ + "/after.qcow2").ok());
+    const uint64_t count = crash.Finish(mode);
+    testing::ExportImage(mem, "/w/img.qcow2", dir_ + "/after.qcow2");
     return count;
   }
 
-  // after.qcow2: no corruption, the guest bytes as before. "" if so.
-  std::string Verify() {
-    std::string out;
-    const int status = Sh("qemu-img check after.qcow2", &out);
-    if (status != 0 && status != 3) return fmt::format("qemu-img check exit {}:\n{}", status, out);
-    if (Sh("qemu-img convert -O raw after.qcow2 after.raw", &out) != 0) return "convert: " + out;
-    if (scratch_->Slurp("after.raw") != guest_) return "the guest bytes changed";
-    return "";
+  // after.qcow2: no corruption (leaks are allowed), the guest bytes as before.
+  ::testing::AssertionResult Verify() {
+    ::testing::AssertionResult consistent = testing::QemuCheckPasses(*scratch_, "after.qcow2");
+    if (!consistent) return consistent;
+    if (testing::RawView(*scratch_, "after.qcow2") != guest_) {
+      return ::testing::AssertionFailure() << "the guest bytes changed";
+    }
+    return ::testing::AssertionSuccess();
   }
 
-  std::unique_ptr<testing::ScratchDir> scratch_;
-  std::string dir_;
   std::vector<std::byte> guest_;
 };
 
@@ -120,9 +116,8 @@ TEST_P(LeakRepairCrashTest, RepairFreesEveryLeak) {
   EXPECT_GT(result.leaks_fixed, 0u);
   EXPECT_EQ(result.corruptions, 0u);
   EXPECT_GT(boundaries, 0u);
-  std::string out;
-  EXPECT_EQ(Sh("qemu-img check after.qcow2", &out), 0) << out;
-  EXPECT_EQ(Verify(), "");
+  EXPECT_TRUE(testing::QemuCheckPasses(*scratch_, "after.qcow2", /*leaks_allowed=*/false));
+  EXPECT_TRUE(Verify());
 }
 
 // What a recovering daemon does: OpenImage with repair_leaks frees them
@@ -131,7 +126,7 @@ TEST_P(LeakRepairCrashTest, RepairFreesEveryLeak) {
 TEST_P(LeakRepairCrashTest, OpenWithRepairLeaksFreesThem) {
   for (bool repair : {false, true}) {
     MemEnv mem;
-    ASSERT_TRUE(mem.ImportFromHostFile(dir_ + "/leaky.qcow2", "/w/img.qcow2").ok());
+    testing::ImportImage(mem, dir_ + "/leaky.qcow2", "/w/img.qcow2");
     uint64_t freed = 0;
     int calls = 0;
     ImageOptions options{.env = &mem, .writable = true, .stable_metadata = true};
@@ -145,12 +140,12 @@ TEST_P(LeakRepairCrashTest, OpenWithRepairLeaksFreesThem) {
     auto opened = BlockOn(OpenImage("/w/img.qcow2", options));
     ASSERT_TRUE(opened.ok()) << opened.status().ToString();
     ASSERT_TRUE(BlockOn((*opened)->Close()).ok());
-    ASSERT_TRUE(mem.ExportToHostFile("/w/img.qcow2", dir_ + "/after.qcow2").ok());
+    testing::ExportImage(mem, "/w/img.qcow2", dir_ + "/after.qcow2");
     std::string out;
     EXPECT_EQ(Sh("qemu-img check after.qcow2", &out), repair ? 0 : 3) << out;
     EXPECT_EQ(calls, repair ? 1 : 0);
     if (repair) EXPECT_GT(freed, 0u);
-    EXPECT_EQ(Verify(), "");
+    EXPECT_TRUE(Verify());
   }
 }
 
@@ -160,15 +155,15 @@ TEST_P(LeakRepairCrashTest, CrashAtAnyBoundaryIsConsistent) {
   int points = 0;
   for (uint64_t n = 0; n < boundaries; n++) {
     for (CrashMode mode : {CrashMode::kKeepAll, static_cast<CrashMode>(n % 3)}) {
-      const std::string what = fmt::format("crash at boundary {} of {} (mode {})", n, boundaries,
-                                           static_cast<int>(mode));
+      const std::string at =
+          fmt::format("{} of {}", testing::CrashPoint(n, static_cast<int>(mode)), boundaries);
       Repair(static_cast<int64_t>(n), mode);
-      ASSERT_EQ(Verify(), "") << what;
+      ASSERT_TRUE(Verify()) << at;
       // A repair after the crash finishes the job.
       std::string out;
-      ASSERT_EQ(Sh("qemu-img check -r leaks after.qcow2 && qemu-img check after.qcow2", &out), 0)
-          << what << "\n"
-          << out;
+      ASSERT_EQ(Sh("qemu-img check -r leaks after.qcow2", &out), 0) << at << "\n" << out;
+      ASSERT_TRUE(testing::QemuCheckPasses(*scratch_, "after.qcow2", /*leaks_allowed=*/false))
+          << at;
       points++;
     }
   }

@@ -71,6 +71,12 @@ CrashRun::CrashRun(MemEnv* mem, int64_t crash_at) : env_(mem), crash_at_(crash_a
   if (crash_at >= 0) env_.CrashAtOperation(static_cast<uint64_t>(crash_at));
 }
 
+void CrashRun::Die() {
+  if (crash_at_ >= 0) return;
+  env_.CrashAtOperation(env_.operation_count());
+  died_ = true;
+}
+
 uint64_t CrashRun::Finish() {
   return Finish(crash_at_ >= 0 ? static_cast<CrashMode>(crash_at_ % 3)
                                : CrashMode::kDropAllUnsynced);
@@ -78,8 +84,8 @@ uint64_t CrashRun::Finish() {
 
 uint64_t CrashRun::Finish(CrashMode mode) {
   const uint64_t count = env_.operation_count();
-  if (crash_at_ >= 0) {
-    EXPECT_TRUE(env_.SimulateCrash(mode, static_cast<uint64_t>(crash_at_)).ok());
+  if (crash_at_ >= 0 || died_) {
+    EXPECT_TRUE(env_.SimulateCrash(mode, died_ ? 1 : static_cast<uint64_t>(crash_at_)).ok());
   }
   return count;
 }

@@ -103,6 +103,12 @@ class CrashRun {
 
   FaultInjectionEnv& env() { return env_; }
   int64_t crash_at() const { return crash_at_; }
+  // For a run without a crash point (a no-op in one with it): the process
+  // dies here. Every boundary from now on fails, as at a crash point (so what
+  // the job's destructors would write never lands), and Finish(mode) then
+  // simulates the crash too, seeded with 1 (CrashMode::kKeepAll: the process
+  // died, the host did not).
+  void Die();
   // The crash in mode crash_at % 3, so the boundaries cycle through the modes.
   uint64_t Finish();
   uint64_t Finish(CrashMode mode);
@@ -110,6 +116,7 @@ class CrashRun {
  private:
   FaultInjectionEnv env_;
   int64_t crash_at_;
+  bool died_ = false;
 };
 
 // "crash at boundary N (mode M)": how failures name a crash point.
