@@ -244,6 +244,9 @@ Status Device::Setup(const DeviceOptions& options) {
     ASSIGN_OR_RETURN(uint64_t per_io_flags,
                      PerIoDaemonFlags(options.threads_per_queue, info_.features));
     request.flags |= per_io_flags;
+    ASSIGN_OR_RETURN(uint64_t batch_flags,
+                     BatchIoFlags(options.batch_io, options.threads_per_queue, info_.features));
+    request.flags |= batch_flags;
     ASSIGN_OR_RETURN(ublksrv_ctrl_dev_info dev, control_->AddDevice(request));
     added_ = true;
     info_.dev_id = static_cast<int>(dev.dev_id);
@@ -297,6 +300,7 @@ Status Device::Setup(const DeviceOptions& options) {
     config.ops = ops;
     // From the device's flags: a recovered device keeps the mode it was added with.
     config.zero_copy = UsesZeroCopy(info_.flags);
+    config.batch = (info_.flags & UBLK_F_BATCH_IO) != 0;
     workers_.push_back(std::make_unique<QueueWorker>(
         config, loops_[q].get(), host_.get(), [this] { OnQueueFinished(); },
         [this](Status s) { OnQueueError(std::move(s)); }));

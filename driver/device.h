@@ -110,6 +110,8 @@ struct DeviceOptions {
   // add --zero-copy (ZeroCopyFlags, driver/zero_copy.h): kAuto uses it where
   // the kernel offers it; kOn fails naming the missing flag elsewhere.
   ZeroCopyMode zero_copy = ZeroCopyMode::kAuto;
+  // add --batch-io (BatchIoFlags): the queues use UBLK_F_BATCH_IO's commands.
+  bool batch_io = false;
   // Serve the existing device `dev_id`, waiting for recovery, instead of
   // adding one (`ublk-qcow2 recover`). queues, depth and max_io_buf_bytes
   // then come from the device.

@@ -29,6 +29,7 @@ QueueWorker::~QueueWorker() {
     ::munmap(const_cast<ublksrv_io_desc*>(descriptors_), descriptors_bytes_);
   }
   if (buffers_ != nullptr) ::munmap(buffers_, buffers_bytes_);
+  if (fetch_ring_ != nullptr) ::munmap(fetch_ring_, fetch_ring_bytes_);
 }
 
 Status QueueWorker::Start() {
@@ -67,6 +68,12 @@ Status QueueWorker::Start() {
   }
 
   loop_->ring().set_command_handler(this);
+  if (config_.batch) {
+    Status started = StartBatch();
+    loop_->ring().SubmitPending();
+    if (!started.ok()) MaybeFinished();
+    return started.WithContext(where);
+  }
   for (uint16_t tag = config_.tag_lane; tag < config_.depth; tag += config_.tag_stride) {
     Issue(tag, IoCommand::kFetch, 0);
   }
@@ -103,8 +110,12 @@ void QueueWorker::Issue(uint16_t tag, IoCommand command, int32_t result) {
   }
 }
 
-void QueueWorker::OnCommandComplete(uint64_t payload, int32_t res, uint32_t) {
+void QueueWorker::OnCommandComplete(uint64_t payload, int32_t res, uint32_t flags) {
   const uring::CommandId id = uring::CommandId::Unpack(payload);
+  if (config_.batch) {
+    OnBatchComplete(id, res, flags);
+    return;
+  }
   const uint16_t tag = id.tag;
   if (handover_ && tag < config_.depth && id.queue == config_.queue &&
       (state_[tag] == TagState::kReleased || finished_)) {
@@ -226,6 +237,10 @@ void QueueWorker::OnZeroCopyRequest(uint16_t tag, const IoDescriptor& request) {
 
 void QueueWorker::OnResult(uint16_t tag, int32_t result) {
   --serving_;
+  if (config_.batch) {
+    QueueCommit(tag, result);
+    return;
+  }
   Issue(tag, IoCommand::kCommitAndFetch, result);
 }
 
@@ -260,7 +275,9 @@ void QueueWorker::MaybeFinished() {
   // request is being served: a fetch the kernel did not abort is not waited
   // for (see "Handing over" in queue.h), the ring's teardown cancels it.
   if (handover_ && !handover_ended_) return;
-  const bool done = handover_ended_ ? serving_ == 0 : pending_ == 0;
+  bool done = handover_ended_ ? serving_ == 0 : pending_ == 0;
+  // Batch lists the kernel may still read, or a commit still to be sent.
+  if (!batch_lists_.empty() || commit_scheduled_) done = false;
   if (!done) return;
   if (handover_ended_) {
     for (TagState state : state_) not_aborted_ += state == TagState::kFetching ? 1 : 0;

@@ -46,6 +46,15 @@
 // finished are left alone: the kernel gives them to the next daemon
 // (re-issue).
 //
+// Batch commands (config.batch, a device with UBLK_F_BATCH_IO; Linux 7.0+,
+// queue_batch.cc): Start() readies every tag with one PREP_IO_CMDS and arms
+// one multishot FETCH_IO_CMDS, whose completions each carry a provided
+// buffer of ready tags; results gathered while the ring dispatches one batch
+// of completions go back in one COMMIT_IO_CMDS, which also readies their
+// tags. Stopping: the kernel ends the fetch with UBLK_IO_RES_ABORT; tags
+// served then are committed and not waited for again. No handover (upgrade
+// refuses such a device: CheckUpgrade).
+//
 // Per-tag state lives in plain arrays indexed by tag: the command's
 // user_data is a CommandId (queue, tag, command), see uring/user_data.h.
 //
@@ -62,6 +71,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <span>
 #include <vector>
 
@@ -87,6 +97,9 @@ struct QueueConfig {
   // UBLK_F_PER_IO_DAEMON, see DeviceOptions::threads_per_queue).
   uint16_t tag_stride = 1;
   uint16_t tag_lane = 0;
+  // The device has UBLK_F_BATCH_IO: PREP/FETCH/COMMIT_IO_CMDS instead of the
+  // per-tag commands (see "Batch commands" above).
+  bool batch = false;
 };
 
 class QueueWorker final : public uring::CommandHandler {
@@ -142,6 +155,18 @@ class QueueWorker final : public uring::CommandHandler {
   void OnResult(uint16_t tag, int32_t result);
   void GiveUp(uint16_t tag, Status why);
   void MaybeFinished();
+  // --- batch commands (queue_batch.cc) ---
+  Status StartBatch();
+  void IssueBatch(IoCommand command, std::vector<std::byte> elements, uint16_t count);
+  void IssueBatchFetch();
+  void OnBatchComplete(uring::CommandId id, int32_t res, uint32_t flags);
+  void OnFetchedTags(int32_t res, uint32_t flags);
+  // A served request's result, committed with the others of this batch of
+  // completions (FlushCommits, deferred to the end of the ring's dispatch).
+  void QueueCommit(uint16_t tag, int32_t result);
+  void FlushCommits();
+  // One element of a PREP or COMMIT list, appended to `out`.
+  void AppendElement(std::vector<std::byte>& out, uint16_t tag, int32_t result);
   std::span<std::byte> Buffer(uint16_t tag) {
     return {buffers_ + size_t{tag} * config_.buffer_bytes, config_.buffer_bytes};
   }
@@ -169,6 +194,18 @@ class QueueWorker final : public uring::CommandHandler {
   uint64_t requests_ = 0;
   uint64_t served_here_ = 0;
   uint64_t zero_copied_ = 0;
+
+  // Batch commands: element lists the kernel reads when the command runs
+  // (kept until its completion, by sequence number), the next commit's, and
+  // the fetch's provided-buffer ring.
+  std::map<uint16_t, std::vector<std::byte>> batch_lists_;
+  uint16_t batch_seq_ = 0;
+  std::vector<std::byte> commit_next_;
+  uint16_t commit_count_ = 0;
+  bool commit_scheduled_ = false;
+  bool fetch_ended_ = false;    // the kernel aborted the fetch: the device stops
+  void* fetch_ring_ = nullptr;  // io_uring_buf_ring, then the buffers
+  size_t fetch_ring_bytes_ = 0;
 };
 
 }  // namespace uq::driver

@@ -181,6 +181,12 @@ Status CheckUpgrade(uint64_t features, uint64_t device_flags, int dev_id) {
                     "its daemon cannot be replaced live (del and add it again)",
                     dev_id));
   }
+  if (device_flags & UBLK_F_BATCH_IO) {
+    return Status::NotSupported(
+        fmt::format("ublk device {} was added with --batch-io, whose queues cannot be handed "
+                    "over live yet",
+                    dev_id));
+  }
   return Status::Ok();
 }
 
@@ -198,6 +204,18 @@ Result<uint64_t> PerIoDaemonFlags(unsigned threads_per_queue, uint64_t features)
   return Status::NotSupported(
       "--nthreads above --queues needs UBLK_F_PER_IO_DAEMON (Linux 6.16+), which this kernel's "
       "ublk does not offer");
+}
+
+Result<uint64_t> BatchIoFlags(bool batch_io, unsigned threads_per_queue, uint64_t features) {
+  if (!batch_io) return uint64_t{0};
+  if ((features & UBLK_F_BATCH_IO) == 0) {
+    return Status::NotSupported(
+        "--batch-io needs UBLK_F_BATCH_IO (Linux 7.0+), which this kernel's ublk does not offer");
+  }
+  if (threads_per_queue > 1) {
+    return Status::InvalidArgument("--batch-io serves each queue with one thread: drop --nthreads");
+  }
+  return uint64_t{UBLK_F_BATCH_IO};
 }
 
 Result<uint64_t> ZeroCopyFlags(ZeroCopyMode mode, uint64_t features) {

@@ -302,8 +302,53 @@ IoDescriptor DecodeDescriptor(const volatile ublksrv_io_desc& desc);
 // "read", "write", "flush", "discard", "write-zeroes", or "op N".
 std::string OpName(uint8_t op);
 
-// What goes into user_data's CommandId.op for the two I/O commands.
-enum class IoCommand : uint8_t { kFetch = 1, kCommitAndFetch = 2 };
+// What goes into user_data's CommandId.op for the I/O commands: the two of
+// the per-tag protocol, and the three of UBLK_F_BATCH_IO.
+enum class IoCommand : uint8_t {
+  kFetch = 1,
+  kCommitAndFetch = 2,
+  kPrepBatch = 3,
+  kFetchBatch = 4,
+  kCommitBatch = 5,
+};
+
+// --- UBLK_F_BATCH_IO (Linux 7.0+): per-queue batch commands ---
+//
+// PREP_IO_CMDS readies a list of tags (and their buffers) once; a multishot
+// FETCH_IO_CMDS then posts, per completion, a provided buffer of 2-byte tags
+// whose requests are ready; COMMIT_IO_CMDS completes a list of tags with
+// their results and readies them for the next request. PREP and COMMIT name
+// their list in the SQE's addr: nr_elem elements of elem_bytes, each a
+// BatchElemHeader followed by the buffer address when the kernel copies the
+// data (not with user copy or zero copy). Layouts from the 7.0 UAPI header.
+struct BatchIoCmd {  // struct ublk_batch_io, in the SQE's command area
+  uint16_t q_id;
+  uint16_t flags;  // kBatchHasBufAddr...
+  uint16_t nr_elem;
+  uint8_t elem_bytes;
+  uint8_t reserved;
+  uint64_t reserved2;
+};
+static_assert(sizeof(BatchIoCmd) == 16);
+struct BatchElemHeader {  // struct ublk_elem_header
+  uint16_t tag;
+  uint16_t buf_index;  // the auto-registration index (zero copy)
+  int32_t result;      // COMMIT only
+};
+static_assert(sizeof(BatchElemHeader) == 8);
+inline constexpr uint16_t kBatchHasBufAddr = 1 << 1;  // UBLK_BATCH_F_HAS_BUF_ADDR
+inline constexpr uint32_t kPrepIoCmds = _IOWR('u', 0x25, BatchIoCmd);
+inline constexpr uint32_t kCommitIoCmds = _IOWR('u', 0x26, BatchIoCmd);
+inline constexpr uint32_t kFetchIoCmds = _IOWR('u', 0x27, BatchIoCmd);
+// sqe->uring_cmd_flags: a multishot uring_cmd (io_uring, 6.19+).
+inline constexpr uint32_t kUringCmdMultishot = 1U << 1;
+
+// add --batch-io: serve the queues with the batch commands (the device has
+// UBLK_F_BATCH_IO). The flag for ADD_DEV, 0 without the option;
+// NotSupported naming the flag when the kernel lacks it, InvalidArgument
+// with --nthreads above --queues (a batch queue is served by one thread
+// here).
+Result<uint64_t> BatchIoFlags(bool batch_io, unsigned threads_per_queue, uint64_t features);
 
 }  // namespace uq::driver
 

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -353,6 +354,35 @@ TEST(PerIoDaemonFlagsTest, OnlyForMoreThreadsThanQueuesWhereOffered) {
     ASSERT_TRUE(r.status().IsNotSupported());
     EXPECT_NE(r.status().message().find("UBLK_F_PER_IO_DAEMON"), std::string::npos);
   }
+}
+
+TEST(BatchIoFlagsTest, OnlyWhenAskedAndOffered) {
+  for (uint64_t features : {k61, k612, k73}) EXPECT_EQ(*BatchIoFlags(false, 1, features), 0u);
+  EXPECT_EQ(*BatchIoFlags(true, 1, k73), UBLK_F_BATCH_IO);
+  for (uint64_t features : {k61, k612}) {
+    Result<uint64_t> r = BatchIoFlags(true, 1, features);
+    ASSERT_TRUE(r.status().IsNotSupported());
+    EXPECT_NE(r.status().message().find("UBLK_F_BATCH_IO"), std::string::npos);
+    EXPECT_NE(r.status().message().find("7.0"), std::string::npos);
+  }
+  EXPECT_TRUE(BatchIoFlags(true, 2, k73).status().IsInvalidArgument());
+  // A batch device is not handed over live.
+  const uint64_t dev = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_QUIESCE;
+  EXPECT_TRUE(CheckUpgrade(k73, dev, 6).ok());
+  Status batch = CheckUpgrade(k73, dev | UBLK_F_BATCH_IO, 6);
+  ASSERT_TRUE(batch.IsNotSupported());
+  EXPECT_NE(batch.message().find("--batch-io"), std::string::npos) << batch.message();
+}
+
+// The batch commands' numbers and layouts, as the 7.0 UAPI header has them
+// (ioctl-encoded 'u' 0x25-0x27 over a 16-byte struct ublk_batch_io).
+TEST(BatchIoAbiTest, CommandNumbers) {
+  EXPECT_EQ(kPrepIoCmds, 0xc0107525u);
+  EXPECT_EQ(kCommitIoCmds, 0xc0107526u);
+  EXPECT_EQ(kFetchIoCmds, 0xc0107527u);
+  EXPECT_EQ(offsetof(BatchIoCmd, nr_elem), 4u);
+  EXPECT_EQ(offsetof(BatchIoCmd, elem_bytes), 6u);
+  EXPECT_EQ(offsetof(BatchElemHeader, result), 4u);
 }
 
 TEST(ZeroCopyFlagsTest, AutoOnOff) {

@@ -100,6 +100,10 @@ class AddCommand final : public Command {
                    "off")
         ->check(CLI::IsMember({"auto", "on", "off"}))
         ->capture_default_str();
+    app.add_flag("--batch-io", options_.batch_io,
+                 "Serve the queues with ublk's batch commands (UBLK_F_BATCH_IO, Linux 7.0+; an "
+                 "error where the kernel lacks it): one command readies and one commits many "
+                 "requests. Experimental, off by default; not with --nthreads or upgrade");
     app.add_option("--cache-size", options_.cache_size,
                    "Metadata cache per image of the chain, bytes (K, M, G suffixes)")
         ->transform(CLI::AsSizeValue(false))
@@ -160,6 +164,9 @@ Status RunAdd(const AddOptions& options) {
     RETURN_IF_ERROR(driver::ZeroCopyFlags(zero_copy, control->features()).status());
     RETURN_IF_ERROR(
         driver::PerIoDaemonFlags(ThreadsPerQueue(options), control->features()).status());
+    RETURN_IF_ERROR(
+        driver::BatchIoFlags(options.batch_io, ThreadsPerQueue(options), control->features())
+            .status());
   }
 
   driver::DeviceOptions device;
@@ -183,6 +190,7 @@ Status RunAdd(const AddOptions& options) {
   device.recovery_requested = recovery_requested;
   device.no_partition_scan = options.no_partition_scan;
   device.zero_copy = zero_copy;
+  device.batch_io = options.batch_io;
   device.key = ImageKeyToWipe();
 
   return ServeAndPrintDevice(device, options.foreground, std::chrono::seconds(options.timeout_s));

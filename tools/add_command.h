@@ -71,6 +71,7 @@ struct AddOptions {
   int timeout_s = 30;              // for the daemon's report (not with --foreground)
   bool no_partition_scan = false;  // UBLK_F_NO_AUTO_PART_SCAN (7.0+), else an error
   std::string zero_copy = "auto";  // auto | on | off (driver/zero_copy.h)
+  bool batch_io = false;           // UBLK_F_BATCH_IO commands (driver/queue.h)
 };
 
 Status RunAdd(const AddOptions& options);

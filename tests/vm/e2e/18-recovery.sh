@@ -19,28 +19,6 @@ source "$(dirname "$0")/lib.bash"
 M=$((1024 * 1024))
 img=$WORK/r.qcow2
 
-# kill_and_recover ID DEV: SIGKILL the daemon, see the device wait, recover it.
-kill_and_recover() {
-  local id=$1 dev=$2 pid new t0 out
-  pid=$(daemon_pid "$id")
-  kill -KILL "$pid"
-  wait_gone "/proc/$pid" 10 || { echo "daemon $pid still there"; return 1; }
-  # The kernel quiesces the device once the dead daemon's rings are gone.
-  for ((i = 0; i < 100; i++)); do
-    "$UQ" list | grep -qE "^$id +$dev +awaiting-recovery " && break
-    sleep 0.1
-  done
-  "$UQ" list | grep -E "^$id +$dev +awaiting-recovery " || { "$UQ" list; return 1; }
-  [[ -b $dev ]] || { echo "$dev went away"; return 1; }
-  t0=$(date +%s%N)
-  out=$("$UQ" recover -n "$id") || return 1
-  [[ $out == "$dev" ]] || { echo "recover printed '$out'"; return 1; }
-  new=$(daemon_pid "$id")
-  [[ -n $new && $new != "$pid" && -d /proc/$new ]] || { echo "no new daemon ($new)"; return 1; }
-  "$UQ" list | grep -E "^$id +$dev +live " >/dev/null
-  echo "daemon $pid killed, $dev awaited recovery, daemon $new serves it ($((($(date +%s%N) - t0) / 1000000)) ms for recover)"
-}
-
 fio_across_kills() {
   local dev id fio_pid rc k
   qemu-img create -q -f qcow2 "$img" 256M
