@@ -5,8 +5,10 @@
 # COMMIT_IO_CMDS: the device has the flag, fio's crc32c verify passes at iodepth 32 with
 # block sizes 4 KiB to 1 MiB, with and without zero copy, ext4 on it survives a remount
 # with its files intact, a writer's fio verify passes across two SIGKILLs of the daemon
-# and `recover` (the new daemon readies the tags with PREP again), del stops it
-# promptly, qemu-img check is clean, and upgrade is refused in one line. Where the kernel lacks it (6.12) --batch-io is refused in one line
+# and `recover` (the new daemon readies the tags with PREP again), `del --force` under a
+# fio load returns promptly with the daemon gone and the image closed cleanly (the
+# kernel ends the fetch with ABORT while requests are being served; their commits still
+# go out), qemu-img check is clean, and upgrade is refused in one line. Where the kernel lacks it (6.12) --batch-io is refused in one line
 # naming the flag, and nothing is left.
 source "$(dirname "$0")/lib.bash"
 
@@ -65,11 +67,42 @@ batch_recover() {
   qemu_img_check "$img"
 }
 
+batch_del_under_load() {
+  local img=$WORK/batch-load.qcow2 dev id pid load_pid rc=0 i state
+  "$UQ" create -q "$img" 256M || return 1
+  dev=$(add_device -f "$img" --batch-io -d 64) || return 1
+  id=$(dev_id "$dev")
+  pid=$(daemon_pid "$id")
+  fio --name=load --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=32 \
+    --rw=randwrite --bs=4k --size=128M --time_based --runtime=120 >"$WORK/batch-load.fio" 2>&1 &
+  load_pid=$!
+  wait_writes "$id" 500 60 || { kill "$load_pid"; return 1; }
+  "$UQ" del --force -n "$id" || rc=$?
+  for ((i = 0; i < 200; i++)); do
+    state=$(ps -o stat= -p "$load_pid" 2>/dev/null || true)
+    [[ -z $state || $state == Z* ]] && break
+    sleep 0.1
+  done
+  if [[ -n $state && $state != Z* ]]; then
+    kill -KILL "$load_pid"
+    echo "fio still running 20 s after del"
+    return 1
+  fi
+  wait "$load_pid" || true
+  ((rc == 0)) || { echo "del exited $rc"; return 1; }
+  wait_gone "/proc/$pid" 5 || { echo "daemon $pid still running"; return 1; }
+  [[ ! -e $dev && ! -e /run/ublk-qcow2/$id.json ]] || { echo "device or record left"; return 1; }
+  grep -q 'image closed cleanly' "/run/ublk-qcow2/$id.log" || return 1
+  echo "del --force under load: fio ended, daemon gone, image closed cleanly"
+  qemu_img_check "$img"
+}
+
 if kernel_has BATCH_IO; then
   check "batch commands: fio verify 4k-1M, zero copy" batch_fio on
   check "batch commands: fio verify 4k-1M, no zero copy" batch_fio off
   check "batch commands: ext4, remount, fsck, upgrade refused" batch_ext4
   check "batch commands: fio verify across 2 SIGKILL + recover" batch_recover
+  check "batch commands: del --force under fio load" batch_del_under_load
 else
   img=$WORK/refused.qcow2
   "$UQ" create -q "$img" 16M
