@@ -167,6 +167,12 @@ class QueueWorker final : public uring::CommandHandler {
   void FlushCommits();
   // One element of a PREP or COMMIT list, appended to `out`.
   void AppendElement(std::vector<std::byte>& out, uint16_t tag, int32_t result);
+  // The fetch's provided buffer `bid`, and handing it (back) to the kernel.
+  std::byte* FetchBuffer(uint16_t bid);
+  void ReturnFetchBuffer(uint16_t bid);
+  // Every tag waiting in the kernel (kFetching) becomes `to` and stops
+  // counting as pending: the fetch is gone, or the PREP failed.
+  void DropWaitingTags(TagState to);
   std::span<std::byte> Buffer(uint16_t tag) {
     return {buffers_ + size_t{tag} * config_.buffer_bytes, config_.buffer_bytes};
   }

@@ -34,6 +34,27 @@ size_t FetchBufferBytes(uint16_t depth) { return size_t{depth} * sizeof(uint16_t
 
 }  // namespace
 
+std::byte* QueueWorker::FetchBuffer(uint16_t bid) {
+  return static_cast<std::byte*>(fetch_ring_) + kFetchBuffers * sizeof(io_uring_buf) +
+         size_t{bid} * FetchBufferBytes(config_.depth);
+}
+
+void QueueWorker::ReturnFetchBuffer(uint16_t bid) {
+  auto* ring = static_cast<io_uring_buf_ring*>(fetch_ring_);
+  io_uring_buf_ring_add(ring, FetchBuffer(bid),
+                        static_cast<unsigned>(FetchBufferBytes(config_.depth)), bid,
+                        io_uring_buf_ring_mask(kFetchBuffers), 0);
+  io_uring_buf_ring_advance(ring, 1);
+}
+
+void QueueWorker::DropWaitingTags(TagState to) {
+  for (TagState& state : state_) {
+    if (state != TagState::kFetching) continue;
+    state = to;
+    --pending_;
+  }
+}
+
 void QueueWorker::AppendElement(std::vector<std::byte>& out, uint16_t tag, int32_t result) {
   // Zero copy: the kernel registers the request's pages at index `tag`
   // (as AutoBufRegAddr does for the per-tag commands); otherwise it copies
@@ -69,13 +90,7 @@ Status QueueWorker::StartBatch() {
     return Status::FromErrno(-r, "io_uring: the batch fetch's buffer ring");
   }
   io_uring_buf_ring_init(ring);
-  std::byte* buffers = static_cast<std::byte*>(fetch_ring_) + entries_bytes;
-  for (uint16_t b = 0; b < kFetchBuffers; ++b) {
-    io_uring_buf_ring_add(ring, buffers + size_t{b} * buffer_bytes,
-                          static_cast<unsigned>(buffer_bytes), b,
-                          io_uring_buf_ring_mask(kFetchBuffers), b);
-  }
-  io_uring_buf_ring_advance(ring, kFetchBuffers);
+  for (uint16_t b = 0; b < kFetchBuffers; ++b) ReturnFetchBuffer(b);
 
   // Every tag of this lane, ready for a request; the fetch follows once the
   // kernel has them.
@@ -121,17 +136,14 @@ void QueueWorker::IssueBatchFetch() {
 }
 
 void QueueWorker::OnBatchComplete(uring::CommandId id, int32_t res, uint32_t flags) {
-  const std::string where = fmt::format("ublk queue {}", config_.queue);
+  // Formatted only for an error: this runs for every completion.
+  auto where = [this] { return fmt::format("ublk queue {}", config_.queue); };
   switch (static_cast<IoCommand>(id.op)) {
     case IoCommand::kPrepBatch: {
       batch_lists_.erase(id.tag);
       if (res < 0) {
-        for (TagState& state : state_) {
-          if (state != TagState::kFetching) continue;
-          state = TagState::kIdle;  // never readied
-          --pending_;
-        }
-        on_error_(Status::FromErrno(-res, where + ": PREP_IO_CMDS"));
+        DropWaitingTags(TagState::kIdle);  // never readied
+        on_error_(Status::FromErrno(-res, where() + ": PREP_IO_CMDS"));
         MaybeFinished();
         return;
       }
@@ -148,29 +160,28 @@ void QueueWorker::OnBatchComplete(uring::CommandId id, int32_t res, uint32_t fla
       if (res < 0 || static_cast<size_t>(res) != bytes) {
         // The requests not committed stay with the kernel until the device
         // goes: say so.
-        on_error_(res < 0 ? Status::FromErrno(-res, where + ": COMMIT_IO_CMDS")
+        on_error_(res < 0 ? Status::FromErrno(-res, where() + ": COMMIT_IO_CMDS")
                           : Status::IoError(fmt::format("{}: COMMIT_IO_CMDS took {} of {} bytes",
-                                                        where, res, bytes)));
+                                                        where(), res, bytes)));
       }
       MaybeFinished();
       return;
     }
     default:
-      on_error_(Status::Corruption(fmt::format("{}: completion of command {}", where, id.op)));
+      on_error_(Status::Corruption(fmt::format("{}: completion of command {}", where(), id.op)));
   }
 }
 
 void QueueWorker::OnFetchedTags(int32_t res, uint32_t flags) {
-  auto* ring = static_cast<io_uring_buf_ring*>(fetch_ring_);
   if (res >= 0 && (flags & IORING_CQE_F_BUFFER) != 0) {
     const uint16_t bid = static_cast<uint16_t>(flags >> IORING_CQE_BUFFER_SHIFT);
-    const size_t buffer_bytes = FetchBufferBytes(config_.depth);
-    std::byte* buffer = static_cast<std::byte*>(fetch_ring_) +
-                        kFetchBuffers * sizeof(io_uring_buf) + size_t{bid} * buffer_bytes;
-    const size_t count = std::min<size_t>(static_cast<size_t>(res), buffer_bytes) / 2;
+    const std::byte* buffer = FetchBuffer(bid);
+    const size_t count =
+        std::min<size_t>(static_cast<size_t>(res), FetchBufferBytes(config_.depth)) /
+        sizeof(uint16_t);
     for (size_t i = 0; i < count; ++i) {
       uint16_t tag;
-      std::memcpy(&tag, buffer + 2 * i, sizeof(tag));
+      std::memcpy(&tag, buffer + i * sizeof(tag), sizeof(tag));
       if (tag >= config_.depth || state_[tag] != TagState::kFetching) {
         on_error_(Status::Corruption(fmt::format("ublk queue {}: fetched tag {} in state {}",
                                                  config_.queue, tag,
@@ -179,10 +190,7 @@ void QueueWorker::OnFetchedTags(int32_t res, uint32_t flags) {
       }
       OnRequest(tag);
     }
-    // The buffer goes back to the kernel (its tags are copied out above).
-    io_uring_buf_ring_add(ring, buffer, static_cast<unsigned>(buffer_bytes), bid,
-                          io_uring_buf_ring_mask(kFetchBuffers), 0);
-    io_uring_buf_ring_advance(ring, 1);
+    ReturnFetchBuffer(bid);  // its tags are copied out above
   }
   if ((flags & IORING_CQE_F_MORE) != 0) return;
   // The fetch ended. Out of buffers (all were in use): fetch again, now
@@ -195,11 +203,7 @@ void QueueWorker::OnFetchedTags(int32_t res, uint32_t flags) {
     on_error_(Status::FromErrno(-res, fmt::format("ublk queue {}: FETCH_IO_CMDS", config_.queue)));
   }
   fetch_ended_ = true;
-  for (TagState& state : state_) {
-    if (state != TagState::kFetching) continue;
-    state = TagState::kAborted;
-    --pending_;
-  }
+  DropWaitingTags(TagState::kAborted);
   MaybeFinished();
 }
 
