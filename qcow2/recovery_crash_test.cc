@@ -148,8 +148,8 @@ class RecoveryCrashTest : public testing::CrashFixture<RecoveryCase> {
     EventLoop* loop = c.concurrency > 1 ? &mem : nullptr;
     testing::ImportImage(mem, dir_ + "/img.qcow2", "/w/img.qcow2");
     if (c.backing) testing::ImportImage(mem, dir_ + "/base.qcow2", "/w/base.qcow2");
-    FaultInjectionEnv env(&mem);
-    if (crash_at >= 0) env.CrashAtOperation(static_cast<uint64_t>(crash_at));
+    testing::CrashRun crash(&mem, crash_at);
+    FaultInjectionEnv& env = crash.env();
     if (c.discard_first) {
       env.AddFault(testing::Fault{
           .ops = testing::Fault::kDiscard, .count = testing::Fault::kForever, .error = EOPNOTSUPP});
@@ -239,11 +239,10 @@ class RecoveryCrashTest : public testing::CrashFixture<RecoveryCase> {
       }
       if (crash_at < 0) {
         EXPECT_FALSE(stopped) << "a request failed without a crash";
-        env.CrashAtOperation(env.operation_count());  // die now, after the last request
+        crash.Die();  // now, after the last request
       }
     }
-    const uint64_t count = env.operation_count();
-    EXPECT_TRUE(env.SimulateCrash(mode, crash_at < 0 ? 1 : static_cast<uint64_t>(crash_at)).ok());
+    const uint64_t count = crash.Finish(mode);
     testing::ExportImage(mem, "/w/img.qcow2", dir_ + "/after.qcow2");
     return count;
   }
